@@ -1,0 +1,72 @@
+"""The daemon's typed configuration, read from a TOML file.
+
+Every path the daemon touches is here so that tests (and unusual hosts) can
+move the whole daemon into a temporary directory. Unknown keys are rejected:
+a typo in the config file is an error at start-up, not a silently ignored
+setting.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from zoned.errors import InvalidRequest
+
+DEFAULT_CONFIG_PATH = Path("/etc/zoned/zoned.toml")
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Settings of one zoned daemon; every field has a production default."""
+
+    # Control socket: mode 0660, owned by ``socket_group``.
+    socket_path: str = "/run/zoned/zoned.sock"
+    socket_group: str = "zoned"
+    # Persistent zone records and the kernel store.
+    state_dir: str = "/var/lib/zoned"
+    kernel_store: str = "/var/lib/zoned/kernels"
+    # Per-zone runtime files: agent channel sockets, boot images.
+    runtime_dir: str = "/run/zoned"
+    # Per-zone serial console logs.
+    log_dir: str = "/var/log/zoned"
+    libvirt_uri: str = "qemu:///system"
+    # "auto" decides by a probe boot; "kvm" or "tcg" forces the accelerator.
+    accelerator: Literal["auto", "kvm", "tcg"] = "auto"
+    machine: Literal["microvm", "q35"] = "microvm"
+    # Host CPUs kept for the host itself and for QEMU's emulator threads.
+    reserved_cpus: list[int] = msgspec.field(default_factory=list)
+    # Host memory (MiB) never handed to zones.
+    reserved_memory_mib: int = 1024
+    # Limits applied to create requests.
+    max_vcpus: int = 64
+    max_memory_mib: int = 65536
+    min_memory_mib: int = 64
+    # How long a zone may take from start to its agent's hello.
+    boot_timeout_s: float = 60.0
+    # How long the agent may stay silent before the zone is failed.
+    agent_silence_s: float = 30.0
+    heartbeat_interval_s: float = 5.0
+    # Largest control-socket frame, in bytes.
+    max_frame_bytes: int = 4 * 1024 * 1024
+    # Concurrent blocking libvirt calls.
+    libvirt_threads: int = 4
+    log_format: Literal["text", "json"] = "text"
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate the config file; a missing default file means defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidRequest(f"cannot read config {path}: {exc}") from exc
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid config {path}: {exc}") from exc

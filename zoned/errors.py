@@ -1,0 +1,84 @@
+"""One exception family for zoned; each class carries its protocol error code.
+
+The codes are part of the wire protocol (see :mod:`zoned.protocol`). Code that
+raises one of these says exactly what went wrong for the caller; anything else
+that escapes a request handler is logged with its traceback and reported to the
+caller only as ``internal``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+ErrorCode = Literal[
+    "not_found",
+    "conflict",
+    "invalid_request",
+    "no_capacity",
+    "permission_denied",
+    "hypervisor",
+    "unsupported_version",
+    "internal",
+]
+
+
+class ZonedError(Exception):
+    """Base of every error that zoned reports to a caller with a code."""
+
+    code: ClassVar[ErrorCode] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(ZonedError):
+    code = "not_found"
+
+
+class Conflict(ZonedError):
+    code = "conflict"
+
+
+class InvalidRequest(ZonedError):
+    code = "invalid_request"
+
+
+class NoCapacity(ZonedError):
+    code = "no_capacity"
+
+
+class PermissionDenied(ZonedError):
+    code = "permission_denied"
+
+
+class HypervisorError(ZonedError):
+    code = "hypervisor"
+
+
+class UnsupportedVersion(ZonedError):
+    code = "unsupported_version"
+
+
+class InternalError(ZonedError):
+    code = "internal"
+
+
+ERRORS_BY_CODE: dict[str, type[ZonedError]] = {
+    cls.code: cls
+    for cls in (
+        NotFound,
+        Conflict,
+        InvalidRequest,
+        NoCapacity,
+        PermissionDenied,
+        HypervisorError,
+        UnsupportedVersion,
+        InternalError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> ZonedError:
+    """Rebuild the typed exception for a code received over the wire."""
+    return ERRORS_BY_CODE.get(code, InternalError)(message)
