@@ -1,0 +1,1 @@
+"""The guest kernel: config fragments, the verified build and the kernel store."""
