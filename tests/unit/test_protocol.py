@@ -1,0 +1,882 @@
+"""The wire protocol: round-trips, rejections, framing, and properties over hostile input."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any, get_args
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zoned import protocol as p
+from zoned.errors import Conflict, ErrorCode, InvalidRequest, NotFound, UnsupportedVersion
+
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None)
+
+# ---------------------------------------------------------------------------
+# Samples: one fully populated instance of every message
+# ---------------------------------------------------------------------------
+
+ZONE = p.ZoneInfo(
+    name="web-1",
+    uuid="0f8b6c3e-6f0a-4d59-9d57-3a2b1c0d9e8f",
+    state="ready",
+    reason="agent said hello",
+    vcpus=2,
+    memory_mib=512,
+    profile="strict",
+    machine="microvm",
+    accelerator="tcg",
+    placement="exclusive",
+    cpus=[2, 3],
+    emulator_cpus=[0],
+    numa_node=0,
+    labels={"app.example.com/tier": "web", "owner": "agent 7"},
+    created_at=1_700_000_000.25,
+    ready_at=1_700_000_002.5,
+    kernel_release="6.12.9-zoned",
+    guest_boot_s=1.2,
+    console_log="/var/log/zoned/web-1.console.log",
+)
+
+HOST = p.HostInfoData(
+    accelerator="tcg",
+    machine="microvm",
+    cpus=[
+        p.CpuInfo(id=0, core=0, package=0, node=0, online=True, reserved=True),
+        p.CpuInfo(id=1, core=1, package=0, node=0, online=True, reserved=False, allocated_to="a"),
+    ],
+    numa_nodes=[p.NumaNode(id=0, cpus=[0, 1], memory_mib=7936)],
+    memory_total_mib=7936,
+    memory_reserved_mib=1024,
+    memory_free_mib=6400,
+    cpus_free_exclusive=[],
+    shared_pool=[1],
+    zone_count=1,
+    kernels=[p.KernelInfo(profile="strict", kernel_release="6.12.9-zoned", image_sha256="ab" * 32)],
+)
+
+REQUESTS: list[p.Request] = [
+    p.Hello(id=0, versions=[1, 2], client="zonectl/0.1"),
+    p.HostInfo(id=1),
+    p.CreateZone(
+        id=2,
+        name="web-1",
+        vcpus=4,
+        memory_mib=1024,
+        profile="containers",
+        kernel_args=["quiet", "loglevel=3", 'x="y"'],
+        placement="exclusive",
+        labels={"tier": "web"},
+        machine="q35",
+    ),
+    p.CreateZone(id=3, name="a"),
+    p.GetZone(id=4, name="web-1"),
+    p.ListZones(id=5, labels={"tier": "web", "owner": ""}),
+    p.ListZones(id=6),
+    p.DestroyZone(id=7, name="web-1"),
+    p.WatchEvents(id=8),
+    p.ConsoleLog(id=9, name="web-1", follow=True, tail_bytes=4096),
+    p.ConsoleLog(id=2**32 - 1, name="web-1"),
+]
+
+REPLIES: list[p.Reply] = [
+    p.HelloReply(id=0, version=1, server="zoned/0.1"),
+    p.HostInfoReply(id=1, host=HOST),
+    p.ZoneReply(id=2, zone=ZONE),
+    p.ZoneReply(
+        id=3,
+        zone=p.ZoneInfo(
+            name="b",
+            uuid="u",
+            state="creating",
+            vcpus=1,
+            memory_mib=256,
+            profile="strict",
+            machine="q35",
+            accelerator="kvm",
+            placement="shared",
+            cpus=[],
+            emulator_cpus=[],
+            numa_node=None,
+            labels={},
+            created_at=0.0,
+            ready_at=None,
+            guest_boot_s=None,
+            console_log="",
+        ),
+    ),
+    p.ZoneListReply(id=4, zones=[ZONE, ZONE]),
+    p.ZoneListReply(id=5, zones=[]),
+    p.EventReply(
+        id=6,
+        event=p.Event(
+            seq=17,
+            time=1.5,
+            kind="zone_state",
+            zone="web-1",
+            state="ready",
+            previous="booting",
+            reason="agent said hello",
+        ),
+    ),
+    p.EventReply(id=6, event=p.Event(seq=18, time=2.0, kind="cpu_offline", cpu=3)),
+    p.LogChunk(id=7, data=b"\x00\xffLinux version 6.12\r\n"),
+    p.StreamEnd(id=7),
+    p.ErrorReply(id=8, code="not_found", message="no zone named 'x'"),
+]
+
+FROM_AGENT: list[p.AgentToHost] = [
+    p.AgentHello(
+        version=1, agent="zoned-agent/0.1.0", kernel_release="6.12.9-zoned", boot_s=1.25, pid=1
+    ),
+    p.HeartbeatReply(
+        seq=2**63 - 1, uptime_s=12.5, load1=0.07, mem_total_kib=250_000, mem_available_kib=200_000
+    ),
+]
+
+TO_AGENT: list[p.HostToAgent] = [p.Heartbeat(seq=0), p.Heartbeat(seq=42)]
+
+ALL_MESSAGES: list[p.Message] = [*REQUESTS, *REPLIES, *FROM_AGENT, *TO_AGENT]
+
+
+def _decoder_for(msg: p.Message) -> Callable[[bytes], p.Message]:
+    if isinstance(msg, get_args(p.Request)):
+        return p.decode_request
+    if isinstance(msg, get_args(p.Reply)):
+        return p.decode_reply
+    if isinstance(msg, get_args(p.AgentToHost)):
+        return p.decode_from_agent
+    return p.decode_to_agent
+
+
+# ---------------------------------------------------------------------------
+# Round-trips and conventions
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("msg", ALL_MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg: p.Message) -> None:
+    decode = _decoder_for(msg)
+    assert decode(p.encode(msg)) == msg
+    frame = p.encode_frame(msg)
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    decoder = p.FrameDecoder(p.DEFAULT_MAX_FRAME)
+    decoder.feed(frame)
+    payload = decoder.next_frame()
+    assert payload is not None
+    assert decode(payload) == msg
+    assert decoder.next_frame() is None
+    assert decoder.buffered == 0
+
+
+def test_every_message_type_has_a_sample() -> None:
+    sampled = {type(m) for m in ALL_MESSAGES}
+    for union in (p.Request, p.Reply, p.AgentToHost):
+        assert set(get_args(union)) <= sampled
+    assert p.Heartbeat in sampled
+
+
+def _snake_case(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+def test_tags_are_snake_case_class_names_and_unique_across_channels() -> None:
+    classes = [
+        *get_args(p.Request),
+        *get_args(p.Reply),
+        *get_args(p.AgentToHost),
+        p.Heartbeat,
+    ]
+    tags = [cls.__struct_config__.tag for cls in classes]
+    assert tags == [_snake_case(cls.__name__) for cls in classes]
+    assert len(set(tags)) == len(tags)
+    assert all(cls.__struct_config__.tag_field == "type" for cls in classes)
+
+
+def test_messages_are_frozen() -> None:
+    msg = p.GetZone(id=1, name="a")
+    with pytest.raises(AttributeError):
+        msg.name = "b"  # type: ignore[misc]
+
+
+def test_defaults_are_left_off_the_wire() -> None:
+    # What lets new defaulted fields reach old peers unnoticed (see module header).
+    assert msgspec.msgpack.decode(p.encode(p.CreateZone(id=3, name="a"))) == {
+        "type": "create_zone",
+        "id": 3,
+        "name": "a",
+    }
+
+
+def test_create_zone_defaults() -> None:
+    msg = p.decode_request(msgspec.msgpack.encode({"type": "create_zone", "id": 1, "name": "z"}))
+    assert msg == p.CreateZone(
+        id=1,
+        name="z",
+        vcpus=1,
+        memory_mib=256,
+        profile="strict",
+        kernel_args=[],
+        placement="shared",
+        labels={},
+        machine=None,
+    )
+
+
+def test_boundary_values_are_accepted() -> None:
+    for fields in (
+        {"vcpus": 1, "memory_mib": 64},
+        {"vcpus": 256, "memory_mib": 1024 * 1024},
+        {"name": "a" + "-" * 62},
+        {"kernel_args": ["x" * 256] * 3},
+        {"labels": {f"k{i}": "v" * 256 for i in range(32)}},
+    ):
+        raw = {"type": "create_zone", "id": 2**32 - 1, "name": "z", **fields}
+        assert isinstance(p.decode_request(msgspec.msgpack.encode(raw)), p.CreateZone)
+
+
+# ---------------------------------------------------------------------------
+# Rejections
+# ---------------------------------------------------------------------------
+
+
+def _create(**fields: Any) -> dict[str, Any]:
+    return {"type": "create_zone", "id": 1, "name": "web", **fields}
+
+
+REQUEST_REJECTIONS: list[tuple[str, object, str]] = [
+    ("unknown tag", {"type": "reboot_zone", "id": 1}, "known types: hello, host_info"),
+    ("agent tag on control socket", {"type": "heartbeat", "seq": 1}, "Invalid value 'heartbeat'"),
+    ("missing tag", {"id": 1, "name": "web"}, "missing required field `type`"),
+    ("unknown field", _create(extra=1), "unknown field `extra`"),
+    ("missing field", {"type": "get_zone", "id": 1}, "missing required field `name`"),
+    ("missing id", {"type": "host_info"}, "missing required field `id`"),
+    ("uppercase name", _create(name="Web"), "$.name"),
+    ("digit first", _create(name="1web"), "$.name"),
+    ("underscore", _create(name="a_b"), "$.name"),
+    ("empty name", _create(name=""), "$.name"),
+    ("64-char name", _create(name="a" * 64), "$.name"),
+    ("trailing newline", _create(name="web\n"), "$.name"),
+    ("path in name", {"type": "get_zone", "id": 1, "name": "../etc"}, "$.name"),
+    ("path in profile", _create(profile="../../tmp"), "$.profile"),
+    ("zero vcpus", _create(vcpus=0), "`int` >= 1 - at `$.vcpus`"),
+    ("too many vcpus", _create(vcpus=257), "`int` <= 256 - at `$.vcpus`"),
+    ("too little memory", _create(memory_mib=63), "`int` >= 64 - at `$.memory_mib`"),
+    ("too much memory", _create(memory_mib=2**20 + 1), "- at `$.memory_mib`"),
+    ("float vcpus", _create(vcpus=1.5), "Expected `int`, got `float` - at `$.vcpus`"),
+    ("string id", {"type": "host_info", "id": "1"}, "Expected `int`, got `str` - at `$.id`"),
+    ("negative id", {"type": "host_info", "id": -1}, "$.id"),
+    ("id above uint32", {"type": "host_info", "id": 2**32}, "$.id"),
+    ("bool as int", _create(vcpus=True), "$.vcpus"),
+    ("labels as list", _create(labels=["a"]), "Expected `object`, got `array`"),
+    ("null name", _create(name=None), "Expected `str`, got `None` - at `$.name`"),
+    ("bad placement", _create(placement="dedicated"), "$.placement"),
+    ("bad machine", _create(machine="pc"), "$.machine"),
+    ("space in kernel arg", _create(kernel_args=["a b"]), "$.kernel_args[0]"),
+    ("tab in kernel arg", _create(kernel_args=["ok", "a\tb"]), "$.kernel_args[1]"),
+    ("NUL in kernel arg", _create(kernel_args=["a\x00b"]), "$.kernel_args[0]"),
+    ("newline kernel arg", _create(kernel_args=["init=/x\n"]), "$.kernel_args[0]"),
+    ("non-ASCII space", _create(kernel_args=["a\u00a0b"]), "$.kernel_args[0]"),
+    ("empty kernel arg", _create(kernel_args=[""]), "$.kernel_args[0]"),
+    ("long kernel arg", _create(kernel_args=["x" * 257]), "$.kernel_args[0]"),
+    ("too many kernel args", _create(kernel_args=["q"] * 33), "$.kernel_args"),
+    ("kernel args total", _create(kernel_args=["x" * 256] * 4), "kernel_args too long"),
+    ("too many labels", _create(labels={f"k{i}": "" for i in range(33)}), "$.labels"),
+    ("bad label key", _create(labels={"-x": "y"}), "$.labels"),
+    ("label key space", _create(labels={"a b": "y"}), "$.labels"),
+    ("long label key", _create(labels={"k" * 129: "y"}), "$.labels"),
+    ("control in label", _create(labels={"k": "\x1b[31m"}), "$.labels[...]"),
+    ("long label value", _create(labels={"k": "v" * 257}), "$.labels[...]"),
+    ("no versions", {"type": "hello", "id": 0, "versions": []}, "$.versions"),
+    ("version zero", {"type": "hello", "id": 0, "versions": [0]}, "$.versions[0]"),
+    ("negative tail", {"type": "console_log", "id": 1, "name": "a", "tail_bytes": -1}, "tail"),
+    ("not a map", [1, "get_zone"], "Expected `object`, got `array`"),
+    ("scalar", 7, "Expected `object`, got `int`"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(raw, exp) for _, raw, exp in REQUEST_REJECTIONS],
+    ids=[name for name, _, _ in REQUEST_REJECTIONS],
+)  # fmt: skip
+def test_invalid_requests_are_rejected_with_a_useful_message(raw: object, expected: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        p.decode_request(msgspec.msgpack.encode(raw))
+    assert info.value.message.startswith("invalid request: ")
+    assert expected in info.value.message
+    assert info.value.code == "invalid_request"
+
+
+GARBAGE: list[tuple[str, bytes]] = [
+    ("empty", b""),
+    ("reserved opcode", b"\xc1"),
+    ("truncated map", b"\x81\xa4type"),
+    ("truncated string", b"\xdb\xff\xff\xff\xff"),
+    ("trailing bytes", p.encode(p.HostInfo(id=1)) + b"\x00"),
+    ("two messages", p.encode(p.HostInfo(id=1)) * 2),
+    ("invalid utf-8 tag", b"\x81\xa4type\xa2\xff\xfe"),
+    ("invalid utf-8 key", b"\x81\xa2\xff\xfe\x01"),
+    ("huge array header", b"\xdd\xff\xff\xff\xff"),
+    ("huge map header", b"\xdf\xff\xff\xff\xff"),
+    ("timestamp ext", b"\xd6\xff\x00\x00\x00\x00"),
+    ("deep nesting", b"\x91" * 100_000 + b"\x01"),
+    ("deep nesting before the tag", b"\x82\xa1x" + b"\x91" * 100_000 + b"\x01\xa4type\xa5hello"),
+    (
+        "deep nesting after the tag",
+        b"\x82\xa4type\xa5hello\xa1x" + b"\x81\xa1x" * 100_000 + b"\x01",
+    ),
+]
+
+
+@pytest.mark.parametrize("payload", [g for _, g in GARBAGE], ids=[n for n, _ in GARBAGE])
+def test_garbage_bytes_are_rejected(payload: bytes) -> None:
+    for decode in (p.decode_request, p.decode_reply, p.decode_from_agent, p.decode_to_agent):
+        with pytest.raises(InvalidRequest, match=r"^(malformed|invalid) "):
+            decode(payload)
+    assert p.peek_request_id(payload) is None
+
+
+def test_invalid_utf8_says_so() -> None:
+    with pytest.raises(InvalidRequest, match="malformed request: a string is not valid UTF-8"):
+        p.decode_request(b"\x81\xa4type\xa2\xff\xfe")
+
+
+def test_deep_nesting_says_so() -> None:
+    payload = b"\x82\xa1x" + b"\x91" * 100_000 + b"\x01\xa4type\xa5hello"
+    with pytest.raises(InvalidRequest, match=r"malformed agent message: .* nested too deeply"):
+        p.decode_from_agent(payload)
+
+
+def test_malformed_msgpack_says_so() -> None:
+    with pytest.raises(InvalidRequest, match="malformed request: not one msgpack message"):
+        p.decode_request(b"\xc1")
+
+
+def test_replies_are_validated_too() -> None:
+    def reject(raw: object, expected: str) -> None:
+        with pytest.raises(InvalidRequest) as info:
+            p.decode_reply(msgspec.msgpack.encode(raw))
+        assert info.value.message.startswith("invalid reply: ")
+        assert expected in info.value.message
+
+    reject({"type": "get_zone", "id": 1, "name": "a"}, "known types: hello_reply")
+    reject({"type": "error_reply", "id": 1, "code": "oops", "message": ""}, "$.code")
+    reject({"type": "stream_end", "id": 1, "more": True}, "unknown field `more`")
+    reject({"type": "log_chunk", "id": 1, "data": "text"}, "$.data")
+    reject({"type": "log_chunk", "id": 1, "data": b"x" * (p.MAX_LOG_CHUNK + 1)}, "$.data")
+    zone = msgspec.to_builtins(ZONE)
+    reject({"type": "zone_reply", "id": 1, "zone": {**zone, "state": "odd"}}, "$.zone.state")
+    reject({"type": "zone_reply", "id": 1, "zone": {**zone, "x": 1}}, "unknown field `x`")
+
+
+# ---------------------------------------------------------------------------
+# Errors and version negotiation
+# ---------------------------------------------------------------------------
+
+
+def test_error_reply_carries_the_exception_code() -> None:
+    assert p.error_reply(5, NotFound("no zone named 'x'")) == p.ErrorReply(
+        id=5, code="not_found", message="no zone named 'x'"
+    )
+    assert p.error_reply(6, Conflict("exists")).code == "conflict"
+
+
+def test_error_reply_truncates_huge_messages() -> None:
+    reply = p.error_reply(1, InvalidRequest("x" * 100_000))
+    assert len(reply.message) == p.MAX_ERROR_MESSAGE_CHARS
+    assert reply.message.endswith("...")
+
+
+def test_negotiate_version_picks_the_highest_common_version() -> None:
+    assert p.negotiate_version([1]) == p.PROTOCOL_VERSION == 1
+    assert p.negotiate_version([7, 1, 3]) == 1
+
+
+def test_negotiate_version_without_common_version() -> None:
+    with pytest.raises(UnsupportedVersion, match=r"client offers \[2, 3\].*speaks \[1\]") as info:
+        p.negotiate_version([3, 2])
+    assert info.value.code == "unsupported_version"
+
+
+def test_peek_request_id_recovers_the_id_of_an_invalid_request() -> None:
+    assert p.peek_request_id(msgspec.msgpack.encode(_create(vcpus=0, id=77))) == 77
+    assert p.peek_request_id(msgspec.msgpack.encode({"type": "nope", "id": 9})) == 9
+    assert p.peek_request_id(msgspec.msgpack.encode({"type": "nope"})) is None
+    assert p.peek_request_id(msgspec.msgpack.encode({"id": -1})) is None
+    assert p.peek_request_id(b"\xc1") is None
+
+
+# ---------------------------------------------------------------------------
+# Agent channel
+# ---------------------------------------------------------------------------
+
+
+def _hello(**fields: Any) -> dict[str, Any]:
+    base = {
+        "type": "agent_hello",
+        "version": 1,
+        "agent": "zoned-agent/0.1",
+        "kernel_release": "6.12.9",
+        "boot_s": 1.0,
+        "pid": 1,
+    }
+    return {**base, **fields}
+
+
+def _beat(**fields: Any) -> dict[str, Any]:
+    base = {
+        "type": "heartbeat_reply",
+        "seq": 1,
+        "uptime_s": 1.0,
+        "load1": 0.0,
+        "mem_total_kib": 1,
+        "mem_available_kib": 1,
+    }
+    return {**base, **fields}
+
+
+AGENT_REJECTIONS: list[tuple[str, object, str]] = [
+    ("host message from agent", {"type": "heartbeat", "seq": 1}, "known types: agent_hello"),
+    ("control message", {"type": "host_info", "id": 1}, "$.type"),
+    ("unknown field", _hello(shell="/bin/sh"), "unknown field `shell`"),
+    ("NaN boot", _hello(boot_s=float("nan")), "$.boot_s"),
+    ("infinite boot", _hello(boot_s=float("inf")), "$.boot_s"),
+    ("negative boot", _hello(boot_s=-1.0), "$.boot_s"),
+    ("escape in release", _hello(kernel_release="6.1\x1b[2J"), "$.kernel_release"),
+    ("long release", _hello(kernel_release="6" * 65), "$.kernel_release"),
+    ("empty agent", _hello(agent=""), "$.agent"),
+    ("pid zero", _hello(pid=0), "$.pid"),
+    ("version zero", _hello(version=0), "$.version"),
+    ("NaN load", _beat(load1=float("nan")), "$.load1"),
+    ("negative memory", _beat(mem_total_kib=-1), "$.mem_total_kib"),
+    ("string seq", _beat(seq="1"), "$.seq"),
+    ("negative seq", _beat(seq=-1), "$.seq"),
+    ("huge uptime", _beat(uptime_s=1e300), "$.uptime_s"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(raw, exp) for _, raw, exp in AGENT_REJECTIONS],
+    ids=[name for name, _, _ in AGENT_REJECTIONS],
+)  # fmt: skip
+def test_hostile_agent_messages_are_rejected(raw: object, expected: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        p.decode_from_agent(msgspec.msgpack.encode(raw))
+    assert info.value.message.startswith("invalid agent message: ")
+    assert expected in info.value.message
+
+
+def test_agent_side_rejects_unknown_host_messages() -> None:
+    with pytest.raises(InvalidRequest, match=r"invalid host message: .*known types: heartbeat"):
+        p.decode_to_agent(msgspec.msgpack.encode({"type": "exec_start", "seq": 1}))
+
+
+# ---------------------------------------------------------------------------
+# Framing
+# ---------------------------------------------------------------------------
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def _drain(decoder: p.FrameDecoder) -> list[bytes]:
+    frames = []
+    while (frame := decoder.next_frame()) is not None:
+        frames.append(frame)
+    return frames
+
+
+def test_frame_decoder_reassembles_a_frame_fed_byte_by_byte() -> None:
+    frame = p.encode_frame(REQUESTS[2])
+    decoder = p.FrameDecoder(1024)
+    for i in range(len(frame) - 1):
+        decoder.feed(frame[i : i + 1])
+        assert decoder.next_frame() is None
+    decoder.feed(frame[-1:])
+    assert _drain(decoder) == [p.encode(REQUESTS[2])]
+
+
+def test_frame_decoder_splits_merged_frames() -> None:
+    payloads = [p.encode(m) for m in REQUESTS]
+    stream = b"".join(_frame(x) for x in payloads)
+    decoder = p.FrameDecoder()
+    # Chunks that straddle frame boundaries and headers.
+    got: list[bytes] = []
+    for start in range(0, len(stream), 7):
+        decoder.feed(stream[start : start + 7])
+        got.extend(_drain(decoder))
+    assert got == payloads
+    assert decoder.buffered == 0
+
+
+def test_frame_decoder_accepts_memoryview_and_bytearray() -> None:
+    decoder = p.FrameDecoder()
+    decoder.feed(bytearray(b"\x00\x00\x00\x02"))
+    decoder.feed(memoryview(b"hi"))
+    assert decoder.next_frame() == b"hi"
+
+
+def test_frame_decoder_reports_a_truncated_frame_as_buffered() -> None:
+    decoder = p.FrameDecoder()
+    decoder.feed(_frame(b"abc")[:5])
+    assert decoder.next_frame() is None
+    assert decoder.buffered == 5
+
+
+def test_frame_of_exactly_the_maximum_is_accepted() -> None:
+    decoder = p.FrameDecoder(16)
+    decoder.feed(_frame(b"x" * 16))
+    assert decoder.next_frame() == b"x" * 16
+
+
+def test_oversize_header_is_rejected_before_the_body_arrives() -> None:
+    decoder = p.FrameDecoder(4096)
+    with pytest.raises(p.FrameError) as info:
+        decoder.feed((5000).to_bytes(4, "big"))
+    assert "5000" in info.value.message
+    assert "4096" in info.value.message
+    assert isinstance(info.value, InvalidRequest)
+    assert info.value.code == "invalid_request"
+    # The decoder stays broken and holds nothing.
+    assert decoder.buffered == 0
+    with pytest.raises(p.FrameError, match="5000"):
+        decoder.feed(b"more")
+    with pytest.raises(p.FrameError, match="5000"):
+        decoder.next_frame()
+
+
+def test_oversize_header_behind_a_good_frame_is_rejected_on_feed() -> None:
+    decoder = p.FrameDecoder(8)
+    with pytest.raises(p.FrameError, match="header announces 9 bytes, the maximum is 8"):
+        decoder.feed(_frame(b"ok") + (9).to_bytes(4, "big"))
+
+
+def test_default_maximum_is_four_mebibytes() -> None:
+    assert p.DEFAULT_MAX_FRAME == 4 * 1024 * 1024
+    assert p.AGENT_MAX_FRAME == 1024 * 1024
+    decoder = p.FrameDecoder()
+    decoder.feed((p.DEFAULT_MAX_FRAME).to_bytes(4, "big"))
+    decoder = p.FrameDecoder()
+    with pytest.raises(p.FrameError, match=f"maximum is {p.DEFAULT_MAX_FRAME} bytes"):
+        decoder.feed((p.DEFAULT_MAX_FRAME + 1).to_bytes(4, "big"))
+
+
+def test_zero_length_frame_is_rejected() -> None:
+    decoder = p.FrameDecoder()
+    with pytest.raises(p.FrameError, match="length 0"):
+        decoder.feed(b"\x00\x00\x00\x00")
+
+
+def test_frame_decoder_rejects_a_nonsense_maximum() -> None:
+    with pytest.raises(ValueError, match="max_frame"):
+        p.FrameDecoder(0)
+    with pytest.raises(ValueError, match="max_frame"):
+        p.FrameDecoder(2**32)
+
+
+def test_encode_frame_refuses_to_build_an_oversize_frame() -> None:
+    chunk = p.LogChunk(id=1, data=b"x" * 1000)
+    with pytest.raises(p.FrameError, match=r"LogChunk encodes to .* the maximum is 100 bytes"):
+        p.encode_frame(chunk, max_frame=100)
+
+
+# ---------------------------------------------------------------------------
+# Properties
+# ---------------------------------------------------------------------------
+
+ids = st.integers(0, 2**32 - 1)
+names = st.from_regex(r"[a-z][a-z0-9-]{0,62}", fullmatch=True)
+kernel_args = st.lists(
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40),
+    max_size=8,
+)
+label_values = st.text(
+    st.characters(
+        blacklist_categories=["Cs"],
+        blacklist_characters=[chr(c) for c in range(0x20)] + ["\x7f", "\ufffe", "\uffff"],
+    ),
+    max_size=20,
+)
+labels = st.dictionaries(
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,20}", fullmatch=True), label_values, max_size=4
+)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+small = st.integers(0, 2**32 - 1)
+int64 = st.integers(-(2**63), 2**63 - 1)
+cpu_lists = st.lists(small, max_size=8)
+text = st.text(max_size=20)
+
+
+def _one_of_literal(alias: Any) -> st.SearchStrategy[Any]:
+    return st.sampled_from(get_args(alias))
+
+
+zone_infos = st.builds(
+    p.ZoneInfo,
+    name=names,
+    uuid=text,
+    state=_one_of_literal(p.ZoneState),
+    reason=text,
+    vcpus=st.integers(1, 256),
+    memory_mib=st.integers(64, 2**20),
+    profile=text,
+    machine=_one_of_literal(p.Machine),
+    accelerator=_one_of_literal(p.Accelerator),
+    placement=_one_of_literal(p.Placement),
+    cpus=cpu_lists,
+    emulator_cpus=cpu_lists,
+    numa_node=st.none() | small,
+    labels=labels,
+    created_at=floats,
+    ready_at=st.none() | floats,
+    kernel_release=text,
+    guest_boot_s=st.none() | floats,
+    console_log=text,
+)
+
+host_infos = st.builds(
+    p.HostInfoData,
+    accelerator=_one_of_literal(p.Accelerator),
+    machine=_one_of_literal(p.Machine),
+    cpus=st.lists(
+        st.builds(
+            p.CpuInfo,
+            id=small,
+            core=int64,
+            package=int64,
+            node=int64,
+            online=st.booleans(),
+            reserved=st.booleans(),
+            allocated_to=st.none() | text,
+        ),
+        max_size=4,
+    ),
+    numa_nodes=st.lists(
+        st.builds(p.NumaNode, id=int64, cpus=cpu_lists, memory_mib=small), max_size=2
+    ),
+    memory_total_mib=small,
+    memory_reserved_mib=small,
+    memory_free_mib=small,
+    cpus_free_exclusive=cpu_lists,
+    shared_pool=cpu_lists,
+    zone_count=small,
+    kernels=st.lists(
+        st.builds(
+            p.KernelInfo,
+            profile=text,
+            kernel_release=text,
+            image_sha256=st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+        ),
+        max_size=2,
+    ),
+)
+
+events = st.builds(
+    p.Event,
+    seq=small,
+    time=floats,
+    kind=_one_of_literal(p.EventKind),
+    zone=text,
+    state=text,
+    previous=text,
+    reason=text,
+    cpu=st.none() | int64,
+)
+
+requests: st.SearchStrategy[p.Request] = st.one_of(
+    st.builds(
+        p.Hello,
+        id=ids,
+        versions=st.lists(st.integers(1, 2**32 - 1), min_size=1, max_size=16),
+        client=text,
+    ),
+    st.builds(p.HostInfo, id=ids),
+    st.builds(
+        p.CreateZone,
+        id=ids,
+        name=names,
+        vcpus=st.integers(1, 256),
+        memory_mib=st.integers(64, 2**20),
+        profile=names,
+        kernel_args=kernel_args,
+        placement=_one_of_literal(p.Placement),
+        labels=labels,
+        machine=st.none() | _one_of_literal(p.Machine),
+    ),
+    st.builds(p.GetZone, id=ids, name=names),
+    st.builds(p.ListZones, id=ids, labels=labels),
+    st.builds(p.DestroyZone, id=ids, name=names),
+    st.builds(p.WatchEvents, id=ids),
+    st.builds(
+        p.ConsoleLog,
+        id=ids,
+        name=names,
+        follow=st.booleans(),
+        tail_bytes=st.none() | st.integers(0, 2**32 - 1),
+    ),
+)
+
+replies: st.SearchStrategy[p.Reply] = st.one_of(
+    st.builds(p.HelloReply, id=ids, version=int64, server=text),
+    st.builds(p.HostInfoReply, id=ids, host=host_infos),
+    st.builds(p.ZoneReply, id=ids, zone=zone_infos),
+    st.builds(p.ZoneListReply, id=ids, zones=st.lists(zone_infos, max_size=3)),
+    st.builds(p.EventReply, id=ids, event=events),
+    st.builds(p.LogChunk, id=ids, data=st.binary(max_size=200)),
+    st.builds(p.StreamEnd, id=ids),
+    st.builds(p.ErrorReply, id=ids, code=st.sampled_from(get_args(ErrorCode)), message=text),
+)
+
+agent_tokens = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64
+)
+seconds = st.floats(0.0, 1e10)
+uint63 = st.integers(0, 2**63 - 1)
+
+from_agent: st.SearchStrategy[p.AgentToHost] = st.one_of(
+    st.builds(
+        p.AgentHello,
+        version=st.integers(1, 2**32 - 1),
+        agent=agent_tokens,
+        kernel_release=agent_tokens,
+        boot_s=seconds,
+        pid=st.integers(1, 2**31 - 1),
+    ),
+    st.builds(
+        p.HeartbeatReply,
+        seq=uint63,
+        uptime_s=seconds,
+        load1=st.floats(0.0, 1e6),
+        mem_total_kib=uint63,
+        mem_available_kib=uint63,
+    ),
+)
+
+to_agent: st.SearchStrategy[p.HostToAgent] = st.builds(p.Heartbeat, seq=uint63)
+
+# (strategy, decoder, max_frame) for each direction of each channel.
+CHANNELS: list[tuple[st.SearchStrategy[Any], Callable[[bytes], Any], int]] = [
+    (requests, p.decode_request, p.DEFAULT_MAX_FRAME),
+    (replies, p.decode_reply, p.DEFAULT_MAX_FRAME),
+    (from_agent, p.decode_from_agent, p.AGENT_MAX_FRAME),
+    (to_agent, p.decode_to_agent, p.AGENT_MAX_FRAME),
+]
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_valid_messages_survive_encode_chunked_feed_decode(data: st.DataObject) -> None:
+    strategy, decode, max_frame = data.draw(st.sampled_from(CHANNELS))
+    messages = data.draw(st.lists(strategy, min_size=1, max_size=4))
+    stream = b"".join(p.encode_frame(m, max_frame) for m in messages)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    decoder = p.FrameDecoder(max_frame)
+    got: list[Any] = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        decoder.feed(stream[start:end])
+        got.extend(decode(frame) for frame in _drain(decoder))
+    assert got == messages
+    assert decoder.buffered == 0
+
+
+@PROPERTY_SETTINGS
+@given(chunks=st.lists(st.binary(max_size=64), max_size=8))
+def test_arbitrary_bytes_only_ever_raise_invalid_request(chunks: list[bytes]) -> None:
+    decoder = p.FrameDecoder(256)
+    try:
+        for chunk in chunks:
+            decoder.feed(chunk)
+            for frame in _drain(decoder):
+                with contextlib.suppress(InvalidRequest):
+                    p.decode_request(frame)
+    except p.FrameError:
+        pass
+    for chunk in chunks:
+        for decode in (p.decode_request, p.decode_reply, p.decode_from_agent):
+            with contextlib.suppress(InvalidRequest):
+                decode(chunk)
+
+
+@PROPERTY_SETTINGS
+@given(chunks=st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=4))
+def test_arbitrary_payloads_in_valid_frames_only_raise_invalid_request(
+    chunks: list[bytes],
+) -> None:
+    # Arbitrary bytes rarely form a plausible header; a real one lets them
+    # reach the message decoder.
+    decoder = p.FrameDecoder(64)
+    decoder.feed(b"".join(_frame(c) for c in chunks))
+    for frame in _drain(decoder):
+        try:
+            p.decode_request(frame)
+        except InvalidRequest as exc:
+            assert exc.message
+
+
+ALL_TAGS = [
+    cls.__struct_config__.tag
+    for cls in [*get_args(p.Request), *get_args(p.Reply), *get_args(p.AgentToHost), p.Heartbeat]
+]
+FIELD_NAMES = sorted(
+    {
+        field
+        for cls in [
+            *get_args(p.Request),
+            *get_args(p.Reply),
+            *get_args(p.AgentToHost),
+            p.Heartbeat,
+        ]
+        for field in cls.__struct_fields__
+    }
+)
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+    max_leaves=8,
+)
+# Maps that look like messages: a real tag and real field names with random values.
+message_like = st.builds(
+    lambda tag, fields: {"type": tag, **fields},
+    st.sampled_from(ALL_TAGS) | text,
+    st.dictionaries(st.sampled_from(FIELD_NAMES) | text, msgpack_values, max_size=6),
+)
+
+
+@PROPERTY_SETTINGS
+@given(raw=message_like | msgpack_values)
+def test_structured_garbage_only_raises_invalid_request(raw: object) -> None:
+    payload = msgspec.msgpack.encode(raw)
+    for decode in (p.decode_request, p.decode_reply, p.decode_from_agent, p.decode_to_agent):
+        try:
+            decode(payload)
+        except InvalidRequest as exc:
+            assert exc.message
+    request_id = p.peek_request_id(payload)
+    assert request_id is None or 0 <= request_id <= 2**32 - 1
+
+
+# ---------------------------------------------------------------------------
+# Lean imports (the guest agent imports this module on its boot path)
+# ---------------------------------------------------------------------------
+
+
+def test_protocol_imports_stay_lean() -> None:
+    script = "import sys, zoned.protocol; print('\\n'.join(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    loaded = set(result.stdout.split())
+    forbidden = {"trio", "libvirt", "json", "subprocess", "asyncio", "psutil", "pyudev"}
+    assert loaded & forbidden == set()

@@ -1,0 +1,710 @@
+"""The zoned wire protocol: framing, every message, every rule. One file, read top to bottom.
+
+Two channels speak it:
+
+- the **control socket** (``zonectl`` and other clients <-> the daemon), and
+- the **agent channel** (the daemon <-> the guest agent inside one zone, over a
+  virtio-serial port).
+
+Framing
+-------
+A stream carries frames. A frame is a 4-byte big-endian unsigned length ``n``
+followed by exactly ``n`` bytes holding one msgpack message. ``n`` is at least 1
+and at most the channel's maximum (:data:`DEFAULT_MAX_FRAME` on the control
+socket, :data:`AGENT_MAX_FRAME` on the agent channel). A header that breaks
+either bound is a :class:`FrameError`; the stream cannot be resynchronised after
+one, so the reader reports the error (if it can) and closes the connection.
+:class:`FrameDecoder` is the sans-IO reader: the caller feeds it the bytes it
+received and takes whole payloads out. It never holds more than one frame
+(``max_frame + 4`` bytes) beyond what the caller fed since it last drained it.
+
+Messages
+--------
+Every message is a frozen :class:`msgspec.Struct` encoded as a msgpack map whose
+``"type"`` key holds the message's snake_case tag. Each direction of each
+channel has one tagged union (:data:`Request`, :data:`Reply`,
+:data:`AgentToHost`, :data:`HostToAgent`) and one decoder built once below.
+Decoding validates everything: unknown types, unknown fields, wrong types and
+out-of-range values are all :class:`~zoned.errors.InvalidRequest`. Clients and
+guests may be hostile (an unprivileged caller, a compromised zone), so every
+field they send is bounded here, not later; replies come from the daemon and
+are bounded mostly by the frame size.
+
+Control socket conversation
+---------------------------
+The client's first request is :class:`Hello` listing the protocol versions it
+speaks; the server answers :class:`HelloReply` with the highest version both
+speak (:func:`negotiate_version`) or an :class:`ErrorReply` with code
+``unsupported_version``. Any other request before a successful hello is
+answered ``invalid_request``.
+
+Every request carries an ``id`` (uint32) chosen by the client; every reply to it
+echoes that ``id``, so requests may be pipelined and answered out of order. A
+request that fails to decode is answered with the ``id`` that
+:func:`peek_request_id` can still recover from it, or ``0`` when none can.
+Most requests get exactly one reply. Streams get many: :class:`WatchEvents`
+yields :class:`EventReply` until the client closes the connection;
+:class:`ConsoleLog` yields :class:`LogChunk` and, unless following, a final
+:class:`StreamEnd`. Any request may instead end with one :class:`ErrorReply`.
+
+Agent channel conversation
+--------------------------
+The guest agent speaks first: one :class:`AgentHello` as soon as it runs,
+carrying :data:`AGENT_PROTOCOL_VERSION`. The host then sends :class:`Heartbeat`
+periodically and the agent answers each with a :class:`HeartbeatReply` echoing
+its ``seq``. Everything the agent reports is self-reported by an untrusted
+guest: the host shows it, never relies on it for safety.
+
+Versioning and evolution
+------------------------
+:data:`PROTOCOL_VERSION` (control socket) and :data:`AGENT_PROTOCOL_VERSION`
+(agent channel) count incompatible revisions. Within one version, the
+protocol only grows, in these ways:
+
+- **new messages** (new tags in a union);
+- **new fields, always with a default**; messages omit fields that hold their
+  default (``omit_defaults``), so a peer that predates a field sees exactly the
+  message it knows unless the new feature is actually used;
+- **never** a changed type, a removed field, a renamed tag or a narrowed range.
+
+Decoders reject unknown tags and fields, so a sender uses a new message or a
+non-default new field only once the peer is known to understand it: through the
+negotiated control version, or the version in :class:`AgentHello`. The same
+holds for a new value in a ``Literal`` (error codes, states, event kinds).
+
+Workload execution and file transfer (a later issue) arrive on the agent channel
+as new messages (``exec_*``, ``file_*`` tags are reserved for them) and on the
+control socket as new request/reply/stream messages, under the rules above.
+
+This module imports only msgspec and :mod:`zoned.errors` (and ``typing`` and
+``collections.abc``, which msgspec loads anyway): the guest agent imports it on
+its boot path. For the same reason it does not use ``from __future__ import
+annotations``: msgspec would then compile every field annotation from a string
+at import time.
+"""
+
+from collections.abc import Iterable
+from typing import Annotated, Literal, NoReturn, TypeAlias, get_args
+
+import msgspec
+from msgspec import Meta
+
+from zoned.errors import ErrorCode, InvalidRequest, UnsupportedVersion, ZonedError
+
+# ---------------------------------------------------------------------------
+# Framing
+# ---------------------------------------------------------------------------
+
+#: Size of the length prefix in front of every payload.
+FRAME_HEADER_SIZE = 4
+#: Largest payload on the control socket (``Config.max_frame_bytes`` may change it).
+DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+#: Largest payload on the agent channel: the guest is hostile, keep it small.
+AGENT_MAX_FRAME = 1024 * 1024
+#: The length prefix is a uint32, so no channel can allow more than this.
+_ABSOLUTE_MAX_FRAME = 2**32 - 1
+
+
+class FrameError(InvalidRequest):
+    """The byte stream is not a valid sequence of frames; the connection is beyond repair."""
+
+
+def _check_max_frame(max_frame: int) -> None:
+    if not 1 <= max_frame <= _ABSOLUTE_MAX_FRAME:
+        raise ValueError(f"max_frame must be within 1..{_ABSOLUTE_MAX_FRAME}, got {max_frame}")
+
+
+class FrameDecoder:
+    """Split a received byte stream into frame payloads (sans-IO).
+
+    Feed it every chunk received, then call :meth:`next_frame` until it returns
+    ``None``. A header announcing an empty or oversized frame raises
+    :class:`FrameError` as soon as its 4 bytes have arrived, before any of the
+    body is buffered; after that the decoder stays broken and raises the same
+    error again on every call.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        _check_max_frame(max_frame)
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        # Offset in _buffer of the first header not yet validated; everything
+        # before it is a sequence of frames whose headers have been checked.
+        self._unchecked = 0
+        self._error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned; nonzero at EOF means a truncated frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes; raises :class:`FrameError` on a bad header."""
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        self._check_headers()
+
+    def next_frame(self) -> bytes | None:
+        """Return the next complete payload, or ``None`` if more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        buffer = self._buffer
+        if len(buffer) < FRAME_HEADER_SIZE:
+            return None
+        end = FRAME_HEADER_SIZE + int.from_bytes(buffer[:FRAME_HEADER_SIZE], "big")
+        if len(buffer) < end:
+            return None
+        with memoryview(buffer) as view:
+            payload = bytes(view[FRAME_HEADER_SIZE:end])
+        del buffer[:end]  # CPython trims a bytearray's front in O(1).
+        self._unchecked -= end
+        return payload
+
+    def _check_headers(self) -> None:
+        buffer = self._buffer
+        while self._unchecked + FRAME_HEADER_SIZE <= len(buffer):
+            start = self._unchecked
+            length = int.from_bytes(buffer[start : start + FRAME_HEADER_SIZE], "big")
+            if length == 0:
+                self._fail(FrameError("invalid frame: length 0 (a frame holds one message)"))
+            if length > self.max_frame:
+                self._fail(
+                    FrameError(
+                        f"frame too large: header announces {length} bytes,"
+                        f" the maximum is {self.max_frame} bytes"
+                    )
+                )
+            self._unchecked = start + FRAME_HEADER_SIZE + length
+
+    def _fail(self, error: FrameError) -> NoReturn:
+        self._error = error
+        self._buffer = bytearray()  # Never needed again: release it now.
+        self._unchecked = 0
+        raise error
+
+
+# ---------------------------------------------------------------------------
+# Shared value types and bounds
+# ---------------------------------------------------------------------------
+# Patterns end in \Z, not $: with re.search, "$" also matches before a
+# trailing newline, which would let "name\n" through.
+
+PROTOCOL_VERSION = 1
+#: Control-protocol versions this build speaks, in any order.
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({PROTOCOL_VERSION})
+
+ZONE_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}\Z"
+MIN_VCPUS = 1
+MAX_VCPUS = 256
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 1024 * 1024
+MAX_LABELS = 32
+MAX_LABEL_KEY_CHARS = 128
+MAX_LABEL_VALUE_CHARS = 256
+MAX_KERNEL_ARGS = 32
+MAX_KERNEL_ARG_CHARS = 256
+#: Sum of the extra kernel args' lengths (plus separating spaces); the kernel's
+#: whole command line is limited to 2048 bytes on x86 and the hardened
+#: arguments need the rest.
+MAX_KERNEL_ARGS_TOTAL_CHARS = 1024
+MAX_CLIENT_CHARS = 256
+MAX_HELLO_VERSIONS = 16
+#: Largest ``LogChunk.data``; the server splits longer output.
+MAX_LOG_CHUNK = 64 * 1024
+#: ``error_reply`` truncates messages to this many characters.
+MAX_ERROR_MESSAGE_CHARS = 4096
+
+_UINT32_MAX = 2**32 - 1
+# msgspec bounds must fit an int64.
+_INT64_MAX = 2**63 - 1
+
+RequestId = Annotated[int, Meta(ge=0, le=_UINT32_MAX)]
+ZoneName = Annotated[str, Meta(max_length=63, pattern=ZONE_NAME_PATTERN)]
+# A profile names a directory in the kernel store: the zone-name rules keep it
+# a plain path component.
+ProfileName = Annotated[str, Meta(max_length=63, pattern=ZONE_NAME_PATTERN)]
+Vcpus = Annotated[int, Meta(ge=MIN_VCPUS, le=MAX_VCPUS)]
+MemoryMib = Annotated[int, Meta(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
+# Printable ASCII without spaces: the kernel splits its command line on
+# whitespace and treats it as bytes; anything else is an argument-smuggling
+# vector, never a real need.
+KernelArg = Annotated[str, Meta(max_length=MAX_KERNEL_ARG_CHARS, pattern=r"^[!-~]+\Z")]
+KernelArgs = Annotated[list[KernelArg], Meta(max_length=MAX_KERNEL_ARGS)]
+LabelKey = Annotated[
+    str,
+    Meta(
+        max_length=MAX_LABEL_KEY_CHARS,
+        pattern=rf"^[A-Za-z0-9][A-Za-z0-9._/-]{{0,{MAX_LABEL_KEY_CHARS - 1}}}\Z",
+    ),
+]
+# Labels are persisted in the domain's XML <metadata>, which cannot hold
+# control characters or U+FFFE/U+FFFF; they also end up on terminals.
+LabelValue = Annotated[
+    str, Meta(max_length=MAX_LABEL_VALUE_CHARS, pattern=r"^[^\x00-\x1f\x7f\ufffe\uffff]*\Z")
+]
+Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=MAX_LABELS)]
+CpuId = Annotated[int, Meta(ge=0, le=_UINT32_MAX)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+
+Accelerator = Literal["kvm", "tcg"]
+Machine = Literal["microvm", "q35"]
+Placement = Literal["shared", "exclusive"]
+ZoneState = Literal["creating", "booting", "ready", "stopping", "stopped", "failed"]
+EventKind = Literal["zone_state", "cpu_online", "cpu_offline", "daemon"]
+
+
+class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every value on the wire: immutable, strict, defaults left out.
+
+    Fields with defaults come last (msgspec's rule); build messages with
+    keyword arguments all the same, so field order never matters to callers.
+    """
+
+
+class _Message(_Record, tag_field="type", frozen=True):
+    """Base of every top-level message: tagged with its snake_case type."""
+
+
+# ---------------------------------------------------------------------------
+# Control socket: requests (client -> server)
+# ---------------------------------------------------------------------------
+
+
+class Hello(_Message, tag="hello", frozen=True):
+    """First request on a connection: the protocol versions the client speaks."""
+
+    id: RequestId
+    versions: Annotated[
+        list[Annotated[int, Meta(ge=1, le=_UINT32_MAX)]],
+        Meta(min_length=1, max_length=MAX_HELLO_VERSIONS),
+    ]
+    client: Annotated[str, Meta(max_length=MAX_CLIENT_CHARS)] = ""
+
+
+class HostInfo(_Message, tag="host_info", frozen=True):
+    """Describe the host: accelerator, topology, capacity, kernels."""
+
+    id: RequestId
+
+
+class CreateZone(_Message, tag="create_zone", frozen=True):
+    """Create and boot a zone; the reply comes once it is ready (or has failed)."""
+
+    id: RequestId
+    name: ZoneName
+    vcpus: Vcpus = 1
+    memory_mib: MemoryMib = 256
+    profile: ProfileName = "strict"
+    # Appended to the profile's hardened command line.
+    kernel_args: KernelArgs = []
+    placement: Placement = "shared"
+    labels: Labels = {}
+    # None: the daemon's configured default.
+    machine: Machine | None = None
+
+    def __post_init__(self) -> None:
+        total = sum(len(arg) + 1 for arg in self.kernel_args)
+        if total > MAX_KERNEL_ARGS_TOTAL_CHARS:
+            raise ValueError(
+                f"kernel_args too long: {total} characters in total,"
+                f" the maximum is {MAX_KERNEL_ARGS_TOTAL_CHARS}"
+            )
+
+
+class GetZone(_Message, tag="get_zone", frozen=True):
+    id: RequestId
+    name: ZoneName
+
+
+class ListZones(_Message, tag="list_zones", frozen=True):
+    """List zones carrying every given label (all zones when empty)."""
+
+    id: RequestId
+    labels: Labels = {}
+
+
+class DestroyZone(_Message, tag="destroy_zone", frozen=True):
+    """Stop a zone for good; the reply is its final record (state ``stopped``)."""
+
+    id: RequestId
+    name: ZoneName
+
+
+class WatchEvents(_Message, tag="watch_events", frozen=True):
+    """Stream :class:`EventReply` from now until the client closes the connection."""
+
+    id: RequestId
+
+
+class ConsoleLog(_Message, tag="console_log", frozen=True):
+    """Stream a zone's serial console log as :class:`LogChunk` messages.
+
+    Without ``follow`` the stream ends with :class:`StreamEnd` at the current
+    end of the log; with it, new output keeps coming until the client closes.
+    ``tail_bytes`` starts that many bytes before the end (None: from the start).
+    """
+
+    id: RequestId
+    name: ZoneName
+    follow: bool = False
+    tail_bytes: Annotated[int, Meta(ge=0, le=_UINT32_MAX)] | None = None
+
+
+Request: TypeAlias = (
+    Hello | HostInfo | CreateZone | GetZone | ListZones | DestroyZone | WatchEvents | ConsoleLog
+)
+
+
+# ---------------------------------------------------------------------------
+# Control socket: records carried by replies
+# ---------------------------------------------------------------------------
+
+
+class CpuInfo(_Record, frozen=True):
+    """One host CPU as the placement allocator sees it."""
+
+    id: CpuId
+    core: int
+    package: int
+    node: int
+    online: bool
+    # Kept for the host and for QEMU emulator threads; never given to a zone.
+    reserved: bool
+    # The zone holding this CPU exclusively, if any.
+    allocated_to: str | None = None
+
+
+class NumaNode(_Record, frozen=True):
+    id: int
+    cpus: list[CpuId]
+    memory_mib: NonNegativeInt
+
+
+class KernelInfo(_Record, frozen=True):
+    """One guest kernel profile available in the kernel store."""
+
+    profile: str
+    kernel_release: str
+    image_sha256: Sha256Hex
+
+
+class HostInfoData(_Record, frozen=True):
+    accelerator: Accelerator
+    # The machine type a CreateZone without ``machine`` gets.
+    machine: Machine
+    cpus: list[CpuInfo]
+    numa_nodes: list[NumaNode]
+    memory_total_mib: NonNegativeInt
+    memory_reserved_mib: NonNegativeInt
+    # Memory still available to new zones.
+    memory_free_mib: NonNegativeInt
+    # CPUs an ``exclusive`` zone could be given right now.
+    cpus_free_exclusive: list[CpuId]
+    # CPUs that ``shared`` zones float over.
+    shared_pool: list[CpuId]
+    zone_count: NonNegativeInt
+    kernels: list[KernelInfo]
+
+
+class ZoneInfo(_Record, frozen=True):
+    """Everything a client may know about one zone."""
+
+    name: ZoneName
+    uuid: str
+    state: ZoneState
+    vcpus: Vcpus
+    memory_mib: MemoryMib
+    profile: str
+    machine: Machine
+    accelerator: Accelerator
+    placement: Placement
+    # Host CPU each vCPU is pinned to, by vCPU index (empty: not pinned).
+    cpus: list[CpuId]
+    emulator_cpus: list[CpuId]
+    numa_node: int | None
+    labels: Labels
+    # Unix times (seconds).
+    created_at: float
+    ready_at: float | None
+    # Guest kernel start to agent hello, as reported by the (untrusted) guest.
+    guest_boot_s: float | None
+    # Host path of the serial console log.
+    console_log: str
+    # Why the zone is in its state (mostly for failed/stopped); free text.
+    reason: str = ""
+    # Empty until the agent has said hello.
+    kernel_release: str = ""
+
+
+class Event(_Record, frozen=True):
+    """Something that happened on the host; ``seq`` increases by one per event."""
+
+    seq: NonNegativeInt
+    time: float
+    kind: EventKind
+    # zone_state: the zone, its new and previous state, and why.
+    zone: str = ""
+    state: str = ""
+    previous: str = ""
+    reason: str = ""
+    # cpu_online / cpu_offline: the host CPU.
+    cpu: int | None = None
+
+
+# ---------------------------------------------------------------------------
+# Control socket: replies (server -> client)
+# ---------------------------------------------------------------------------
+
+
+class HelloReply(_Message, tag="hello_reply", frozen=True):
+    id: RequestId
+    version: int
+    server: str
+
+
+class HostInfoReply(_Message, tag="host_info_reply", frozen=True):
+    id: RequestId
+    host: HostInfoData
+
+
+class ZoneReply(_Message, tag="zone_reply", frozen=True):
+    """Reply to CreateZone, GetZone and DestroyZone."""
+
+    id: RequestId
+    zone: ZoneInfo
+
+
+class ZoneListReply(_Message, tag="zone_list_reply", frozen=True):
+    id: RequestId
+    zones: list[ZoneInfo]
+
+
+class EventReply(_Message, tag="event_reply", frozen=True):
+    """One event of a WatchEvents stream."""
+
+    id: RequestId
+    event: Event
+
+
+class LogChunk(_Message, tag="log_chunk", frozen=True):
+    """A piece of a ConsoleLog stream: raw bytes, not necessarily whole lines or UTF-8."""
+
+    id: RequestId
+    data: Annotated[bytes, Meta(max_length=MAX_LOG_CHUNK)]
+
+
+class StreamEnd(_Message, tag="stream_end", frozen=True):
+    """The stream for request ``id`` is complete."""
+
+    id: RequestId
+
+
+# ---------------------------------------------------------------------------
+# Control socket: errors
+# ---------------------------------------------------------------------------
+# The codes are zoned.errors.ErrorCode; each ZonedError subclass carries one
+# and zoned.errors.error_from_code() turns a received code back into it.
+
+
+class ErrorReply(_Message, tag="error_reply", frozen=True):
+    """Request ``id`` failed; ends any stream it had started."""
+
+    id: RequestId
+    code: ErrorCode
+    message: str
+
+
+Reply: TypeAlias = (
+    HelloReply
+    | HostInfoReply
+    | ZoneReply
+    | ZoneListReply
+    | EventReply
+    | LogChunk
+    | StreamEnd
+    | ErrorReply
+)
+
+
+def error_reply(id: int, exc: ZonedError) -> ErrorReply:
+    """The reply reporting ``exc`` to the caller of request ``id``."""
+    message = exc.message
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+    return ErrorReply(id=id, code=exc.code, message=message)
+
+
+def negotiate_version(offered: Iterable[int]) -> int:
+    """The highest version both sides speak; :class:`UnsupportedVersion` if none."""
+    offered = list(offered)
+    common = SUPPORTED_VERSIONS.intersection(offered)
+    if not common:
+        raise UnsupportedVersion(
+            f"no common protocol version: the client offers {sorted(set(offered))},"
+            f" this server speaks {sorted(SUPPORTED_VERSIONS)}"
+        )
+    return max(common)
+
+
+# ---------------------------------------------------------------------------
+# Agent channel (daemon <-> guest agent)
+# ---------------------------------------------------------------------------
+# Tags exec_* and file_* are reserved for workload execution and file
+# transfer. Everything the agent sends is hostile input: every string is
+# bounded printable ASCII (it reaches logs and terminals), every number finite
+# and in range.
+
+AGENT_PROTOCOL_VERSION = 1
+
+_AgentToken = Annotated[str, Meta(max_length=64, pattern=r"^[!-~]{1,64}\Z")]
+# Finite seconds: ge/le also reject NaN and infinities.
+_Seconds = Annotated[float, Meta(ge=0.0, le=1e10)]
+
+
+class AgentHello(_Message, tag="agent_hello", frozen=True):
+    """The agent's first message, sent as soon as it runs."""
+
+    version: Annotated[int, Meta(ge=1, le=_UINT32_MAX)]
+    # The agent's name and build, e.g. "zoned-agent/0.1.0".
+    agent: _AgentToken
+    # uname -r of the guest kernel.
+    kernel_release: _AgentToken
+    # Seconds since the guest kernel started, when the agent said hello.
+    boot_s: _Seconds
+    pid: Annotated[int, Meta(ge=1, le=2**31 - 1)]
+
+
+class Heartbeat(_Message, tag="heartbeat", frozen=True):
+    """Host -> agent: are you alive? The agent answers with the same ``seq``."""
+
+    seq: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
+
+
+class HeartbeatReply(_Message, tag="heartbeat_reply", frozen=True):
+    """Agent -> host: alive, with guest-side metrics (self-reported, advisory)."""
+
+    seq: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
+    uptime_s: _Seconds
+    load1: Annotated[float, Meta(ge=0.0, le=1e6)]
+    mem_total_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
+    mem_available_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
+
+
+AgentToHost: TypeAlias = AgentHello | HeartbeatReply
+HostToAgent: TypeAlias = Heartbeat
+
+Message: TypeAlias = Request | Reply | AgentToHost | HostToAgent
+
+
+# ---------------------------------------------------------------------------
+# Encoding and decoding
+# ---------------------------------------------------------------------------
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Message) -> bytes:
+    """The msgpack payload of one message (no frame header)."""
+    return _ENCODER.encode(msg)
+
+
+def encode_frame(msg: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """One whole frame: length header and payload.
+
+    Raises :class:`FrameError` if the payload would exceed ``max_frame``: the
+    peer would reject it and drop the connection, so it must not be sent.
+    """
+    payload = _ENCODER.encode(msg)
+    if len(payload) > max_frame:
+        raise FrameError(
+            f"frame too large: {type(msg).__name__} encodes to {len(payload)} bytes,"
+            f" the maximum is {max_frame} bytes"
+        )
+    return len(payload).to_bytes(FRAME_HEADER_SIZE, "big") + payload
+
+
+_REQUEST_DECODER: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+_REPLY_DECODER: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
+_FROM_AGENT_DECODER: msgspec.msgpack.Decoder[AgentToHost] = msgspec.msgpack.Decoder(AgentToHost)
+_TO_AGENT_DECODER: msgspec.msgpack.Decoder[HostToAgent] = msgspec.msgpack.Decoder(HostToAgent)
+
+
+class _RequestIdOnly(msgspec.Struct):
+    id: RequestId
+
+
+_REQUEST_ID_DECODER = msgspec.msgpack.Decoder(_RequestIdOnly)
+
+
+def _tags(union: object) -> str:
+    members = get_args(union) or (union,)
+    return ", ".join(str(member.__struct_config__.tag) for member in members)
+
+
+# What msgspec raises on hostile bytes: DecodeError (and its ValidationError)
+# for bad msgpack or a bad value, UnicodeDecodeError (a ValueError) for a
+# string that is not UTF-8, RecursionError for absurdly nested containers.
+_DECODE_FAILURES = (msgspec.DecodeError, ValueError, RecursionError)
+
+
+def _invalid(what: str, tags: str, exc: Exception) -> InvalidRequest:
+    if isinstance(exc, msgspec.ValidationError):
+        detail = str(exc)
+        if detail.endswith("`$.type`") or detail == "Object missing required field `type`":
+            detail += f" (known types: {tags})"
+        return InvalidRequest(f"invalid {what}: {detail}")
+    if isinstance(exc, msgspec.DecodeError):
+        return InvalidRequest(f"malformed {what}: not one msgpack message ({exc})")
+    if isinstance(exc, UnicodeDecodeError):
+        return InvalidRequest(f"malformed {what}: a string is not valid UTF-8 ({exc})")
+    if isinstance(exc, RecursionError):
+        return InvalidRequest(f"malformed {what}: containers nested too deeply")
+    return InvalidRequest(f"malformed {what}: {exc}")
+
+
+_REQUEST_TAGS = _tags(Request)
+_REPLY_TAGS = _tags(Reply)
+_FROM_AGENT_TAGS = _tags(AgentToHost)
+_TO_AGENT_TAGS = _tags(HostToAgent)
+
+
+def decode_request(payload: bytes) -> Request:
+    """Decode and validate one client request; :class:`InvalidRequest` if it is not one."""
+    try:
+        return _REQUEST_DECODER.decode(payload)
+    except _DECODE_FAILURES as exc:
+        raise _invalid("request", _REQUEST_TAGS, exc) from None
+
+
+def decode_reply(payload: bytes) -> Reply:
+    """Decode and validate one server reply; :class:`InvalidRequest` if it is not one."""
+    try:
+        return _REPLY_DECODER.decode(payload)
+    except _DECODE_FAILURES as exc:
+        raise _invalid("reply", _REPLY_TAGS, exc) from None
+
+
+def decode_from_agent(payload: bytes) -> AgentToHost:
+    """Decode and validate one message from a (hostile) guest agent."""
+    try:
+        return _FROM_AGENT_DECODER.decode(payload)
+    except _DECODE_FAILURES as exc:
+        raise _invalid("agent message", _FROM_AGENT_TAGS, exc) from None
+
+
+def decode_to_agent(payload: bytes) -> HostToAgent:
+    """Decode and validate one message from the host, on the agent's side."""
+    try:
+        return _TO_AGENT_DECODER.decode(payload)
+    except _DECODE_FAILURES as exc:
+        raise _invalid("host message", _TO_AGENT_TAGS, exc) from None
+
+
+def peek_request_id(payload: bytes) -> int | None:
+    """The ``id`` of a request that failed to decode, when it can still be read."""
+    try:
+        return _REQUEST_ID_DECODER.decode(payload).id
+    except _DECODE_FAILURES:
+        return None
