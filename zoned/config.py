@@ -28,6 +28,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Persistent zone records and the kernel store.
     state_dir: str = "/var/lib/zoned"
     kernel_store: str = "/var/lib/zoned/kernels"
+    # Built zone boot images (the agent's initramfs), cached by content hash.
+    image_cache: str = "/var/lib/zoned/images"
     # Per-zone runtime files: agent channel sockets, boot images.
     runtime_dir: str = "/run/zoned"
     # Per-zone serial console logs.
