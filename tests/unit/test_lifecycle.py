@@ -1,0 +1,245 @@
+"""The zone lifecycle state machine (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+
+from zoned import lifecycle
+from zoned.errors import Conflict
+from zoned.lifecycle import INPUTS, STATES, Input, is_active, is_terminal, transition
+from zoned.protocol import ZoneState
+
+# The whole table, spelled out once more: every (state, input) pair is either
+# here or a conflict. A change to the machine must change this test.
+EXPECTED: dict[tuple[ZoneState, Input], ZoneState] = {
+    ("creating", "define_ok"): "creating",
+    ("creating", "started"): "booting",
+    ("creating", "destroy_requested"): "stopping",
+    ("creating", "domain_stopped"): "failed",
+    ("creating", "domain_crashed"): "failed",
+    ("creating", "boot_timeout"): "failed",
+    ("creating", "start_failed"): "failed",
+    ("creating", "domain_vanished"): "failed",
+    ("creating", "resumed_after_restart"): "booting",
+    ("booting", "agent_hello"): "ready",
+    ("booting", "destroy_requested"): "stopping",
+    ("booting", "domain_stopped"): "failed",
+    ("booting", "domain_crashed"): "failed",
+    ("booting", "boot_timeout"): "failed",
+    ("booting", "domain_vanished"): "failed",
+    ("booting", "resumed_after_restart"): "booting",
+    ("ready", "agent_hello"): "ready",
+    ("ready", "destroy_requested"): "stopping",
+    ("ready", "domain_stopped"): "failed",
+    ("ready", "domain_crashed"): "failed",
+    ("ready", "agent_silent"): "failed",
+    ("ready", "domain_vanished"): "failed",
+    ("ready", "resumed_after_restart"): "booting",
+    ("stopping", "define_ok"): "stopping",
+    ("stopping", "started"): "stopping",
+    ("stopping", "agent_hello"): "stopping",
+    ("stopping", "destroy_requested"): "stopping",
+    ("stopping", "domain_stopped"): "stopped",
+    ("stopping", "domain_crashed"): "stopped",
+    ("stopping", "boot_timeout"): "stopping",
+    ("stopping", "agent_silent"): "stopping",
+    ("stopping", "start_failed"): "stopping",
+    ("stopping", "domain_vanished"): "stopped",
+    ("stopping", "resumed_after_restart"): "stopping",
+    ("stopped", "destroy_requested"): "stopped",
+    ("stopped", "domain_stopped"): "stopped",
+    ("stopped", "domain_crashed"): "stopped",
+    ("stopped", "domain_vanished"): "stopped",
+    ("failed", "destroy_requested"): "stopping",
+    ("failed", "domain_stopped"): "failed",
+    ("failed", "domain_crashed"): "failed",
+    ("failed", "domain_vanished"): "failed",
+}
+
+
+def test_states_and_inputs_are_the_wire_vocabulary() -> None:
+    assert STATES == ("creating", "booting", "ready", "stopping", "stopped", "failed")
+    assert len(INPUTS) == 11
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("event", INPUTS)
+def test_full_table(state: ZoneState, event: Input) -> None:
+    expected = EXPECTED.get((state, event))
+    if expected is None:
+        with pytest.raises(Conflict) as caught:
+            transition(state, event)
+        assert caught.value.code == "conflict"
+        assert repr(state) in caught.value.message
+        assert repr(event) in caught.value.message
+    else:
+        result = transition(state, event)
+        assert result.new_state == expected
+        assert result.changed == (expected != state)
+        assert result.reason
+
+
+def _docstring_table() -> dict[tuple[str, str], str]:
+    """The table in the module docstring, read back (``-``: conflict)."""
+    doc = lifecycle.__doc__ or ""
+    lines = doc.split("::", 1)[1].strip("\n").splitlines()
+    header = lines[0].split()
+    table: dict[tuple[str, str], str] = {}
+    for line in lines[1:]:
+        if not line.strip():
+            break
+        prefix, *cells = line.split()
+        (event,) = [e for e in INPUTS if e.startswith(prefix)]
+        for state, cell in zip(header, cells, strict=True):
+            table[(state, event)] = state if cell == "=" else cell
+    return table
+
+
+def test_docstring_table_matches_the_code() -> None:
+    documented = _docstring_table()
+    expected = {(s, e): EXPECTED.get((s, e), "-") for s in STATES for e in INPUTS}
+    assert documented == expected
+
+
+def test_unknown_state_or_input_is_a_conflict() -> None:
+    with pytest.raises(Conflict, match="unknown"):
+        transition("running", "started")  # type: ignore[arg-type]
+    with pytest.raises(Conflict, match="unknown"):
+        transition("ready", "reboot")  # type: ignore[arg-type]
+
+
+def test_reason_is_the_meaning_plus_the_detail() -> None:
+    assert transition("booting", "agent_hello").reason == "agent said hello"
+    crashed = transition("ready", "domain_crashed", "qemu killed by signal 11")
+    assert crashed.new_state == "failed"
+    assert crashed.reason == "domain crashed: qemu killed by signal 11"
+
+
+def test_terminal_and_active() -> None:
+    assert [s for s in STATES if is_terminal(s)] == ["stopped", "failed"]
+    assert [s for s in STATES if is_active(s)] == ["creating", "booting", "ready", "stopping"]
+
+
+def walk(steps: Iterable[tuple[Input, str]], state: ZoneState = "creating") -> list[str]:
+    """Feed inputs in order; return the states passed through and the last reason."""
+    seen: list[str] = [state]
+    reason = ""
+    for event, detail in steps:
+        result = transition(state, event, detail)
+        state, reason = result.new_state, result.reason
+        seen.append(state)
+    return [*seen, reason]
+
+
+def test_normal_life() -> None:
+    assert walk(
+        [
+            ("define_ok", ""),
+            ("started", ""),
+            ("agent_hello", "kernel 6.12.1"),
+            ("destroy_requested", "by uid 1000"),
+            ("domain_stopped", "destroyed"),
+        ]
+    ) == [
+        "creating",
+        "creating",
+        "booting",
+        "ready",
+        "stopping",
+        "stopped",
+        "domain stopped: destroyed",
+    ]
+
+
+def test_destroy_during_boot_absorbs_late_facts() -> None:
+    assert walk(
+        [
+            ("define_ok", ""),
+            ("started", ""),
+            ("destroy_requested", ""),
+            # The agent's hello and the boot timer race the destroy: stale.
+            ("agent_hello", ""),
+            ("boot_timeout", ""),
+            ("domain_stopped", "destroyed"),
+            # The undefine after the destroy, and a repeated destroy request.
+            ("domain_vanished", ""),
+            ("destroy_requested", ""),
+        ]
+    ) == [
+        "creating",
+        "creating",
+        "booting",
+        "stopping",
+        "stopping",
+        "stopping",
+        "stopped",
+        "stopped",
+        "stopped",
+        "destroy requested",
+    ]
+
+
+def test_destroy_during_creation_absorbs_the_late_start() -> None:
+    assert walk(
+        [("define_ok", ""), ("destroy_requested", ""), ("started", ""), ("domain_stopped", "")]
+    )[:-1] == ["creating", "creating", "stopping", "stopping", "stopped"]
+
+
+def test_qemu_crash_fails_the_zone_with_its_reason() -> None:
+    states = walk(
+        [
+            ("define_ok", ""),
+            ("started", ""),
+            ("agent_hello", ""),
+            ("domain_crashed", "qemu-system-x86_64 exited: signal 6"),
+        ]
+    )
+    assert states[-2:] == ["failed", "domain crashed: qemu-system-x86_64 exited: signal 6"]
+    # The stop event that follows the crash leaves the failure (and its reason) alone.
+    late = transition("failed", "domain_stopped", "crashed")
+    assert late.new_state == "failed"
+    assert not late.changed
+
+
+def test_boot_timeout_fails_the_zone() -> None:
+    states = walk([("define_ok", ""), ("started", ""), ("boot_timeout", "60 s")])
+    assert states[-2:] == ["failed", "no agent hello within the boot timeout: 60 s"]
+    # The shell destroys the leftover domain; its events are absorbed.
+    assert not transition("failed", "domain_stopped").changed
+    # And a destroy request afterwards cleans up through stopping.
+    assert transition("failed", "destroy_requested").new_state == "stopping"
+    with pytest.raises(Conflict, match=r"'failed'.*'agent_hello'"):
+        transition("failed", "agent_hello")
+
+
+def test_agent_silent_fails_a_ready_zone() -> None:
+    states = walk(
+        [("define_ok", ""), ("started", ""), ("agent_hello", ""), ("agent_silent", "30 s")]
+    )
+    assert states[-2:] == ["failed", "agent went silent: 30 s"]
+    with pytest.raises(Conflict):
+        transition("booting", "agent_silent")
+
+
+def test_start_failure() -> None:
+    states = walk([("define_ok", ""), ("start_failed", "kernel not found")])
+    assert states[-2:] == ["failed", "domain failed to start: kernel not found"]
+
+
+def test_readoption_after_restart() -> None:
+    assert transition("ready", "resumed_after_restart").new_state == "booting"
+    assert transition("booting", "agent_hello").new_state == "ready"
+    assert transition("stopping", "resumed_after_restart").new_state == "stopping"
+    # A zone whose domain vanished while the daemon was away.
+    assert transition("ready", "domain_vanished").new_state == "failed"
+    # A stopped zone whose domain runs: a conflict for the shell to resolve.
+    with pytest.raises(Conflict, match=r"'stopped'.*'resumed_after_restart'"):
+        transition("stopped", "resumed_after_restart")
+
+
+def test_destroying_a_stopped_zone_is_a_no_op() -> None:
+    result = transition("stopped", "destroy_requested")
+    assert result.new_state == "stopped"
+    assert not result.changed

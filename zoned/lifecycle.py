@@ -1,0 +1,182 @@
+"""The zone lifecycle state machine (pure).
+
+A zone's state changes only through :func:`transition`, which maps the
+current state and one input (a fact the shell observed, or a request) to the
+next state and a reason. The shell persists the record when the state
+changes, then acts on the new state (start the domain, destroy it, ...).
+
+Rules (``-`` raises ``conflict``; ``=`` is a legal no-op, the state stays)::
+
+                  creating  booting   ready     stopping  stopped   failed
+  define_ok       =         -         -         =         -         -
+  started         booting   -         -         =         -         -
+  agent_hello     -         ready     =         =         -         -
+  destroy_request stopping  stopping  stopping  =         =         stopping
+  domain_stopped  failed    failed    failed    stopped   =         =
+  domain_crashed  failed    failed    failed    stopped   =         =
+  boot_timeout    failed    failed    -         =         -         -
+  agent_silent    -         -         failed    =         -         -
+  start_failed    failed    -         -         =         -         -
+  domain_vanished failed    failed    failed    stopped   =         =
+  resumed_after_r booting   booting   booting   =         -         -
+
+Why:
+
+- ``creating`` covers defining and starting the domain; ``define_ok`` marks
+  the first step done, ``started`` (fed once, when the start call returns;
+  libvirt's own "started" event is not an input) moves on to ``booting``,
+  where the zone waits for its agent's hello.
+- A zone stops only because it was asked to (``destroy_requested``). A domain
+  that stops, crashes or disappears on its own is ``failed``, with the reason.
+  So is a boot that does not reach the agent's hello in time, and an agent
+  that goes silent once ready. Entering ``failed`` obliges the shell to
+  destroy the domain if it still runs.
+- Once a destroy is requested, stopping wins: the domain going away in any
+  manner ends in ``stopped``; every other fact is stale (a start call that
+  returns late, a timer that fires late) and absorbed.
+- ``stopped`` and ``failed`` are terminal: the zone never runs again. Late
+  events saying its domain is gone are absorbed; facts saying it runs are a
+  conflict (a bug, or a domain that must be destroyed). Destroying a
+  ``stopped`` zone is an idempotent no-op; destroying a ``failed`` zone goes
+  through ``stopping`` so the shell cleans up what is left of its domain,
+  and ends ``stopped``.
+- ``resumed_after_restart``: a restarted daemon found the zone's domain
+  running and re-adopted it. It waits for the agent's hello again (the
+  channel is reconnected), so it is ``booting`` until then; a ``stopping``
+  zone stays ``stopping`` and the shell re-issues the destroy. A domain not
+  found on restart is ``domain_vanished``; one found shut off is
+  ``domain_stopped``.
+
+When a transition leaves the state unchanged, the zone's stored reason
+should stay as it was: :attr:`Transition.changed` says which case applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+from zoned.errors import Conflict
+from zoned.protocol import ZoneState
+
+Input = Literal[
+    "define_ok",
+    "started",
+    "agent_hello",
+    "destroy_requested",
+    "domain_stopped",
+    "domain_crashed",
+    "boot_timeout",
+    "agent_silent",
+    "start_failed",
+    "domain_vanished",
+    "resumed_after_restart",
+]
+
+STATES: Final[tuple[ZoneState, ...]] = get_args(ZoneState)
+INPUTS: Final[tuple[Input, ...]] = get_args(Input)
+
+# What each input means, used as the reason when the caller gives none and
+# as the prefix of the caller's reason otherwise.
+_DEFAULT_REASONS: Final[dict[Input, str]] = {
+    "define_ok": "domain defined",
+    "started": "domain started, waiting for the agent",
+    "agent_hello": "agent said hello",
+    "destroy_requested": "destroy requested",
+    "domain_stopped": "domain stopped",
+    "domain_crashed": "domain crashed",
+    "boot_timeout": "no agent hello within the boot timeout",
+    "agent_silent": "agent went silent",
+    "start_failed": "domain failed to start",
+    "domain_vanished": "domain vanished",
+    "resumed_after_restart": "re-adopted after a daemon restart, waiting for the agent",
+}
+
+_TABLE: Final[dict[tuple[ZoneState, Input], ZoneState]] = {
+    # creating: defining and starting the domain.
+    ("creating", "define_ok"): "creating",
+    ("creating", "started"): "booting",
+    ("creating", "destroy_requested"): "stopping",
+    ("creating", "domain_stopped"): "failed",
+    ("creating", "domain_crashed"): "failed",
+    ("creating", "boot_timeout"): "failed",
+    ("creating", "start_failed"): "failed",
+    ("creating", "domain_vanished"): "failed",
+    ("creating", "resumed_after_restart"): "booting",
+    # booting: the domain runs, the agent has not said hello yet.
+    ("booting", "agent_hello"): "ready",
+    ("booting", "destroy_requested"): "stopping",
+    ("booting", "domain_stopped"): "failed",
+    ("booting", "domain_crashed"): "failed",
+    ("booting", "boot_timeout"): "failed",
+    ("booting", "domain_vanished"): "failed",
+    ("booting", "resumed_after_restart"): "booting",
+    # ready: the agent answers.
+    ("ready", "agent_hello"): "ready",
+    ("ready", "destroy_requested"): "stopping",
+    ("ready", "domain_stopped"): "failed",
+    ("ready", "domain_crashed"): "failed",
+    ("ready", "agent_silent"): "failed",
+    ("ready", "domain_vanished"): "failed",
+    ("ready", "resumed_after_restart"): "booting",
+    # stopping: only the domain going away matters; everything else is stale.
+    **{("stopping", event): "stopping" for event in INPUTS},
+    ("stopping", "domain_stopped"): "stopped",
+    ("stopping", "domain_crashed"): "stopped",
+    ("stopping", "domain_vanished"): "stopped",
+    # stopped: terminal; destroy again is a no-op, late "gone" events too.
+    ("stopped", "destroy_requested"): "stopped",
+    ("stopped", "domain_stopped"): "stopped",
+    ("stopped", "domain_crashed"): "stopped",
+    ("stopped", "domain_vanished"): "stopped",
+    # failed: terminal; destroy cleans up through stopping.
+    ("failed", "destroy_requested"): "stopping",
+    ("failed", "domain_stopped"): "failed",
+    ("failed", "domain_crashed"): "failed",
+    ("failed", "domain_vanished"): "failed",
+}
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The outcome of one input: the next state, why, and whether it changed."""
+
+    new_state: ZoneState
+    reason: str
+    changed: bool = True
+
+
+def transition(state: ZoneState, event: Input, reason: str = "") -> Transition:
+    """The zone's next state after ``event`` in ``state``.
+
+    ``reason`` is the shell's detail (an error message, libvirt's stop
+    reason); the returned reason is the input's meaning followed by that
+    detail. Raises :class:`~zoned.errors.Conflict` naming the state and the
+    input when ``event`` cannot happen in ``state`` (see the module table).
+    """
+    try:
+        new_state = _TABLE[(state, event)]
+    except KeyError:
+        if state not in STATES or event not in INPUTS:
+            raise Conflict(f"unknown zone state {state!r} or input {event!r}") from None
+        raise Conflict(f"zone in state {state!r} cannot take {event!r}") from None
+    meaning = _DEFAULT_REASONS[event]
+    return Transition(
+        new_state=new_state,
+        reason=f"{meaning}: {reason}" if reason else meaning,
+        changed=new_state != state,
+    )
+
+
+def is_terminal(state: ZoneState) -> bool:
+    """The zone will never run again (``stopped``, ``failed``)."""
+    return state in ("stopped", "failed")
+
+
+def is_active(state: ZoneState) -> bool:
+    """A domain may exist or run for the zone, holding its host CPUs and memory.
+
+    The complement of :func:`is_terminal`: ``creating``, ``booting``,
+    ``ready`` and ``stopping``.
+    """
+    return not is_terminal(state)
