@@ -366,8 +366,9 @@ class CpuInfo(_Record, frozen=True):
     """One host CPU as the placement allocator sees it."""
 
     id: CpuId
-    core: int
-    package: int
+    # None while the CPU is offline: the kernel hides its topology then.
+    core: int | None
+    package: int | None
     node: int
     online: bool
     # Kept for the host and for QEMU emulator threads; never given to a zone.
