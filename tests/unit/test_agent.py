@@ -1,0 +1,91 @@
+"""The guest agent's host-testable parts: its msgspec-free hello and its message handling."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zoned import protocol
+from zoned.agent import AGENT_NAME, hello
+from zoned.agent.init import AgentChannel
+from zoned.protocol import (
+    AGENT_MAX_FRAME,
+    AgentHello,
+    AgentToHost,
+    FrameDecoder,
+    Heartbeat,
+    HeartbeatReply,
+    decode_from_agent,
+    encode_frame,
+)
+
+_tokens = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1)
+
+
+def test_hello_version_is_the_protocols() -> None:
+    assert hello.AGENT_PROTOCOL_VERSION == protocol.AGENT_PROTOCOL_VERSION
+
+
+@given(
+    agent=_tokens.filter(lambda s: len(s) <= 64),
+    kernel_release=_tokens.filter(lambda s: len(s) <= 64),
+    boot_s=st.floats(min_value=0.0, max_value=1e10),
+    pid=st.integers(min_value=1, max_value=2**31 - 1),
+)
+def test_hello_frame_is_exactly_what_msgspec_encodes(
+    agent: str, kernel_release: str, boot_s: float, pid: int
+) -> None:
+    expected = AgentHello(
+        version=protocol.AGENT_PROTOCOL_VERSION,
+        agent=agent,
+        kernel_release=kernel_release,
+        boot_s=boot_s,
+        pid=pid,
+    )
+    frame = hello.encode_hello_frame(
+        agent=agent, kernel_release=kernel_release, boot_s=boot_s, pid=pid
+    )
+    assert frame == encode_frame(expected, AGENT_MAX_FRAME)
+    assert decode_from_agent(frame[4:]) == expected
+
+
+def _messages(data: bytes) -> list[AgentToHost]:
+    decoder = FrameDecoder(AGENT_MAX_FRAME)
+    decoder.feed(data)
+    out: list[AgentToHost] = []
+    while (payload := decoder.next_frame()) is not None:
+        out.append(decode_from_agent(payload))
+    return out
+
+
+def _channel() -> AgentChannel:
+    # handle_bytes() only queues output: no port needed.
+    return AgentChannel(-1)
+
+
+def test_heartbeats_are_answered_and_seq_zero_reintroduces_the_agent() -> None:
+    channel = _channel()
+    frames = encode_frame(Heartbeat(seq=5), AGENT_MAX_FRAME) + encode_frame(
+        Heartbeat(seq=0), AGENT_MAX_FRAME
+    )
+    # Split mid-frame: the decoder must reassemble.
+    channel.handle_bytes(frames[:7])
+    channel.handle_bytes(frames[7:])
+    replies = _messages(channel.pending_output())
+    assert [type(m) for m in replies] == [HeartbeatReply, AgentHello, HeartbeatReply]
+    first, hello_again, second = replies
+    assert isinstance(first, HeartbeatReply) and first.seq == 5
+    assert first.mem_total_kib > 0
+    assert isinstance(hello_again, AgentHello) and hello_again.agent == AGENT_NAME
+    assert isinstance(second, HeartbeatReply) and second.seq == 0
+
+
+def test_garbage_is_ignored_and_a_broken_header_resets_the_decoder() -> None:
+    channel = _channel()
+    junk = b"\xc1"  # never valid msgpack
+    channel.handle_bytes(len(junk).to_bytes(4, "big") + junk)
+    assert channel.pending_output() == b""
+    channel.handle_bytes(b"\0\0\0\0")  # length 0: the stream is broken
+    channel.handle_bytes(encode_frame(Heartbeat(seq=9), AGENT_MAX_FRAME))
+    (reply,) = _messages(channel.pending_output())
+    assert isinstance(reply, HeartbeatReply) and reply.seq == 9
