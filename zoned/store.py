@@ -1,0 +1,157 @@
+"""Zone records persisted one JSON file per zone, written atomically.
+
+Layout: ``<state_dir>/zones/<zone>.json``, one msgspec-encoded record each.
+
+Rules:
+
+- A save is all or nothing: the record is written to a temporary file in the
+  same directory, fsynced, renamed over the old file with ``os.replace``, and
+  the directory is fsynced. A crash at any point leaves either the old record
+  or the new one, plus at worst a stray ``.<zone>.*.tmp`` file, which
+  :meth:`ZoneStore.load_all` removes.
+- A file that does not decode into the record type is never fatal:
+  :meth:`ZoneStore.load_all` renames it to ``<zone>.json.corrupt`` (kept for
+  the operator, see :meth:`ZoneStore.corrupt_files`), logs why, and skips it.
+- Zone names are checked before they become file names.
+
+The store is synchronous and does blocking file IO (fsync): call it from a
+worker thread in the daemon. It expects one daemon per state directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Final, Generic, TypeVar
+
+import msgspec
+
+from zoned.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+RecordT = TypeVar("RecordT")
+
+ZONE_NAME_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,62}")
+_RECORD_SUFFIX: Final = ".json"
+_CORRUPT_SUFFIX: Final = ".corrupt"
+_TEMP_SUFFIX: Final = ".tmp"
+
+
+def _check_name(name: str) -> None:
+    if not ZONE_NAME_RE.fullmatch(name):
+        raise InvalidRequest(f"invalid zone name {name!r}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ZoneStore(Generic[RecordT]):
+    """Persistent records of type ``RecordT`` (any msgspec-encodable type), keyed by zone name.
+
+    ``ZoneStore(state_dir, ZoneRecord)`` keeps its files in
+    ``state_dir/zones`` (created mode 0700; records are written mode 0600).
+    """
+
+    def __init__(self, state_dir: Path, record_type: type[RecordT]) -> None:
+        self.directory = state_dir / "zones"
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder(record_type)
+
+    def _ensure_directory(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        _check_name(name)
+        return self.directory / f"{name}{_RECORD_SUFFIX}"
+
+    def save(self, name: str, record: RecordT) -> None:
+        """Replace the record of ``name`` atomically and durably."""
+        target = self.path(name)
+        data = self._encoder.encode(record)
+        self._ensure_directory()
+        fd, temp_name = tempfile.mkstemp(
+            dir=self.directory, prefix=f".{name}.", suffix=_TEMP_SUFFIX
+        )
+        try:
+            with os.fdopen(fd, "wb") as temp_file:
+                temp_file.write(data)
+                temp_file.flush()
+                os.fsync(temp_file.fileno())
+            os.replace(temp_name, target)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.directory)
+
+    def load(self, name: str) -> RecordT | None:
+        """The record of ``name``, ``None`` if there is none.
+
+        Raises ``msgspec.DecodeError`` for a corrupt file (only
+        :meth:`load_all` quarantines).
+        """
+        try:
+            data = self.path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        return self._decoder.decode(data)
+
+    def load_all(self) -> dict[str, RecordT]:
+        """Every readable record by zone name; quarantines corrupt files, drops stray temps.
+
+        Meant for start-up, before any :meth:`save`: a temporary file present
+        now is the remains of an interrupted save.
+        """
+        records: dict[str, RecordT] = {}
+        if not self.directory.is_dir():
+            return records
+        for entry in sorted(self.directory.iterdir()):
+            if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
+                log.info("removing %s, left by an interrupted save", entry)
+                entry.unlink(missing_ok=True)
+                continue
+            if not entry.name.endswith(_RECORD_SUFFIX):
+                continue
+            name = entry.name.removesuffix(_RECORD_SUFFIX)
+            if not ZONE_NAME_RE.fullmatch(name):
+                log.warning("ignoring %s: not a zone name", entry)
+                continue
+            try:
+                records[name] = self._decoder.decode(entry.read_bytes())
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                self._quarantine(entry, str(exc))
+        return records
+
+    def _quarantine(self, entry: Path, reason: str) -> None:
+        target = entry.with_name(entry.name + _CORRUPT_SUFFIX)
+        counter = 1
+        while target.exists():
+            target = entry.with_name(f"{entry.name}{_CORRUPT_SUFFIX}.{counter}")
+            counter += 1
+        os.replace(entry, target)
+        _fsync_dir(self.directory)
+        log.error("zone record %s is corrupt (%s); moved it to %s", entry, reason, target)
+
+    def corrupt_files(self) -> list[Path]:
+        """Quarantined records, for the operator to inspect."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(entry for entry in self.directory.iterdir() if _CORRUPT_SUFFIX in entry.name)
+
+    def delete(self, name: str) -> bool:
+        """Remove the record of ``name``; ``False`` if there was none."""
+        target = self.path(name)
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.directory)
+        return True
