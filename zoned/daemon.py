@@ -1,0 +1,315 @@
+"""zoned: the daemon. One ``trio.run``, services started in order.
+
+Start-up order (each with ``nursery.start``): the libvirt connection (and its
+event thread), the accelerator decision, the boot image, the zone manager
+(which re-adopts running zones), the CPU hotplug watcher, the libvirt event
+pump and connection keeper, and last the control socket. Then READY=1 goes to
+systemd. SIGTERM or SIGINT closes the control socket and stops the daemon;
+zones keep running and are re-adopted by the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import trio
+
+from zoned import protocol as p
+from zoned.bootimage import build_boot_image
+from zoned.config import Config, load_config
+from zoned.errors import InvalidRequest, ZonedError
+from zoned.events import EventHub
+from zoned.hostinfo import host_tsc_khz
+from zoned.hostwatch import CpuEvent, watch_cpu_events
+from zoned.kernel.store import find_kernel, list_kernels
+from zoned.placement import Allocator
+from zoned.server import Send, serve_control_socket
+from zoned.topology import HostTopology, read_host_topology
+from zoned.virt import DomainEvent, Hypervisor, open_event_channel, probe_accelerator
+from zoned.zones import ZoneManager
+
+log = logging.getLogger("zoned")
+
+LOG_POLL_INTERVAL = 0.2
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd about our state when it asked to know (NOTIFY_SOCKET)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(entry).decode()
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+class Daemon:
+    """The services of one zoned process, wired together."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hub = EventHub()
+        self.limiter = trio.CapacityLimiter(config.libvirt_threads)
+        self.topology: HostTopology = read_host_topology()
+        self.allocator = Allocator(self.topology, config.reserved_cpus, config.reserved_memory_mib)
+        self.manager: ZoneManager | None = None
+        self.accelerator = "tcg"
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ start-up
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        for directory in (config.state_dir, config.runtime_dir, config.log_dir):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        send_events, receive_events = open_event_channel()
+        sd_notify("STATUS=connecting to libvirt")
+        async with (
+            await Hypervisor.connect(config.libvirt_uri, self.limiter, send_events) as hv,
+            trio.open_nursery() as nursery,
+        ):
+            self.accelerator = await self._decide_accelerator(hv)
+            sd_notify("STATUS=preparing the boot image")
+            boot_image = await trio.to_thread.run_sync(build_boot_image, Path(config.image_cache))
+            tsc = host_tsc_khz()
+            manager = ZoneManager(
+                config,
+                hv,
+                self.allocator,
+                self.hub,
+                accelerator=self.accelerator,
+                boot_image=boot_image,
+                tsc_khz=tsc,
+            )
+            self.manager = manager
+            await nursery.start(manager.run)
+            nursery.start_soon(self._pump_domain_events, receive_events, manager)
+            nursery.start_soon(self._keep_connected, hv, manager)
+            nursery.start_soon(self._watch_cpus)
+            await nursery.start(
+                serve_control_socket,
+                Path(config.socket_path),
+                config.socket_group,
+                self.handle,
+                config.max_frame_bytes,
+            )
+            log.info(
+                "zoned ready: socket %s, accelerator %s, %d zone(s) adopted",
+                config.socket_path,
+                self.accelerator,
+                len(manager.zones),
+            )
+            sd_notify(f"READY=1\nSTATUS=serving {len(manager.zones)} zone(s)")
+            task_status.started(self)
+
+    async def _decide_accelerator(self, hv: Hypervisor) -> str:
+        if self.config.accelerator != "auto":
+            return self.config.accelerator
+        cache = Path(self.config.runtime_dir) / "accelerator"
+        if cache.is_file():
+            value = cache.read_text().strip()
+            if value in ("kvm", "tcg"):
+                return value
+        sd_notify("STATUS=probing the accelerator")
+        kernel = find_kernel(Path(self.config.kernel_store), "strict")
+        workdir = Path(self.config.runtime_dir) / "probe"
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = await probe_accelerator(hv, kernel.image, None, "console=ttyS0", workdir)
+        cache.write_text(result + "\n")
+        log.info("accelerator probe: %s", result)
+        return result
+
+    async def _pump_domain_events(
+        self, receive: trio.MemoryReceiveChannel[DomainEvent], manager: ZoneManager
+    ) -> None:
+        async for event in receive:
+            try:
+                await manager.handle_domain_event(event)
+            except Exception:
+                log.exception("handling domain event %s failed", event)
+
+    async def _keep_connected(self, hv: Hypervisor, manager: ZoneManager) -> None:
+        while True:
+            reason = await hv.wait_lost()
+            log.warning("libvirt connection lost (%s); reconnecting", reason)
+            self.hub.publish("daemon", reason=f"libvirt connection lost: {reason}")
+            await hv.reconnect()
+            self.hub.publish("daemon", reason="libvirt connection re-established")
+            await manager.resync()
+
+    async def _watch_cpus(self) -> None:
+        send, receive = trio.open_memory_channel[CpuEvent](64)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_cpu_events, send)
+            async for event in receive:
+                self.topology = await trio.to_thread.run_sync(read_host_topology)
+                affected = self.allocator.update_topology(self.topology)
+                self.hub.publish(
+                    "cpu_online" if event.online else "cpu_offline",
+                    cpu=event.cpu,
+                    reason=(f"zones affected: {', '.join(affected)}" if affected else ""),
+                )
+
+    # --------------------------------------------------------------- requests
+
+    async def handle(self, request: p.Request, send: Send) -> None:
+        manager = self.manager
+        assert manager is not None
+        match request:
+            case p.HostInfo():
+                await send(p.HostInfoReply(id=request.id, host=self.host_info()))
+            case p.CreateZone():
+                await send(p.ZoneReply(id=request.id, zone=await manager.create(request)))
+            case p.GetZone():
+                await send(p.ZoneReply(id=request.id, zone=manager.get(request.name)))
+            case p.ListZones():
+                zones = manager.list(dict(request.labels))
+                await send(p.ZoneListReply(id=request.id, zones=zones))
+            case p.DestroyZone():
+                await send(p.ZoneReply(id=request.id, zone=await manager.destroy(request.name)))
+            case p.WatchEvents():
+                await self._stream_events(request, send)
+            case p.ConsoleLog():
+                await self._stream_log(request, send, manager)
+            case _:
+                raise InvalidRequest(f"{type(request).__name__} is not handled here")
+
+    async def _stream_events(self, request: p.WatchEvents, send: Send) -> None:
+        with self.hub.watch() as events:
+            async for event in events:
+                await send(p.EventReply(id=request.id, event=event))
+        raise InvalidRequest("event stream cut off: the watcher fell too far behind")
+
+    async def _stream_log(self, request: p.ConsoleLog, send: Send, manager: ZoneManager) -> None:
+        path = manager.console_log_path(request.name)
+        chunk = p.MAX_LOG_CHUNK
+        position = 0
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if request.tail_bytes is not None:
+            position = max(0, size - request.tail_bytes)
+        while True:
+            try:
+                with path.open("rb") as log_file:
+                    log_file.seek(position)
+                    while data := log_file.read(chunk):
+                        position += len(data)
+                        await send(p.LogChunk(id=request.id, data=data))
+            except FileNotFoundError:
+                pass
+            if not request.follow:
+                await send(p.StreamEnd(id=request.id))
+                return
+            await trio.sleep(LOG_POLL_INTERVAL)
+
+    def host_info(self) -> p.HostInfoData:
+        snapshot = self.allocator.snapshot()
+        reserved = set(self.config.reserved_cpus)
+        cpus = [
+            p.CpuInfo(
+                id=cpu.id,
+                core=cpu.core_id,
+                package=cpu.package_id,
+                node=cpu.node,
+                online=cpu.online,
+                reserved=cpu.id in reserved,
+                allocated_to=snapshot.cpu_owner.get(cpu.id),
+            )
+            for cpu in self.topology.cpus
+        ]
+        kernels = [
+            p.KernelInfo(
+                profile=k.manifest.profile,
+                kernel_release=k.manifest.kernel_release,
+                image_sha256=k.manifest.image_sha256,
+            )
+            for k in list_kernels(Path(self.config.kernel_store))
+        ]
+        return p.HostInfoData(
+            accelerator=self.accelerator,  # type: ignore[arg-type]
+            machine=self.config.machine,
+            cpus=cpus,
+            numa_nodes=[
+                p.NumaNode(id=n.id, cpus=list(n.cpus), memory_mib=n.memory_mib)
+                for n in self.topology.nodes
+            ],
+            memory_total_mib=self.topology.memory_total_mib,
+            memory_reserved_mib=self.config.reserved_memory_mib,
+            memory_free_mib=snapshot.memory_free_mib,
+            cpus_free_exclusive=list(snapshot.free_exclusive_cpus),
+            shared_pool=list(snapshot.shared_pool),
+            zone_count=len(self.manager.zones) if self.manager else 0,
+            kernels=kernels,
+        )
+
+
+async def serve(config: Config) -> None:
+    """Run the daemon until SIGTERM/SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Daemon(config).run)
+            async for signum in signals:
+                log.info("received %s: stopping (zones keep running)", signal.Signals(signum).name)
+                sd_notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zoned", description="the zoned daemon")
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ZonedError as exc:
+        print(f"zoned: {exc.message}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    try:
+        trio.run(serve, config)
+    except ZonedError as exc:
+        log.error("zoned cannot start: %s", exc.message)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The event hub: every lifecycle and host event, fanned out to watchers.
+
+Publishing never blocks (sync never blocks): each watcher has a bounded
+buffer, and a watcher that falls that far behind is cut off (its stream
+ends with an error) rather than slowing the daemon or growing memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+from zoned.protocol import Event, EventKind
+
+log = logging.getLogger(__name__)
+
+WATCHER_BUFFER = 1024
+
+
+class WatcherOverflow(Exception):
+    """A watcher did not keep up with the events."""
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self._seq = 0
+        self._watchers: dict[int, trio.MemorySendChannel[Event]] = {}
+        self._next_watcher = 0
+
+    def publish(
+        self,
+        kind: EventKind,
+        *,
+        zone: str = "",
+        state: str = "",
+        previous: str = "",
+        reason: str = "",
+        cpu: int | None = None,
+    ) -> Event:
+        self._seq += 1
+        event = Event(
+            seq=self._seq,
+            time=time.time(),
+            kind=kind,
+            zone=zone,
+            state=state,
+            previous=previous,
+            reason=reason,
+            cpu=cpu,
+        )
+        log.info(
+            "event %s zone=%s %s->%s %s",
+            kind,
+            zone or "-",
+            previous or "-",
+            state or "-",
+            reason,
+        )
+        for key, send in list(self._watchers.items()):
+            try:
+                send.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                # Too slow or gone: cut it off; its receiver sees the channel end.
+                send.close()
+                del self._watchers[key]
+        return event
+
+    @contextmanager
+    def watch(self) -> Iterator[trio.MemoryReceiveChannel[Event]]:
+        """A receive channel of every event published from now on."""
+        send, receive = trio.open_memory_channel[Event](WATCHER_BUFFER)
+        key = self._next_watcher
+        self._next_watcher += 1
+        self._watchers[key] = send
+        try:
+            yield receive
+        finally:
+            self._watchers.pop(key, None)
+            send.close()
+            receive.close()

@@ -1,0 +1,82 @@
+"""The persisted record of one zone (pure).
+
+A record is written atomically to ``<state_dir>/zones/<name>.json`` on every
+state change and is also embedded in the running domain's ``<metadata>``, so
+that a restarted daemon can re-adopt a zone from either. New fields get
+defaults; no field changes type (records outlive daemon versions).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from zoned.protocol import ZoneInfo
+
+
+class PlacementRecord(msgspec.Struct, frozen=True, kw_only=True):
+    policy: str
+    # Host CPU set each vCPU is pinned to, by vCPU index.
+    vcpu_cpus: list[list[int]]
+    emulator_cpus: list[int]
+    numa_node: int | None
+    memory_mib: int
+
+
+class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    uuid: str
+    domain_name: str
+    state: str
+    reason: str = ""
+    vcpus: int
+    memory_mib: int
+    profile: str
+    machine: str
+    accelerator: str
+    placement: PlacementRecord
+    labels: dict[str, str] = {}
+    kernel_args: list[str] = []
+    kernel_image: str
+    kernel_sha256: str
+    boot_image: str
+    cmdline: str
+    console_log: str
+    agent_socket: str
+    created_at: float
+    ready_at: float | None = None
+    kernel_release: str = ""
+    guest_boot_s: float | None = None
+
+
+def to_info(record: ZoneRecord) -> ZoneInfo:
+    """The client's view of a record."""
+    pins = record.placement.vcpu_cpus
+    return ZoneInfo(
+        name=record.name,
+        uuid=record.uuid,
+        state=record.state,  # type: ignore[arg-type]
+        reason=record.reason,
+        vcpus=record.vcpus,
+        memory_mib=record.memory_mib,
+        profile=record.profile,
+        machine=record.machine,  # type: ignore[arg-type]
+        accelerator=record.accelerator,  # type: ignore[arg-type]
+        placement=record.placement.policy,  # type: ignore[arg-type]
+        cpus=[cpus[0] for cpus in pins if len(cpus) == 1] if all(len(c) == 1 for c in pins) else [],
+        emulator_cpus=list(record.placement.emulator_cpus),
+        numa_node=record.placement.numa_node,
+        labels=dict(record.labels),
+        created_at=record.created_at,
+        ready_at=record.ready_at,
+        guest_boot_s=record.guest_boot_s,
+        console_log=record.console_log,
+        kernel_release=record.kernel_release,
+    )
+
+
+def encode_record(record: ZoneRecord) -> bytes:
+    return msgspec.json.encode(record)
+
+
+def decode_record(data: bytes | str) -> ZoneRecord:
+    return msgspec.json.decode(data, type=ZoneRecord)

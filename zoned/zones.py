@@ -1,0 +1,504 @@
+"""The zone manager: creates, watches, re-adopts and destroys zones.
+
+This is the IO shell around the pure parts (placement, lifecycle, domain
+XML). It owns every zone record and is the only writer of them.
+
+Rules:
+
+- One operation at a time per zone (a per-zone lock); different zones
+  proceed concurrently.
+- Creation is all-or-nothing up to the domain start: if admission, the
+  domain definition or the start fails, the placement is released, the
+  domain removed and the record deleted; the caller gets the error.
+- Once started, a zone's record is never lost: every state change is written
+  to the state directory before it is announced. A zone that fails (boot
+  timeout, QEMU exit, agent silence or misbehaviour) keeps its record in
+  ``failed`` with the reason, and its host resources are released, until it
+  is destroyed.
+- Destroy is idempotent for anything that exists; a destroyed zone's record
+  is removed once it has reached ``stopped``.
+- On start-up the manager re-adopts every running domain of ours (from the
+  records, or from the domain's metadata if the record is missing) and marks
+  records whose domain vanished as failed.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import math
+import os
+import pwd
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from zoned import lifecycle
+from zoned.agentlink import AgentFacts, supervise_agent
+from zoned.config import Config
+from zoned.domain import METADATA_NS, DomainSpec, read_metadata, render_domain_xml
+from zoned.errors import Conflict, HypervisorError, InvalidRequest, NotFound, ZonedError
+from zoned.events import EventHub
+from zoned.kernel.cmdline import hardened_cmdline
+from zoned.kernel.store import find_kernel
+from zoned.placement import Allocator, Placement
+from zoned.protocol import CreateZone, HeartbeatReply, ZoneInfo
+from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
+from zoned.store import ZoneStore
+from zoned.virt import DomainEvent, Hypervisor
+
+log = logging.getLogger(__name__)
+
+DOMAIN_PREFIX = "zoned-"
+ACTIVE_STATES = frozenset({"creating", "booting", "ready", "stopping"})
+
+
+def domain_name(zone: str) -> str:
+    return DOMAIN_PREFIX + zone
+
+
+def placement_record(placement: Placement) -> PlacementRecord:
+    return PlacementRecord(
+        policy=placement.policy,
+        vcpu_cpus=[list(cpus) for cpus in placement.vcpu_cpus],
+        emulator_cpus=list(placement.emulator_cpus),
+        numa_node=placement.numa_node,
+        memory_mib=placement.memory_mib,
+    )
+
+
+def placement_from_record(zone: str, record: PlacementRecord) -> Placement:
+    return Placement(
+        zone=zone,
+        policy=record.policy,  # type: ignore[arg-type]
+        vcpu_cpus=tuple(tuple(cpus) for cpus in record.vcpu_cpus),
+        emulator_cpus=tuple(record.emulator_cpus),
+        numa_node=record.numa_node,
+        memory_mib=record.memory_mib,
+    )
+
+
+@dataclass
+class _Zone:
+    record: ZoneRecord
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    # Set whenever the zone leaves ``booting`` (ready, failed or stopping).
+    settled: trio.Event = field(default_factory=trio.Event)
+    supervisor: trio.CancelScope | None = None
+    holds_placement: bool = False
+    last_heartbeat: HeartbeatReply | None = None
+
+
+def _qemu_ids() -> tuple[int, int] | None:
+    """uid and gid QEMU runs as under qemu:///system (Debian: libvirt-qemu:kvm)."""
+    try:
+        user = pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        return None
+    try:
+        gid = grp.getgrnam("kvm").gr_gid
+    except KeyError:
+        gid = user.pw_gid
+    return user.pw_uid, gid
+
+
+class ZoneManager:
+    def __init__(
+        self,
+        config: Config,
+        hypervisor: Hypervisor,
+        allocator: Allocator,
+        hub: EventHub,
+        *,
+        accelerator: str,
+        boot_image: Path,
+        tsc_khz: int | None,
+    ) -> None:
+        self.config = config
+        self.hv = hypervisor
+        self.allocator = allocator
+        self.hub = hub
+        self.accelerator = accelerator
+        self.boot_image = boot_image
+        self.tsc_khz = tsc_khz
+        self.store: ZoneStore[ZoneRecord] = ZoneStore(Path(config.state_dir), ZoneRecord)
+        self.zones: dict[str, _Zone] = {}
+        self._nursery: trio.Nursery | None = None
+        self._qemu_ids = _qemu_ids()
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, name: str) -> ZoneInfo:
+        return to_info(self._zone(name).record)
+
+    def list(self, labels: dict[str, str]) -> list[ZoneInfo]:
+        return [
+            to_info(zone.record)
+            for name, zone in sorted(self.zones.items())
+            if all(zone.record.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def console_log_path(self, name: str) -> Path:
+        return Path(self._zone(name).record.console_log)
+
+    def _zone(self, name: str) -> _Zone:
+        zone = self.zones.get(name)
+        if zone is None:
+            raise NotFound(f"no zone named {name!r}")
+        return zone
+
+    # --------------------------------------------------------------- state changes
+
+    def _set(
+        self,
+        zone: _Zone,
+        event: lifecycle.Input,
+        reason: str = "",
+        changes: dict[str, Any] | None = None,
+    ) -> None:
+        """Apply a lifecycle input: persist first, then announce."""
+        old = zone.record.state
+        try:
+            result = lifecycle.transition(old, event, reason)  # type: ignore[arg-type]
+        except Conflict as exc:
+            # A fact that cannot happen in this state is stale or a bug; it
+            # must never take the daemon down.
+            log.error("zone %s: ignored %s: %s", zone.record.name, event, exc.message)
+            return
+        updates: dict[str, Any] = dict(changes or {})
+        if result.changed:
+            updates.update(state=result.new_state, reason=result.reason)
+        if not updates:
+            return
+        record = msgspec.structs.replace(zone.record, **updates)
+        zone.record = record
+        self.store.save(record.name, record)
+        if result.changed and result.new_state != old:
+            self.hub.publish(
+                "zone_state",
+                zone=record.name,
+                state=result.new_state,
+                previous=old,
+                reason=result.reason,
+            )
+        if record.state != "booting" and old in ("creating", "booting"):
+            zone.settled.set()
+
+    def _release(self, zone: _Zone) -> None:
+        if zone.holds_placement:
+            self.allocator.release(zone.record.name)
+            zone.holds_placement = False
+
+    async def _repin_shared(self) -> None:
+        """Follow the shared pool: it grows and shrinks with exclusive zones."""
+        for zone in list(self.zones.values()):
+            record = zone.record
+            if not zone.holds_placement or record.placement.policy != "shared":
+                continue
+            if record.state not in ("booting", "ready"):
+                continue
+            placement = placement_record(self.allocator.placement(record.name))
+            if placement == record.placement:
+                continue
+            try:
+                for vcpu, cpus in enumerate(placement.vcpu_cpus):
+                    await self.hv.pin_vcpu(record.domain_name, vcpu, cpus)
+                if placement.emulator_cpus:
+                    await self.hv.pin_emulator(record.domain_name, placement.emulator_cpus)
+            except ZonedError as exc:
+                log.warning("re-pinning shared zone %s failed: %s", record.name, exc)
+                continue
+            zone.record = msgspec.structs.replace(record, placement=placement)
+            self.store.save(record.name, zone.record)
+
+    # -------------------------------------------------------------------- create
+
+    async def create(self, request: CreateZone) -> ZoneInfo:
+        name = request.name
+        if name in self.zones:
+            raise Conflict(f"a zone named {name!r} already exists")
+        machine = request.machine or self.config.machine
+        if request.vcpus > self.config.max_vcpus:
+            raise InvalidRequest(
+                f"vcpus={request.vcpus} is above this host's limit of {self.config.max_vcpus}"
+            )
+        if not self.config.min_memory_mib <= request.memory_mib <= self.config.max_memory_mib:
+            raise InvalidRequest(
+                f"memory_mib={request.memory_mib} is outside this host's limits "
+                f"{self.config.min_memory_mib}..{self.config.max_memory_mib}"
+            )
+        kernel = find_kernel(Path(self.config.kernel_store), request.profile)
+        tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
+        cmdline = " ".join(hardened_cmdline(request.profile, machine, tsc, request.kernel_args))
+        placement = self.allocator.allocate(
+            name, request.vcpus, request.memory_mib, request.placement
+        )
+        zone_dir = Path(self.config.runtime_dir) / "zones" / name
+        record = ZoneRecord(
+            name=name,
+            uuid=str(uuidlib.uuid4()),
+            domain_name=domain_name(name),
+            state="creating",
+            vcpus=request.vcpus,
+            memory_mib=request.memory_mib,
+            profile=request.profile,
+            machine=machine,
+            accelerator=self.accelerator,
+            placement=placement_record(placement),
+            labels=dict(request.labels),
+            kernel_args=list(request.kernel_args),
+            kernel_image=str(kernel.image),
+            kernel_sha256=kernel.manifest.image_sha256,
+            boot_image=str(self.boot_image),
+            cmdline=cmdline,
+            console_log=str(Path(self.config.log_dir) / f"{name}.console.log"),
+            agent_socket=str(zone_dir / "agent.sock"),
+            created_at=time.time(),
+        )
+        zone = _Zone(record, holds_placement=True)
+        self.zones[name] = zone
+        async with zone.lock:
+            # The steps that create host state run shielded: a client that goes
+            # away mid-create must not leave half a zone behind.
+            with trio.CancelScope(shield=True):
+                try:
+                    self.store.save(name, record)
+                    self.hub.publish("zone_state", zone=name, state="creating")
+                    self._prepare_runtime_dir(zone_dir)
+                    Path(record.console_log).unlink(missing_ok=True)
+                    await self.hv.create_transient(render_domain_xml(self._domain_spec(record)))
+                except BaseException as exc:
+                    await self._undo_create(zone, exc)
+                    raise
+                self._set(zone, "started")
+                self._start_supervisor(zone, self.config.boot_timeout_s)
+                await self._repin_shared()
+        await zone.settled.wait()
+        final = zone.record
+        if final.state == "ready":
+            return to_info(final)
+        if final.state == "failed":
+            raise HypervisorError(f"zone {name!r} failed to boot: {final.reason}")
+        raise Conflict(f"zone {name!r} was {final.state} before it became ready")
+
+    async def _undo_create(self, zone: _Zone, exc: BaseException) -> None:
+        name = zone.record.name
+        log.warning("create of %s failed, undoing: %r", name, exc)
+        try:
+            await self.hv.remove(zone.record.domain_name)
+        except ZonedError as cleanup_exc:
+            log.error("could not remove domain of %s: %s", name, cleanup_exc)
+        self._release(zone)
+        self.store.delete(name)
+        del self.zones[name]
+        reason = exc.message if isinstance(exc, ZonedError) else repr(exc)
+        self.hub.publish(
+            "zone_state", zone=name, state="failed", previous="creating", reason=reason
+        )
+        zone.settled.set()
+
+    def _prepare_runtime_dir(self, zone_dir: Path) -> None:
+        """The agent socket's directory: QEMU (an unprivileged user) creates the socket."""
+        runtime = Path(self.config.runtime_dir)
+        for directory in (runtime, runtime / "zones"):
+            directory.mkdir(parents=True, exist_ok=True)
+            # Traversable by QEMU's user, not listable.
+            os.chmod(directory, os.stat(directory).st_mode | 0o111)
+        zone_dir.mkdir(exist_ok=True)
+        os.chmod(zone_dir, 0o770)
+        if self._qemu_ids is not None and os.geteuid() == 0:
+            os.chown(zone_dir, 0, self._qemu_ids[1])
+        Path(self.config.log_dir).mkdir(parents=True, exist_ok=True)
+
+    def _domain_spec(self, record: ZoneRecord) -> DomainSpec:
+        return DomainSpec(
+            domain_name=record.domain_name,
+            uuid=record.uuid,
+            vcpus=record.vcpus,
+            memory_mib=record.memory_mib,
+            machine=record.machine,  # type: ignore[arg-type]
+            accelerator=record.accelerator,  # type: ignore[arg-type]
+            kernel=Path(record.kernel_image),
+            initrd=Path(record.boot_image),
+            cmdline=record.cmdline,
+            vcpu_pins=tuple(tuple(c) for c in record.placement.vcpu_cpus),
+            emulator_cpus=tuple(record.placement.emulator_cpus),
+            numa_node=record.placement.numa_node,
+            console_log=Path(record.console_log),
+            agent_socket=Path(record.agent_socket),
+            metadata=encode_record(record).decode(),
+        )
+
+    # ---------------------------------------------------------- agent supervision
+
+    def _start_supervisor(self, zone: _Zone, boot_timeout: float) -> None:
+        assert self._nursery is not None, "ZoneManager.run() is not running"
+        scope = trio.CancelScope()
+        zone.supervisor = scope
+        self._nursery.start_soon(self._supervise, zone, scope, boot_timeout)
+
+    async def _supervise(self, zone: _Zone, scope: trio.CancelScope, boot_timeout: float) -> None:
+        name = zone.record.name
+
+        def on_hello(facts: AgentFacts) -> None:
+            boot_s = facts.boot_s if math.isfinite(facts.boot_s) and facts.boot_s >= 0 else None
+            changes: dict[str, Any] = {
+                "kernel_release": facts.kernel_release[:128],
+                "guest_boot_s": boot_s,
+            }
+            if zone.record.state == "booting":
+                changes["ready_at"] = time.time()
+            self._set(zone, "agent_hello", changes=changes)
+
+        def on_heartbeat(reply: HeartbeatReply) -> None:
+            zone.last_heartbeat = reply
+
+        with scope:
+            reason = await supervise_agent(
+                Path(zone.record.agent_socket),
+                name,
+                boot_timeout=boot_timeout,
+                heartbeat_interval=self.config.heartbeat_interval_s,
+                silence_limit=self.config.agent_silence_s,
+                on_hello=on_hello,
+                on_heartbeat=on_heartbeat,
+            )
+            if zone.record.state in ("booting", "ready"):
+                event: lifecycle.Input = (
+                    "boot_timeout" if zone.record.state == "booting" else "agent_silent"
+                )
+                await self._fail(zone, event, reason)
+
+    async def _fail(self, zone: _Zone, event: lifecycle.Input, reason: str) -> None:
+        """A zone that can no longer be trusted to work: stop QEMU, keep the record."""
+        log.warning("zone %s failed: %s", zone.record.name, reason)
+        self._set(zone, event, reason)
+        with trio.CancelScope(shield=True):
+            try:
+                await self.hv.remove(zone.record.domain_name)
+            except ZonedError as exc:
+                log.error("could not stop domain of failed zone %s: %s", zone.record.name, exc)
+            self._release(zone)
+            await self._repin_shared()
+
+    # ------------------------------------------------------------------- destroy
+
+    async def destroy(self, name: str) -> ZoneInfo:
+        zone = self._zone(name)
+        if zone.record.state in ("creating", "booting") and zone.supervisor is not None:
+            # Destroy during boot: stop waiting for the agent at once.
+            zone.supervisor.cancel()
+        async with zone.lock:
+            if self.zones.get(name) is not zone:
+                raise NotFound(f"no zone named {name!r}")
+            if zone.supervisor is not None:
+                zone.supervisor.cancel()
+            with trio.CancelScope(shield=True):
+                if zone.record.state != "stopping":
+                    self._set(zone, "destroy_requested")
+                await self.hv.remove(zone.record.domain_name)
+                self._release(zone)
+                await self._repin_shared()
+                self._set(zone, "domain_stopped", "destroyed")
+                zone.settled.set()
+                self.store.delete(name)
+                del self.zones[name]
+        return to_info(zone.record)
+
+    # --------------------------------------------------------- libvirt events
+
+    async def handle_domain_event(self, event: DomainEvent) -> None:
+        if not event.name.startswith(DOMAIN_PREFIX):
+            return
+        zone = self.zones.get(event.name.removeprefix(DOMAIN_PREFIX))
+        if zone is None or event.kind not in ("stopped", "crashed", "shutdown"):
+            return
+        if zone.record.state in ("booting", "ready"):
+            if zone.supervisor is not None:
+                zone.supervisor.cancel()
+            kind: lifecycle.Input = (
+                "domain_crashed" if event.kind == "crashed" else "domain_stopped"
+            )
+            reason = f"QEMU stopped unexpectedly ({event.kind}: {event.detail})"
+            await self._fail(zone, kind, reason)
+
+    async def resync(self) -> None:
+        """After a (re)connection: zones whose domain is gone are failed."""
+        running = {d.name for d in await self.hv.list_domains(DOMAIN_PREFIX)}
+        for zone in list(self.zones.values()):
+            if zone.record.state in ("booting", "ready") and zone.record.domain_name not in running:
+                if zone.supervisor is not None:
+                    zone.supervisor.cancel()
+                self._set(zone, "domain_vanished", "QEMU domain vanished")
+                self._release(zone)
+
+    # ------------------------------------------------------------- run / adopt
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Adopt what is running, then supervise zones until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._adopt()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _adopt(self) -> None:
+        records = self.store.load_all()
+        domains = {
+            d.name: d
+            for d in await self.hv.list_domains(DOMAIN_PREFIX, metadata_uri=METADATA_NS)
+            if d.state in ("running", "blocked", "paused")
+        }
+        # Domains whose record was lost: rebuild it from the domain's metadata.
+        for summary in domains.values():
+            zone_name = summary.name.removeprefix(DOMAIN_PREFIX)
+            if zone_name in records:
+                continue
+            try:
+                text = read_metadata(await self.hv.xml(summary.name))
+                if text is None:
+                    raise InvalidRequest("no zoned metadata")
+                records[zone_name] = decode_record(text)
+                log.warning("zone %s re-created from its domain metadata", zone_name)
+            except (msgspec.DecodeError, ZonedError) as exc:
+                log.error("domain %s carries no usable zone record: %s", summary.name, exc)
+        for zone_name, record in sorted(records.items()):
+            zone = _Zone(record)
+            self.zones[zone_name] = zone
+            if record.state in ("failed", "stopped"):
+                zone.settled.set()
+                continue
+            if record.domain_name not in domains:
+                self._set(zone, "domain_vanished", "domain vanished while zoned was not running")
+                continue
+            self.allocator.adopt(placement_from_record(zone_name, record.placement))
+            zone.holds_placement = True
+            if record.state == "stopping":
+                # A destroy was cut short by the restart; finish it.
+                self._nursery_start(self._finish_destroy, zone_name)
+                continue
+            self._set(zone, "resumed_after_restart")
+            self._start_supervisor(zone, self.config.boot_timeout_s)
+
+    def _nursery_start(self, fn: Callable[[str], object], name: str) -> None:
+        assert self._nursery is not None
+
+        async def runner() -> None:
+            try:
+                await fn(name)  # type: ignore[misc]
+            except ZonedError as exc:
+                log.error("finishing destroy of %s failed: %s", name, exc)
+
+        self._nursery.start_soon(runner)
+
+    async def _finish_destroy(self, name: str) -> None:
+        await self.destroy(name)
+
+    def metrics(self, name: str) -> HeartbeatReply | None:
+        return self._zone(name).last_heartbeat
