@@ -1,0 +1,536 @@
+"""zonectl without a daemon: pure formatting, argument parsing, exit statuses."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from zoned import protocol as p
+from zoned.cli import (
+    EXIT_BY_ERROR_CODE,
+    EXIT_CONFLICT,
+    EXIT_DAEMON_ERROR,
+    EXIT_NO_CAPACITY,
+    EXIT_NOT_FOUND,
+    EXIT_PERMISSION_DENIED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    error_line,
+    exit_code_for,
+    format_age,
+    format_cpu_list,
+    format_event,
+    format_host,
+    format_json,
+    format_mib,
+    format_seconds,
+    format_time,
+    format_zone,
+    format_zone_table,
+    main,
+    parse_args,
+)
+from zoned.client import Client, ConnectionLost, DaemonUnavailable, ProtocolError
+from zoned.errors import ERRORS_BY_CODE, NotFound, error_from_code
+
+# 2024-05-01T12:00:00Z
+T0 = 1714564800.0
+
+
+def zone(name: str = "web", **overrides: object) -> p.ZoneInfo:
+    values: dict[str, object] = {
+        "name": name,
+        "uuid": "6f1c2a9e-0000-4000-8000-000000000001",
+        "state": "ready",
+        "vcpus": 2,
+        "memory_mib": 512,
+        "profile": "strict",
+        "machine": "microvm",
+        "accelerator": "tcg",
+        "placement": "exclusive",
+        "cpus": [2, 3],
+        "emulator_cpus": [0],
+        "numa_node": 0,
+        "labels": {"team": "a", "app": "web"},
+        "created_at": T0,
+        "ready_at": T0 + 1.25,
+        "guest_boot_s": 0.9,
+        "console_log": f"/var/log/zoned/{name}.console.log",
+        "kernel_release": "6.12.117",
+    }
+    values.update(overrides)
+    return p.ZoneInfo(**values)  # type: ignore[arg-type]
+
+
+def host() -> p.HostInfoData:
+    return p.HostInfoData(
+        accelerator="tcg",
+        machine="microvm",
+        cpus=[
+            p.CpuInfo(id=0, core=0, package=0, node=0, online=True, reserved=True),
+            p.CpuInfo(id=1, core=1, package=0, node=0, online=True, reserved=False),
+            p.CpuInfo(
+                id=2, core=2, package=0, node=0, online=True, reserved=False, allocated_to="web"
+            ),
+            p.CpuInfo(id=3, core=None, package=None, node=0, online=False, reserved=False),
+        ],
+        numa_nodes=[p.NumaNode(id=0, cpus=[0, 1, 2, 3], memory_mib=8192)],
+        memory_total_mib=8192,
+        memory_reserved_mib=1024,
+        memory_free_mib=6656,
+        cpus_free_exclusive=[1],
+        shared_pool=[1],
+        zone_count=1,
+        kernels=[
+            p.KernelInfo(profile="strict", kernel_release="6.12.117", image_sha256="ab" * 32),
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+@pytest.mark.parametrize(
+    ("cpus", "text"),
+    [
+        ([], "-"),
+        ([3], "3"),
+        ([0, 1, 2, 3], "0-3"),
+        ([6, 0, 2, 1, 3, 8, 9], "0-3,6,8-9"),
+        ([5, 5, 4], "4-5"),
+        ([1, 3, 5], "1,3,5"),
+    ],
+)
+def test_format_cpu_list(cpus: list[int], text: str) -> None:
+    assert format_cpu_list(cpus) == text
+
+
+def test_format_mib() -> None:
+    assert format_mib(256) == "256MiB"
+    assert format_mib(1024) == "1GiB"
+    assert format_mib(1536) == "1536MiB"
+    assert format_mib(65536) == "64GiB"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (-5.0, "0s"),
+        (float("nan"), "0s"),
+        (0.4, "0s"),
+        (42.9, "42s"),
+        (119.0, "119s"),
+        (120.0, "2m"),
+        (7199.0, "119m"),
+        (7200.0, "2h"),
+        (47 * 3600.0, "47h"),
+        (48 * 3600.0, "2d"),
+    ],
+)
+def test_format_age(seconds: float, text: str) -> None:
+    assert format_age(seconds) == text
+
+
+def test_format_seconds_and_time() -> None:
+    assert format_seconds(None) == "-"
+    assert format_seconds(1.34) == "1.3s"
+    assert format_seconds(0.04) == "0.0s"
+    assert format_time(T0) == "2024-05-01T12:00:00.000Z"
+    assert format_time(T0 + 0.1234) == "2024-05-01T12:00:00.123Z"
+    assert format_time(1e300) == "1e+300"  # out of range: shown raw, never a crash
+
+
+# --------------------------------------------------------------------------- zones
+
+
+def test_zone_table_is_aligned_and_sorted() -> None:
+    zones = [
+        zone("web"),
+        zone(
+            "batch-runner-7",
+            state="booting",
+            vcpus=1,
+            memory_mib=2048,
+            placement="shared",
+            cpus=[],
+            machine="q35",
+            profile="containers",
+            created_at=T0 + 50,
+            ready_at=None,
+        ),
+    ]
+    assert format_zone_table(zones, now=T0 + 3 * 3600) == (
+        "NAME            STATE    VCPUS  MEM     CPUS    PROFILE     MACHINE  AGE  BOOT\n"
+        "batch-runner-7  booting  1      2GiB    shared  containers  q35      2h   -\n"
+        "web             ready    2      512MiB  2-3     strict      microvm  3h   1.2s\n"
+    )
+
+
+def test_empty_zone_table_has_its_header() -> None:
+    assert format_zone_table([], now=T0) == (
+        "NAME  STATE  VCPUS  MEM  CPUS  PROFILE  MACHINE  AGE  BOOT\n"
+    )
+
+
+def test_no_line_has_trailing_spaces() -> None:
+    text = format_zone_table([zone(), zone("a", ready_at=None)], now=T0 + 5)
+    text += format_zone(zone(), now=T0 + 5) + format_host(host())
+    for line in text.splitlines():
+        assert line == line.rstrip()
+
+
+def test_format_zone_shows_every_field() -> None:
+    text = format_zone(zone(), now=T0 + 90)
+    assert text == (
+        "name:          web\n"
+        "uuid:          6f1c2a9e-0000-4000-8000-000000000001\n"
+        "state:         ready\n"
+        "vcpus:         2\n"
+        "memory:        512MiB\n"
+        "placement:     exclusive\n"
+        "cpus:          vcpu0:2 vcpu1:3\n"
+        "emulator cpus: 0\n"
+        "numa node:     0\n"
+        "profile:       strict\n"
+        "kernel:        6.12.117\n"
+        "machine:       microvm (tcg)\n"
+        "labels:        app=web,team=a\n"
+        "created:       2024-05-01T12:00:00.000Z (90s ago)\n"
+        "ready:         2024-05-01T12:00:01.250Z (boot 1.2s, guest kernel to agent 0.9s)\n"
+        "console log:   /var/log/zoned/web.console.log\n"
+    )
+
+
+def test_format_zone_of_a_failed_unpinned_zone() -> None:
+    failed = zone(
+        state="failed",
+        reason="no agent hello\nwithin 60 s",
+        cpus=[],
+        placement="shared",
+        numa_node=None,
+        labels={},
+        ready_at=None,
+        guest_boot_s=None,
+        kernel_release="",
+    )
+    lines = format_zone(failed, now=T0).splitlines()
+    assert "reason:        no agent hello within 60 s" in lines
+    assert "cpus:          not pinned" in lines
+    assert "numa node:     -" in lines
+    assert "labels:        -" in lines
+    assert "kernel:        -" in lines
+    assert "ready:         -" in lines
+
+
+def test_free_text_cannot_drive_the_terminal() -> None:
+    hostile = zone(reason="boom \x1b[2J\x07 done", labels={"k": "v"})
+    text = format_zone(hostile, now=T0)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "boom \\x1b[2J\\x07 done" in text
+    event = p.Event(seq=1, time=T0, kind="daemon", reason="\x1b]0;pwned\x07")
+    assert "\x1b" not in format_event(event)
+
+
+# --------------------------------------------------------------------------- host
+
+
+def test_format_host() -> None:
+    assert format_host(host()) == (
+        "accelerator:    tcg\n"
+        "machine:        microvm (default for new zones)\n"
+        "memory:         8192 MiB total, 1024 MiB reserved, 6656 MiB free\n"
+        "cpus:           4 (3 online: 0-2; reserved: 0)\n"
+        "free exclusive: 1\n"
+        "shared pool:    1\n"
+        "zones:          1\n"
+        "numa nodes:     node 0: cpus 0-3, 8192 MiB\n"
+        "kernels:        strict: 6.12.117 (sha256 abababababab)\n"
+        "\n"
+        "CPU  STATE   NODE  PACKAGE  CORE  RESERVED  ZONE\n"
+        "0    online  0     0        0     yes       -\n"
+        "1    online  0     0        1     no        -\n"
+        "2    online  0     0        2     no        web\n"
+        "3    -       0     -        -     no        -\n"
+    )
+
+
+def test_format_host_lists_each_numa_node_and_kernel() -> None:
+    info = msgspec.structs.replace(
+        host(),
+        numa_nodes=[
+            p.NumaNode(id=1, cpus=[2, 3], memory_mib=4096),
+            p.NumaNode(id=0, cpus=[0, 1], memory_mib=4096),
+        ],
+        kernels=[
+            p.KernelInfo(profile="strict", kernel_release="6.12.117", image_sha256="cd" * 32),
+            p.KernelInfo(profile="containers", kernel_release="6.12.117", image_sha256="ef" * 32),
+        ],
+    )
+    lines = format_host(info).splitlines()
+    assert lines[7:11] == [
+        "numa nodes:     node 0: cpus 0-1, 4096 MiB",
+        "                node 1: cpus 2-3, 4096 MiB",
+        "kernels:        containers: 6.12.117 (sha256 efefefefefef)",
+        "                strict: 6.12.117 (sha256 cdcdcdcdcdcd)",
+    ]
+    empty = msgspec.structs.replace(host(), kernels=[], numa_nodes=[])
+    assert "kernels:        none" in format_host(empty).splitlines()
+
+
+# --------------------------------------------------------------------------- events
+
+
+@pytest.mark.parametrize(
+    ("event", "line"),
+    [
+        (
+            p.Event(
+                seq=7,
+                time=T0,
+                kind="zone_state",
+                zone="web",
+                state="ready",
+                previous="booting",
+                reason="agent said hello",
+            ),
+            "2024-05-01T12:00:00.000Z #7 zone web: booting -> ready (agent said hello)",
+        ),
+        (
+            p.Event(seq=1, time=T0, kind="zone_state", zone="web", state="creating"),
+            "2024-05-01T12:00:00.000Z #1 zone web: - -> creating",
+        ),
+        (
+            p.Event(seq=8, time=T0, kind="cpu_offline", cpu=3, reason="zones affected: web"),
+            "2024-05-01T12:00:00.000Z #8 cpu 3 offline (zones affected: web)",
+        ),
+        (
+            p.Event(seq=9, time=T0, kind="cpu_online", cpu=3),
+            "2024-05-01T12:00:00.000Z #9 cpu 3 online",
+        ),
+        (
+            p.Event(seq=10, time=T0, kind="daemon", reason="libvirt connection lost"),
+            "2024-05-01T12:00:00.000Z #10 daemon: libvirt connection lost",
+        ),
+    ],
+)
+def test_format_event(event: p.Event, line: str) -> None:
+    assert format_event(event) == line
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def test_json_has_every_field_and_round_trips() -> None:
+    record = zone(reason="", kernel_release="")
+    text = format_json(record)
+    assert "\n" not in text
+    fields = msgspec.json.decode(text)
+    assert fields["reason"] == "" and fields["kernel_release"] == ""
+    assert set(fields) == set(p.ZoneInfo.__struct_fields__)
+    assert msgspec.json.decode(text, type=p.ZoneInfo) == record
+    assert msgspec.json.decode(format_json([record]), type=list[p.ZoneInfo]) == [record]
+    assert msgspec.json.decode(format_json(host()), type=p.HostInfoData) == host()
+    cpu = msgspec.json.decode(format_json(host()))["cpus"][0]
+    assert cpu["allocated_to"] is None
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def test_parse_create_with_every_option() -> None:
+    args = parse_args(
+        [
+            "create",
+            "web",
+            "--vcpus",
+            "4",
+            "--memory",
+            "1024",
+            "--profile",
+            "containers",
+            "--placement",
+            "exclusive",
+            "--machine",
+            "q35",
+            "--label",
+            "team=a",
+            "--label",
+            "note=",
+            "--kernel-arg",
+            "quiet",
+            "--kernel-arg",
+            "loglevel=3",
+        ]
+    )
+    assert args.command == "create"
+    assert args.name == "web"
+    assert (args.vcpus, args.memory, args.profile) == (4, 1024, "containers")
+    assert (args.placement, args.machine) == ("exclusive", "q35")
+    assert args.labels == {"team": "a", "note": ""}
+    assert args.kernel_args == ["quiet", "loglevel=3"]
+    assert (args.socket, args.json) == (None, False)
+
+
+def test_parse_create_defaults_match_the_protocol() -> None:
+    args = parse_args(["create", "web"])
+    request = p.CreateZone(id=1, name="web")
+    assert (args.vcpus, args.memory, args.profile) == (
+        request.vcpus,
+        request.memory_mib,
+        request.profile,
+    )
+    assert (args.placement, args.machine, args.labels, args.kernel_args) == (
+        request.placement,
+        request.machine,
+        {},
+        [],
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--socket", "/tmp/s.sock", "--json", "list"],
+        ["list", "--socket", "/tmp/s.sock", "--json"],
+        ["--json", "list", "--socket", "/tmp/s.sock"],
+    ],
+)
+def test_global_options_before_or_after_the_command(argv: list[str]) -> None:
+    args = parse_args(argv)
+    assert (args.command, args.socket, args.json, args.labels) == (
+        "list",
+        "/tmp/s.sock",
+        True,
+        {},
+    )
+
+
+def test_parse_other_commands() -> None:
+    assert parse_args(["host"]).command == "host"
+    assert parse_args(["show", "web"]).name == "web"
+    assert parse_args(["destroy", "a", "b"]).names == ["a", "b"]
+    assert parse_args(["watch", "--json"]).json is True
+    logs = parse_args(["logs", "web", "-f", "--tail", "4096"])
+    assert (logs.name, logs.follow, logs.tail) == ("web", True, 4096)
+    logs = parse_args(["logs", "web"])
+    assert (logs.follow, logs.tail) == (False, None)
+    assert parse_args(["list", "--label", "a=b", "--label", "c=d=e"]).labels == {
+        "a": "b",
+        "c": "d=e",
+    }
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["create"],
+        ["create", "web", "--vcpus", "0"],
+        ["create", "web", "--vcpus", "two"],
+        ["create", "web", "--placement", "dedicated"],
+        ["create", "web", "--machine", "pc"],
+        ["create", "web", "--label", "novalue"],
+        ["create", "web", "--label", "=v"],
+        ["list", "--label", "a=1", "--label", "a=2"],
+        ["destroy"],
+        ["logs", "web", "--tail", "-1"],
+        ["show"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        parse_args(argv)
+    assert raised.value.code == EXIT_USAGE
+    assert main(argv) == EXIT_USAGE
+    assert "usage: zonectl" in capsys.readouterr().err
+
+
+def test_help_exits_0_and_documents_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "exit status:" in out
+    for code in ("not_found", "conflict", "no_capacity", "permission_denied"):
+        assert code in out
+    assert main(["destroy", "--help"]) == 0
+    assert "exit status:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- exit statuses
+
+
+def test_exit_status_of_every_daemon_error_code() -> None:
+    expected = {
+        "not_found": EXIT_NOT_FOUND,
+        "conflict": EXIT_CONFLICT,
+        "no_capacity": EXIT_NO_CAPACITY,
+        "permission_denied": EXIT_PERMISSION_DENIED,
+        "invalid_request": EXIT_DAEMON_ERROR,
+        "hypervisor": EXIT_DAEMON_ERROR,
+        "unsupported_version": EXIT_DAEMON_ERROR,
+        "internal": EXIT_DAEMON_ERROR,
+    }
+    assert set(expected) == set(ERRORS_BY_CODE)
+    for code, status in expected.items():
+        assert exit_code_for(error_from_code(code, "x")) == status
+    # An unknown code (a newer daemon) becomes internal: exit 1.
+    assert exit_code_for(error_from_code("brand_new", "x")) == EXIT_DAEMON_ERROR
+    assert set(EXIT_BY_ERROR_CODE.values()) == {4, 5, 6, 7}
+
+
+def test_exit_status_of_client_side_failures() -> None:
+    path = Path("/run/zoned/zoned.sock")
+    missing = DaemonUnavailable(path, FileNotFoundError(errno.ENOENT, "No such file"))
+    refused = DaemonUnavailable(path, ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    denied = DaemonUnavailable(path, PermissionError(errno.EACCES, "Permission denied"))
+    assert exit_code_for(missing) == EXIT_UNAVAILABLE
+    assert exit_code_for(refused) == EXIT_UNAVAILABLE
+    assert exit_code_for(denied) == EXIT_PERMISSION_DENIED
+    assert exit_code_for(ConnectionLost("gone")) == EXIT_UNAVAILABLE
+    assert exit_code_for(ProtocolError("nonsense")) == EXIT_DAEMON_ERROR
+    assert isinstance(denied, OSError) and denied.errno == errno.EACCES
+    assert error_line(denied).startswith(
+        "zonectl: permission_denied: cannot connect to zoned at /run/zoned/zoned.sock:"
+    )
+    assert "zoned group" in denied.message
+    assert "is zoned running?" in missing.message
+    assert error_line(missing).startswith("zonectl: unavailable: ")
+    assert error_line(ConnectionLost("gone")) == "zonectl: connection_lost: gone"
+
+
+def test_error_line_is_one_line() -> None:
+    line = error_line(NotFound("no zone named 'web'\nreally\r\n none"))
+    assert line == "zonectl: not_found: no zone named 'web' really none"
+
+
+# --------------------------------------------------------------------------- no daemon
+
+
+async def test_client_reports_a_missing_socket(tmp_path: Path) -> None:
+    path = tmp_path / "zoned.sock"
+    with pytest.raises(DaemonUnavailable) as raised:
+        async with Client.connect(path):
+            pass
+    assert raised.value.path == path
+    assert raised.value.errno == errno.ENOENT
+    assert str(path) in str(raised.value)
+
+
+def test_socket_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from_env = tmp_path / "env.sock"
+    monkeypatch.setenv("ZONED_SOCKET", str(from_env))
+    assert Client.connect().path == from_env
+    assert Client.connect(tmp_path / "explicit.sock").path == tmp_path / "explicit.sock"
+    assert main(["list"]) == EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert err == (
+        f"zonectl: unavailable: cannot connect to zoned at {from_env}:"
+        " no such socket (is zoned running? is this its socket path?)\n"
+    )
+    assert main(["--socket", str(tmp_path / "other.sock"), "list"]) == EXIT_UNAVAILABLE
+    assert str(tmp_path / "other.sock") in capsys.readouterr().err

@@ -1,0 +1,706 @@
+"""zonectl: the command-line tool for zoned.
+
+Usage::
+
+    zonectl [--socket PATH] [--json] COMMAND [ARGS]
+
+Commands: ``host``, ``create``, ``list``, ``show``, ``destroy``, ``watch``,
+``logs`` (``zonectl COMMAND --help`` for each). ``--socket`` and ``--json``
+may also follow the command. The socket is ``--socket``, else
+``$ZONED_SOCKET``, else ``/run/zoned/zoned.sock``.
+
+Output: aligned tables and ``key: value`` blocks for people; with ``--json``,
+one JSON document per line holding the protocol's records with every field
+(``list`` and ``destroy``: an array; ``watch``: one event per line). ``logs``
+always writes the console's raw bytes.
+
+Exit status (stable; scripts may rely on it):
+
+===  ==========================================================================
+  0  success
+  1  the daemon reported another error (invalid_request, hypervisor, internal,
+     unsupported_version), or its reply made no sense
+  2  usage error (bad arguments)
+  3  daemon unavailable: no socket, nothing listening, connection lost
+  4  not_found
+  5  conflict
+  6  no_capacity
+  7  permission_denied (refused by the daemon, or by the socket's file mode)
+130  interrupted (Ctrl-C)
+141  stdout closed early (e.g. piped into ``head``)
+===  ==========================================================================
+
+Errors are printed on one line to stderr as ``zonectl: <code>: <message>``,
+where ``<code>`` is the daemon's error code, or ``unavailable``,
+``connection_lost`` or ``protocol_error`` for failures on this side.
+``destroy`` with several names destroys them all (concurrently), reports each
+failure, and exits with the status of the first name that failed.
+
+The formatting functions are pure (no IO, the current time passed in) so that
+they can be tested with hand-built records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, TextIO
+
+import msgspec
+import trio
+
+from zoned import protocol as p
+from zoned.client import (
+    DEFAULT_SOCKET,
+    SOCKET_ENV,
+    Client,
+    ClientError,
+    ConnectionLost,
+    DaemonUnavailable,
+)
+from zoned.errors import ZonedError
+
+PROG = "zonectl"
+
+EXIT_OK = 0
+EXIT_DAEMON_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+EXIT_CONFLICT = 5
+EXIT_NO_CAPACITY = 6
+EXIT_PERMISSION_DENIED = 7
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+#: Daemon error codes with their own exit status; every other code exits 1.
+EXIT_BY_ERROR_CODE: dict[str, int] = {
+    "not_found": EXIT_NOT_FOUND,
+    "conflict": EXIT_CONFLICT,
+    "no_capacity": EXIT_NO_CAPACITY,
+    "permission_denied": EXIT_PERMISSION_DENIED,
+}
+
+EXIT_STATUS_HELP = """\
+exit status:
+    0  success
+    1  the daemon reported another error (invalid_request, hypervisor,
+       internal, unsupported_version), or its reply made no sense
+    2  usage error
+    3  daemon unavailable (no socket, nothing listening, connection lost)
+    4  not_found
+    5  conflict
+    6  no_capacity
+    7  permission_denied (by the daemon or by the socket's file mode)
+  130  interrupted (Ctrl-C)
+  141  stdout closed early
+"""
+
+
+# ---------------------------------------------------------------------------
+# Errors and exit status
+# ---------------------------------------------------------------------------
+
+
+def _is_permission_error(exc: DaemonUnavailable) -> bool:
+    return exc.errno in (errno.EACCES, errno.EPERM)
+
+
+def error_code_of(exc: BaseException) -> str:
+    """The ``<code>`` zonectl prints for a failure."""
+    if isinstance(exc, ZonedError):
+        return exc.code
+    if isinstance(exc, DaemonUnavailable):
+        return "permission_denied" if _is_permission_error(exc) else "unavailable"
+    if isinstance(exc, ConnectionLost):
+        return "connection_lost"
+    if isinstance(exc, ClientError):
+        return "protocol_error"
+    return "internal"
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit status for a failure (see the module docstring)."""
+    if isinstance(exc, ZonedError):
+        return EXIT_BY_ERROR_CODE.get(exc.code, EXIT_DAEMON_ERROR)
+    if isinstance(exc, DaemonUnavailable):
+        return EXIT_PERMISSION_DENIED if _is_permission_error(exc) else EXIT_UNAVAILABLE
+    if isinstance(exc, ConnectionLost):
+        return EXIT_UNAVAILABLE
+    return EXIT_DAEMON_ERROR
+
+
+def error_line(exc: ZonedError | ClientError) -> str:
+    """``zonectl: <code>: <message>``, always one line."""
+    return f"{PROG}: {error_code_of(exc)}: {_one_line(exc.message)}"
+
+
+# ---------------------------------------------------------------------------
+# Pure formatting
+# ---------------------------------------------------------------------------
+
+
+def _clean(text: str) -> str:
+    """Free text (reasons, paths) made safe for a terminal: control characters escaped."""
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
+def _one_line(text: str) -> str:
+    return _clean(" ".join(text.split()))
+
+
+def format_cpu_list(cpus: Iterable[int]) -> str:
+    """CPU ids as a compact sorted list, as in /sys: ``0-3,6,8-9``; ``-`` if none."""
+    ids = sorted(set(cpus))
+    if not ids:
+        return "-"
+    ranges: list[str] = []
+    start = previous = ids[0]
+    for cpu in [*ids[1:], None]:
+        if cpu is not None and cpu == previous + 1:
+            previous = cpu
+            continue
+        ranges.append(str(start) if start == previous else f"{start}-{previous}")
+        if cpu is not None:
+            start = previous = cpu
+    return ",".join(ranges)
+
+
+def format_mib(mib: int) -> str:
+    """``256MiB``, ``2GiB`` (GiB only when exact)."""
+    if mib >= 1024 and mib % 1024 == 0:
+        return f"{mib // 1024}GiB"
+    return f"{mib}MiB"
+
+
+def format_age(seconds: float) -> str:
+    """A coarse age, as ``ps`` and ``kubectl`` show it: ``42s``, ``5m``, ``3h``, ``2d``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        seconds = 0
+    whole = int(seconds)
+    if whole < 120:
+        return f"{whole}s"
+    if whole < 120 * 60:
+        return f"{whole // 60}m"
+    if whole < 48 * 3600:
+        return f"{whole // 3600}h"
+    return f"{whole // 86400}d"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A short duration with a decimal: ``1.3s``; ``-`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    return f"{seconds:.1f}s"
+
+
+def format_time(unix: float) -> str:
+    """A Unix time as UTC ISO 8601 with milliseconds: ``2024-05-01T12:00:00.123Z``."""
+    try:
+        moment = datetime.fromtimestamp(unix, UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(unix)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    """``k=v,k2=v2`` in key order; ``-`` if none."""
+    if not labels:
+        return "-"
+    return ",".join(f"{key}={_clean(labels[key])}" for key in sorted(labels))
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart, no trailing spaces; ends with a newline."""
+    all_rows = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in all_rows) for i in range(len(header))]
+    lines = []
+    for row in all_rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+ZONE_TABLE_HEADER = (
+    "NAME",
+    "STATE",
+    "VCPUS",
+    "MEM",
+    "CPUS",
+    "PROFILE",
+    "MACHINE",
+    "AGE",
+    "BOOT",
+)
+
+
+def _zone_cpus(zone: p.ZoneInfo) -> str:
+    return format_cpu_list(zone.cpus) if zone.cpus else zone.placement
+
+
+def _boot_time(zone: p.ZoneInfo) -> float | None:
+    return None if zone.ready_at is None else zone.ready_at - zone.created_at
+
+
+def format_zone_table(zones: Sequence[p.ZoneInfo], now: float) -> str:
+    """The ``list`` table, sorted by name.
+
+    CPUS is the set of host CPUs the vCPUs are pinned to (or the placement,
+    ``shared``, when unpinned); AGE counts from creation to ``now``; BOOT is
+    creation to ready (``-`` until then).
+    """
+    rows = [
+        (
+            zone.name,
+            zone.state,
+            str(zone.vcpus),
+            format_mib(zone.memory_mib),
+            _zone_cpus(zone),
+            _clean(zone.profile),
+            zone.machine,
+            format_age(now - zone.created_at),
+            format_seconds(_boot_time(zone)),
+        )
+        for zone in sorted(zones, key=lambda zone: zone.name)
+    ]
+    return format_table(ZONE_TABLE_HEADER, rows)
+
+
+def _block(pairs: Sequence[tuple[str, str]]) -> str:
+    width = max(len(key) for key, _ in pairs) + 2
+    return "".join(f"{(key + ':').ljust(width)}{value}".rstrip() + "\n" for key, value in pairs)
+
+
+def format_zone(zone: p.ZoneInfo, now: float) -> str:
+    """The ``show`` block: every field of one zone."""
+    pinning = (
+        " ".join(f"vcpu{index}:{cpu}" for index, cpu in enumerate(zone.cpus))
+        if zone.cpus
+        else "not pinned"
+    )
+    pairs: list[tuple[str, str]] = [
+        ("name", zone.name),
+        ("uuid", _clean(zone.uuid)),
+        ("state", zone.state),
+    ]
+    if zone.reason:
+        pairs.append(("reason", _one_line(zone.reason)))
+    pairs += [
+        ("vcpus", str(zone.vcpus)),
+        ("memory", format_mib(zone.memory_mib)),
+        ("placement", zone.placement),
+        ("cpus", pinning),
+        ("emulator cpus", format_cpu_list(zone.emulator_cpus)),
+        ("numa node", "-" if zone.numa_node is None else str(zone.numa_node)),
+        ("profile", _clean(zone.profile)),
+        ("kernel", _clean(zone.kernel_release) or "-"),
+        ("machine", f"{zone.machine} ({zone.accelerator})"),
+        ("labels", format_labels(zone.labels)),
+        ("created", f"{format_time(zone.created_at)} ({format_age(now - zone.created_at)} ago)"),
+    ]
+    if zone.ready_at is None:
+        pairs.append(("ready", "-"))
+    else:
+        pairs.append(
+            (
+                "ready",
+                f"{format_time(zone.ready_at)} (boot {format_seconds(_boot_time(zone))},"
+                f" guest kernel to agent {format_seconds(zone.guest_boot_s)})",
+            )
+        )
+    pairs.append(("console log", _clean(zone.console_log)))
+    return _block(pairs)
+
+
+def format_host(host: p.HostInfoData) -> str:
+    """The ``host`` report: a summary block, then one row per host CPU."""
+    online = [cpu.id for cpu in host.cpus if cpu.online]
+    reserved = [cpu.id for cpu in host.cpus if cpu.reserved]
+    pairs: list[tuple[str, str]] = [
+        ("accelerator", host.accelerator),
+        ("machine", f"{host.machine} (default for new zones)"),
+        (
+            "memory",
+            f"{host.memory_total_mib} MiB total, {host.memory_reserved_mib} MiB reserved,"
+            f" {host.memory_free_mib} MiB free",
+        ),
+        (
+            "cpus",
+            f"{len(host.cpus)} ({len(online)} online: {format_cpu_list(online)};"
+            f" reserved: {format_cpu_list(reserved)})",
+        ),
+        ("free exclusive", format_cpu_list(host.cpus_free_exclusive)),
+        ("shared pool", format_cpu_list(host.shared_pool)),
+        ("zones", str(host.zone_count)),
+    ]
+    for index, node in enumerate(sorted(host.numa_nodes, key=lambda node: node.id)):
+        pairs.append(
+            (
+                "numa nodes" if index == 0 else "",
+                f"node {node.id}: cpus {format_cpu_list(node.cpus)}, {node.memory_mib} MiB",
+            )
+        )
+    if not host.numa_nodes:
+        pairs.append(("numa nodes", "-"))
+    for index, kernel in enumerate(sorted(host.kernels, key=lambda kernel: kernel.profile)):
+        pairs.append(
+            (
+                "kernels" if index == 0 else "",
+                f"{_clean(kernel.profile)}: {_clean(kernel.kernel_release)}"
+                f" (sha256 {kernel.image_sha256[:12]})",
+            )
+        )
+    if not host.kernels:
+        pairs.append(("kernels", "none"))
+    # Continuation lines have an empty key: print them without the colon.
+    width = max(len(key) for key, _ in pairs) + 2
+    summary = "".join(
+        (f"{(key + ':').ljust(width)}" if key else " " * width) + value + "\n"
+        for key, value in pairs
+    )
+    rows = [
+        (
+            str(cpu.id),
+            "-" if not cpu.online else "online",
+            str(cpu.node),
+            "-" if cpu.package is None else str(cpu.package),
+            "-" if cpu.core is None else str(cpu.core),
+            "yes" if cpu.reserved else "no",
+            cpu.allocated_to or "-",
+        )
+        for cpu in sorted(host.cpus, key=lambda cpu: cpu.id)
+    ]
+    table = format_table(("CPU", "STATE", "NODE", "PACKAGE", "CORE", "RESERVED", "ZONE"), rows)
+    return summary + "\n" + table
+
+
+def format_event(event: p.Event) -> str:
+    """One ``watch`` line (no newline): time, sequence number, what happened."""
+    head = f"{format_time(event.time)} #{event.seq}"
+    reason = f" ({_one_line(event.reason)})" if event.reason else ""
+    if event.kind == "zone_state":
+        previous = _clean(event.previous) or "-"
+        return f"{head} zone {_clean(event.zone)}: {previous} -> {_clean(event.state)}{reason}"
+    if event.kind in ("cpu_online", "cpu_offline"):
+        cpu = "?" if event.cpu is None else str(event.cpu)
+        return f"{head} cpu {cpu} {event.kind.removeprefix('cpu_')}{reason}"
+    if event.kind == "daemon":
+        return f"{head} daemon: {_one_line(event.reason) or '-'}"
+    return f"{head} {_clean(str(event.kind))}{reason}"
+
+
+def to_plain(value: Any) -> Any:
+    """Records as plain JSON-able values with every field (``omit_defaults`` undone)."""
+    if isinstance(value, msgspec.Struct):
+        return {name: to_plain(getattr(value, name)) for name in value.__struct_fields__}
+    if isinstance(value, list | tuple):
+        return [to_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    return value
+
+
+def format_json(value: Any) -> str:
+    """One line of JSON (no newline) for ``--json``."""
+    return msgspec.json.encode(to_plain(value)).decode()
+
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (the value may be empty; the daemon checks both)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number >= 1, got 0")
+    return value
+
+
+def _global_options(after_command: bool) -> argparse.ArgumentParser:
+    """``--socket`` and ``--json``, accepted before and after the command.
+
+    After it they default to SUPPRESS, so as not to reset what came before
+    it. Each parser gets its own instance: parents share action objects, and
+    set_defaults would change them for every parser at once.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS if after_command else None,
+        help=f"the daemon's socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET})",
+    )
+    options.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if after_command else False,
+        help="machine-readable output: one JSON document per line",
+    )
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; :func:`parse_args` adds the checks argparse cannot do."""
+    common = _global_options(after_command=True)
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Manage zones: small VMs with their own hardened kernel, run by zoned.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(after_command=False)],
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[common],
+            epilog=EXIT_STATUS_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    command("host", "show the host: accelerator, CPUs, memory, kernels")
+
+    create = command("create", "create a zone and wait until it is ready")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--vcpus", type=_positive_int, default=1, metavar="N")
+    create.add_argument("--memory", type=_positive_int, default=256, metavar="MIB")
+    create.add_argument("--profile", default="strict", metavar="P", help="guest kernel profile")
+    create.add_argument("--placement", choices=("shared", "exclusive"), default="shared")
+    create.add_argument(
+        "--machine", choices=("microvm", "q35"), default=None, help="default: the daemon's"
+    )
+    create.add_argument(
+        "--label",
+        dest="labels",
+        type=parse_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="repeatable",
+    )
+    create.add_argument(
+        "--kernel-arg",
+        dest="kernel_args",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra guest kernel argument; repeatable",
+    )
+
+    list_ = command("list", "list zones")
+    list_.add_argument(
+        "--label",
+        dest="labels",
+        type=parse_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only zones with this label; repeatable (all must match)",
+    )
+
+    show = command("show", "show one zone")
+    show.add_argument("name", metavar="NAME")
+
+    destroy = command("destroy", "destroy zones")
+    destroy.add_argument("names", metavar="NAME", nargs="+")
+
+    command("watch", "print events as they happen, one per line, until Ctrl-C")
+
+    logs = command("logs", "write a zone's serial console log (raw bytes) to stdout")
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep writing new output")
+    logs.add_argument(
+        "--tail", type=_non_negative_int, default=None, metavar="BYTES", help="last BYTES only"
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; exits (status 2) on a usage error.
+
+    ``labels`` becomes a dict; a key given twice is a usage error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "labels"):
+        labels: dict[str, str] = {}
+        for key, value in args.labels:
+            if key in labels:
+                parser.error(f"label {key!r} given more than once")
+            labels[key] = value
+        args.labels = labels
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Running commands
+# ---------------------------------------------------------------------------
+
+
+class _Output:
+    def __init__(self, stdout: TextIO, stderr: TextIO, json: bool) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+        self.json = json
+
+    def text(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def record(self, value: Any, human: str) -> None:
+        self.text(format_json(value) + "\n" if self.json else human)
+
+    def error(self, exc: ZonedError | ClientError) -> None:
+        self.stderr.write(error_line(exc) + "\n")
+        self.stderr.flush()
+
+    def binary(self) -> BinaryIO:
+        buffer = getattr(self.stdout, "buffer", None)
+        if buffer is None:
+            raise TypeError("stdout has no binary buffer")
+        self.stdout.flush()
+        return buffer  # type: ignore[no-any-return]
+
+
+async def _destroy(client: Client, names: Sequence[str], out: _Output) -> int:
+    results: list[p.ZoneInfo | ZonedError | ClientError | None] = [None] * len(names)
+
+    async def one(index: int, name: str) -> None:
+        try:
+            results[index] = await client.destroy_zone(name)
+        except (ZonedError, ClientError) as exc:
+            results[index] = exc
+
+    async with trio.open_nursery() as nursery:
+        for index, name in enumerate(names):
+            nursery.start_soon(one, index, name)
+
+    status = EXIT_OK
+    destroyed: list[p.ZoneInfo] = []
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, p.ZoneInfo):
+            destroyed.append(result)
+            if not out.json:
+                out.text(f"destroyed {name} ({result.state})\n")
+        elif result is not None:
+            out.error(result)
+            if status == EXIT_OK:
+                status = exit_code_for(result)
+    if out.json:
+        out.text(format_json(destroyed) + "\n")
+    return status
+
+
+async def _run(args: argparse.Namespace, out: _Output) -> int:
+    async with Client.connect(args.socket, PROG) as client:
+        match args.command:
+            case "host":
+                host = await client.host_info()
+                out.record(host, format_host(host))
+            case "create":
+                zone = await client.create_zone(
+                    args.name,
+                    vcpus=args.vcpus,
+                    memory_mib=args.memory,
+                    profile=args.profile,
+                    kernel_args=args.kernel_args,
+                    placement=args.placement,
+                    labels=args.labels,
+                    machine=args.machine,
+                )
+                out.record(zone, format_zone(zone, time.time()))
+            case "list":
+                zones = await client.list_zones(args.labels)
+                out.record(zones, format_zone_table(zones, time.time()))
+            case "show":
+                zone = await client.get_zone(args.name)
+                out.record(zone, format_zone(zone, time.time()))
+            case "destroy":
+                return await _destroy(client, args.names, out)
+            case "watch":
+                async for event in client.watch_events():
+                    out.text((format_json(event) if out.json else format_event(event)) + "\n")
+            case "logs":
+                sink = out.binary()
+                async for chunk in client.console_log(args.name, args.follow, args.tail):
+                    sink.write(chunk)
+                    sink.flush()
+            case _:  # pragma: no cover - argparse only accepts the commands above
+                raise AssertionError(args.command)
+    return EXIT_OK
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _silence_stdout() -> None:
+    # Python would complain again flushing the dead pipe at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run zonectl; returns the exit status (see the module docstring)."""
+    try:
+        try:
+            args = parse_args(argv)
+        except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+            return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+        out = _Output(sys.stdout, sys.stderr, args.json)
+        try:
+            return trio.run(_run, args, out)
+        except BaseException as raised:
+            if isinstance(raised, BaseExceptionGroup) and raised.subgroup(KeyboardInterrupt):
+                return EXIT_INTERRUPTED
+            failure = _single(raised)
+            if isinstance(failure, ZonedError | ClientError):
+                out.error(failure)
+                return exit_code_for(failure)
+            if isinstance(failure, BrokenPipeError):
+                _silence_stdout()
+                return EXIT_BROKEN_PIPE
+            raise
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

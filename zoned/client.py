@@ -1,0 +1,569 @@
+"""The typed client of the zoned control socket (async, trio), and a sync wrapper.
+
+Usage::
+
+    async with Client.connect() as client:          # or: async with open_client() as client
+        zone = await client.create_zone("web", vcpus=2, labels={"team": "a"})
+        async with contextlib.aclosing(client.watch_events()) as events:
+            async for event in events:
+                ...
+
+Rules:
+
+- One connection per :class:`Client`. Entering it opens the unix socket and
+  does the ``hello`` handshake; leaving it closes the connection, which is
+  also what ends the daemon's side of every stream still running on it.
+- One reader task per client, in a nursery the client owns, reads every reply
+  and hands it to the request waiting for its ``id``. Requests and streams may
+  therefore run concurrently on one client from many tasks; ids are allocated
+  incrementally from 1.
+- A reply is one of: the expected record, or an ``error_reply``, which is
+  raised as the typed :class:`~zoned.errors.ZonedError` of its code
+  (:func:`~zoned.errors.error_from_code`). Failures that the daemon did not
+  report are :class:`ClientError`: :class:`DaemonUnavailable` (no socket, no
+  permission to open it), :class:`ConnectionLost` (the daemon went away or
+  broke the connection) and :class:`ProtocolError` (a reply that makes no
+  sense).
+- Streams (:meth:`Client.watch_events`, :meth:`Client.console_log`) are async
+  generators. Close one that you leave early (``contextlib.aclosing``): until
+  then its replies queue up, and once its small buffer is full the reader
+  waits for it, stalling every other request on the connection. The protocol
+  has no "stop this stream" request: the daemon keeps sending an abandoned
+  stream's replies (the client drops them) until the connection closes, so a
+  long-lived program that starts and stops watches should give each its own
+  :class:`Client`.
+- A request is written whole or not at all: a cancellation already pending
+  stops it before the first byte, and the write itself is shielded (requests
+  are small). Cancelling the wait for a reply is always safe; the late reply
+  is dropped.
+- Callers own timeouts: wrap calls in ``trio.move_on_after`` / ``fail_after``.
+
+:class:`SyncClient` is for scripts: each method runs ``trio.run``, opening a
+connection, doing one request and closing it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import trio
+
+from zoned import protocol as p
+from zoned.errors import InvalidRequest, ZonedError, error_from_code
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "SOCKET_ENV",
+    "Client",
+    "ClientError",
+    "ConnectionLost",
+    "DaemonUnavailable",
+    "ProtocolError",
+    "SyncClient",
+    "default_socket_path",
+    "open_client",
+]
+
+#: Where the daemon listens unless configured otherwise (``Config.socket_path``).
+DEFAULT_SOCKET = Path("/run/zoned/zoned.sock")
+#: Environment variable naming another socket; an explicit ``path`` wins over it.
+SOCKET_ENV = "ZONED_SOCKET"
+
+RECEIVE_CHUNK = 64 * 1024
+#: Replies buffered per stream before the reader waits for its consumer.
+STREAM_BUFFER = 64
+_MAX_REQUEST_ID = 2**32 - 1
+
+_T = TypeVar("_T")
+_R = TypeVar("_R", bound=p.Reply)
+
+
+# ---------------------------------------------------------------------------
+# Errors the daemon did not report
+# ---------------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """The request failed on the client's side: there is no daemon error code for it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DaemonUnavailable(ClientError, OSError):
+    """The control socket could not be opened: zoned is not running, or not for us.
+
+    An :class:`OSError` too, with the ``errno`` of the failed connect
+    (``ENOENT``, ``ECONNREFUSED``, ``EACCES``...); ``path`` is the socket.
+    """
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        code = cause.errno
+        if code == errno.ENOENT:
+            why = "no such socket (is zoned running? is this its socket path?)"
+        elif code == errno.ECONNREFUSED:
+            why = "connection refused (the socket exists but nothing listens: is zoned running?)"
+        elif code in (errno.EACCES, errno.EPERM):
+            why = "permission denied (only root and members of the zoned group may connect)"
+        else:
+            why = f"{cause.strerror or cause} (is zoned running? are you in the zoned group?)"
+        message = f"cannot connect to zoned at {path}: {why}"
+        ClientError.__init__(self, message)
+        OSError.__init__(self, code, message)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConnectionLost(ClientError):
+    """The connection closed or broke before the reply came."""
+
+
+class ProtocolError(ClientError):
+    """The daemon sent something this client cannot make sense of."""
+
+
+def default_socket_path() -> Path:
+    """``$ZONED_SOCKET`` if set (and not empty), else :data:`DEFAULT_SOCKET`."""
+    return Path(os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
+
+
+# ---------------------------------------------------------------------------
+# The async client
+# ---------------------------------------------------------------------------
+
+
+class Client:
+    """A connection to zoned. Use as ``async with Client.connect(path) as client``.
+
+    After entering, :attr:`server` and :attr:`version` hold what the daemon
+    said in its hello reply. Every method may raise the typed
+    :class:`~zoned.errors.ZonedError` the daemon answered with, or a
+    :class:`ClientError`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        client_name: str = "zonectl",
+        *,
+        max_frame: int = p.DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.path = Path(path) if path is not None else default_socket_path()
+        self.client_name = client_name
+        self.max_frame = max_frame
+        #: Set by the handshake.
+        self.server = ""
+        self.version = 0
+        self._stream: trio.SocketStream | None = None
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._send_lock = trio.Lock()
+        self._waiters: dict[int, trio.MemorySendChannel[p.Reply]] = {}
+        self._next_id = 1
+        # Why the connection is unusable, as a factory: each waiter raises its
+        # own exception object (they are raised from many tasks).
+        self._failure: Callable[[], Exception] | None = None
+        self._entered = False
+
+    @classmethod
+    def connect(
+        cls,
+        path: str | Path | None = None,
+        client_name: str = "zonectl",
+        *,
+        max_frame: int = p.DEFAULT_MAX_FRAME,
+    ) -> Client:
+        """A client for the socket at ``path`` (default: :func:`default_socket_path`).
+
+        Nothing happens until it is entered with ``async with``, which
+        connects and shakes hands, raising :class:`DaemonUnavailable`, the
+        daemon's error (e.g. :class:`~zoned.errors.PermissionDenied`,
+        :class:`~zoned.errors.UnsupportedVersion`) or :class:`ConnectionLost`.
+        """
+        return cls(path, client_name, max_frame=max_frame)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Client:
+        if self._entered:
+            raise RuntimeError("a Client can be entered only once")
+        self._entered = True
+        try:
+            stream = await trio.open_unix_socket(str(self.path))
+        except OSError as exc:
+            raise DaemonUnavailable(self.path, exc) from exc
+        self._stream = stream
+        # The nursery is entered and exited by hand so that an exception from
+        # the body of ``async with client`` never passes through it: callers
+        # see their own exception, not an ExceptionGroup around it. The
+        # reader, its only task, never raises (but Cancelled).
+        manager = trio.open_nursery()
+        try:
+            self._nursery = await manager.__aenter__()
+        except BaseException:
+            await self._close()
+            raise
+        self._nursery_manager = manager
+        self._nursery.start_soon(self._read_replies)
+        try:
+            reply = await self._call(
+                lambda id: p.Hello(id=id, versions=[p.PROTOCOL_VERSION], client=self.client_name)
+            )
+            hello = _expect(reply, p.HelloReply)
+        except BaseException:
+            await self._shutdown()
+            raise
+        self.server = hello.server
+        self.version = hello.version
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self._shutdown()
+
+    async def aclose(self) -> None:
+        """Close the connection (also done by leaving ``async with``); idempotent."""
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        manager, self._nursery_manager = self._nursery_manager, None
+        if manager is None:
+            return
+        self._fail(_lost("the client was closed"))
+        try:
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+            await manager.__aexit__(None, None, None)
+        finally:
+            self._nursery = None
+            await self._close()
+
+    async def _close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    def _fail(self, failure: Callable[[], Exception]) -> None:
+        """Mark the connection unusable and wake every waiter with ``failure``."""
+        if self._failure is None:
+            self._failure = failure
+        waiters, self._waiters = self._waiters, {}
+        for send in waiters.values():
+            send.close()
+
+    # ------------------------------------------------------------ the reader
+
+    async def _read_replies(self) -> None:
+        """The reader task: dispatch replies by id until the connection ends.
+
+        Never raises but Cancelled: whatever ends it becomes the connection's
+        failure, raised to every waiter present and future.
+        """
+        assert self._stream is not None
+        decoder = p.FrameDecoder(self.max_frame)
+        failure = _lost("the client stopped reading")
+        try:
+            while self._failure is None:
+                data = await self._stream.receive_some(RECEIVE_CHUNK)
+                if not data:
+                    failure = _lost("the daemon closed the connection")
+                    return
+                decoder.feed(data)
+                while self._failure is None and (frame := decoder.next_frame()) is not None:
+                    await self._dispatch(p.decode_reply(frame))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            failure = _lost(f"the connection to the daemon broke: {exc}")
+        except ZonedError as exc:  # FrameError, or InvalidRequest from decode_reply
+            failure = _protocol_error(f"invalid data from the daemon: {exc.message}")
+        except Exception as exc:
+            failure = _protocol_error(f"the client's reader failed: {exc!r}")
+        finally:
+            self._fail(failure)
+
+    async def _dispatch(self, reply: p.Reply) -> None:
+        if isinstance(reply, p.ErrorReply) and reply.id == 0:
+            # Not about any request: the daemon is dropping the connection.
+            code, message = reply.code, reply.message
+            self._fail(lambda: error_from_code(code, message))
+            return
+        send = self._waiters.get(reply.id)
+        if send is None:
+            return  # an abandoned request or stream: drop its replies
+        final = not isinstance(reply, p.EventReply | p.LogChunk)
+        try:
+            # Blocks while a stream's consumer lags: that is the backpressure
+            # that lets the daemon notice a slow watcher.
+            await send.send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            final = True  # the waiter has gone
+        if final:
+            self._waiters.pop(reply.id, None)
+            send.close()
+
+    # ------------------------------------------------------------ requests
+
+    def _allocate_id(self) -> int:
+        while True:
+            request_id = self._next_id
+            self._next_id = 1 if request_id >= _MAX_REQUEST_ID else request_id + 1
+            if request_id not in self._waiters:
+                return request_id
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure()
+        if self._stream is None:
+            raise ConnectionLost("the client is not connected (use `async with Client.connect()`)")
+
+    async def _start(
+        self, build: Callable[[int], p.Request], buffer: int
+    ) -> tuple[int, trio.MemoryReceiveChannel[p.Reply]]:
+        """Send one request; returns its id and the channel its replies arrive on.
+
+        The caller closes the channel (``with``) and then calls :meth:`_forget`.
+        """
+        self._raise_failure()
+        request_id = self._allocate_id()
+        try:
+            request = build(request_id)
+        except ValueError as exc:  # a __post_init__ check, e.g. kernel_args too long
+            raise InvalidRequest(str(exc)) from None
+        frame = p.encode_frame(request, self.max_frame)
+        send, receive = trio.open_memory_channel[p.Reply](buffer)
+        self._waiters[request_id] = send
+        try:
+            async with self._send_lock:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                self._raise_failure()
+                assert self._stream is not None
+                with trio.CancelScope(shield=True):
+                    await self._stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._forget(request_id)
+            receive.close()
+            message = f"could not send to the daemon: {exc}"
+            self._fail(_lost(message))
+            raise ConnectionLost(message) from exc
+        except BaseException:
+            self._forget(request_id)
+            receive.close()
+            raise
+        return request_id, receive
+
+    def _forget(self, request_id: int) -> None:
+        send = self._waiters.pop(request_id, None)
+        if send is not None:
+            send.close()
+
+    async def _receive(self, replies: trio.MemoryReceiveChannel[p.Reply]) -> p.Reply:
+        """The next reply; raises the daemon's error for an ``error_reply``."""
+        try:
+            reply = await replies.receive()
+        except trio.EndOfChannel:
+            self._raise_failure()
+            raise ConnectionLost("the connection closed before the reply came") from None
+        if isinstance(reply, p.ErrorReply):
+            raise error_from_code(reply.code, reply.message)
+        return reply
+
+    async def _call(self, build: Callable[[int], p.Request]) -> p.Reply:
+        """One request, one reply."""
+        request_id, replies = await self._start(build, 1)
+        try:
+            with replies:
+                return await self._receive(replies)
+        finally:
+            self._forget(request_id)
+
+    # ------------------------------------------------------------ the API
+
+    async def host_info(self) -> p.HostInfoData:
+        """The host: accelerator, CPUs, NUMA nodes, free capacity, kernels."""
+        reply = await self._call(lambda id: p.HostInfo(id=id))
+        return _expect(reply, p.HostInfoReply).host
+
+    async def create_zone(
+        self,
+        name: str,
+        *,
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        profile: str = "strict",
+        kernel_args: Iterable[str] = (),
+        placement: p.Placement = "shared",
+        labels: Mapping[str, str] | None = None,
+        machine: p.Machine | None = None,
+    ) -> p.ZoneInfo:
+        """Create and boot a zone; returns once it is ready (the daemon raises if it fails).
+
+        The daemon validates every value; bad ones are
+        :class:`~zoned.errors.InvalidRequest`.
+        """
+        args = list(kernel_args)
+        label_dict = dict(labels or {})
+        reply = await self._call(
+            lambda id: p.CreateZone(
+                id=id,
+                name=name,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                profile=profile,
+                kernel_args=args,
+                placement=placement,
+                labels=label_dict,
+                machine=machine,
+            )
+        )
+        return _expect(reply, p.ZoneReply).zone
+
+    async def get_zone(self, name: str) -> p.ZoneInfo:
+        """One zone; :class:`~zoned.errors.NotFound` if there is none by that name."""
+        reply = await self._call(lambda id: p.GetZone(id=id, name=name))
+        return _expect(reply, p.ZoneReply).zone
+
+    async def list_zones(self, labels: Mapping[str, str] | None = None) -> list[p.ZoneInfo]:
+        """Every zone carrying all of ``labels`` (every zone when empty)."""
+        label_dict = dict(labels or {})
+        reply = await self._call(lambda id: p.ListZones(id=id, labels=label_dict))
+        return _expect(reply, p.ZoneListReply).zones
+
+    async def destroy_zone(self, name: str) -> p.ZoneInfo:
+        """Stop a zone for good; returns its final record (state ``stopped``)."""
+        reply = await self._call(lambda id: p.DestroyZone(id=id, name=name))
+        return _expect(reply, p.ZoneReply).zone
+
+    async def watch_events(self) -> AsyncIterator[p.Event]:
+        """Events from now on, until the connection closes or the daemon cuts the stream.
+
+        An async generator: close it when you stop early
+        (``async with contextlib.aclosing(client.watch_events()) as events``).
+        """
+        request_id, replies = await self._start(lambda id: p.WatchEvents(id=id), STREAM_BUFFER)
+        try:
+            with replies:
+                while not isinstance(reply := await self._receive(replies), p.StreamEnd):
+                    yield _expect(reply, p.EventReply).event
+        finally:
+            self._forget(request_id)
+
+    async def console_log(
+        self, name: str, follow: bool = False, tail_bytes: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """A zone's serial console output as raw byte chunks (not lines, not UTF-8).
+
+        Without ``follow`` it ends at the log's current end; with it, it goes
+        on until closed. ``tail_bytes`` starts that many bytes before the end.
+        An async generator: close it when you stop early (``contextlib.aclosing``).
+        """
+        request_id, replies = await self._start(
+            lambda id: p.ConsoleLog(id=id, name=name, follow=follow, tail_bytes=tail_bytes),
+            STREAM_BUFFER,
+        )
+        try:
+            with replies:
+                while not isinstance(reply := await self._receive(replies), p.StreamEnd):
+                    yield _expect(reply, p.LogChunk).data
+        finally:
+            self._forget(request_id)
+
+
+def open_client(
+    path: str | Path | None = None,
+    client_name: str = "zonectl",
+    *,
+    max_frame: int = p.DEFAULT_MAX_FRAME,
+) -> Client:
+    """``async with open_client() as client``: the same as :meth:`Client.connect`."""
+    return Client.connect(path, client_name, max_frame=max_frame)
+
+
+def _expect(reply: p.Reply, kind: type[_R]) -> _R:
+    if not isinstance(reply, kind):
+        raise ProtocolError(
+            f"unexpected reply from the daemon: {type(reply).__name__}, expected {kind.__name__}"
+        )
+    return reply
+
+
+def _lost(message: str) -> Callable[[], Exception]:
+    return lambda: ConnectionLost(message)
+
+
+def _protocol_error(message: str) -> Callable[[], Exception]:
+    return lambda: ProtocolError(message)
+
+
+# ---------------------------------------------------------------------------
+# The sync wrapper
+# ---------------------------------------------------------------------------
+
+
+class SyncClient:
+    """Blocking calls for scripts: each one is a ``trio.run`` with its own connection.
+
+    Not for use inside a running trio (or asyncio) loop, and not for streams:
+    use :class:`Client` for those.
+    """
+
+    def __init__(self, path: str | Path | None = None, client_name: str = "zonectl") -> None:
+        self.path = Path(path) if path is not None else default_socket_path()
+        self.client_name = client_name
+
+    def _run(self, call: Callable[[Client], Awaitable[_T]]) -> _T:
+        async def one_call() -> _T:
+            async with Client.connect(self.path, self.client_name) as client:
+                return await call(client)
+
+        return trio.run(one_call)
+
+    def host_info(self) -> p.HostInfoData:
+        return self._run(lambda client: client.host_info())
+
+    def create_zone(
+        self,
+        name: str,
+        *,
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        profile: str = "strict",
+        kernel_args: Iterable[str] = (),
+        placement: p.Placement = "shared",
+        labels: Mapping[str, str] | None = None,
+        machine: p.Machine | None = None,
+    ) -> p.ZoneInfo:
+        return self._run(
+            lambda client: client.create_zone(
+                name,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                profile=profile,
+                kernel_args=kernel_args,
+                placement=placement,
+                labels=labels,
+                machine=machine,
+            )
+        )
+
+    def get_zone(self, name: str) -> p.ZoneInfo:
+        return self._run(lambda client: client.get_zone(name))
+
+    def list_zones(self, labels: Mapping[str, str] | None = None) -> list[p.ZoneInfo]:
+        return self._run(lambda client: client.list_zones(labels))
+
+    def destroy_zone(self, name: str) -> p.ZoneInfo:
+        return self._run(lambda client: client.destroy_zone(name))
