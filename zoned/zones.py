@@ -348,12 +348,12 @@ class ZoneManager:
 
         def on_hello(facts: AgentFacts) -> None:
             boot_s = facts.boot_s if math.isfinite(facts.boot_s) and facts.boot_s >= 0 else None
-            changes: dict[str, Any] = {
-                "kernel_release": facts.kernel_release[:128],
-                "guest_boot_s": boot_s,
-            }
-            if zone.record.state == "booting":
+            changes: dict[str, Any] = {"kernel_release": facts.kernel_release[:128]}
+            # A hello after a daemon restart (re-adoption) or a reconnect is not
+            # a boot: the first boot's figures stay.
+            if zone.record.ready_at is None:
                 changes["ready_at"] = time.time()
+                changes["guest_boot_s"] = boot_s
             self._set(zone, "agent_hello", changes=changes)
 
         def on_heartbeat(reply: HeartbeatReply) -> None:

@@ -1,0 +1,386 @@
+"""The daemon as operators run it: a ``zoned`` process on a real libvirtd,
+booting real zones (our kernel, our agent) under the accelerator it probes.
+
+One daemon serves the whole module (it is restarted once, by the kill -9
+test); zones are shared between checks where a test allows. Needs what
+``.ci/run`` sets up: libvirtd on qemu:///system and a built strict kernel.
+Every zone here is named ``it-*``; the module removes leftovers of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+import trio
+
+from zoned import protocol as p
+from zoned.client import Client
+from zoned.errors import Conflict, HypervisorError, NoCapacity, NotFound
+from zoned.kernel.build import DEFAULT_STORE
+from zoned.zones import domain_name
+
+pytestmark = pytest.mark.integration
+
+URI = "qemu:///system"
+START_TIMEOUT_S = 90.0
+# Generous: several TCG boots share two host cores.
+CALL_TIMEOUT_S = 120.0
+
+
+class DaemonProcess:
+    """``zoned --config`` in a subprocess with every path in one temporary directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "zoned.toml"
+        self.socket = root / "zoned.sock"
+        self.log = root / "zoned.log"
+        self.config.write_text(
+            "\n".join(
+                [
+                    f'socket_path = "{self.socket}"',
+                    f'state_dir = "{root / "state"}"',
+                    f'runtime_dir = "{root / "run"}"',
+                    f'log_dir = "{root / "log"}"',
+                    f'kernel_store = "{DEFAULT_STORE}"',
+                    f'libvirt_uri = "{URI}"',
+                    "reserved_memory_mib = 512",
+                    "boot_timeout_s = 60.0",
+                    "heartbeat_interval_s = 1.0",
+                    "",
+                ]
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zoned.daemon", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"zoned exited with {self.proc.returncode}:\n{self.log_text()}")
+            if b"zoned ready" in self.log.read_bytes()[offset:]:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"zoned did not become ready in {START_TIMEOUT_S}s:\n{self.log_text()}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd stops it; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def record_path(self, zone: str) -> Path:
+        return self.root / "state" / "zones" / f"{zone}.json"
+
+
+def own_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
+    return [d for d in conn.listAllDomains() if d.name().startswith(domain_name("it-"))]
+
+
+@pytest.fixture(scope="module")
+def libvirt_conn() -> Iterator[libvirt.virConnect]:
+    try:
+        conn = libvirt.open(URI)
+    except libvirt.libvirtError as exc:
+        pytest.fail(f"libvirtd does not answer on {URI} (run tools/host-setup): {exc}")
+    try:
+        yield conn
+    finally:
+        for dom in own_domains(conn):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def zoned(libvirt_conn: libvirt.virConnect) -> Iterator[DaemonProcess]:
+    if not (DEFAULT_STORE / "strict").exists():
+        pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
+    root = Path(tempfile.mkdtemp(prefix="zi-", dir="/tmp"))
+    # QEMU runs as an unprivileged user and must reach the agent sockets below.
+    root.chmod(0o711)
+    daemon = DaemonProcess(root)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        status = daemon.stop()
+        log = daemon.log_text()
+        for dom in own_domains(libvirt_conn):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+        assert status == 0, f"zoned exited with {status} on SIGTERM:\n{log}"
+
+
+@contextlib.asynccontextmanager
+async def connect(daemon: DaemonProcess) -> AsyncIterator[Client]:
+    async with Client.connect(daemon.socket, client_name="it") as client:
+        yield client
+
+
+def qemu_pid(zone: str) -> int:
+    return int(Path(f"/run/libvirt/qemu/{domain_name(zone)}.pid").read_text())
+
+
+def thread_affinity(pid: int) -> dict[str, str]:
+    """Each QEMU thread's name and its Cpus_allowed_list, as the kernel sees them."""
+    threads: dict[str, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = dict(
+                line.split(":\t", 1)
+                for line in (task / "status").read_text().splitlines()
+                if ":\t" in line
+            )
+            threads[f"{fields['Name'].strip()}#{task.name}"] = fields["Cpus_allowed_list"].strip()
+    return threads
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+async def collect_events(
+    client: Client, into: list[p.Event], *, task_status: trio.TaskStatus[None]
+) -> None:
+    async with contextlib.aclosing(client.watch_events()) as events:
+        task_status.started()
+        async for event in events:
+            into.append(event)
+
+
+def states_of(events: list[p.Event], zone: str) -> list[str]:
+    return [e.state for e in events if e.kind == "zone_state" and e.zone == zone]
+
+
+async def wait_for_state(events: list[p.Event], zone: str, state: str) -> p.Event:
+    with trio.fail_after(CALL_TIMEOUT_S):
+        while True:
+            for event in events:
+                if event.kind == "zone_state" and event.zone == zone and event.state == state:
+                    return event
+            await trio.sleep(0.05)
+
+
+async def test_create_ready_pinned_logged_listed_destroyed(
+    zoned: DaemonProcess, libvirt_conn: libvirt.virConnect
+) -> None:
+    events: list[p.Event] = []
+    async with connect(zoned) as client, trio.open_nursery() as nursery:
+        await nursery.start(collect_events, client, events)
+        host = await client.host_info()
+        assert host.accelerator in ("kvm", "tcg")
+        with trio.fail_after(CALL_TIMEOUT_S):
+            zone = await client.create_zone(
+                "it-one", placement="exclusive", labels={"suite": "it", "test": "one"}
+            )
+        assert zone.state == "ready", zone
+        assert zone.kernel_release.startswith("6.12"), zone
+        assert zone.ready_at is not None and zone.ready_at >= zone.created_at
+        # Every transition was an event, in order.
+        await wait_for_state(events, "it-one", "ready")
+        assert states_of(events, "it-one") == ["creating", "booting", "ready"]
+
+        # Placement: one whole host core, and both the kernel and libvirt agree.
+        assert len(zone.cpus) == 1 and zone.numa_node is not None
+        pinned = zone.cpus[0]
+        dom = libvirt_conn.lookupByName(domain_name("it-one"))
+        libvirt_view = dom.vcpuPinInfo(0)[0]
+        assert {i for i, on in enumerate(libvirt_view) if on} == {pinned}
+        threads = thread_affinity(qemu_pid("it-one"))
+        vcpu_threads = {name: cpus for name, cpus in threads.items() if name.startswith("CPU ")}
+        assert vcpu_threads, threads
+        for name, cpus in vcpu_threads.items():
+            assert parse_cpu_list(cpus) == {pinned}, (name, threads)
+        emulator = set(zone.emulator_cpus)
+        others = [c for n, c in threads.items() if not n.startswith("CPU ")]
+        assert others and all(parse_cpu_list(c) == emulator for c in others), threads
+        # The domain's XML carries the same record as the state directory.
+        assert "zoned" in dom.XMLDesc(0) and zoned.record_path("it-one").exists()
+
+        # Listing, with and without label filters.
+        assert [z.name for z in await client.list_zones()] == ["it-one"]
+        assert [z.name for z in await client.list_zones({"test": "one"})] == ["it-one"]
+        assert await client.list_zones({"test": "two"}) == []
+        assert (await client.get_zone("it-one")).cpus == [pinned]
+
+        # The serial console reached its log, and the log streams.
+        log = b""
+        async with contextlib.aclosing(client.console_log("it-one")) as chunks:
+            async for chunk in chunks:
+                log += chunk
+        assert b"zoned-agent: host connected" in log, log[-2000:]
+
+        # Names collide: a second create of the same name changes nothing.
+        with pytest.raises(Conflict):
+            await client.create_zone("it-one")
+        assert (await client.get_zone("it-one")).uuid == zone.uuid
+
+        # A zone that does not fit is refused whole.
+        with pytest.raises(NoCapacity):
+            await client.create_zone("it-big", vcpus=len(host.cpus) + 1, placement="exclusive")
+        assert libvirt_conn.lookupByName(domain_name("it-one")).isActive()
+        with pytest.raises(NotFound):
+            await client.get_zone("it-big")
+
+        final = await client.destroy_zone("it-one")
+        assert final.state == "stopped"
+        await wait_for_state(events, "it-one", "stopped")
+        assert states_of(events, "it-one")[-2:] == ["stopping", "stopped"]
+        with pytest.raises(NotFound):
+            await client.get_zone("it-one")
+        assert not own_domains(libvirt_conn)
+        assert not zoned.record_path("it-one").exists()
+        nursery.cancel_scope.cancel()
+
+
+async def test_three_zones_at_once(zoned: DaemonProcess, libvirt_conn: libvirt.virConnect) -> None:
+    names = ["it-par-0", "it-par-1", "it-par-2"]
+    created: dict[str, p.ZoneInfo] = {}
+    async with connect(zoned) as client:
+
+        async def create(name: str) -> None:
+            with trio.fail_after(CALL_TIMEOUT_S * 2):
+                created[name] = await client.create_zone(name, memory_mib=192)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(create, name)
+        assert all(created[n].state == "ready" for n in names), created
+        assert len({created[n].uuid for n in names}) == 3
+        listed = await client.list_zones()
+        assert sorted(z.name for z in listed) == names
+        assert all(z.state == "ready" for z in listed)
+        assert len({qemu_pid(n) for n in names}) == 3
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(client.destroy_zone, name)
+        assert await client.list_zones() == []
+    assert not own_domains(libvirt_conn)
+
+
+async def test_destroy_during_boot(zoned: DaemonProcess, libvirt_conn: libvirt.virConnect) -> None:
+    events: list[p.Event] = []
+    outcome: list[BaseException] = []
+    async with connect(zoned) as client, trio.open_nursery() as nursery:
+        await nursery.start(collect_events, client, events)
+
+        async def create() -> None:
+            try:
+                await client.create_zone("it-early")
+            except (Conflict, HypervisorError) as exc:
+                outcome.append(exc)
+
+        nursery.start_soon(create)
+        await wait_for_state(events, "it-early", "booting")
+        final = await client.destroy_zone("it-early")
+        assert final.state == "stopped"
+        with trio.fail_after(CALL_TIMEOUT_S):
+            while not outcome:
+                await trio.sleep(0.05)
+        assert "it-early" in str(outcome[0]), outcome
+        assert "ready" not in states_of(events, "it-early")
+        with pytest.raises(NotFound):
+            await client.get_zone("it-early")
+        nursery.cancel_scope.cancel()
+    assert not own_domains(libvirt_conn)
+    assert not zoned.record_path("it-early").exists()
+
+
+async def test_qemu_killed_from_outside_fails_the_zone(
+    zoned: DaemonProcess, libvirt_conn: libvirt.virConnect
+) -> None:
+    events: list[p.Event] = []
+    async with connect(zoned) as client, trio.open_nursery() as nursery:
+        await nursery.start(collect_events, client, events)
+        with trio.fail_after(CALL_TIMEOUT_S):
+            await client.create_zone("it-victim")
+        os.kill(qemu_pid("it-victim"), signal.SIGKILL)
+        failed = await wait_for_state(events, "it-victim", "failed")
+        assert failed.previous == "ready" and "QEMU" in failed.reason, failed
+        zone = await client.get_zone("it-victim")
+        assert zone.state == "failed" and zone.reason, zone
+        # The record is kept (an operator wants to see why), and on disk too.
+        record = json.loads(zoned.record_path("it-victim").read_text())
+        assert record["state"] == "failed"
+        # Destroying a failed zone removes its record.
+        assert (await client.destroy_zone("it-victim")).state == "stopped"
+        nursery.cancel_scope.cancel()
+    assert not own_domains(libvirt_conn)
+
+
+async def test_kill9_and_restart_readopts_running_zones(
+    zoned: DaemonProcess, libvirt_conn: libvirt.virConnect
+) -> None:
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S * 2):
+            keep = await client.create_zone("it-keep", placement="exclusive", labels={"k": "v"})
+            vanish = await client.create_zone("it-vanish", memory_mib=128)
+    keep_pid = qemu_pid("it-keep")
+
+    zoned.kill9()
+    # While zoned is down, one domain disappears from under it.
+    libvirt_conn.lookupByName(domain_name("it-vanish")).destroy()
+    await trio.to_thread.run_sync(zoned.start)
+
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            while (adopted := await client.get_zone("it-keep")).state != "ready":
+                await trio.sleep(0.1)
+        # Same zone, same QEMU, same placement: adopted, not recreated.
+        assert qemu_pid("it-keep") == keep_pid
+        for field in ("uuid", "cpus", "emulator_cpus", "numa_node", "labels", "created_at"):
+            assert getattr(adopted, field) == getattr(keep, field), field
+        assert adopted.ready_at == keep.ready_at
+        gone = await client.get_zone("it-vanish")
+        assert gone.state == "failed" and gone.uuid == vanish.uuid, gone
+        assert "vanish" in gone.reason or "domain" in gone.reason, gone.reason
+        # Its CPU is still held: an exclusive zone asking for it does not fit.
+        with pytest.raises(NoCapacity):
+            await client.create_zone("it-thief", placement="exclusive", vcpus=2)
+
+        for name in ("it-keep", "it-vanish"):
+            await client.destroy_zone(name)
+        assert await client.list_zones() == []
+    assert not own_domains(libvirt_conn)
