@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
@@ -447,7 +447,7 @@ class Client:
         reply = await self._call(lambda id: p.DestroyZone(id=id, name=name))
         return _expect(reply, p.ZoneReply).zone
 
-    async def watch_events(self) -> AsyncIterator[p.Event]:
+    async def watch_events(self) -> AsyncGenerator[p.Event, None]:
         """Events from now on, until the connection closes or the daemon cuts the stream.
 
         An async generator: close it when you stop early
@@ -463,7 +463,7 @@ class Client:
 
     async def console_log(
         self, name: str, follow: bool = False, tail_bytes: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """A zone's serial console output as raw byte chunks (not lines, not UTF-8).
 
         Without ``follow`` it ends at the log's current end; with it, it goes
