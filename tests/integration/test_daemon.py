@@ -12,12 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -29,83 +24,14 @@ from zoned import protocol as p
 from zoned.client import Client
 from zoned.errors import Conflict, HypervisorError, NoCapacity, NotFound
 from zoned.kernel.build import DEFAULT_STORE
+from zoned.localdaemon import LocalDaemon
 from zoned.zones import domain_name
 
 pytestmark = pytest.mark.integration
 
 URI = "qemu:///system"
-START_TIMEOUT_S = 90.0
 # Generous: several TCG boots share two host cores.
 CALL_TIMEOUT_S = 120.0
-
-
-class DaemonProcess:
-    """``zoned --config`` in a subprocess with every path in one temporary directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.config = root / "zoned.toml"
-        self.socket = root / "zoned.sock"
-        self.log = root / "zoned.log"
-        self.config.write_text(
-            "\n".join(
-                [
-                    f'socket_path = "{self.socket}"',
-                    f'state_dir = "{root / "state"}"',
-                    f'runtime_dir = "{root / "run"}"',
-                    f'log_dir = "{root / "log"}"',
-                    f'kernel_store = "{DEFAULT_STORE}"',
-                    f'libvirt_uri = "{URI}"',
-                    "reserved_memory_mib = 512",
-                    "boot_timeout_s = 60.0",
-                    "heartbeat_interval_s = 1.0",
-                    "",
-                ]
-            )
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zoned.daemon", "--config", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"zoned exited with {self.proc.returncode}:\n{self.log_text()}")
-            if b"zoned ready" in self.log.read_bytes()[offset:]:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"zoned did not become ready in {START_TIMEOUT_S}s:\n{self.log_text()}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        """SIGTERM, as systemd stops it; returns the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise
-        return self.proc.returncode
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:]
-
-    def record_path(self, zone: str) -> Path:
-        return self.root / "state" / "zones" / f"{zone}.json"
 
 
 def own_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
@@ -128,13 +54,10 @@ def libvirt_conn() -> Iterator[libvirt.virConnect]:
 
 
 @pytest.fixture(scope="module")
-def zoned(libvirt_conn: libvirt.virConnect) -> Iterator[DaemonProcess]:
+def zoned(libvirt_conn: libvirt.virConnect) -> Iterator[LocalDaemon]:
     if not (DEFAULT_STORE / "strict").exists():
         pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
-    root = Path(tempfile.mkdtemp(prefix="zi-", dir="/tmp"))
-    # QEMU runs as an unprivileged user and must reach the agent sockets below.
-    root.chmod(0o711)
-    daemon = DaemonProcess(root)
+    daemon = LocalDaemon()
     daemon.start()
     try:
         yield daemon
@@ -144,12 +67,12 @@ def zoned(libvirt_conn: libvirt.virConnect) -> Iterator[DaemonProcess]:
         for dom in own_domains(libvirt_conn):
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
-        shutil.rmtree(root, ignore_errors=True)
+        daemon.cleanup()
         assert status == 0, f"zoned exited with {status} on SIGTERM:\n{log}"
 
 
 @contextlib.asynccontextmanager
-async def connect(daemon: DaemonProcess) -> AsyncIterator[Client]:
+async def connect(daemon: LocalDaemon) -> AsyncIterator[Client]:
     async with Client.connect(daemon.socket, client_name="it") as client:
         yield client
 
@@ -203,7 +126,7 @@ async def wait_for_state(events: list[p.Event], zone: str, state: str) -> p.Even
 
 
 async def test_create_ready_pinned_logged_listed_destroyed(
-    zoned: DaemonProcess, libvirt_conn: libvirt.virConnect
+    zoned: LocalDaemon, libvirt_conn: libvirt.virConnect
 ) -> None:
     events: list[p.Event] = []
     async with connect(zoned) as client, trio.open_nursery() as nursery:
@@ -274,7 +197,7 @@ async def test_create_ready_pinned_logged_listed_destroyed(
         nursery.cancel_scope.cancel()
 
 
-async def test_three_zones_at_once(zoned: DaemonProcess, libvirt_conn: libvirt.virConnect) -> None:
+async def test_three_zones_at_once(zoned: LocalDaemon, libvirt_conn: libvirt.virConnect) -> None:
     names = ["it-par-0", "it-par-1", "it-par-2"]
     created: dict[str, p.ZoneInfo] = {}
     async with connect(zoned) as client:
@@ -300,7 +223,7 @@ async def test_three_zones_at_once(zoned: DaemonProcess, libvirt_conn: libvirt.v
     assert not own_domains(libvirt_conn)
 
 
-async def test_destroy_during_boot(zoned: DaemonProcess, libvirt_conn: libvirt.virConnect) -> None:
+async def test_destroy_during_boot(zoned: LocalDaemon, libvirt_conn: libvirt.virConnect) -> None:
     events: list[p.Event] = []
     outcome: list[BaseException] = []
     async with connect(zoned) as client, trio.open_nursery() as nursery:
@@ -329,7 +252,7 @@ async def test_destroy_during_boot(zoned: DaemonProcess, libvirt_conn: libvirt.v
 
 
 async def test_qemu_killed_from_outside_fails_the_zone(
-    zoned: DaemonProcess, libvirt_conn: libvirt.virConnect
+    zoned: LocalDaemon, libvirt_conn: libvirt.virConnect
 ) -> None:
     events: list[p.Event] = []
     async with connect(zoned) as client, trio.open_nursery() as nursery:
@@ -351,7 +274,7 @@ async def test_qemu_killed_from_outside_fails_the_zone(
 
 
 async def test_kill9_and_restart_readopts_running_zones(
-    zoned: DaemonProcess, libvirt_conn: libvirt.virConnect
+    zoned: LocalDaemon, libvirt_conn: libvirt.virConnect
 ) -> None:
     async with connect(zoned) as client:
         with trio.fail_after(CALL_TIMEOUT_S * 2):

@@ -1,0 +1,125 @@
+"""A private ``zoned`` in a temporary directory: for tests, benchmarks and the demo.
+
+It is the real daemon (``python -m zoned.daemon --config ...``) as a
+subprocess, with every path it owns (socket, state, runtime, logs) under one
+directory, talking to the host's real libvirtd. Kernels and boot images come
+from the shared stores, so nothing is rebuilt.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from zoned.kernel.build import DEFAULT_STORE
+
+START_TIMEOUT_S = 90.0
+
+
+class LocalDaemon:
+    """``zoned --config`` in a subprocess with every path in one directory."""
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        libvirt_uri: str = "qemu:///system",
+        extra_config: str = "",
+        remove_root: bool | None = None,
+    ) -> None:
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="zoned-", dir="/tmp"))
+            remove_root = True if remove_root is None else remove_root
+        # QEMU runs as an unprivileged user and must reach the agent sockets below.
+        root.chmod(0o711)
+        self.root = root
+        self.remove_root = bool(remove_root)
+        self.config = root / "zoned.toml"
+        self.socket = root / "zoned.sock"
+        self.log = root / "zoned.log"
+        self.config.write_text(
+            "\n".join(
+                [
+                    f'socket_path = "{self.socket}"',
+                    f'state_dir = "{root / "state"}"',
+                    f'runtime_dir = "{root / "run"}"',
+                    f'log_dir = "{root / "log"}"',
+                    f'kernel_store = "{DEFAULT_STORE}"',
+                    f'libvirt_uri = "{libvirt_uri}"',
+                    "reserved_memory_mib = 512",
+                    "boot_timeout_s = 60.0",
+                    "heartbeat_interval_s = 1.0",
+                    extra_config,
+                    "",
+                ]
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the daemon and return once it serves its socket."""
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "zoned.daemon", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"zoned exited with {self.proc.returncode}:\n{self.log_text()}")
+            if b"zoned ready" in self.log.read_bytes()[offset:]:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"zoned did not become ready in {START_TIMEOUT_S}s:\n{self.log_text()}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd stops it; returns the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""
+
+    def record_path(self, zone: str) -> Path:
+        return self.root / "state" / "zones" / f"{zone}.json"
+
+    def cleanup(self) -> None:
+        if self.remove_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> LocalDaemon:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.stop()
+        finally:
+            self.cleanup()
