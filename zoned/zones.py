@@ -370,10 +370,31 @@ class ZoneManager:
                 on_heartbeat=on_heartbeat,
             )
             if zone.record.state in ("booting", "ready"):
-                event: lifecycle.Input = (
-                    "boot_timeout" if zone.record.state == "booting" else "agent_silent"
-                )
+                # A channel that breaks because QEMU died is QEMU's failure;
+                # say so even if libvirt's event has not arrived yet.
+                gone = await self._domain_gone(zone)
+                if zone.record.state not in ("booting", "ready"):
+                    return  # the libvirt event won the race and failed the zone
+                event: lifecycle.Input
+                if gone is not None:
+                    event, reason = "domain_stopped", f"QEMU stopped unexpectedly ({gone})"
+                elif zone.record.state == "booting":
+                    event = "boot_timeout"
+                else:
+                    event = "agent_silent"
                 await self._fail(zone, event, reason)
+
+    async def _domain_gone(self, zone: _Zone) -> str | None:
+        """Why the zone's QEMU is no longer running, or None if it runs."""
+        try:
+            state = await self.hv.lookup(zone.record.domain_name)
+        except ZonedError:
+            return None  # libvirt unreachable: cannot tell, blame the agent
+        if state is None:
+            return "domain vanished"
+        if state.active:
+            return None
+        return f"{state.state}: {state.reason}" if state.reason else state.state
 
     async def _fail(self, zone: _Zone, event: lifecycle.Input, reason: str) -> None:
         """A zone that can no longer be trusted to work: stop QEMU, keep the record."""

@@ -38,23 +38,35 @@ def own_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
     return [d for d in conn.listAllDomains() if d.name().startswith(domain_name("it-"))]
 
 
-@pytest.fixture(scope="module")
-def libvirt_conn() -> Iterator[libvirt.virConnect]:
+def open_libvirt() -> libvirt.virConnect:
     try:
-        conn = libvirt.open(URI)
+        return libvirt.open(URI)
     except libvirt.libvirtError as exc:
         pytest.fail(f"libvirtd does not answer on {URI} (run tools/host-setup): {exc}")
+
+
+def remove_own_domains() -> None:
+    conn = open_libvirt()
     try:
-        yield conn
-    finally:
         for dom in own_domains(conn):
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def libvirt_conn() -> Iterator[libvirt.virConnect]:
+    """Per test: the libvirtd restart test breaks connections that predate it."""
+    conn = open_libvirt()
+    try:
+        yield conn
+    finally:
         conn.close()
 
 
 @pytest.fixture(scope="module")
-def zoned(libvirt_conn: libvirt.virConnect) -> Iterator[LocalDaemon]:
+def zoned() -> Iterator[LocalDaemon]:
     if not (DEFAULT_STORE / "strict").exists():
         pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
     daemon = LocalDaemon()
@@ -64,9 +76,7 @@ def zoned(libvirt_conn: libvirt.virConnect) -> Iterator[LocalDaemon]:
     finally:
         status = daemon.stop()
         log = daemon.log_text()
-        for dom in own_domains(libvirt_conn):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
+        remove_own_domains()
         daemon.cleanup()
         assert status == 0, f"zoned exited with {status} on SIGTERM:\n{log}"
 
@@ -271,6 +281,36 @@ async def test_qemu_killed_from_outside_fails_the_zone(
         assert (await client.destroy_zone("it-victim")).state == "stopped"
         nursery.cancel_scope.cancel()
     assert not own_domains(libvirt_conn)
+
+
+async def test_libvirtd_restart_is_survived(zoned: LocalDaemon) -> None:
+    """libvirtd dies under a running zone: zoned reconnects, resynchronises and
+    still hears lifecycle events afterwards."""
+    events: list[p.Event] = []
+    async with connect(zoned) as client, trio.open_nursery() as nursery:
+        await nursery.start(collect_events, client, events)
+        with trio.fail_after(CALL_TIMEOUT_S):
+            zone = await client.create_zone("it-survivor")
+        libvirtd = int(Path("/run/libvirtd.pid").read_text())
+        os.kill(libvirtd, signal.SIGKILL)
+        with trio.fail_after(CALL_TIMEOUT_S):
+            while not any("re-established" in e.reason for e in events if e.kind == "daemon"):
+                await trio.sleep(0.1)
+        assert any("lost" in e.reason for e in events if e.kind == "daemon"), events
+        assert int(Path("/run/libvirtd.pid").read_text()) != libvirtd
+        after = await client.get_zone("it-survivor")
+        assert after.state == "ready" and after.uuid == zone.uuid, after
+        # Events flow from the new connection: a QEMU killed now is noticed.
+        os.kill(qemu_pid("it-survivor"), signal.SIGKILL)
+        failed = await wait_for_state(events, "it-survivor", "failed")
+        assert "QEMU" in failed.reason, failed
+        await client.destroy_zone("it-survivor")
+        nursery.cancel_scope.cancel()
+    conn = open_libvirt()
+    try:
+        assert not own_domains(conn)
+    finally:
+        conn.close()
 
 
 async def test_kill9_and_restart_readopts_running_zones(

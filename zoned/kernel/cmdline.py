@@ -156,6 +156,10 @@ def hardened_cmdline(
         raise InvalidRequest(f"unknown machine type {machine!r}; known: microvm, q35")
     check_extra_args(extra)
     args = [*_COMMON, *_PROFILE_EXTRA[profile]]
+    if machine == "microvm":
+        # microvm has no PCI host bridge: skip probing for one (and the
+        # "PCI: Fatal: No config space access function found" it logs).
+        args.append("pci=off")
     if tsc_khz is not None:
         args.append(f"tsc_early_khz={tsc_khz}")
     args.extend(extra)
