@@ -214,6 +214,22 @@ MAX_HELLO_VERSIONS = 16
 MAX_LOG_CHUNK = 64 * 1024
 #: ``error_reply`` truncates messages to this many characters.
 MAX_ERROR_MESSAGE_CHARS = 4096
+#: Exec: bounds on what a process is started with.
+MAX_ARGV = 4096
+MAX_ARG_CHARS = 128 * 1024
+MAX_ENV = 1024
+MAX_PATH_CHARS = 4096
+#: Largest piece of process input or output in one message, both channels.
+MAX_EXEC_CHUNK = 64 * 1024
+#: Bytes of output (stdout and stderr together) the agent may send for one
+#: process before the host grants more with ExecCredit; and bytes of input the
+#: host may send before the agent grants more with ExecInputCredit.
+EXEC_OUTPUT_WINDOW = 512 * 1024
+EXEC_INPUT_WINDOW = 256 * 1024
+#: Processes running at once in one zone through the agent.
+MAX_EXECS_PER_ZONE = 64
+#: Longest ``RunZone.timeout_s``: a day.
+MAX_RUN_TIMEOUT_S = 86400.0
 
 _UINT32_MAX = 2**32 - 1
 # msgspec bounds must fit an int64.
@@ -245,6 +261,16 @@ LabelValue = Annotated[
 ]
 Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=MAX_LABELS)]
 CpuId = Annotated[int, Meta(ge=0, le=_UINT32_MAX)]
+# argv[0] must not be empty; NUL cannot pass execve.
+ExecArg = Annotated[str, Meta(max_length=MAX_ARG_CHARS, pattern=r"^[^\x00]*\Z")]
+Argv = Annotated[list[ExecArg], Meta(min_length=1, max_length=MAX_ARGV)]
+EnvName = Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[^\x00=]+\Z")]
+Env = Annotated[dict[EnvName, ExecArg], Meta(max_length=MAX_ENV)]
+GuestPath = Annotated[str, Meta(min_length=1, max_length=MAX_PATH_CHARS, pattern=r"^/[^\x00]*\Z")]
+GuestId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Signal = Annotated[int, Meta(ge=1, le=64)]
+ExecChunk = Annotated[bytes, Meta(max_length=MAX_EXEC_CHUNK)]
+OutputStream = Literal["stdout", "stderr"]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
 
@@ -352,9 +378,97 @@ class ConsoleLog(_Message, tag="console_log", frozen=True):
     tail_bytes: Annotated[int, Meta(ge=0, le=_UINT32_MAX)] | None = None
 
 
+class _ExecFields(_Message, frozen=True, kw_only=True):
+    """What to run: a process started directly (no shell), as in execve."""
+
+    argv: Argv
+    # The process's whole environment (nothing is inherited from the agent).
+    env: Env = {}
+    cwd: GuestPath = "/"
+    uid: GuestId = 0
+    gid: GuestId = 0
+    # True: the client sends input with ExecInput; False: stdin is /dev/null.
+    stdin: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.argv[0]:
+            raise ValueError("argv[0] must not be empty")
+        total = sum(len(a) + 1 for a in self.argv) + sum(
+            len(k) + len(v) + 2 for k, v in self.env.items()
+        )
+        if total > MAX_ARG_CHARS * 4:
+            raise ValueError(
+                f"argv and env too long: {total} characters, the maximum is {MAX_ARG_CHARS * 4}"
+            )
+
+
+class Exec(_ExecFields, tag="exec", frozen=True):
+    """Run a process in a ready zone and stream it: :class:`ExecStarted`, then
+    :class:`ExecOutput` pieces, then :class:`ExecExit` (or an error).
+
+    While it runs, the client may send :class:`ExecInput` and
+    :class:`ExecSignal` carrying this request's ``id``.
+    """
+
+    id: RequestId
+    zone: ZoneName
+
+
+class RunZone(_ExecFields, tag="run_zone", frozen=True):
+    """Create a zone, run one process in it, destroy the zone.
+
+    Replies: :class:`ZoneReply` once the zone is ready, then the same stream as
+    :class:`Exec`. The zone is destroyed whatever happens: the process ends,
+    ``timeout_s`` passes (the process is killed; ``ExecExit.timed_out``), the
+    client disconnects. Its name is generated when ``name`` is empty.
+    """
+
+    id: RequestId
+    name: Annotated[str, Meta(max_length=63, pattern=r"^([a-z][a-z0-9-]{0,62})?\Z")] = ""
+    vcpus: Vcpus = 1
+    memory_mib: MemoryMib = 256
+    profile: ProfileName = "strict"
+    placement: Placement = "shared"
+    labels: Labels = {}
+    machine: Machine | None = None
+    timeout_s: Annotated[float, Meta(gt=0.0, le=MAX_RUN_TIMEOUT_S)] | None = None
+
+
+class ExecInput(_Message, tag="exec_input", frozen=True):
+    """Standard input for the running Exec/RunZone request ``id`` (no reply).
+
+    ``eof`` closes the process's stdin after ``data``. Sending blocks (the
+    server stops reading the connection) while the process does not read.
+    """
+
+    id: RequestId
+    data: ExecChunk = b""
+    eof: bool = False
+
+
+class ExecSignal(_Message, tag="exec_signal", frozen=True):
+    """Send a signal to the process of the running Exec/RunZone request ``id`` (no reply)."""
+
+    id: RequestId
+    signal: Signal
+
+
 Request: TypeAlias = (
-    Hello | HostInfo | CreateZone | GetZone | ListZones | DestroyZone | WatchEvents | ConsoleLog
+    Hello
+    | HostInfo
+    | CreateZone
+    | GetZone
+    | ListZones
+    | DestroyZone
+    | WatchEvents
+    | ConsoleLog
+    | Exec
+    | RunZone
+    | ExecInput
+    | ExecSignal
 )
+#: Requests that feed a running stream rather than start one.
+StreamInput: TypeAlias = ExecInput | ExecSignal
 
 
 # ---------------------------------------------------------------------------
@@ -502,6 +616,34 @@ class StreamEnd(_Message, tag="stream_end", frozen=True):
     id: RequestId
 
 
+class ExecStarted(_Message, tag="exec_started", frozen=True):
+    """The process of request ``id`` runs, as ``pid`` in the zone."""
+
+    id: RequestId
+    pid: GuestId
+
+
+class ExecOutput(_Message, tag="exec_output", frozen=True):
+    """A piece of the process's stdout or stderr (raw bytes), in order per stream."""
+
+    id: RequestId
+    stream: OutputStream
+    data: ExecChunk
+
+
+class ExecExit(_Message, tag="exec_exit", frozen=True):
+    """The process ended; the last message of its stream.
+
+    Exactly one of ``exit_code`` and ``signal`` is set. ``timed_out``: a
+    RunZone's timeout killed it.
+    """
+
+    id: RequestId
+    exit_code: Annotated[int, Meta(ge=0, le=255)] | None = None
+    signal: Signal | None = None
+    timed_out: bool = False
+
+
 # ---------------------------------------------------------------------------
 # Control socket: errors
 # ---------------------------------------------------------------------------
@@ -525,6 +667,9 @@ Reply: TypeAlias = (
     | EventReply
     | LogChunk
     | StreamEnd
+    | ExecStarted
+    | ExecOutput
+    | ExecExit
     | ErrorReply
 )
 
@@ -593,8 +738,80 @@ class HeartbeatReply(_Message, tag="heartbeat_reply", frozen=True):
     mem_available_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
 
 
-AgentToHost: TypeAlias = AgentHello | HeartbeatReply
-HostToAgent: TypeAlias = Heartbeat
+ExecId = Annotated[int, Meta(ge=1, le=_UINT32_MAX)]
+# Printable text from the guest (it reaches logs and terminals), bounded.
+_AgentText = Annotated[str, Meta(max_length=1024, pattern=r"^[ -~]*\Z")]
+
+
+class AgentExecStart(_ExecFields, tag="agent_exec_start", frozen=True):
+    """Host -> agent: start a process. The agent answers AgentExecStarted or
+    AgentExecExit (with ``error`` when it could not start it)."""
+
+    exec_id: ExecId
+
+
+class AgentExecInput(_Message, tag="agent_exec_input", frozen=True):
+    """Host -> agent: stdin bytes, within the input window; ``eof`` closes stdin."""
+
+    exec_id: ExecId
+    data: ExecChunk = b""
+    eof: bool = False
+
+
+class AgentExecCredit(_Message, tag="agent_exec_credit", frozen=True):
+    """Host -> agent: the host consumed ``bytes`` of output; the agent may send as many more."""
+
+    exec_id: ExecId
+    bytes: Annotated[int, Meta(ge=1, le=EXEC_OUTPUT_WINDOW)]
+
+
+class AgentExecSignal(_Message, tag="agent_exec_signal", frozen=True):
+    """Host -> agent: send ``signal`` to the process (its process group)."""
+
+    exec_id: ExecId
+    signal: Signal
+
+
+class AgentExecStarted(_Message, tag="agent_exec_started", frozen=True):
+    exec_id: ExecId
+    pid: Annotated[int, Meta(ge=1, le=2**31 - 1)]
+
+
+class AgentExecOutput(_Message, tag="agent_exec_output", frozen=True):
+    """Agent -> host: output, never more in total than the host has credited."""
+
+    exec_id: ExecId
+    stream: OutputStream
+    data: Annotated[bytes, Meta(min_length=1, max_length=MAX_EXEC_CHUNK)]
+
+
+class AgentExecInputCredit(_Message, tag="agent_exec_input_credit", frozen=True):
+    """Agent -> host: ``bytes`` of input were written to the process; send as many more."""
+
+    exec_id: ExecId
+    bytes: Annotated[int, Meta(ge=1, le=EXEC_INPUT_WINDOW)]
+
+
+class AgentExecExit(_Message, tag="agent_exec_exit", frozen=True):
+    """Agent -> host: the process ended (after all its output), or never started (``error``)."""
+
+    exec_id: ExecId
+    exit_code: Annotated[int, Meta(ge=0, le=255)] | None = None
+    signal: Signal | None = None
+    error: _AgentText = ""
+
+
+AgentToHost: TypeAlias = (
+    AgentHello
+    | HeartbeatReply
+    | AgentExecStarted
+    | AgentExecOutput
+    | AgentExecInputCredit
+    | AgentExecExit
+)
+HostToAgent: TypeAlias = (
+    Heartbeat | AgentExecStart | AgentExecInput | AgentExecCredit | AgentExecSignal
+)
 
 Message: TypeAlias = Request | Reply | AgentToHost | HostToAgent
 

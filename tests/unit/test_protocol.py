@@ -83,6 +83,22 @@ REQUESTS: list[p.Request] = [
     p.WatchEvents(id=8),
     p.ConsoleLog(id=9, name="web-1", follow=True, tail_bytes=4096),
     p.ConsoleLog(id=2**32 - 1, name="web-1"),
+    p.Exec(
+        id=10,
+        zone="web-1",
+        argv=["python3", "-c", "print(2+2)"],
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        cwd="/tmp",
+        uid=1000,
+        gid=1000,
+        stdin=True,
+    ),
+    p.Exec(id=11, zone="a", argv=["true"]),
+    p.RunZone(id=12, argv=["sh", "-c", "echo hi"], memory_mib=128, timeout_s=30.0),
+    p.RunZone(id=13, name="run-1", argv=["true"], placement="exclusive", labels={"a": "b"}),
+    p.ExecInput(id=10, data=b"\x00input\n"),
+    p.ExecInput(id=10, eof=True),
+    p.ExecSignal(id=10, signal=15),
 ]
 
 REPLIES: list[p.Reply] = [
@@ -129,6 +145,11 @@ REPLIES: list[p.Reply] = [
     p.LogChunk(id=7, data=b"\x00\xffLinux version 6.12\r\n"),
     p.StreamEnd(id=7),
     p.ErrorReply(id=8, code="not_found", message="no zone named 'x'"),
+    p.ExecStarted(id=10, pid=42),
+    p.ExecOutput(id=10, stream="stdout", data=b"4\n"),
+    p.ExecOutput(id=10, stream="stderr", data=b"\xff"),
+    p.ExecExit(id=10, exit_code=0),
+    p.ExecExit(id=12, signal=9, timed_out=True),
 ]
 
 FROM_AGENT: list[p.AgentToHost] = [
@@ -140,7 +161,23 @@ FROM_AGENT: list[p.AgentToHost] = [
     ),
 ]
 
-TO_AGENT: list[p.HostToAgent] = [p.Heartbeat(seq=0), p.Heartbeat(seq=42)]
+FROM_AGENT += [
+    p.AgentExecStarted(exec_id=1, pid=7),
+    p.AgentExecOutput(exec_id=1, stream="stdout", data=b"x" * p.MAX_EXEC_CHUNK),
+    p.AgentExecInputCredit(exec_id=1, bytes=4096),
+    p.AgentExecExit(exec_id=1, exit_code=3),
+    p.AgentExecExit(exec_id=2, signal=9),
+    p.AgentExecExit(exec_id=3, error="cannot run 'nosuch': No such file or directory"),
+]
+
+TO_AGENT: list[p.HostToAgent] = [
+    p.Heartbeat(seq=0),
+    p.Heartbeat(seq=42),
+    p.AgentExecStart(exec_id=1, argv=["sh"], env={"A": "1"}, cwd="/", stdin=True),
+    p.AgentExecInput(exec_id=1, data=b"echo\n", eof=True),
+    p.AgentExecCredit(exec_id=1, bytes=65536),
+    p.AgentExecSignal(exec_id=1, signal=2),
+]
 
 ALL_MESSAGES: list[p.Message] = [*REQUESTS, *REPLIES, *FROM_AGENT, *TO_AGENT]
 
@@ -177,9 +214,8 @@ def test_every_message_round_trips(msg: p.Message) -> None:
 
 def test_every_message_type_has_a_sample() -> None:
     sampled = {type(m) for m in ALL_MESSAGES}
-    for union in (p.Request, p.Reply, p.AgentToHost):
+    for union in (p.Request, p.Reply, p.AgentToHost, p.HostToAgent):
         assert set(get_args(union)) <= sampled
-    assert p.Heartbeat in sampled
 
 
 def _snake_case(name: str) -> str:
@@ -298,6 +334,34 @@ REQUEST_REJECTIONS: list[tuple[str, object, str]] = [
     ("negative tail", {"type": "console_log", "id": 1, "name": "a", "tail_bytes": -1}, "tail"),
     ("not a map", [1, "get_zone"], "Expected `object`, got `array`"),
     ("scalar", 7, "Expected `object`, got `int`"),
+    ("exec no argv", {"type": "exec", "id": 1, "zone": "a", "argv": []}, "$.argv"),
+    ("exec empty argv0", {"type": "exec", "id": 1, "zone": "a", "argv": [""]}, "argv[0]"),
+    ("exec NUL arg", {"type": "exec", "id": 1, "zone": "a", "argv": ["a\x00b"]}, "$.argv[0]"),
+    (
+        "exec env with =",
+        {"type": "exec", "id": 1, "zone": "a", "argv": ["x"], "env": {"A=B": "1"}},
+        "$.env",
+    ),
+    (
+        "exec relative cwd",
+        {"type": "exec", "id": 1, "zone": "a", "argv": ["x"], "cwd": "tmp"},
+        "$.cwd",
+    ),
+    ("exec negative uid", {"type": "exec", "id": 1, "zone": "a", "argv": ["x"], "uid": -1}, "uid"),
+    (
+        "exec argv too long",
+        {"type": "exec", "id": 1, "zone": "a", "argv": ["x" * 100_000] * 6},
+        "too long",
+    ),
+    ("run zero timeout", {"type": "run_zone", "id": 1, "argv": ["x"], "timeout_s": 0}, "timeout"),
+    ("run bad name", {"type": "run_zone", "id": 1, "argv": ["x"], "name": "A"}, "$.name"),
+    ("signal zero", {"type": "exec_signal", "id": 1, "signal": 0}, "$.signal"),
+    ("signal 65", {"type": "exec_signal", "id": 1, "signal": 65}, "$.signal"),
+    (
+        "input too big",
+        {"type": "exec_input", "id": 1, "data": b"x" * (p.MAX_EXEC_CHUNK + 1)},
+        "$.data",
+    ),
 ]
 
 
@@ -458,6 +522,29 @@ AGENT_REJECTIONS: list[tuple[str, object, str]] = [
     ("string seq", _beat(seq="1"), "$.seq"),
     ("negative seq", _beat(seq=-1), "$.seq"),
     ("huge uptime", _beat(uptime_s=1e300), "$.uptime_s"),
+    ("exec id zero", {"type": "agent_exec_started", "exec_id": 0, "pid": 1}, "$.exec_id"),
+    (
+        "empty output",
+        {"type": "agent_exec_output", "exec_id": 1, "stream": "stdout", "data": b""},
+        "$.data",
+    ),
+    (
+        "oversize output",
+        {"type": "agent_exec_output", "exec_id": 1, "stream": "stdout", "data": b"x" * 65537},
+        "$.data",
+    ),
+    (
+        "bad stream",
+        {"type": "agent_exec_output", "exec_id": 1, "stream": "stdin", "data": b"x"},
+        "$.stream",
+    ),
+    ("exit 256", {"type": "agent_exec_exit", "exec_id": 1, "exit_code": 256}, "$.exit_code"),
+    (
+        "escape in error",
+        {"type": "agent_exec_exit", "exec_id": 1, "error": "\x1b[2J"},
+        "$.error",
+    ),
+    ("huge credit", {"type": "agent_exec_input_credit", "exec_id": 1, "bytes": 2**40}, "bytes"),
 ]
 
 
