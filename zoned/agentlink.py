@@ -2,9 +2,11 @@
 
 Everything the guest sends is hostile input. The link reads through a
 bounded :class:`FrameDecoder`, decodes with the strict agent decoder, caps the
-rate of messages, and turns any violation into :class:`AgentFault` with a
-clear reason; the zone manager marks that zone failed. Nothing the guest sends
-can raise anything else out of here.
+rate of control messages, holds the agent to the flow-control windows, and
+turns any violation into :class:`AgentFault` with a clear reason; the zone
+manager then marks that zone failed. Nothing the guest sends can raise
+anything else out of here, and nothing it sends can make the host buffer more
+than the windows it granted.
 
 Handshake: QEMU listens on the socket from the moment the domain starts. The
 host connects and sends ``Heartbeat(seq=0)``; the agent answers every
@@ -12,32 +14,57 @@ host connects and sends ``Heartbeat(seq=0)``; the agent answers every
 once it is up), so a host that connects late or reconnects after a daemon
 restart always learns who is there. After the hello, the host sends a
 heartbeat every interval and expects a reply before the silence limit.
+
+Processes (exec): one channel carries many processes, each under an
+``exec_id`` chosen by the host. The agent may send at most the output
+*credit* the host granted (:data:`EXEC_OUTPUT_WINDOW` at start, topped up by
+``AgentExecCredit`` as the consumer takes output); the host may send at most
+the input credit the agent granted (:data:`EXEC_INPUT_WINDOW`, topped up by
+``AgentExecInputCredit``). Output waiting for its consumer is merged per
+stream, so a flood of tiny messages costs no more memory than its bytes.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import trio
 
-from zoned.errors import InvalidRequest
+from zoned.errors import InvalidRequest, NoCapacity
 from zoned.protocol import (
     AGENT_MAX_FRAME,
+    EXEC_INPUT_WINDOW,
+    EXEC_OUTPUT_WINDOW,
+    MAX_EXEC_CHUNK,
+    MAX_EXECS_PER_ZONE,
+    AgentExecCredit,
+    AgentExecExit,
+    AgentExecInput,
+    AgentExecInputCredit,
+    AgentExecOutput,
+    AgentExecSignal,
+    AgentExecStart,
+    AgentExecStarted,
     AgentHello,
+    AgentToHost,
     FrameDecoder,
     Heartbeat,
     HeartbeatReply,
+    HostToAgent,
     decode_from_agent,
     encode_frame,
 )
 
 log = logging.getLogger(__name__)
 
-# Messages per second above which a guest is flooding the host.
+# Control messages (everything but output) per second above which a guest is
+# flooding the host. Output is bounded by credit instead.
 MAX_MESSAGES_PER_SECOND = 200
 RECEIVE_CHUNK = 64 * 1024
 
@@ -56,13 +83,15 @@ class AgentFacts:
 
 
 class AgentLink:
+    """One connection to the agent: framed, validated, rate-limited IO."""
+
     def __init__(self, stream: trio.SocketStream, zone: str) -> None:
         self._stream = stream
         self._zone = zone
         self._decoder = FrameDecoder(AGENT_MAX_FRAME)
         self._window_start = trio.current_time()
         self._window_count = 0
-        self.last_heartbeat: HeartbeatReply | None = None
+        self._send_lock = trio.Lock()
 
     @classmethod
     async def connect(cls, path: Path, zone: str) -> AgentLink:
@@ -85,13 +114,15 @@ class AgentLink:
     async def aclose(self) -> None:
         await self._stream.aclose()
 
-    async def send(self, message: Heartbeat) -> None:
+    async def send(self, message: HostToAgent) -> None:
+        frame = encode_frame(message, AGENT_MAX_FRAME)
         try:
-            await self._stream.send_all(encode_frame(message, AGENT_MAX_FRAME))
+            async with self._send_lock:
+                await self._stream.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise AgentFault(f"agent channel closed while sending: {exc}") from exc
 
-    async def receive(self) -> AgentHello | HeartbeatReply:
+    async def receive(self) -> AgentToHost:
         """The next message from the guest; AgentFault on anything wrong."""
         while True:
             try:
@@ -99,14 +130,13 @@ class AgentLink:
             except InvalidRequest as exc:
                 raise AgentFault(f"agent sent a bad frame: {exc.message}") from exc
             if payload is not None:
-                self._count_message()
                 try:
                     message = decode_from_agent(payload)
                 except InvalidRequest as exc:
                     raise AgentFault(f"agent sent an invalid message: {exc.message}") from exc
-                if isinstance(message, AgentHello | HeartbeatReply):
-                    return message
-                raise AgentFault(f"agent sent an unexpected message: {type(message).__name__}")
+                if not isinstance(message, AgentExecOutput):
+                    self._count_message()
+                return message
             try:
                 data = await self._stream.receive_some(RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -129,6 +159,273 @@ class AgentLink:
             )
 
 
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExecOutputPiece:
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExecEnded:
+    exit_code: int | None
+    signal: int | None
+    # Set when the process never started (the agent's reason).
+    error: str = ""
+
+
+ExecEvent = AgentExecStarted | ExecOutputPiece | ExecEnded
+
+
+@dataclass
+class ExecSession:
+    """One process in the zone, as the host sees it.
+
+    The consumer calls :meth:`next_event` until it returns :class:`ExecEnded`;
+    it may call :meth:`write_input` and :meth:`signal` meanwhile. Output taken
+    out by :meth:`next_event` is credited back to the agent.
+    """
+
+    exec_id: int
+    mux: AgentMux
+    started: AgentExecStarted | None = None
+    ended: ExecEnded | None = None
+    # Output not yet taken by the consumer: (stream, bytes) runs, merged.
+    _pending: list[tuple[Literal["stdout", "stderr"], bytearray]] = field(default_factory=list)
+    _pending_bytes: int = 0
+    # Output the agent may still send before the host grants more.
+    _credit: int = EXEC_OUTPUT_WINDOW
+    _input_credit: int = EXEC_INPUT_WINDOW
+    _started_taken: bool = False
+    _changed: trio.Event = field(default_factory=trio.Event)
+    _input_changed: trio.Event = field(default_factory=trio.Event)
+    _input_closed: bool = False
+
+    # -- fed by the mux (from the guest) --
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def on_started(self, message: AgentExecStarted) -> None:
+        if self.started is not None or self.ended is not None:
+            raise AgentFault(f"agent reported exec {self.exec_id} started twice")
+        self.started = message
+        self._wake()
+
+    def on_output(self, message: AgentExecOutput) -> None:
+        if self.started is None or self.ended is not None:
+            raise AgentFault(f"agent sent output for exec {self.exec_id} outside its lifetime")
+        size = len(message.data)
+        if size > self._credit:
+            raise AgentFault(
+                f"agent sent {size} bytes of output for exec {self.exec_id}"
+                f" with only {self._credit} bytes of credit"
+            )
+        self._credit -= size
+        if self._pending and self._pending[-1][0] == message.stream:
+            self._pending[-1][1].extend(message.data)
+        else:
+            self._pending.append((message.stream, bytearray(message.data)))
+        self._pending_bytes += size
+        self._wake()
+
+    def on_input_credit(self, message: AgentExecInputCredit) -> None:
+        if self._input_credit + message.bytes > EXEC_INPUT_WINDOW:
+            raise AgentFault(
+                f"agent granted input credit beyond the window for exec {self.exec_id}"
+            )
+        self._input_credit += message.bytes
+        self._input_changed.set()
+        self._input_changed = trio.Event()
+
+    def on_exit(self, message: AgentExecExit) -> None:
+        if self.ended is not None:
+            raise AgentFault(f"agent reported exec {self.exec_id} ended twice")
+        if message.error:
+            if self.started is not None:
+                raise AgentFault(f"agent reported a start error for running exec {self.exec_id}")
+        elif self.started is None:
+            raise AgentFault(f"agent reported exec {self.exec_id} ended before it started")
+        elif (message.exit_code is None) == (message.signal is None):
+            raise AgentFault(f"agent reported exec {self.exec_id} ended without one status")
+        self.ended = ExecEnded(message.exit_code, message.signal, message.error)
+        self._wake()
+
+    def on_channel_lost(self, reason: str) -> None:
+        if self.ended is None:
+            self.ended = ExecEnded(None, None, f"agent channel lost: {reason}")
+        self._wake()
+        self._input_changed.set()
+
+    # -- used by the consumer --
+
+    async def next_event(self) -> ExecEvent:
+        """The next thing that happened: started, a piece of output, the end."""
+        while True:
+            if self.started is not None and not self._started_taken:
+                self._started_taken = True
+                return self.started
+            if self._pending:
+                stream, data = self._pending[0]
+                piece = bytes(data[:MAX_EXEC_CHUNK])
+                del data[:MAX_EXEC_CHUNK]
+                if not data:
+                    self._pending.pop(0)
+                self._pending_bytes -= len(piece)
+                if self.ended is None:
+                    self._credit += len(piece)
+                    await self.mux.send_quietly(
+                        AgentExecCredit(exec_id=self.exec_id, bytes=len(piece))
+                    )
+                return ExecOutputPiece(stream, piece)
+            if self.ended is not None:
+                self.mux.forget(self.exec_id)
+                return self.ended
+            await self._changed.wait()
+
+    async def write_input(self, data: bytes, eof: bool = False) -> None:
+        """Send stdin, waiting for the agent's credit; ``eof`` closes stdin after it."""
+        if self._input_closed:
+            return
+        view = memoryview(data)
+        while view or eof:
+            if self.ended is not None:
+                return
+            if view and self._input_credit == 0:
+                await self._input_changed.wait()
+                continue
+            size = min(len(view), self._input_credit, MAX_EXEC_CHUNK)
+            chunk = bytes(view[:size])
+            view = view[size:]
+            last = eof and not view
+            self._input_credit -= size
+            await self.mux.link.send(AgentExecInput(exec_id=self.exec_id, data=chunk, eof=last))
+            if last:
+                self._input_closed = True
+                return
+
+    async def signal(self, signum: int) -> None:
+        if self.ended is None:
+            await self.mux.link.send(AgentExecSignal(exec_id=self.exec_id, signal=signum))
+
+
+class AgentMux:
+    """Dispatches what the agent sends to the waiting heartbeat and processes."""
+
+    def __init__(self, link: AgentLink, zone: str) -> None:
+        self.link = link
+        self.zone = zone
+        self.execs: dict[int, ExecSession] = {}
+        self._ids = itertools.count(1)
+        self.last_heartbeat: HeartbeatReply | None = None
+        self._heartbeat_seen = trio.Event()
+        self.lost: str | None = None
+
+    async def start_exec(self, start: Callable[[int], AgentExecStart]) -> ExecSession:
+        """Send ``start(exec_id)`` and return the session that follows it."""
+        if self.lost is not None:
+            raise AgentFault(f"agent channel lost: {self.lost}")
+        if len(self.execs) >= MAX_EXECS_PER_ZONE:
+            raise NoCapacity(
+                f"zone {self.zone!r} already runs {MAX_EXECS_PER_ZONE} processes (the limit)"
+            )
+        exec_id = next(self._ids)
+        session = ExecSession(exec_id, self)
+        self.execs[exec_id] = session
+        await self.link.send(start(exec_id))
+        return session
+
+    def forget(self, exec_id: int) -> None:
+        self.execs.pop(exec_id, None)
+
+    async def send_quietly(self, message: HostToAgent) -> None:
+        """Send, leaving a broken channel for the receiver to report."""
+        try:
+            await self.link.send(message)
+        except AgentFault as exc:
+            log.debug("zone %s: %s", self.zone, exc)
+
+    async def receive_forever(self, on_hello: Callable[[AgentHello], None]) -> None:
+        """Dispatch until the channel fails (AgentFault)."""
+        try:
+            while True:
+                message = await self.link.receive()
+                self._dispatch(message, on_hello)
+        except AgentFault as exc:
+            self._lose(str(exc))
+            raise
+
+    def _lose(self, reason: str) -> None:
+        self.lost = reason
+        for session in list(self.execs.values()):
+            session.on_channel_lost(reason)
+        self._heartbeat_seen.set()
+
+    def _session(self, exec_id: int) -> ExecSession:
+        session = self.execs.get(exec_id)
+        if session is None:
+            raise AgentFault(f"agent sent a message for exec {exec_id}, which is not running")
+        return session
+
+    def _dispatch(self, message: AgentToHost, on_hello: Callable[[AgentHello], None]) -> None:
+        match message:
+            case AgentExecOutput():
+                self._session(message.exec_id).on_output(message)
+            case AgentExecInputCredit():
+                self._session(message.exec_id).on_input_credit(message)
+            case AgentExecStarted():
+                self._session(message.exec_id).on_started(message)
+            case AgentExecExit():
+                self._session(message.exec_id).on_exit(message)
+            case HeartbeatReply():
+                self.last_heartbeat = message
+                self._heartbeat_seen.set()
+                self._heartbeat_seen = trio.Event()
+            case AgentHello():
+                on_hello(message)
+
+    async def heartbeat_forever(
+        self,
+        interval: float,
+        silence_limit: float,
+        on_heartbeat: Callable[[HeartbeatReply], None],
+    ) -> str:
+        """Send heartbeats; returns the reason once the agent stops answering."""
+        seq = 0
+        while True:
+            seq += 1
+            await self.link.send(Heartbeat(seq=seq))
+            with trio.move_on_after(silence_limit):
+                while True:
+                    if self.lost is not None:
+                        return f"agent channel lost: {self.lost}"
+                    reply = self.last_heartbeat
+                    if reply is not None and reply.seq == seq:
+                        on_heartbeat(reply)
+                        break
+                    if reply is not None and reply.seq > seq:
+                        return f"agent answered heartbeat {reply.seq} that was never sent"
+                    await self._heartbeat_seen.wait()
+            if self.last_heartbeat is None or self.last_heartbeat.seq != seq:
+                return f"no heartbeat reply within {silence_limit:g} s"
+            await trio.sleep(max(0.0, interval))
+
+
+def _facts(message: AgentHello) -> AgentFacts:
+    return AgentFacts(
+        agent=message.agent,
+        kernel_release=message.kernel_release,
+        boot_s=message.boot_s,
+        pid=message.pid,
+        version=message.version,
+    )
+
+
 async def supervise_agent(
     path: Path,
     zone: str,
@@ -138,14 +435,17 @@ async def supervise_agent(
     silence_limit: float,
     on_hello: Callable[[AgentFacts], None],
     on_heartbeat: Callable[[HeartbeatReply], None] = lambda _reply: None,
+    on_mux: Callable[[AgentMux | None], None] = lambda _mux: None,
 ) -> str:
     """Run the zone's agent link until it fails; returns the failure reason.
 
     Calls ``on_hello`` once the agent has introduced itself (within
-    ``boot_timeout`` of being called) and ``on_heartbeat`` on every reply.
-    Cancel to stop it (destroy, daemon shutdown).
+    ``boot_timeout`` of being called), then ``on_mux`` with the multiplexer
+    that runs processes (and with None when the link ends), and
+    ``on_heartbeat`` on every reply. Cancel to stop it (destroy, shutdown).
     """
     link: AgentLink | None = None
+    mux: AgentMux | None = None
     try:
         with trio.move_on_after(boot_timeout) as boot_scope:
             link = await AgentLink.connect(path, zone)
@@ -153,42 +453,45 @@ async def supervise_agent(
             while True:
                 message = await link.receive()
                 if isinstance(message, AgentHello):
-                    on_hello(
-                        AgentFacts(
-                            agent=message.agent,
-                            kernel_release=message.kernel_release,
-                            boot_s=message.boot_s,
-                            pid=message.pid,
-                            version=message.version,
-                        )
-                    )
+                    on_hello(_facts(message))
                     break
+                if not isinstance(message, HeartbeatReply):
+                    raise AgentFault(f"agent sent {type(message).__name__} before its hello")
         if boot_scope.cancelled_caught:
             return f"nothing heard from the agent within {boot_timeout:g} s"
         assert link is not None
-        seq = 0
-        while True:
-            seq += 1
-            await link.send(Heartbeat(seq=seq))
-            deadline = trio.current_time() + silence_limit
-            answered = False
-            with trio.move_on_at(deadline):
-                while not answered:
-                    message = await link.receive()
-                    if isinstance(message, HeartbeatReply):
-                        if message.seq == seq:
-                            answered = True
-                            on_heartbeat(message)
-                        elif message.seq > seq:
-                            return f"agent answered heartbeat {message.seq} that was never sent"
-                    # A repeated hello is harmless (the agent may re-announce itself).
-            if not answered:
-                return f"no heartbeat reply within {silence_limit:g} s"
-            await trio.sleep(max(0.0, heartbeat_interval))
+        mux = AgentMux(link, zone)
+        on_mux(mux)
+        result: list[str] = []
+
+        async def heartbeats(cancel: trio.CancelScope) -> None:
+            try:
+                reason = await mux.heartbeat_forever(
+                    heartbeat_interval, silence_limit, on_heartbeat
+                )
+            except AgentFault as exc:
+                reason = str(exc)
+            result.append(reason)
+            cancel.cancel()
+
+        async def receive(cancel: trio.CancelScope) -> None:
+            try:
+                # A repeated hello is harmless (the agent may re-announce itself).
+                await mux.receive_forever(lambda _hello: None)
+            except AgentFault as exc:
+                result.append(str(exc))
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeats, nursery.cancel_scope)
+            nursery.start_soon(receive, nursery.cancel_scope)
+        return result[0] if result else "agent link ended"
     except AgentFault as exc:
         return str(exc)
     finally:
+        if mux is not None:
+            mux._lose("the zone's agent link was closed")
+            on_mux(None)
         if link is not None:
             with trio.CancelScope(shield=True):
                 await link.aclose()
-    return "agent link ended"  # pragma: no cover - loops above only return

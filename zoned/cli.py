@@ -46,6 +46,7 @@ import argparse
 import errno
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -63,6 +64,8 @@ from zoned.client import (
     ClientError,
     ConnectionLost,
     DaemonUnavailable,
+    ExecResult,
+    Process,
 )
 from zoned.errors import ZonedError
 
@@ -543,7 +546,64 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "--tail", type=_non_negative_int, default=None, metavar="BYTES", help="last BYTES only"
     )
+
+    def process_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--interactive",
+            "-i",
+            action="store_true",
+            help="send zonectl's stdin to the process (else its stdin is empty)",
+        )
+        sub.add_argument(
+            "--env",
+            "-e",
+            dest="env",
+            type=parse_label,
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="environment variable; repeatable (PATH has a default)",
+        )
+        sub.add_argument("--workdir", "-w", default="/", metavar="DIR", help="default: /")
+        sub.add_argument("--user", "-u", default="0:0", metavar="UID[:GID]", help="default: 0:0")
+        sub.add_argument(
+            "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]", help="what to run"
+        )
+
+    exec_ = command(
+        "exec", "run a command in a zone, streaming its output; exits with its exit status"
+    )
+    exec_.add_argument("name", metavar="ZONE")
+    process_options(exec_)
+
+    run = command(
+        "run",
+        "boot a fresh zone, run a command in it, destroy it; exits with the command's status",
+    )
+    run.add_argument("--vcpus", type=_positive_int, default=1, metavar="N")
+    run.add_argument("--memory", type=_positive_int, default=256, metavar="MIB")
+    run.add_argument("--profile", default="strict", metavar="P", help="guest kernel profile")
+    run.add_argument("--placement", choices=("shared", "exclusive"), default="shared")
+    run.add_argument("--name", default="", help="zone name (default: run-<random>)")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="kill the command (exit 124) when the whole run takes longer",
+    )
+    process_options(run)
     return parser
+
+
+def parse_user(text: str) -> tuple[int, int]:
+    uid_text, _, gid_text = text.partition(":")
+    try:
+        uid = int(uid_text)
+        gid = int(gid_text) if gid_text else uid
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected UID[:GID] as numbers, got {text!r}") from None
+    return uid, gid
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -560,6 +620,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 parser.error(f"label {key!r} given more than once")
             labels[key] = value
         args.labels = labels
+    if hasattr(args, "argv"):
+        argv = list(args.argv)
+        if argv and argv[0] == "--":
+            argv = argv[1:]
+        if not argv:
+            parser.error(f"{args.command}: give the command to run after --")
+        args.argv = argv
+        env: dict[str, str] = {}
+        for key, value in args.env:
+            env[key] = value
+        args.env = env
+        try:
+            args.uid, args.gid = parse_user(args.user)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -656,9 +731,106 @@ async def _run(args: argparse.Namespace, out: _Output) -> int:
                 async for chunk in client.console_log(args.name, args.follow, args.tail):
                     sink.write(chunk)
                     sink.flush()
+            case "exec" | "run":
+                return await _process(client, args, out)
             case _:  # pragma: no cover - argparse only accepts the commands above
                 raise AssertionError(args.command)
     return EXIT_OK
+
+
+#: ``zonectl run`` when the command was killed by the run's timeout (as timeout(1)).
+EXIT_TIMED_OUT = 124
+
+
+def process_exit_status(result: ExecResult) -> int:
+    """zonectl's exit status for a process: its own, 128+signal, or 124 (timed out)."""
+    if result.timed_out:
+        return EXIT_TIMED_OUT
+    if result.exit_code is not None:
+        return result.exit_code
+    return 128 + (result.signal or 0)
+
+
+async def _forward_stdin(process: Process) -> None:
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stream:
+        while data := await stream.receive_some(p.MAX_EXEC_CHUNK):
+            await process.write(data)
+    await process.close_stdin()
+
+
+async def _forward_signals(process: Process) -> None:
+    """Ctrl-C and SIGTERM go to the process; zonectl waits for it to end."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            await process.signal(signum)
+
+
+async def _process(client: Client, args: argparse.Namespace, out: _Output) -> int:
+    options: dict[str, Any] = {
+        "env": args.env,
+        "cwd": args.workdir,
+        "uid": args.uid,
+        "gid": args.gid,
+        "stdin": args.interactive,
+    }
+    if args.command == "exec":
+        manager = client.exec_process(args.name, args.argv, **options)
+    else:
+        manager = client.run_process(
+            args.argv,
+            name=args.name,
+            vcpus=args.vcpus,
+            memory_mib=args.memory,
+            profile=args.profile,
+            placement=args.placement,
+            timeout_s=args.timeout,
+            **options,
+        )
+    async with manager as process, trio.open_nursery() as nursery:
+        if args.interactive:
+            nursery.start_soon(_forward_stdin, process)
+        nursery.start_soon(_forward_signals, process)
+        if out.json:
+            stdout, stderr = bytearray(), bytearray()
+            async for chunk in process:
+                (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+        else:
+            sinks = {"stdout": out.binary(), "stderr": _binary(out.stderr)}
+            async for chunk in process:
+                sink = sinks[chunk.stream]
+                sink.write(chunk.data)
+                sink.flush()
+        nursery.cancel_scope.cancel()
+    result = process.result
+    assert result is not None
+    if out.json:
+        out.text(
+            format_json(
+                {
+                    "zone": process.zone.name if process.zone else args.name,
+                    "pid": process.pid,
+                    "exit_code": result.exit_code,
+                    "signal": result.signal,
+                    "timed_out": result.timed_out,
+                    "stdout": stdout.decode(errors="replace"),
+                    "stderr": stderr.decode(errors="replace"),
+                }
+            )
+            + "\n"
+        )
+    elif result.timed_out:
+        out.stderr.write(f"{PROG}: the run timed out after {args.timeout:g} s; killed\n")
+        out.stderr.flush()
+    return process_exit_status(result)
+
+
+def _binary(stream: TextIO) -> BinaryIO:
+    stream.flush()
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        raise TypeError("stream has no binary buffer")
+    return buffer  # type: ignore[no-any-return]
 
 
 def _single(exc: BaseException) -> BaseException:

@@ -46,11 +46,19 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import trio
 
@@ -64,6 +72,9 @@ __all__ = [
     "ClientError",
     "ConnectionLost",
     "DaemonUnavailable",
+    "ExecResult",
+    "OutputChunk",
+    "Process",
     "ProtocolError",
     "SyncClient",
     "default_socket_path",
@@ -174,6 +185,8 @@ class Client:
         # own exception object (they are raised from many tasks).
         self._failure: Callable[[], Exception] | None = None
         self._entered = False
+        # Requests whose replies form a stream (final only at its end).
+        self._streams: set[int] = set()
 
     @classmethod
     def connect(
@@ -304,7 +317,10 @@ class Client:
         send = self._waiters.get(reply.id)
         if send is None:
             return  # an abandoned request or stream: drop its replies
-        final = not isinstance(reply, p.EventReply | p.LogChunk)
+        if reply.id in self._streams:
+            final = isinstance(reply, p.StreamEnd | p.ExecExit | p.ErrorReply)
+        else:
+            final = True
         try:
             # Blocks while a stream's consumer lags: that is the backpressure
             # that lets the daemon notice a slow watcher.
@@ -313,6 +329,7 @@ class Client:
             final = True  # the waiter has gone
         if final:
             self._waiters.pop(reply.id, None)
+            self._streams.discard(reply.id)
             send.close()
 
     # ------------------------------------------------------------ requests
@@ -331,7 +348,7 @@ class Client:
             raise ConnectionLost("the client is not connected (use `async with Client.connect()`)")
 
     async def _start(
-        self, build: Callable[[int], p.Request], buffer: int
+        self, build: Callable[[int], p.Request], buffer: int, *, stream: bool = False
     ) -> tuple[int, trio.MemoryReceiveChannel[p.Reply]]:
         """Send one request; returns its id and the channel its replies arrive on.
 
@@ -346,6 +363,8 @@ class Client:
         frame = p.encode_frame(request, self.max_frame)
         send, receive = trio.open_memory_channel[p.Reply](buffer)
         self._waiters[request_id] = send
+        if stream:
+            self._streams.add(request_id)
         try:
             async with self._send_lock:
                 await trio.lowlevel.checkpoint_if_cancelled()
@@ -365,7 +384,23 @@ class Client:
             raise
         return request_id, receive
 
+    async def _send_input(self, message: p.ExecInput | p.ExecSignal) -> None:
+        """Send stream input for a running request (no reply of its own)."""
+        self._raise_failure()
+        frame = p.encode_frame(message, self.max_frame)
+        try:
+            async with self._send_lock:
+                self._raise_failure()
+                assert self._stream is not None
+                with trio.CancelScope(shield=True):
+                    await self._stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            message_text = f"could not send to the daemon: {exc}"
+            self._fail(_lost(message_text))
+            raise ConnectionLost(message_text) from exc
+
     def _forget(self, request_id: int) -> None:
+        self._streams.discard(request_id)
         send = self._waiters.pop(request_id, None)
         if send is not None:
             send.close()
@@ -453,7 +488,9 @@ class Client:
         An async generator: close it when you stop early
         (``async with contextlib.aclosing(client.watch_events()) as events``).
         """
-        request_id, replies = await self._start(lambda id: p.WatchEvents(id=id), STREAM_BUFFER)
+        request_id, replies = await self._start(
+            lambda id: p.WatchEvents(id=id), STREAM_BUFFER, stream=True
+        )
         try:
             with replies:
                 while not isinstance(reply := await self._receive(replies), p.StreamEnd):
@@ -473,6 +510,7 @@ class Client:
         request_id, replies = await self._start(
             lambda id: p.ConsoleLog(id=id, name=name, follow=follow, tail_bytes=tail_bytes),
             STREAM_BUFFER,
+            stream=True,
         )
         try:
             with replies:
@@ -480,6 +518,257 @@ class Client:
                     yield _expect(reply, p.LogChunk).data
         finally:
             self._forget(request_id)
+
+    # ------------------------------------------------------------ processes
+
+    def exec_process(
+        self,
+        zone: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        uid: int = 0,
+        gid: int = 0,
+        stdin: bool = False,
+    ) -> AbstractAsyncContextManager[Process]:
+        """Start ``argv`` in a ready zone; use as ``async with``.
+
+        Iterate the :class:`Process` for its output as it comes; then
+        :attr:`Process.result` holds how it ended. With ``stdin=True`` feed it
+        with :meth:`Process.write` and :meth:`Process.close_stdin`.
+        """
+        fields = _exec_fields(argv, env, cwd, uid, gid, stdin)
+        return self._process(lambda id: p.Exec(id=id, zone=zone, **fields))
+
+    def run_process(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        uid: int = 0,
+        gid: int = 0,
+        stdin: bool = False,
+        name: str = "",
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        profile: str = "strict",
+        placement: p.Placement = "shared",
+        labels: Mapping[str, str] | None = None,
+        machine: p.Machine | None = None,
+        timeout_s: float | None = None,
+    ) -> AbstractAsyncContextManager[Process]:
+        """Like :meth:`exec_process`, in a fresh zone the daemon destroys afterwards.
+
+        :attr:`Process.zone` is the zone once it is ready. ``timeout_s`` covers
+        the whole run; when it passes the process is killed
+        (:attr:`ExecResult.timed_out`). The zone is destroyed even if this
+        client goes away.
+        """
+        fields = _exec_fields(argv, env, cwd, uid, gid, stdin)
+        label_dict = dict(labels or {})
+        return self._process(
+            lambda id: p.RunZone(
+                id=id,
+                name=name,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                profile=profile,
+                placement=placement,
+                labels=label_dict,
+                machine=machine,
+                timeout_s=timeout_s,
+                **fields,
+            )
+        )
+
+    @asynccontextmanager
+    async def _process(self, build: Callable[[int], p.Request]) -> AsyncIterator[Process]:
+        request_id, replies = await self._start(build, STREAM_BUFFER, stream=True)
+        try:
+            with replies:
+                yield Process(self, request_id, replies)
+        finally:
+            self._forget(request_id)
+
+    async def exec(
+        self,
+        zone: str,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        uid: int = 0,
+        gid: int = 0,
+    ) -> ExecResult:
+        """Run ``argv`` in a ready zone to its end; its output collected in memory."""
+        async with self.exec_process(
+            zone, argv, env=env, cwd=cwd, uid=uid, gid=gid, stdin=input is not None
+        ) as process:
+            return await process.communicate(input)
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        profile: str = "strict",
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        """Boot a fresh zone, run ``argv`` in it to its end, destroy the zone."""
+        async with self.run_process(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=input is not None,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            profile=profile,
+            timeout_s=timeout_s,
+        ) as process:
+            return await process.communicate(input)
+
+
+class ExecResult(NamedTuple):
+    """How a process ended, and (from ``exec``/``run``/``communicate``) its output."""
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool = False
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+    @property
+    def returncode(self) -> int:
+        """As :mod:`subprocess` has it: the exit code, or minus the signal."""
+        if self.exit_code is not None:
+            return self.exit_code
+        return -(self.signal or 0)
+
+
+class OutputChunk(NamedTuple):
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+class Process:
+    """A process running in a zone (from :meth:`Client.exec_process` / ``run_process``).
+
+    ``async for chunk in process`` yields :class:`OutputChunk` in order until
+    the process ends; then :attr:`result` is set. Reading its output is what
+    lets it go on writing: the daemon takes output from the zone only as fast
+    as this client reads it.
+    """
+
+    def __init__(
+        self, client: Client, request_id: int, replies: trio.MemoryReceiveChannel[p.Reply]
+    ) -> None:
+        self._client = client
+        self._id = request_id
+        self._replies = replies
+        self.pid: int | None = None
+        self.zone: p.ZoneInfo | None = None
+        self.result: ExecResult | None = None
+
+    def __aiter__(self) -> Process:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        while self.result is None:
+            reply = await self._client._receive(self._replies)
+            match reply:
+                case p.ExecOutput():
+                    return OutputChunk(reply.stream, reply.data)
+                case p.ExecStarted():
+                    self.pid = reply.pid
+                case p.ZoneReply():
+                    self.zone = reply.zone
+                case p.ExecExit():
+                    self.result = ExecResult(reply.exit_code, reply.signal, reply.timed_out)
+                case _:
+                    raise ProtocolError(f"unexpected reply in a process stream: {reply!r}")
+        raise StopAsyncIteration
+
+    async def started(self) -> int | None:
+        """Wait until the process runs (or ended without output); its pid in the zone."""
+        while self.pid is None and self.result is None:
+            reply = await self._client._receive(self._replies)
+            match reply:
+                case p.ExecStarted():
+                    self.pid = reply.pid
+                case p.ZoneReply():
+                    self.zone = reply.zone
+                case p.ExecExit():
+                    self.result = ExecResult(reply.exit_code, reply.signal, reply.timed_out)
+                case p.ExecOutput():
+                    raise ProtocolError("output before the process started")
+                case _:
+                    raise ProtocolError(f"unexpected reply in a process stream: {reply!r}")
+        return self.pid
+
+    async def write(self, data: bytes) -> None:
+        """Send bytes to the process's stdin (it was started with ``stdin=True``)."""
+        view = memoryview(data)
+        while view:
+            chunk = bytes(view[: p.MAX_EXEC_CHUNK])
+            view = view[p.MAX_EXEC_CHUNK :]
+            await self._client._send_input(p.ExecInput(id=self._id, data=chunk))
+
+    async def close_stdin(self) -> None:
+        await self._client._send_input(p.ExecInput(id=self._id, eof=True))
+
+    async def signal(self, signum: int) -> None:
+        """Send a signal to the process (its process group)."""
+        await self._client._send_input(p.ExecSignal(id=self._id, signal=signum))
+
+    async def wait(self) -> ExecResult:
+        """Read (and drop) the rest of the output; how the process ended."""
+        async for _chunk in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    async def communicate(self, input: bytes | None = None) -> ExecResult:
+        """Send ``input`` (then EOF) while collecting all output; the result with it."""
+        out = bytearray()
+        err = bytearray()
+
+        async def feed() -> None:
+            if input is None:
+                return
+            await self.write(input)
+            await self.close_stdin()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            async for chunk in self:
+                (out if chunk.stream == "stdout" else err).extend(chunk.data)
+        assert self.result is not None
+        return self.result._replace(stdout=bytes(out), stderr=bytes(err))
+
+
+def _exec_fields(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None,
+    cwd: str,
+    uid: int,
+    gid: int,
+    stdin: bool,
+) -> dict[str, Any]:
+    return {
+        "argv": list(argv),
+        "env": dict(env or {}),
+        "cwd": cwd,
+        "uid": uid,
+        "gid": gid,
+        "stdin": stdin,
+    }
 
 
 def open_client(

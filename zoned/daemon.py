@@ -31,9 +31,10 @@ from zoned.hostinfo import host_tsc_khz
 from zoned.hostwatch import CpuEvent, watch_cpu_events
 from zoned.kernel.store import find_kernel, list_kernels
 from zoned.placement import Allocator
-from zoned.server import Send, serve_control_socket
+from zoned.server import Send, StreamInputs, serve_control_socket
 from zoned.topology import HostTopology, read_host_topology
 from zoned.virt import DomainEvent, Hypervisor, open_event_channel, probe_accelerator
+from zoned.workloads import exec_in_zone, run_in_fresh_zone
 from zoned.zones import ZoneManager
 
 log = logging.getLogger("zoned")
@@ -188,7 +189,7 @@ class Daemon:
 
     # --------------------------------------------------------------- requests
 
-    async def handle(self, request: p.Request, send: Send) -> None:
+    async def handle(self, request: p.Request, send: Send, inputs: StreamInputs) -> None:
         manager = self.manager
         assert manager is not None
         match request:
@@ -207,6 +208,10 @@ class Daemon:
                 await self._stream_events(request, send)
             case p.ConsoleLog():
                 await self._stream_log(request, send, manager)
+            case p.Exec():
+                await exec_in_zone(manager, request, send, inputs)
+            case p.RunZone():
+                await run_in_fresh_zone(manager, request, send, inputs)
             case _:
                 raise InvalidRequest(f"{type(request).__name__} is not handled here")
 

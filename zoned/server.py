@@ -7,8 +7,13 @@ Rules:
   first request and the connection is closed.
 - The first request must be ``hello``; the reply names the chosen version.
 - Each request runs as its own task in the connection's nursery, so that a
-  stream (watch, logs) and other requests share one connection. A connection
-  may have at most ``MAX_INFLIGHT`` requests running.
+  stream (watch, logs, exec) and other requests share one connection. A
+  connection may have at most ``MAX_INFLIGHT`` requests running.
+- Stream input (``exec_input``, ``exec_signal``) is not a request of its
+  own: it carries the ``id`` of a running ``exec``/``run_zone`` and goes to
+  that request's handler, in order. While the handler does not take it (the
+  process does not read its stdin), the connection is not read any further:
+  that is the backpressure, and it holds back only this connection.
 - A frame that breaks the framing (oversize, zero length) gets an error with
   id 0 and the connection is closed, since the byte stream can no longer be
   trusted. A well-framed message that fails to decode gets an error with its
@@ -46,7 +51,13 @@ RECEIVE_CHUNK = 64 * 1024
 SERVER_NAME = "zoned/0.1"
 
 Send = Callable[[p.Reply], Awaitable[None]]
-Handler = Callable[[p.Request, Send], Awaitable[None]]
+#: Stream input for one request: None for requests that take none.
+StreamInputs = trio.MemoryReceiveChannel[p.StreamInput] | None
+Handler = Callable[[p.Request, Send, StreamInputs], Awaitable[None]]
+#: Requests whose handler receives stream input.
+TAKES_INPUT = (p.Exec, p.RunZone)
+#: Stream input messages buffered per request before the connection stops reading.
+STREAM_INPUT_BUFFER = 8
 
 
 def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
@@ -90,6 +101,7 @@ class Connection:
         self._inflight = 0
         self._greeted = False
         self._closed = False
+        self._inputs: dict[int, trio.MemorySendChannel[p.StreamInput]] = {}
 
     async def send(self, reply: p.Reply) -> None:
         if self._closed:
@@ -166,6 +178,26 @@ class Connection:
         if isinstance(request, p.Hello):
             await self._try_send(p.error_reply(request.id, InvalidRequest("hello already done")))
             return
+        if isinstance(request, p.ExecInput | p.ExecSignal):
+            target = self._inputs.get(request.id)
+            if target is None:
+                await self._try_send(
+                    p.error_reply(
+                        request.id,
+                        InvalidRequest(f"no running exec with id {request.id} on this connection"),
+                    )
+                )
+                return
+            # Blocks this connection's reading while the process does not
+            # take its input: backpressure for this client only.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await target.send(request)
+            return
+        if isinstance(request, TAKES_INPUT) and request.id in self._inputs:
+            await self._try_send(
+                p.error_reply(request.id, InvalidRequest(f"id {request.id} is already running"))
+            )
+            return
         if self._inflight >= MAX_INFLIGHT:
             await self._try_send(
                 p.error_reply(
@@ -175,11 +207,15 @@ class Connection:
             )
             return
         self._inflight += 1
-        nursery.start_soon(self._run_request, request)
+        inputs: StreamInputs = None
+        if isinstance(request, TAKES_INPUT):
+            send_input, inputs = trio.open_memory_channel[p.StreamInput](STREAM_INPUT_BUFFER)
+            self._inputs[request.id] = send_input
+        nursery.start_soon(self._run_request, request, inputs)
 
-    async def _run_request(self, request: p.Request) -> None:
+    async def _run_request(self, request: p.Request, inputs: StreamInputs) -> None:
         try:
-            await self._handler(request, self.send)
+            await self._handler(request, self.send, inputs)
         except ZonedError as exc:
             await self._try_send(p.error_reply(request.id, exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -191,6 +227,9 @@ class Connection:
             )
         finally:
             self._inflight -= 1
+            if inputs is not None:
+                self._inputs.pop(request.id, None)
+                inputs.close()
 
 
 async def open_control_socket(path: Path, group: str) -> tuple[trio.socket.SocketType, int | None]:

@@ -40,7 +40,7 @@ import msgspec
 import trio
 
 from zoned import lifecycle
-from zoned.agentlink import AgentFacts, supervise_agent
+from zoned.agentlink import AgentFacts, AgentFault, AgentMux, ExecSession, supervise_agent
 from zoned.config import Config
 from zoned.domain import METADATA_NS, DomainSpec, read_metadata, render_domain_xml
 from zoned.errors import Conflict, HypervisorError, InvalidRequest, NotFound, ZonedError
@@ -48,7 +48,7 @@ from zoned.events import EventHub
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.store import find_kernel
 from zoned.placement import Allocator, Placement
-from zoned.protocol import CreateZone, HeartbeatReply, ZoneInfo
+from zoned.protocol import AgentExecStart, CreateZone, Exec, HeartbeatReply, RunZone, ZoneInfo
 from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
 from zoned.store import ZoneStore
 from zoned.virt import DomainEvent, Hypervisor
@@ -93,6 +93,8 @@ class _Zone:
     supervisor: trio.CancelScope | None = None
     holds_placement: bool = False
     last_heartbeat: HeartbeatReply | None = None
+    # The live agent channel once the agent said hello; None otherwise.
+    agent: AgentMux | None = None
 
 
 def _qemu_ids() -> tuple[int, int] | None:
@@ -359,6 +361,9 @@ class ZoneManager:
         def on_heartbeat(reply: HeartbeatReply) -> None:
             zone.last_heartbeat = reply
 
+        def on_mux(mux: AgentMux | None) -> None:
+            zone.agent = mux
+
         with scope:
             reason = await supervise_agent(
                 Path(zone.record.agent_socket),
@@ -368,6 +373,7 @@ class ZoneManager:
                 silence_limit=self.config.agent_silence_s,
                 on_hello=on_hello,
                 on_heartbeat=on_heartbeat,
+                on_mux=on_mux,
             )
             if zone.record.state in ("booting", "ready"):
                 # A channel that breaks because QEMU died is QEMU's failure;
@@ -431,6 +437,33 @@ class ZoneManager:
                 self.store.delete(name)
                 del self.zones[name]
         return to_info(zone.record)
+
+    # ------------------------------------------------------------------ exec
+
+    async def start_exec(self, name: str, request: Exec | RunZone) -> ExecSession:
+        """Start a process in a ready zone; the session streams it."""
+        zone = self._zone(name)
+        agent = zone.agent
+        if zone.record.state != "ready" or agent is None:
+            raise Conflict(
+                f"zone {name!r} is {zone.record.state}, not ready: it cannot run processes"
+            )
+
+        def start(exec_id: int) -> AgentExecStart:
+            return AgentExecStart(
+                exec_id=exec_id,
+                argv=list(request.argv),
+                env=dict(request.env),
+                cwd=request.cwd,
+                uid=request.uid,
+                gid=request.gid,
+                stdin=request.stdin,
+            )
+
+        try:
+            return await agent.start_exec(start)
+        except AgentFault as exc:
+            raise HypervisorError(f"zone {name!r}: {exc}") from exc
 
     # --------------------------------------------------------- libvirt events
 

@@ -1,0 +1,153 @@
+"""Running processes in zones for control-socket clients: exec and run.
+
+``exec`` streams one process of a ready zone to its client: ``exec_started``,
+``exec_output`` pieces in order, then ``exec_exit``. Stream input
+(``exec_input``, ``exec_signal``) from the same client goes to the process
+while it runs. Output is taken from the agent only as fast as the client
+reads it (each piece is credited back to the agent after it was sent), so a
+slow client slows the process down instead of filling the daemon's memory.
+
+``run`` is create + exec + destroy in one request. The zone is destroyed
+whatever happens: the process ends, the caller's timeout passes (the
+process group gets SIGKILL and ``exec_exit.timed_out`` is set), the client
+disconnects (its request is cancelled; the destroy runs shielded).
+
+A process that cannot start (no such command, no permission) is reported as
+a shell would: a message on its stderr and exit status 127 (not found) or
+126 (anything else).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import signal
+from contextlib import nullcontext
+
+import trio
+
+from zoned import protocol as p
+from zoned.agentlink import ExecEnded, ExecOutputPiece, ExecSession
+from zoned.errors import HypervisorError, ZonedError
+from zoned.server import Send, StreamInputs
+from zoned.zones import ZoneManager
+
+log = logging.getLogger(__name__)
+
+#: After a run's timeout killed its process, how long to wait for the exit.
+KILL_GRACE_S = 10.0
+
+
+def start_error_status(error: str) -> int:
+    return 127 if "No such file or directory" in error else 126
+
+
+async def _pump_input(session: ExecSession, inputs: StreamInputs) -> None:
+    if inputs is None:
+        return
+    async for message in inputs:
+        if isinstance(message, p.ExecInput):
+            await session.write_input(message.data, message.eof)
+        else:
+            await session.signal(message.signal)
+
+
+async def stream_exec(
+    request_id: int,
+    session: ExecSession,
+    send: Send,
+    inputs: StreamInputs,
+    *,
+    timeout_s: float | None = None,
+) -> None:
+    """Forward one process's life to the client until its ``exec_exit``."""
+    timed_out = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump_input, session, inputs)
+        deadline = trio.current_time() + timeout_s if timeout_s is not None else math.inf
+        while True:
+            with trio.move_on_at(deadline) as scope:
+                event = await session.next_event()
+            if scope.cancelled_caught:
+                if timed_out:
+                    raise HypervisorError(
+                        f"the process did not end within {KILL_GRACE_S:g} s of SIGKILL"
+                    )
+                timed_out = True
+                await session.signal(signal.SIGKILL)
+                deadline = trio.current_time() + KILL_GRACE_S
+                continue
+            if isinstance(event, p.AgentExecStarted):
+                await send(p.ExecStarted(id=request_id, pid=event.pid))
+            elif isinstance(event, ExecOutputPiece):
+                await send(p.ExecOutput(id=request_id, stream=event.stream, data=event.data))
+            else:
+                await _send_end(request_id, event, send, timed_out)
+                break
+        nursery.cancel_scope.cancel()
+
+
+async def _send_end(request_id: int, end: ExecEnded, send: Send, timed_out: bool) -> None:
+    if end.error and end.error.startswith("agent channel lost"):
+        raise HypervisorError(f"the process's zone went away: {end.error}")
+    if end.error:
+        message = f"zoned: {end.error}\n".encode()[: p.MAX_EXEC_CHUNK]
+        await send(p.ExecOutput(id=request_id, stream="stderr", data=message))
+        await send(p.ExecExit(id=request_id, exit_code=start_error_status(end.error)))
+        return
+    await send(
+        p.ExecExit(id=request_id, exit_code=end.exit_code, signal=end.signal, timed_out=timed_out)
+    )
+
+
+async def exec_in_zone(
+    manager: ZoneManager, request: p.Exec, send: Send, inputs: StreamInputs
+) -> None:
+    session = await manager.start_exec(request.zone, request)
+    await stream_exec(request.id, session, send, inputs)
+
+
+def run_zone_name(request: p.RunZone) -> str:
+    return request.name or f"run-{secrets.token_hex(4)}"
+
+
+async def run_in_fresh_zone(
+    manager: ZoneManager, request: p.RunZone, send: Send, inputs: StreamInputs
+) -> None:
+    name = run_zone_name(request)
+    create = p.CreateZone(
+        id=request.id,
+        name=name,
+        vcpus=request.vcpus,
+        memory_mib=request.memory_mib,
+        profile=request.profile,
+        placement=request.placement,
+        labels={**request.labels, "zoned.run": "1"},
+        machine=request.machine,
+    )
+    created = False
+    started = trio.current_time()
+    try:
+        deadline = trio.fail_after(request.timeout_s) if request.timeout_s else nullcontext()
+        with deadline:
+            zone = await manager.create(create)
+        created = True
+        await send(p.ZoneReply(id=request.id, zone=zone))
+        session = await manager.start_exec(name, request)
+        # The caller's timeout covers the whole run, the boot included.
+        remaining = None
+        if request.timeout_s is not None:
+            remaining = max(0.0, request.timeout_s - (trio.current_time() - started))
+        await stream_exec(request.id, session, send, inputs, timeout_s=remaining)
+    except trio.TooSlowError:
+        raise HypervisorError(
+            f"zone {name!r} was not ready within the run's timeout of {request.timeout_s:g} s"
+        ) from None
+    finally:
+        with trio.CancelScope(shield=True):
+            if created or name in manager.zones:
+                try:
+                    await manager.destroy(name)
+                except ZonedError as exc:
+                    log.warning("run: could not destroy zone %s: %s", name, exc)
