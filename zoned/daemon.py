@@ -31,6 +31,7 @@ from zoned.hostinfo import host_tsc_khz
 from zoned.hostwatch import CpuEvent, watch_cpu_events
 from zoned.kernel.store import find_kernel, list_kernels
 from zoned.placement import Allocator
+from zoned.rootfs import build_workload_root
 from zoned.server import Send, StreamInputs, serve_control_socket
 from zoned.topology import HostTopology, read_host_topology
 from zoned.virt import DomainEvent, Hypervisor, open_event_channel, probe_accelerator
@@ -108,6 +109,7 @@ class Daemon:
             self.accelerator = await self._decide_accelerator(hv)
             sd_notify("STATUS=preparing the boot image")
             boot_image = await trio.to_thread.run_sync(build_boot_image, Path(config.image_cache))
+            rootfs = await trio.to_thread.run_sync(build_workload_root, Path(config.image_cache))
             tsc = host_tsc_khz()
             manager = ZoneManager(
                 config,
@@ -116,6 +118,7 @@ class Daemon:
                 self.hub,
                 accelerator=self.accelerator,
                 boot_image=boot_image,
+                rootfs=rootfs,
                 tsc_khz=tsc,
             )
             self.manager = manager

@@ -88,6 +88,8 @@ class DomainSpec:
     console_log: Path
     agent_socket: Path
     metadata: str
+    # The workload root image, attached read-only as the first virtio disk.
+    rootfs: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.domain_name or "/" in self.domain_name:
@@ -128,12 +130,13 @@ class DomainSpec:
             _check_xml_text(label, text)
 
     def _paths(self) -> tuple[tuple[str, Path], ...]:
-        return (
+        paths = (
             ("kernel", self.kernel),
             ("initrd", self.initrd),
             ("console log", self.console_log),
             ("agent socket", self.agent_socket),
         )
+        return paths if self.rootfs is None else (*paths, ("rootfs", self.rootfs))
 
 
 def _xml_char_ok(char: str) -> bool:
@@ -234,6 +237,14 @@ def render_domain_xml(spec: DomainSpec) -> str:
     channel = _sub(devices, "channel", type="unix")
     _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
     _sub(channel, "target", type="virtio", name=AGENT_CHANNEL_NAME)
+    if spec.rootfs is not None:
+        disk = _sub(devices, "disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu", type="raw")
+        _sub(disk, "source", file=str(spec.rootfs))
+        _sub(disk, "target", dev="vda", bus="virtio")
+        _sub(disk, "readonly")
+        if microvm:
+            _sub(disk, "address", type="virtio-mmio")
     _sub(devices, "memballoon", model="none")
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")

@@ -46,6 +46,8 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     ready_at: float | None = None
     kernel_release: str = ""
     guest_boot_s: float | None = None
+    # The workload root image attached to the zone ("" for none).
+    rootfs: str = ""
 
 
 def to_info(record: ZoneRecord) -> ZoneInfo:

@@ -121,6 +121,7 @@ class ZoneManager:
         accelerator: str,
         boot_image: Path,
         tsc_khz: int | None,
+        rootfs: Path | None = None,
     ) -> None:
         self.config = config
         self.hv = hypervisor
@@ -128,6 +129,7 @@ class ZoneManager:
         self.hub = hub
         self.accelerator = accelerator
         self.boot_image = boot_image
+        self.rootfs = rootfs
         self.tsc_khz = tsc_khz
         self.store: ZoneStore[ZoneRecord] = ZoneStore(Path(config.state_dir), ZoneRecord)
         self.zones: dict[str, _Zone] = {}
@@ -258,6 +260,7 @@ class ZoneManager:
             kernel_image=str(kernel.image),
             kernel_sha256=kernel.manifest.image_sha256,
             boot_image=str(self.boot_image),
+            rootfs=str(self.rootfs) if self.rootfs else "",
             cmdline=cmdline,
             console_log=str(Path(self.config.log_dir) / f"{name}.console.log"),
             agent_socket=str(zone_dir / "agent.sock"),
@@ -328,6 +331,7 @@ class ZoneManager:
             accelerator=record.accelerator,  # type: ignore[arg-type]
             kernel=Path(record.kernel_image),
             initrd=Path(record.boot_image),
+            rootfs=Path(record.rootfs) if record.rootfs else None,
             cmdline=record.cmdline,
             vcpu_pins=tuple(tuple(c) for c in record.placement.vcpu_cpus),
             emulator_cpus=tuple(record.placement.emulator_cpus),

@@ -117,7 +117,8 @@ def test_define_keeps_our_xml_and_metadata(conn: Any, workdir: Path, golden: str
         if spec.machine == "microvm":
             # libvirt must not have swapped our virtio-mmio addresses for PCI ones.
             assert "type='pci'" not in described
-            assert described.count("<address type='virtio-mmio'/>") == 2
+            devices = 3 if spec.rootfs is not None else 2
+            assert described.count("<address type='virtio-mmio'/>") == devices
     finally:
         dom.undefine()
 

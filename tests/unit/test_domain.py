@@ -71,6 +71,12 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         machine="q35",
         cmdline="console=ttyS0 panic=-1",
     ),
+    "microvm-tcg-rootfs": _spec(
+        "delta",
+        uuid="5e0c7d1a-9b2f-4e3a-8c6d-7f1a2b3c4d5e",
+        vcpus=1,
+        rootfs=Path("/var/lib/zoned/images/workload-0123456789abcdef.erofs"),
+    ),
     "microvm-kvm-exclusive": _spec(
         "gamma",
         uuid="c3d2e1f0-1a2b-4c3d-8e4f-5a6b7c8d9e0f",
@@ -143,6 +149,22 @@ def test_no_disks_network_graphics_or_balloon() -> None:
         assert root.find("os/loader") is None
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             assert root.findtext(event) == "destroy"
+
+
+def test_workload_root_is_one_read_only_virtio_disk() -> None:
+    for machine in ("microvm", "q35"):
+        image = Path("/var/lib/zoned/images/workload.erofs")
+        root = _parse(_spec("a", machine=machine, rootfs=image))
+        disks = root.findall("devices/disk")
+        assert len(disks) == 1
+        disk = disks[0]
+        assert disk.find("source").get("file") == str(image)  # type: ignore[union-attr]
+        assert disk.find("target").get("bus") == "virtio"  # type: ignore[union-attr]
+        assert disk.find("readonly") is not None
+        address = disk.find("address")
+        assert (address is not None) == (machine == "microvm")
+    with pytest.raises(InvalidRequest, match="rootfs path"):
+        _spec("a", rootfs=Path("relative.erofs"))
 
 
 def test_agent_channel_and_console_log() -> None:

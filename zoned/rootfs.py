@@ -1,0 +1,216 @@
+"""The workload root: the filesystem that processes in a zone see.
+
+The zone's boot image (:mod:`zoned.bootimage`) holds only the guest agent:
+its interpreter, the few modules it imports, and nothing for workloads. What
+workloads run in is this separate, read-only EROFS image, attached to every
+zone as a virtio disk. The agent mounts it under a tmpfs overlay (writes go
+to guest RAM and vanish with the zone) and starts every process chrooted
+into it. A real container image can later replace this one without touching
+the agent: the boundary is the disk.
+
+Contents (built on the host, once, cached by content):
+
+- Debian's static busybox at ``/bin/busybox`` with a symlink for each applet
+  (``/bin/sh``, ``/bin/ls``, ``/usr/bin/env``...);
+- the host's base Python interpreter at its own path, its shared-library
+  closure (and that of every extension module) at the paths ``ldd`` found,
+  ``/usr/bin/python3`` and ``/usr/bin/python3.11`` pointing at it, and its
+  whole standard library minus the parts no sandboxed program needs (tests,
+  IDLE, Tk, ensurepip, lib2to3), precompiled with unchecked-hash ``.pyc``
+  files so that a read-only root costs no compilation at import;
+- ``/etc/passwd``, ``/etc/group``, ``/etc/hosts``, ``/etc/os-release``, and
+  empty mount points (``/proc``, ``/sys``, ``/dev``, ``/tmp``, ``/root``...).
+
+The image is ``<cache_dir>/workload-<key>.erofs``; ``<key>`` hashes
+:data:`ROOTFS_VERSION`, this module's source, busybox's and the
+interpreter's bytes and the stdlib's file list with sizes and mtimes.
+Uncompressed EROFS: under TCG decompression costs more than it saves, and
+the host's page cache shares the image between all zones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import py_compile
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from zoned.bootimage import base_interpreter, shared_libraries
+from zoned.errors import InternalError
+
+#: Bump when the image's layout changes in a way the inputs do not show.
+ROOTFS_VERSION = 1
+BUSYBOX = Path("/bin/busybox")
+MKFS_EROFS = "mkfs.erofs"
+#: Where the agent mounts the image in the guest (read-only lower layer).
+GUEST_DEVICE = "/dev/vda"
+#: Stdlib directories left out: tests and tools that have no use in a zone.
+STDLIB_EXCLUDE = frozenset(
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "lib2to3",
+        "site-packages",
+        "__pycache__",
+        "pydoc_data",
+    }
+)
+MOUNT_POINTS = ("proc", "sys", "dev", "tmp", "run", "root", "home", "mnt", "var/tmp")
+ETC_FILES = {
+    "etc/passwd": (
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+    ),
+    "etc/group": "root:x:0:\nnogroup:x:65534:\n",
+    "etc/hosts": "127.0.0.1 localhost\n::1 localhost\n",
+    "etc/os-release": 'NAME="zoned workload root"\nID=zoned\n',
+}
+
+
+class RootfsError(InternalError):
+    """The workload root could not be built (a host tool missing or failing)."""
+
+
+def _stdlib_dir(interpreter: Path) -> Path:
+    out = subprocess.run(
+        [
+            str(interpreter),
+            "-I",
+            "-S",
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('stdlib'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return Path(out)
+
+
+def _stdlib_files(stdlib: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(stdlib):
+        rel = Path(root).relative_to(stdlib)
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if d not in STDLIB_EXCLUDE and not (rel == Path(".") and d.startswith("config-"))
+        )
+        for name in sorted(files):
+            if name.endswith((".pyc", ".pyo", ".exe")):
+                continue
+            yield Path(root) / name
+
+
+def cache_key(interpreter: Path) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"rootfs-{ROOTFS_VERSION}\n".encode())
+    digest.update(Path(__file__).read_bytes())
+    for binary in (BUSYBOX, interpreter):
+        digest.update(str(binary).encode() + b"\0" + binary.read_bytes())
+    stdlib = _stdlib_dir(interpreter)
+    for path in _stdlib_files(stdlib):
+        st = path.stat()
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_workload_root(cache_dir: Path) -> Path:
+    """The workload root image, built into ``cache_dir`` unless already there."""
+    if not BUSYBOX.exists():
+        raise RootfsError(f"{BUSYBOX} is missing: install Debian's busybox-static")
+    if shutil.which(MKFS_EROFS) is None:
+        raise RootfsError(f"{MKFS_EROFS} is missing: install Debian's erofs-utils")
+    interpreter = base_interpreter()
+    image = cache_dir / f"workload-{cache_key(interpreter)}.erofs"
+    if image.exists():
+        return image
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="zoned-rootfs-", dir=cache_dir) as tmp:
+        staging = Path(tmp) / "root"
+        staging.mkdir()
+        _stage(staging, interpreter)
+        partial = Path(tmp) / "image.erofs"
+        result = subprocess.run(
+            [MKFS_EROFS, "--quiet", "--all-root", "-T0", str(partial), str(staging)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RootfsError(f"mkfs.erofs failed: {result.stderr.strip()}")
+        partial.chmod(0o644)
+        os.replace(partial, image)
+    return image
+
+
+def _copy(source: Path, staging: Path) -> Path:
+    """Copy ``source`` to the same absolute path under ``staging``."""
+    dest = staging / source.relative_to("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, dest)
+    return dest
+
+
+def _symlink(staging: Path, link: str, target: str) -> None:
+    path = staging / link.lstrip("/")
+    if path.exists() or path.is_symlink():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+
+
+def _stage(staging: Path, interpreter: Path) -> None:
+    # busybox and its applets.
+    _copy(BUSYBOX, staging)
+    applets = subprocess.run(
+        [str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in applets:
+        _symlink(staging, applet, str(BUSYBOX))
+
+    # Python: interpreter, stdlib (compiled), extension modules, libraries.
+    real = interpreter.resolve()
+    _copy(real, staging)
+    for name in ("usr/bin/python3", "usr/bin/python3.11", "usr/bin/python"):
+        _symlink(staging, name, str(real))
+    stdlib = _stdlib_dir(interpreter)
+    binaries = [real]
+    for source in _stdlib_files(stdlib):
+        dest = _copy(source, staging)
+        if source.suffix == ".py":
+            cfile = py_compile.PycInvalidationMode.UNCHECKED_HASH
+            target = Path(
+                dest.parent, "__pycache__", f"{dest.stem}.{sys.implementation.cache_tag}.pyc"
+            )
+            # A file that does not compile (a deliberately bad one) stays source-only.
+            with contextlib.suppress(py_compile.PyCompileError):
+                py_compile.compile(
+                    str(dest),
+                    cfile=str(target),
+                    dfile=str(source),
+                    doraise=True,
+                    invalidation_mode=cfile,
+                )
+        elif source.suffix == ".so":
+            binaries.append(source)
+    for library in shared_libraries(binaries):
+        if not (staging / library.relative_to("/")).exists():
+            _copy(library, staging)  # the file itself, at the path the loader asks for
+    # The landmark the interpreter finds its prefix by is the stdlib's os.py: shipped.
+    for directory in MOUNT_POINTS:
+        (staging / directory).mkdir(parents=True, exist_ok=True)
+    (staging / "tmp").chmod(0o1777)
+    (staging / "var/tmp").chmod(0o1777)
+    for name, text in ETC_FILES.items():
+        path = staging / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
