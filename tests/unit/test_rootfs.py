@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from zoned import rootfs
+from zoned.bootimage import base_interpreter
 
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("rootfs") / "root"
     root.mkdir()
-    rootfs._stage(root, rootfs.base_interpreter())
+    rootfs._stage(root, base_interpreter())
     return root
 
 
