@@ -3,7 +3,8 @@
 :func:`build_boot_image` assembles it from the host: the daemon's own base
 Python interpreter and its shared-library closure, the few stdlib modules the
 agent imports (as sourceless ``.pyc``), the extension modules among them,
-msgspec, and the zoned sources the agent runs. Every zone boots it, so it is
+msgspec, the zoned sources the agent runs, and Debian's static busybox as the
+workload's tools. Every zone boots it, so it is
 kept small (it is copied into guest RAM and unpacked on every boot) and it is
 uncompressed (under TCG gzip costs ~250 ms to unpack, plain cpio ~90 ms).
 Binaries are shipped stripped of symbols no one links against.
@@ -25,6 +26,24 @@ Layout of the image
   nodes: without a console node the kernel starts init without stdio; without
   urandom Python cannot start while the guest's CRNG is not yet ready. Empty
   mount points for the agent.
+- :data:`BUSYBOX` (static, from Debian's ``busybox-static``) at
+  ``/bin/busybox``, and a symlink to it for every applet that
+  ``busybox --list-full`` names (``bin/sh``, ``usr/bin/env``...), except
+  where the image already has that path (``/init``, ``/usr/bin/python3`` and
+  the agent's files always win).
+
+The agent's files and the workload's root
+-----------------------------------------
+Two things share this one root today. **The agent's** files are what PID 1
+runs: ``/init``, the interpreter at its host path with its shared libraries,
+the stdlib modules under the interpreter's prefix, :data:`AGENT_LIB_DIR`
+(msgspec and zoned), the device nodes and mount points. **The workload's
+root** is what the processes started through the agent see as their
+system: the busybox binary and applet symlinks, and ``/usr/bin/python3``
+(which is also what the /init shebang names; workloads get the agent's
+interpreter, with only the stdlib modules the agent itself needs). A real
+workload image can later replace the workload's root (mounted over it, or
+the agent switching into it) without touching the agent's files.
 
 Which modules
 -------------
@@ -40,8 +59,8 @@ Caching
 -------
 The image is ``<cache_dir>/agent-<key>.cpio``; ``<key>`` hashes what decides
 the image's contents: :data:`BUILDER_VERSION` and this module's source, the
-interpreter (path and bytes), msgspec's files (path, size, mtime), and the
-contents of the zoned sources the agent runs. Beside the image,
+interpreter (path and bytes), busybox (path and bytes), msgspec's files
+(path, size, mtime), and the contents of the zoned sources the agent runs. Beside the image,
 ``agent-<key>.json`` lists every host file that went into it with its size and
 mtime; the image is reused only while all of them are unchanged (a libc
 security update rebuilds it). A cache hit costs a few hundred ``stat`` calls.
@@ -69,7 +88,7 @@ from zoned.cpio import CpioWriter
 from zoned.errors import InternalError
 
 #: Bump when the image's layout changes in a way the inputs do not show.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 #: Where msgspec and the zoned package live in the guest.
 AGENT_LIB_DIR = "/usr/lib/zoned-agent"
 #: The symlink the /init shebang names.
@@ -88,6 +107,10 @@ STARTUP_MODULES = (
 EMPTY_DIRS = ("proc", "sys", "sys/fs/cgroup", "dev", "run", "root", "etc")
 #: The environment the kernel gives init (besides what the command line adds).
 INIT_ENVIRONMENT = {"HOME": "/", "TERM": "linux"}
+#: The workload's tools: a static busybox (Debian's ``busybox-static``).
+BUSYBOX = Path("/bin/busybox")
+#: Where busybox lives in the guest (its applets are symlinks to it).
+GUEST_BUSYBOX = "/bin/busybox"
 
 _ZONED_ROOT = Path(zoned.__file__).resolve().parent
 _MSGSPEC_ROOT = Path(msgspec.__file__).resolve().parent
@@ -148,11 +171,40 @@ def _agent_sources() -> list[Path]:
     return fixed + sorted((_ZONED_ROOT / "agent").glob("*.py"))
 
 
-def cache_key(interpreter: Path) -> str:
+def busybox_binary() -> Path:
+    """The host's static busybox; :class:`BootImageError` if it is missing."""
+    if not BUSYBOX.is_file():
+        raise BootImageError(
+            f"{BUSYBOX} is missing: install Debian's busybox-static (the zones' shell and tools)"
+        )
+    return BUSYBOX
+
+
+def busybox_applets(busybox: Path) -> list[str]:
+    """The applet paths ``busybox --list-full`` names, relative (``bin/sh``, ``usr/bin/env``)."""
+    result = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, check=False, env={"LC_ALL": "C"}
+    )
+    if result.returncode != 0:
+        raise BootImageError(
+            f"{busybox} --list-full failed: {result.stderr.decode(errors='replace').strip()}"
+        )
+    applets = []
+    for line in result.stdout.decode().splitlines():
+        path = line.strip().strip("/")
+        parts = path.split("/")
+        if not path or any(part in ("", ".", "..") for part in parts):
+            raise BootImageError(f"{busybox} --list-full: unexpected applet path {line!r}")
+        applets.append(path)
+    return applets
+
+
+def cache_key(interpreter: Path, busybox: Path) -> str:
     """The hash naming the image built from this host's current inputs."""
     inputs: dict[str, object] = {
         "builder": [BUILDER_VERSION, _sha256_file(Path(__file__))],
         "interpreter": [str(interpreter), _sha256_file(interpreter)],
+        "busybox": [str(busybox), _sha256_file(busybox)],
         "msgspec": sorted(
             [str(p.relative_to(_MSGSPEC_ROOT)), *_stat_fingerprint(p)]
             for p in _MSGSPEC_ROOT.rglob("*")
@@ -185,13 +237,14 @@ def build_boot_image(cache_dir: Path) -> Path:
     are written under temporary names and renamed into place.
     """
     interpreter = base_interpreter()
-    key = cache_key(interpreter)
+    busybox = busybox_binary()
+    key = cache_key(interpreter, busybox)
     image_path = cache_dir / f"agent-{key}.cpio"
     manifest_path = cache_dir / f"agent-{key}.json"
     if image_path.exists() and _manifest_is_current(manifest_path):
         return image_path
     cache_dir.mkdir(parents=True, exist_ok=True)
-    image, sources = _build(interpreter)
+    image, sources = _build(interpreter, busybox)
     manifest = {
         "builder": BUILDER_VERSION,
         "files": [[str(path), _stat_fingerprint(path)] for path in sorted(set(sources))],
@@ -352,10 +405,10 @@ main(python_started)
 """.encode()
 
 
-def _build(interpreter: Path) -> tuple[bytes, list[Path]]:
+def _build(interpreter: Path, busybox: Path) -> tuple[bytes, list[Path]]:
     """The image's bytes and every host file it was made from."""
     files: dict[str, tuple[bytes, int]] = {}  # guest path -> (data, mode)
-    sources: list[Path] = [interpreter]
+    sources: list[Path] = [interpreter, busybox]
     with tempfile.TemporaryDirectory(prefix="zoned-bootimage-") as tmp:
         scratch = Path(tmp)
         staging = scratch / "path"
@@ -395,6 +448,9 @@ def _build(interpreter: Path) -> tuple[bytes, list[Path]]:
         dynload = stdlib / "lib-dynload"
         sys_path = [AGENT_LIB_DIR, str(stdlib), str(dynload)]
         files["/init"] = (_init_script(sys_path), 0o755)
+    # The workload's root. Static: no libraries; stripped by Debian already.
+    files.setdefault(GUEST_BUSYBOX, (busybox.read_bytes(), 0o755))
+    applets = busybox_applets(busybox)
 
     out = io.BytesIO()
     archive = CpioWriter(out)
@@ -411,5 +467,14 @@ def _build(interpreter: Path) -> tuple[bytes, list[Path]]:
     for path, (data, mode) in sorted(files.items()):
         archive.file(path, data, mode=mode)
     archive.symlink(GUEST_PYTHON, str(interpreter))
+    taken = {p.strip("/") for p in [*files, *EMPTY_DIRS, "tmp", str(dynload), GUEST_PYTHON]}
+    taken |= {"dev/console", "dev/null", "dev/urandom"}
+    # A path under one of the image's files cannot be created (ENOTDIR).
+    files_taken = {p.strip("/") for p in [*files, GUEST_PYTHON]}
+    for applet in sorted(set(applets)):
+        parents = {"/".join(applet.split("/")[:n]) for n in range(1, applet.count("/") + 1)}
+        if applet in taken or parents & files_taken:
+            continue
+        archive.symlink(applet, GUEST_BUSYBOX)
     archive.finish()
     return out.getvalue(), sources

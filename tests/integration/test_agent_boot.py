@@ -7,6 +7,7 @@ both machine types, with the same kernel command line the daemon uses.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import subprocess
@@ -23,11 +24,17 @@ from zoned.hostinfo import host_tsc_khz
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.protocol import (
     AGENT_MAX_FRAME,
+    AgentExecCredit,
+    AgentExecExit,
+    AgentExecOutput,
+    AgentExecStart,
+    AgentExecStarted,
     AgentHello,
     AgentToHost,
     FrameDecoder,
     Heartbeat,
     HeartbeatReply,
+    HostToAgent,
     decode_from_agent,
     encode_frame,
 )
@@ -57,7 +64,7 @@ class AgentConnection:
         self.sock = sock
         self.decoder = FrameDecoder(AGENT_MAX_FRAME)
 
-    def send(self, message: Heartbeat) -> None:
+    def send(self, message: HostToAgent) -> None:
         self.sock.sendall(encode_frame(message, AGENT_MAX_FRAME))
 
     def receive(self, deadline: float) -> AgentToHost:
@@ -71,6 +78,38 @@ class AgentConnection:
                 raise ConnectionError("the agent channel closed (QEMU exited?)")
             self.decoder.feed(data)
         return decode_from_agent(payload)
+
+
+@dataclass
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit: AgentExecExit
+    #: AgentExecStarted received -> AgentExecExit received.
+    seconds: float
+
+
+def run_exec(agent: AgentConnection, exec_id: int, argv: list[str], deadline: float) -> ExecResult:
+    """Run one process through the agent, crediting its output as it arrives."""
+    agent.send(AgentExecStart(exec_id=exec_id, argv=argv))
+    out = {"stdout": bytearray(), "stderr": bytearray()}
+    started = None
+    while True:
+        message = agent.receive(deadline)
+        if isinstance(message, AgentHello | HeartbeatReply):
+            continue
+        assert message.exec_id == exec_id, message
+        if isinstance(message, AgentExecStarted):
+            started = time.monotonic()
+        elif isinstance(message, AgentExecOutput):
+            assert started is not None, "output before AgentExecStarted"
+            out[message.stream] += message.data
+            agent.send(AgentExecCredit(exec_id=exec_id, bytes=len(message.data)))
+        elif isinstance(message, AgentExecExit):
+            assert started is not None, message
+            return ExecResult(
+                bytes(out["stdout"]), bytes(out["stderr"]), message, time.monotonic() - started
+            )
 
 
 def kernel_image() -> Path:
@@ -277,3 +316,58 @@ def test_agent_greets_a_host_that_connects_late_and_again_after_reconnecting(
             pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(tmp_path)}", pytrace=False)
     log = console_log.read_text(errors="replace")
     assert "zoned-agent: host disconnected" in log, log[-3000:]
+
+
+def test_agent_runs_processes_in_the_zone(
+    boot_image: Path, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """One boot: python3 and busybox sh from the image, and 16 MiB of output, checksummed."""
+    machine = "microvm"
+    kernel = kernel_image()
+    console_log = tmp_path / "console.log"
+    agent_sock = tmp_path / "agent.sock"
+    command = qemu_command(
+        machine, kernel, boot_image, kernel_cmdline(machine), console_log, agent_sock
+    )
+    size = 16 * 1024 * 1024
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    with running_qemu(command, tmp_path / "qemu.log") as process:
+        try:
+            with connect(agent_sock, process, deadline) as sock:
+                agent = AgentConnection(sock)
+                hello = agent.receive(deadline)
+                assert isinstance(hello, AgentHello), hello
+                deadline = time.monotonic() + 600.0
+
+                result = run_exec(agent, 1, ["python3", "-c", "print(2+2)"], deadline)
+                assert result.exit == AgentExecExit(exec_id=1, exit_code=0), result
+                assert (result.stdout, result.stderr) == (b"4\n", b"")
+
+                result = run_exec(agent, 2, ["sh", "-c", "echo err >&2; exit 7"], deadline)
+                assert result.exit == AgentExecExit(exec_id=2, exit_code=7), result
+                assert (result.stdout, result.stderr) == (b"", b"err\n")
+
+                generate = f"head -c {size} /dev/urandom | tee /tmp/blob"
+                big = run_exec(agent, 3, ["sh", "-c", generate], deadline)
+                assert big.exit == AgentExecExit(exec_id=3, exit_code=0), big.exit
+                assert big.stderr == b""
+                assert len(big.stdout) == size
+
+                replay = run_exec(agent, 4, ["cat", "/tmp/blob"], deadline)
+                assert replay.exit == AgentExecExit(exec_id=4, exit_code=0), replay.exit
+                assert replay.stdout == big.stdout
+
+                checksum = run_exec(agent, 5, ["sha256sum", "/tmp/blob"], deadline)
+                assert checksum.exit == AgentExecExit(exec_id=5, exit_code=0), checksum
+                digest = hashlib.sha256(big.stdout).hexdigest()
+                assert checksum.stdout == f"{digest}  /tmp/blob\n".encode()
+        except (AssertionError, OSError, TimeoutError) as exc:
+            pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(tmp_path)}", pytrace=False)
+    generate_mb_s = size / big.seconds / 1e6
+    cat_mb_s = size / replay.seconds / 1e6
+    record_property("exec_urandom_tee_mb_s", round(generate_mb_s, 1))
+    record_property("exec_cat_mb_s", round(cat_mb_s, 1))
+    print(
+        f"{machine}: 16 MiB from head|tee in {big.seconds:.2f}s ({generate_mb_s:.1f} MB/s),"
+        f" cat in {replay.seconds:.2f}s ({cat_mb_s:.1f} MB/s)"
+    )

@@ -1,4 +1,7 @@
-"""The guest agent's host-testable parts: its msgspec-free hello and its message handling."""
+"""The guest agent's host-testable parts: its msgspec-free hello and its message handling.
+
+The exec engine runs real processes: see test_agent_exec.py.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,13 @@ from hypothesis import strategies as st
 
 from zoned import protocol
 from zoned.agent import AGENT_NAME, hello
-from zoned.agent.init import AgentChannel
+from zoned.agent.execs import sanitize
+from zoned.agent.init import MAX_PENDING_OUTPUT, AgentChannel
 from zoned.protocol import (
     AGENT_MAX_FRAME,
+    MAX_EXEC_CHUNK,
+    AgentExecExit,
+    AgentExecOutput,
     AgentHello,
     AgentToHost,
     FrameDecoder,
@@ -89,3 +96,22 @@ def test_garbage_is_ignored_and_a_broken_header_resets_the_decoder() -> None:
     channel.handle_bytes(encode_frame(Heartbeat(seq=9), AGENT_MAX_FRAME))
     (reply,) = _messages(channel.pending_output())
     assert isinstance(reply, HeartbeatReply) and reply.seq == 9
+
+
+def test_exec_messages_are_never_dropped_but_heartbeat_replies_are() -> None:
+    channel = _channel()
+    big = AgentExecOutput(exec_id=1, stream="stdout", data=b"x" * MAX_EXEC_CHUNK)
+    for _ in range(MAX_PENDING_OUTPUT // MAX_EXEC_CHUNK + 2):
+        channel.send(big)
+    assert len(channel.pending_output()) > MAX_PENDING_OUTPUT
+    channel.handle_bytes(encode_frame(Heartbeat(seq=3), AGENT_MAX_FRAME))
+    messages = _messages(channel.pending_output())
+    assert all(m == big for m in messages)
+    assert len(messages) == MAX_PENDING_OUTPUT // MAX_EXEC_CHUNK + 2
+
+
+def test_error_text_is_sanitised_for_the_protocol() -> None:
+    assert sanitize("cannot run 'x': No such file") == "cannot run 'x': No such file"
+    assert sanitize("caf\u00e9\n\x00\x7f") == "caf????"
+    assert len(sanitize("y" * 5000)) == 1024
+    decode_from_agent(encode_frame(AgentExecExit(exec_id=1, error=sanitize("\u2603" * 3000)))[4:])

@@ -12,9 +12,12 @@ import pytest
 
 from zoned.bootimage import (
     AGENT_LIB_DIR,
+    BUSYBOX,
     BootImageError,
     base_interpreter,
     build_boot_image,
+    busybox_applets,
+    cache_key,
     parse_ldd,
 )
 
@@ -96,7 +99,12 @@ def test_image_holds_what_the_guest_needs(image: Path) -> None:
         f"{agent}/zoned/protocol.pyc",
         f"{agent}/zoned/agent/__init__.pyc",
         f"{agent}/zoned/agent/init.pyc",
+        f"{agent}/zoned/agent/execs.pyc",
         f"{agent}/msgspec/__init__.pyc",
+        "bin/busybox",
+        "bin/sh",
+        "usr/bin/env",
+        "usr/bin/sha256sum",
     ]:
         assert required in names, required
     assert any(n.startswith(f"{agent}/msgspec/_core.") and n.endswith(".so") for n in names)
@@ -121,6 +129,33 @@ def test_device_nodes_and_init(image: Path) -> None:
     assert entries["init"].startswith("-rwxr-xr-x")
     links = [line for line in _listing(image) if " -> " in line]
     assert any(line.endswith(f"usr/bin/python3 -> {base_interpreter()}") for line in links)
+
+
+def test_busybox_is_the_workloads_root_and_never_replaces_the_agents_files(
+    image: Path,
+) -> None:
+    entries = {line.split()[8]: line for line in _listing(image)}
+    assert entries["bin/busybox"].startswith("-rwxr-xr-x")
+    applets = busybox_applets(BUSYBOX)
+    assert "bin/sh" in applets and "usr/bin/env" in applets
+    links = {
+        line.split()[8]: line.split(" -> ", 1)[1] for line in _listing(image) if " -> " in line
+    }
+    for applet in applets:
+        if applet in ("init", "usr/bin/python3", "bin/busybox"):
+            continue
+        assert links.get(applet) == "/bin/busybox", applet
+    # /init stays the agent, /usr/bin/python3 its interpreter.
+    assert entries["init"].startswith("-rwxr-xr-x")
+    assert links["usr/bin/python3"] == str(base_interpreter())
+
+
+def test_the_cache_key_covers_busybox(tmp_path: Path) -> None:
+    other = tmp_path / "busybox"
+    other.write_bytes(BUSYBOX.read_bytes() + b"\0")
+    interpreter = base_interpreter()
+    assert cache_key(interpreter, BUSYBOX) == cache_key(interpreter, BUSYBOX)
+    assert cache_key(interpreter, BUSYBOX) != cache_key(interpreter, other)
 
 
 def test_second_call_reuses_the_cached_image(image: Path) -> None:
@@ -182,5 +217,28 @@ def test_the_images_interpreter_runs_the_agent_in_a_chroot(image: Path, tmp_path
     assert result.returncode == 0, result.stderr.decode()
     modules, origin = result.stdout.decode().splitlines()
     assert "'zoned.protocol'" in modules
+    assert "'zoned.agent.execs'" in modules
     assert "'msgspec'" in modules
     assert origin == f"{AGENT_LIB_DIR}/zoned/agent/init.pyc"
+
+    # The workload's root: busybox's shell and tools, and python3 with its site module.
+    workload = subprocess.run(
+        [
+            shutil.which("chroot") or "/usr/sbin/chroot",
+            str(root),
+            "/usr/bin/env",
+            "-i",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "sh",
+            "-c",
+            "echo $((6 * 7)); printf abc | sha256sum; python3 -c 'print(2 + 2)'",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    assert workload.returncode == 0, workload.stderr.decode()
+    assert workload.stdout.decode().splitlines() == [
+        "42",
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  -",
+        "4",
+    ]

@@ -18,6 +18,9 @@ Start-up, in order, with nothing imported that the step does not need
 5. only then import :mod:`zoned.protocol` (msgspec: ~0.6 s under TCG) and
    serve the channel forever, reaping orphaned children as PID 1 must.
 
+:mod:`zoned.agent.execs` (the processes the host runs in the zone) is
+imported only when the first ``agent_exec_*`` message arrives.
+
 Measured under TCG (6.12 strict kernel, q35): the interpreter starts running
 /init, the agent module is imported ~0.1 s later, the hello leaves ~0.1 s
 after that; the protocol import follows the hello.
@@ -46,7 +49,21 @@ would block. So:
   reconnects).
 
 All IO on the port is non-blocking: a host that stops reading must never
-stall PID 1 (it still has to reap children). Unsent output is bounded.
+stall PID 1 (it still has to reap children). Unsent output is bounded:
+heartbeat replies are dropped beyond :data:`MAX_PENDING_OUTPUT`; exec
+messages are never dropped, but exec output is read from its pipes only while
+less than :data:`zoned.agent.execs.OUTPUT_BACKLOG_LIMIT` is unsent, so the
+rest waits in the processes' pipes (they block writing).
+
+Processes
+---------
+One poll serves the port and every exec's pipes and pidfd (see
+:mod:`zoned.agent.execs` for the rules). Each iteration: reap exited
+children (``waitpid(-1)``; an exec's status goes to its engine, orphans are
+just collected), poll, write pending output, serve the exec descriptors, read
+and handle the host's messages, then let the engine send input credits and
+exits. When the host disconnects (``POLLHUP``, or end-of-file on the port)
+every exec's process group is killed and forgotten.
 
 Every module the agent imports after start-up must be importable in the guest:
 :data:`LATE_IMPORTS` names those imported lazily, so that the boot image
@@ -69,11 +86,14 @@ from zoned.agent.hello import encode_hello_frame
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from zoned.protocol import FrameDecoder, HeartbeatReply
+    from collections.abc import Callable
+
+    from zoned.agent.execs import ExecEngine
+    from zoned.protocol import AgentToHost, FrameDecoder, HeartbeatReply
 
 #: Modules imported lazily (after the hello, or on error paths); the boot
 #: image builder imports them too when it computes the image's module set.
-LATE_IMPORTS = ("zoned.protocol", "traceback")
+LATE_IMPORTS = ("zoned.protocol", "zoned.agent.execs", "traceback")
 
 VIRTIO_PORTS_DIR = "/sys/class/virtio-ports"
 
@@ -181,17 +201,23 @@ def ensure_stdio() -> None:
         os.close(fd)
 
 
-def reap_children() -> None:
-    """Collect every exited child (PID 1 inherits all orphans)."""
+def reap_children(on_exit: Callable[[int, int], object] | None = None) -> None:
+    """Collect every exited child (PID 1 inherits all orphans).
+
+    ``on_exit(pid, status)`` is called for each, so that the exec engine
+    learns the status of its processes; nobody else may wait for them.
+    """
     while True:
         try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         except InterruptedError:
             continue
         if pid == 0:
             return
+        if on_exit is not None:
+            on_exit(pid, status)
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +303,7 @@ def find_port(name: str = AGENT_PORT_NAME) -> str | None:
 
 
 class AgentChannel:
-    """One open agent port: its connection state, frame decoder and unsent output."""
+    """One open agent port: its connection state, frame decoder, unsent output and execs."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -285,31 +311,78 @@ class AgentChannel:
         # None until the protocol is imported (after the first hello) or reset.
         self._decoder: FrameDecoder | None = None
         self._output = bytearray()
-        self._poll = select.poll()
+        # None until the first exec message (keeps zoned.agent.execs off the boot path).
+        self._execs: ExecEngine | None = None
 
     def serve(self) -> None:
-        """Serve the port until an IO error (the caller re-opens it)."""
-        while True:
-            reap_children()
-            mask = select.POLLIN | (select.POLLOUT if self._output else 0)
-            self._poll.register(self.fd, mask)
-            timeout_ms = int(CONNECTED_POLL_S * 1000) if self.connected else 0
-            events = self._poll.poll(timeout_ms)
-            revents = events[0][1] if events else 0
-            if revents & select.POLLNVAL:
-                raise OSError("agent port: poll reports POLLNVAL")
-            if revents & select.POLLHUP:
-                self._disconnected()
-                time.sleep(DISCONNECTED_POLL_S)
-                continue
-            if not self.connected:
-                self._connected()
+        """Serve the port until an IO error (the caller re-opens it).
+
+        Whatever ends it, the processes started through this channel are killed.
+        """
+        try:
+            while True:
+                self._serve_once()
+        finally:
+            if self._execs is not None:
+                self._execs.kill_all()
+
+    def _serve_once(self) -> None:
+        self._reap()
+        poll = select.poll()
+        poll.register(self.fd, select.POLLIN | (select.POLLOUT if self._output else 0))
+        timeout_ms = int(CONNECTED_POLL_S * 1000) if self.connected else 0
+        execs = self._execs
+        if execs is not None and len(execs):
+            execs.register(poll)
+            if execs.needs_short_timeout():
+                from zoned.agent.execs import NO_PIDFD_POLL_MS
+
+                timeout_ms = min(timeout_ms, NO_PIDFD_POLL_MS)
+        events = poll.poll(timeout_ms)
+        revents = 0
+        exec_events: list[tuple[int, int]] = []
+        for fd, fd_events in events:
+            if fd == self.fd:
+                revents = fd_events
+            else:
+                exec_events.append((fd, fd_events))
+        if revents & select.POLLNVAL:
+            raise OSError("agent port: poll reports POLLNVAL")
+        if revents & select.POLLHUP:
+            self._disconnected()
+            time.sleep(DISCONNECTED_POLL_S)
+            return
+        if not self.connected:
+            self._connected()
+        if self._output:
+            self._write()
+        if execs is not None and exec_events and execs.handle_events(exec_events):
+            self._reap()
+        if revents & select.POLLIN:
+            self._read()
+        if self._execs is not None:
+            self._execs.settle()
             if self._output:
                 self._write()
-            if revents & select.POLLIN:
-                self._read()
-            if "zoned.protocol" not in sys.modules and not self._output:
-                load_protocol()
+        if WORKLOAD_ROOT is None and not self._output:
+            load_protocol()
+
+    def _reap(self) -> None:
+        reap_children(self._execs.child_exited if self._execs is not None else None)
+
+    def execs(self) -> ExecEngine:
+        """The exec engine, created on first use."""
+        if self._execs is None:
+            from zoned.agent.execs import ExecEngine
+
+            if WORKLOAD_ROOT is None:
+                load_protocol()  # an exec before the idle loop got to it
+
+            self._execs = ExecEngine(self.send, self._backlog, console, root=WORKLOAD_ROOT or "")
+        return self._execs
+
+    def _backlog(self) -> int:
+        return len(self._output)
 
     def _connected(self) -> None:
         self.connected = True
@@ -322,6 +395,9 @@ class AgentChannel:
             console("host disconnected from the agent port")
         self.connected = False
         self._reset()
+        # The processes' clients left with the old connection.
+        if self._execs is not None and (killed := self._execs.kill_all()):
+            console(f"killed {killed} process(es) of the old host connection")
         # Bytes the old host sent but never saw answered belong to it, not to the next one.
         try:
             while os.read(self.fd, _READ_SIZE):
@@ -333,12 +409,23 @@ class AgentChannel:
         self._decoder = None
         self._output.clear()
 
-    def queue(self, frame: bytes) -> None:
-        """Queue one whole frame for the host; dropped if the host stopped reading."""
-        if len(self._output) + len(frame) > MAX_PENDING_OUTPUT:
+    def queue(self, frame: bytes, *, droppable: bool = True) -> None:
+        """Queue one whole frame for the host.
+
+        A ``droppable`` frame (a heartbeat reply) is dropped if the host
+        stopped reading; others (exec messages, bounded by the exec engine's
+        backlog rule) never are.
+        """
+        if droppable and len(self._output) + len(frame) > MAX_PENDING_OUTPUT:
             console("host is not reading: dropped a message")
             return
         self._output += frame
+
+    def send(self, message: AgentToHost) -> None:
+        """Queue a message that must not be dropped."""
+        from zoned.protocol import AGENT_MAX_FRAME, encode_frame
+
+        self.queue(encode_frame(message, AGENT_MAX_FRAME), droppable=False)
 
     def pending_output(self) -> bytes:
         """Queued bytes not yet written to the port."""
@@ -360,6 +447,10 @@ class AgentChannel:
         from zoned.errors import InvalidRequest
         from zoned.protocol import (
             AGENT_MAX_FRAME,
+            AgentExecCredit,
+            AgentExecInput,
+            AgentExecSignal,
+            AgentExecStart,
             FrameDecoder,
             FrameError,
             Heartbeat,
@@ -381,24 +472,89 @@ class AgentChannel:
                     if message.seq == 0:
                         self.queue(hello_frame())
                     self.queue(encode_frame(heartbeat_reply(message.seq), AGENT_MAX_FRAME))
+                elif isinstance(
+                    message, AgentExecStart | AgentExecInput | AgentExecCredit | AgentExecSignal
+                ):
+                    self.execs().handle(message)
         except FrameError as exc:
             console(f"broken frame from the host, decoder reset: {exc.message}")
             self._decoder = None
 
     def _write(self) -> None:
-        try:
-            written = os.write(self.fd, self._output)
-        except (BlockingIOError, InterruptedError):
-            return
-        del self._output[:written]
+        # A virtio-serial port takes at most 32 KiB per write: write until it would block.
+        while self._output:
+            try:
+                written = os.write(self.fd, self._output)
+            except (BlockingIOError, InterruptedError):
+                return
+            del self._output[:written]
 
 
 def load_protocol() -> None:
-    """Import the protocol (msgspec), reporting how long it took."""
-    started = time.monotonic()
-    import zoned.protocol  # noqa: F401
+    """Import the protocol (msgspec), reporting how long it took; then mount the
+    workload root (both after the hello: neither is on the boot's critical path)."""
+    global WORKLOAD_ROOT
+    if "zoned.protocol" not in sys.modules:
+        started = time.monotonic()
+        import zoned.protocol  # noqa: F401
 
-    console(f"protocol loaded at {time.monotonic():.3f}s ({time.monotonic() - started:.3f}s)")
+        took = time.monotonic() - started
+        console(f"protocol loaded at {time.monotonic():.3f}s ({took:.3f}s)")
+    if WORKLOAD_ROOT is None:
+        try:
+            WORKLOAD_ROOT = prepare_workload_root()
+        except BaseException:
+            log_exception("workload root set-up failed; processes run in the agent's root")
+            WORKLOAD_ROOT = ""
+
+
+# ---------------------------------------------------------------------------
+# The workload root
+# ---------------------------------------------------------------------------
+
+#: The read-only workload image (zoned.rootfs), the zone's first virtio disk.
+WORKLOAD_DEVICE = "/dev/vda"
+#: Where it is assembled: the image below, a tmpfs for writes above, merged.
+WORKLOAD_BASE = "/run/workload"
+#: The merged root processes are chrooted into: None until set up, "" when
+#: there is none (no disk: processes run in the agent's own root).
+WORKLOAD_ROOT: str | None = None
+MS_RDONLY = 0x1
+
+
+def prepare_workload_root(device: str = WORKLOAD_DEVICE, base: str = WORKLOAD_BASE) -> str:
+    """Mount the workload image under a tmpfs overlay; returns the root, or "" without a disk.
+
+    Inside the root: a fresh proc, sysfs (read-only), devtmpfs, and a tmpfs on
+    /tmp. Writes anywhere land in guest RAM and die with the zone.
+    """
+    if not os.path.exists(device):
+        console(f"no workload disk at {device}: processes run in the agent's root")
+        return ""
+    lower, rw, root = f"{base}/lower", f"{base}/rw", f"{base}/root"
+    for path in (lower, rw, root):
+        os.makedirs(path, exist_ok=True)
+    mount(device, lower, "erofs", MS_RDONLY, "")
+    mount("tmpfs", rw, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    os.makedirs(f"{rw}/upper", exist_ok=True)
+    os.makedirs(f"{rw}/work", exist_ok=True)
+    mount(
+        "overlay",
+        root,
+        "overlay",
+        0,
+        f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work",
+    )
+    for source, target, fstype, flags, data in (
+        ("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+        ("sysfs", "sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, ""),
+        ("devtmpfs", "dev", "devtmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755"),
+        ("tmpfs", "tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ):
+        os.makedirs(f"{root}/{target}", exist_ok=True)
+        mount(source, f"{root}/{target}", fstype, flags, data)
+    console(f"workload root {device} mounted at {root} at {time.monotonic():.3f}s")
+    return root
 
 
 def open_port() -> int:
@@ -435,6 +591,20 @@ def serve_forever() -> None:
         time.sleep(RETRY_S)
 
 
+def serve_fd(fd: int) -> None:
+    """Serve the agent protocol on an open stream ``fd`` (not a port) until it fails.
+
+    For tests and tools on the host: one end of a socketpair stands in for the
+    virtio-serial port (its peer closing looks like the host disconnecting).
+    Reaps every child of the calling process, so run it in a process of its own.
+    Processes run in the host's root: the workload disk is never looked for here.
+    """
+    global WORKLOAD_ROOT
+    WORKLOAD_ROOT = ""
+    os.set_blocking(fd, False)
+    AgentChannel(fd).serve()
+
+
 def main(python_started: float | None = None) -> None:
     """Run as PID 1: set the system up and serve the agent channel; never returns.
 
@@ -461,9 +631,13 @@ def warm_up() -> None:
 
     Used by :mod:`zoned.bootimage` on the host; not called in the guest.
     """
+    from zoned.agent.execs import sanitize
     from zoned.protocol import (
         AGENT_MAX_FRAME,
         PROTOCOL_VERSION,
+        AgentExecExit,
+        AgentExecOutput,
+        AgentExecStart,
         AgentHello,
         FrameDecoder,
         Heartbeat,
@@ -474,9 +648,11 @@ def warm_up() -> None:
 
     decoder = FrameDecoder(AGENT_MAX_FRAME)
     decoder.feed(encode_frame(Heartbeat(seq=PROTOCOL_VERSION), AGENT_MAX_FRAME))
-    payload = decoder.next_frame()
-    assert payload is not None
-    decode_to_agent(payload)
+    decoder.feed(encode_frame(AgentExecStart(exec_id=1, argv=["true"]), AGENT_MAX_FRAME))
+    while (payload := decoder.next_frame()) is not None:
+        decode_to_agent(payload)
+    encode_frame(AgentExecOutput(exec_id=1, stream="stdout", data=b"x"), AGENT_MAX_FRAME)
+    encode_frame(AgentExecExit(exec_id=1, error=sanitize("x")), AGENT_MAX_FRAME)
     encode_frame(
         AgentHello(version=1, agent=AGENT_NAME, kernel_release="x", boot_s=0.0, pid=1),
         AGENT_MAX_FRAME,

@@ -1,0 +1,475 @@
+"""The agent's exec engine, for real: an agent channel in a subprocess, on a socketpair.
+
+The agent reaps every child with ``waitpid(-1)``, so it cannot run inside
+pytest's own process: each test starts ``zoned.agent.init.serve_fd`` in a
+subprocess, hands it one end of a socketpair as its "port" and plays the host
+on the other end with :mod:`zoned.protocol` frames. The processes it runs are
+real processes on this host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from zoned.agent.execs import DEFAULT_PATH
+from zoned.protocol import (
+    AGENT_MAX_FRAME,
+    EXEC_INPUT_WINDOW,
+    EXEC_OUTPUT_WINDOW,
+    MAX_EXEC_CHUNK,
+    MAX_EXECS_PER_ZONE,
+    AgentExecCredit,
+    AgentExecExit,
+    AgentExecInput,
+    AgentExecInputCredit,
+    AgentExecOutput,
+    AgentExecSignal,
+    AgentExecStart,
+    AgentExecStarted,
+    AgentHello,
+    AgentToHost,
+    FrameDecoder,
+    Heartbeat,
+    HeartbeatReply,
+    HostToAgent,
+    decode_from_agent,
+    encode_frame,
+)
+
+#: Generous: the host has 2 CPUs that other work shares. Not a timing assertion.
+DEADLINE_S = 60.0
+_AGENT_SCRIPT = "import sys\nfrom zoned.agent.init import serve_fd\nserve_fd(int(sys.argv[1]))\n"
+
+
+@dataclass
+class ExecRecord:
+    """What the host saw of one exec_id."""
+
+    pid: int | None = None
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    exit: AgentExecExit | None = None
+    #: Output bytes received, and credit granted beyond the initial window.
+    output_bytes: int = 0
+    granted: int = 0
+    input_credit: int = 0
+    #: Types of every message, in order.
+    kinds: list[str] = field(default_factory=list)
+
+
+class Host:
+    """The host end of the agent channel, synchronous, checking the agent's promises."""
+
+    def __init__(self, sock: socket.socket, console: Path) -> None:
+        self.sock = sock
+        self.console = console
+        self.decoder = FrameDecoder(AGENT_MAX_FRAME)
+        self.records: dict[int, ExecRecord] = {}
+        self.auto_credit = True
+        self.pids: list[int] = []
+        self.hellos = 0
+
+    def send(self, message: HostToAgent) -> None:
+        self.sock.sendall(encode_frame(message, AGENT_MAX_FRAME))
+
+    def start(self, exec_id: int, argv: list[str], **fields: object) -> ExecRecord:
+        record = self.records[exec_id] = ExecRecord()
+        self.send(AgentExecStart(exec_id=exec_id, argv=argv, **fields))  # type: ignore[arg-type]
+        return record
+
+    def receive(self, deadline: float) -> AgentToHost | None:
+        """One message, or None when ``deadline`` passed first."""
+        while (payload := self.decoder.next_frame()) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                return None
+            if not data:
+                raise ConnectionError(f"the agent closed the channel\n{self.console_text()}")
+            self.decoder.feed(data)
+        message = decode_from_agent(payload)
+        self._observe(message)
+        return message
+
+    def _observe(self, message: AgentToHost) -> None:
+        if isinstance(message, AgentHello):
+            self.hellos += 1
+            return
+        if isinstance(message, HeartbeatReply):
+            return
+        record = self.records[message.exec_id]
+        assert record.exit is None, f"{message!r} after the exit of exec {message.exec_id}"
+        record.kinds.append(type(message).__name__)
+        if isinstance(message, AgentExecStarted):
+            assert record.pid is None
+            record.pid = message.pid
+            self.pids.append(message.pid)
+        elif isinstance(message, AgentExecOutput):
+            assert record.pid is not None, "output before AgentExecStarted"
+            (record.stdout if message.stream == "stdout" else record.stderr).extend(message.data)
+            record.output_bytes += len(message.data)
+            assert record.output_bytes <= EXEC_OUTPUT_WINDOW + record.granted, (
+                f"the agent sent {record.output_bytes} bytes of output,"
+                f" only {EXEC_OUTPUT_WINDOW + record.granted} were credited"
+            )
+            if self.auto_credit:
+                self.credit(message.exec_id, len(message.data))
+        elif isinstance(message, AgentExecInputCredit):
+            record.input_credit += message.bytes
+        elif isinstance(message, AgentExecExit):
+            assert re.fullmatch(r"[ -~]*", message.error)
+            record.exit = message
+
+    def credit(self, exec_id: int, n: int) -> None:
+        self.records[exec_id].granted += n
+        self.send(AgentExecCredit(exec_id=exec_id, bytes=n))
+
+    def pump_until(self, done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while not done():
+            if self.receive(deadline) is None:
+                pytest.fail(f"timed out waiting for {what}\n{self.console_text()}", pytrace=False)
+
+    def wait_exit(self, exec_id: int) -> AgentExecExit:
+        record = self.records[exec_id]
+        self.pump_until(lambda: record.exit is not None, f"the exit of exec {exec_id}")
+        assert record.exit is not None
+        return record.exit
+
+    def wait_started(self, exec_id: int) -> int:
+        record = self.records[exec_id]
+        self.pump_until(
+            lambda: record.pid is not None or record.exit is not None, f"exec {exec_id} to start"
+        )
+        assert record.pid is not None, record.exit
+        return record.pid
+
+    def run(self, exec_id: int, argv: list[str], **fields: object) -> ExecRecord:
+        record = self.start(exec_id, argv, **fields)
+        self.wait_exit(exec_id)
+        return record
+
+    def write_input(self, exec_id: int, data: bytes, *, eof: bool = True) -> None:
+        """Send ``data`` within the input window, then ``eof``, serving messages meanwhile."""
+        record = self.records[exec_id]
+        sent = 0
+        deadline = time.monotonic() + DEADLINE_S
+        while sent < len(data):
+            outstanding = sent - record.input_credit
+            chunk = data[sent : sent + min(MAX_EXEC_CHUNK, EXEC_INPUT_WINDOW - outstanding)]
+            if chunk:
+                self.send(AgentExecInput(exec_id=exec_id, data=chunk))
+                sent += len(chunk)
+                continue
+            assert record.exit is None, "the process ended before reading its input"
+            if self.receive(deadline) is None:
+                pytest.fail(f"input stalled at {sent} bytes\n{self.console_text()}", pytrace=False)
+        if eof:
+            self.send(AgentExecInput(exec_id=exec_id, eof=True))
+
+    def console_text(self) -> str:
+        text = self.console.read_text(errors="replace") if self.console.exists() else ""
+        return f"--- agent console ---\n{text[-3000:]}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[tuple[Host, subprocess.Popen[bytes]]]:
+    host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    console = tmp_path / "console.log"
+    with console.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _AGENT_SCRIPT, str(agent_sock.fileno())],
+            pass_fds=(agent_sock.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    agent_sock.close()
+    host = Host(host_sock, console)
+    try:
+        message = host.receive(time.monotonic() + DEADLINE_S)
+        assert isinstance(message, AgentHello), f"{message!r}\n{host.console_text()}"
+        yield host, process
+    finally:
+        host_sock.close()
+        for pid in host.pids:
+            try:  # noqa: SIM105
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        process.kill()
+        process.wait()
+
+
+def test_output_on_both_streams_and_the_exit_code(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    record = host.run(1, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert bytes(record.stdout) == b"out\n"
+    assert bytes(record.stderr) == b"err\n"
+    assert record.exit == AgentExecExit(exec_id=1, exit_code=3)
+    assert record.kinds[0] == "AgentExecStarted"
+    assert record.kinds[-1] == "AgentExecExit"
+    assert record.pid is not None and not _alive(record.pid)
+
+
+def test_a_command_that_cannot_start_is_an_error_exit_and_nothing_else(
+    agent: tuple[Host, object], tmp_path: Path
+) -> None:
+    host, _ = agent
+    record = host.run(1, ["zoned-no-such-command"])
+    assert record.kinds == ["AgentExecExit"]
+    assert record.exit == AgentExecExit(
+        exec_id=1, error="cannot run 'zoned-no-such-command': No such file or directory"
+    )
+
+    not_executable = tmp_path / "data"
+    not_executable.write_bytes(b"#!/bin/sh\n")
+    not_executable.chmod(0o644)
+    record = host.run(2, [str(not_executable)])
+    assert record.exit is not None
+    assert record.exit.error == f"cannot run '{not_executable}': Permission denied"
+
+    record = host.run(3, ["true"], cwd="/zoned-no-such-dir")
+    assert record.kinds == ["AgentExecExit"]
+    assert record.exit is not None
+    assert record.exit.error == (
+        "cannot run 'true': cannot change directory to '/zoned-no-such-dir':"
+        " No such file or directory"
+    )
+
+    # Unprintable and overlong names are sanitised to the protocol's agent text.
+    record = host.run(4, ["/nope/\u00e9\x01" + "x" * 2000])
+    assert record.exit is not None
+    assert record.exit.error.startswith("cannot run '/nope/?\\x01xxx")
+    assert len(record.exit.error) == 1024
+
+    # The agent survives all that.
+    assert host.run(5, ["true"]).exit == AgentExecExit(exec_id=5, exit_code=0)
+
+
+def test_a_signal_ends_the_process_group(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    host.start(1, ["sh", "-c", "sleep 100; echo never"])
+    host.wait_started(1)
+    host.send(AgentExecSignal(exec_id=1, signal=15))
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=15)
+    assert bytes(host.records[1].stdout) == b""
+
+
+def test_the_process_is_set_up_as_promised(agent: tuple[Host, object]) -> None:
+    """Own session, only fds 0-1-2, no ignored signals, exactly the given env, cwd, ids."""
+    host, _ = agent
+    host.start(1, ["sleep", "100"])
+    pid = host.wait_started(1)
+    # While the program starts, its dynamic loader briefly holds libc open:
+    # wait until that is over (the agent itself leaks nothing).
+    deadline = time.monotonic() + 10
+    while True:
+        fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        if sorted(fds, key=int) == ["0", "1", "2"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert sorted(fds, key=int) == ["0", "1", "2"], fds
+    assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+    assert os.readlink(f"/proc/{pid}/fd/1").startswith("pipe:")
+    assert os.readlink(f"/proc/{pid}/fd/1") != os.readlink(f"/proc/{pid}/fd/2")
+    assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert re.search(r"^SigIgn:\s+0+$", status, re.M), status
+    host.send(AgentExecSignal(exec_id=1, signal=9))
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=9)
+
+    record = host.run(2, ["env"], env={"ZONED_A": "1 2"})
+    assert sorted(bytes(record.stdout).decode().splitlines()) == [
+        "HOME=/root",
+        f"PATH={DEFAULT_PATH}",
+        "ZONED_A=1 2",
+    ]
+    # A given PATH is used, for the search too.
+    record = host.run(3, ["env"], env={"PATH": "/usr/bin:/bin", "HOME": "/h"})
+    assert sorted(bytes(record.stdout).split()) == [b"HOME=/h", b"PATH=/usr/bin:/bin"]
+    record = host.run(4, ["sh", "-c", "exec true"], env={"PATH": "/zoned-nowhere"})
+    assert record.exit is not None
+    assert record.exit.error == "cannot run 'sh': No such file or directory"
+
+    record = host.run(5, ["pwd"], cwd="/tmp")
+    assert bytes(record.stdout) == b"/tmp\n"
+    record = host.run(6, ["sh", "-c", "id -u; echo $HOME"], uid=65534, gid=65534)
+    assert bytes(record.stdout) == b"65534\n/tmp\n"
+    record = host.run(7, ["id", "-G"], uid=65534, gid=65534)
+    assert bytes(record.stdout) == b"65534\n"  # no supplementary groups left
+    record = host.run(8, ["id", "-u"])
+    assert bytes(record.stdout) == b"0\n"
+
+
+def test_stdin_round_trip_with_binary_data(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    data = random.Random(1).randbytes(1536 * 1024 + 7)
+    host.start(1, ["cat"], stdin=True)
+    host.wait_started(1)
+    host.write_input(1, data)
+    record = host.records[1]
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=0)
+    assert bytes(record.stdout) == data
+    assert record.input_credit == len(data)
+
+    # Without stdin=True the process reads /dev/null.
+    record = host.run(2, ["cat"])
+    assert record.exit == AgentExecExit(exec_id=2, exit_code=0)
+    assert bytes(record.stdout) == b""
+
+
+def test_input_to_a_closed_stdin_is_discarded_but_credited(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    # The process closes its stdin and keeps running: the agent's writes fail with EPIPE.
+    host.start(1, ["sh", "-c", "exec 0<&- && exec sleep 100"], stdin=True)
+    host.wait_started(1)
+    data = b"z" * (3 * EXEC_INPUT_WINDOW)
+    host.write_input(1, data)  # stalls unless the discarded input is credited
+    record = host.records[1]
+    host.pump_until(lambda: record.input_credit == len(data), "credit for all the input")
+    host.send(AgentExecSignal(exec_id=1, signal=15))
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=15)
+
+
+def test_output_never_exceeds_the_credit_and_arrives_whole(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    host.auto_credit = False
+    size = 8 * 1024 * 1024
+    expected = hashlib.sha256(random.Random(8).randbytes(size)).hexdigest()
+    writer = f"import random, sys; sys.stdout.buffer.write(random.Random(8).randbytes({size}))"
+    record = host.start(1, [sys.executable, "-c", writer])
+    grants = 0
+    deadline = time.monotonic() + DEADLINE_S * 2
+    while record.exit is None:
+        # Credit only once the agent has used all it had (Host checks every message).
+        if record.output_bytes == EXEC_OUTPUT_WINDOW + record.granted:
+            host.credit(1, 128 * 1024)
+            grants += 1
+        if host.receive(deadline) is None:
+            pytest.fail(f"stalled at {record.output_bytes} bytes\n{host.console_text()}")
+    assert record.exit == AgentExecExit(exec_id=1, exit_code=0)
+    assert len(record.stdout) == size
+    assert hashlib.sha256(record.stdout).hexdigest() == expected
+    assert grants >= (size - EXEC_OUTPUT_WINDOW) // (128 * 1024)
+
+
+def test_a_background_grandchild_holding_stdout_does_not_delay_the_exit(
+    agent: tuple[Host, object],
+) -> None:
+    host, _ = agent
+    # DEADLINE_S (60 s) is longer than the sleep: keep the sleep longer still.
+    record = host.run(1, ["sh", "-c", "sleep 300 & echo done"])
+    assert record.exit == AgentExecExit(exec_id=1, exit_code=0)
+    assert bytes(record.stdout) == b"done\n"
+
+
+def test_concurrent_processes_each_get_their_own_output(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    count = 8
+    script = 'i=0; while [ $i -lt 3000 ]; do echo "$1 $i"; echo "$1 e$i" >&2; i=$((i+1)); done'
+    for n in range(1, count + 1):
+        host.start(n, ["sh", "-c", script, "sh", f"p{n}"])
+    for n in range(1, count + 1):
+        host.wait_exit(n)
+    for n in range(1, count + 1):
+        record = host.records[n]
+        assert record.exit == AgentExecExit(exec_id=n, exit_code=0)
+        assert bytes(record.stdout) == "".join(f"p{n} {i}\n" for i in range(3000)).encode()
+        assert bytes(record.stderr) == "".join(f"p{n} e{i}\n" for i in range(3000)).encode()
+
+
+def test_duplicate_ids_and_too_many_processes_are_refused(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    for n in range(1, MAX_EXECS_PER_ZONE + 1):
+        host.start(n, ["sleep", "100"])
+    for n in range(1, MAX_EXECS_PER_ZONE + 1):
+        host.wait_started(n)
+    extra = MAX_EXECS_PER_ZONE + 1
+    record = host.run(extra, ["true"])
+    assert record.exit is not None
+    assert record.exit.error == f"too many processes: {MAX_EXECS_PER_ZONE} are running already"
+
+    first = host.records[1]
+    host.records[1] = ExecRecord(pid=first.pid)
+    host.send(AgentExecStart(exec_id=1, argv=["true"]))
+    refusal = host.wait_exit(1)
+    assert refusal.error == "exec id 1 is already in use"
+
+    # The original exec 1 is untouched and still ends normally.
+    host.records[1] = first
+    host.send(AgentExecSignal(exec_id=1, signal=15))
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=15)
+    # A heartbeat still gets its answer in between.
+    host.send(Heartbeat(seq=4))
+    record = host.run(extra + 1, ["echo", "room again"])
+    assert bytes(record.stdout) == b"room again\n"
+
+
+def test_a_host_disconnect_kills_the_running_processes(
+    agent: tuple[Host, subprocess.Popen[bytes]],
+) -> None:
+    host, process = agent
+    host.start(1, ["sleep", "100"])
+    host.start(2, ["sh", "-c", "sleep 200 & sleep 100"])
+    leader = host.wait_started(1)
+    group = host.wait_started(2)
+    deadline = time.monotonic() + DEADLINE_S
+    while len(members := _group_members(group)) < 2:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the background sleep never started: {members}")
+        time.sleep(0.05)
+    assert _alive(leader)
+    host.sock.close()
+    deadline = time.monotonic() + DEADLINE_S
+    while any(_alive(pid) for pid in [leader, *members]):
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes survived the disconnect\n{host.console_text()}")
+        time.sleep(0.05)
+    # The agent logs it just after killing them.
+    while "killed 2 process(es)" not in host.console.read_text():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the agent did not log the kill\n{host.console_text()}")
+        time.sleep(0.05)
+    assert process.poll() is None, "the agent itself must keep running"
