@@ -385,6 +385,46 @@ def format_host(host: p.HostInfoData) -> str:
     return summary + "\n" + table
 
 
+def cpu_percent(before: p.ZoneMetricsData | None, after: p.ZoneMetricsData) -> float | None:
+    """CPU use between two samples, in percent of one host CPU."""
+    if before is None or before.cpu_time_s is None or after.cpu_time_s is None:
+        return None
+    wall = after.sampled_at - before.sampled_at
+    if wall <= 0:
+        return None
+    return max(0.0, (after.cpu_time_s - before.cpu_time_s) / wall * 100.0)
+
+
+def format_top(rows: Sequence[tuple[p.ZoneMetricsData, float | None]]) -> str:
+    """The ``zonectl top`` table: one zone per line."""
+
+    def kib(value: int | None) -> str:
+        return "-" if value is None else format_mib(value // 1024)
+
+    lines = []
+    for metrics, cpu in rows:
+        guest = metrics.guest
+        used = (
+            f"{kib(guest.mem_total_kib - guest.mem_available_kib)}/{kib(guest.mem_total_kib)}"
+            if guest is not None
+            else "-"
+        )
+        lines.append(
+            [
+                metrics.name,
+                metrics.state,
+                "-" if cpu is None else f"{cpu:.1f}",
+                str(metrics.vcpus),
+                kib(metrics.host_rss_kib),
+                used,
+                "-" if guest is None else f"{guest.load1:.2f}",
+                str(metrics.execs_running),
+            ]
+        )
+    header = ["NAME", "STATE", "CPU%", "VCPUS", "HOST RSS", "GUEST MEM", "LOAD", "PROCS"]
+    return format_table(header, lines)
+
+
 def format_event(event: p.Event) -> str:
     """One ``watch`` line (no newline): time, sequence number, what happened."""
     head = f"{format_time(event.time)} #{event.seq}"
@@ -593,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill the command (exit 124) when the whole run takes longer",
     )
     process_options(run)
+
+    top = command("top", "live CPU and memory of every zone: the host's view and the guest's")
+    top.add_argument("--once", action="store_true", help="one sample, then exit")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="default: 1")
     return parser
 
 
@@ -733,6 +777,8 @@ async def _run(args: argparse.Namespace, out: _Output) -> int:
                     sink.flush()
             case "exec" | "run":
                 return await _process(client, args, out)
+            case "top":
+                await _top(client, args, out)
             case _:  # pragma: no cover - argparse only accepts the commands above
                 raise AssertionError(args.command)
     return EXIT_OK
@@ -823,6 +869,34 @@ async def _process(client: Client, args: argparse.Namespace, out: _Output) -> in
         out.stderr.write(f"{PROG}: the run timed out after {args.timeout:g} s; killed\n")
         out.stderr.flush()
     return process_exit_status(result)
+
+
+async def _sample(client: Client) -> dict[str, p.ZoneMetricsData]:
+    samples: dict[str, p.ZoneMetricsData] = {}
+    for zone in await client.list_zones():
+        try:
+            samples[zone.name] = await client.zone_metrics(zone.name)
+        except ZonedError:
+            continue  # destroyed meanwhile
+    return samples
+
+
+async def _top(client: Client, args: argparse.Namespace, out: _Output) -> None:
+    interval = max(0.1, args.interval)
+    previous = await _sample(client)
+    live = not args.once and out.stdout.isatty() and not out.json
+    while True:
+        await trio.sleep(interval)
+        current = await _sample(client)
+        rows = [(m, cpu_percent(previous.get(name), m)) for name, m in sorted(current.items())]
+        if out.json:
+            out.text(format_json([{**to_plain(m), "cpu_percent": cpu} for m, cpu in rows]) + "\n")
+        else:
+            clear = "\x1b[H\x1b[2J" if live else ""
+            out.text(clear + format_top(rows))
+        if args.once:
+            return
+        previous = current
 
 
 def _binary(stream: TextIO) -> BinaryIO:

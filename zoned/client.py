@@ -519,6 +519,11 @@ class Client:
         finally:
             self._forget(request_id)
 
+    async def zone_metrics(self, name: str) -> p.ZoneMetricsData:
+        """A zone's CPU time and memory as the host sees them, and the guest's own report."""
+        reply = await self._call(lambda id: p.ZoneMetrics(id=id, name=name))
+        return _expect(reply, p.ZoneMetricsReply).metrics
+
     # ------------------------------------------------------------ processes
 
     def exec_process(

@@ -211,6 +211,9 @@ class Daemon:
                 await self._stream_events(request, send)
             case p.ConsoleLog():
                 await self._stream_log(request, send, manager)
+            case p.ZoneMetrics():
+                metrics = await manager.metrics(request.name)
+                await send(p.ZoneMetricsReply(id=request.id, metrics=metrics))
             case p.Exec():
                 await exec_in_zone(manager, request, send, inputs)
             case p.RunZone():

@@ -434,6 +434,13 @@ class RunZone(_ExecFields, tag="run_zone", frozen=True):
     timeout_s: Annotated[float, Meta(gt=0.0, le=MAX_RUN_TIMEOUT_S)] | None = None
 
 
+class ZoneMetrics(_Message, tag="zone_metrics", frozen=True):
+    """A zone's resource figures now: the host's view (libvirt) and the guest's report."""
+
+    id: RequestId
+    name: ZoneName
+
+
 class ExecInput(_Message, tag="exec_input", frozen=True):
     """Standard input for the running Exec/RunZone request ``id`` (no reply).
 
@@ -464,6 +471,7 @@ Request: TypeAlias = (
     | ConsoleLog
     | Exec
     | RunZone
+    | ZoneMetrics
     | ExecInput
     | ExecSignal
 )
@@ -553,6 +561,33 @@ class ZoneInfo(_Record, frozen=True):
     kernel_release: str = ""
 
 
+class GuestMetrics(_Record, frozen=True):
+    """What the zone's agent last reported about itself (advisory: the guest is untrusted)."""
+
+    uptime_s: float
+    load1: float
+    mem_total_kib: NonNegativeInt
+    mem_available_kib: NonNegativeInt
+    # Host time (unix seconds) the report arrived.
+    reported_at: float
+
+
+class ZoneMetricsData(_Record, frozen=True):
+    """One zone's figures at ``sampled_at`` (unix seconds), side by side."""
+
+    name: ZoneName
+    state: ZoneState
+    sampled_at: float
+    vcpus: Vcpus
+    memory_mib: MemoryMib
+    # Host side, from libvirt; None while QEMU does not run.
+    cpu_time_s: float | None = None
+    host_rss_kib: int | None = None
+    # Processes the zone runs for clients right now.
+    execs_running: NonNegativeInt = 0
+    guest: GuestMetrics | None = None
+
+
 class Event(_Record, frozen=True):
     """Something that happened on the host; ``seq`` increases by one per event."""
 
@@ -616,6 +651,11 @@ class StreamEnd(_Message, tag="stream_end", frozen=True):
     id: RequestId
 
 
+class ZoneMetricsReply(_Message, tag="zone_metrics_reply", frozen=True):
+    id: RequestId
+    metrics: ZoneMetricsData
+
+
 class ExecStarted(_Message, tag="exec_started", frozen=True):
     """The process of request ``id`` runs, as ``pid`` in the zone."""
 
@@ -667,6 +707,7 @@ Reply: TypeAlias = (
     | EventReply
     | LogChunk
     | StreamEnd
+    | ZoneMetricsReply
     | ExecStarted
     | ExecOutput
     | ExecExit

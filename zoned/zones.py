@@ -42,13 +42,29 @@ import trio
 from zoned import lifecycle
 from zoned.agentlink import AgentFacts, AgentFault, AgentMux, ExecSession, supervise_agent
 from zoned.config import Config
-from zoned.domain import METADATA_NS, DomainSpec, read_metadata, render_domain_xml
+from zoned.domain import (
+    METADATA_NS,
+    METADATA_PREFIX,
+    DomainSpec,
+    metadata_element,
+    read_metadata,
+    render_domain_xml,
+)
 from zoned.errors import Conflict, HypervisorError, InvalidRequest, NotFound, ZonedError
 from zoned.events import EventHub
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.store import find_kernel
 from zoned.placement import Allocator, Placement
-from zoned.protocol import AgentExecStart, CreateZone, Exec, HeartbeatReply, RunZone, ZoneInfo
+from zoned.protocol import (
+    AgentExecStart,
+    CreateZone,
+    Exec,
+    GuestMetrics,
+    HeartbeatReply,
+    RunZone,
+    ZoneInfo,
+    ZoneMetricsData,
+)
 from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
 from zoned.store import ZoneStore
 from zoned.virt import DomainEvent, Hypervisor
@@ -93,6 +109,7 @@ class _Zone:
     supervisor: trio.CancelScope | None = None
     holds_placement: bool = False
     last_heartbeat: HeartbeatReply | None = None
+    last_heartbeat_at: float = 0.0
     # The live agent channel once the agent said hello; None otherwise.
     agent: AgentMux | None = None
 
@@ -130,6 +147,7 @@ class ZoneManager:
         self.accelerator = accelerator
         self.boot_image = boot_image
         self.rootfs = rootfs
+        self.owner = str(Path(config.state_dir).resolve())
         self.tsc_khz = tsc_khz
         self.store: ZoneStore[ZoneRecord] = ZoneStore(Path(config.state_dir), ZoneRecord)
         self.zones: dict[str, _Zone] = {}
@@ -183,6 +201,8 @@ class ZoneManager:
         record = msgspec.structs.replace(zone.record, **updates)
         zone.record = record
         self.store.save(record.name, record)
+        if record.state in ("booting", "ready"):
+            self._sync_metadata(zone)
         if result.changed and result.new_state != old:
             self.hub.publish(
                 "zone_state",
@@ -220,6 +240,7 @@ class ZoneManager:
                 continue
             zone.record = msgspec.structs.replace(record, placement=placement)
             self.store.save(record.name, zone.record)
+            self._sync_metadata(zone)
 
     # -------------------------------------------------------------------- create
 
@@ -261,6 +282,7 @@ class ZoneManager:
             kernel_sha256=kernel.manifest.image_sha256,
             boot_image=str(self.boot_image),
             rootfs=str(self.rootfs) if self.rootfs else "",
+            owner=self.owner,
             cmdline=cmdline,
             console_log=str(Path(self.config.log_dir) / f"{name}.console.log"),
             agent_socket=str(zone_dir / "agent.sock"),
@@ -307,6 +329,28 @@ class ZoneManager:
             "zone_state", zone=name, state="failed", previous="creating", reason=reason
         )
         zone.settled.set()
+
+    def _sync_metadata(self, zone: _Zone) -> None:
+        """Copy the record into the running domain's metadata too (best effort, async)."""
+        if self._nursery is None:
+            return
+        name = zone.record.name
+
+        async def update() -> None:
+            record = zone.record
+            if record.state not in ("booting", "ready") or self.zones.get(name) is not zone:
+                return
+            try:
+                await self.hv.set_metadata(
+                    record.domain_name,
+                    metadata_element(encode_record(record).decode()),
+                    METADATA_PREFIX,
+                    METADATA_NS,
+                )
+            except ZonedError as exc:
+                log.info("could not update the metadata of %s: %s", name, exc)
+
+        self._nursery.start_soon(update)
 
     def _prepare_runtime_dir(self, zone_dir: Path) -> None:
         """The agent socket's directory: QEMU (an unprivileged user) creates the socket."""
@@ -364,6 +408,7 @@ class ZoneManager:
 
         def on_heartbeat(reply: HeartbeatReply) -> None:
             zone.last_heartbeat = reply
+            zone.last_heartbeat_at = time.time()
 
         def on_mux(mux: AgentMux | None) -> None:
             zone.agent = mux
@@ -441,6 +486,45 @@ class ZoneManager:
                 self.store.delete(name)
                 del self.zones[name]
         return to_info(zone.record)
+
+    # --------------------------------------------------------------- metrics
+
+    async def metrics(self, name: str) -> ZoneMetricsData:
+        """The zone's figures: libvirt's view of its QEMU and the agent's last report."""
+        zone = self._zone(name)
+        record = zone.record
+        cpu_time_s: float | None = None
+        rss_kib: int | None = None
+        if record.state in ("booting", "ready"):
+            try:
+                stats = await self.hv.stats(record.domain_name)
+            except ZonedError as exc:
+                log.info("no libvirt stats for %s: %s", name, exc)
+            else:
+                if stats.active:
+                    cpu_time_s = stats.cpu_time_ns / 1e9
+                    rss_kib = stats.rss_kib
+        beat = zone.last_heartbeat
+        guest = None
+        if beat is not None and record.state == "ready":
+            guest = GuestMetrics(
+                uptime_s=beat.uptime_s,
+                load1=beat.load1,
+                mem_total_kib=beat.mem_total_kib,
+                mem_available_kib=beat.mem_available_kib,
+                reported_at=zone.last_heartbeat_at,
+            )
+        return ZoneMetricsData(
+            name=record.name,
+            state=record.state,  # type: ignore[arg-type]
+            sampled_at=time.time(),
+            vcpus=record.vcpus,
+            memory_mib=record.memory_mib,
+            cpu_time_s=cpu_time_s,
+            host_rss_kib=rss_kib,
+            execs_running=len(zone.agent.execs) if zone.agent is not None else 0,
+            guest=guest,
+        )
 
     # ------------------------------------------------------------------ exec
 
@@ -522,7 +606,11 @@ class ZoneManager:
                 text = read_metadata(await self.hv.xml(summary.name))
                 if text is None:
                     raise InvalidRequest("no zoned metadata")
-                records[zone_name] = decode_record(text)
+                found = decode_record(text)
+                if found.owner != self.owner:
+                    log.info("domain %s belongs to another zoned (%s)", summary.name, found.owner)
+                    continue
+                records[zone_name] = found
                 log.warning("zone %s re-created from its domain metadata", zone_name)
             except (msgspec.DecodeError, ZonedError) as exc:
                 log.error("domain %s carries no usable zone record: %s", summary.name, exc)
@@ -557,6 +645,3 @@ class ZoneManager:
 
     async def _finish_destroy(self, name: str) -> None:
         await self.destroy(name)
-
-    def metrics(self, name: str) -> HeartbeatReply | None:
-        return self._zone(name).last_heartbeat

@@ -99,6 +99,7 @@ REQUESTS: list[p.Request] = [
     p.ExecInput(id=10, data=b"\x00input\n"),
     p.ExecInput(id=10, eof=True),
     p.ExecSignal(id=10, signal=15),
+    p.ZoneMetrics(id=14, name="web-1"),
 ]
 
 REPLIES: list[p.Reply] = [
@@ -145,6 +146,30 @@ REPLIES: list[p.Reply] = [
     p.LogChunk(id=7, data=b"\x00\xffLinux version 6.12\r\n"),
     p.StreamEnd(id=7),
     p.ErrorReply(id=8, code="not_found", message="no zone named 'x'"),
+    p.ZoneMetricsReply(
+        id=14,
+        metrics=p.ZoneMetricsData(
+            name="web-1",
+            state="ready",
+            sampled_at=2.5,
+            vcpus=2,
+            memory_mib=256,
+            cpu_time_s=1.25,
+            host_rss_kib=340_000,
+            execs_running=3,
+            guest=p.GuestMetrics(
+                uptime_s=9.5,
+                load1=0.5,
+                mem_total_kib=250_000,
+                mem_available_kib=200_000,
+                reported_at=2.0,
+            ),
+        ),
+    ),
+    p.ZoneMetricsReply(
+        id=15,
+        metrics=p.ZoneMetricsData(name="a", state="failed", sampled_at=0.0, vcpus=1, memory_mib=64),
+    ),
     p.ExecStarted(id=10, pid=42),
     p.ExecOutput(id=10, stream="stdout", data=b"4\n"),
     p.ExecOutput(id=10, stream="stderr", data=b"\xff"),
