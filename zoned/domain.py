@@ -255,6 +255,14 @@ def render_domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(domain, encoding="unicode") + "\n"
 
 
+def metadata_element(metadata: str) -> str:
+    """The element :meth:`Hypervisor.set_metadata` takes for ``metadata`` (opaque text)."""
+    _check_xml_text("metadata", metadata)
+    element = ET.Element(METADATA_ELEMENT)
+    element.text = metadata
+    return ET.tostring(element, encoding="unicode")
+
+
 def read_metadata(domain_xml: str) -> str | None:
     """The zone record stored in ``domain_xml``, or ``None`` if it has none.
 

@@ -48,6 +48,9 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     guest_boot_s: float | None = None
     # The workload root image attached to the zone ("" for none).
     rootfs: str = ""
+    # The state directory of the daemon that owns the zone: a daemon adopts
+    # only its own zones from libvirt (private daemons share one libvirtd).
+    owner: str = ""
 
 
 def to_info(record: ZoneRecord) -> ZoneInfo:

@@ -899,6 +899,20 @@ class Hypervisor:
         """
         return await self._call(lambda conn: _list_domains(conn, prefix, metadata_uri))
 
+    async def set_metadata(self, name: str, element_xml: str, prefix: str, uri: str) -> None:
+        """Replace the running domain's ``<metadata>`` element in namespace ``uri``."""
+
+        def update(conn: Any) -> None:
+            conn.lookupByName(name).setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                element_xml,
+                prefix,
+                uri,
+                libvirt.VIR_DOMAIN_AFFECT_LIVE,
+            )
+
+        await self._call(update)
+
     async def qemu_pid(self, name: str) -> int | None:
         """PID of the domain's QEMU process, or ``None`` if unknown.
 

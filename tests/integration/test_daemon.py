@@ -323,8 +323,19 @@ async def test_kill9_and_restart_readopts_running_zones(
     keep_pid = qemu_pid("it-keep")
 
     zoned.kill9()
-    # While zoned is down, one domain disappears from under it.
+    # While zoned is down, one domain disappears from under it, and another
+    # zone's record file is lost: its domain's metadata still has it.
     libvirt_conn.lookupByName(domain_name("it-vanish")).destroy()
+    zoned.record_path("it-keep").unlink()
+    # Another zoned on the same libvirtd (its own state directory) does not
+    # take zones that are not its own.
+    with LocalDaemon(extra_config='accelerator = "tcg"') as neighbour:
+
+        async def neighbour_zones() -> list[p.ZoneInfo]:
+            async with Client.connect(neighbour.socket, client_name="it") as other:
+                return await other.list_zones()
+
+        assert await neighbour_zones() == []
     await trio.to_thread.run_sync(zoned.start)
 
     async with connect(zoned) as client:
@@ -336,6 +347,7 @@ async def test_kill9_and_restart_readopts_running_zones(
         for field in ("uuid", "cpus", "emulator_cpus", "numa_node", "labels", "created_at"):
             assert getattr(adopted, field) == getattr(keep, field), field
         assert adopted.ready_at == keep.ready_at
+        assert zoned.record_path("it-keep").exists()  # written back
         gone = await client.get_zone("it-vanish")
         assert gone.state == "failed" and gone.uuid == vanish.uuid, gone
         assert "vanish" in gone.reason or "domain" in gone.reason, gone.reason

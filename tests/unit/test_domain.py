@@ -19,6 +19,7 @@ from zoned.domain import (
     METADATA_NS,
     DomainSpec,
     format_cpuset,
+    metadata_element,
     read_metadata,
     render_domain_xml,
 )
@@ -206,21 +207,26 @@ def test_format_cpuset() -> None:
     assert format_cpuset([5, 0, 1, 2, 2, 7, 8]) == "0-2,5,7-8"
 
 
-@pytest.mark.parametrize(
-    "metadata",
-    [
-        "",
-        "{}",
-        json.dumps(_RECORD),
-        '{"x": "<zoned:zone>&amp;</metadata>]]>"}',
-        "text with 'quotes' \"double\" & ampersands < > and \t tab\nnewline",
-        json.dumps({"unicode": "zoné ☃ \U0001f600"}, ensure_ascii=False),
-        "  leading and trailing spaces  ",
-    ],
-)
+_METADATA_CASES = [
+    "",
+    "{}",
+    json.dumps(_RECORD),
+    '{"x": "<zoned:zone>&amp;</metadata>]]>"}',
+    "text with 'quotes' \"double\" & ampersands < > and \t tab\nnewline",
+    json.dumps({"unicode": "zoné ☃ \U0001f600"}, ensure_ascii=False),
+    "  leading and trailing spaces  ",
+]
+
+
+@pytest.mark.parametrize("metadata", _METADATA_CASES)
 def test_metadata_round_trips(metadata: str) -> None:
     xml = render_domain_xml(_spec("a", metadata=metadata))
     assert read_metadata(xml) == metadata
+
+
+@pytest.mark.parametrize("metadata", _METADATA_CASES)
+def test_metadata_element_for_live_updates_round_trips(metadata: str) -> None:
+    assert read_metadata(metadata_element(metadata)) == metadata
 
 
 def test_metadata_element_alone_is_accepted() -> None:
