@@ -1,0 +1,234 @@
+"""Processes in real zones, through a real zoned: exec, run, zonectl.
+
+One private zoned serves the module and one booted zone (``ex-shared``) is
+shared by every exec test; the run tests boot their own zones because that
+is what they test. Needs what ``.ci/run`` sets up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import trio
+
+from zoned.client import Client
+from zoned.kernel.build import DEFAULT_STORE
+from zoned.localdaemon import LocalDaemon
+
+pytestmark = pytest.mark.integration
+
+ZONE = "ex-shared"
+CALL_TIMEOUT_S = 180.0
+ZONECTL = [sys.executable, "-m", "zoned.cli"]
+
+# Writes SIZE deterministic bytes to stdout in 64 KiB blocks; the host
+# computes the same stream's sha256 with expected_digest().
+GENERATOR = """
+import hashlib, sys
+out = sys.stdout.buffer
+size = int(sys.argv[1])
+i = 0
+while size > 0:
+    block = hashlib.sha256(str(i).encode()).digest() * 2048
+    out.write(block[:size])
+    size -= len(block)
+    i += 1
+out.flush()
+"""
+
+
+def expected_digest(size: int) -> str:
+    digest = hashlib.sha256()
+    i = 0
+    while size > 0:
+        block = hashlib.sha256(str(i).encode()).digest() * 2048
+        digest.update(block[:size])
+        size -= len(block)
+        i += 1
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def zoned() -> Iterator[LocalDaemon]:
+    if not (DEFAULT_STORE / "strict").exists():
+        pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
+    daemon = LocalDaemon()
+    daemon.start()
+
+    async def create() -> None:
+        async with Client.connect(daemon.socket, client_name="it") as client:
+            with trio.fail_after(CALL_TIMEOUT_S):
+                await client.create_zone(ZONE, memory_mib=512)
+
+    try:
+        trio.run(create)
+        yield daemon
+    finally:
+
+        async def destroy() -> None:
+            async with Client.connect(daemon.socket, client_name="it") as client:
+                for zone in await client.list_zones():
+                    await client.destroy_zone(zone.name)
+
+        try:
+            trio.run(destroy)
+        finally:
+            status = daemon.stop()
+            log = daemon.log_text()
+            daemon.cleanup()
+            assert status == 0, f"zoned exited with {status}:\n{log}"
+
+
+@contextlib.asynccontextmanager
+async def connect(daemon: LocalDaemon) -> AsyncIterator[Client]:
+    async with Client.connect(daemon.socket, client_name="it") as client:
+        yield client
+
+
+def zonectl(
+    daemon: LocalDaemon, *args: str, input: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*ZONECTL, "--socket", str(daemon.socket), *args],
+        input=input,
+        capture_output=True,
+        timeout=CALL_TIMEOUT_S,
+        check=False,
+    )
+
+
+async def test_python_runs_in_the_zone(zoned: LocalDaemon) -> None:
+    async with connect(zoned) as client:
+        result = await client.exec(ZONE, ["python3", "-c", "import os; print(2+2, os.getpid())"])
+    assert result.exit_code == 0 and result.signal is None, result
+    answer, pid = result.stdout.split()
+    assert answer == b"4" and int(pid) > 1
+    assert result.stderr == b""
+
+
+async def test_shell_utilities_environment_and_cwd(zoned: LocalDaemon) -> None:
+    async with connect(zoned) as client:
+        result = await client.exec(
+            ZONE,
+            ["sh", "-c", 'echo "$GREETING from $(pwd) as $(id -u)"; uname -r; ls / | wc -l'],
+            env={"GREETING": "hello"},
+            cwd="/tmp",
+        )
+    assert result.exit_code == 0, result
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "hello from /tmp as 0"
+    assert lines[1].startswith("6.12")
+    assert int(lines[2]) > 3
+
+
+async def test_exit_codes_signals_and_missing_commands(zoned: LocalDaemon) -> None:
+    async with connect(zoned) as client:
+        exited = await client.exec(ZONE, ["sh", "-c", "echo out; echo err >&2; exit 42"])
+        killed = await client.exec(ZONE, ["sh", "-c", "kill -TERM $$"])
+        missing = await client.exec(ZONE, ["no-such-command"])
+        not_dir = await client.exec(ZONE, ["true"], cwd="/no/such/dir")
+    assert (exited.exit_code, exited.stdout, exited.stderr) == (42, b"out\n", b"err\n")
+    assert (killed.exit_code, killed.signal, killed.returncode) == (None, 15, -15)
+    assert missing.exit_code == 127 and b"No such file or directory" in missing.stderr
+    assert not_dir.exit_code in (126, 127) and b"/no/such/dir" in not_dir.stderr
+
+
+async def test_signal_reaches_a_running_process(zoned: LocalDaemon) -> None:
+    async with connect(zoned) as client, client.exec_process(ZONE, ["sleep", "600"]) as process:
+        assert await process.started()
+        await process.signal(signal.SIGINT)
+        result = await process.wait()
+    assert result.signal == signal.SIGINT, result
+
+
+async def test_64_mib_of_stdout_arrive_whole_and_in_order(zoned: LocalDaemon) -> None:
+    size = 64 * 1024 * 1024
+    digest = hashlib.sha256()
+    received = 0
+    errors = bytearray()
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S * 2):
+            async with client.exec_process(
+                ZONE, ["python3", "-c", GENERATOR, str(size)]
+            ) as process:
+                async for chunk in process:
+                    if chunk.stream == "stderr":
+                        errors.extend(chunk.data)
+                        continue
+                    digest.update(chunk.data)
+                    received += len(chunk.data)
+    assert not errors, errors.decode(errors="replace")
+    assert process.result is not None and process.result.exit_code == 0, process.result
+    assert received == size
+    assert digest.hexdigest() == expected_digest(size)
+
+
+async def test_stdin_round_trip(zoned: LocalDaemon) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            echoed = await client.exec(ZONE, ["cat"], input=data)
+            summed = await client.exec(ZONE, ["sha256sum"], input=data)
+    assert echoed.exit_code == 0 and echoed.stdout == data
+    assert summed.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+async def test_concurrent_processes_keep_their_own_output(zoned: LocalDaemon) -> None:
+    results: dict[int, bytes] = {}
+    async with connect(zoned) as client:
+
+        async def one(i: int) -> None:
+            script = f"for n in 1 2 3 4 5; do echo {i}-$n; done"
+            result = await client.exec(ZONE, ["sh", "-c", script])
+            assert result.exit_code == 0
+            results[i] = result.stdout
+
+        with trio.fail_after(CALL_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(one, i)
+    for i in range(8):
+        assert results[i] == "".join(f"{i}-{n}\n" for n in range(1, 6)).encode()
+
+
+def test_zonectl_exec_passes_output_input_and_exit_status(zoned: LocalDaemon) -> None:
+    done = zonectl(zoned, "exec", ZONE, "--", "sh", "-c", "echo hi; echo oops >&2; exit 3")
+    assert (done.returncode, done.stdout, done.stderr) == (3, b"hi\n", b"oops\n")
+    piped = zonectl(zoned, "exec", "-i", ZONE, "--", "tr", "a-z", "A-Z", input=b"shout\n")
+    assert (piped.returncode, piped.stdout) == (0, b"SHOUT\n"), piped.stderr
+    killed = zonectl(zoned, "exec", ZONE, "--", "sh", "-c", "kill -KILL $$")
+    assert killed.returncode == 128 + 9
+    missing = zonectl(zoned, "exec", "no-such-zone", "--", "true")
+    assert missing.returncode == 4 and b"no-such-zone" in missing.stderr
+
+
+def test_zonectl_run_boots_runs_and_cleans_up(zoned: LocalDaemon) -> None:
+    done = zonectl(zoned, "run", "--", "python3", "-c", "print(2+2)")
+    assert (done.returncode, done.stdout) == (0, b"4\n"), done.stderr
+    timed_out = zonectl(zoned, "run", "--timeout", "20", "--", "sleep", "600")
+    assert timed_out.returncode == 124, timed_out.stderr
+    assert b"timed out" in timed_out.stderr
+    listed = zonectl(zoned, "list", "--json")
+    assert listed.returncode == 0
+    assert b'"zoned.run"' not in listed.stdout, listed.stdout
+
+
+async def test_run_is_cleaned_up_when_its_client_vanishes(zoned: LocalDaemon) -> None:
+    async with connect(zoned) as client:
+        async with client.run_process(["sleep", "600"], labels={"test": "vanish"}) as process:
+            assert await process.started()
+            assert process.zone is not None
+            name = process.zone.name
+        await client.aclose()  # the connection goes: the daemon must clean up
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            while any(z.name == name for z in await client.list_zones()):
+                await trio.sleep(0.2)
+        assert await client.list_zones({"test": "vanish"}) == []
