@@ -232,3 +232,29 @@ async def test_run_is_cleaned_up_when_its_client_vanishes(zoned: LocalDaemon) ->
             while any(z.name == name for z in await client.list_zones()):
                 await trio.sleep(0.2)
         assert await client.list_zones({"test": "vanish"}) == []
+
+
+async def test_metrics_show_the_host_and_the_guest_side_by_side(zoned: LocalDaemon) -> None:
+    async with connect(zoned) as client, client.exec_process(ZONE, ["sleep", "600"]) as process:
+        assert await process.started()
+        with trio.fail_after(CALL_TIMEOUT_S):
+            while (metrics := await client.zone_metrics(ZONE)).guest is None:
+                await trio.sleep(0.2)
+        assert metrics.execs_running == 1
+        await process.signal(signal.SIGKILL)
+        await process.wait()
+    assert metrics.state == "ready" and metrics.memory_mib == 512
+    assert metrics.cpu_time_s is not None and metrics.cpu_time_s > 0
+    assert metrics.host_rss_kib is not None and metrics.host_rss_kib > 0
+    guest = metrics.guest
+    assert 0 < guest.mem_available_kib < guest.mem_total_kib <= 512 * 1024
+    assert guest.uptime_s > 0
+
+
+def test_zonectl_top_once(zoned: LocalDaemon) -> None:
+    top = zonectl(zoned, "top", "--once", "--interval", "0.5")
+    assert top.returncode == 0, top.stderr
+    header, *rows = top.stdout.decode().splitlines()
+    assert header.split()[:3] == ["NAME", "STATE", "CPU%"]
+    row = next(r.split() for r in rows if r.startswith(ZONE))
+    assert row[1] == "ready" and float(row[2]) >= 0
