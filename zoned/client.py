@@ -750,10 +750,16 @@ class Process:
             await self.write(input)
             await self.close_stdin()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
-            async for chunk in self:
-                (out if chunk.stream == "stdout" else err).extend(chunk.data)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                async for chunk in self:
+                    (out if chunk.stream == "stdout" else err).extend(chunk.data)
+        except BaseExceptionGroup as group:
+            # Callers get the daemon's typed error, not a group around it.
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
         assert self.result is not None
         return self.result._replace(stdout=bytes(out), stderr=bytes(err))
 

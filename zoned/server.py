@@ -216,20 +216,30 @@ class Connection:
     async def _run_request(self, request: p.Request, inputs: StreamInputs) -> None:
         try:
             await self._handler(request, self.send, inputs)
-        except ZonedError as exc:
-            await self._try_send(p.error_reply(request.id, exc))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away mid-reply
-        except Exception:
-            log.exception("request %s failed unexpectedly", type(request).__name__)
-            await self._try_send(
-                p.error_reply(request.id, InternalError("internal error; see the daemon log"))
-            )
+        except Exception as raised:
+            # Handlers with nurseries raise their errors wrapped in groups.
+            exc = _single(raised)
+            if isinstance(exc, ZonedError):
+                await self._try_send(p.error_reply(request.id, exc))
+            elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+                pass  # the client went away mid-reply
+            else:
+                log.exception("request %s failed unexpectedly", type(request).__name__)
+                await self._try_send(
+                    p.error_reply(request.id, InternalError("internal error; see the daemon log"))
+                )
         finally:
             self._inflight -= 1
             if inputs is not None:
                 self._inputs.pop(request.id, None)
                 inputs.close()
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def open_control_socket(path: Path, group: str) -> tuple[trio.socket.SocketType, int | None]:

@@ -23,6 +23,7 @@ import logging
 import math
 import secrets
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 
 import trio
@@ -60,8 +61,14 @@ async def stream_exec(
     inputs: StreamInputs,
     *,
     timeout_s: float | None = None,
+    before_end: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Forward one process's life to the client until its ``exec_exit``."""
+    """Forward one process's life to the client until its ``exec_exit``.
+
+    ``before_end`` runs between the process's end and the ``exec_exit`` that
+    reports it (``run`` destroys its zone there: a client that has the result
+    finds the zone gone).
+    """
     timed_out = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_pump_input, session, inputs)
@@ -83,9 +90,12 @@ async def stream_exec(
             elif isinstance(event, ExecOutputPiece):
                 await send(p.ExecOutput(id=request_id, stream=event.stream, data=event.data))
             else:
-                await _send_end(request_id, event, send, timed_out)
+                end = event
                 break
-        nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()  # stop taking input
+    if before_end is not None:
+        await before_end()
+    await _send_end(request_id, end, send, timed_out)
 
 
 async def _send_end(request_id: int, end: ExecEnded, send: Send, timed_out: bool) -> None:
@@ -139,7 +149,14 @@ async def run_in_fresh_zone(
         remaining = None
         if request.timeout_s is not None:
             remaining = max(0.0, request.timeout_s - (trio.current_time() - started))
-        await stream_exec(request.id, session, send, inputs, timeout_s=remaining)
+
+        async def destroy() -> None:
+            with trio.CancelScope(shield=True):
+                await manager.destroy(name)
+
+        await stream_exec(
+            request.id, session, send, inputs, timeout_s=remaining, before_end=destroy
+        )
     except trio.TooSlowError:
         raise HypervisorError(
             f"zone {name!r} was not ready within the run's timeout of {request.timeout_s:g} s"
