@@ -48,6 +48,7 @@ from zoned.protocol import (
     AgentExecInput,
     AgentExecInputCredit,
     AgentExecOutput,
+    AgentExecResize,
     AgentExecSignal,
     AgentExecStart,
     AgentExecStarted,
@@ -176,6 +177,9 @@ class ExecEnded:
     signal: int | None
     # Set when the process never started (the agent's reason).
     error: str = ""
+    oom_killed: bool = False
+    cpu_time_s: float | None = None
+    memory_peak_kib: int | None = None
 
 
 ExecEvent = AgentExecStarted | ExecOutputPiece | ExecEnded
@@ -253,7 +257,14 @@ class ExecSession:
             raise AgentFault(f"agent reported exec {self.exec_id} ended before it started")
         elif (message.exit_code is None) == (message.signal is None):
             raise AgentFault(f"agent reported exec {self.exec_id} ended without one status")
-        self.ended = ExecEnded(message.exit_code, message.signal, message.error)
+        self.ended = ExecEnded(
+            message.exit_code,
+            message.signal,
+            message.error,
+            message.oom_killed,
+            message.cpu_time_s,
+            message.memory_peak_kib,
+        )
         self._wake()
 
     def on_channel_lost(self, reason: str) -> None:
@@ -312,6 +323,10 @@ class ExecSession:
     async def signal(self, signum: int) -> None:
         if self.ended is None:
             await self.mux.link.send(AgentExecSignal(exec_id=self.exec_id, signal=signum))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        if self.ended is None:
+            await self.mux.link.send(AgentExecResize(exec_id=self.exec_id, rows=rows, cols=cols))
 
 
 class AgentMux:

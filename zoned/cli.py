@@ -43,14 +43,19 @@ they can be tested with hand-built records.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import os
+import re
 import signal
 import sys
+import tarfile
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TextIO
 
 import msgspec
@@ -67,7 +72,7 @@ from zoned.client import (
     ExecResult,
     Process,
 )
-from zoned.errors import ZonedError
+from zoned.errors import InvalidRequest, ZonedError
 
 PROG = "zonectl"
 
@@ -604,6 +609,26 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="NAME=VALUE",
             help="environment variable; repeatable (PATH has a default)",
         )
+        sub.add_argument(
+            "--tty",
+            "-t",
+            action="store_true",
+            help="run on a pseudo-terminal (with -i: a raw, interactive session)",
+        )
+        sub.add_argument(
+            "--memory-limit",
+            type=_positive_int,
+            default=None,
+            metavar="MIB",
+            help="memory limit of the command and its children (OOM-killed beyond it)",
+        )
+        sub.add_argument(
+            "--pids-limit",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="most processes the command and its children may have at once",
+        )
         sub.add_argument("--workdir", "-w", default="/", metavar="DIR", help="default: /")
         sub.add_argument("--user", "-u", default="0:0", metavar="UID[:GID]", help="default: 0:0")
         sub.add_argument(
@@ -633,6 +658,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill the command (exit 124) when the whole run takes longer",
     )
     process_options(run)
+
+    cp = command(
+        "cp",
+        "copy a file or directory between this host and a zone (ZONE:PATH on one side)",
+    )
+    cp.add_argument("source", metavar="SRC", help="a local path or ZONE:PATH")
+    cp.add_argument("dest", metavar="DEST", help="a local path or ZONE:PATH")
+    cp.add_argument(
+        "--max-bytes",
+        type=_positive_int,
+        default=1024**3,
+        metavar="N",
+        help="refuse to copy more than N bytes out of a zone (default: 1 GiB)",
+    )
 
     top = command("top", "live CPU and memory of every zone: the host's view and the guest's")
     top.add_argument("--once", action="store_true", help="one sample, then exit")
@@ -779,6 +818,8 @@ async def _run(args: argparse.Namespace, out: _Output) -> int:
                 return await _process(client, args, out)
             case "top":
                 await _top(client, args, out)
+            case "cp":
+                await _copy(client, args, out)
             case _:  # pragma: no cover - argparse only accepts the commands above
                 raise AssertionError(args.command)
     return EXIT_OK
@@ -805,21 +846,36 @@ async def _forward_stdin(process: Process) -> None:
     await process.close_stdin()
 
 
-async def _forward_signals(process: Process) -> None:
-    """Ctrl-C and SIGTERM go to the process; zonectl waits for it to end."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+async def _forward_signals(process: Process, tty: bool = False) -> None:
+    """Ctrl-C and SIGTERM go to the process; zonectl waits for it to end.
+
+    With a terminal, a change of the local window size resizes the zone's.
+    """
+    wanted = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP] + ([signal.SIGWINCH] if tty else [])
+    with trio.open_signal_receiver(*wanted) as signals:
         async for signum in signals:
-            await process.signal(signum)
+            if signum == signal.SIGWINCH:
+                await process.resize(*_terminal_size())
+            else:
+                await process.signal(signum)
 
 
 async def _process(client: Client, args: argparse.Namespace, out: _Output) -> int:
+    rows, cols = _terminal_size() if args.tty else (24, 80)
     options: dict[str, Any] = {
         "env": args.env,
         "cwd": args.workdir,
         "uid": args.uid,
         "gid": args.gid,
         "stdin": args.interactive,
+        "tty": args.tty,
+        "rows": rows,
+        "cols": cols,
+        "memory_limit_mib": args.memory_limit,
+        "pids_limit": args.pids_limit,
     }
+    if args.tty and "TERM" not in args.env:
+        options["env"] = {**args.env, "TERM": os.environ.get("TERM", "xterm")}
     if args.command == "exec":
         manager = client.exec_process(args.name, args.argv, **options)
     else:
@@ -833,24 +889,38 @@ async def _process(client: Client, args: argparse.Namespace, out: _Output) -> in
             timeout_s=args.timeout,
             **options,
         )
-    async with manager as process, trio.open_nursery() as nursery:
-        if args.interactive:
-            nursery.start_soon(_forward_stdin, process)
-        nursery.start_soon(_forward_signals, process)
-        if out.json:
-            stdout, stderr = bytearray(), bytearray()
-            async for chunk in process:
-                (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
-        else:
-            sinks = {"stdout": out.binary(), "stderr": _binary(out.stderr)}
-            async for chunk in process:
-                sink = sinks[chunk.stream]
-                sink.write(chunk.data)
-                sink.flush()
-        nursery.cancel_scope.cancel()
+    raw = args.tty and args.interactive and sys.stdin.isatty()
+    with _raw_terminal(raw):
+        async with manager as process, trio.open_nursery() as nursery:
+            if args.interactive:
+                nursery.start_soon(_forward_stdin, process)
+            nursery.start_soon(_forward_signals, process, args.tty)
+            await _copy_output(process, out, args, nursery)
+    return _report(process, out, args)
+
+
+async def _copy_output(
+    process: Process, out: _Output, args: argparse.Namespace, nursery: trio.Nursery
+) -> None:
+    if out.json:
+        stdout, stderr = bytearray(), bytearray()
+        async for chunk in process:
+            (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+        process.collected = (bytes(stdout), bytes(stderr))
+    else:
+        sinks = {"stdout": out.binary(), "stderr": _binary(out.stderr)}
+        async for chunk in process:
+            sink = sinks[chunk.stream]
+            sink.write(chunk.data)
+            sink.flush()
+    nursery.cancel_scope.cancel()
+
+
+def _report(process: Process, out: _Output, args: argparse.Namespace) -> int:
     result = process.result
     assert result is not None
     if out.json:
+        stdout, stderr = process.collected
         out.text(
             format_json(
                 {
@@ -859,6 +929,9 @@ async def _process(client: Client, args: argparse.Namespace, out: _Output) -> in
                     "exit_code": result.exit_code,
                     "signal": result.signal,
                     "timed_out": result.timed_out,
+                    "oom_killed": result.oom_killed,
+                    "cpu_time_s": result.cpu_time_s,
+                    "memory_peak_kib": result.memory_peak_kib,
                     "stdout": stdout.decode(errors="replace"),
                     "stderr": stderr.decode(errors="replace"),
                 }
@@ -868,7 +941,113 @@ async def _process(client: Client, args: argparse.Namespace, out: _Output) -> in
     elif result.timed_out:
         out.stderr.write(f"{PROG}: the run timed out after {args.timeout:g} s; killed\n")
         out.stderr.flush()
+    elif result.oom_killed:
+        out.stderr.write(f"{PROG}: killed: out of memory (limit {args.memory_limit} MiB)\n")
+        out.stderr.flush()
     return process_exit_status(result)
+
+
+def _terminal_size() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return 24, 80
+    return max(1, min(size.lines, 4096)), max(1, min(size.columns, 4096))
+
+
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool) -> Iterator[None]:
+    """The local terminal in raw mode (so Ctrl-C etc. reach the zone), restored after."""
+    if not enabled:
+        yield
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def split_zone_path(text: str) -> tuple[str, str] | None:
+    """``ZONE:PATH`` as (zone, path); None for a local path."""
+    zone, sep, path = text.partition(":")
+    if not sep or not re.fullmatch(p.ZONE_NAME_PATTERN, zone):
+        return None
+    if not path.startswith("/"):
+        raise InvalidRequest(f"{text!r}: the path in a zone must be absolute")
+    return zone, path
+
+
+async def _local_chunks(path: Path) -> AsyncIterator[bytes]:
+    async with await trio.open_file(path, "rb") as source:
+        while chunk := await source.read(p.MAX_EXEC_CHUNK):
+            yield chunk
+
+
+def _pack(directory: Path, into: Path) -> None:
+    with tarfile.open(into, "w") as archive:
+        for entry in sorted(directory.iterdir()):
+            archive.add(entry, arcname=entry.name)
+
+
+def _unpack(archive_path: Path, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive_path, "r") as archive:
+        archive.extractall(directory, filter="data")
+
+
+async def _copy(client: Client, args: argparse.Namespace, out: _Output) -> None:
+    source, dest = split_zone_path(args.source), split_zone_path(args.dest)
+    if (source is None) == (dest is None):
+        raise InvalidRequest("give exactly one side as ZONE:PATH (the other is a local path)")
+    with tempfile.TemporaryDirectory(prefix="zonectl-") as tmp:
+        scratch = Path(tmp) / "tree.tar"
+        if dest is not None:
+            zone, path = dest
+            local = Path(args.source)
+            if local.is_dir():
+                await trio.to_thread.run_sync(_pack, local, scratch)
+                await client.put_tree(zone, path, _local_chunks(scratch))
+                what = "directory"
+            else:
+                if path.endswith("/"):
+                    path += local.name
+                mode = local.stat().st_mode & 0o777
+                size = await client.put_file(zone, path, _local_chunks(local), mode=mode)
+                what = f"{size} bytes"
+            if not out.json:
+                out.text(f"copied {args.source} to {zone}:{path} ({what})\n")
+            return
+        assert source is not None
+        zone, path = source
+        local = Path(args.dest)
+        if await client.is_directory(zone, path):
+            async with await trio.open_file(scratch, "wb") as sink:
+                async for chunk in client.stream_tree(zone, path, max_bytes=args.max_bytes):
+                    await sink.write(chunk)
+            await trio.to_thread.run_sync(_unpack, scratch, local)
+            what = "directory"
+        else:
+            if local.is_dir():
+                local = local / PurePosixPath(path).name
+            partial = local.with_name(f".{local.name}.zonectl-partial")
+            size = 0
+            try:
+                async with await trio.open_file(partial, "wb") as sink:
+                    async for chunk in client.stream_file(zone, path, max_bytes=args.max_bytes):
+                        await sink.write(chunk)
+                        size += len(chunk)
+                partial.replace(local)
+            finally:
+                partial.unlink(missing_ok=True)
+            what = f"{size} bytes"
+        if not out.json:
+            out.text(f"copied {zone}:{path} to {local} ({what})\n")
 
 
 async def _sample(client: Client) -> dict[str, p.ZoneMetricsData]:

@@ -48,6 +48,7 @@ import errno
 import os
 from collections.abc import (
     AsyncGenerator,
+    AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -89,6 +90,8 @@ SOCKET_ENV = "ZONED_SOCKET"
 RECEIVE_CHUNK = 64 * 1024
 #: Replies buffered per stream before the reader waits for its consumer.
 STREAM_BUFFER = 64
+#: Largest file or tree :meth:`Client.get_file` and friends take by default.
+DEFAULT_MAX_FILE = 1024 * 1024 * 1024
 _MAX_REQUEST_ID = 2**32 - 1
 
 _T = TypeVar("_T")
@@ -384,7 +387,7 @@ class Client:
             raise
         return request_id, receive
 
-    async def _send_input(self, message: p.ExecInput | p.ExecSignal) -> None:
+    async def _send_input(self, message: p.StreamInput) -> None:
         """Send stream input for a running request (no reply of its own)."""
         self._raise_failure()
         frame = p.encode_frame(message, self.max_frame)
@@ -536,14 +539,25 @@ class Client:
         uid: int = 0,
         gid: int = 0,
         stdin: bool = False,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        memory_limit_mib: int | None = None,
+        pids_limit: int | None = None,
     ) -> AbstractAsyncContextManager[Process]:
         """Start ``argv`` in a ready zone; use as ``async with``.
 
         Iterate the :class:`Process` for its output as it comes; then
         :attr:`Process.result` holds how it ended. With ``stdin=True`` feed it
-        with :meth:`Process.write` and :meth:`Process.close_stdin`.
+        with :meth:`Process.write` and :meth:`Process.close_stdin`. With
+        ``tty=True`` it runs on a ``rows`` x ``cols`` pseudo-terminal (all its
+        output arrives as ``stdout``; :meth:`Process.resize` changes the size).
+        ``memory_limit_mib`` and ``pids_limit`` bound the process and
+        everything it starts (its own cgroup in the zone).
         """
-        fields = _exec_fields(argv, env, cwd, uid, gid, stdin)
+        fields = _exec_fields(
+            argv, env, cwd, uid, gid, stdin, tty, rows, cols, memory_limit_mib, pids_limit
+        )
         return self._process(lambda id: p.Exec(id=id, zone=zone, **fields))
 
     def run_process(
@@ -555,6 +569,11 @@ class Client:
         uid: int = 0,
         gid: int = 0,
         stdin: bool = False,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        memory_limit_mib: int | None = None,
+        pids_limit: int | None = None,
         name: str = "",
         vcpus: int = 1,
         memory_mib: int = 256,
@@ -571,7 +590,9 @@ class Client:
         (:attr:`ExecResult.timed_out`). The zone is destroyed even if this
         client goes away.
         """
-        fields = _exec_fields(argv, env, cwd, uid, gid, stdin)
+        fields = _exec_fields(
+            argv, env, cwd, uid, gid, stdin, tty, rows, cols, memory_limit_mib, pids_limit
+        )
         label_dict = dict(labels or {})
         return self._process(
             lambda id: p.RunZone(
@@ -607,10 +628,20 @@ class Client:
         cwd: str = "/",
         uid: int = 0,
         gid: int = 0,
+        memory_limit_mib: int | None = None,
+        pids_limit: int | None = None,
     ) -> ExecResult:
         """Run ``argv`` in a ready zone to its end; its output collected in memory."""
         async with self.exec_process(
-            zone, argv, env=env, cwd=cwd, uid=uid, gid=gid, stdin=input is not None
+            zone,
+            argv,
+            env=env,
+            cwd=cwd,
+            uid=uid,
+            gid=gid,
+            stdin=input is not None,
+            memory_limit_mib=memory_limit_mib,
+            pids_limit=pids_limit,
         ) as process:
             return await process.communicate(input)
 
@@ -639,6 +670,101 @@ class Client:
         ) as process:
             return await process.communicate(input)
 
+    # ------------------------------------------------------------ files
+
+    async def put_file(
+        self,
+        zone: str,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+    ) -> int:
+        """Write a file in the zone's workload root, atomically; returns its size.
+
+        ``data`` is bytes or an async iterable of chunks (streamed, never held
+        whole). The file appears under its name only once complete, with
+        ``mode`` and owner ``uid``:``gid``.
+        """
+        argv = [
+            "sh",
+            "-c",
+            _PUT_SCRIPT,
+            "zoned-put",
+            path,
+            f"{mode & 0o7777:o}",
+            str(uid),
+            str(gid),
+        ]
+        async with self.exec_process(zone, argv, stdin=True) as process:
+            sent = await _feed(process, data)
+            result = await _checked(process, f"cannot write {path!r} in zone {zone!r}")
+        del result
+        return sent
+
+    async def get_file(self, zone: str, path: str, *, max_bytes: int = DEFAULT_MAX_FILE) -> bytes:
+        """A file of the zone's workload root; :class:`InvalidRequest` beyond ``max_bytes``."""
+        data = bytearray()
+        async for chunk in self.stream_file(zone, path, max_bytes=max_bytes):
+            data.extend(chunk)
+        return bytes(data)
+
+    async def stream_file(
+        self, zone: str, path: str, *, max_bytes: int = DEFAULT_MAX_FILE
+    ) -> AsyncGenerator[bytes, None]:
+        """A file of the zone's workload root as chunks, as they come."""
+        async for chunk in self._stream_command(
+            zone, ["cat", "--", path], f"cannot read {path!r} in zone {zone!r}", max_bytes
+        ):
+            yield chunk
+
+    async def put_tree(self, zone: str, directory: str, tar_stream: AsyncIterable[bytes]) -> None:
+        """Unpack a tar stream into ``directory`` of the zone (created if missing)."""
+        argv = ["sh", "-c", 'mkdir -p -- "$1" && exec tar -x -f - -C "$1"', "zoned-put", directory]
+        async with self.exec_process(zone, argv, stdin=True) as process:
+            await _feed(process, tar_stream)
+            await _checked(process, f"cannot unpack into {directory!r} in zone {zone!r}")
+
+    async def stream_tree(
+        self, zone: str, directory: str, *, max_bytes: int = DEFAULT_MAX_FILE
+    ) -> AsyncGenerator[bytes, None]:
+        """``directory`` of the zone as a tar stream, as it comes."""
+        async for chunk in self._stream_command(
+            zone,
+            ["tar", "-c", "-f", "-", "-C", directory, "."],
+            f"cannot pack {directory!r} in zone {zone!r}",
+            max_bytes,
+        ):
+            yield chunk
+
+    async def is_directory(self, zone: str, path: str) -> bool:
+        result = await self.exec(zone, ["test", "-d", path])
+        return result.exit_code == 0
+
+    async def _stream_command(
+        self, zone: str, argv: list[str], failure: str, max_bytes: int
+    ) -> AsyncGenerator[bytes, None]:
+        received = 0
+        errors = bytearray()
+        async with self.exec_process(zone, argv) as process:
+            async for chunk in process:
+                if chunk.stream == "stderr":
+                    errors.extend(chunk.data[:4096])
+                    continue
+                received += len(chunk.data)
+                if received > max_bytes:
+                    await process.signal(9)
+                    await process.wait()
+                    raise InvalidRequest(f"{failure}: larger than the limit of {max_bytes} bytes")
+                yield chunk.data
+        result = process.result
+        assert result is not None
+        if result.returncode != 0:
+            detail = errors.decode(errors="replace").strip() or f"status {result.returncode}"
+            raise InvalidRequest(f"{failure}: {detail}")
+
 
 class ExecResult(NamedTuple):
     """How a process ended, and (from ``exec``/``run``/``communicate``) its output."""
@@ -648,6 +774,10 @@ class ExecResult(NamedTuple):
     timed_out: bool = False
     stdout: bytes = b""
     stderr: bytes = b""
+    # The OOM killer ended it (memory_limit_mib); resources it used, by the guest's report.
+    oom_killed: bool = False
+    cpu_time_s: float | None = None
+    memory_peak_kib: int | None = None
 
     @property
     def returncode(self) -> int:
@@ -680,6 +810,8 @@ class Process:
         self.pid: int | None = None
         self.zone: p.ZoneInfo | None = None
         self.result: ExecResult | None = None
+        #: (stdout, stderr) where a caller collected them (zonectl --json).
+        self.collected: tuple[bytes, bytes] = (b"", b"")
 
     def __aiter__(self) -> Process:
         return self
@@ -695,7 +827,7 @@ class Process:
                 case p.ZoneReply():
                     self.zone = reply.zone
                 case p.ExecExit():
-                    self.result = ExecResult(reply.exit_code, reply.signal, reply.timed_out)
+                    self.result = _result(reply)
                 case _:
                     raise ProtocolError(f"unexpected reply in a process stream: {reply!r}")
         raise StopAsyncIteration
@@ -710,7 +842,7 @@ class Process:
                 case p.ZoneReply():
                     self.zone = reply.zone
                 case p.ExecExit():
-                    self.result = ExecResult(reply.exit_code, reply.signal, reply.timed_out)
+                    self.result = _result(reply)
                 case p.ExecOutput():
                     raise ProtocolError("output before the process started")
                 case _:
@@ -731,6 +863,10 @@ class Process:
     async def signal(self, signum: int) -> None:
         """Send a signal to the process (its process group)."""
         await self._client._send_input(p.ExecSignal(id=self._id, signal=signum))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the size of the process's terminal (``tty=True`` only)."""
+        await self._client._send_input(p.ExecResize(id=self._id, rows=rows, cols=cols))
 
     async def wait(self) -> ExecResult:
         """Read (and drop) the rest of the output; how the process ended."""
@@ -764,6 +900,50 @@ class Process:
         return self.result._replace(stdout=bytes(out), stderr=bytes(err))
 
 
+# Writes stdin to a temporary name beside the target, then renames it: the
+# file appears whole or not at all. $1 path, $2 octal mode, $3 uid, $4 gid.
+_PUT_SCRIPT = (
+    'tmp="$1.zoned-put.$$" && cat > "$tmp" && chmod "$2" "$tmp" && chown "$3:$4" "$tmp"'
+    ' && mv -f "$tmp" "$1" || { rm -f "$tmp"; exit 1; }'
+)
+
+
+async def _feed(process: Process, data: bytes | AsyncIterable[bytes]) -> int:
+    sent = 0
+    if isinstance(data, bytes):
+        await process.write(data)
+        sent = len(data)
+    else:
+        async for chunk in data:
+            await process.write(chunk)
+            sent += len(chunk)
+    await process.close_stdin()
+    return sent
+
+
+async def _checked(process: Process, failure: str) -> ExecResult:
+    errors = bytearray()
+    async for chunk in process:
+        errors.extend(chunk.data[:4096])
+    result = process.result
+    assert result is not None
+    if result.returncode != 0:
+        detail = errors.decode(errors="replace").strip() or f"status {result.returncode}"
+        raise InvalidRequest(f"{failure}: {detail}")
+    return result
+
+
+def _result(reply: p.ExecExit) -> ExecResult:
+    return ExecResult(
+        reply.exit_code,
+        reply.signal,
+        reply.timed_out,
+        oom_killed=reply.oom_killed,
+        cpu_time_s=reply.cpu_time_s,
+        memory_peak_kib=reply.memory_peak_kib,
+    )
+
+
 def _exec_fields(
     argv: Sequence[str],
     env: Mapping[str, str] | None,
@@ -771,6 +951,11 @@ def _exec_fields(
     uid: int,
     gid: int,
     stdin: bool,
+    tty: bool = False,
+    rows: int = 24,
+    cols: int = 80,
+    memory_limit_mib: int | None = None,
+    pids_limit: int | None = None,
 ) -> dict[str, Any]:
     return {
         "argv": list(argv),
@@ -779,6 +964,11 @@ def _exec_fields(
         "uid": uid,
         "gid": gid,
         "stdin": stdin,
+        "tty": tty,
+        "rows": rows,
+        "cols": cols,
+        "memory_limit_mib": memory_limit_mib,
+        "pids_limit": pids_limit,
     }
 
 

@@ -228,6 +228,8 @@ EXEC_OUTPUT_WINDOW = 512 * 1024
 EXEC_INPUT_WINDOW = 256 * 1024
 #: Processes running at once in one zone through the agent.
 MAX_EXECS_PER_ZONE = 64
+#: Largest ``pids_limit`` of one process's cgroup.
+MAX_PIDS_LIMIT = 4 * 1024 * 1024
 #: Longest ``RunZone.timeout_s``: a day.
 MAX_RUN_TIMEOUT_S = 86400.0
 
@@ -270,6 +272,7 @@ GuestPath = Annotated[str, Meta(min_length=1, max_length=MAX_PATH_CHARS, pattern
 GuestId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Signal = Annotated[int, Meta(ge=1, le=64)]
 ExecChunk = Annotated[bytes, Meta(max_length=MAX_EXEC_CHUNK)]
+TermSize = Annotated[int, Meta(ge=1, le=4096)]
 OutputStream = Literal["stdout", "stderr"]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
@@ -389,6 +392,14 @@ class _ExecFields(_Message, frozen=True, kw_only=True):
     gid: GuestId = 0
     # True: the client sends input with ExecInput; False: stdin is /dev/null.
     stdin: bool = False
+    # A pseudo-terminal of rows x cols as the process's stdin, stdout and
+    # stderr (its controlling terminal; output all arrives as "stdout").
+    tty: bool = False
+    rows: TermSize = 24
+    cols: TermSize = 80
+    # Limits of the process's own cgroup (with everything it starts); None: none.
+    memory_limit_mib: Annotated[int, Meta(ge=1, le=MAX_MEMORY_MIB)] | None = None
+    pids_limit: Annotated[int, Meta(ge=1, le=MAX_PIDS_LIMIT)] | None = None
 
     def __post_init__(self) -> None:
         if not self.argv[0]:
@@ -453,6 +464,14 @@ class ExecInput(_Message, tag="exec_input", frozen=True):
     eof: bool = False
 
 
+class ExecResize(_Message, tag="exec_resize", frozen=True):
+    """The terminal of the running Exec/RunZone request ``id`` (``tty``) changed size (no reply)."""
+
+    id: RequestId
+    rows: TermSize
+    cols: TermSize
+
+
 class ExecSignal(_Message, tag="exec_signal", frozen=True):
     """Send a signal to the process of the running Exec/RunZone request ``id`` (no reply)."""
 
@@ -474,9 +493,10 @@ Request: TypeAlias = (
     | ZoneMetrics
     | ExecInput
     | ExecSignal
+    | ExecResize
 )
 #: Requests that feed a running stream rather than start one.
-StreamInput: TypeAlias = ExecInput | ExecSignal
+StreamInput: TypeAlias = ExecInput | ExecSignal | ExecResize
 
 
 # ---------------------------------------------------------------------------
@@ -682,6 +702,12 @@ class ExecExit(_Message, tag="exec_exit", frozen=True):
     exit_code: Annotated[int, Meta(ge=0, le=255)] | None = None
     signal: Signal | None = None
     timed_out: bool = False
+    # The kernel's OOM killer killed a process of its cgroup (memory_limit_mib).
+    oom_killed: bool = False
+    # What the process and everything it started used, per its cgroup (the
+    # guest's report: advisory); None where the guest could not tell.
+    cpu_time_s: float | None = None
+    memory_peak_kib: int | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -813,6 +839,14 @@ class AgentExecSignal(_Message, tag="agent_exec_signal", frozen=True):
     signal: Signal
 
 
+class AgentExecResize(_Message, tag="agent_exec_resize", frozen=True):
+    """Host -> agent: set the process's terminal size (tty processes only)."""
+
+    exec_id: ExecId
+    rows: TermSize
+    cols: TermSize
+
+
 class AgentExecStarted(_Message, tag="agent_exec_started", frozen=True):
     exec_id: ExecId
     pid: Annotated[int, Meta(ge=1, le=2**31 - 1)]
@@ -840,6 +874,9 @@ class AgentExecExit(_Message, tag="agent_exec_exit", frozen=True):
     exit_code: Annotated[int, Meta(ge=0, le=255)] | None = None
     signal: Signal | None = None
     error: _AgentText = ""
+    oom_killed: bool = False
+    cpu_time_s: Annotated[float, Meta(ge=0.0, le=1e10)] | None = None
+    memory_peak_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)] | None = None
 
 
 AgentToHost: TypeAlias = (
@@ -851,7 +888,12 @@ AgentToHost: TypeAlias = (
     | AgentExecExit
 )
 HostToAgent: TypeAlias = (
-    Heartbeat | AgentExecStart | AgentExecInput | AgentExecCredit | AgentExecSignal
+    Heartbeat
+    | AgentExecStart
+    | AgentExecInput
+    | AgentExecCredit
+    | AgentExecSignal
+    | AgentExecResize
 )
 
 Message: TypeAlias = Request | Reply | AgentToHost | HostToAgent

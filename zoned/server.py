@@ -9,7 +9,7 @@ Rules:
 - Each request runs as its own task in the connection's nursery, so that a
   stream (watch, logs, exec) and other requests share one connection. A
   connection may have at most ``MAX_INFLIGHT`` requests running.
-- Stream input (``exec_input``, ``exec_signal``) is not a request of its
+- Stream input (``exec_input``, ``exec_signal``, ``exec_resize``) is not a request of its
   own: it carries the ``id`` of a running ``exec``/``run_zone`` and goes to
   that request's handler, in order. While the handler does not take it (the
   process does not read its stdin), the connection is not read any further:
@@ -178,7 +178,7 @@ class Connection:
         if isinstance(request, p.Hello):
             await self._try_send(p.error_reply(request.id, InvalidRequest("hello already done")))
             return
-        if isinstance(request, p.ExecInput | p.ExecSignal):
+        if isinstance(request, p.ExecInput | p.ExecSignal | p.ExecResize):
             target = self._inputs.get(request.id)
             if target is None:
                 await self._try_send(

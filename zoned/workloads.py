@@ -50,6 +50,8 @@ async def _pump_input(session: ExecSession, inputs: StreamInputs) -> None:
     async for message in inputs:
         if isinstance(message, p.ExecInput):
             await session.write_input(message.data, message.eof)
+        elif isinstance(message, p.ExecResize):
+            await session.resize(message.rows, message.cols)
         else:
             await session.signal(message.signal)
 
@@ -107,7 +109,15 @@ async def _send_end(request_id: int, end: ExecEnded, send: Send, timed_out: bool
         await send(p.ExecExit(id=request_id, exit_code=start_error_status(end.error)))
         return
     await send(
-        p.ExecExit(id=request_id, exit_code=end.exit_code, signal=end.signal, timed_out=timed_out)
+        p.ExecExit(
+            id=request_id,
+            exit_code=end.exit_code,
+            signal=end.signal,
+            timed_out=timed_out,
+            oom_killed=end.oom_killed,
+            cpu_time_s=end.cpu_time_s,
+            memory_peak_kib=end.memory_peak_kib,
+        )
     )
 
 

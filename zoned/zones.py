@@ -546,6 +546,11 @@ class ZoneManager:
                 uid=request.uid,
                 gid=request.gid,
                 stdin=request.stdin,
+                tty=request.tty,
+                rows=request.rows,
+                cols=request.cols,
+                memory_limit_mib=request.memory_limit_mib,
+                pids_limit=request.pids_limit,
             )
 
         try:

@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import trio
 
 from zoned.client import Client
+from zoned.errors import InvalidRequest
 from zoned.kernel.build import DEFAULT_STORE
 from zoned.localdaemon import LocalDaemon
 
@@ -258,3 +260,54 @@ def test_zonectl_top_once(zoned: LocalDaemon) -> None:
     assert header.split()[:3] == ["NAME", "STATE", "CPU%"]
     row = next(r.split() for r in rows if r.startswith(ZONE))
     assert row[1] == "ready" and float(row[2]) >= 0
+
+
+async def test_file_round_trip_with_mode_owner_and_limits(zoned: LocalDaemon) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            size = await client.put_file(ZONE, "/tmp/data.bin", data, mode=0o640, uid=1000, gid=7)
+            stat = await client.exec(ZONE, ["stat", "-c", "%a %u %g %s", "/tmp/data.bin"])
+            back = await client.get_file(ZONE, "/tmp/data.bin")
+            with pytest.raises(InvalidRequest, match="larger than the limit"):
+                await client.get_file(ZONE, "/tmp/data.bin", max_bytes=1024 * 1024)
+            with pytest.raises(InvalidRequest, match="No such file"):
+                await client.get_file(ZONE, "/tmp/no-such-file")
+            with pytest.raises(InvalidRequest, match="cannot write"):
+                await client.put_file(ZONE, "/no/such/dir/file", b"x")
+    assert size == len(data)
+    assert stat.stdout == f"640 1000 7 {len(data)}\n".encode()
+    assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+
+
+def test_zonectl_cp_files_and_directories_both_ways(zoned: LocalDaemon, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    files = {
+        "a.txt": b"alpha\n",
+        "sub/b.bin": os.urandom(300_000),
+        "sub/deeper/c.py": b"print('c')\n",
+    }
+    for name, content in files.items():
+        (tree / name).write_bytes(content)
+    (tree / "sub" / "deeper" / "c.py").chmod(0o755)
+
+    up = zonectl(zoned, "cp", str(tree), f"{ZONE}:/work/tree")
+    assert up.returncode == 0, up.stderr
+    ran = zonectl(zoned, "exec", ZONE, "--", "python3", "/work/tree/sub/deeper/c.py")
+    assert ran.stdout == b"c\n", ran.stderr
+    back = tmp_path / "back"
+    down = zonectl(zoned, "cp", f"{ZONE}:/work/tree", str(back))
+    assert down.returncode == 0, down.stderr
+    for name, content in files.items():
+        assert (back / name).read_bytes() == content, name
+    assert (back / "sub" / "deeper" / "c.py").stat().st_mode & 0o777 == 0o755
+
+    single = tmp_path / "single.txt"
+    single.write_bytes(b"just one\n")
+    assert zonectl(zoned, "cp", str(single), f"{ZONE}:/tmp/").returncode == 0
+    fetched = tmp_path / "fetched.txt"
+    assert zonectl(zoned, "cp", f"{ZONE}:/tmp/single.txt", str(fetched)).returncode == 0
+    assert fetched.read_bytes() == b"just one\n"
+    both_local = zonectl(zoned, "cp", str(single), str(fetched))
+    assert both_local.returncode == 1 and b"exactly one side" in both_local.stderr

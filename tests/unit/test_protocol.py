@@ -99,6 +99,17 @@ REQUESTS: list[p.Request] = [
     p.ExecInput(id=10, data=b"\x00input\n"),
     p.ExecInput(id=10, eof=True),
     p.ExecSignal(id=10, signal=15),
+    p.ExecResize(id=10, rows=50, cols=132),
+    p.Exec(
+        id=16,
+        zone="a",
+        argv=["sh"],
+        tty=True,
+        rows=40,
+        cols=100,
+        memory_limit_mib=64,
+        pids_limit=100,
+    ),
     p.ZoneMetrics(id=14, name="web-1"),
 ]
 
@@ -175,6 +186,7 @@ REPLIES: list[p.Reply] = [
     p.ExecOutput(id=10, stream="stderr", data=b"\xff"),
     p.ExecExit(id=10, exit_code=0),
     p.ExecExit(id=12, signal=9, timed_out=True),
+    p.ExecExit(id=16, signal=9, oom_killed=True, cpu_time_s=0.5, memory_peak_kib=65536),
 ]
 
 FROM_AGENT: list[p.AgentToHost] = [
@@ -191,7 +203,7 @@ FROM_AGENT += [
     p.AgentExecOutput(exec_id=1, stream="stdout", data=b"x" * p.MAX_EXEC_CHUNK),
     p.AgentExecInputCredit(exec_id=1, bytes=4096),
     p.AgentExecExit(exec_id=1, exit_code=3),
-    p.AgentExecExit(exec_id=2, signal=9),
+    p.AgentExecExit(exec_id=2, signal=9, oom_killed=True, cpu_time_s=1.5, memory_peak_kib=1),
     p.AgentExecExit(exec_id=3, error="cannot run 'nosuch': No such file or directory"),
 ]
 
@@ -202,6 +214,8 @@ TO_AGENT: list[p.HostToAgent] = [
     p.AgentExecInput(exec_id=1, data=b"echo\n", eof=True),
     p.AgentExecCredit(exec_id=1, bytes=65536),
     p.AgentExecSignal(exec_id=1, signal=2),
+    p.AgentExecResize(exec_id=1, rows=24, cols=80),
+    p.AgentExecStart(exec_id=2, argv=["sh"], tty=True, memory_limit_mib=16, pids_limit=8),
 ]
 
 ALL_MESSAGES: list[p.Message] = [*REQUESTS, *REPLIES, *FROM_AGENT, *TO_AGENT]
