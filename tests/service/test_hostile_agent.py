@@ -1,0 +1,92 @@
+"""A hostile guest agent against the whole daemon.
+
+libvirt's test driver runs no QEMU, so the test itself listens on the zone's
+agent socket (where QEMU would) and plays an agent that first behaves, then
+turns hostile. The daemon must mark that zone failed with a clear reason,
+keep its record, and go on serving every other client and zone.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import trio
+
+from zoned import protocol as p
+from zoned.client import Client
+from zoned.daemon import Daemon
+from zoned.errors import HypervisorError
+
+HELLO = p.AgentHello(version=1, agent="evil/1", kernel_release="6.12.0", boot_s=0.5, pid=1)
+
+
+async def fake_agent(path: Path, betray: bytes, *, task_status: trio.TaskStatus[None]) -> None:
+    """Say hello, answer heartbeats until the first exec starts, then send ``betray``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(path))
+    listener.listen(1)
+    task_status.started()
+    conn, _ = await listener.accept()
+    stream = trio.SocketStream(conn)
+    decoder = p.FrameDecoder(p.AGENT_MAX_FRAME)
+    async with stream:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            decoder.feed(data)
+            while (frame := decoder.next_frame()) is not None:
+                message = p.decode_to_agent(frame)
+                if isinstance(message, p.Heartbeat):
+                    if message.seq == 0:
+                        await stream.send_all(p.encode_frame(HELLO))
+                    reply = p.HeartbeatReply(
+                        seq=message.seq,
+                        uptime_s=1,
+                        load1=0,
+                        mem_total_kib=1,
+                        mem_available_kib=1,
+                    )
+                    await stream.send_all(p.encode_frame(reply))
+                elif isinstance(message, p.AgentExecStart):
+                    await stream.send_all(betray)
+                    await trio.sleep_forever()
+
+
+async def test_hostile_agent_fails_only_its_own_zone(daemon: Daemon) -> None:
+    runtime = Path(daemon.config.runtime_dir) / "zones"
+    oversize = struct.pack(">I", p.AGENT_MAX_FRAME + 1)
+    bad_output = p.encode_frame(
+        p.AgentExecOutput(exec_id=77, stream="stdout", data=b"not yours"), p.AGENT_MAX_FRAME
+    )
+    async with trio.open_nursery() as agents:
+        await agents.start(fake_agent, runtime / "evil" / "agent.sock", oversize)
+        await agents.start(fake_agent, runtime / "liar" / "agent.sock", bad_output)
+        await agents.start(fake_agent, runtime / "good" / "agent.sock", b"")
+        async with Client.connect(daemon.config.socket_path, client_name="test") as client:
+            for name in ("evil", "liar", "good"):
+                zone = await client.create_zone(name)
+                assert zone.state == "ready", zone
+            for name, expected in (
+                ("evil", "bad frame"),
+                ("liar", "exec 77, which is not running"),
+            ):
+                with trio.fail_after(10):
+                    try:
+                        await client.exec(name, ["true"])
+                    except HypervisorError as exc:
+                        assert "went away" in exc.message, exc.message
+                    while (zone := await client.get_zone(name)).state != "failed":
+                        await trio.sleep(0.05)
+                assert expected in zone.reason, zone.reason
+            # The daemon and the well-behaved zone carry on.
+            good = await client.get_zone("good")
+            assert good.state == "ready"
+            states = {z.name: z.state for z in await client.list_zones()}
+            assert states == {"evil": "failed", "liar": "failed", "good": "ready"}
+            for name in ("evil", "liar", "good"):
+                await client.destroy_zone(name)
+        agents.cancel_scope.cancel()
