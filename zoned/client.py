@@ -1057,3 +1057,70 @@ class SyncClient:
 
     def destroy_zone(self, name: str) -> p.ZoneInfo:
         return self._run(lambda client: client.destroy_zone(name))
+
+    def zone_metrics(self, name: str) -> p.ZoneMetricsData:
+        return self._run(lambda client: client.zone_metrics(name))
+
+    def exec(
+        self,
+        zone: str,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        uid: int = 0,
+        gid: int = 0,
+        memory_limit_mib: int | None = None,
+        pids_limit: int | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` in a ready zone to its end; output collected (see :meth:`Client.exec`)."""
+        return self._run(
+            lambda client: client.exec(
+                zone,
+                argv,
+                input=input,
+                env=env,
+                cwd=cwd,
+                uid=uid,
+                gid=gid,
+                memory_limit_mib=memory_limit_mib,
+                pids_limit=pids_limit,
+            )
+        )
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        profile: str = "strict",
+        timeout_s: float | None = None,
+    ) -> ExecResult:
+        """Boot a fresh zone, run ``argv`` to its end, destroy the zone."""
+        return self._run(
+            lambda client: client.run(
+                argv,
+                input=input,
+                env=env,
+                cwd=cwd,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                profile=profile,
+                timeout_s=timeout_s,
+            )
+        )
+
+    def put_file(
+        self, zone: str, path: str, data: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0
+    ) -> int:
+        return self._run(
+            lambda client: client.put_file(zone, path, data, mode=mode, uid=uid, gid=gid)
+        )
+
+    def get_file(self, zone: str, path: str, *, max_bytes: int = DEFAULT_MAX_FILE) -> bytes:
+        return self._run(lambda client: client.get_file(zone, path, max_bytes=max_bytes))

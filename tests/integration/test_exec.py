@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from zoned.client import Client
+from zoned.client import Client, SyncClient
 from zoned.errors import InvalidRequest
 from zoned.kernel.build import DEFAULT_STORE
 from zoned.localdaemon import LocalDaemon
@@ -311,3 +311,11 @@ def test_zonectl_cp_files_and_directories_both_ways(zoned: LocalDaemon, tmp_path
     assert fetched.read_bytes() == b"just one\n"
     both_local = zonectl(zoned, "cp", str(single), str(fetched))
     assert both_local.returncode == 1 and b"exactly one side" in both_local.stderr
+
+
+def test_sync_client_for_scripts(zoned: LocalDaemon) -> None:
+    client = SyncClient(zoned.socket, client_name="script")
+    assert client.exec(ZONE, ["sh", "-c", "echo $((6 * 7))"]).stdout == b"42\n"
+    client.put_file(ZONE, "/tmp/sync.txt", b"synced\n")
+    assert client.get_file(ZONE, "/tmp/sync.txt") == b"synced\n"
+    assert client.zone_metrics(ZONE).state == "ready"
