@@ -423,10 +423,11 @@ def format_top(rows: Sequence[tuple[p.ZoneMetricsData, float | None]]) -> str:
                 kib(metrics.host_rss_kib),
                 used,
                 "-" if guest is None else f"{guest.load1:.2f}",
+                "-" if guest is None else str(guest.processes),
                 str(metrics.execs_running),
             ]
         )
-    header = ["NAME", "STATE", "CPU%", "VCPUS", "HOST RSS", "GUEST MEM", "LOAD", "PROCS"]
+    header = ["NAME", "STATE", "CPU%", "VCPUS", "HOST RSS", "GUEST MEM", "LOAD", "PROCS", "EXECS"]
     return format_table(header, lines)
 
 

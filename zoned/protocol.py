@@ -588,6 +588,7 @@ class GuestMetrics(_Record, frozen=True):
     load1: float
     mem_total_kib: NonNegativeInt
     mem_available_kib: NonNegativeInt
+    processes: NonNegativeInt
     # Host time (unix seconds) the report arrived.
     reported_at: float
 
@@ -803,6 +804,8 @@ class HeartbeatReply(_Message, tag="heartbeat_reply", frozen=True):
     load1: Annotated[float, Meta(ge=0.0, le=1e6)]
     mem_total_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
     mem_available_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
+    # Processes in the guest (the agent included).
+    processes: Annotated[int, Meta(ge=0, le=_INT64_MAX)] = 0
 
 
 ExecId = Annotated[int, Meta(ge=1, le=_UINT32_MAX)]

@@ -512,6 +512,7 @@ class ZoneManager:
                 load1=beat.load1,
                 mem_total_kib=beat.mem_total_kib,
                 mem_available_kib=beat.mem_available_kib,
+                processes=beat.processes,
                 reported_at=zone.last_heartbeat_at,
             )
         return ZoneMetricsData(

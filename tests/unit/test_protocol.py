@@ -173,6 +173,7 @@ REPLIES: list[p.Reply] = [
                 load1=0.5,
                 mem_total_kib=250_000,
                 mem_available_kib=200_000,
+                processes=12,
                 reported_at=2.0,
             ),
         ),
