@@ -260,7 +260,9 @@ class ZoneManager:
             )
         kernel = find_kernel(Path(self.config.kernel_store), request.profile)
         tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
-        cmdline = " ".join(hardened_cmdline(request.profile, machine, tsc, request.kernel_args))
+        args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
+        # Read by the guest agent (its hostname); the kernel ignores it.
+        cmdline = " ".join([*args, f"zoned.zone={name}"])
         placement = self.allocator.allocate(
             name, request.vcpus, request.memory_mib, request.placement
         )

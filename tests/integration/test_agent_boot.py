@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from zoned.agent import AGENT_PORT_NAME
@@ -26,7 +28,10 @@ from zoned.protocol import (
     AGENT_MAX_FRAME,
     AgentExecCredit,
     AgentExecExit,
+    AgentExecInput,
     AgentExecOutput,
+    AgentExecResize,
+    AgentExecSignal,
     AgentExecStart,
     AgentExecStarted,
     AgentHello,
@@ -89,9 +94,20 @@ class ExecResult:
     seconds: float
 
 
-def run_exec(agent: AgentConnection, exec_id: int, argv: list[str], deadline: float) -> ExecResult:
-    """Run one process through the agent, crediting its output as it arrives."""
-    agent.send(AgentExecStart(exec_id=exec_id, argv=argv))
+def run_exec(
+    agent: AgentConnection,
+    exec_id: int,
+    argv: list[str],
+    deadline: float,
+    *,
+    after_output: Callable[[bytes], list[HostToAgent]] | None = None,
+    **fields: Any,
+) -> ExecResult:
+    """Run one process through the agent, crediting its output as it arrives.
+
+    ``after_output(stdout so far)`` returns the messages to send after each output.
+    """
+    agent.send(AgentExecStart(exec_id=exec_id, argv=argv, **fields))
     out = {"stdout": bytearray(), "stderr": bytearray()}
     started = None
     while True:
@@ -105,11 +121,20 @@ def run_exec(agent: AgentConnection, exec_id: int, argv: list[str], deadline: fl
             assert started is not None, "output before AgentExecStarted"
             out[message.stream] += message.data
             agent.send(AgentExecCredit(exec_id=exec_id, bytes=len(message.data)))
+            if after_output is not None:
+                for reply in after_output(bytes(out["stdout"])):
+                    agent.send(reply)
         elif isinstance(message, AgentExecExit):
             assert started is not None, message
             return ExecResult(
                 bytes(out["stdout"]), bytes(out["stderr"]), message, time.monotonic() - started
             )
+
+
+def without_usage(exit: AgentExecExit) -> AgentExecExit:
+    """``exit`` without its usage figures (which vary), for comparisons."""
+    assert exit.cpu_time_s is not None and exit.memory_peak_kib is not None, exit
+    return msgspec.structs.replace(exit, cpu_time_s=None, memory_peak_kib=None)
 
 
 def kernel_image() -> Path:
@@ -340,25 +365,29 @@ def test_agent_runs_processes_in_the_zone(
                 deadline = time.monotonic() + 600.0
 
                 result = run_exec(agent, 1, ["python3", "-c", "print(2+2)"], deadline)
-                assert result.exit == AgentExecExit(exec_id=1, exit_code=0), result
+                assert without_usage(result.exit) == AgentExecExit(exec_id=1, exit_code=0), result
                 assert (result.stdout, result.stderr) == (b"4\n", b"")
 
                 result = run_exec(agent, 2, ["sh", "-c", "echo err >&2; exit 7"], deadline)
-                assert result.exit == AgentExecExit(exec_id=2, exit_code=7), result
+                assert without_usage(result.exit) == AgentExecExit(exec_id=2, exit_code=7), result
                 assert (result.stdout, result.stderr) == (b"", b"err\n")
 
                 generate = f"head -c {size} /dev/urandom | tee /tmp/blob"
                 big = run_exec(agent, 3, ["sh", "-c", generate], deadline)
-                assert big.exit == AgentExecExit(exec_id=3, exit_code=0), big.exit
+                assert without_usage(big.exit) == AgentExecExit(exec_id=3, exit_code=0), big.exit
                 assert big.stderr == b""
                 assert len(big.stdout) == size
 
                 replay = run_exec(agent, 4, ["cat", "/tmp/blob"], deadline)
-                assert replay.exit == AgentExecExit(exec_id=4, exit_code=0), replay.exit
+                assert without_usage(replay.exit) == AgentExecExit(exec_id=4, exit_code=0), (
+                    replay.exit
+                )
                 assert replay.stdout == big.stdout
 
                 checksum = run_exec(agent, 5, ["sha256sum", "/tmp/blob"], deadline)
-                assert checksum.exit == AgentExecExit(exec_id=5, exit_code=0), checksum
+                assert without_usage(checksum.exit) == AgentExecExit(exec_id=5, exit_code=0), (
+                    checksum
+                )
                 digest = hashlib.sha256(big.stdout).hexdigest()
                 assert checksum.stdout == f"{digest}  /tmp/blob\n".encode()
         except (AssertionError, OSError, TimeoutError) as exc:
@@ -370,4 +399,172 @@ def test_agent_runs_processes_in_the_zone(
     print(
         f"{machine}: 16 MiB from head|tee in {big.seconds:.2f}s ({generate_mb_s:.1f} MB/s),"
         f" cat in {replay.seconds:.2f}s ({cat_mb_s:.1f} MB/s)"
+    )
+
+
+# Forks sleeps until the pids limit refuses one; prints how many started.
+_FORK_UNTIL_REFUSED = """\
+import os
+started = 0
+for _ in range(100):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        print("refused", exc.errno)
+        break
+    if pid == 0:
+        try:
+            os.execv("/bin/sleep", ["sleep", "30"])
+        finally:
+            os._exit(127)
+    started += 1
+print("started", started)
+"""
+
+
+def _heartbeat(agent: AgentConnection, seq: int, deadline: float) -> HeartbeatReply:
+    agent.send(Heartbeat(seq=seq))
+    while True:
+        message = agent.receive(deadline)
+        if isinstance(message, HeartbeatReply) and message.seq == seq:
+            return message
+        assert isinstance(message, AgentHello | HeartbeatReply), message
+
+
+def test_agent_limits_measures_and_gives_terminals_to_processes(
+    boot_image: Path, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """One boot: cgroup limits (memory -> OOM kill, pids -> refused forks, a fork bomb
+    cleaned up), usage figures, and a terminal, in the real guest."""
+    machine = "microvm"
+    kernel = kernel_image()
+    console_log = tmp_path / "console.log"
+    agent_sock = tmp_path / "agent.sock"
+    command = qemu_command(
+        machine, kernel, boot_image, kernel_cmdline(machine), console_log, agent_sock
+    )
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    with running_qemu(command, tmp_path / "qemu.log") as process:
+        try:
+            with connect(agent_sock, process, deadline) as sock:
+                agent = AgentConnection(sock)
+                hello = agent.receive(deadline)
+                assert isinstance(hello, AgentHello), hello
+                deadline = time.monotonic() + 600.0
+
+                # Usage figures on every exit.
+                plain = run_exec(agent, 1, ["sh", "-c", "cat /proc/self/cgroup"], deadline)
+                assert plain.exit.exit_code == 0, plain
+                assert plain.stdout == b"0::/exec-1\n"
+                assert plain.exit.cpu_time_s is not None, plain.exit
+                assert plain.exit.memory_peak_kib is not None, plain.exit
+                assert plain.exit.memory_peak_kib > 0
+                assert plain.exit.oom_killed is False
+
+                # A memory hog beyond its limit: the OOM killer ends it (SIGKILL). It
+                # grows 1 MiB at a time: one 256 MiB bytearray is refused by the guest's
+                # overcommit heuristic (256 MiB of RAM) with a MemoryError instead.
+                hog = run_exec(
+                    agent,
+                    2,
+                    ["python3", "-c", "b = [bytearray(1 << 20) for _ in range(256)]"],
+                    deadline,
+                    memory_limit_mib=32,
+                )
+                assert hog.exit.signal == 9, hog
+                assert hog.exit.oom_killed is True, hog.exit
+                assert hog.exit.memory_peak_kib is not None
+                assert hog.exit.memory_peak_kib <= 32 * 1024, hog.exit
+
+                # Forks beyond the pids limit are refused (EAGAIN): 31 sleeps + python = 32.
+                forks = run_exec(
+                    agent, 3, ["python3", "-c", _FORK_UNTIL_REFUSED], deadline, pids_limit=32
+                )
+                assert forks.exit.exit_code == 0, forks
+                assert forks.stdout == b"refused 11\nstarted 31\n", forks
+
+                # A real fork bomb, held at its pids limit while its leader spins (no fork):
+                # forks get refused, the agent keeps answering, and killing the leader
+                # kills the whole swarm with the cgroup.
+                agent.send(
+                    AgentExecStart(
+                        exec_id=4,
+                        argv=[
+                            "sh",
+                            "-c",
+                            "exec 2>/dev/null; bomb() { bomb | bomb & }; bomb; while :; do :; done",
+                        ],
+                        pids_limit=32,
+                    )
+                )
+                started = agent.receive(deadline)
+                assert isinstance(started, AgentExecStarted) and started.exec_id == 4, started
+                for _attempt in range(100):
+                    events = run_exec(
+                        agent, 7, ["cat", "/sys/fs/cgroup/exec-4/pids.events"], deadline
+                    )
+                    assert events.exit.exit_code == 0, events
+                    refused = int(events.stdout.split()[1])
+                    if refused > 0:
+                        break
+                else:
+                    pytest.fail(f"the bomb never reached its pids limit: {events.stdout!r}")
+                _heartbeat(agent, 10, deadline)
+                agent.send(AgentExecSignal(exec_id=4, signal=9))
+                while not isinstance(bomb := agent.receive(deadline), AgentExecExit):
+                    assert isinstance(bomb, AgentHello | HeartbeatReply), bomb
+                assert bomb.exec_id == 4 and bomb.signal == 9, bomb
+                _heartbeat(agent, 11, deadline)
+                # The bomb's cgroup (and the sleeps' of exec 3) go away.
+                for _attempt in range(100):
+                    listing = run_exec(
+                        agent, 5, ["sh", "-c", "ls -d /sys/fs/cgroup/exec-*"], deadline
+                    )
+                    assert listing.exit.exit_code == 0, listing
+                    if listing.stdout == b"/sys/fs/cgroup/exec-5\n":
+                        break
+                    time.sleep(0.2)
+                else:
+                    pytest.fail(f"cgroups left behind: {listing.stdout!r}")
+                _heartbeat(agent, 12, deadline)
+
+                # A terminal of the asked size, with input, then resized. (The resize
+                # comes after the read: a trapped signal interrupts ash's read builtin.)
+                sent: list[str] = []
+
+                def converse(stdout: bytes) -> list[HostToAgent]:
+                    if b"33 77" in stdout and "input" not in sent:
+                        sent.append("input")
+                        return [AgentExecInput(exec_id=6, data=b"hello\n")]
+                    if b"ready" in stdout and "resize" not in sent:
+                        sent.append("resize")
+                        return [AgentExecResize(exec_id=6, rows=50, cols=132)]
+                    return []
+
+                script = (
+                    "tty; stty size; read x; echo got:$x;"
+                    ' trap "stty size; exit 0" WINCH; echo ready; while :; do sleep 0.1; done'
+                )
+                term = run_exec(
+                    agent,
+                    6,
+                    ["sh", "-c", script],
+                    deadline,
+                    after_output=converse,
+                    tty=True,
+                    rows=33,
+                    cols=77,
+                )
+                assert term.exit.exit_code == 0, term
+                assert term.stdout == (
+                    b"/dev/pts/0\r\n33 77\r\nhello\r\ngot:hello\r\nready\r\n50 132\r\n"
+                ), term.stdout
+                assert term.stderr == b""
+        except (AssertionError, OSError, TimeoutError) as exc:
+            pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(tmp_path)}", pytrace=False)
+    record_property("hog_memory_peak_kib", hog.exit.memory_peak_kib)
+    record_property("plain_cpu_time_s", plain.exit.cpu_time_s)
+    print(
+        f"{machine}: sh cat: cpu {plain.exit.cpu_time_s}s peak {plain.exit.memory_peak_kib} KiB;"
+        f" hog (32 MiB limit): {hog.exit}; bomb: {bomb}, {refused} forks refused by then"
     )

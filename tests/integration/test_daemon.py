@@ -69,6 +69,7 @@ def libvirt_conn() -> Iterator[libvirt.virConnect]:
 def zoned() -> Iterator[LocalDaemon]:
     if not (DEFAULT_STORE / "strict").exists():
         pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
+    remove_own_domains()  # what a crashed earlier run left behind
     daemon = LocalDaemon()
     daemon.start()
     try:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 import trio
 
@@ -57,10 +60,22 @@ def expected_digest(size: int) -> str:
     return digest.hexdigest()
 
 
+def remove_leftover_domains(prefix: str) -> None:
+    """Domains of ours that a crashed earlier run left behind would collide by name."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(prefix) and dom.isActive():
+                dom.destroy()
+    finally:
+        conn.close()
+
+
 @pytest.fixture(scope="module")
 def zoned() -> Iterator[LocalDaemon]:
     if not (DEFAULT_STORE / "strict").exists():
         pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
+    remove_leftover_domains("zoned-ex-")
     daemon = LocalDaemon()
     daemon.start()
 
@@ -119,7 +134,11 @@ async def test_shell_utilities_environment_and_cwd(zoned: LocalDaemon) -> None:
     async with connect(zoned) as client:
         result = await client.exec(
             ZONE,
-            ["sh", "-c", 'echo "$GREETING from $(pwd) as $(id -u)"; uname -r; ls / | wc -l'],
+            [
+                "sh",
+                "-c",
+                'echo "$GREETING from $(pwd) as $(id -u)"; uname -r; ls / | wc -l; hostname',
+            ],
             env={"GREETING": "hello"},
             cwd="/tmp",
         )
@@ -128,6 +147,7 @@ async def test_shell_utilities_environment_and_cwd(zoned: LocalDaemon) -> None:
     assert lines[0] == "hello from /tmp as 0"
     assert lines[1].startswith("6.12")
     assert int(lines[2]) > 3
+    assert lines[3] == ZONE  # the zone's name is the guest's hostname
 
 
 async def test_exit_codes_signals_and_missing_commands(zoned: LocalDaemon) -> None:
@@ -319,3 +339,124 @@ def test_sync_client_for_scripts(zoned: LocalDaemon) -> None:
     client.put_file(ZONE, "/tmp/sync.txt", b"synced\n")
     assert client.get_file(ZONE, "/tmp/sync.txt") == b"synced\n"
     assert client.zone_metrics(ZONE).state == "ready"
+
+
+async def test_fork_bomb_and_memory_hog_are_contained(zoned: LocalDaemon) -> None:
+    """Limits hold inside one zone while a second zone keeps answering.
+
+    The bomb saturates its zone's one vCPU (under TCG that zone then crawls),
+    so the other zone is what must stay responsive; the hog runs after it.
+    """
+    bomb = ["sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 600"]
+    hog = [
+        "python3",
+        "-c",
+        "chunks = []\nwhile True: chunks.append(bytearray(1024 * 1024))",
+    ]
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S * 2):
+            await client.create_zone("ex-other", memory_mib=256)
+            try:
+                async with (
+                    client.exec_process(ZONE, bomb, pids_limit=64) as bombing,
+                    trio.open_nursery() as nursery,
+                ):
+                    assert await bombing.started()
+                    # Streams on one connection share its backpressure: keep
+                    # reading the bomb's "can't fork" complaints.
+                    nursery.start_soon(bombing.wait)
+                    for _ in range(3):
+                        alive = await client.exec("ex-other", ["echo", "alive"])
+                        assert alive.stdout == b"alive\n"
+                    while (metrics := await client.zone_metrics(ZONE)).guest is None:
+                        await trio.sleep(0.2)
+                    await bombing.signal(signal.SIGKILL)
+                while bombing.result is None:
+                    await trio.sleep(0.05)
+                bombed = bombing.result
+            finally:
+                await client.destroy_zone("ex-other")
+            after = await client.exec(ZONE, ["sh", "-c", "ps | wc -l"])
+            hogged = await client.exec(ZONE, hog, memory_limit_mib=64)
+            still = await client.exec(ZONE, ["echo", "fine"])
+    # The guest never held many more processes than the bomb's limit allows.
+    assert metrics.guest is not None and metrics.guest.processes < 64 + 40, metrics
+    assert bombed.signal == signal.SIGKILL and bombed.cpu_time_s is not None
+    # Nothing of the bomb outlives it: its cgroup was emptied.
+    assert int(after.stdout) < 40, after.stdout
+    assert hogged.oom_killed and hogged.signal == signal.SIGKILL, hogged
+    assert hogged.memory_peak_kib is not None and hogged.memory_peak_kib <= 64 * 1024
+    assert still.stdout == b"fine\n"
+
+
+async def test_terminal_mode(zoned: LocalDaemon) -> None:
+    script = "tty; stty size; read line; echo got:$line"
+    output = bytearray()
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            async with client.exec_process(
+                ZONE, ["sh", "-c", script], tty=True, rows=40, cols=100
+            ) as process:
+                await process.write(b"hello\n")
+                async for chunk in process:
+                    assert chunk.stream == "stdout"
+                    output.extend(chunk.data)
+            async with client.exec_process(
+                ZONE,
+                [
+                    "sh",
+                    "-c",
+                    'trap "stty size; exit 0" WINCH; echo ready; while :; do sleep 0.1; done',
+                ],
+                tty=True,
+            ) as resized:
+                resized_output = bytearray()
+                async for chunk in resized:
+                    resized_output.extend(chunk.data)
+                    if b"ready" in resized_output and b"50 132" not in resized_output:
+                        resized_output.clear()
+                        await resized.resize(50, 132)
+    text = output.decode(errors="replace")
+    assert "/dev/pts/" in text and "40 100" in text and "got:hello" in text, text
+    assert b"50 132" in resized_output, resized_output
+    assert process.result is not None and process.result.exit_code == 0
+
+
+def test_zonectl_exec_it_is_an_interactive_terminal(zoned: LocalDaemon) -> None:
+    """zonectl on a local terminal: raw mode, input, Ctrl-C reaching the zone."""
+    master, slave = os.openpty()
+    script = "echo tty-$(tty); read line; echo got-$line; sleep 600; echo not-interrupted"
+    proc = subprocess.Popen(
+        [*ZONECTL, "--socket", str(zoned.socket), "exec", "-it", ZONE, "--", "sh", "-c", script],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    seen = bytearray()
+
+    def expect(marker: bytes) -> None:
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while marker not in seen:
+            assert time.monotonic() < deadline, bytes(seen)
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    seen.extend(os.read(master, 65536))
+                except OSError:  # EIO: zonectl is gone
+                    break
+        assert marker in seen, bytes(seen)
+
+    try:
+        expect(b"tty-/dev/pts/")
+        os.write(master, b"hello\r")
+        expect(b"got-hello")
+        os.write(master, b"\x03")  # Ctrl-C: raw here, so it is the zone's terminal that signals
+        assert proc.wait(CALL_TIMEOUT_S) == 128 + signal.SIGINT
+        assert b"not-interrupted" not in seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)

@@ -9,6 +9,7 @@ real processes on this host.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from zoned.agent.execs import DEFAULT_PATH
+from zoned.agent.execs import DEFAULT_PATH, NO_CGROUPS_ERROR
 from zoned.protocol import (
     AGENT_MAX_FRAME,
     EXEC_INPUT_WINDOW,
@@ -36,6 +37,7 @@ from zoned.protocol import (
     AgentExecInput,
     AgentExecInputCredit,
     AgentExecOutput,
+    AgentExecResize,
     AgentExecSignal,
     AgentExecStart,
     AgentExecStarted,
@@ -51,7 +53,10 @@ from zoned.protocol import (
 
 #: Generous: the host has 2 CPUs that other work shares. Not a timing assertion.
 DEADLINE_S = 60.0
-_AGENT_SCRIPT = "import sys\nfrom zoned.agent.init import serve_fd\nserve_fd(int(sys.argv[1]))\n"
+_AGENT_SCRIPT = (
+    "import sys\nfrom zoned.agent.init import serve_fd\n"
+    "serve_fd(int(sys.argv[1]), cgroup_root=sys.argv[2])\n"
+)
 
 
 @dataclass
@@ -215,11 +220,20 @@ def _group_members(pgid: int) -> list[int]:
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[tuple[Host, subprocess.Popen[bytes]]]:
+    with _running_agent(tmp_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _running_agent(
+    tmp_path: Path, cgroup_root: str = ""
+) -> Iterator[tuple[Host, subprocess.Popen[bytes]]]:
+    """An agent serving a socketpair in a subprocess (cgroups under ``cgroup_root``)."""
     host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     console = tmp_path / "console.log"
     with console.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-c", _AGENT_SCRIPT, str(agent_sock.fileno())],
+            [sys.executable, "-c", _AGENT_SCRIPT, str(agent_sock.fileno()), cgroup_root],
             pass_fds=(agent_sock.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -473,3 +487,253 @@ def test_a_host_disconnect_kills_the_running_processes(
             pytest.fail(f"the agent did not log the kill\n{host.console_text()}")
         time.sleep(0.05)
     assert process.poll() is None, "the agent itself must keep running"
+
+
+# -- terminals --------------------------------------------------------------------
+
+
+def _wait_output(host: Host, exec_id: int, text: bytes) -> None:
+    record = host.records[exec_id]
+    host.pump_until(
+        lambda: text in record.stdout or record.exit is not None, f"{text!r} from exec {exec_id}"
+    )
+    assert text in record.stdout, (bytes(record.stdout), record.exit)
+
+
+def test_a_terminal_of_the_asked_size_carries_input_and_output(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    # stdin=False: a terminal's input is enabled whatever stdin says.
+    record = host.start(
+        1, ["sh", "-c", "tty; stty size; read x; echo got:$x"], tty=True, rows=40, cols=100
+    )
+    _wait_output(host, 1, b"40 100\r\n")
+    host.write_input(1, b"hello\n", eof=False)
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=0)
+    out = bytes(record.stdout)
+    assert re.match(rb"/dev/pts/\d+\r\n40 100\r\n", out), out
+    # The terminal echoes the input and maps newlines to CR LF; there is no stderr.
+    assert out.endswith(b"hello\r\ngot:hello\r\n"), out
+    assert bytes(record.stderr) == b""
+    assert record.input_credit == len(b"hello\n")
+
+    # It is the process's controlling terminal, in its own session.
+    # (tcgetpgrp works on the controlling terminal only.)
+    check = "import os; print(os.getsid(0) == os.getpid(), os.tcgetpgrp(0) == os.getpgrp())"
+    record = host.run(2, [sys.executable, "-c", check], tty=True)
+    assert record.exit == AgentExecExit(exec_id=2, exit_code=0)
+    assert bytes(record.stdout) == b"True True\r\n"
+
+
+def test_a_resize_reaches_the_process(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    script = 'trap "stty size" WINCH; echo ready; while :; do sleep 0.1; done'
+    record = host.start(1, ["sh", "-c", script], tty=True)
+    _wait_output(host, 1, b"ready")
+    host.send(AgentExecResize(exec_id=1, rows=50, cols=132))
+    _wait_output(host, 1, b"50 132")
+    host.send(AgentExecResize(exec_id=1, rows=7, cols=9))
+    _wait_output(host, 1, b"7 9")
+    host.send(AgentExecSignal(exec_id=1, signal=9))
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=9)
+    assert bytes(record.stderr) == b""
+
+
+def test_terminal_eof_ends_cat_and_is_not_credited(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    record = host.start(1, ["cat"], tty=True)
+    host.wait_started(1)
+    host.write_input(1, b"abc\n", eof=True)
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=0)
+    # Echoed once by the terminal, once by cat.
+    assert bytes(record.stdout) == b"abc\r\nabc\r\n"
+    assert record.input_credit == 4
+
+    # A shell reading lines survives an EOF in the middle (the terminal stays open).
+    record = host.start(2, ["sh", "-c", "cat; echo after; read y; echo y=$y"], tty=True)
+    host.wait_started(2)
+    host.write_input(2, b"", eof=True)
+    _wait_output(host, 2, b"after")
+    host.write_input(2, b"zz\n", eof=False)
+    assert host.wait_exit(2) == AgentExecExit(exec_id=2, exit_code=0)
+    assert bytes(record.stdout).endswith(b"y=zz\r\n"), bytes(record.stdout)
+    assert record.input_credit == 3
+
+
+def test_a_background_process_holding_the_terminal_does_not_delay_the_exit(
+    agent: tuple[Host, object],
+) -> None:
+    host, _ = agent
+    # nohup-like: the background sleep ignores the SIGHUP of the session's end.
+    record = host.run(1, ["sh", "-c", "trap '' HUP; sleep 300 & echo done"], tty=True)
+    assert record.exit == AgentExecExit(exec_id=1, exit_code=0)
+    assert bytes(record.stdout) == b"done\r\n"
+
+
+def test_resizing_a_process_without_a_terminal_is_ignored_and_logged_once(
+    agent: tuple[Host, object],
+) -> None:
+    host, _ = agent
+    host.start(1, ["sleep", "100"])
+    host.wait_started(1)
+    host.send(AgentExecResize(exec_id=1, rows=10, cols=10))
+    host.send(AgentExecResize(exec_id=99, rows=10, cols=10))
+    host.send(AgentExecSignal(exec_id=1, signal=15))
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=15)
+    assert host.console.read_text().count("resize ignored") == 1, host.console_text()
+
+
+def test_limits_are_refused_without_cgroups(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    record = host.run(1, ["true"], memory_limit_mib=32)
+    assert record.kinds == ["AgentExecExit"]
+    assert record.exit == AgentExecExit(exec_id=1, error=NO_CGROUPS_ERROR)
+    record = host.run(2, ["true"], pids_limit=8)
+    assert record.exit == AgentExecExit(exec_id=2, error=NO_CGROUPS_ERROR)
+    # No cgroups: no usage figures either.
+    record = host.run(3, ["true"])
+    assert record.exit == AgentExecExit(exec_id=3, exit_code=0)
+
+
+# -- cgroups on this host -----------------------------------------------------------
+#
+# The memory and pids controllers (limits, OOM, memory.peak) are tested in the
+# guest (tests/integration/test_agent_boot.py): this host's cgroup2 hierarchy
+# may not offer them. What any writable cgroup2 hierarchy offers is tested
+# here, in a scratch cgroup of the test's own that stands for the agent's root.
+
+
+def _cgroup2_mount() -> Path:
+    """This host's cgroup2 mount point; fails the test (no skip) without a usable one."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        separator = fields.index("-")
+        if fields[separator + 1] == "cgroup2":
+            mount = Path(fields[4])
+            if os.access(mount / "cgroup.procs", os.W_OK):
+                return mount
+    pytest.fail(
+        "no writable cgroup2 hierarchy on this host: the agent's cgroup handling cannot be"
+        " tested here (it still is in the guest, by tests/integration/test_agent_boot.py)",
+        pytrace=False,
+    )
+
+
+def _remove_cgroup_tree(path: Path) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    for child in sorted(path.iterdir()):
+        if child.is_dir():
+            _remove_cgroup_tree(child)
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            with contextlib.suppress(OSError):
+                (path / "cgroup.kill").write_text("1")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def cgroup_root() -> Iterator[Path]:
+    root = _cgroup2_mount() / f"zt-agent-test-{os.getpid()}"
+    root.mkdir()
+    try:
+        yield root
+    finally:
+        _remove_cgroup_tree(root)
+
+
+def _wait_gone(path: Path, host: Host) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while path.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} was never removed\n{host.console_text()}", pytrace=False)
+        host.receive(time.monotonic() + 0.1)
+
+
+def test_each_process_runs_in_a_cgroup_of_its_own_that_ends_with_it(
+    tmp_path: Path, cgroup_root: Path
+) -> None:
+    controllers = set((cgroup_root / "cgroup.controllers").read_text().split())
+    with _running_agent(tmp_path, str(cgroup_root)) as (host, _):
+        # Its cgroup, joined before exec; usage figures in the exit.
+        record = host.run(1, ["sh", "-c", "cat /proc/self/cgroup; sleep 300 & echo $!"])
+        assert record.exit is not None
+        assert record.exit.exit_code == 0, record.exit
+        lines = bytes(record.stdout).decode().splitlines()
+        relative = cgroup_root.relative_to(_cgroup2_mount())
+        assert f"0::/{relative}/exec-1" in lines, lines
+        assert record.exit.cpu_time_s is not None and record.exit.cpu_time_s >= 0.0
+        assert record.exit.oom_killed is False
+        if "memory" in controllers:
+            assert record.exit.memory_peak_kib is not None and record.exit.memory_peak_kib > 0
+        else:
+            assert record.exit.memory_peak_kib is None
+        # What it left behind is killed with its cgroup, which is then removed.
+        background = int(lines[-1])
+        _wait_gone(cgroup_root / "exec-1", host)
+        deadline = time.monotonic() + DEADLINE_S
+        while _alive(background):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the background sleep survived\n{host.console_text()}")
+            time.sleep(0.05)
+
+        # Even a process that left the session dies with its cgroup.
+        record = host.run(2, [sys.executable, "-c", _ESCAPE])
+        assert record.exit == AgentExecExit(
+            exec_id=2,
+            exit_code=0,
+            cpu_time_s=record.exit.cpu_time_s if record.exit else None,
+            memory_peak_kib=record.exit.memory_peak_kib if record.exit else None,
+        )
+        escaped = int(bytes(record.stdout))
+        assert os.getsid(escaped) == escaped
+        _wait_gone(cgroup_root / "exec-2", host)
+        while _alive(escaped):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the escaped sleep survived\n{host.console_text()}")
+            time.sleep(0.05)
+
+        # A terminal process gets one too.
+        record = host.run(3, ["sh", "-c", "cat /proc/self/cgroup"], tty=True)
+        assert f"0::/{relative}/exec-3\r\n".encode() in record.stdout
+        assert record.exit is not None and record.exit.cpu_time_s is not None
+
+        # A limit whose controller the root lacks is refused, clearly.
+        for limit, controller in (
+            ({"memory_limit_mib": 16}, "memory"),
+            ({"pids_limit": 4}, "pids"),
+        ):
+            if controller in controllers:
+                continue
+            record = host.run(4, ["true"], **limit)
+            assert record.exit == AgentExecExit(
+                exec_id=4,
+                error=f"{controller} limits need the cgroup {controller} controller,"
+                " which this agent does not have",
+            )
+
+        # A host that goes away takes the cgroups of its processes with it.
+        host.start(5, ["sh", "-c", "sleep 300 & sleep 300"])
+        host.wait_started(5)
+        assert (cgroup_root / "exec-5").is_dir()
+        host.sock.close()
+        deadline = time.monotonic() + DEADLINE_S
+        while (cgroup_root / "exec-5").exists():
+            if time.monotonic() > deadline:
+                pytest.fail(f"exec-5 survived the disconnect\n{host.console_text()}")
+            time.sleep(0.05)
+    assert sorted(p.name for p in cgroup_root.iterdir() if p.is_dir()) == []
+
+
+# Starts a sleep in a session of its own (out of the exec's process group) and prints its pid.
+_ESCAPE = """\
+import os, subprocess
+child = subprocess.Popen(["sleep", "300"], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid)
+"""

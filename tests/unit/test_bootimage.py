@@ -109,6 +109,9 @@ def test_image_holds_what_the_guest_needs(image: Path) -> None:
         assert required in names, required
     assert any(n.startswith(f"{agent}/msgspec/_core.") and n.endswith(".so") for n in names)
     assert any(n.startswith(f"{stdlib}/lib-dynload/_ctypes.") for n in names)
+    # What a process with a terminal needs (imported only then: see LATE_IMPORTS).
+    assert any(n.startswith(f"{stdlib}/lib-dynload/fcntl.") for n in names)
+    assert any(n.startswith(f"{stdlib}/lib-dynload/termios.") for n in names)
     assert any("libffi.so" in n for n in names)
     assert any("libpython3.11.so" in n for n in names)
 
@@ -198,6 +201,7 @@ def test_the_images_interpreter_runs_the_agent_in_a_chroot(image: Path, tmp_path
         f"import sys\n{sys_path_line}\n"
         "import zoned.agent.init as agent\n"
         "agent.warm_up()\n"
+        "for name in agent.LATE_IMPORTS: __import__(name)\n"
         "print(sorted(m for m in sys.modules if m.startswith(('zoned', 'msgspec'))))\n"
         "print(agent.__spec__.origin)\n"
     )

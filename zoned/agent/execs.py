@@ -48,14 +48,48 @@ Rules, per process (``exec_id``)
   to read in them right now (what such a grandchild writes later is lost).
   It is the last message for that ``exec_id``; the id is then forgotten and
   may be reused. A pidfd per process wakes the poll loop when it exits.
-- **Host gone.** :meth:`ExecEngine.kill_all` SIGKILLs every process group and
-  forgets them without a word: their clients left with the old connection.
+- **Terminal** (``tty``). The process gets a new pseudo-terminal of
+  ``rows`` x ``cols`` as its controlling terminal and its fds 0, 1 and 2
+  (fresh termios defaults: echo on, ``ICRNL``...). The master is read as the
+  ``stdout`` stream (same credit rules; there is no ``stderr``) and input is
+  written to it whatever ``stdin`` says (same input window); ``eof`` writes
+  the terminal's EOF character (``^D``, not credited: the host never sent it)
+  once the input before it is written, and the terminal stays open for more
+  input. ``EIO`` reading the master means the slave is closed everywhere: end
+  of file. ``AgentExecResize`` sets the size (the kernel sends ``SIGWINCH``
+  to the foreground group); for a process without a terminal, or an unknown
+  one, it is ignored (logged once). Input pending when the slave side hangs
+  up is discarded but credited.
+- **Cgroups** (only with a ``cgroup_root``, the cgroup2 mount in the guest).
+  At the first start, the root's ``memory``, ``pids`` and ``cpu`` controllers
+  that exist are enabled for its children (the agent stays in the root, which
+  is exempt from the no-internal-processes rule). Each process gets its own
+  cgroup ``exec-<exec_id>`` (a suffix is added while a previous one of that
+  id is still being removed): ``memory.max`` (``memory_limit_mib``),
+  ``memory.swap.max`` 0, ``memory.oom.group`` 1 (an OOM kills the whole
+  group), ``pids.max`` (``pids_limit``), set before the child joins it by
+  writing to ``cgroup.procs`` -- before ``chroot``, ``setuid`` and ``exec``;
+  failing to join is a start error. A limit asked for without cgroups, or
+  without its controller, is refused as a start error. When the process is
+  reaped, whatever is left in its cgroup is killed (``cgroup.kill``), so its
+  pipes reach end of file; once its output is done, ``AgentExecExit`` reports ``oom_killed``
+  (``memory.events`` ``oom_kill`` > 0), ``cpu_time_s`` (``cpu.stat``
+  ``usage_usec``) and ``memory_peak_kib`` (``memory.peak``), each only when
+  readable; then whatever is left in the cgroup (background processes, even
+  ones that left the session) is killed with ``cgroup.kill`` and the cgroup
+  removed -- at once if it is already empty, else retried on later loop
+  iterations (PID 1 never waits for it). Without cgroups there are no
+  figures and background processes outlive their leader, as before.
+- **Host gone.** :meth:`ExecEngine.kill_all` SIGKILLs every process group
+  (and, with cgroups, every cgroup) and forgets them without a word: their
+  clients left with the old connection.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import sys
 
 # Not typing.TYPE_CHECKING (see zoned.agent.init).
 TYPE_CHECKING = False
@@ -67,6 +101,7 @@ if TYPE_CHECKING:
     from zoned.protocol import (
         AgentExecCredit,
         AgentExecInput,
+        AgentExecResize,
         AgentExecSignal,
         AgentExecStart,
         AgentToHost,
@@ -84,12 +119,20 @@ MAX_ERROR_CHARS = 1024
 #: Exit status of a child that failed before ``exec`` (it is never reported as such).
 _CHILD_FAILED = 127
 _SIGKILL = 9
+_EIO = 5
+#: How many ``exec-<id>-<n>`` names are tried while older cgroups of that id linger.
+MAX_CGROUP_SUFFIX = 64
 # Python sets these to SIG_IGN at start-up; ignored signals survive exec.
 _SIGPIPE = 13
 _SIGXFSZ = 25
 
 _STDOUT = "stdout"
 _STDERR = "stderr"
+#: What a terminal's input gets for ``eof`` (the default ``VEOF``, ^D).
+TTY_EOF = b"\x04"
+#: The controllers each process's cgroup gets, when the root has them.
+CGROUP_CONTROLLERS = ("memory", "pids", "cpu")
+NO_CGROUPS_ERROR = "memory/pid limits need cgroups, which this agent does not have"
 
 
 def sanitize(text: str) -> str:
@@ -99,11 +142,13 @@ def sanitize(text: str) -> str:
 
 
 class _Exec:
-    """One process's state: its pipes, credits, input buffer and exit status."""
+    """One process's state: its pipes (or terminal), credits, input buffer, cgroup, status."""
 
     __slots__ = (
+        "cgroup",
         "credit",
         "credit_due",
+        "eof_marks",
         "exec_id",
         "input",
         "input_eof",
@@ -113,6 +158,8 @@ class _Exec:
         "pidfd",
         "status",
         "stdin_fd",
+        "tty",
+        "tty_fd",
     )
 
     def __init__(
@@ -120,16 +167,24 @@ class _Exec:
     ) -> None:
         self.exec_id = exec_id
         self.pid = pid
-        #: The write end of its stdin pipe; -1 without one, once closed or broken.
+        #: Where its input is written: the write end of its stdin pipe, or its
+        #: terminal's master; -1 without one, once closed or broken.
         self.stdin_fd = stdin_fd
-        #: Open read ends of its stdout and stderr pipes -> stream name.
+        #: Open read ends of its stdout and stderr pipes (or its terminal) -> stream name.
         self.outputs = outputs
+        self.tty = False
+        #: Its terminal's master while open; -1 without a terminal.
+        self.tty_fd = -1
+        #: Its cgroup directory; "" without one.
+        self.cgroup = ""
         self.pidfd = -1
         #: waitpid status once reaped.
         self.status: int | None = None
         #: Output bytes the host still accepts.
         self.credit = credit
         self.input = bytearray()
+        #: Offsets in ``input`` of the EOF characters the agent put there (never credited).
+        self.eof_marks: list[int] = []
         self.input_eof = False
         #: Input bytes received and not yet credited back (buffered or due).
         self.input_outstanding = 0
@@ -147,10 +202,12 @@ class ExecEngine:
         log: Callable[[str], None],
         *,
         root: str = "",
+        cgroup_root: str = "",
     ) -> None:
         """``send`` queues a message for the host (never dropped); ``backlog`` is the
         number of bytes the channel has not sent yet; ``log`` writes to the console;
-        ``root`` is the directory processes are chrooted into ("": none)."""
+        ``root`` is the directory processes are chrooted into ("": none);
+        ``cgroup_root`` the cgroup2 directory their cgroups go in ("": no cgroups)."""
         from zoned import protocol
 
         self._protocol = protocol
@@ -158,9 +215,15 @@ class ExecEngine:
         self._backlog = backlog
         self._log = log
         self._root = root
+        self._cgroup_root = cgroup_root
+        #: Controllers enabled for the processes' cgroups; None until the first start.
+        self._controllers: frozenset[str] | None = None
+        #: Cgroups of ended processes that were not empty yet: removal is retried.
+        self._stale_cgroups: list[str] = []
+        self._resize_ignored_logged = False
         self._execs: dict[int, _Exec] = {}
         self._by_pid: dict[int, _Exec] = {}
-        #: fd -> (its process, "stdin" | "stdout" | "stderr" | "pid").
+        #: fd -> (its process, "stdin" | "stdout" | "stderr" | "tty" | "pid").
         self._fds: dict[int, tuple[_Exec, str]] = {}
 
     def __len__(self) -> int:
@@ -179,6 +242,8 @@ class ExecEngine:
             self.add_credit(message)
         elif isinstance(message, p.AgentExecSignal):
             self.signal(message)
+        elif isinstance(message, p.AgentExecResize):
+            self.resize(message)
 
     def start(self, request: AgentExecStart) -> None:
         p = self._protocol
@@ -189,34 +254,77 @@ class ExecEngine:
         if len(self._execs) >= p.MAX_EXECS_PER_ZONE:
             self._refuse(exec_id, f"too many processes: {p.MAX_EXECS_PER_ZONE} are running already")
             return
+        limits = request.memory_limit_mib is not None or request.pids_limit is not None
+        if self._cgroup_root and self._controllers is None:
+            self._set_up_cgroups()
+        if limits and not self._cgroup_root:
+            self._refuse(exec_id, NO_CGROUPS_ERROR)
+            return
+        controllers = self._controllers or frozenset()
+        for limit, controller in (
+            (request.memory_limit_mib, "memory"),
+            (request.pids_limit, "pids"),
+        ):
+            if limit is not None and controller not in controllers:
+                self._refuse(
+                    exec_id,
+                    f"{controller} limits need the cgroup {controller} controller,"
+                    " which this agent does not have",
+                )
+                return
         env = dict(request.env)
         env.setdefault("PATH", DEFAULT_PATH)
         env.setdefault("HOME", "/root" if request.uid == 0 else "/tmp")
         name = repr(request.argv[0])
+        cgroup = ""
+        if self._cgroup_root:
+            try:
+                cgroup = self._make_cgroup(request)
+            except OSError as exc:
+                self._refuse(exec_id, f"cannot run {name}: cannot set up its cgroup: {_why(exc)}")
+                return
         parent_fds: list[int] = []
         child_fds: list[int] = []
+        cgroup_procs = -1
+        tty_fd = -1
         try:
-            if request.stdin:
-                stdin_child, stdin_fd = os.pipe()
-                child_fds.append(stdin_child)
-                parent_fds.append(stdin_fd)
+            if cgroup:
+                cgroup_procs = os.open(f"{cgroup}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+                child_fds.append(cgroup_procs)
+            if request.tty:
+                import fcntl
+                import termios
+
+                tty_fd, slave = os.openpty()  # both close-on-exec
+                parent_fds.append(tty_fd)
+                child_fds.append(slave)
+                fcntl.ioctl(tty_fd, termios.TIOCSWINSZ, _winsize(request.rows, request.cols))
+                stdio = (slave, slave, slave)
+                stdin_fd = stdout_fd = stderr_fd = -1
             else:
-                stdin_child = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-                child_fds.append(stdin_child)
-                stdin_fd = -1
-            stdout_fd, stdout_child = os.pipe()
-            parent_fds.append(stdout_fd)
-            child_fds.append(stdout_child)
-            stderr_fd, stderr_child = os.pipe()
-            parent_fds.append(stderr_fd)
-            child_fds.append(stderr_child)
+                if request.stdin:
+                    stdin_child, stdin_fd = os.pipe()
+                    child_fds.append(stdin_child)
+                    parent_fds.append(stdin_fd)
+                else:
+                    stdin_child = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    child_fds.append(stdin_child)
+                    stdin_fd = -1
+                stdout_fd, stdout_child = os.pipe()
+                parent_fds.append(stdout_fd)
+                child_fds.append(stdout_child)
+                stderr_fd, stderr_child = os.pipe()
+                parent_fds.append(stderr_fd)
+                child_fds.append(stderr_child)
+                stdio = (stdin_child, stdout_child, stderr_child)
             error_fd, error_child = os.pipe()
             parent_fds.append(error_fd)
             child_fds.append(error_child)
             pid = os.fork()
         except OSError as exc:
             _close_all(parent_fds + child_fds)
-            self._refuse(exec_id, f"cannot run {name}: {exc.strerror or exc}")
+            self._remove_cgroup(cgroup)
+            self._refuse(exec_id, f"cannot run {name}: {_why(exc)}")
             return
         if pid == 0:
             _child(
@@ -225,9 +333,11 @@ class ExecEngine:
                 request.cwd,
                 request.uid,
                 request.gid,
-                (stdin_child, stdout_child, stderr_child),
+                stdio,
                 error_child,
                 self._root,
+                cgroup_procs=cgroup_procs,
+                tty=request.tty,
             )
         _close_all(child_fds)
         try:
@@ -239,27 +349,34 @@ class ExecEngine:
             # The child exits right after writing it; reap it here, not in the loop.
             _waitpid_exactly(pid)
             _close_all(parent_fds)
+            self._remove_cgroup(cgroup)
             self._refuse(exec_id, failure.decode(errors="replace"))
             return
         for fd in parent_fds:
             os.set_blocking(fd, False)
-        process = _Exec(
-            exec_id,
-            pid,
-            stdin_fd,
-            {stdout_fd: _STDOUT, stderr_fd: _STDERR},
-            p.EXEC_OUTPUT_WINDOW,
-        )
+        window = p.EXEC_OUTPUT_WINDOW
+        if request.tty:
+            process = _Exec(exec_id, pid, tty_fd, {tty_fd: _STDOUT}, window)
+            process.tty = True
+            process.tty_fd = tty_fd
+        else:
+            process = _Exec(
+                exec_id, pid, stdin_fd, {stdout_fd: _STDOUT, stderr_fd: _STDERR}, window
+            )
+        process.cgroup = cgroup
         try:
             process.pidfd = os.pidfd_open(pid)
         except OSError:
             process.pidfd = -1  # no pidfd_open: the loop polls with a short timeout instead
         self._execs[exec_id] = process
         self._by_pid[pid] = process
-        for fd, stream in process.outputs.items():
-            self._fds[fd] = (process, stream)
-        if stdin_fd >= 0:
-            self._fds[stdin_fd] = (process, "stdin")
+        if request.tty:
+            self._fds[tty_fd] = (process, "tty")
+        else:
+            for fd, stream in process.outputs.items():
+                self._fds[fd] = (process, stream)
+            if stdin_fd >= 0:
+                self._fds[stdin_fd] = (process, "stdin")
         if process.pidfd >= 0:
             self._fds[process.pidfd] = (process, "pid")
         self._send(p.AgentExecStarted(exec_id=exec_id, pid=pid))
@@ -282,7 +399,11 @@ class ExecEngine:
         else:
             process.input += data
         if message.eof:
-            process.input_eof = True
+            if not process.tty:
+                process.input_eof = True
+            elif process.stdin_fd >= 0:
+                process.eof_marks.append(len(process.input))
+                process.input += TTY_EOF
 
     def add_credit(self, message: AgentExecCredit) -> None:
         process = self._execs.get(message.exec_id)
@@ -303,6 +424,26 @@ class ExecEngine:
             return  # reaped already: its pid may belong to someone else by now
         _kill(process.pid, message.signal)
 
+    def resize(self, message: AgentExecResize) -> None:
+        process = self._execs.get(message.exec_id)
+        if process is None or not process.tty:
+            if not self._resize_ignored_logged:
+                self._resize_ignored_logged = True
+                self._log(
+                    f"exec {message.exec_id}: resize ignored, no such process with a terminal"
+                    " (logged once)"
+                )
+            return
+        if process.tty_fd < 0:
+            return  # its terminal is gone already
+        import fcntl
+        import termios
+
+        try:
+            fcntl.ioctl(process.tty_fd, termios.TIOCSWINSZ, _winsize(message.rows, message.cols))
+        except OSError as exc:
+            self._log(f"exec {process.exec_id}: cannot resize its terminal: {exc}")
+
     # -- the poll loop ----------------------------------------------------------
 
     def register(self, poll: select.poll) -> None:
@@ -314,6 +455,14 @@ class ExecEngine:
             elif kind == "stdin":
                 if process.input:
                     poll.register(fd, select.POLLOUT)
+            elif kind == "tty":
+                events = 0
+                if process.credit > 0 and backlog_ok:
+                    events |= select.POLLIN
+                if process.input and process.stdin_fd >= 0:
+                    events |= select.POLLOUT
+                if events:
+                    poll.register(fd, events)
             elif process.credit > 0 and backlog_ok:
                 poll.register(fd, select.POLLIN)
 
@@ -336,6 +485,14 @@ class ExecEngine:
                 exited = True
             elif kind == "stdin":
                 self._write_input(process)
+            elif kind == "tty":
+                if revents & select.POLLOUT:
+                    self._write_input(process)
+                if revents & select.POLLHUP:
+                    # The slave side is closed everywhere: nobody will read input again.
+                    self._drop_input(process)
+                if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    self._read_output(process, fd, _STDOUT)
             elif revents:
                 self._read_output(process, fd, kind)
         return exited
@@ -349,36 +506,64 @@ class ExecEngine:
         if process.pidfd >= 0:
             self._close(process.pidfd)
             process.pidfd = -1
+        if process.cgroup:
+            # The leader is gone: so is everything it left in its cgroup. Its
+            # pipes then reach end of file (a fork bomb's survivors would
+            # otherwise keep them readable forever).
+            try:  # noqa: SIM105 (see _close)
+                _write_file(f"{process.cgroup}/cgroup.kill", "1")
+            except OSError:
+                pass
         return True
 
     def settle(self) -> None:
-        """After each loop iteration: close drained stdins, send input credits and exits."""
+        """After each loop iteration: close drained stdins, send input credits and exits;
+        retry removing the cgroups that were not empty yet."""
         p = self._protocol
+        self.remove_stale_cgroups()
         for process in list(self._execs.values()):
             if process.stdin_fd >= 0 and process.input_eof and not process.input:
-                self._close_stdin(process)
+                self._drop_input(process)
             if process.status is not None and self._output_done(process):
-                self._close_stdin(process)
+                self._drop_input(process)
                 self._flush_input_credit(process)
+                oom_killed, cpu_time_s, memory_peak_kib = self._finish_cgroup(process)
                 status = process.status
                 if os.WIFSIGNALED(status):
-                    message = p.AgentExecExit(exec_id=process.exec_id, signal=os.WTERMSIG(status))
+                    message = p.AgentExecExit(
+                        exec_id=process.exec_id,
+                        signal=os.WTERMSIG(status),
+                        oom_killed=oom_killed,
+                        cpu_time_s=cpu_time_s,
+                        memory_peak_kib=memory_peak_kib,
+                    )
                 else:
                     message = p.AgentExecExit(
-                        exec_id=process.exec_id, exit_code=os.WEXITSTATUS(status) & 0xFF
+                        exec_id=process.exec_id,
+                        exit_code=os.WEXITSTATUS(status) & 0xFF,
+                        oom_killed=oom_killed,
+                        cpu_time_s=cpu_time_s,
+                        memory_peak_kib=memory_peak_kib,
                     )
                 del self._execs[process.exec_id]
                 self._send(message)
             else:
                 self._flush_input_credit(process)
 
+    def remove_stale_cgroups(self) -> None:
+        """Retry removing the cgroups of ended processes that were not empty yet."""
+        if self._stale_cgroups:
+            self._stale_cgroups = [c for c in self._stale_cgroups if not _try_rmdir(c, kill=True)]
+
     def kill_all(self) -> int:
-        """SIGKILL every process (group) and forget them all, silently; returns how many."""
+        """SIGKILL every process (group, and cgroup) and forget them all, silently;
+        returns how many."""
         count = len(self._execs)
         for process in self._execs.values():
             # A reaped leader whose pipes are still open left a group behind.
             if process.status is None or process.outputs:
                 _kill(process.pid, _SIGKILL)
+            self._remove_cgroup(process.cgroup)
         for fd in list(self._fds):
             self._close(fd)
         self._execs.clear()
@@ -397,7 +582,17 @@ class ExecEngine:
         except OSError:
             pass
 
+    def _close_output(self, process: _Exec, fd: int) -> None:
+        """Close one output (at end of file); a terminal's input goes with it."""
+        process.outputs.pop(fd, None)
+        if fd == process.tty_fd:
+            self._drop_input(process)
+            process.tty_fd = -1
+        self._close(fd)
+
     def _read_output(self, process: _Exec, fd: int, stream: str) -> None:
+        if fd not in process.outputs:
+            return
         if process.credit <= 0 or self._backlog() >= OUTPUT_BACKLOG_LIMIT:
             return  # the backlog grew earlier in this iteration: next time
         try:
@@ -405,11 +600,12 @@ class ExecEngine:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._log(f"exec {process.exec_id}: reading its {stream}: {exc}")
+            # EIO from a terminal's master: its slave side is closed everywhere (end of file).
+            if not (fd == process.tty_fd and exc.errno == _EIO):
+                self._log(f"exec {process.exec_id}: reading its {stream}: {exc}")
             data = b""
         if not data:
-            del process.outputs[fd]
-            self._close(fd)
+            self._close_output(process, fd)
             return
         process.credit -= len(data)
         self._send(
@@ -428,22 +624,30 @@ class ExecEngine:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if not isinstance(exc, BrokenPipeError):
+            if not isinstance(exc, BrokenPipeError) and exc.errno != _EIO:
                 self._log(f"exec {process.exec_id}: writing its stdin: {exc}")
             # The process closed its stdin: what it will never read is still credited.
-            process.credit_due += len(process.input)
-            process.input.clear()
-            self._close_stdin(process)
+            self._drop_input(process)
             return
-        del process.input[:written]
-        process.credit_due += written
+        self._consume_input(process, written)
 
-    def _close_stdin(self, process: _Exec) -> None:
+    def _consume_input(self, process: _Exec, count: int) -> None:
+        """Take ``count`` bytes off the input buffer, crediting all but the agent's EOF marks."""
+        marks = process.eof_marks
+        if marks:
+            process.eof_marks = [m - count for m in marks if m >= count]
+            process.credit_due += count - (len(marks) - len(process.eof_marks))
+        else:
+            process.credit_due += count
+        del process.input[:count]
+
+    def _drop_input(self, process: _Exec) -> None:
+        """Nobody will read input any more: close stdin, discard (and credit) the buffer."""
         if process.stdin_fd >= 0:
-            self._close(process.stdin_fd)
+            if process.stdin_fd != process.tty_fd:
+                self._close(process.stdin_fd)
             process.stdin_fd = -1
-            process.credit_due += len(process.input)
-            process.input.clear()
+        self._consume_input(process, len(process.input))
 
     def _flush_input_credit(self, process: _Exec) -> None:
         window = self._protocol.EXEC_INPUT_WINDOW
@@ -466,15 +670,167 @@ class ExecEngine:
                 readable = True
             elif revents & (select.POLLHUP | select.POLLERR):
                 # End of file: no writer is left.
-                del process.outputs[fd]
-                self._close(fd)
+                self._close_output(process, fd)
         if readable:
             return False
         # Whoever still holds the pipes (a background grandchild) has nothing to say now.
         for fd in list(process.outputs):
-            self._close(fd)
-        process.outputs.clear()
+            self._close_output(process, fd)
         return True
+
+    # -- cgroups --------------------------------------------------------------------
+
+    def _set_up_cgroups(self) -> None:
+        """Enable the wanted controllers for the root's children (once, at the first start)."""
+        root = self._cgroup_root
+        try:
+            available = _read_file(f"{root}/cgroup.controllers").split()
+            enabled = _read_file(f"{root}/cgroup.subtree_control").split()
+        except OSError as exc:
+            self._log(f"no cgroups at {root} ({_why(exc)}): processes get no limits or figures")
+            self._cgroup_root = ""
+            self._controllers = frozenset()
+            return
+        for controller in CGROUP_CONTROLLERS:
+            if controller.encode() in available and controller.encode() not in enabled:
+                try:
+                    _write_file(f"{root}/cgroup.subtree_control", f"+{controller}")
+                except OSError as exc:
+                    self._log(f"cannot enable the {controller} cgroup controller: {_why(exc)}")
+        try:
+            enabled = _read_file(f"{root}/cgroup.subtree_control").split()
+        except OSError:
+            enabled = []
+        self._controllers = frozenset(c.decode() for c in enabled)
+
+    def _make_cgroup(self, request: AgentExecStart) -> str:
+        """Create the process's cgroup with its limits; its path."""
+        base = f"{self._cgroup_root}/exec-{request.exec_id}"
+        path = base
+        suffix = 1
+        while True:
+            try:
+                os.mkdir(path, 0o755)
+                break
+            except FileExistsError:
+                # The cgroup of an ended process of the same id, still being removed.
+                if _try_rmdir(path, kill=True):
+                    continue
+                suffix += 1
+                if suffix > MAX_CGROUP_SUFFIX:
+                    raise
+                path = f"{base}-{suffix}"
+        controllers = self._controllers or frozenset()
+        try:
+            if "memory" in controllers:
+                _write_file(f"{path}/memory.oom.group", "1")
+                if request.memory_limit_mib is not None:
+                    _write_file(f"{path}/memory.max", str(request.memory_limit_mib * 1024 * 1024))
+                    if os.path.exists(f"{path}/memory.swap.max"):
+                        _write_file(f"{path}/memory.swap.max", "0")
+            if request.pids_limit is not None:
+                _write_file(f"{path}/pids.max", str(request.pids_limit))
+        except OSError:
+            _try_rmdir(path, kill=False)
+            raise
+        return path
+
+    def _finish_cgroup(self, process: _Exec) -> tuple[bool, float | None, int | None]:
+        """(oom_killed, cpu_time_s, memory_peak_kib) of an ended process; removes its cgroup."""
+        path = process.cgroup
+        if not path:
+            return False, None, None
+        process.cgroup = ""
+        oom_kills = _read_key(f"{path}/memory.events", b"oom_kill")
+        usage_usec = _read_key(f"{path}/cpu.stat", b"usage_usec")
+        try:
+            peak: int | None = int(_read_file(f"{path}/memory.peak"))
+        except (OSError, ValueError):
+            peak = None
+        self._remove_cgroup(path)
+        return (
+            bool(oom_kills),
+            usage_usec / 1e6 if usage_usec is not None else None,
+            peak // 1024 if peak is not None else None,
+        )
+
+    def _remove_cgroup(self, path: str) -> None:
+        """Kill what is left in a cgroup and remove it, now or (not empty yet) later."""
+        if path and not _try_rmdir(path, kill=True):
+            self._stale_cgroups.append(path)
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _winsize(rows: int, cols: int) -> bytes:
+    """A ``struct winsize`` (rows, cols, no pixel sizes) for ``TIOCSWINSZ``."""
+    order = sys.byteorder
+    return rows.to_bytes(2, order) + cols.to_bytes(2, order) + bytes(4)
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_file(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read_key(path: str, key: bytes) -> int | None:
+    """The value of ``key`` in a flat-keyed cgroup file (``key value`` lines); None if absent."""
+    try:
+        for line in _read_file(path).splitlines():
+            name, _, value = line.partition(b" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _try_rmdir(path: str, *, kill: bool) -> bool:
+    """Remove a cgroup; if it is not empty and ``kill``, kill its processes (they die
+    asynchronously: the caller retries later). True once it is gone."""
+    try:
+        os.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    if kill:
+        try:
+            _write_file(f"{path}/cgroup.kill", "1")
+        except FileNotFoundError:
+            _kill_listed(f"{path}/cgroup.procs")  # a kernel before 5.14
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _kill_listed(procs: str) -> None:
+    try:
+        pids = [int(pid) for pid in _read_file(procs).split()]
+    except (OSError, ValueError):
+        return
+    for pid in pids:
+        try:  # noqa: SIM105 (see ExecEngine._close)
+            os.kill(pid, _SIGKILL)
+        except OSError:
+            pass
 
 
 def _close_all(fds: list[int]) -> None:
@@ -530,12 +886,23 @@ def _child(
     stdio: tuple[int, int, int],
     error_fd: int,
     root: str = "",
+    *,
+    cgroup_procs: int = -1,
+    tty: bool = False,
 ) -> NoReturn:
-    """In the forked child: set the process up and exec it; report a failure on ``error_fd``."""
+    """In the forked child: set the process up and exec it; report a failure on ``error_fd``.
+
+    ``cgroup_procs`` is the ``cgroup.procs`` of the cgroup to join first (-1: none);
+    with ``tty``, ``stdio`` is a terminal's slave to make the controlling terminal.
+    """
     name = repr(argv[0])
     step = ""
     try:
         try:
+            if cgroup_procs >= 0:
+                step = "cannot join its cgroup: "
+                os.write(cgroup_procs, b"0")
+            step = ""
             os.setsid()
             error_fd = _above_stdio(error_fd)
             sources = [_above_stdio(fd) for fd in stdio]
@@ -543,6 +910,12 @@ def _child(
                 os.dup2(fd, target)  # inheritable
             os.closerange(3, error_fd)
             os.closerange(error_fd + 1, 1 << 20)
+            if tty:
+                import fcntl
+                import termios
+
+                step = "cannot make the terminal its controlling terminal: "
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             if root:
                 step = "cannot enter the workload root: "
                 os.chroot(root)

@@ -9,8 +9,8 @@ Start-up, in order, with nothing imported that the step does not need
 (under TCG every import costs tens of milliseconds of boot time):
 
 1. write ``zoned-agent: starting`` to the console;
-2. mount proc, sysfs, devtmpfs on /dev, tmpfs on /tmp and /run, cgroup2 on
-   /sys/fs/cgroup (Python 3.11 has no ``os.mount``: ctypes calls libc);
+2. mount proc, sysfs, devtmpfs on /dev, devpts on /dev/pts, tmpfs on /tmp
+   and /run, cgroup2 on /sys/fs/cgroup (Python 3.11 has no ``os.mount``: ctypes calls libc);
 3. find the virtio-serial port named ``org.zoned.agent.0`` through
    ``/sys/class/virtio-ports/vport*/name`` and open its ``/dev/vportNpM``;
 4. as soon as the host is connected, send ``AgentHello``, encoded by
@@ -65,6 +65,11 @@ and handle the host's messages, then let the engine send input credits and
 exits. When the host disconnects (``POLLHUP``, or end-of-file on the port)
 every exec's process group is killed and forgotten.
 
+In the guest every process gets a cgroup of its own under the cgroup2 mount
+(:data:`CGROUP_ROOT`), for its limits and usage figures; the agent itself
+stays in the root cgroup. Processes with a terminal need ``fcntl`` and
+``termios``, imported only then.
+
 Every module the agent imports after start-up must be importable in the guest:
 :data:`LATE_IMPORTS` names those imported lazily, so that the boot image
 builder ships them too.
@@ -93,9 +98,11 @@ if TYPE_CHECKING:
 
 #: Modules imported lazily (after the hello, or on error paths); the boot
 #: image builder imports them too when it computes the image's module set.
-LATE_IMPORTS = ("zoned.protocol", "zoned.agent.execs", "traceback")
+LATE_IMPORTS = ("zoned.protocol", "zoned.agent.execs", "traceback", "fcntl", "termios")
 
 VIRTIO_PORTS_DIR = "/sys/class/virtio-ports"
+#: The cgroup2 mount (see MOUNTS) under which every process gets its own cgroup.
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 # mount(2) flags (linux/mount.h).
 MS_NOSUID = 0x2
@@ -107,6 +114,8 @@ MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
     ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
     ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755"),
+    # Terminals of the processes that ask for one (devtmpfs's /dev/ptmx opens this instance).
+    ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666"),
     ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
     ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
     ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
@@ -269,7 +278,31 @@ def heartbeat_reply(seq: int) -> HeartbeatReply:
         load1=load1(),
         mem_total_kib=total,
         mem_available_kib=available,
+        processes=process_count(),
     )
+
+
+def process_count() -> int:
+    """Processes in the guest (numeric entries of /proc); 0 when /proc is absent."""
+    try:
+        return sum(1 for name in os.listdir("/proc") if name.isdigit())
+    except OSError:
+        return 0
+
+
+def set_hostname(cmdline_path: str = "/proc/cmdline") -> None:
+    """Name the guest after its zone (``zoned.zone=`` on the kernel command line)."""
+    try:
+        with open(cmdline_path, "rb") as f:
+            words = f.read().split()
+    except OSError:
+        return
+    names = [w.split(b"=", 1)[1] for w in words if w.startswith(b"zoned.zone=")]
+    if not names or not names[-1] or len(names[-1]) > 63:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.sethostname(names[-1], len(names[-1])) != 0:
+        console(f"cannot set the hostname: errno {ctypes.get_errno()}")
 
 
 # ---------------------------------------------------------------------------
@@ -303,10 +336,14 @@ def find_port(name: str = AGENT_PORT_NAME) -> str | None:
 
 
 class AgentChannel:
-    """One open agent port: its connection state, frame decoder, unsent output and execs."""
+    """One open agent port: its connection state, frame decoder, unsent output and execs.
 
-    def __init__(self, fd: int) -> None:
+    ``cgroup_root`` is where the processes' cgroups go ("": none, as on a host).
+    """
+
+    def __init__(self, fd: int, *, cgroup_root: str = "") -> None:
         self.fd = fd
+        self._cgroup_root = cgroup_root
         self.connected = False
         # None until the protocol is imported (after the first hello) or reset.
         self._decoder: FrameDecoder | None = None
@@ -350,6 +387,8 @@ class AgentChannel:
             raise OSError("agent port: poll reports POLLNVAL")
         if revents & select.POLLHUP:
             self._disconnected()
+            if self._execs is not None:
+                self._execs.remove_stale_cgroups()
             time.sleep(DISCONNECTED_POLL_S)
             return
         if not self.connected:
@@ -378,7 +417,13 @@ class AgentChannel:
             if WORKLOAD_ROOT is None:
                 load_protocol()  # an exec before the idle loop got to it
 
-            self._execs = ExecEngine(self.send, self._backlog, console, root=WORKLOAD_ROOT or "")
+            self._execs = ExecEngine(
+                self.send,
+                self._backlog,
+                console,
+                root=WORKLOAD_ROOT or "",
+                cgroup_root=self._cgroup_root,
+            )
         return self._execs
 
     def _backlog(self) -> int:
@@ -449,6 +494,7 @@ class AgentChannel:
             AGENT_MAX_FRAME,
             AgentExecCredit,
             AgentExecInput,
+            AgentExecResize,
             AgentExecSignal,
             AgentExecStart,
             FrameDecoder,
@@ -473,7 +519,12 @@ class AgentChannel:
                         self.queue(hello_frame())
                     self.queue(encode_frame(heartbeat_reply(message.seq), AGENT_MAX_FRAME))
                 elif isinstance(
-                    message, AgentExecStart | AgentExecInput | AgentExecCredit | AgentExecSignal
+                    message,
+                    AgentExecStart
+                    | AgentExecInput
+                    | AgentExecCredit
+                    | AgentExecSignal
+                    | AgentExecResize,
                 ):
                     self.execs().handle(message)
         except FrameError as exc:
@@ -520,13 +571,15 @@ WORKLOAD_BASE = "/run/workload"
 #: there is none (no disk: processes run in the agent's own root).
 WORKLOAD_ROOT: str | None = None
 MS_RDONLY = 0x1
+MS_BIND = 0x1000
 
 
 def prepare_workload_root(device: str = WORKLOAD_DEVICE, base: str = WORKLOAD_BASE) -> str:
     """Mount the workload image under a tmpfs overlay; returns the root, or "" without a disk.
 
-    Inside the root: a fresh proc, sysfs (read-only), devtmpfs, and a tmpfs on
-    /tmp. Writes anywhere land in guest RAM and die with the zone.
+    Inside the root: a fresh proc, sysfs (read-only), devtmpfs, the agent's
+    devpts bound on /dev/pts (the processes' terminals), and a tmpfs on /tmp.
+    Writes anywhere land in guest RAM and die with the zone.
     """
     if not os.path.exists(device):
         console(f"no workload disk at {device}: processes run in the agent's root")
@@ -553,6 +606,9 @@ def prepare_workload_root(device: str = WORKLOAD_DEVICE, base: str = WORKLOAD_BA
     ):
         os.makedirs(f"{root}/{target}", exist_ok=True)
         mount(source, f"{root}/{target}", fstype, flags, data)
+    # The agent's own terminals (a devpts mount of its own would be another instance).
+    os.makedirs(f"{root}/dev/pts", exist_ok=True)
+    mount("/dev/pts", f"{root}/dev/pts", "", MS_BIND, "")
     console(f"workload root {device} mounted at {root} at {time.monotonic():.3f}s")
     return root
 
@@ -579,7 +635,7 @@ def serve_forever() -> None:
         fd = -1
         try:
             fd = open_port()
-            AgentChannel(fd).serve()
+            AgentChannel(fd, cgroup_root=CGROUP_ROOT).serve()
         except BaseException:
             log_exception("agent channel failed, re-opening")
         if fd >= 0:
@@ -591,18 +647,20 @@ def serve_forever() -> None:
         time.sleep(RETRY_S)
 
 
-def serve_fd(fd: int) -> None:
+def serve_fd(fd: int, *, cgroup_root: str = "") -> None:
     """Serve the agent protocol on an open stream ``fd`` (not a port) until it fails.
 
     For tests and tools on the host: one end of a socketpair stands in for the
     virtio-serial port (its peer closing looks like the host disconnecting).
     Reaps every child of the calling process, so run it in a process of its own.
     Processes run in the host's root: the workload disk is never looked for here.
+    They get no cgroups unless ``cgroup_root`` names a cgroup2 directory of the
+    caller's own (never the host's root cgroup).
     """
     global WORKLOAD_ROOT
     WORKLOAD_ROOT = ""
     os.set_blocking(fd, False)
-    AgentChannel(fd).serve()
+    AgentChannel(fd, cgroup_root=cgroup_root).serve()
 
 
 def main(python_started: float | None = None) -> None:
@@ -616,6 +674,7 @@ def main(python_started: float | None = None) -> None:
     try:
         mount_filesystems()
         ensure_stdio()
+        set_hostname()
     except BaseException:
         log_exception("system set-up failed")
     while True:
@@ -637,6 +696,7 @@ def warm_up() -> None:
         PROTOCOL_VERSION,
         AgentExecExit,
         AgentExecOutput,
+        AgentExecResize,
         AgentExecStart,
         AgentHello,
         FrameDecoder,
@@ -649,10 +709,15 @@ def warm_up() -> None:
     decoder = FrameDecoder(AGENT_MAX_FRAME)
     decoder.feed(encode_frame(Heartbeat(seq=PROTOCOL_VERSION), AGENT_MAX_FRAME))
     decoder.feed(encode_frame(AgentExecStart(exec_id=1, argv=["true"]), AGENT_MAX_FRAME))
+    decoder.feed(encode_frame(AgentExecResize(exec_id=1, rows=24, cols=80), AGENT_MAX_FRAME))
     while (payload := decoder.next_frame()) is not None:
         decode_to_agent(payload)
     encode_frame(AgentExecOutput(exec_id=1, stream="stdout", data=b"x"), AGENT_MAX_FRAME)
     encode_frame(AgentExecExit(exec_id=1, error=sanitize("x")), AGENT_MAX_FRAME)
+    encode_frame(
+        AgentExecExit(exec_id=1, signal=9, oom_killed=True, cpu_time_s=0.5, memory_peak_kib=1),
+        AGENT_MAX_FRAME,
+    )
     encode_frame(
         AgentHello(version=1, agent=AGENT_NAME, kernel_release="x", boot_s=0.0, pid=1),
         AGENT_MAX_FRAME,
