@@ -180,6 +180,8 @@ class ExecEnded:
     oom_killed: bool = False
     cpu_time_s: float | None = None
     memory_peak_kib: int | None = None
+    # The agent channel broke: nobody knows how the process ended.
+    channel_lost: bool = False
 
 
 ExecEvent = AgentExecStarted | ExecOutputPiece | ExecEnded
@@ -269,7 +271,7 @@ class ExecSession:
 
     def on_channel_lost(self, reason: str) -> None:
         if self.ended is None:
-            self.ended = ExecEnded(None, None, f"agent channel lost: {reason}")
+            self.ended = ExecEnded(None, None, f"agent channel lost: {reason}", channel_lost=True)
         self._wake()
         self._input_changed.set()
 

@@ -72,7 +72,7 @@ from zoned.client import (
     ExecResult,
     Process,
 )
-from zoned.errors import InvalidRequest, ZonedError
+from zoned.errors import InvalidRequest, ZonedError, innermost
 
 PROG = "zonectl"
 
@@ -515,6 +515,30 @@ def _global_options(after_command: bool) -> argparse.ArgumentParser:
     return options
 
 
+def label_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        type=parse_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
+
+
+def zone_options(parser: argparse.ArgumentParser) -> None:
+    """What a new zone looks like (``create`` and ``run``)."""
+    parser.add_argument("--vcpus", type=_positive_int, default=1, metavar="N")
+    parser.add_argument("--memory", type=_positive_int, default=256, metavar="MIB")
+    parser.add_argument("--profile", default="strict", metavar="P", help="guest kernel profile")
+    parser.add_argument("--placement", choices=("shared", "exclusive"), default="shared")
+    parser.add_argument(
+        "--machine", choices=("microvm", "q35"), default=None, help="default: the daemon's"
+    )
+    label_option(parser, "repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; :func:`parse_args` adds the checks argparse cannot do."""
     common = _global_options(after_command=True)
@@ -542,22 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = command("create", "create a zone and wait until it is ready")
     create.add_argument("name", metavar="NAME")
-    create.add_argument("--vcpus", type=_positive_int, default=1, metavar="N")
-    create.add_argument("--memory", type=_positive_int, default=256, metavar="MIB")
-    create.add_argument("--profile", default="strict", metavar="P", help="guest kernel profile")
-    create.add_argument("--placement", choices=("shared", "exclusive"), default="shared")
-    create.add_argument(
-        "--machine", choices=("microvm", "q35"), default=None, help="default: the daemon's"
-    )
-    create.add_argument(
-        "--label",
-        dest="labels",
-        type=parse_label,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="repeatable",
-    )
+    zone_options(create)
     create.add_argument(
         "--kernel-arg",
         dest="kernel_args",
@@ -568,15 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     list_ = command("list", "list zones")
-    list_.add_argument(
-        "--label",
-        dest="labels",
-        type=parse_label,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="only zones with this label; repeatable (all must match)",
-    )
+    label_option(list_, "only zones with this label; repeatable (all must match)")
 
     show = command("show", "show one zone")
     show.add_argument("name", metavar="NAME")
@@ -646,10 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         "boot a fresh zone, run a command in it, destroy it; exits with the command's status",
     )
-    run.add_argument("--vcpus", type=_positive_int, default=1, metavar="N")
-    run.add_argument("--memory", type=_positive_int, default=256, metavar="MIB")
-    run.add_argument("--profile", default="strict", metavar="P", help="guest kernel profile")
-    run.add_argument("--placement", choices=("shared", "exclusive"), default="shared")
+    zone_options(run)
     run.add_argument("--name", default="", help="zone name (default: run-<random>)")
     run.add_argument(
         "--timeout",
@@ -745,11 +743,7 @@ class _Output:
         self.stderr.flush()
 
     def binary(self) -> BinaryIO:
-        buffer = getattr(self.stdout, "buffer", None)
-        if buffer is None:
-            raise TypeError("stdout has no binary buffer")
-        self.stdout.flush()
-        return buffer  # type: ignore[no-any-return]
+        return _binary(self.stdout)
 
 
 async def _destroy(client: Client, names: Sequence[str], out: _Output) -> int:
@@ -887,6 +881,8 @@ async def _process(client: Client, args: argparse.Namespace, out: _Output) -> in
             memory_mib=args.memory,
             profile=args.profile,
             placement=args.placement,
+            labels=args.labels,
+            machine=args.machine,
             timeout_s=args.timeout,
             **options,
         )
@@ -1087,13 +1083,6 @@ def _binary(stream: TextIO) -> BinaryIO:
     return buffer  # type: ignore[no-any-return]
 
 
-def _single(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) single-member exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _silence_stdout() -> None:
     # Python would complain again flushing the dead pipe at exit.
     try:
@@ -1116,7 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as raised:
             if isinstance(raised, BaseExceptionGroup) and raised.subgroup(KeyboardInterrupt):
                 return EXIT_INTERRUPTED
-            failure = _single(raised)
+            failure = innermost(raised)
             if isinstance(failure, ZonedError | ClientError):
                 out.error(failure)
                 return exit_code_for(failure)

@@ -64,7 +64,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import trio
 
 from zoned import protocol as p
-from zoned.errors import InvalidRequest, ZonedError, error_from_code
+from zoned.errors import InvalidRequest, ZonedError, error_from_code, innermost
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -759,11 +759,8 @@ class Client:
                     await process.wait()
                     raise InvalidRequest(f"{failure}: larger than the limit of {max_bytes} bytes")
                 yield chunk.data
-        result = process.result
-        assert result is not None
-        if result.returncode != 0:
-            detail = errors.decode(errors="replace").strip() or f"status {result.returncode}"
-            raise InvalidRequest(f"{failure}: {detail}")
+        assert process.result is not None
+        _raise_on_failure(process.result, errors, failure)
 
 
 class ExecResult(NamedTuple):
@@ -893,8 +890,9 @@ class Process:
                     (out if chunk.stream == "stdout" else err).extend(chunk.data)
         except BaseExceptionGroup as group:
             # Callers get the daemon's typed error, not a group around it.
-            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-                raise group.exceptions[0] from None
+            inner = innermost(group)
+            if isinstance(inner, Exception) and not isinstance(inner, BaseExceptionGroup):
+                raise inner from None
             raise
         assert self.result is not None
         return self.result._replace(stdout=bytes(out), stderr=bytes(err))
@@ -927,10 +925,15 @@ async def _checked(process: Process, failure: str) -> ExecResult:
         errors.extend(chunk.data[:4096])
     result = process.result
     assert result is not None
-    if result.returncode != 0:
-        detail = errors.decode(errors="replace").strip() or f"status {result.returncode}"
-        raise InvalidRequest(f"{failure}: {detail}")
+    _raise_on_failure(result, errors, failure)
     return result
+
+
+def _raise_on_failure(result: ExecResult, stderr: bytes | bytearray, failure: str) -> None:
+    """A helper command that failed: its stderr (or status) as the error."""
+    if result.returncode != 0:
+        detail = bytes(stderr).decode(errors="replace").strip() or f"status {result.returncode}"
+        raise InvalidRequest(f"{failure}: {detail}")
 
 
 def _result(reply: p.ExecExit) -> ExecResult:

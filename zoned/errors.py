@@ -82,3 +82,14 @@ ERRORS_BY_CODE: dict[str, type[ZonedError]] = {
 def error_from_code(code: str, message: str) -> ZonedError:
     """Rebuild the typed exception for a code received over the wire."""
     return ERRORS_BY_CODE.get(code, InternalError)(message)
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups.
+
+    Code that runs tasks in a nursery raises its errors wrapped in groups;
+    callers and error replies want the typed error itself.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -42,6 +42,7 @@ from zoned.errors import (
     InvalidRequest,
     PermissionDenied,
     ZonedError,
+    innermost,
 )
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class Connection:
             await self._handler(request, self.send, inputs)
         except Exception as raised:
             # Handlers with nurseries raise their errors wrapped in groups.
-            exc = _single(raised)
+            exc = innermost(raised)
             if isinstance(exc, ZonedError):
                 await self._try_send(p.error_reply(request.id, exc))
             elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
@@ -233,13 +234,6 @@ class Connection:
             if inputs is not None:
                 self._inputs.pop(request.id, None)
                 inputs.close()
-
-
-def _single(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) single-member exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def open_control_socket(path: Path, group: str) -> tuple[trio.socket.SocketType, int | None]:

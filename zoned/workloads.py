@@ -101,7 +101,7 @@ async def stream_exec(
 
 
 async def _send_end(request_id: int, end: ExecEnded, send: Send, timed_out: bool) -> None:
-    if end.error and end.error.startswith("agent channel lost"):
+    if end.channel_lost:
         raise HypervisorError(f"the process's zone went away: {end.error}")
     if end.error:
         message = f"zoned: {end.error}\n".encode()[: p.MAX_EXEC_CHUNK]

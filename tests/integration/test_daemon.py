@@ -20,16 +20,15 @@ import libvirt
 import pytest
 import trio
 
+from tests.integration.conftest import destroy_domains, open_libvirt, private_zoned
 from zoned import protocol as p
 from zoned.client import Client
 from zoned.errors import Conflict, HypervisorError, NoCapacity, NotFound
-from zoned.kernel.build import DEFAULT_STORE
 from zoned.localdaemon import LocalDaemon
 from zoned.zones import domain_name
 
 pytestmark = pytest.mark.integration
 
-URI = "qemu:///system"
 # Generous: several TCG boots share two host cores.
 CALL_TIMEOUT_S = 120.0
 
@@ -38,21 +37,8 @@ def own_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
     return [d for d in conn.listAllDomains() if d.name().startswith(domain_name("it-"))]
 
 
-def open_libvirt() -> libvirt.virConnect:
-    try:
-        return libvirt.open(URI)
-    except libvirt.libvirtError as exc:
-        pytest.fail(f"libvirtd does not answer on {URI} (run tools/host-setup): {exc}")
-
-
 def remove_own_domains() -> None:
-    conn = open_libvirt()
-    try:
-        for dom in own_domains(conn):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-    finally:
-        conn.close()
+    destroy_domains(domain_name("it-"))
 
 
 @pytest.fixture
@@ -67,19 +53,8 @@ def libvirt_conn() -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture(scope="module")
 def zoned() -> Iterator[LocalDaemon]:
-    if not (DEFAULT_STORE / "strict").exists():
-        pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
-    remove_own_domains()  # what a crashed earlier run left behind
-    daemon = LocalDaemon()
-    daemon.start()
-    try:
+    with private_zoned(domain_name("it-")) as daemon:
         yield daemon
-    finally:
-        status = daemon.stop()
-        log = daemon.log_text()
-        remove_own_domains()
-        daemon.cleanup()
-        assert status == 0, f"zoned exited with {status} on SIGTERM:\n{log}"
 
 
 @contextlib.asynccontextmanager

@@ -18,14 +18,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import libvirt
 import pytest
 import trio
 
+from tests.integration.conftest import private_zoned
 from zoned.client import Client, SyncClient
 from zoned.errors import InvalidRequest
-from zoned.kernel.build import DEFAULT_STORE
 from zoned.localdaemon import LocalDaemon
+from zoned.zones import domain_name
 
 pytestmark = pytest.mark.integration
 
@@ -60,47 +60,18 @@ def expected_digest(size: int) -> str:
     return digest.hexdigest()
 
 
-def remove_leftover_domains(prefix: str) -> None:
-    """Domains of ours that a crashed earlier run left behind would collide by name."""
-    conn = libvirt.open("qemu:///system")
-    try:
-        for dom in conn.listAllDomains():
-            if dom.name().startswith(prefix) and dom.isActive():
-                dom.destroy()
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def zoned() -> Iterator[LocalDaemon]:
-    if not (DEFAULT_STORE / "strict").exists():
-        pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
-    remove_leftover_domains("zoned-ex-")
-    daemon = LocalDaemon()
-    daemon.start()
+    """One daemon and one shared zone for the module."""
 
-    async def create() -> None:
+    async def create(daemon: LocalDaemon) -> None:
         async with Client.connect(daemon.socket, client_name="it") as client:
             with trio.fail_after(CALL_TIMEOUT_S):
                 await client.create_zone(ZONE, memory_mib=512)
 
-    try:
-        trio.run(create)
+    with private_zoned(domain_name("ex-")) as daemon:
+        trio.run(create, daemon)
         yield daemon
-    finally:
-
-        async def destroy() -> None:
-            async with Client.connect(daemon.socket, client_name="it") as client:
-                for zone in await client.list_zones():
-                    await client.destroy_zone(zone.name)
-
-        try:
-            trio.run(destroy)
-        finally:
-            status = daemon.stop()
-            log = daemon.log_text()
-            daemon.cleanup()
-            assert status == 0, f"zoned exited with {status}:\n{log}"
 
 
 @contextlib.asynccontextmanager

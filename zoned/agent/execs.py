@@ -798,13 +798,8 @@ def _read_key(path: str, key: bytes) -> int | None:
 def _try_rmdir(path: str, *, kill: bool) -> bool:
     """Remove a cgroup; if it is not empty and ``kill``, kill its processes (they die
     asynchronously: the caller retries later). True once it is gone."""
-    try:
-        os.rmdir(path)
+    if _rmdir(path):
         return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        pass
     if kill:
         try:
             _write_file(f"{path}/cgroup.kill", "1")
@@ -812,13 +807,18 @@ def _try_rmdir(path: str, *, kill: bool) -> bool:
             _kill_listed(f"{path}/cgroup.procs")  # a kernel before 5.14
         except OSError:
             pass
+    return _rmdir(path)
+
+
+def _rmdir(path: str) -> bool:
+    """Remove an empty directory; True once it is gone."""
     try:
         os.rmdir(path)
-        return True
     except FileNotFoundError:
         return True
     except OSError:
         return False
+    return True
 
 
 def _kill_listed(procs: str) -> None:

@@ -161,8 +161,8 @@ def log_exception(context: str) -> None:
 _libc: ctypes.CDLL | None = None
 
 
-def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    """mount(2) through libc; :class:`OSError` on failure."""
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once, with the prototypes the agent calls."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -174,7 +174,12 @@ def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
             ctypes.c_char_p,
         )
         _libc.mount.restype = ctypes.c_int
-    result = _libc.mount(
+    return _libc
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2) through libc; :class:`OSError` on failure."""
+    result = libc().mount(
         source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None
     )
     if result != 0:
@@ -300,8 +305,7 @@ def set_hostname(cmdline_path: str = "/proc/cmdline") -> None:
     names = [w.split(b"=", 1)[1] for w in words if w.startswith(b"zoned.zone=")]
     if not names or not names[-1] or len(names[-1]) > 63:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.sethostname(names[-1], len(names[-1])) != 0:
+    if libc().sethostname(names[-1], len(names[-1])) != 0:
         console(f"cannot set the hostname: errno {ctypes.get_errno()}")
 
 
