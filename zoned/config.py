@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -35,6 +35,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Per-zone serial console logs.
     log_dir: str = "/var/log/zoned"
     libvirt_uri: str = "qemu:///system"
+    # Every zone's libvirt domain is named <domain_prefix><zone>. Daemons that
+    # share one libvirtd (tests, benchmarks, several checkouts) use distinct
+    # prefixes so that their domains never collide.
+    domain_prefix: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9]{0,15}-\Z")] = "zoned-"
     # "auto" decides by a probe boot; "kvm" or "tcg" forces the accelerator.
     accelerator: Literal["auto", "kvm", "tcg"] = "auto"
     machine: Literal["microvm", "q35"] = "microvm"

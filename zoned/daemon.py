@@ -34,7 +34,13 @@ from zoned.placement import Allocator
 from zoned.rootfs import build_workload_root
 from zoned.server import Send, StreamInputs, serve_control_socket
 from zoned.topology import HostTopology, read_host_topology
-from zoned.virt import DomainEvent, Hypervisor, open_event_channel, probe_accelerator
+from zoned.virt import (
+    DomainEvent,
+    Hypervisor,
+    open_event_channel,
+    probe_accelerator,
+    probe_domain_name,
+)
 from zoned.workloads import exec_in_zone, run_in_fresh_zone
 from zoned.zones import ZoneManager
 
@@ -154,7 +160,14 @@ class Daemon:
         kernel = find_kernel(Path(self.config.kernel_store), "strict")
         workdir = Path(self.config.runtime_dir) / "probe"
         workdir.mkdir(parents=True, exist_ok=True)
-        result = await probe_accelerator(hv, kernel.image, None, "console=ttyS0", workdir)
+        result = await probe_accelerator(
+            hv,
+            kernel.image,
+            None,
+            "console=ttyS0",
+            workdir,
+            name=probe_domain_name(self.config.domain_prefix),
+        )
         cache.write_text(result + "\n")
         log.info("accelerator probe: %s", result)
         return result

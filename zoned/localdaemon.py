@@ -8,6 +8,7 @@ from the shared stores, so nothing is rebuilt.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,17 @@ from zoned.kernel.build import DEFAULT_STORE
 START_TIMEOUT_S = 90.0
 
 
+def checkout_domain_prefix() -> str:
+    """The domain prefix of private daemons started from this checkout.
+
+    Several checkouts (and CI) share the host's libvirtd; a prefix derived
+    from the checkout's path keeps their test zones' domains apart, and is
+    stable, so a later run finds and removes what a crashed run left.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    return "zt" + hashlib.sha256(str(checkout).encode()).hexdigest()[:6] + "-"
+
+
 class LocalDaemon:
     """``zoned --config`` in a subprocess with every path in one directory."""
 
@@ -32,6 +44,7 @@ class LocalDaemon:
         libvirt_uri: str = "qemu:///system",
         extra_config: str = "",
         remove_root: bool | None = None,
+        domain_prefix: str | None = None,
     ) -> None:
         if root is None:
             root = Path(tempfile.mkdtemp(prefix="zoned-", dir="/tmp"))
@@ -43,6 +56,7 @@ class LocalDaemon:
         self.config = root / "zoned.toml"
         self.socket = root / "zoned.sock"
         self.log = root / "zoned.log"
+        self.domain_prefix = domain_prefix or checkout_domain_prefix()
         self.config.write_text(
             "\n".join(
                 [
@@ -52,6 +66,7 @@ class LocalDaemon:
                     f'log_dir = "{root / "log"}"',
                     f'kernel_store = "{DEFAULT_STORE}"',
                     f'libvirt_uri = "{libvirt_uri}"',
+                    f'domain_prefix = "{self.domain_prefix}"',
                     "reserved_memory_mib = 512",
                     "boot_timeout_s = 60.0",
                     "heartbeat_interval_s = 1.0",
@@ -98,6 +113,10 @@ class LocalDaemon:
                 self.proc.wait(10)
                 raise
         return self.proc.returncode
+
+    def domain_name(self, zone: str) -> str:
+        """The libvirt domain of this daemon's zone ``zone``."""
+        return self.domain_prefix + zone
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""

@@ -959,10 +959,14 @@ def _invalid(what: str, tags: str, exc: Exception) -> InvalidRequest:
         if detail.endswith("`$.type`") or detail == "Object missing required field `type`":
             detail += f" (known types: {tags})"
         return InvalidRequest(f"invalid {what}: {detail}")
+    # msgspec reports a string that is not UTF-8 as UnicodeDecodeError up to
+    # 0.19 and as a DecodeError naming UTF-8 since: both get our own words.
+    if isinstance(exc, UnicodeDecodeError) or (
+        isinstance(exc, msgspec.DecodeError) and "utf-8" in str(exc).lower()
+    ):
+        return InvalidRequest(f"malformed {what}: a string is not valid UTF-8 ({exc})")
     if isinstance(exc, msgspec.DecodeError):
         return InvalidRequest(f"malformed {what}: not one msgpack message ({exc})")
-    if isinstance(exc, UnicodeDecodeError):
-        return InvalidRequest(f"malformed {what}: a string is not valid UTF-8 ({exc})")
     if isinstance(exc, RecursionError):
         return InvalidRequest(f"malformed {what}: containers nested too deeply")
     return InvalidRequest(f"malformed {what}: {exc}")

@@ -993,6 +993,13 @@ class Hypervisor:
 # "_" cannot occur in a zone name, and the prefix is not the zones' "zoned-",
 # so the probe never collides with a zone's domain.
 PROBE_DOMAIN_NAME: Final = "zoned_probe-kvm"
+
+
+def probe_domain_name(domain_prefix: str) -> str:
+    """The probe domain of the daemon whose zones are named ``<domain_prefix><zone>``."""
+    return domain_prefix.removesuffix("-") + "_probe-kvm"
+
+
 # How long a KVM guest kernel gets to reach init. A working KVM boot takes
 # well under a second; this window is what "KVM works" means, not a timeout.
 PROBE_BOOT_WINDOW_S: Final = 10.0

@@ -71,12 +71,7 @@ from zoned.virt import DomainEvent, Hypervisor
 
 log = logging.getLogger(__name__)
 
-DOMAIN_PREFIX = "zoned-"
 ACTIVE_STATES = frozenset({"creating", "booting", "ready", "stopping"})
-
-
-def domain_name(zone: str) -> str:
-    return DOMAIN_PREFIX + zone
 
 
 def placement_record(placement: Placement) -> PlacementRecord:
@@ -148,6 +143,7 @@ class ZoneManager:
         self.boot_image = boot_image
         self.rootfs = rootfs
         self.owner = str(Path(config.state_dir).resolve())
+        self.domain_prefix = config.domain_prefix
         self.tsc_khz = tsc_khz
         self.store: ZoneStore[ZoneRecord] = ZoneStore(Path(config.state_dir), ZoneRecord)
         self.zones: dict[str, _Zone] = {}
@@ -270,7 +266,7 @@ class ZoneManager:
         record = ZoneRecord(
             name=name,
             uuid=str(uuidlib.uuid4()),
-            domain_name=domain_name(name),
+            domain_name=self.domain_prefix + name,
             state="creating",
             vcpus=request.vcpus,
             memory_mib=request.memory_mib,
@@ -564,9 +560,9 @@ class ZoneManager:
     # --------------------------------------------------------- libvirt events
 
     async def handle_domain_event(self, event: DomainEvent) -> None:
-        if not event.name.startswith(DOMAIN_PREFIX):
+        if not event.name.startswith(self.domain_prefix):
             return
-        zone = self.zones.get(event.name.removeprefix(DOMAIN_PREFIX))
+        zone = self.zones.get(event.name.removeprefix(self.domain_prefix))
         if zone is None or event.kind not in ("stopped", "crashed", "shutdown"):
             return
         if zone.record.state in ("booting", "ready"):
@@ -580,7 +576,7 @@ class ZoneManager:
 
     async def resync(self) -> None:
         """After a (re)connection: zones whose domain is gone are failed."""
-        running = {d.name for d in await self.hv.list_domains(DOMAIN_PREFIX)}
+        running = {d.name for d in await self.hv.list_domains(self.domain_prefix)}
         for zone in list(self.zones.values()):
             if zone.record.state in ("booting", "ready") and zone.record.domain_name not in running:
                 if zone.supervisor is not None:
@@ -602,12 +598,12 @@ class ZoneManager:
         records = self.store.load_all()
         domains = {
             d.name: d
-            for d in await self.hv.list_domains(DOMAIN_PREFIX, metadata_uri=METADATA_NS)
+            for d in await self.hv.list_domains(self.domain_prefix, metadata_uri=METADATA_NS)
             if d.state in ("running", "blocked", "paused")
         }
         # Domains whose record was lost: rebuild it from the domain's metadata.
         for summary in domains.values():
-            zone_name = summary.name.removeprefix(DOMAIN_PREFIX)
+            zone_name = summary.name.removeprefix(self.domain_prefix)
             if zone_name in records:
                 continue
             try:

@@ -10,9 +10,17 @@ import libvirt
 import pytest
 
 from zoned.kernel.build import DEFAULT_STORE
-from zoned.localdaemon import LocalDaemon
+from zoned.localdaemon import LocalDaemon, checkout_domain_prefix
 
 URI = "qemu:///system"
+#: Every domain the integration tests create starts with this: checkouts that
+#: share the host's libvirtd never touch each other's domains.
+DOMAIN_PREFIX = checkout_domain_prefix()
+
+
+def domain_name(zone: str) -> str:
+    """The domain of a private daemon's zone ``zone`` (or of a test's own domain)."""
+    return DOMAIN_PREFIX + zone
 
 
 def open_libvirt() -> libvirt.virConnect:
@@ -35,13 +43,14 @@ def destroy_domains(prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def private_zoned(domain_prefix: str) -> Iterator[LocalDaemon]:
-    """A zoned of its own for one test module; its zones' domains start with
-    ``domain_prefix``, and none of them outlive it (nor precede it)."""
+def private_zoned(zone_prefix: str) -> Iterator[LocalDaemon]:
+    """A zoned of its own for one test module, whose zones are all named
+    ``zone_prefix*``; none of their domains outlive it (nor precede it)."""
     if not (DEFAULT_STORE / "strict").exists():
         pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
+    domain_prefix = domain_name(zone_prefix)
     destroy_domains(domain_prefix)
-    daemon = LocalDaemon()
+    daemon = LocalDaemon(domain_prefix=DOMAIN_PREFIX)
     daemon.start()
     try:
         yield daemon

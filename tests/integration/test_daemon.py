@@ -20,12 +20,11 @@ import libvirt
 import pytest
 import trio
 
-from tests.integration.conftest import destroy_domains, open_libvirt, private_zoned
+from tests.integration.conftest import destroy_domains, domain_name, open_libvirt, private_zoned
 from zoned import protocol as p
 from zoned.client import Client
 from zoned.errors import Conflict, HypervisorError, NoCapacity, NotFound
 from zoned.localdaemon import LocalDaemon
-from zoned.zones import domain_name
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +52,7 @@ def libvirt_conn() -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture(scope="module")
 def zoned() -> Iterator[LocalDaemon]:
-    with private_zoned(domain_name("it-")) as daemon:
+    with private_zoned("it-") as daemon:
         yield daemon
 
 

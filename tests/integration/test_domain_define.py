@@ -6,7 +6,7 @@ booted with the project's guest kernel and a busybox initramfs, and their
 serial console logs must show the kernel and init. A missing guest kernel
 fails those tests with the command that builds it.
 
-Domains are named ``zt-dom-*`` and removed by each test. The deadline on a
+Domains are named ``<checkout prefix>dom-*`` and removed by each test. The deadline on a
 boot only guards against hangs; nothing asserts timing.
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from tests.integration.conftest import domain_name
 from tests.unit.test_domain import GOLDEN_SPECS
 from zoned.config import Config
 from zoned.cpio import CpioWriter
@@ -95,7 +96,7 @@ def _remove(conn: Any, name: str) -> None:
 def test_define_keeps_our_xml_and_metadata(conn: Any, workdir: Path, golden: str) -> None:
     spec = dataclasses.replace(
         GOLDEN_SPECS[golden],
-        domain_name=f"zt-dom-{golden}",
+        domain_name=domain_name(f"dom-{golden}"),
         console_log=workdir / "console.log",
         agent_socket=workdir / "agent.sock",
         metadata=TRICKY_METADATA,
@@ -161,7 +162,7 @@ def test_zone_boots_and_logs_its_console(conn: Any, workdir: Path, machine: Mach
     _busybox_initramfs(initrd)
     tsc_khz = host_tsc_khz() if machine == "microvm" else None
     spec = DomainSpec(
-        domain_name=f"zt-dom-boot-{machine}",
+        domain_name=domain_name(f"dom-boot-{machine}"),
         uuid="5d2b8f1e-7c3a-4e9b-a0d4-6f8e2c1b3a57",
         vcpus=1,
         memory_mib=256,

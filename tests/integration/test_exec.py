@@ -25,7 +25,6 @@ from tests.integration.conftest import private_zoned
 from zoned.client import Client, SyncClient
 from zoned.errors import InvalidRequest
 from zoned.localdaemon import LocalDaemon
-from zoned.zones import domain_name
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +68,7 @@ def zoned() -> Iterator[LocalDaemon]:
             with trio.fail_after(CALL_TIMEOUT_S):
                 await client.create_zone(ZONE, memory_mib=512)
 
-    with private_zoned(domain_name("ex-")) as daemon:
+    with private_zoned("ex-") as daemon:
         trio.run(create, daemon)
         yield daemon
 

@@ -2,7 +2,7 @@
 
 Needs the running libvirtd and the guest kernel store (built by
 ``zoned-kernel build``); a missing kernel fails the tests that boot one, with
-the command that builds it. Domains are named ``zt-*`` and removed by each
+the command that builds it. Domains are named ``<checkout prefix>*`` and removed by each
 test. ``trio.fail_after`` only guards against hangs; nothing asserts timing.
 """
 
@@ -16,6 +16,7 @@ import psutil
 import pytest
 import trio
 
+from tests.integration.conftest import DOMAIN_PREFIX, domain_name
 from zoned import virt
 from zoned.config import Config
 from zoned.errors import HypervisorError, NotFound
@@ -52,8 +53,8 @@ async def next_event(
     raise AssertionError("event channel closed")
 
 
-# Only this module's domains: other test modules use other zt- prefixes.
-OWN_PREFIXES = ("zt-probe-", "zt-virt-", "zt-lost")
+# Only this module's domains: other test modules use other names.
+OWN_PREFIXES = (domain_name("probe-"), domain_name("virt-"), domain_name("lost"))
 
 
 class Env:
@@ -70,7 +71,7 @@ async def env() -> AsyncIterator[Env]:
             yield Env(hv, receive)
         finally:
             with trio.CancelScope(shield=True):
-                for summary in await hv.list_domains("zt-"):
+                for summary in await hv.list_domains(DOMAIN_PREFIX):
                     if summary.name.startswith(OWN_PREFIXES):
                         await hv.remove(summary.name)
 
@@ -89,10 +90,10 @@ async def test_probe_says_tcg_on_this_machine(env: Env, tmp_path: Path) -> None:
     # kernels do not run (DESIGN.md): the probe must see through it.
     kernel = store_kernel()
     result = await virt.probe_accelerator(
-        env.hv, kernel.image, None, zone_cmdline(), tmp_path, name="zt-probe-kvm"
+        env.hv, kernel.image, None, zone_cmdline(), tmp_path, name=domain_name("probe-kvm")
     )
     assert result == "tcg"
-    assert await env.hv.lookup("zt-probe-kvm") is None
+    assert await env.hv.lookup(domain_name("probe-kvm")) is None
 
 
 async def test_probe_boot_works_under_tcg(env: Env, tmp_path: Path) -> None:
@@ -102,24 +103,24 @@ async def test_probe_boot_works_under_tcg(env: Env, tmp_path: Path) -> None:
     with trio.fail_after(HANG_GUARD_S):
         reached = await virt.boot_reaches_init(
             env.hv,
-            name="zt-probe-tcg",
+            name=domain_name("probe-tcg"),
             virt_type="qemu",
             kernel=kernel.image,
             initrd=None,
             cmdline=zone_cmdline(),
             workdir=tmp_path,
         )
-    console = (tmp_path / "zt-probe-tcg.console.log").read_bytes()
+    console = (tmp_path / f"{domain_name('probe-tcg')}.console.log").read_bytes()
     assert reached, (
         f"TCG probe boot did not reach init; console:\n{console.decode(errors='replace')}"
     )
     assert virt.console_shows_late_boot(console)
-    assert await env.hv.lookup("zt-probe-tcg") is None
+    assert await env.hv.lookup(domain_name("probe-tcg")) is None
 
 
 async def test_running_domain_introspection_and_events(env: Env, tmp_path: Path) -> None:
     kernel = store_kernel()
-    name = "zt-virt-live"
+    name = domain_name("virt-live")
     xml = virt.render_probe_xml(
         name=name,
         virt_type="qemu",
@@ -152,7 +153,7 @@ async def test_running_domain_introspection_and_events(env: Env, tmp_path: Path)
     await env.hv.set_memory_hard_limit(name, 1024 * 1024)
     assert "<hard_limit unit='KiB'>1048576</hard_limit>" in await env.hv.xml(name)
 
-    listed = await env.hv.list_domains("zt-virt-")
+    listed = await env.hv.list_domains(domain_name("virt-"))
     assert [(s.name, s.state) for s in listed] == [(name, "running")]
 
     await env.hv.destroy(name)
@@ -234,14 +235,16 @@ async def test_lost_connection_is_detected_and_repaired(tmp_path: Path) -> None:
             # The new connection works and delivers events again.
             assert not hv.is_lost
             defined = await hv.define(
-                "<domain type='qemu'><name>zt-lost</name><memory unit='MiB'>64</memory>"
+                "<domain type='qemu'><name>"
+                + domain_name("lost")
+                + "</name><memory unit='MiB'>64</memory>"
                 "<os><type>hvm</type></os></domain>"
             )
             try:
-                event = await next_event(events, "zt-lost", "defined")
+                event = await next_event(events, domain_name("lost"), "defined")
                 assert event.uuid == defined.uuid
             finally:
-                await hv.remove("zt-lost")
+                await hv.remove(domain_name("lost"))
 
             # While lost, calls fail with HypervisorError.
             proxy.cut()
@@ -257,7 +260,7 @@ async def test_cancelled_probe_removes_its_domain(env: Env, tmp_path: Path) -> N
     # A KVM guest never gets anywhere on this machine, so the probe boot
     # would wait until cancelled; the cancelled probe must leave nothing.
     kernel = store_kernel()
-    name = "zt-probe-cancel"
+    name = domain_name("probe-cancel")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             lambda: virt.boot_reaches_init(
