@@ -9,7 +9,9 @@ import msgspec
 import pytest
 
 from zoned import protocol as p
-from zoned.cli import (
+from zoned.cli import main
+from zoned.cli.args import parse_args
+from zoned.cli.exits import (
     EXIT_BY_ERROR_CODE,
     EXIT_CONFLICT,
     EXIT_DAEMON_ERROR,
@@ -20,6 +22,8 @@ from zoned.cli import (
     EXIT_USAGE,
     error_line,
     exit_code_for,
+)
+from zoned.cli.format import (
     format_age,
     format_cpu_list,
     format_event,
@@ -30,8 +34,6 @@ from zoned.cli import (
     format_time,
     format_zone,
     format_zone_table,
-    main,
-    parse_args,
 )
 from zoned.client import Client, ConnectionLost, DaemonUnavailable, ProtocolError
 from zoned.errors import ERRORS_BY_CODE, NotFound, error_from_code
@@ -512,7 +514,7 @@ def test_error_line_is_one_line() -> None:
 async def test_client_reports_a_missing_socket(tmp_path: Path) -> None:
     path = tmp_path / "zoned.sock"
     with pytest.raises(DaemonUnavailable) as raised:
-        async with Client.connect(path):
+        async with Client(path):
             pass
     assert raised.value.path == path
     assert raised.value.errno == errno.ENOENT
@@ -524,8 +526,8 @@ def test_socket_from_the_environment(
 ) -> None:
     from_env = tmp_path / "env.sock"
     monkeypatch.setenv("ZONED_SOCKET", str(from_env))
-    assert Client.connect().path == from_env
-    assert Client.connect(tmp_path / "explicit.sock").path == tmp_path / "explicit.sock"
+    assert Client().path == from_env
+    assert Client(tmp_path / "explicit.sock").path == tmp_path / "explicit.sock"
     assert main(["list"]) == EXIT_UNAVAILABLE
     err = capsys.readouterr().err
     assert err == (
