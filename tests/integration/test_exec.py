@@ -430,3 +430,55 @@ def test_zonectl_exec_it_is_an_interactive_terminal(zoned: LocalDaemon) -> None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
+    seen = bytearray()
+    while marker not in seen:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"ended before {marker!r}: {bytes(seen)!r}"
+        seen.extend(chunk)
+    return bytes(seen)
+
+
+async def test_zonectl_ends_on_ctrl_c_twice_or_sigterm_while_the_daemon_is_frozen(
+    zoned: LocalDaemon,
+) -> None:
+    """A real process in a real zone, and then nothing answers: the daemon is
+    stopped (SIGSTOP), so no signal reaches the zone and nothing comes back."""
+    assert zoned.proc is not None
+    daemon_pid = zoned.proc.pid
+    script = "echo started; exec sleep 1001"
+    for signals, status in (
+        ([signal.SIGINT, signal.SIGINT], 130),
+        ([signal.SIGTERM], 128 + signal.SIGTERM),
+    ):
+        zonectl_process = await trio.lowlevel.open_process(
+            [*ZONECTL, "--socket", str(zoned.socket), "exec", ZONE, "--", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert zonectl_process.stdout is not None and zonectl_process.stderr is not None
+        try:
+            with trio.fail_after(CALL_TIMEOUT_S):
+                await read_until(zonectl_process.stdout, b"started\n")
+                os.kill(daemon_pid, signal.SIGSTOP)
+                try:
+                    first, *rest = signals
+                    zonectl_process.send_signal(first)
+                    if rest:  # zonectl took the first Ctrl-C (forwarded) and says so
+                        await read_until(zonectl_process.stderr, b"Ctrl-C again stops waiting")
+                        zonectl_process.send_signal(rest[0])
+                    assert await zonectl_process.wait() == status
+                finally:
+                    os.kill(daemon_pid, signal.SIGCONT)
+        finally:
+            if zonectl_process.returncode is None:
+                zonectl_process.kill()
+                await zonectl_process.wait()
+    # The daemon and the zone carry on.
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            left = await client.exec(ZONE, ["sh", "-c", "pkill -9 -f 'sleep 1001'; echo ok"])
+    assert left.stdout == b"ok\n", left
