@@ -217,7 +217,8 @@ async def run_process(client: Client, args: argparse.Namespace, out: Output) -> 
         zone = process.zone.name if process.zone else args.name
         out.text(format_process_json(zone, process.pid, result.exit, *collected) + "\n")
     else:
-        note = exit_note(result.exit, timeout_s=args.timeout, memory_limit_mib=args.memory_limit)
+        timeout_s = args.timeout if args.command == "run" else None
+        note = exit_note(result.exit, timeout_s=timeout_s, memory_limit_mib=args.memory_limit)
         if note is not None:
             out.note(note)
     return process_exit_status(result.exit)
