@@ -118,6 +118,24 @@ def wire_number(kind: type[msgspec.Struct], name: str) -> Callable[[str], Any]:
     return parse
 
 
+def wire_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    kind: type[msgspec.Struct],
+    name: str,
+    metavar: str,
+    help: str | None = None,
+) -> None:
+    """A numeric option that becomes ``kind.name``: the field's type, bounds and default."""
+    parser.add_argument(
+        flag,
+        type=wire_number(kind, name),
+        default=wire_default(kind, name),
+        metavar=metavar,
+        help=help,
+    )
+
+
 def _positive_int(text: str) -> int:
     """A client-side count (no wire field): a whole number >= 1."""
     try:
@@ -171,15 +189,8 @@ def label_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 def zone_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.RunZone]) -> None:
     """What a new zone looks like (``create``: ``kind`` CreateZone; ``run``: RunZone)."""
-    parser.add_argument(
-        "--vcpus", type=wire_number(kind, "vcpus"), default=wire_default(kind, "vcpus"), metavar="N"
-    )
-    parser.add_argument(
-        "--memory",
-        type=wire_number(kind, "memory_mib"),
-        default=wire_default(kind, "memory_mib"),
-        metavar="MIB",
-    )
+    wire_option(parser, "--vcpus", kind, "vcpus", "N")
+    wire_option(parser, "--memory", kind, "memory_mib", "MIB")
     parser.add_argument(
         "--profile", default=wire_default(kind, "profile"), metavar="P", help="guest kernel profile"
     )
@@ -216,21 +227,24 @@ def process_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run on a pseudo-terminal (with -i: a raw, interactive session)",
     )
-    parser.add_argument(
+    wire_option(
+        parser,
         "--memory-limit",
-        type=wire_number(p.Exec, "memory_limit_mib"),
-        default=None,
-        metavar="MIB",
-        help="memory limit of the command and its children (OOM-killed beyond it)",
+        p.Exec,
+        "memory_limit_mib",
+        "MIB",
+        "memory limit of the command and its children (OOM-killed beyond it)",
     )
-    parser.add_argument(
+    wire_option(
+        parser,
         "--pids-limit",
-        type=wire_number(p.Exec, "pids_limit"),
-        default=None,
-        metavar="N",
-        help="most processes the command and its children may have at once",
+        p.Exec,
+        "pids_limit",
+        "N",
+        "most processes the command and its children may have at once",
     )
-    parser.add_argument("--workdir", "-w", default="/", metavar="DIR", help="default: /")
+    cwd = wire_default(p.Exec, "cwd")
+    parser.add_argument("--workdir", "-w", default=cwd, metavar="DIR", help=f"default: {cwd}")
     parser.add_argument("--user", "-u", default="0:0", metavar="UID[:GID]", help="default: 0:0")
     parser.add_argument(
         "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]", help="what to run"
@@ -293,13 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = command("logs", "write a zone's serial console log (raw bytes) to stdout")
     logs.add_argument("name", metavar="NAME")
     logs.add_argument("--follow", "-f", action="store_true", help="keep writing new output")
-    logs.add_argument(
-        "--tail",
-        type=wire_number(p.ConsoleLog, "tail_bytes"),
-        default=None,
-        metavar="BYTES",
-        help="last BYTES only",
-    )
+    wire_option(logs, "--tail", p.ConsoleLog, "tail_bytes", "BYTES", "last BYTES only")
 
     exec_ = command(
         "exec", "run a command in a zone, streaming its output; exits with its exit status"
@@ -313,12 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     zone_options(run, p.RunZone)
     run.add_argument("--name", default="", help="zone name (default: run-<random>)")
-    run.add_argument(
+    wire_option(
+        run,
         "--timeout",
-        type=wire_number(p.RunZone, "timeout_s"),
-        default=None,
-        metavar="SECONDS",
-        help="kill the command (exit 124) when the whole run takes longer",
+        p.RunZone,
+        "timeout_s",
+        "SECONDS",
+        "kill the command (exit 124) when the whole run takes longer",
     )
     process_options(run)
 

@@ -77,23 +77,17 @@ class Client(FileTransfer, Connection):
         reply = await self._call(lambda id: p.DestroyZone(id=id, name=name))
         return expect(reply, p.ZoneReply).zone
 
-    async def watch_events(self) -> AsyncGenerator[p.Event, None]:
+    def watch_events(self) -> AsyncGenerator[p.Event, None]:
         """Events from now on, until the connection closes or the daemon cuts the stream.
 
         An async generator: close it when you stop early
         (``async with contextlib.aclosing(client.watch_events()) as events``).
         """
-        request_id, replies = await self._start(
-            lambda id: p.WatchEvents(id=id), STREAM_BUFFER, stream=True
+        return self._stream_of(
+            lambda id: p.WatchEvents(id=id), lambda reply: expect(reply, p.EventReply).event
         )
-        try:
-            with replies:
-                while not isinstance(reply := await self._receive(replies), p.StreamEnd):
-                    yield expect(reply, p.EventReply).event
-        finally:
-            self._forget(request_id)
 
-    async def console_log(
+    def console_log(
         self, name: str, follow: bool = False, tail_bytes: int | None = None
     ) -> AsyncGenerator[bytes, None]:
         """A zone's serial console output as raw byte chunks (not lines, not UTF-8).
@@ -102,17 +96,10 @@ class Client(FileTransfer, Connection):
         on until closed. ``tail_bytes`` starts that many bytes before the end.
         An async generator: close it when you stop early (``contextlib.aclosing``).
         """
-        request_id, replies = await self._start(
+        return self._stream_of(
             lambda id: p.ConsoleLog(id=id, name=name, follow=follow, tail_bytes=tail_bytes),
-            STREAM_BUFFER,
-            stream=True,
+            lambda reply: expect(reply, p.LogChunk).data,
         )
-        try:
-            with replies:
-                while not isinstance(reply := await self._receive(replies), p.StreamEnd):
-                    yield expect(reply, p.LogChunk).data
-        finally:
-            self._forget(request_id)
 
     async def zone_metrics(self, name: str) -> p.ZoneMetricsData:
         """A zone's CPU time and memory as the host sees them, and the guest's own report."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +32,7 @@ STREAM_BUFFER = 64
 _MAX_REQUEST_ID = 2**32 - 1
 
 _R = TypeVar("_R", bound=p.Reply)
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +353,18 @@ class Connection:
         if isinstance(reply, p.ErrorReply):
             raise error_from_code(reply.code, reply.message)
         return reply
+
+    async def _stream_of(
+        self, build: Callable[[int], p.Request], item: Callable[[p.Reply], _T]
+    ) -> AsyncGenerator[_T, None]:
+        """A stream request's replies, each made an ``item``, up to its ``stream_end``."""
+        request_id, replies = await self._start(build, STREAM_BUFFER, stream=True)
+        try:
+            with replies:
+                while not isinstance(reply := await self._receive(replies), p.StreamEnd):
+                    yield item(reply)
+        finally:
+            self._forget(request_id)
 
     async def _call(self, build: Callable[[int], p.Request]) -> p.Reply:
         """One request, one reply."""
