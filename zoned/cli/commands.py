@@ -209,7 +209,7 @@ async def run_process(client: Client, args: argparse.Namespace, out: Output) -> 
             if relay.left is not None:
                 raise relay.left from None  # what breaking the connection caused
             raise
-        if relay.left is not None:
+        if relay.left is not None and process.result is None:
             raise relay.left
     result = process.result
     assert result is not None
