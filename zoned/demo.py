@@ -31,7 +31,7 @@ print(f"hello from {platform.system()} {platform.release()}, pid {os.getpid()}")
 
 
 async def demo(daemon: LocalDaemon) -> None:
-    async with Client.connect(daemon.socket, client_name="demo") as client:
+    async with Client(daemon.socket, client_name="demo") as client:
         host = await client.host_info()
         say(f"zoned is up: accelerator {host.accelerator}, {len(host.cpus)} CPUs")
         argv = ["python3", "-c", DEMO_PROGRAM]

@@ -58,7 +58,7 @@ def zoned() -> Iterator[LocalDaemon]:
 
 @contextlib.asynccontextmanager
 async def connect(daemon: LocalDaemon) -> AsyncIterator[Client]:
-    async with Client.connect(daemon.socket, client_name="it") as client:
+    async with Client(daemon.socket, client_name="it") as client:
         yield client
 
 
@@ -307,7 +307,7 @@ async def test_kill9_and_restart_readopts_running_zones(
     with LocalDaemon(extra_config='accelerator = "tcg"') as neighbour:
 
         async def neighbour_zones() -> list[p.ZoneInfo]:
-            async with Client.connect(neighbour.socket, client_name="it") as other:
+            async with Client(neighbour.socket, client_name="it") as other:
                 return await other.list_zones()
 
         assert await neighbour_zones() == []

@@ -64,7 +64,7 @@ def zoned() -> Iterator[LocalDaemon]:
     """One daemon and one shared zone for the module."""
 
     async def create(daemon: LocalDaemon) -> None:
-        async with Client.connect(daemon.socket, client_name="it") as client:
+        async with Client(daemon.socket, client_name="it") as client:
             with trio.fail_after(CALL_TIMEOUT_S):
                 await client.create_zone(ZONE, memory_mib=512)
 
@@ -75,7 +75,7 @@ def zoned() -> Iterator[LocalDaemon]:
 
 @contextlib.asynccontextmanager
 async def connect(daemon: LocalDaemon) -> AsyncIterator[Client]:
-    async with Client.connect(daemon.socket, client_name="it") as client:
+    async with Client(daemon.socket, client_name="it") as client:
         yield client
 
 
@@ -94,7 +94,7 @@ def zonectl(
 async def test_python_runs_in_the_zone(zoned: LocalDaemon) -> None:
     async with connect(zoned) as client:
         result = await client.exec(ZONE, ["python3", "-c", "import os; print(2+2, os.getpid())"])
-    assert result.exit_code == 0 and result.signal is None, result
+    assert result.exit.exit_code == 0 and result.exit.signal is None, result
     answer, pid = result.stdout.split()
     assert answer == b"4" and int(pid) > 1
     assert result.stderr == b""
@@ -112,7 +112,7 @@ async def test_shell_utilities_environment_and_cwd(zoned: LocalDaemon) -> None:
             env={"GREETING": "hello"},
             cwd="/tmp",
         )
-    assert result.exit_code == 0, result
+    assert result.exit.exit_code == 0, result
     lines = result.stdout.decode().splitlines()
     assert lines[0] == "hello from /tmp as 0"
     assert lines[1].startswith("6.12")
@@ -126,10 +126,10 @@ async def test_exit_codes_signals_and_missing_commands(zoned: LocalDaemon) -> No
         killed = await client.exec(ZONE, ["sh", "-c", "kill -TERM $$"])
         missing = await client.exec(ZONE, ["no-such-command"])
         not_dir = await client.exec(ZONE, ["true"], cwd="/no/such/dir")
-    assert (exited.exit_code, exited.stdout, exited.stderr) == (42, b"out\n", b"err\n")
-    assert (killed.exit_code, killed.signal, killed.returncode) == (None, 15, -15)
-    assert missing.exit_code == 127 and b"No such file or directory" in missing.stderr
-    assert not_dir.exit_code in (126, 127) and b"/no/such/dir" in not_dir.stderr
+    assert (exited.exit.exit_code, exited.stdout, exited.stderr) == (42, b"out\n", b"err\n")
+    assert (killed.exit.exit_code, killed.exit.signal, killed.returncode) == (None, 15, -15)
+    assert missing.exit.exit_code == 127 and b"No such file or directory" in missing.stderr
+    assert not_dir.exit.exit_code in (126, 127) and b"/no/such/dir" in not_dir.stderr
 
 
 async def test_signal_reaches_a_running_process(zoned: LocalDaemon) -> None:
@@ -137,7 +137,7 @@ async def test_signal_reaches_a_running_process(zoned: LocalDaemon) -> None:
         assert await process.started()
         await process.signal(signal.SIGINT)
         result = await process.wait()
-    assert result.signal == signal.SIGINT, result
+    assert result.exit.signal == signal.SIGINT, result
 
 
 async def test_64_mib_of_stdout_arrive_whole_and_in_order(zoned: LocalDaemon) -> None:
@@ -157,7 +157,7 @@ async def test_64_mib_of_stdout_arrive_whole_and_in_order(zoned: LocalDaemon) ->
                     digest.update(chunk.data)
                     received += len(chunk.data)
     assert not errors, errors.decode(errors="replace")
-    assert process.result is not None and process.result.exit_code == 0, process.result
+    assert process.result is not None and process.result.exit.exit_code == 0, process.result
     assert received == size
     assert digest.hexdigest() == expected_digest(size)
 
@@ -168,7 +168,7 @@ async def test_stdin_round_trip(zoned: LocalDaemon) -> None:
         with trio.fail_after(CALL_TIMEOUT_S):
             echoed = await client.exec(ZONE, ["cat"], input=data)
             summed = await client.exec(ZONE, ["sha256sum"], input=data)
-    assert echoed.exit_code == 0 and echoed.stdout == data
+    assert echoed.exit.exit_code == 0 and echoed.stdout == data
     assert summed.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
 
 
@@ -179,7 +179,7 @@ async def test_concurrent_processes_keep_their_own_output(zoned: LocalDaemon) ->
         async def one(i: int) -> None:
             script = f"for n in 1 2 3 4 5; do echo {i}-$n; done"
             result = await client.exec(ZONE, ["sh", "-c", script])
-            assert result.exit_code == 0
+            assert result.exit.exit_code == 0
             results[i] = result.stdout
 
         with trio.fail_after(CALL_TIMEOUT_S):
@@ -351,11 +351,11 @@ async def test_fork_bomb_and_memory_hog_are_contained(zoned: LocalDaemon) -> Non
             still = await client.exec(ZONE, ["echo", "fine"])
     # The guest never held many more processes than the bomb's limit allows.
     assert metrics.guest is not None and metrics.guest.processes < 64 + 40, metrics
-    assert bombed.signal == signal.SIGKILL and bombed.cpu_time_s is not None
+    assert bombed.exit.signal == signal.SIGKILL and bombed.exit.cpu_time_s is not None
     # Nothing of the bomb outlives it: its cgroup was emptied.
     assert int(after.stdout) < 40, after.stdout
-    assert hogged.oom_killed and hogged.signal == signal.SIGKILL, hogged
-    assert hogged.memory_peak_kib is not None and hogged.memory_peak_kib <= 64 * 1024
+    assert hogged.exit.oom_killed and hogged.exit.signal == signal.SIGKILL, hogged
+    assert hogged.exit.memory_peak_kib is not None and hogged.exit.memory_peak_kib <= 64 * 1024
     assert still.stdout == b"fine\n"
 
 
@@ -389,7 +389,7 @@ async def test_terminal_mode(zoned: LocalDaemon) -> None:
     text = output.decode(errors="replace")
     assert "/dev/pts/" in text and "40 100" in text and "got:hello" in text, text
     assert b"50 132" in resized_output, resized_output
-    assert process.result is not None and process.result.exit_code == 0
+    assert process.result is not None and process.result.exit.exit_code == 0
 
 
 def test_zonectl_exec_it_is_an_interactive_terminal(zoned: LocalDaemon) -> None:
@@ -430,3 +430,55 @@ def test_zonectl_exec_it_is_an_interactive_terminal(zoned: LocalDaemon) -> None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
+    seen = bytearray()
+    while marker not in seen:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"ended before {marker!r}: {bytes(seen)!r}"
+        seen.extend(chunk)
+    return bytes(seen)
+
+
+async def test_zonectl_ends_on_ctrl_c_twice_or_sigterm_while_the_daemon_is_frozen(
+    zoned: LocalDaemon,
+) -> None:
+    """A real process in a real zone, and then nothing answers: the daemon is
+    stopped (SIGSTOP), so no signal reaches the zone and nothing comes back."""
+    assert zoned.proc is not None
+    daemon_pid = zoned.proc.pid
+    script = "echo started; exec sleep 1001"
+    for signals, status in (
+        ([signal.SIGINT, signal.SIGINT], 130),
+        ([signal.SIGTERM], 128 + signal.SIGTERM),
+    ):
+        zonectl_process = await trio.lowlevel.open_process(
+            [*ZONECTL, "--socket", str(zoned.socket), "exec", ZONE, "--", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert zonectl_process.stdout is not None and zonectl_process.stderr is not None
+        try:
+            with trio.fail_after(CALL_TIMEOUT_S):
+                await read_until(zonectl_process.stdout, b"started\n")
+                os.kill(daemon_pid, signal.SIGSTOP)
+                try:
+                    first, *rest = signals
+                    zonectl_process.send_signal(first)
+                    if rest:  # zonectl took the first Ctrl-C (forwarded) and says so
+                        await read_until(zonectl_process.stderr, b"Ctrl-C again stops waiting")
+                        zonectl_process.send_signal(rest[0])
+                    assert await zonectl_process.wait() == status
+                finally:
+                    os.kill(daemon_pid, signal.SIGCONT)
+        finally:
+            if zonectl_process.returncode is None:
+                zonectl_process.kill()
+                await zonectl_process.wait()
+    # The daemon and the zone carry on.
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            left = await client.exec(ZONE, ["sh", "-c", "pkill -9 -f 'sleep 1001'; echo ok"])
+    assert left.stdout == b"ok\n", left

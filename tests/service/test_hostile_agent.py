@@ -66,7 +66,7 @@ async def test_hostile_agent_fails_only_its_own_zone(daemon: Daemon) -> None:
         await agents.start(fake_agent, runtime / "evil" / "agent.sock", oversize)
         await agents.start(fake_agent, runtime / "liar" / "agent.sock", bad_output)
         await agents.start(fake_agent, runtime / "good" / "agent.sock", b"")
-        async with Client.connect(daemon.config.socket_path, client_name="test") as client:
+        async with Client(daemon.config.socket_path, client_name="test") as client:
             for name in ("evil", "liar", "good"):
                 zone = await client.create_zone(name)
                 assert zone.state == "ready", zone

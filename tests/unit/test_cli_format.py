@@ -6,32 +6,39 @@ import errno
 from pathlib import Path
 
 import msgspec
+import msgspec.inspect
 import pytest
 
 from zoned import protocol as p
-from zoned.cli import (
+from zoned.cli import main
+from zoned.cli.args import parse_args
+from zoned.cli.exits import (
     EXIT_BY_ERROR_CODE,
     EXIT_CONFLICT,
     EXIT_DAEMON_ERROR,
     EXIT_NO_CAPACITY,
     EXIT_NOT_FOUND,
     EXIT_PERMISSION_DENIED,
+    EXIT_TIMED_OUT,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     error_line,
     exit_code_for,
+    exit_note,
+    process_exit_status,
+)
+from zoned.cli.format import (
     format_age,
     format_cpu_list,
     format_event,
     format_host,
     format_json,
     format_mib,
+    format_process_json,
     format_seconds,
     format_time,
     format_zone,
     format_zone_table,
-    main,
-    parse_args,
 )
 from zoned.client import Client, ConnectionLost, DaemonUnavailable, ProtocolError
 from zoned.errors import ERRORS_BY_CODE, NotFound, error_from_code
@@ -512,7 +519,7 @@ def test_error_line_is_one_line() -> None:
 async def test_client_reports_a_missing_socket(tmp_path: Path) -> None:
     path = tmp_path / "zoned.sock"
     with pytest.raises(DaemonUnavailable) as raised:
-        async with Client.connect(path):
+        async with Client(path):
             pass
     assert raised.value.path == path
     assert raised.value.errno == errno.ENOENT
@@ -524,8 +531,8 @@ def test_socket_from_the_environment(
 ) -> None:
     from_env = tmp_path / "env.sock"
     monkeypatch.setenv("ZONED_SOCKET", str(from_env))
-    assert Client.connect().path == from_env
-    assert Client.connect(tmp_path / "explicit.sock").path == tmp_path / "explicit.sock"
+    assert Client().path == from_env
+    assert Client(tmp_path / "explicit.sock").path == tmp_path / "explicit.sock"
     assert main(["list"]) == EXIT_UNAVAILABLE
     err = capsys.readouterr().err
     assert err == (
@@ -534,3 +541,134 @@ def test_socket_from_the_environment(
     )
     assert main(["--socket", str(tmp_path / "other.sock"), "list"]) == EXIT_UNAVAILABLE
     assert str(tmp_path / "other.sock") in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+# Every numeric option that becomes a wire field: (the command, the option,
+# the rest of the command line, the request and field whose bounds the
+# daemon applies).
+WIRE_NUMBERS = [
+    ("create", "--vcpus", ["web"], p.CreateZone, "vcpus"),
+    ("create", "--memory", ["web"], p.CreateZone, "memory_mib"),
+    ("run", "--vcpus", ["--", "true"], p.RunZone, "vcpus"),
+    ("run", "--memory", ["--", "true"], p.RunZone, "memory_mib"),
+    ("exec", "--memory-limit", ["web", "--", "true"], p.Exec, "memory_limit_mib"),
+    ("run", "--pids-limit", ["--", "true"], p.RunZone, "pids_limit"),
+    ("logs", "--tail", ["web"], p.ConsoleLog, "tail_bytes"),
+]
+
+
+def wire_bounds(kind: type[msgspec.Struct], name: str) -> tuple[int, int]:
+    field = next(f for f in msgspec.inspect.type_info(kind).fields if f.name == name)  # type: ignore[attr-defined]
+    types = getattr(field.type, "types", (field.type,))
+    number = next(t for t in types if isinstance(t, msgspec.inspect.IntType))
+    assert number.ge is not None and number.le is not None
+    return number.ge, number.le
+
+
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == EXIT_USAGE
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("command", "option", "rest", "kind", "name"), WIRE_NUMBERS)
+def test_numeric_options_take_the_protocols_bounds(
+    command: str,
+    option: str,
+    rest: list[str],
+    kind: type[msgspec.Struct],
+    name: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    low, high = wire_bounds(kind, name)
+    dest = option.removeprefix("--").replace("-", "_")
+    for good in (low, high):
+        args = parse_args([command, option, str(good), *rest])
+        assert vars(args)[dest] == good
+    expected = f"expected a whole number from {low} to {high}"
+    for bad in (str(low - 1), str(high + 1), "-1", "many"):
+        assert expected in usage_error([command, option, bad, *rest], capsys)
+
+
+def test_vcpus_minus_one_and_zero_get_the_same_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    minus_one = usage_error(["create", "web", "--vcpus", "-1"], capsys)
+    zero = usage_error(["create", "web", "--vcpus", "0"], capsys)
+    assert minus_one.removesuffix("-1") == zero.removesuffix("0")
+    assert f"from {p.MIN_VCPUS} to {p.MAX_VCPUS}" in zero
+
+
+def test_run_timeout_takes_the_protocols_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["run", "--timeout", "0.5", "--", "true"]).timeout == 0.5
+    limit = p.MAX_RUN_TIMEOUT_S
+    assert parse_args(["run", "--timeout", f"{limit:g}", "--", "true"]).timeout == limit
+    for bad in ("0", "-3", f"{limit + 1:g}", "nan", "soon"):
+        line = usage_error(["run", "--timeout", bad, "--", "true"], capsys)
+        assert f"expected a number > 0 and <= {limit:g}" in line, line
+
+
+def test_run_defaults_match_the_protocol() -> None:
+    args = parse_args(["run", "--", "true"])
+    request = p.RunZone(id=1, argv=["true"])
+    assert (args.vcpus, args.memory, args.profile, args.placement, args.machine) == (
+        request.vcpus,
+        request.memory_mib,
+        request.profile,
+        request.placement,
+        request.machine,
+    )
+    assert (args.name, args.timeout, args.memory_limit, args.pids_limit) == (
+        request.name,
+        request.timeout_s,
+        request.memory_limit_mib,
+        request.pids_limit,
+    )
+
+
+# --------------------------------------------------------------------------- exec/run reports
+
+
+def test_out_of_memory_note_without_a_limit_names_none() -> None:
+    oom = p.ExecExit(id=1, signal=9, oom_killed=True)
+    unlimited = exit_note(oom, timeout_s=None, memory_limit_mib=None)
+    assert unlimited is not None and "None" not in unlimited
+    assert unlimited.startswith("zonectl: killed: out of memory")
+    assert exit_note(oom, timeout_s=None, memory_limit_mib=64) == (
+        "zonectl: killed: out of memory (limit 64 MiB)"
+    )
+    timed_out = p.ExecExit(id=1, signal=9, timed_out=True)
+    assert exit_note(timed_out, timeout_s=20.0, memory_limit_mib=None) == (
+        "zonectl: the run timed out after 20 s; killed"
+    )
+    assert exit_note(p.ExecExit(id=1, exit_code=3), timeout_s=20.0, memory_limit_mib=64) is None
+
+
+def test_process_exit_status() -> None:
+    assert process_exit_status(p.ExecExit(id=1, exit_code=3)) == 3
+    assert process_exit_status(p.ExecExit(id=1, signal=9)) == 128 + 9
+    assert process_exit_status(p.ExecExit(id=1, signal=9, timed_out=True)) == EXIT_TIMED_OUT
+
+
+def test_process_json_has_every_field_of_the_exit() -> None:
+    exit = p.ExecExit(id=7, exit_code=0, cpu_time_s=0.25)
+    fields = msgspec.json.decode(format_process_json("web", 42, exit, b"out\xff", b""))
+    assert fields == {
+        "zone": "web",
+        "pid": 42,
+        **{name: getattr(exit, name) for name in p.ExecExit.__struct_fields__ if name != "id"},
+        "stdout": "out\ufffd",
+        "stderr": "",
+    }
+
+
+class ExecExitOfTomorrow(p.ExecExit, tag="exec_exit", frozen=True):
+    """ExecExit as a later protocol revision might have it: one field more."""
+
+    io_wait_s: float | None = None
+
+
+def test_a_field_added_to_exec_exit_reaches_the_json_with_no_edit() -> None:
+    exit = ExecExitOfTomorrow(id=7, exit_code=0, io_wait_s=1.5)
+    fields = msgspec.json.decode(format_process_json("web", 42, exit, b"", b""))
+    assert fields["io_wait_s"] == 1.5 and fields["exit_code"] == 0

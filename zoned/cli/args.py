@@ -1,0 +1,383 @@
+"""zonectl's command line: the parser, and the checks argparse cannot do.
+
+An option that becomes a wire field takes its bounds and its default from
+that field of :mod:`zoned.protocol` (the very rule the daemon's decoder
+applies), so the command line and the protocol cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any, get_args
+
+import msgspec
+import msgspec.inspect
+
+from zoned import protocol as p
+from zoned.cli.exits import EXIT_STATUS_HELP, PROG
+from zoned.client import DEFAULT_MAX_FILE, DEFAULT_SOCKET, SOCKET_ENV
+
+# ---------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (the value may be empty; the daemon checks both)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parse_user(text: str) -> tuple[int, int]:
+    uid_text, _, gid_text = text.partition(":")
+    try:
+        uid = int(uid_text)
+        gid = int(gid_text) if gid_text else uid
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected UID[:GID] as numbers, got {text!r}") from None
+    return uid, gid
+
+
+def _field(kind: type[msgspec.Struct], name: str) -> msgspec.inspect.Field:
+    info = msgspec.inspect.type_info(kind)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        if field.name == name:
+            return field
+    raise AssertionError(f"{kind.__name__} has no field {name!r}")
+
+
+_Number = msgspec.inspect.IntType | msgspec.inspect.FloatType
+
+
+def _number_type(kind: type[msgspec.Struct], name: str) -> _Number:
+    """The numeric type of a wire field (of ``T | None`` too), with its bounds."""
+    field_type = _field(kind, name).type
+    candidates = (
+        field_type.types if isinstance(field_type, msgspec.inspect.UnionType) else (field_type,)
+    )
+    for candidate in candidates:
+        if isinstance(candidate, _Number):
+            return candidate
+    raise AssertionError(f"{kind.__name__}.{name} is not a number")
+
+
+def wire_default(kind: type[msgspec.Struct], name: str) -> Any:
+    """The protocol's default for a field (what the daemon takes when it is left out)."""
+    default = _field(kind, name).default
+    assert default is not msgspec.NODEFAULT, f"{kind.__name__}.{name} has no default"
+    return default
+
+
+def describe_bounds(bounds: _Number) -> str:
+    """``a whole number from 1 to 256``, ``a number > 0 and <= 86400``."""
+    whole = isinstance(bounds, msgspec.inspect.IntType)
+    noun = "a whole number" if whole else "a number"
+    if whole and bounds.ge is not None and bounds.le is not None:
+        return f"{noun} from {bounds.ge} to {bounds.le}"
+    limits = [
+        f"{word} {value:g}"
+        for word, value in (
+            (">=", bounds.ge),
+            (">", bounds.gt),
+            ("<=", bounds.le),
+            ("<", bounds.lt),
+        )
+        if value is not None
+    ]
+    return f"{noun} {' and '.join(limits)}" if limits else noun
+
+
+def _within(bounds: _Number, value: float) -> bool:
+    return (
+        (bounds.ge is None or value >= bounds.ge)
+        and (bounds.gt is None or value > bounds.gt)
+        and (bounds.le is None or value <= bounds.le)
+        and (bounds.lt is None or value < bounds.lt)
+    )
+
+
+def wire_number(kind: type[msgspec.Struct], name: str) -> Callable[[str], Any]:
+    """An argparse ``type`` for the option that becomes ``kind.name``: its type and bounds."""
+    bounds = _number_type(kind, name)
+    whole = isinstance(bounds, msgspec.inspect.IntType)
+    expected = describe_bounds(bounds)
+
+    def parse(text: str) -> int | float:
+        try:
+            value: int | float = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not _within(bounds, value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
+
+
+def wire_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    kind: type[msgspec.Struct],
+    name: str,
+    metavar: str,
+    help: str | None = None,
+) -> None:
+    """A numeric option that becomes ``kind.name``: the field's type, bounds and default."""
+    parser.add_argument(
+        flag,
+        type=wire_number(kind, name),
+        default=wire_default(kind, name),
+        metavar=metavar,
+        help=help,
+    )
+
+
+def _positive_int(text: str) -> int:
+    """A client-side count (no wire field): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Options shared by several commands
+# ---------------------------------------------------------------------------
+
+
+def _global_options(after_command: bool) -> argparse.ArgumentParser:
+    """``--socket`` and ``--json``, accepted before and after the command.
+
+    After it they default to SUPPRESS, so as not to reset what came before
+    it. Each parser gets its own instance: parents share action objects, and
+    set_defaults would change them for every parser at once.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS if after_command else None,
+        help=f"the daemon's socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET})",
+    )
+    options.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if after_command else False,
+        help="machine-readable output: one JSON document per line",
+    )
+    return options
+
+
+def label_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        type=parse_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
+
+
+def zone_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.RunZone]) -> None:
+    """What a new zone looks like (``create``: ``kind`` CreateZone; ``run``: RunZone)."""
+    wire_option(parser, "--vcpus", kind, "vcpus", "N")
+    wire_option(parser, "--memory", kind, "memory_mib", "MIB")
+    parser.add_argument(
+        "--profile", default=wire_default(kind, "profile"), metavar="P", help="guest kernel profile"
+    )
+    parser.add_argument(
+        "--placement", choices=get_args(p.Placement), default=wire_default(kind, "placement")
+    )
+    parser.add_argument(
+        "--machine", choices=get_args(p.Machine), default=None, help="default: the daemon's"
+    )
+    label_option(parser, "repeatable")
+
+
+def process_options(parser: argparse.ArgumentParser) -> None:
+    """How a process runs (``exec`` and ``run``), then its command line."""
+    parser.add_argument(
+        "--interactive",
+        "-i",
+        action="store_true",
+        help="send zonectl's stdin to the process (else its stdin is empty)",
+    )
+    parser.add_argument(
+        "--env",
+        "-e",
+        dest="env",
+        type=parse_label,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable; repeatable (PATH has a default)",
+    )
+    parser.add_argument(
+        "--tty",
+        "-t",
+        action="store_true",
+        help="run on a pseudo-terminal (with -i: a raw, interactive session)",
+    )
+    wire_option(
+        parser,
+        "--memory-limit",
+        p.Exec,
+        "memory_limit_mib",
+        "MIB",
+        "memory limit of the command and its children (OOM-killed beyond it)",
+    )
+    wire_option(
+        parser,
+        "--pids-limit",
+        p.Exec,
+        "pids_limit",
+        "N",
+        "most processes the command and its children may have at once",
+    )
+    cwd = wire_default(p.Exec, "cwd")
+    parser.add_argument("--workdir", "-w", default=cwd, metavar="DIR", help=f"default: {cwd}")
+    parser.add_argument("--user", "-u", default="0:0", metavar="UID[:GID]", help="default: 0:0")
+    parser.add_argument(
+        "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]", help="what to run"
+    )
+
+
+# ---------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; :func:`parse_args` adds the checks argparse cannot do."""
+    common = _global_options(after_command=True)
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Manage zones: small VMs with their own hardened kernel, run by zoned.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(after_command=False)],
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[common],
+            epilog=EXIT_STATUS_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    command("host", "show the host: accelerator, CPUs, memory, kernels")
+
+    create = command("create", "create a zone and wait until it is ready")
+    create.add_argument("name", metavar="NAME")
+    zone_options(create, p.CreateZone)
+    create.add_argument(
+        "--kernel-arg",
+        dest="kernel_args",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra guest kernel argument; repeatable",
+    )
+
+    list_ = command("list", "list zones")
+    label_option(list_, "only zones with this label; repeatable (all must match)")
+
+    show = command("show", "show one zone")
+    show.add_argument("name", metavar="NAME")
+
+    destroy = command("destroy", "destroy zones")
+    destroy.add_argument("names", metavar="NAME", nargs="+")
+
+    command("watch", "print events as they happen, one per line, until Ctrl-C")
+
+    logs = command("logs", "write a zone's serial console log (raw bytes) to stdout")
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep writing new output")
+    wire_option(logs, "--tail", p.ConsoleLog, "tail_bytes", "BYTES", "last BYTES only")
+
+    exec_ = command(
+        "exec", "run a command in a zone, streaming its output; exits with its exit status"
+    )
+    exec_.add_argument("name", metavar="ZONE")
+    process_options(exec_)
+
+    run = command(
+        "run",
+        "boot a fresh zone, run a command in it, destroy it; exits with the command's status",
+    )
+    zone_options(run, p.RunZone)
+    run.add_argument("--name", default="", help="zone name (default: run-<random>)")
+    wire_option(
+        run,
+        "--timeout",
+        p.RunZone,
+        "timeout_s",
+        "SECONDS",
+        "kill the command (exit 124) when the whole run takes longer",
+    )
+    process_options(run)
+
+    cp = command(
+        "cp",
+        "copy a file or directory between this host and a zone (ZONE:PATH on one side)",
+    )
+    cp.add_argument("source", metavar="SRC", help="a local path or ZONE:PATH")
+    cp.add_argument("dest", metavar="DEST", help="a local path or ZONE:PATH")
+    cp.add_argument(
+        "--max-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_FILE,
+        metavar="N",
+        help="refuse to copy more than N bytes out of a zone (default: 1 GiB)",
+    )
+
+    top = command("top", "live CPU and memory of every zone: the host's view and the guest's")
+    top.add_argument("--once", action="store_true", help="one sample, then exit")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="default: 1")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; exits (status 2) on a usage error.
+
+    ``labels`` becomes a dict; a key given twice is a usage error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "labels"):
+        labels: dict[str, str] = {}
+        for key, value in args.labels:
+            if key in labels:
+                parser.error(f"label {key!r} given more than once")
+            labels[key] = value
+        args.labels = labels
+    if hasattr(args, "argv"):
+        argv = list(args.argv)
+        if argv and argv[0] == "--":
+            argv = argv[1:]
+        if not argv:
+            parser.error(f"{args.command}: give the command to run after --")
+        args.argv = argv
+        env: dict[str, str] = {}
+        for key, value in args.env:
+            env[key] = value
+        args.env = env
+        try:
+            args.uid, args.gid = parse_user(args.user)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    return args

@@ -1,0 +1,358 @@
+"""Pure formatting for zonectl: tables, ``key: value`` blocks, event lines, JSON.
+
+No IO here, and the current time is passed in, so every function can be
+tested with hand-built records. Free text that came from a zone or a caller
+(reasons, labels, paths) goes through :func:`clean` before it reaches a
+terminal. ``--json`` output is the protocol's records with every field
+(:func:`to_plain`): a field the protocol gains shows up with no edit here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from zoned import protocol as p
+
+
+def clean(text: str) -> str:
+    """Free text (reasons, paths) made safe for a terminal: control characters escaped."""
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
+def one_line(text: str) -> str:
+    return clean(" ".join(text.split()))
+
+
+def format_cpu_list(cpus: Iterable[int]) -> str:
+    """CPU ids as a compact sorted list, as in /sys: ``0-3,6,8-9``; ``-`` if none."""
+    ids = sorted(set(cpus))
+    if not ids:
+        return "-"
+    ranges: list[str] = []
+    start = previous = ids[0]
+    for cpu in [*ids[1:], None]:
+        if cpu is not None and cpu == previous + 1:
+            previous = cpu
+            continue
+        ranges.append(str(start) if start == previous else f"{start}-{previous}")
+        if cpu is not None:
+            start = previous = cpu
+    return ",".join(ranges)
+
+
+def format_mib(mib: int) -> str:
+    """``256MiB``, ``2GiB`` (GiB only when exact)."""
+    if mib >= 1024 and mib % 1024 == 0:
+        return f"{mib // 1024}GiB"
+    return f"{mib}MiB"
+
+
+def format_age(seconds: float) -> str:
+    """A coarse age, as ``ps`` and ``kubectl`` show it: ``42s``, ``5m``, ``3h``, ``2d``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        seconds = 0
+    whole = int(seconds)
+    if whole < 120:
+        return f"{whole}s"
+    if whole < 120 * 60:
+        return f"{whole // 60}m"
+    if whole < 48 * 3600:
+        return f"{whole // 3600}h"
+    return f"{whole // 86400}d"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A short duration with a decimal: ``1.3s``; ``-`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    return f"{seconds:.1f}s"
+
+
+def format_time(unix: float) -> str:
+    """A Unix time as UTC ISO 8601 with milliseconds: ``2024-05-01T12:00:00.123Z``."""
+    try:
+        moment = datetime.fromtimestamp(unix, UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(unix)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    """``k=v,k2=v2`` in key order; ``-`` if none."""
+    if not labels:
+        return "-"
+    return ",".join(f"{key}={clean(labels[key])}" for key in sorted(labels))
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart, no trailing spaces; ends with a newline."""
+    all_rows = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in all_rows) for i in range(len(header))]
+    lines = []
+    for row in all_rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+ZONE_TABLE_HEADER = (
+    "NAME",
+    "STATE",
+    "VCPUS",
+    "MEM",
+    "CPUS",
+    "PROFILE",
+    "MACHINE",
+    "AGE",
+    "BOOT",
+)
+
+
+def _zone_cpus(zone: p.ZoneInfo) -> str:
+    return format_cpu_list(zone.cpus) if zone.cpus else zone.placement
+
+
+def _boot_time(zone: p.ZoneInfo) -> float | None:
+    return None if zone.ready_at is None else zone.ready_at - zone.created_at
+
+
+def format_zone_table(zones: Sequence[p.ZoneInfo], now: float) -> str:
+    """The ``list`` table, sorted by name.
+
+    CPUS is the set of host CPUs the vCPUs are pinned to (or the placement,
+    ``shared``, when unpinned); AGE counts from creation to ``now``; BOOT is
+    creation to ready (``-`` until then).
+    """
+    rows = [
+        (
+            zone.name,
+            zone.state,
+            str(zone.vcpus),
+            format_mib(zone.memory_mib),
+            _zone_cpus(zone),
+            clean(zone.profile),
+            zone.machine,
+            format_age(now - zone.created_at),
+            format_seconds(_boot_time(zone)),
+        )
+        for zone in sorted(zones, key=lambda zone: zone.name)
+    ]
+    return format_table(ZONE_TABLE_HEADER, rows)
+
+
+def _block(pairs: Sequence[tuple[str, str]]) -> str:
+    width = max(len(key) for key, _ in pairs) + 2
+    return "".join(f"{(key + ':').ljust(width)}{value}".rstrip() + "\n" for key, value in pairs)
+
+
+def format_zone(zone: p.ZoneInfo, now: float) -> str:
+    """The ``show`` block: every field of one zone."""
+    pinning = (
+        " ".join(f"vcpu{index}:{cpu}" for index, cpu in enumerate(zone.cpus))
+        if zone.cpus
+        else "not pinned"
+    )
+    pairs: list[tuple[str, str]] = [
+        ("name", zone.name),
+        ("uuid", clean(zone.uuid)),
+        ("state", zone.state),
+    ]
+    if zone.reason:
+        pairs.append(("reason", one_line(zone.reason)))
+    pairs += [
+        ("vcpus", str(zone.vcpus)),
+        ("memory", format_mib(zone.memory_mib)),
+        ("placement", zone.placement),
+        ("cpus", pinning),
+        ("emulator cpus", format_cpu_list(zone.emulator_cpus)),
+        ("numa node", "-" if zone.numa_node is None else str(zone.numa_node)),
+        ("profile", clean(zone.profile)),
+        ("kernel", clean(zone.kernel_release) or "-"),
+        ("machine", f"{zone.machine} ({zone.accelerator})"),
+        ("labels", format_labels(zone.labels)),
+        ("created", f"{format_time(zone.created_at)} ({format_age(now - zone.created_at)} ago)"),
+    ]
+    if zone.ready_at is None:
+        pairs.append(("ready", "-"))
+    else:
+        pairs.append(
+            (
+                "ready",
+                f"{format_time(zone.ready_at)} (boot {format_seconds(_boot_time(zone))},"
+                f" guest kernel to agent {format_seconds(zone.guest_boot_s)})",
+            )
+        )
+    pairs.append(("console log", clean(zone.console_log)))
+    return _block(pairs)
+
+
+def format_host(host: p.HostInfoData) -> str:
+    """The ``host`` report: a summary block, then one row per host CPU."""
+    online = [cpu.id for cpu in host.cpus if cpu.online]
+    reserved = [cpu.id for cpu in host.cpus if cpu.reserved]
+    pairs: list[tuple[str, str]] = [
+        ("accelerator", host.accelerator),
+        ("machine", f"{host.machine} (default for new zones)"),
+        (
+            "memory",
+            f"{host.memory_total_mib} MiB total, {host.memory_reserved_mib} MiB reserved,"
+            f" {host.memory_free_mib} MiB free",
+        ),
+        (
+            "cpus",
+            f"{len(host.cpus)} ({len(online)} online: {format_cpu_list(online)};"
+            f" reserved: {format_cpu_list(reserved)})",
+        ),
+        ("free exclusive", format_cpu_list(host.cpus_free_exclusive)),
+        ("shared pool", format_cpu_list(host.shared_pool)),
+        ("zones", str(host.zone_count)),
+    ]
+    for index, node in enumerate(sorted(host.numa_nodes, key=lambda node: node.id)):
+        pairs.append(
+            (
+                "numa nodes" if index == 0 else "",
+                f"node {node.id}: cpus {format_cpu_list(node.cpus)}, {node.memory_mib} MiB",
+            )
+        )
+    if not host.numa_nodes:
+        pairs.append(("numa nodes", "-"))
+    for index, kernel in enumerate(sorted(host.kernels, key=lambda kernel: kernel.profile)):
+        pairs.append(
+            (
+                "kernels" if index == 0 else "",
+                f"{clean(kernel.profile)}: {clean(kernel.kernel_release)}"
+                f" (sha256 {kernel.image_sha256[:12]})",
+            )
+        )
+    if not host.kernels:
+        pairs.append(("kernels", "none"))
+    # Continuation lines have an empty key: print them without the colon.
+    width = max(len(key) for key, _ in pairs) + 2
+    summary = "".join(
+        (f"{(key + ':').ljust(width)}" if key else " " * width) + value + "\n"
+        for key, value in pairs
+    )
+    rows = [
+        (
+            str(cpu.id),
+            "-" if not cpu.online else "online",
+            str(cpu.node),
+            "-" if cpu.package is None else str(cpu.package),
+            "-" if cpu.core is None else str(cpu.core),
+            "yes" if cpu.reserved else "no",
+            cpu.allocated_to or "-",
+        )
+        for cpu in sorted(host.cpus, key=lambda cpu: cpu.id)
+    ]
+    table = format_table(("CPU", "STATE", "NODE", "PACKAGE", "CORE", "RESERVED", "ZONE"), rows)
+    return summary + "\n" + table
+
+
+def cpu_percent(before: p.ZoneMetricsData | None, after: p.ZoneMetricsData) -> float | None:
+    """CPU use between two samples, in percent of one host CPU."""
+    if before is None or before.cpu_time_s is None or after.cpu_time_s is None:
+        return None
+    wall = after.sampled_at - before.sampled_at
+    if wall <= 0:
+        return None
+    return max(0.0, (after.cpu_time_s - before.cpu_time_s) / wall * 100.0)
+
+
+def format_top(rows: Sequence[tuple[p.ZoneMetricsData, float | None]]) -> str:
+    """The ``zonectl top`` table: one zone per line."""
+
+    def kib(value: int | None) -> str:
+        return "-" if value is None else format_mib(value // 1024)
+
+    lines = []
+    for metrics, cpu in rows:
+        guest = metrics.guest
+        used = (
+            f"{kib(guest.mem_total_kib - guest.mem_available_kib)}/{kib(guest.mem_total_kib)}"
+            if guest is not None
+            else "-"
+        )
+        lines.append(
+            [
+                metrics.name,
+                metrics.state,
+                "-" if cpu is None else f"{cpu:.1f}",
+                str(metrics.vcpus),
+                kib(metrics.host_rss_kib),
+                used,
+                "-" if guest is None else f"{guest.load1:.2f}",
+                "-" if guest is None else str(guest.processes),
+                str(metrics.execs_running),
+            ]
+        )
+    header = ["NAME", "STATE", "CPU%", "VCPUS", "HOST RSS", "GUEST MEM", "LOAD", "PROCS", "EXECS"]
+    return format_table(header, lines)
+
+
+def format_event(event: p.Event) -> str:
+    """One ``watch`` line (no newline): time, sequence number, what happened."""
+    head = f"{format_time(event.time)} #{event.seq}"
+    reason = f" ({one_line(event.reason)})" if event.reason else ""
+    if event.kind == "zone_state":
+        previous = clean(event.previous) or "-"
+        return f"{head} zone {clean(event.zone)}: {previous} -> {clean(event.state)}{reason}"
+    if event.kind in ("cpu_online", "cpu_offline"):
+        cpu = "?" if event.cpu is None else str(event.cpu)
+        return f"{head} cpu {cpu} {event.kind.removeprefix('cpu_')}{reason}"
+    if event.kind == "daemon":
+        return f"{head} daemon: {one_line(event.reason) or '-'}"
+    return f"{head} {clean(str(event.kind))}{reason}"
+
+
+def to_plain(value: Any) -> Any:
+    """Records as plain JSON-able values with every field.
+
+    msgspec's own :func:`msgspec.structs.asdict`, applied all the way down:
+    :func:`msgspec.to_builtins` would leave out every field that holds its
+    default (the protocol's records are ``omit_defaults``), and ``--json``
+    promises every field.
+    """
+    if isinstance(value, msgspec.Struct):
+        return {name: to_plain(item) for name, item in msgspec.structs.asdict(value).items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    return value
+
+
+def format_json(value: Any) -> str:
+    """One line of JSON (no newline) for ``--json``."""
+    return msgspec.json.encode(to_plain(value)).decode()
+
+
+def format_process_json(
+    zone: str, pid: int | None, exit: p.ExecExit, stdout: bytes, stderr: bytes
+) -> str:
+    """``exec``/``run --json``: the zone, the pid, every field of the exit, the output.
+
+    The exit's fields are the wire message's (its request ``id`` aside), so
+    whatever :class:`~zoned.protocol.ExecExit` carries shows up here.
+    """
+    fields = {name: value for name, value in to_plain(exit).items() if name != "id"}
+    return format_json(
+        {
+            "zone": zone,
+            "pid": pid,
+            **fields,
+            "stdout": stdout.decode(errors="replace"),
+            "stderr": stderr.decode(errors="replace"),
+        }
+    )
+
+
+def format_top_json(rows: Sequence[tuple[p.ZoneMetricsData, float | None]]) -> str:
+    """``top --json``: every field of each zone's metrics, and its CPU use."""
+    return format_json([{**to_plain(metrics), "cpu_percent": cpu} for metrics, cpu in rows])

@@ -1,0 +1,168 @@
+"""The async client's API: one method per control-socket request, processes, files.
+
+:class:`Client` is a :class:`~zoned.client.connection.Connection` (the
+socket and its reply routing) with the requests on top; its file methods
+come from :class:`~zoned.client.files.FileTransfer`. Options of processes and
+zones are the TypedDicts of :mod:`zoned.client.options`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING
+
+from zoned import protocol as p
+from zoned.client.connection import STREAM_BUFFER, Connection, expect
+from zoned.client.files import FileTransfer
+from zoned.client.options import wire_request
+from zoned.client.process import ExecResult, Process
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from zoned.client.options import (
+        CreateOptions,
+        ExecOptions,
+        ProcessOptions,
+        RunExecOptions,
+        RunProcessOptions,
+    )
+
+
+class Client(FileTransfer, Connection):
+    """A connection to zoned: ``async with Client(path) as client``.
+
+    ``path`` defaults to :func:`~zoned.client.default_socket_path`;
+    ``client_name`` is what the daemon logs. Nothing happens until it is
+    entered, which connects and shakes hands, raising
+    :class:`~zoned.client.DaemonUnavailable`, the daemon's error (e.g.
+    :class:`~zoned.errors.PermissionDenied`,
+    :class:`~zoned.errors.UnsupportedVersion`) or
+    :class:`~zoned.client.ConnectionLost`. After entering, :attr:`server` and
+    :attr:`version` hold what the daemon said in its hello reply. Every
+    method may raise the typed :class:`~zoned.errors.ZonedError` the daemon
+    answered with, or a :class:`~zoned.client.ClientError`.
+    """
+
+    # ------------------------------------------------------------ zones
+
+    async def host_info(self) -> p.HostInfoData:
+        """The host: accelerator, CPUs, NUMA nodes, free capacity, kernels."""
+        reply = await self._call(lambda id: p.HostInfo(id=id))
+        return expect(reply, p.HostInfoReply).host
+
+    async def create_zone(self, name: str, **options: Unpack[CreateOptions]) -> p.ZoneInfo:
+        """Create and boot a zone; returns once it is ready (the daemon raises if it fails).
+
+        The daemon validates every value; bad ones are
+        :class:`~zoned.errors.InvalidRequest`.
+        """
+        reply = await self._call(lambda id: wire_request(p.CreateZone, id, options, name=name))
+        return expect(reply, p.ZoneReply).zone
+
+    async def get_zone(self, name: str) -> p.ZoneInfo:
+        """One zone; :class:`~zoned.errors.NotFound` if there is none by that name."""
+        reply = await self._call(lambda id: p.GetZone(id=id, name=name))
+        return expect(reply, p.ZoneReply).zone
+
+    async def list_zones(self, labels: Mapping[str, str] | None = None) -> list[p.ZoneInfo]:
+        """Every zone carrying all of ``labels`` (every zone when empty)."""
+        label_dict = dict(labels or {})
+        reply = await self._call(lambda id: p.ListZones(id=id, labels=label_dict))
+        return expect(reply, p.ZoneListReply).zones
+
+    async def destroy_zone(self, name: str) -> p.ZoneInfo:
+        """Stop a zone for good; returns its final record (state ``stopped``)."""
+        reply = await self._call(lambda id: p.DestroyZone(id=id, name=name))
+        return expect(reply, p.ZoneReply).zone
+
+    def watch_events(self) -> AsyncGenerator[p.Event, None]:
+        """Events from now on, until the connection closes or the daemon cuts the stream.
+
+        An async generator: close it when you stop early
+        (``async with contextlib.aclosing(client.watch_events()) as events``).
+        """
+        return self._stream_of(
+            lambda id: p.WatchEvents(id=id), lambda reply: expect(reply, p.EventReply).event
+        )
+
+    def console_log(
+        self, name: str, follow: bool = False, tail_bytes: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """A zone's serial console output as raw byte chunks (not lines, not UTF-8).
+
+        Without ``follow`` it ends at the log's current end; with it, it goes
+        on until closed. ``tail_bytes`` starts that many bytes before the end.
+        An async generator: close it when you stop early (``contextlib.aclosing``).
+        """
+        return self._stream_of(
+            lambda id: p.ConsoleLog(id=id, name=name, follow=follow, tail_bytes=tail_bytes),
+            lambda reply: expect(reply, p.LogChunk).data,
+        )
+
+    async def zone_metrics(self, name: str) -> p.ZoneMetricsData:
+        """A zone's CPU time and memory as the host sees them, and the guest's own report."""
+        reply = await self._call(lambda id: p.ZoneMetrics(id=id, name=name))
+        return expect(reply, p.ZoneMetricsReply).metrics
+
+    # ------------------------------------------------------------ processes
+
+    def exec_process(
+        self, zone: str, argv: Sequence[str], **options: Unpack[ProcessOptions]
+    ) -> AbstractAsyncContextManager[Process]:
+        """Start ``argv`` in a ready zone; use as ``async with``.
+
+        Iterate the :class:`Process` for its output as it comes; then
+        :attr:`Process.result` holds how it ended. With ``stdin=True`` feed it
+        with :meth:`Process.write` and :meth:`Process.close_stdin`. With
+        ``tty=True`` it runs on a ``rows`` x ``cols`` pseudo-terminal (all its
+        output arrives as ``stdout``; :meth:`Process.resize` changes the size).
+        ``memory_limit_mib`` and ``pids_limit`` bound the process and
+        everything it starts (its own cgroup in the zone).
+        """
+        return self._process(lambda id: wire_request(p.Exec, id, options, zone=zone, argv=argv))
+
+    def run_process(
+        self, argv: Sequence[str], **options: Unpack[RunProcessOptions]
+    ) -> AbstractAsyncContextManager[Process]:
+        """Like :meth:`exec_process`, in a fresh zone the daemon destroys afterwards.
+
+        :attr:`Process.zone` is the zone once it is ready. ``timeout_s`` covers
+        the whole run; when it passes the process is killed
+        (``result.exit.timed_out``). The zone is destroyed even if this
+        client goes away.
+        """
+        return self._process(lambda id: wire_request(p.RunZone, id, options, argv=argv))
+
+    @asynccontextmanager
+    async def _process(self, build: Callable[[int], p.Request]) -> AsyncIterator[Process]:
+        request_id, replies = await self._start(build, STREAM_BUFFER, stream=True)
+        try:
+            with replies:
+                yield Process(self, request_id, replies)
+        finally:
+            self._forget(request_id)
+
+    async def exec(
+        self,
+        zone: str,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        **options: Unpack[ExecOptions],
+    ) -> ExecResult:
+        """Run ``argv`` in a ready zone to its end; its output collected in memory."""
+        async with self.exec_process(zone, argv, stdin=input is not None, **options) as process:
+            return await process.communicate(input)
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        **options: Unpack[RunExecOptions],
+    ) -> ExecResult:
+        """Boot a fresh zone, run ``argv`` in it to its end, destroy the zone."""
+        async with self.run_process(argv, stdin=input is not None, **options) as process:
+            return await process.communicate(input)

@@ -1,0 +1,134 @@
+"""The options of a process and of a zone, declared once, and the one builder of requests.
+
+Each option is the wire field of the same name (:mod:`zoned.protocol`); an
+option left out takes the protocol's default, so defaults live in one place
+too. The client's methods take them as keyword arguments
+(``**options: Unpack[ExecOptions]``), and so does the sync twin:
+
+=================  ==========================================================
+:class:`ExecOptions`     what a process is: ``env``, ``cwd``, ``uid``, ``gid``,
+                         ``memory_limit_mib``, ``pids_limit``
+:class:`ProcessOptions`  and how it is connected: ``stdin``, ``tty``, ``rows``,
+                         ``cols`` (streamed processes only)
+:class:`ZoneOptions`     what a new zone is: ``vcpus``, ``memory_mib``,
+                         ``profile``, ``placement``, ``labels``, ``machine``
+:class:`CreateOptions`   and ``kernel_args`` (a zone that lives on)
+:class:`RunOptions`      or ``name``, ``timeout_s`` (a zone for one run)
+=================  ==========================================================
+
+:func:`wire_request` turns them into the request; nothing else copies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict, TypeVar
+
+from zoned import protocol as p
+from zoned.errors import InvalidRequest
+
+__all__ = [
+    "CreateOptions",
+    "ExecOptions",
+    "ProcessOptions",
+    "RunExecOptions",
+    "RunOptions",
+    "RunProcessOptions",
+    "ZoneOptions",
+    "wire_request",
+]
+
+
+class ExecOptions(TypedDict, total=False):
+    """What a process is (``Exec``/``RunZone`` fields).
+
+    ``env`` is its whole environment; ``memory_limit_mib`` and
+    ``pids_limit`` bound it and everything it starts (its own cgroup).
+    """
+
+    env: Mapping[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    memory_limit_mib: int | None
+    pids_limit: int | None
+
+
+class ProcessOptions(ExecOptions, total=False):
+    """A streamed process: ``stdin=True`` takes input; ``tty`` a ``rows`` x ``cols`` terminal."""
+
+    stdin: bool
+    tty: bool
+    rows: int
+    cols: int
+
+
+class ZoneOptions(TypedDict, total=False):
+    """What a new zone is (``CreateZone``/``RunZone`` fields); ``machine`` None: the daemon's."""
+
+    vcpus: int
+    memory_mib: int
+    profile: str
+    placement: p.Placement
+    labels: Mapping[str, str]
+    machine: p.Machine | None
+
+
+class CreateOptions(ZoneOptions, total=False):
+    """A zone that lives on: extra guest kernel arguments too."""
+
+    kernel_args: Iterable[str]
+
+
+class RunOptions(ZoneOptions, total=False):
+    """A zone for one run: its name (generated when empty) and the run's timeout."""
+
+    name: str
+    timeout_s: float | None
+
+
+class RunProcessOptions(RunOptions, ProcessOptions, total=False):
+    """:meth:`~zoned.client.Client.run_process`: a fresh zone and a streamed process."""
+
+
+class RunExecOptions(RunOptions, ExecOptions, total=False):
+    """:meth:`~zoned.client.Client.run`: a fresh zone and a process run to its end."""
+
+
+# Options a caller may give as any mapping or iterable; the wire wants a
+# dict or a list.
+_AS_DICT = frozenset({"env", "labels"})
+_AS_LIST = frozenset({"kernel_args"})
+
+_M = TypeVar("_M", bound=p.Request)
+
+
+def wire_request(
+    kind: type[_M],
+    request_id: int,
+    options: Mapping[str, Any],
+    *,
+    argv: Sequence[str] | None = None,
+    **fixed: Any,
+) -> _M:
+    """The request ``kind`` for ``options`` (a TypedDict above) and the ``fixed`` fields.
+
+    :class:`~zoned.errors.InvalidRequest` for what cannot be a request at
+    all (an empty ``argv``, the protocol's own checks); the daemon checks the
+    bounds of every value.
+    """
+    fields: dict[str, Any] = dict(fixed)
+    if argv is not None:
+        if isinstance(argv, str) or not argv:
+            raise InvalidRequest("argv must be a non-empty list: the program, then its arguments")
+        fields["argv"] = list(argv)
+    for name, value in options.items():
+        if name in _AS_DICT:
+            value = dict(value)
+        elif name in _AS_LIST:
+            value = list(value)
+        fields[name] = value
+    try:
+        return kind(id=request_id, **fields)
+    except ValueError as exc:  # a __post_init__ check, e.g. kernel_args too long
+        raise InvalidRequest(str(exc)) from None
