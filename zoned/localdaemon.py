@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from zoned.kernel.build import DEFAULT_STORE
+from zoned.kernel.store import DEFAULT_STORE
 
 START_TIMEOUT_S = 90.0
 

@@ -3,18 +3,22 @@
 A record is written atomically to ``<state_dir>/zones/<name>.json`` on every
 state change and is also embedded in the running domain's ``<metadata>``, so
 that a restarted daemon can re-adopt a zone from either. New fields get
-defaults; no field changes type (records outlive daemon versions).
+defaults; no field changes type (records outlive daemon versions). The
+literal-typed fields (state, machine, accelerator, placement policy) are
+plain strings in the JSON, so records written before they were typed load
+as they are; a value outside the literal is a corrupt record.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from zoned.protocol import ZoneInfo
+from zoned.protocol import Accelerator, Machine, ZoneInfo, ZoneState
+from zoned.protocol import Placement as PlacementPolicy
 
 
 class PlacementRecord(msgspec.Struct, frozen=True, kw_only=True):
-    policy: str
+    policy: PlacementPolicy
     # Host CPU set each vCPU is pinned to, by vCPU index.
     vcpu_cpus: list[list[int]]
     emulator_cpus: list[int]
@@ -26,13 +30,13 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     uuid: str
     domain_name: str
-    state: str
+    state: ZoneState
     reason: str = ""
     vcpus: int
     memory_mib: int
     profile: str
-    machine: str
-    accelerator: str
+    machine: Machine
+    accelerator: Accelerator
     placement: PlacementRecord
     labels: dict[str, str] = {}
     kernel_args: list[str] = []
@@ -59,14 +63,14 @@ def to_info(record: ZoneRecord) -> ZoneInfo:
     return ZoneInfo(
         name=record.name,
         uuid=record.uuid,
-        state=record.state,  # type: ignore[arg-type]
+        state=record.state,
         reason=record.reason,
         vcpus=record.vcpus,
         memory_mib=record.memory_mib,
         profile=record.profile,
-        machine=record.machine,  # type: ignore[arg-type]
-        accelerator=record.accelerator,  # type: ignore[arg-type]
-        placement=record.placement.policy,  # type: ignore[arg-type]
+        machine=record.machine,
+        accelerator=record.accelerator,
+        placement=record.placement.policy,
         cpus=[cpus[0] for cpus in pins if len(cpus) == 1] if all(len(c) == 1 for c in pins) else [],
         emulator_cpus=list(record.placement.emulator_cpus),
         numa_node=record.placement.numa_node,

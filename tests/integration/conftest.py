@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from zoned.kernel.build import DEFAULT_STORE
+from zoned.kernel.store import DEFAULT_STORE
 from zoned.localdaemon import LocalDaemon, checkout_domain_prefix
 
 URI = "qemu:///system"

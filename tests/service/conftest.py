@@ -19,7 +19,7 @@ import trio
 
 from zoned.config import Config
 from zoned.daemon import Daemon
-from zoned.kernel.build import DEFAULT_STORE
+from zoned.kernel.store import DEFAULT_STORE
 
 
 @pytest.fixture
