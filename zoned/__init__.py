@@ -14,7 +14,7 @@ is the picture, ``docs/`` one page per topic.
    - :mod:`zoned.protocol`: every message of the control socket and of the
      agent channel, the framing, the limits.
    - :mod:`zoned.lifecycle`: the zone state machine and the predicates on
-     zone states (active, settled, terminal, running a domain).
+     zone states (settled, terminal, running a domain, ready).
    - :mod:`zoned.conversation`: the rules of one control-socket connection
      (hello first, in-flight cap, stream input), sans-IO.
    - :mod:`zoned.records`: the persisted zone record.

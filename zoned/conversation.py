@@ -111,11 +111,6 @@ class Conversation:
         self._inflight = 0
         self._streams: set[int] = set()
 
-    @property
-    def inflight(self) -> int:
-        """Requests started and not yet finished."""
-        return self._inflight
-
     def receive_data(self, data: bytes) -> None:
         """Bytes the client sent; :meth:`next_action` then says what they mean."""
         if self.state == "closed":

@@ -164,7 +164,7 @@ class Daemon:
             self.manager = manager
             await nursery.start(manager.run)
             nursery.start_soon(self._pump_domain_events, receive_events, manager)
-            nursery.start_soon(self._keep_connected, hv, manager)
+            nursery.start_soon(hv.keep_connected, self._connection_lost, self._reconnected)
             nursery.start_soon(self._watch_cpus)
             await nursery.start(
                 serve_control_socket,
@@ -219,14 +219,13 @@ class Daemon:
             except Exception:
                 log.exception("handling domain event %s failed", event)
 
-    async def _keep_connected(self, hv: Hypervisor, manager: ZoneManager) -> None:
-        while True:
-            reason = await hv.wait_lost()
-            log.warning("libvirt connection lost (%s); reconnecting", reason)
-            self.hub.publish("daemon", reason=f"libvirt connection lost: {reason}")
-            await hv.reconnect()
-            self.hub.publish("daemon", reason="libvirt connection re-established")
-            await manager.resync()
+    def _connection_lost(self, reason: str) -> None:
+        self.hub.publish("daemon", reason=f"libvirt connection lost: {reason}")
+
+    async def _reconnected(self) -> None:
+        self.hub.publish("daemon", reason="libvirt connection re-established")
+        assert self.manager is not None
+        await self.manager.resync()
 
     async def _watch_cpus(self) -> None:
         send, receive = trio.open_memory_channel[CpuEvent](64)

@@ -172,15 +172,6 @@ def is_terminal(state: ZoneState) -> bool:
     return state in ("stopped", "failed")
 
 
-def is_active(state: ZoneState) -> bool:
-    """A domain may exist or run for the zone, holding its host CPUs and memory.
-
-    The complement of :func:`is_terminal`: ``creating``, ``booting``,
-    ``ready`` and ``stopping``.
-    """
-    return not is_terminal(state)
-
-
 def is_settled(state: ZoneState) -> bool:
     """The outcome of a create is known: the zone is past ``creating`` and ``booting``.
 

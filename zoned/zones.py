@@ -19,7 +19,7 @@ Rules:
   is destroyed.
 - Destroy is idempotent for anything that exists; a destroyed zone's record
   is removed once it has reached ``stopped``.
-- Which states mean what (active, settled, running a domain, ready) is
+- Which states mean what (settled, terminal, running a domain, ready) is
   :mod:`zoned.lifecycle`'s to say; this module asks it.
 - On start-up the manager re-adopts every running domain of ours (from the
   records, or from the domain's metadata if the record is missing) and marks

@@ -20,7 +20,13 @@ import libvirt
 import pytest
 import trio
 
-from tests.integration.conftest import destroy_domains, domain_name, open_libvirt, private_zoned
+from tests.integration.conftest import (
+    destroy_domains,
+    domain_name,
+    open_libvirt,
+    private_zoned,
+    qemu_pid,
+)
 from tests.zone_events import EventLog, watching
 from zoned import protocol as p
 from zoned.client import Client
@@ -63,8 +69,10 @@ async def connect(daemon: LocalDaemon) -> AsyncIterator[Client]:
         yield client
 
 
-def qemu_pid(zone: str) -> int:
-    return int(Path(f"/run/libvirt/qemu/{domain_name(zone)}.pid").read_text())
+def zone_qemu_pid(zone: str) -> int:
+    pid = qemu_pid(domain_name(zone))
+    assert pid is not None, f"no QEMU runs for zone {zone}"
+    return pid
 
 
 def thread_affinity(pid: int) -> dict[str, str]:
@@ -117,7 +125,7 @@ async def test_create_ready_pinned_logged_listed_destroyed(
         dom = libvirt_conn.lookupByName(domain_name("it-one"))
         libvirt_view = dom.vcpuPinInfo(0)[0]
         assert {i for i, on in enumerate(libvirt_view) if on} == {pinned}
-        threads = thread_affinity(qemu_pid("it-one"))
+        threads = thread_affinity(zone_qemu_pid("it-one"))
         vcpu_threads = {name: cpus for name, cpus in threads.items() if name.startswith("CPU ")}
         assert vcpu_threads, threads
         for name, cpus in vcpu_threads.items():
@@ -180,7 +188,7 @@ async def test_three_zones_at_once(zoned: LocalDaemon, libvirt_conn: libvirt.vir
         listed = await client.list_zones()
         assert sorted(z.name for z in listed) == names
         assert all(z.state == "ready" for z in listed)
-        assert len({qemu_pid(n) for n in names}) == 3
+        assert len({zone_qemu_pid(n) for n in names}) == 3
 
         async with trio.open_nursery() as nursery:
             for name in names:
@@ -216,7 +224,7 @@ async def test_qemu_killed_from_outside_fails_the_zone(
     async with connect(zoned) as client, watching(client) as events:
         with trio.fail_after(CALL_TIMEOUT_S):
             await client.create_zone("it-victim")
-        os.kill(qemu_pid("it-victim"), signal.SIGKILL)
+        os.kill(zone_qemu_pid("it-victim"), signal.SIGKILL)
         failed = await wait_for_state(events, "it-victim", "failed")
         assert failed.previous == "ready" and "QEMU" in failed.reason, failed
         zone = await client.get_zone("it-victim")
@@ -245,7 +253,7 @@ async def test_libvirtd_restart_is_survived(zoned: LocalDaemon) -> None:
         after = await client.get_zone("it-survivor")
         assert after.state == "ready" and after.uuid == zone.uuid, after
         # Events flow from the new connection: a QEMU killed now is noticed.
-        os.kill(qemu_pid("it-survivor"), signal.SIGKILL)
+        os.kill(zone_qemu_pid("it-survivor"), signal.SIGKILL)
         failed = await wait_for_state(events, "it-survivor", "failed")
         assert "QEMU" in failed.reason, failed
         await client.destroy_zone("it-survivor")
@@ -263,7 +271,7 @@ async def test_kill9_and_restart_readopts_running_zones(
         with trio.fail_after(CALL_TIMEOUT_S * 2):
             keep = await client.create_zone("it-keep", placement="exclusive", labels={"k": "v"})
             vanish = await client.create_zone("it-vanish", memory_mib=128)
-    keep_pid = qemu_pid("it-keep")
+    keep_pid = zone_qemu_pid("it-keep")
 
     zoned.kill9()
     # While zoned is down, one domain disappears from under it, and another
@@ -288,7 +296,7 @@ async def test_kill9_and_restart_readopts_running_zones(
         adopted = await client.get_zone("it-keep")
         assert adopted.state == "ready", adopted
         # Same zone, same QEMU, same placement: adopted, not recreated.
-        assert qemu_pid("it-keep") == keep_pid
+        assert zone_qemu_pid("it-keep") == keep_pid
         for field in ("uuid", "cpus", "emulator_cpus", "numa_node", "labels", "created_at"):
             assert getattr(adopted, field) == getattr(keep, field), field
         assert adopted.ready_at == keep.ready_at

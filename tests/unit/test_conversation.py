@@ -98,9 +98,7 @@ def test_hello_twice_is_refused(serving: Conversation) -> None:
 def test_requests_start_and_finish(serving: Conversation) -> None:
     request = p.ListZones(id=2)
     assert actions(serving, request) == [Start(request, takes_input=False)]
-    assert serving.inflight == 1
     serving.finished(request)
-    assert serving.inflight == 0
 
 
 def test_the_inflight_cap_refuses_one_more_and_frees_on_finish(serving: Conversation) -> None:
@@ -112,7 +110,6 @@ def test_the_inflight_cap_refuses_one_more_and_frees_on_finish(serving: Conversa
         "invalid_request",
         f"too many requests in flight (limit {MAX_INFLIGHT})",
     )
-    assert serving.inflight == MAX_INFLIGHT
     serving.finished(started[0])
     assert actions(serving, p.ListZones(id=100)) == [Start(p.ListZones(id=100), takes_input=False)]
 
@@ -137,7 +134,6 @@ def test_stream_input_for_an_unknown_or_plain_request_is_refused(serving: Conver
     for message in (p.ExecInput(id=4, eof=True), p.ExecSignal(id=8, signal=9)):
         (refused,) = actions(serving, message)
         assert error(refused)[:2] == (message.id, "invalid_request")
-    assert serving.inflight == 1
 
 
 def test_a_running_exec_id_cannot_be_reused(serving: Conversation) -> None:
@@ -145,7 +141,6 @@ def test_a_running_exec_id_cannot_be_reused(serving: Conversation) -> None:
     assert actions(serving, first) == [Start(first, takes_input=True)]
     (refused,) = actions(serving, p.RunZone(id=5, argv=["true"]))
     assert error(refused) == (5, "invalid_request", "id 5 is already running")
-    assert serving.inflight == 1
     serving.finished(first)
     again = exec_request(5)
     assert actions(serving, again) == [Start(again, takes_input=True)]

@@ -12,7 +12,6 @@ from zoned.lifecycle import (
     INPUTS,
     STATES,
     Input,
-    is_active,
     is_ready,
     is_settled,
     is_terminal,
@@ -86,9 +85,8 @@ def test_reason_is_the_meaning_plus_the_detail() -> None:
     assert crashed.reason == "domain crashed: qemu killed by signal 11"
 
 
-def test_terminal_and_active() -> None:
+def test_terminal() -> None:
     assert [s for s in STATES if is_terminal(s)] == ["stopped", "failed"]
-    assert [s for s in STATES if is_active(s)] == ["creating", "booting", "ready", "stopping"]
 
 
 def test_settled_running_and_ready() -> None:

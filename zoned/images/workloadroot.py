@@ -55,8 +55,6 @@ from zoned.images.hostfiles import (
 #: Bump when the image's layout changes in a way the inputs do not show.
 ROOTFS_VERSION = 1
 MKFS_EROFS = "mkfs.erofs"
-#: Where the agent mounts the image in the guest (read-only lower layer).
-GUEST_DEVICE = "/dev/vda"
 #: Stdlib directories left out: tests and tools that have no use in a zone.
 STDLIB_EXCLUDE = frozenset(
     {
