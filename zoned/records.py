@@ -11,6 +11,8 @@ as they are; a value outside the literal is a corrupt record.
 
 from __future__ import annotations
 
+from typing import Final
+
 import msgspec
 
 from zoned.protocol import Accelerator, Machine, ZoneInfo, ZoneState
@@ -57,29 +59,26 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     owner: str = ""
 
 
+#: What a record and the client's view share by name and meaning: carried as they are.
+_SHARED_WITH_INFO: Final = tuple(
+    name
+    for name in ZoneInfo.__struct_fields__
+    if name in ZoneRecord.__struct_fields__ and name not in ("placement", "labels")
+)
+
+
 def to_info(record: ZoneRecord) -> ZoneInfo:
-    """The client's view of a record."""
-    pins = record.placement.vcpu_cpus
+    """The client's view of a record: the shared fields, and the placement spelled out."""
+    placement = record.placement
+    pins = placement.vcpu_cpus
     return ZoneInfo(
-        name=record.name,
-        uuid=record.uuid,
-        state=record.state,
-        reason=record.reason,
-        vcpus=record.vcpus,
-        memory_mib=record.memory_mib,
-        profile=record.profile,
-        machine=record.machine,
-        accelerator=record.accelerator,
-        placement=record.placement.policy,
-        cpus=[cpus[0] for cpus in pins if len(cpus) == 1] if all(len(c) == 1 for c in pins) else [],
-        emulator_cpus=list(record.placement.emulator_cpus),
-        numa_node=record.placement.numa_node,
+        **{name: getattr(record, name) for name in _SHARED_WITH_INFO},
         labels=dict(record.labels),
-        created_at=record.created_at,
-        ready_at=record.ready_at,
-        guest_boot_s=record.guest_boot_s,
-        console_log=record.console_log,
-        kernel_release=record.kernel_release,
+        placement=placement.policy,
+        # One host CPU per vCPU is listed; any wider pin set says nothing per vCPU.
+        cpus=[cpus[0] for cpus in pins] if all(len(c) == 1 for c in pins) else [],
+        emulator_cpus=list(placement.emulator_cpus),
+        numa_node=placement.numa_node,
     )
 
 

@@ -30,16 +30,8 @@ from pathlib import Path
 
 import trio
 
+from zoned import conversation as rules
 from zoned import protocol as p
-from zoned.conversation import (
-    Action,
-    Conversation,
-    Forward,
-    Respond,
-    RespondAndClose,
-    Start,
-    is_authorised,
-)
 from zoned.errors import InternalError, ZonedError, innermost
 
 log = logging.getLogger(__name__)
@@ -98,8 +90,8 @@ class Connection:
 
     async def serve(self) -> None:
         pid, uid, gid = peer_credentials(self._stream.socket)
-        authorised = is_authorised(uid, gid, process_groups(pid), self._allowed_gid)
-        conversation = Conversation(authorised=authorised, uid=uid, max_frame=self._max_frame)
+        authorised = rules.is_authorised(uid, gid, process_groups(pid), self._allowed_gid)
+        conversation = rules.Conversation(authorised=authorised, uid=uid, max_frame=self._max_frame)
         try:
             async with trio.open_nursery() as nursery:
                 while conversation.state != "closed":
@@ -123,12 +115,12 @@ class Connection:
             await self.send(reply)
 
     async def _carry_out(
-        self, action: Action, conversation: Conversation, nursery: trio.Nursery
+        self, action: rules.Action, conversation: rules.Conversation, nursery: trio.Nursery
     ) -> None:
         match action:
-            case Respond(reply) | RespondAndClose(reply):
+            case rules.Respond(reply) | rules.RespondAndClose(reply):
                 await self._try_send(reply)
-            case Forward(message):
+            case rules.Forward(message):
                 target = self._inputs.get(message.id)
                 if target is None:
                     return  # its request ended while this input waited
@@ -136,7 +128,7 @@ class Connection:
                 # take its input: backpressure for this client only.
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await target.send(message)
-            case Start(request, takes_input):
+            case rules.Start(request, takes_input):
                 inputs: StreamInputs = None
                 if takes_input:
                     send_input, inputs = trio.open_memory_channel[p.StreamInput](
@@ -146,7 +138,7 @@ class Connection:
                 nursery.start_soon(self._run_request, request, inputs, conversation)
 
     async def _run_request(
-        self, request: p.Request, inputs: StreamInputs, conversation: Conversation
+        self, request: p.Request, inputs: StreamInputs, conversation: rules.Conversation
     ) -> None:
         try:
             await self._handler(request, self.send, inputs)
