@@ -129,8 +129,9 @@ class Daemon:
         self._zone_images = zone_images
         self.hub = EventHub()
         self.limiter = trio.CapacityLimiter(config.libvirt_threads)
-        self.topology: HostTopology = read_host_topology()
-        self.allocator = Allocator(self.topology, config.reserved_cpus, config.reserved_memory_mib)
+        # Read from /sys when run() starts (blocking: in a worker thread).
+        self.topology: HostTopology
+        self.allocator: Allocator
         self.manager: ZoneManager | None = None
         self.accelerator: Accelerator = "tcg"
         self.started_at = time.time()
@@ -140,7 +141,9 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         for directory in (config.state_dir, config.runtime_dir, config.log_dir):
-            Path(directory).mkdir(parents=True, exist_ok=True)
+            await trio.Path(directory).mkdir(parents=True, exist_ok=True)
+        self.topology = await trio.to_thread.run_sync(read_host_topology)
+        self.allocator = Allocator(self.topology, config.reserved_cpus, config.reserved_memory_mib)
         send_events, receive_events = open_event_channel()
         sd_notify("STATUS=connecting to libvirt")
         async with (

@@ -37,7 +37,6 @@ What a zone's domain is, and why (measured with libvirt 9.0 and QEMU 7.2):
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -46,6 +45,9 @@ from uuid import UUID
 from zoned.agent import AGENT_PORT_NAME
 from zoned.errors import HypervisorError, InternalError
 from zoned.protocol import Accelerator, Machine
+
+# libvirt's cpuset syntax is the kernel's cpulist syntax ("0-2,5").
+from zoned.topology import format_cpulist
 
 #: Namespace of the zone record inside ``<metadata>`` (also the URI to pass to
 #: libvirt's ``virDomainGetMetadata``).
@@ -155,21 +157,6 @@ def _check_xml_text(label: str, text: str) -> None:
         raise InternalError(f"{label} contains {bad!r}, which XML cannot carry")
 
 
-def format_cpuset(cpus: Iterable[int]) -> str:
-    """libvirt's cpuset syntax for a set of CPUs: ``{0, 1, 2, 5}`` -> ``"0-2,5"``."""
-    ordered = sorted(set(cpus))
-    ranges: list[str] = []
-    start = 0
-    while start < len(ordered):
-        end = start
-        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
-            end += 1
-        first, last = ordered[start], ordered[end]
-        ranges.append(str(first) if first == last else f"{first}-{last}")
-        start = end + 1
-    return ",".join(ranges)
-
-
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
     element = ET.SubElement(parent, tag, attrs)
     if text is not None:
@@ -198,9 +185,9 @@ def render_domain_xml(spec: DomainSpec) -> str:
     if spec.vcpu_pins or spec.emulator_cpus:
         cputune = _sub(domain, "cputune")
         for vcpu, cpus in enumerate(spec.vcpu_pins):
-            _sub(cputune, "vcpupin", vcpu=str(vcpu), cpuset=format_cpuset(cpus))
+            _sub(cputune, "vcpupin", vcpu=str(vcpu), cpuset=format_cpulist(cpus))
         if spec.emulator_cpus:
-            _sub(cputune, "emulatorpin", cpuset=format_cpuset(spec.emulator_cpus))
+            _sub(cputune, "emulatorpin", cpuset=format_cpulist(spec.emulator_cpus))
     if spec.numa_node is not None:
         numatune = _sub(domain, "numatune")
         _sub(numatune, "memory", mode="strict", nodeset=str(spec.numa_node))

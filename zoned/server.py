@@ -90,7 +90,8 @@ class Connection:
 
     async def serve(self) -> None:
         pid, uid, gid = peer_credentials(self._stream.socket)
-        authorised = rules.is_authorised(uid, gid, process_groups(pid), self._allowed_gid)
+        groups = await trio.to_thread.run_sync(process_groups, pid)
+        authorised = rules.is_authorised(uid, gid, groups, self._allowed_gid)
         conversation = rules.Conversation(authorised=authorised, uid=uid, max_frame=self._max_frame)
         try:
             async with trio.open_nursery() as nursery:

@@ -18,12 +18,12 @@ from zoned.agent import AGENT_PORT_NAME
 from zoned.domain import (
     METADATA_NS,
     DomainSpec,
-    format_cpuset,
     metadata_element,
     read_metadata,
     render_domain_xml,
 )
 from zoned.errors import HypervisorError, InternalError
+from zoned.topology import format_cpulist
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 
@@ -201,10 +201,10 @@ def test_pinning_and_numa() -> None:
     assert emulator_only.find("cputune/emulatorpin") is not None
 
 
-def test_format_cpuset() -> None:
-    assert format_cpuset([]) == ""
-    assert format_cpuset([3]) == "3"
-    assert format_cpuset([5, 0, 1, 2, 2, 7, 8]) == "0-2,5,7-8"
+def test_cpusets_use_the_cpulist_syntax() -> None:
+    assert format_cpulist([]) == ""
+    assert format_cpulist([3]) == "3"
+    assert format_cpulist([5, 0, 1, 2, 2, 7, 8]) == "0-2,5,7-8"
 
 
 _METADATA_CASES = [
