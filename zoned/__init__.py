@@ -25,11 +25,14 @@ is the picture, ``docs/`` one page per topic.
      kernel's command line and config merging.
    - :mod:`zoned.cpio`: the initramfs writer.
 
-2. **The guest agent**, :mod:`zoned.agent`: PID 1 inside a zone. It imports
-   the standard library, msgspec, :mod:`zoned.errors` and
-   :mod:`zoned.protocol`, nothing else of zoned (not trio), and keeps its
-   start-up imports lean: it is on every zone's boot path. The host may
-   read its constants (the port name).
+2. **The guest agent**, :mod:`zoned.agent`: PID 1 inside a zone. Its
+   modules import the standard library, msgspec, :mod:`zoned` (the version),
+   :mod:`zoned.errors` and :mod:`zoned.protocol`, nothing else of zoned (not
+   trio), and keep their start-up imports lean: they are on every zone's
+   boot path. Two exceptions point the other way, both for the wire between
+   host and agent: any layer may read the constants of ``zoned/agent/__init__.py``
+   (the agent's name, its port name), and the boot image builder imports
+   :mod:`zoned.agent.init` to learn what the agent loads.
 
 3. **Host services**, each wrapping one outside thing in typed calls:
    :mod:`zoned.virt` (the only importer of libvirt), :mod:`zoned.hostwatch`
