@@ -13,10 +13,10 @@ Rules:
 - Once started, a zone's record is never lost: every state change is written
   to the state directory (on a worker thread, in order: see
   :class:`~zoned.store.RecordWriter`) before it is announced, to event
-  watchers and to the create or destroy request waiting for it. A zone that fails (boot
-  timeout, QEMU exit, agent silence or misbehaviour) keeps its record in
-  ``failed`` with the reason, and its host resources are released, until it
-  is destroyed.
+  watchers and to the create or destroy request waiting for it. A zone that
+  fails (boot timeout, QEMU exit, agent silence or misbehaviour) keeps its
+  record in ``failed`` with the reason, and its host resources are released,
+  until it is destroyed.
 - Destroy is idempotent for anything that exists; a destroyed zone's record
   is removed once it has reached ``stopped``.
 - Which states mean what (settled, terminal, running a domain, ready) is
