@@ -1,1 +1,63 @@
-"""zoned: run untrusted workloads in zones, small VMs with their own hardened kernel."""
+"""zoned: run untrusted workloads in zones, small VMs with their own hardened kernel.
+
+The package in layers, lowest first. A module may import from its own layer
+and the layers above it in this list, never from one below; ``../shared/DESIGN.md``
+is the picture, ``docs/`` one page per topic.
+
+1. **The wire and the pure core**: plain, synchronous, deterministic code
+   that imports the standard library, msgspec and this layer only, never
+   trio, libvirt, subprocess or socket (``tests/unit/test_pure_imports.py``
+   checks it in a fresh interpreter).
+
+   - :mod:`zoned.errors`: the one exception family; each class carries its
+     wire code.
+   - :mod:`zoned.protocol`: every message of the control socket and of the
+     agent channel, the framing, the limits.
+   - :mod:`zoned.lifecycle`: the zone state machine and the predicates on
+     zone states (settled, terminal, running a domain, ready).
+   - :mod:`zoned.conversation`: the rules of one control-socket connection
+     (hello first, in-flight cap, stream input), sans-IO.
+   - :mod:`zoned.records`: the persisted zone record.
+   - :mod:`zoned.placement`, :mod:`zoned.topology` (its parsers; reading the
+     live host is in the same module, behind lazy imports): CPUs and memory.
+   - :mod:`zoned.domain`: libvirt domain XML from typed values.
+   - :mod:`zoned.kernel.cmdline`, :mod:`zoned.kernel.kconfig`: the guest
+     kernel's command line and config merging.
+   - :mod:`zoned.cpio`: the initramfs writer.
+
+2. **The guest agent**, :mod:`zoned.agent`: PID 1 inside a zone. Its
+   modules import the standard library, msgspec, :mod:`zoned` (the version),
+   :mod:`zoned.errors` and :mod:`zoned.protocol`, nothing else of zoned (not
+   trio), and keep their start-up imports lean: they are on every zone's
+   boot path. Two exceptions point the other way, both for the wire between
+   host and agent: any layer may read the constants of ``zoned/agent/__init__.py``
+   (the agent's name, its port name), and the boot image builder imports
+   :mod:`zoned.agent.init` to learn what the agent loads.
+
+3. **Host services**, each wrapping one outside thing in typed calls:
+   :mod:`zoned.virt` (the only importer of libvirt), :mod:`zoned.hostwatch`
+   (the only importer of pyudev), :mod:`zoned.store` (record files),
+   :mod:`zoned.events`, :mod:`zoned.agentlink` (the agent channel, host
+   side), :mod:`zoned.config`, :mod:`zoned.hostinfo`, :mod:`zoned.kernel`
+   (the store of built kernels and the ``zoned-kernel`` build tool),
+   :mod:`zoned.images` (the boot image, the workload root; blocking: called
+   from worker threads).
+
+4. **The daemon**: :mod:`zoned.zones` (the zone manager), :mod:`zoned.workloads`
+   (exec and run), :mod:`zoned.server` (the control socket's IO),
+   :mod:`zoned.daemon` (wiring, start-up order, request dispatch). One
+   ``trio.run``; blocking work goes to worker threads.
+
+5. **Clients**: :mod:`zoned.client` (async and sync) and :mod:`zoned.cli`
+   (``zonectl``). They import layer 1 and trio, never the daemon's modules
+   or libvirt.
+
+6. **Host tools**, outside the daemon: :mod:`zoned.hostsetup`,
+   :mod:`zoned.supervisor`, :mod:`zoned.localdaemon` (a private daemon for
+   tests and benchmarks), :mod:`zoned.bareboot` (QEMU without libvirt, the
+   benchmarks' baseline), :mod:`zoned.demo`.
+"""
+
+#: The one version of zoned: the package's (pyproject.toml reads it), the
+#: daemon's hello, the agent's name.
+__version__ = "0.1.0"

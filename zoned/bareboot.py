@@ -7,14 +7,15 @@ a zone, but straight from ``qemu-system-x86_64``, and compare.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-QEMU = "/usr/bin/qemu-system-x86_64"
+from zoned.agent import AGENT_PORT_NAME
+from zoned.domain import EMULATOR
+from zoned.images.hostfiles import busybox_binary
 
 
 def qemu_command(
@@ -35,7 +36,7 @@ def qemu_command(
     bus = "device" if mmio else "pci"
     machine_arg = "microvm,rtc=on" if mmio else "q35"
     argv = [
-        QEMU,
+        EMULATOR,
         "-M",
         machine_arg,
         "-accel",
@@ -72,7 +73,7 @@ def qemu_command(
             "-chardev",
             f"socket,id=agent0,path={agent_socket},server=on,wait=off",
             "-device",
-            "virtserialport,bus=vser0.0,chardev=agent0,name=org.zoned.agent.0",
+            f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}",
         ]
     if disk is not None:
         argv += [
@@ -121,33 +122,6 @@ def boot_until(argv: list[str], serial_log: Path, marker: bytes, timeout: float)
     )
 
 
-def wait_exit(argv: list[str], serial_log: Path, timeout: float) -> BootResult:
-    """Boot until the guest powers off (``-no-reboot``) or ``timeout`` passes."""
-    serial_log.unlink(missing_ok=True)
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        returncode: int | None = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        returncode = None
-    elapsed = time.monotonic() - started
-    console = serial_log.read_bytes() if serial_log.exists() else b""
-    if proc.stderr is not None:
-        console += b"\n[qemu stderr] " + proc.stderr.read()
-    return BootResult(elapsed, console, returncode is not None, returncode)
-
-
-def host_has_qemu() -> bool:
-    return os.access(QEMU, os.X_OK)
-
-
-BUSYBOX = Path("/bin/busybox")
-
-
 def busybox_initramfs(init_script: str, dest: Path) -> Path:
     """A minimal initramfs: Debian's static busybox and ``init_script`` as /init.
 
@@ -157,15 +131,14 @@ def busybox_initramfs(init_script: str, dest: Path) -> Path:
     """
     from zoned.cpio import CpioWriter
 
-    if not BUSYBOX.is_file():
-        raise FileNotFoundError(f"{BUSYBOX} is missing: install Debian's busybox-static")
+    busybox = busybox_binary()
     with dest.open("wb") as out:
         archive = CpioWriter(out)
         for directory in ("bin", "dev", "proc", "sys", "tmp", "mnt"):
             archive.directory(directory)
         archive.char_device("dev/console", 5, 1)
         archive.char_device("dev/null", 1, 3, mode=0o666)
-        archive.file("bin/busybox", BUSYBOX.read_bytes(), mode=0o755)
+        archive.file("bin/busybox", busybox.read_bytes(), mode=0o755)
         archive.symlink("bin/sh", "busybox")
         archive.file("init", ("#!/bin/busybox sh\n" + init_script).encode(), mode=0o755)
         archive.finish()

@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from zoned.errors import InvalidRequest
+from zoned.errors import ConfigError
+from zoned.kernel.store import DEFAULT_STORE
 
 DEFAULT_CONFIG_PATH = Path("/etc/zoned/zoned.toml")
 
@@ -27,7 +28,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     socket_group: str = "zoned"
     # Persistent zone records and the kernel store.
     state_dir: str = "/var/lib/zoned"
-    kernel_store: str = "/var/lib/zoned/kernels"
+    kernel_store: str = str(DEFAULT_STORE)
     # Built zone boot images (the agent's initramfs), cached by content hash.
     image_cache: str = "/var/lib/zoned/images"
     # Per-zone runtime files: agent channel sockets, boot images.
@@ -71,8 +72,8 @@ def load_config(path: Path | None) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidRequest(f"cannot read config {path}: {exc}") from exc
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid config {path}: {exc}") from exc
+        raise ConfigError(f"invalid config {path}: {exc}") from exc

@@ -37,14 +37,17 @@ What a zone's domain is, and why (measured with libvirt 9.0 and QEMU 7.2):
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 from uuid import UUID
 
-from zoned.errors import InvalidRequest
+from zoned.agent import AGENT_PORT_NAME
+from zoned.errors import HypervisorError, InternalError
 from zoned.protocol import Accelerator, Machine
+
+# libvirt's cpuset syntax is the kernel's cpulist syntax ("0-2,5").
+from zoned.topology import format_cpulist
 
 #: Namespace of the zone record inside ``<metadata>`` (also the URI to pass to
 #: libvirt's ``virDomainGetMetadata``).
@@ -55,7 +58,6 @@ METADATA_PREFIX: Final = "zoned"
 METADATA_ELEMENT: Final = "zone"
 
 #: Name of the virtio-serial port the guest agent talks on.
-AGENT_CHANNEL_NAME: Final = "org.zoned.agent.0"
 EMULATOR: Final = "/usr/bin/qemu-system-x86_64"
 
 _VIRT_TYPES: Final[dict[Accelerator, str]] = {"kvm": "kvm", "tcg": "qemu"}
@@ -70,7 +72,8 @@ class DomainSpec:
     means the emulator thread is not pinned. ``metadata`` is opaque text (the
     zone record as JSON) stored verbatim under :data:`METADATA_NS`.
     Construction checks the values that would otherwise make libvirt or the
-    XML itself fail (raising ``invalid_request``).
+    XML itself fail: the daemon builds specs from validated values, so a bad
+    one is its own bug (``internal``).
     """
 
     domain_name: str
@@ -93,33 +96,33 @@ class DomainSpec:
 
     def __post_init__(self) -> None:
         if not self.domain_name or "/" in self.domain_name:
-            raise InvalidRequest(f"bad libvirt domain name {self.domain_name!r}")
+            raise InternalError(f"bad libvirt domain name {self.domain_name!r}")
         try:
             canonical_uuid = str(UUID(self.uuid))
         except ValueError:
             canonical_uuid = ""
         if canonical_uuid != self.uuid:
-            raise InvalidRequest(f"uuid {self.uuid!r} is not a lower-case hyphenated UUID")
+            raise InternalError(f"uuid {self.uuid!r} is not a lower-case hyphenated UUID")
         if self.vcpus < 1:
-            raise InvalidRequest(f"a zone needs at least one vCPU, not {self.vcpus}")
+            raise InternalError(f"a zone needs at least one vCPU, not {self.vcpus}")
         if self.memory_mib < 1:
-            raise InvalidRequest(f"a zone needs memory, not {self.memory_mib} MiB")
+            raise InternalError(f"a zone needs memory, not {self.memory_mib} MiB")
         if self.machine not in ("microvm", "q35"):
-            raise InvalidRequest(f"unknown machine type {self.machine!r}")
+            raise InternalError(f"unknown machine type {self.machine!r}")
         if self.accelerator not in _VIRT_TYPES:
-            raise InvalidRequest(f"unknown accelerator {self.accelerator!r}")
+            raise InternalError(f"unknown accelerator {self.accelerator!r}")
         if self.vcpu_pins and len(self.vcpu_pins) != self.vcpus:
-            raise InvalidRequest(f"{len(self.vcpu_pins)} vCPU pins given for {self.vcpus} vCPUs")
+            raise InternalError(f"{len(self.vcpu_pins)} vCPU pins given for {self.vcpus} vCPUs")
         for cpus in (*self.vcpu_pins, self.emulator_cpus):
             if any(cpu < 0 for cpu in cpus):
-                raise InvalidRequest(f"negative host CPU in {cpus}")
+                raise InternalError(f"negative host CPU in {cpus}")
         if any(not cpus for cpus in self.vcpu_pins):
-            raise InvalidRequest("a pinned vCPU needs at least one host CPU")
+            raise InternalError("a pinned vCPU needs at least one host CPU")
         if self.numa_node is not None and self.numa_node < 0:
-            raise InvalidRequest(f"negative NUMA node {self.numa_node}")
+            raise InternalError(f"negative NUMA node {self.numa_node}")
         for label, path in self._paths():
             if not path.is_absolute():
-                raise InvalidRequest(f"{label} path {path} is not absolute")
+                raise InternalError(f"{label} path {path} is not absolute")
         for label, text in (
             ("domain name", self.domain_name),
             ("uuid", self.uuid),
@@ -151,22 +154,7 @@ def _xml_char_ok(char: str) -> bool:
 def _check_xml_text(label: str, text: str) -> None:
     bad = next((c for c in text if not _xml_char_ok(c)), None)
     if bad is not None:
-        raise InvalidRequest(f"{label} contains {bad!r}, which XML cannot carry")
-
-
-def format_cpuset(cpus: Iterable[int]) -> str:
-    """libvirt's cpuset syntax for a set of CPUs: ``{0, 1, 2, 5}`` -> ``"0-2,5"``."""
-    ordered = sorted(set(cpus))
-    ranges: list[str] = []
-    start = 0
-    while start < len(ordered):
-        end = start
-        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
-            end += 1
-        first, last = ordered[start], ordered[end]
-        ranges.append(str(first) if first == last else f"{first}-{last}")
-        start = end + 1
-    return ",".join(ranges)
+        raise InternalError(f"{label} contains {bad!r}, which XML cannot carry")
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -197,9 +185,9 @@ def render_domain_xml(spec: DomainSpec) -> str:
     if spec.vcpu_pins or spec.emulator_cpus:
         cputune = _sub(domain, "cputune")
         for vcpu, cpus in enumerate(spec.vcpu_pins):
-            _sub(cputune, "vcpupin", vcpu=str(vcpu), cpuset=format_cpuset(cpus))
+            _sub(cputune, "vcpupin", vcpu=str(vcpu), cpuset=format_cpulist(cpus))
         if spec.emulator_cpus:
-            _sub(cputune, "emulatorpin", cpuset=format_cpuset(spec.emulator_cpus))
+            _sub(cputune, "emulatorpin", cpuset=format_cpulist(spec.emulator_cpus))
     if spec.numa_node is not None:
         numatune = _sub(domain, "numatune")
         _sub(numatune, "memory", mode="strict", nodeset=str(spec.numa_node))
@@ -236,7 +224,7 @@ def render_domain_xml(spec: DomainSpec) -> str:
         _sub(controller, "address", type="virtio-mmio")
     channel = _sub(devices, "channel", type="unix")
     _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
-    _sub(channel, "target", type="virtio", name=AGENT_CHANNEL_NAME)
+    _sub(channel, "target", type="virtio", name=AGENT_PORT_NAME)
     if spec.rootfs is not None:
         disk = _sub(devices, "disk", type="file", device="disk")
         _sub(disk, "driver", name="qemu", type="raw")
@@ -269,12 +257,12 @@ def read_metadata(domain_xml: str) -> str | None:
     Accepts a whole domain XML (as from ``virDomainGetXMLDesc``) or the
     metadata element alone as ``virDomainGetMetadata`` returns it for
     :data:`METADATA_NS`: libvirt 9.0 strips the namespace there and answers
-    ``<zone>...</zone>``. Raises ``invalid_request`` if the text is not XML.
+    ``<zone>...</zone>``. Raises ``hypervisor`` if the text is not XML.
     """
     try:
         root = ET.fromstring(domain_xml)
     except ET.ParseError as exc:
-        raise InvalidRequest(f"domain XML does not parse: {exc}") from exc
+        raise HypervisorError(f"domain XML does not parse: {exc}") from exc
     tag = f"{{{METADATA_NS}}}{METADATA_ELEMENT}"
     if root.tag in (tag, METADATA_ELEMENT):
         element: ET.Element | None = root

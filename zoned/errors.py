@@ -4,6 +4,17 @@ The codes are part of the wire protocol (see :mod:`zoned.protocol`). Code that
 raises one of these says exactly what went wrong for the caller; anything else
 that escapes a request handler is logged with its traceback and reported to the
 caller only as ``internal``.
+
+Whose fault it is picks the code:
+
+- the caller's request (a bad value, a name that does not exist, a zone in
+  the wrong state, no room): ``invalid_request``, ``not_found``,
+  ``conflict``, ``no_capacity``, ``permission_denied``;
+- libvirt, QEMU or a zone's agent failing: ``hypervisor``;
+- the daemon's own bugs and the host's set-up (the config file, a tool or
+  file the host lacks): ``internal``, with :class:`ConfigError` for a
+  configuration mistake. A client can do nothing about those but tell the
+  operator, so they are never ``invalid_request``.
 """
 
 from __future__ import annotations
@@ -62,6 +73,10 @@ class UnsupportedVersion(ZonedError):
 
 class InternalError(ZonedError):
     code = "internal"
+
+
+class ConfigError(InternalError):
+    """The daemon's configuration is wrong: its file, or what it names on the host."""
 
 
 ERRORS_BY_CODE: dict[str, type[ZonedError]] = {

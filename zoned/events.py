@@ -21,10 +21,6 @@ log = logging.getLogger(__name__)
 WATCHER_BUFFER = 1024
 
 
-class WatcherOverflow(Exception):
-    """A watcher did not keep up with the events."""
-
-
 class EventHub:
     def __init__(self) -> None:
         self._seq = 0

@@ -7,25 +7,25 @@ changes, then acts on the new state (start the domain, destroy it, ...).
 
 Rules (``-`` raises ``conflict``; ``=`` is a legal no-op, the state stays)::
 
-                  creating  booting   ready     stopping  stopped   failed
-  define_ok       =         -         -         =         -         -
-  started         booting   -         -         =         -         -
-  agent_hello     -         ready     =         =         -         -
-  destroy_request stopping  stopping  stopping  =         =         stopping
-  domain_stopped  failed    failed    failed    stopped   =         =
-  domain_crashed  failed    failed    failed    stopped   =         =
-  boot_timeout    failed    failed    -         =         -         -
-  agent_silent    -         -         failed    =         -         -
-  start_failed    failed    -         -         =         -         -
-  domain_vanished failed    failed    failed    stopped   =         =
-  resumed_after_r booting   booting   booting   =         -         -
+                          creating  booting   ready     stopping  stopped   failed
+  started                 booting   -         -         =         -         -
+  agent_hello             -         ready     =         =         -         -
+  destroy_requested       stopping  stopping  stopping  =         =         stopping
+  domain_stopped          failed    failed    failed    stopped   =         =
+  domain_crashed          failed    failed    failed    stopped   =         =
+  boot_timeout            failed    failed    -         =         -         -
+  agent_silent            -         -         failed    =         -         -
+  domain_vanished         failed    failed    failed    stopped   =         =
+  resumed_after_restart   booting   booting   booting   =         -         -
 
 Why:
 
-- ``creating`` covers defining and starting the domain; ``define_ok`` marks
-  the first step done, ``started`` (fed once, when the start call returns;
-  libvirt's own "started" event is not an input) moves on to ``booting``,
-  where the zone waits for its agent's hello.
+- ``creating`` covers defining and starting the domain (one libvirt call);
+  ``started`` (fed once, when that call returns; libvirt's own "started"
+  event is not an input) moves on to ``booting``, where the zone waits for
+  its agent's hello. A create that fails before ``started`` is undone whole
+  (no domain, no record, no placement): that is not a transition, the zone
+  never existed.
 - A zone stops only because it was asked to (``destroy_requested``). A domain
   that stops, crashes or disappears on its own is ``failed``, with the reason.
   So is a boot that does not reach the agent's hello in time, and an agent
@@ -60,7 +60,6 @@ from zoned.errors import Conflict
 from zoned.protocol import ZoneState
 
 Input = Literal[
-    "define_ok",
     "started",
     "agent_hello",
     "destroy_requested",
@@ -68,7 +67,6 @@ Input = Literal[
     "domain_crashed",
     "boot_timeout",
     "agent_silent",
-    "start_failed",
     "domain_vanished",
     "resumed_after_restart",
 ]
@@ -79,7 +77,6 @@ INPUTS: Final[tuple[Input, ...]] = get_args(Input)
 # What each input means, used as the reason when the caller gives none and
 # as the prefix of the caller's reason otherwise.
 _DEFAULT_REASONS: Final[dict[Input, str]] = {
-    "define_ok": "domain defined",
     "started": "domain started, waiting for the agent",
     "agent_hello": "agent said hello",
     "destroy_requested": "destroy requested",
@@ -87,20 +84,17 @@ _DEFAULT_REASONS: Final[dict[Input, str]] = {
     "domain_crashed": "domain crashed",
     "boot_timeout": "no agent hello within the boot timeout",
     "agent_silent": "agent went silent",
-    "start_failed": "domain failed to start",
     "domain_vanished": "domain vanished",
     "resumed_after_restart": "re-adopted after a daemon restart, waiting for the agent",
 }
 
 _TABLE: Final[dict[tuple[ZoneState, Input], ZoneState]] = {
     # creating: defining and starting the domain.
-    ("creating", "define_ok"): "creating",
     ("creating", "started"): "booting",
     ("creating", "destroy_requested"): "stopping",
     ("creating", "domain_stopped"): "failed",
     ("creating", "domain_crashed"): "failed",
     ("creating", "boot_timeout"): "failed",
-    ("creating", "start_failed"): "failed",
     ("creating", "domain_vanished"): "failed",
     ("creating", "resumed_after_restart"): "booting",
     # booting: the domain runs, the agent has not said hello yet.
@@ -168,15 +162,36 @@ def transition(state: ZoneState, event: Input, reason: str = "") -> Transition:
     )
 
 
+# ----------------------------------------------------------------- predicates
+# What the shell asks of a state. Each names a rule, so that no caller spells
+# out a tuple of states of its own.
+
+
 def is_terminal(state: ZoneState) -> bool:
     """The zone will never run again (``stopped``, ``failed``)."""
     return state in ("stopped", "failed")
 
 
-def is_active(state: ZoneState) -> bool:
-    """A domain may exist or run for the zone, holding its host CPUs and memory.
+def is_settled(state: ZoneState) -> bool:
+    """The outcome of a create is known: the zone is past ``creating`` and ``booting``.
 
-    The complement of :func:`is_terminal`: ``creating``, ``booting``,
-    ``ready`` and ``stopping``.
+    A create request waits until then, and answers with the zone if it is
+    ``ready``, with an error otherwise.
     """
-    return not is_terminal(state)
+    return state not in ("creating", "booting")
+
+
+def runs_domain(state: ZoneState) -> bool:
+    """The zone's domain is up and supervised (``booting``, ``ready``).
+
+    Only then do its domain's events, its libvirt stats and its pins matter,
+    and only then is the record mirrored into the domain's metadata. A
+    ``creating`` zone's domain is not started yet; a ``stopping`` one is on
+    its way out.
+    """
+    return state in ("booting", "ready")
+
+
+def is_ready(state: ZoneState) -> bool:
+    """The agent answers: the zone runs processes and reports guest metrics."""
+    return state == "ready"

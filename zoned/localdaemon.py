@@ -9,8 +9,10 @@ from the shared stores, so nothing is rebuilt.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from zoned.kernel.build import DEFAULT_STORE
+from zoned.kernel.store import DEFAULT_STORE
 
 START_TIMEOUT_S = 90.0
 
@@ -78,21 +80,36 @@ class LocalDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        """Start the daemon and return once it serves its socket."""
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "zoned.daemon", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"zoned exited with {self.proc.returncode}:\n{self.log_text()}")
-            if b"zoned ready" in self.log.read_bytes()[offset:]:
-                return
-            time.sleep(0.05)
+        """Start the daemon and return once it serves its socket.
+
+        The daemon says so the way it tells systemd (``READY=1`` on
+        ``$NOTIFY_SOCKET``), here on a datagram socket in :attr:`root`.
+        """
+        notify_path = self.root / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(notify_path))
+            with self.log.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "zoned.daemon", "--config", str(self.config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+                )
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while (remaining := deadline - time.monotonic()) > 0:
+                # Wake at least once a second to notice a daemon that died.
+                notify.settimeout(min(remaining, 1.0))
+                try:
+                    message = notify.recv(4096)
+                except TimeoutError:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"zoned exited with {self.proc.returncode}:\n{self.log_text()}"
+                        ) from None
+                    continue
+                if b"READY=1" in message.split(b"\n"):
+                    return
         raise RuntimeError(f"zoned did not become ready in {START_TIMEOUT_S}s:\n{self.log_text()}")
 
     def kill9(self) -> None:

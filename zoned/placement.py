@@ -57,12 +57,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from typing import get_args
 
-from zoned.errors import Conflict, InvalidRequest, NoCapacity, NotFound
+from zoned.errors import (
+    ConfigError,
+    Conflict,
+    InternalError,
+    InvalidRequest,
+    NoCapacity,
+    NotFound,
+)
+from zoned.protocol import Placement as Policy
 from zoned.topology import HostTopology, format_cpulist
 
-Policy = Literal["shared", "exclusive"]
 POLICIES: tuple[Policy, ...] = get_args(Policy)
 
 
@@ -140,8 +147,8 @@ class _Zone:
 class Allocator:
     """Places zones on a host; see the module docstring for the rules.
 
-    Raises ``InvalidRequest`` if a reserved CPU is not in the topology or the
-    reserved memory is negative.
+    Raises :class:`~zoned.errors.ConfigError` if a reserved CPU is not in the
+    topology or the reserved memory is negative.
     """
 
     def __init__(
@@ -153,12 +160,12 @@ class Allocator:
         reserved = frozenset(reserved_cpus)
         unknown = reserved - set(topology.cpu_ids)
         if unknown:
-            raise InvalidRequest(
+            raise ConfigError(
                 f"reserved CPUs {format_cpulist(unknown)} do not exist on this host"
                 f" (CPUs: {format_cpulist(topology.cpu_ids)})"
             )
         if reserved_memory_mib < 0:
-            raise InvalidRequest(f"reserved memory must not be negative: {reserved_memory_mib}")
+            raise ConfigError(f"reserved memory must not be negative: {reserved_memory_mib}")
         self._topology = topology
         self._reserved = reserved
         self._reserved_memory_mib = reserved_memory_mib
@@ -240,9 +247,9 @@ class Allocator:
         if placement.zone in self._zones:
             raise Conflict(f"zone {placement.zone!r} already has a placement")
         if placement.policy not in POLICIES:
-            raise InvalidRequest(f"unknown placement policy {placement.policy!r}")
+            raise InternalError(f"unknown placement policy {placement.policy!r}")
         if not placement.vcpu_cpus or not all(placement.vcpu_cpus):
-            raise InvalidRequest(f"placement of zone {placement.zone!r} pins no CPUs for a vCPU")
+            raise InternalError(f"placement of zone {placement.zone!r} pins no CPUs for a vCPU")
         node_ids = {node.id for node in self._topology.nodes}
         if placement.numa_node in node_ids:
             memory_node = placement.numa_node

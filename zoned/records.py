@@ -3,18 +3,24 @@
 A record is written atomically to ``<state_dir>/zones/<name>.json`` on every
 state change and is also embedded in the running domain's ``<metadata>``, so
 that a restarted daemon can re-adopt a zone from either. New fields get
-defaults; no field changes type (records outlive daemon versions).
+defaults; no field changes type (records outlive daemon versions). The
+literal-typed fields (state, machine, accelerator, placement policy) are
+plain strings in the JSON, so records written before they were typed load
+as they are; a value outside the literal is a corrupt record.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 import msgspec
 
-from zoned.protocol import ZoneInfo
+from zoned.protocol import Accelerator, Machine, ZoneInfo, ZoneState
+from zoned.protocol import Placement as PlacementPolicy
 
 
 class PlacementRecord(msgspec.Struct, frozen=True, kw_only=True):
-    policy: str
+    policy: PlacementPolicy
     # Host CPU set each vCPU is pinned to, by vCPU index.
     vcpu_cpus: list[list[int]]
     emulator_cpus: list[int]
@@ -26,13 +32,13 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     uuid: str
     domain_name: str
-    state: str
+    state: ZoneState
     reason: str = ""
     vcpus: int
     memory_mib: int
     profile: str
-    machine: str
-    accelerator: str
+    machine: Machine
+    accelerator: Accelerator
     placement: PlacementRecord
     labels: dict[str, str] = {}
     kernel_args: list[str] = []
@@ -53,29 +59,26 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     owner: str = ""
 
 
+#: What a record and the client's view share by name and meaning: carried as they are.
+_SHARED_WITH_INFO: Final = tuple(
+    name
+    for name in ZoneInfo.__struct_fields__
+    if name in ZoneRecord.__struct_fields__ and name not in ("placement", "labels")
+)
+
+
 def to_info(record: ZoneRecord) -> ZoneInfo:
-    """The client's view of a record."""
-    pins = record.placement.vcpu_cpus
+    """The client's view of a record: the shared fields, and the placement spelled out."""
+    placement = record.placement
+    pins = placement.vcpu_cpus
     return ZoneInfo(
-        name=record.name,
-        uuid=record.uuid,
-        state=record.state,  # type: ignore[arg-type]
-        reason=record.reason,
-        vcpus=record.vcpus,
-        memory_mib=record.memory_mib,
-        profile=record.profile,
-        machine=record.machine,  # type: ignore[arg-type]
-        accelerator=record.accelerator,  # type: ignore[arg-type]
-        placement=record.placement.policy,  # type: ignore[arg-type]
-        cpus=[cpus[0] for cpus in pins if len(cpus) == 1] if all(len(c) == 1 for c in pins) else [],
-        emulator_cpus=list(record.placement.emulator_cpus),
-        numa_node=record.placement.numa_node,
+        **{name: getattr(record, name) for name in _SHARED_WITH_INFO},
         labels=dict(record.labels),
-        created_at=record.created_at,
-        ready_at=record.ready_at,
-        guest_boot_s=record.guest_boot_s,
-        console_log=record.console_log,
-        kernel_release=record.kernel_release,
+        placement=placement.policy,
+        # One host CPU per vCPU is listed; any wider pin set says nothing per vCPU.
+        cpus=[cpus[0] for cpus in pins] if all(len(c) == 1 for c in pins) else [],
+        emulator_cpus=list(placement.emulator_cpus),
+        numa_node=placement.numa_node,
     )
 
 

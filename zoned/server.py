@@ -1,23 +1,17 @@
-"""The control socket: framing, authentication, the handshake and dispatch.
+"""The control socket's IO: listening, SO_PEERCRED, framing bytes in and out, tasks.
 
-Rules:
+Every rule of the conversation (hello first, the in-flight cap, stream
+input, what closes a connection) is in :mod:`zoned.conversation`; this
+module carries out what it decides.
 
-- Callers are identified by ``SO_PEERCRED``. Root and members of the
-  configured group may act; anybody else gets ``permission_denied`` to their
-  first request and the connection is closed.
-- The first request must be ``hello``; the reply names the chosen version.
-- Each request runs as its own task in the connection's nursery, so that a
-  stream (watch, logs, exec) and other requests share one connection. A
-  connection may have at most ``MAX_INFLIGHT`` requests running.
-- Stream input (``exec_input``, ``exec_signal``, ``exec_resize``) is not a request of its
-  own: it carries the ``id`` of a running ``exec``/``run_zone`` and goes to
-  that request's handler, in order. While the handler does not take it (the
-  process does not read its stdin), the connection is not read any further:
-  that is the backpressure, and it holds back only this connection.
-- A frame that breaks the framing (oversize, zero length) gets an error with
-  id 0 and the connection is closed, since the byte stream can no longer be
-  trusted. A well-framed message that fails to decode gets an error with its
-  id (when it can be read) and the connection carries on.
+- Callers are identified by ``SO_PEERCRED`` (pid, uid, gid) and the
+  supplementary groups of that pid, read from ``/proc``.
+- Each started request runs as its own task in the connection's nursery, so
+  that a stream (watch, logs, exec) and other requests share one connection.
+- Stream input goes to the running request's handler through a small
+  channel, in order. While the handler does not take it (the process does
+  not read its stdin), the connection is not read any further: that is the
+  backpressure, and it holds back only this connection.
 - Nothing a client sends can take the daemon down: every error is either a
   typed ``ZonedError`` sent to that client, or an unexpected exception, which
   is logged with its traceback and reported only as ``internal``.
@@ -36,27 +30,18 @@ from pathlib import Path
 
 import trio
 
+from zoned import conversation as rules
 from zoned import protocol as p
-from zoned.errors import (
-    InternalError,
-    InvalidRequest,
-    PermissionDenied,
-    ZonedError,
-    innermost,
-)
+from zoned.errors import InternalError, ZonedError, innermost
 
 log = logging.getLogger(__name__)
 
-MAX_INFLIGHT = 64
 RECEIVE_CHUNK = 64 * 1024
-SERVER_NAME = "zoned/0.1"
 
 Send = Callable[[p.Reply], Awaitable[None]]
 #: Stream input for one request: None for requests that take none.
 StreamInputs = trio.MemoryReceiveChannel[p.StreamInput] | None
 Handler = Callable[[p.Request, Send, StreamInputs], Awaitable[None]]
-#: Requests whose handler receives stream input.
-TAKES_INPUT = (p.Exec, p.RunZone)
 #: Stream input messages buffered per request before the connection stops reading.
 STREAM_INPUT_BUFFER = 8
 
@@ -80,12 +65,6 @@ def process_groups(pid: int) -> set[int]:
     return set()
 
 
-def is_authorised(uid: int, gid: int, groups: set[int], allowed_gid: int | None) -> bool:
-    if uid == 0:
-        return True
-    return allowed_gid is not None and (gid == allowed_gid or allowed_gid in groups)
-
-
 class Connection:
     def __init__(
         self,
@@ -99,8 +78,6 @@ class Connection:
         self._allowed_gid = allowed_gid
         self._max_frame = max_frame
         self._send_lock = trio.Lock()
-        self._inflight = 0
-        self._greeted = False
         self._closed = False
         self._inputs: dict[int, trio.MemorySendChannel[p.StreamInput]] = {}
 
@@ -113,39 +90,21 @@ class Connection:
 
     async def serve(self) -> None:
         pid, uid, gid = peer_credentials(self._stream.socket)
-        authorised = is_authorised(uid, gid, process_groups(pid), self._allowed_gid)
-        decoder = p.FrameDecoder(self._max_frame)
+        groups = await trio.to_thread.run_sync(process_groups, pid)
+        authorised = rules.is_authorised(uid, gid, groups, self._allowed_gid)
+        conversation = rules.Conversation(authorised=authorised, uid=uid, max_frame=self._max_frame)
         try:
             async with trio.open_nursery() as nursery:
-                while True:
+                while conversation.state != "closed":
                     try:
                         data = await self._stream.receive_some(RECEIVE_CHUNK)
                     except (trio.BrokenResourceError, OSError):
                         break
                     if not data:
                         break
-                    try:
-                        decoder.feed(data)
-                        frames = []
-                        while (frame := decoder.next_frame()) is not None:
-                            frames.append(frame)
-                    except p.FrameError as exc:
-                        await self._try_send(p.error_reply(0, exc))
-                        break
-                    for frame in frames:
-                        if not authorised:
-                            request_id = p.peek_request_id(frame) or 0
-                            await self._try_send(
-                                p.error_reply(
-                                    request_id,
-                                    PermissionDenied(
-                                        f"uid {uid} may not use zoned: only root and members "
-                                        "of the zoned group may"
-                                    ),
-                                )
-                            )
-                            return
-                        await self._dispatch(frame, nursery)
+                    conversation.receive_data(data)
+                    while (action := conversation.next_action()) is not None:
+                        await self._carry_out(action, conversation, nursery)
                 nursery.cancel_scope.cancel()
         finally:
             self._closed = True
@@ -156,65 +115,32 @@ class Connection:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self.send(reply)
 
-    async def _dispatch(self, frame: bytes, nursery: trio.Nursery) -> None:
-        try:
-            request = p.decode_request(frame)
-        except InvalidRequest as exc:
-            await self._try_send(p.error_reply(p.peek_request_id(frame) or 0, exc))
-            return
-        if not self._greeted:
-            if not isinstance(request, p.Hello):
-                await self._try_send(
-                    p.error_reply(request.id, InvalidRequest("the first request must be hello"))
-                )
-                return
-            try:
-                version = p.negotiate_version(request.versions)
-            except ZonedError as exc:
-                await self._try_send(p.error_reply(request.id, exc))
-                return
-            self._greeted = True
-            await self._try_send(p.HelloReply(id=request.id, version=version, server=SERVER_NAME))
-            return
-        if isinstance(request, p.Hello):
-            await self._try_send(p.error_reply(request.id, InvalidRequest("hello already done")))
-            return
-        if isinstance(request, p.ExecInput | p.ExecSignal | p.ExecResize):
-            target = self._inputs.get(request.id)
-            if target is None:
-                await self._try_send(
-                    p.error_reply(
-                        request.id,
-                        InvalidRequest(f"no running exec with id {request.id} on this connection"),
+    async def _carry_out(
+        self, action: rules.Action, conversation: rules.Conversation, nursery: trio.Nursery
+    ) -> None:
+        match action:
+            case rules.Respond(reply) | rules.RespondAndClose(reply):
+                await self._try_send(reply)
+            case rules.Forward(message):
+                target = self._inputs.get(message.id)
+                if target is None:
+                    return  # its request ended while this input waited
+                # Blocks this connection's reading while the process does not
+                # take its input: backpressure for this client only.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await target.send(message)
+            case rules.Start(request, takes_input):
+                inputs: StreamInputs = None
+                if takes_input:
+                    send_input, inputs = trio.open_memory_channel[p.StreamInput](
+                        STREAM_INPUT_BUFFER
                     )
-                )
-                return
-            # Blocks this connection's reading while the process does not
-            # take its input: backpressure for this client only.
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await target.send(request)
-            return
-        if isinstance(request, TAKES_INPUT) and request.id in self._inputs:
-            await self._try_send(
-                p.error_reply(request.id, InvalidRequest(f"id {request.id} is already running"))
-            )
-            return
-        if self._inflight >= MAX_INFLIGHT:
-            await self._try_send(
-                p.error_reply(
-                    request.id,
-                    InvalidRequest(f"too many requests in flight (limit {MAX_INFLIGHT})"),
-                )
-            )
-            return
-        self._inflight += 1
-        inputs: StreamInputs = None
-        if isinstance(request, TAKES_INPUT):
-            send_input, inputs = trio.open_memory_channel[p.StreamInput](STREAM_INPUT_BUFFER)
-            self._inputs[request.id] = send_input
-        nursery.start_soon(self._run_request, request, inputs)
+                    self._inputs[request.id] = send_input
+                nursery.start_soon(self._run_request, request, inputs, conversation)
 
-    async def _run_request(self, request: p.Request, inputs: StreamInputs) -> None:
+    async def _run_request(
+        self, request: p.Request, inputs: StreamInputs, conversation: rules.Conversation
+    ) -> None:
         try:
             await self._handler(request, self.send, inputs)
         except Exception as raised:
@@ -230,7 +156,7 @@ class Connection:
                     p.error_reply(request.id, InternalError("internal error; see the daemon log"))
                 )
         finally:
-            self._inflight -= 1
+            conversation.finished(request)
             if inputs is not None:
                 self._inputs.pop(request.id, None)
                 inputs.close()

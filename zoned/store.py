@@ -14,8 +14,13 @@ Rules:
   the operator, see :meth:`ZoneStore.corrupt_files`), logs why, and skips it.
 - Zone names are checked before they become file names.
 
-The store is synchronous and does blocking file IO (fsync): call it from a
-worker thread in the daemon. It expects one daemon per state directory.
+:class:`ZoneStore` is synchronous and does blocking file IO (fsync); the
+daemon uses it through :class:`RecordWriter`, which runs every write on a
+worker thread, one at a time and in the order they were asked for, and only
+then runs what waited for that write (the announcement of a state change).
+So the trio thread never blocks on a disk, and still nothing is announced
+before it is on disk: a crash loses at most changes nobody was told of. It
+expects one daemon per state directory.
 """
 
 from __future__ import annotations
@@ -24,25 +29,29 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Generic, TypeVar
 
 import msgspec
+import trio
 
 from zoned.errors import InvalidRequest
+from zoned.protocol import ZONE_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
 RecordT = TypeVar("RecordT")
 
-ZONE_NAME_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,62}")
+_ZONE_NAME: Final = re.compile(ZONE_NAME_PATTERN)
 _RECORD_SUFFIX: Final = ".json"
 _CORRUPT_SUFFIX: Final = ".corrupt"
 _TEMP_SUFFIX: Final = ".tmp"
 
 
 def _check_name(name: str) -> None:
-    if not ZONE_NAME_RE.fullmatch(name):
+    if not _ZONE_NAME.fullmatch(name):
         raise InvalidRequest(f"invalid zone name {name!r}")
 
 
@@ -121,7 +130,7 @@ class ZoneStore(Generic[RecordT]):
             if not entry.name.endswith(_RECORD_SUFFIX):
                 continue
             name = entry.name.removesuffix(_RECORD_SUFFIX)
-            if not ZONE_NAME_RE.fullmatch(name):
+            if not _ZONE_NAME.fullmatch(name):
                 log.warning("ignoring %s: not a zone name", entry)
                 continue
             try:
@@ -155,3 +164,77 @@ class ZoneStore(Generic[RecordT]):
             return False
         _fsync_dir(self.directory)
         return True
+
+
+@dataclass(eq=False)
+class Write:
+    """One queued save or delete; :meth:`wait` returns once it is on disk."""
+
+    run: Callable[[], object]
+    then: Callable[[], None] | None
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+
+    async def wait(self) -> None:
+        """Wait until this write (and every one queued before it) is done; re-raise its error."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class RecordWriter(Generic[RecordT]):
+    """Writes a :class:`ZoneStore`'s records on a worker thread, in order.
+
+    :meth:`save` and :meth:`delete` never block: they queue the write and
+    return it. ``then`` runs on the trio thread once the write is done (also
+    when it failed: the failure is logged, and the zone's record stays in
+    memory for its next save), so announcing there keeps "written before
+    announced". :meth:`run` is the writer task; when it is cancelled it
+    still finishes every write already queued.
+    """
+
+    def __init__(self, store: ZoneStore[RecordT]) -> None:
+        self.store = store
+        self._send, self._receive = trio.open_memory_channel[Write](float("inf"))
+
+    def save(self, name: str, record: RecordT, then: Callable[[], None] | None = None) -> Write:
+        return self._queue(Write(lambda: self.store.save(name, record), then))
+
+    def delete(self, name: str, then: Callable[[], None] | None = None) -> Write:
+        return self._queue(Write(lambda: self.store.delete(name), then))
+
+    async def load_all(self) -> dict[str, RecordT]:
+        """:meth:`ZoneStore.load_all` on a worker thread (start-up, before any save)."""
+        return await trio.to_thread.run_sync(self.store.load_all)
+
+    def _queue(self, write: Write) -> Write:
+        self._send.send_nowait(write)
+        return write
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            async for write in self._receive:
+                await self._perform(write)
+        finally:
+            with trio.CancelScope(shield=True):
+                while True:
+                    try:
+                        write = self._receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    await self._perform(write)
+
+    async def _perform(self, write: Write) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(write.run)
+            except Exception as exc:
+                log.exception("writing a zone record failed")
+                write.error = exc
+            write.done.set()
+            if write.then is not None:
+                try:
+                    write.then()
+                except Exception:
+                    log.exception("announcing a written zone record failed")

@@ -155,14 +155,6 @@ class HostTopology:
         """
         return self._sibling_groups
 
-    def siblings_of(self, cpu_id: int) -> tuple[int, ...]:
-        """All threads of ``cpu_id``'s physical core, itself included."""
-        self.cpu(cpu_id)
-        for group in self.sibling_groups():
-            if cpu_id in group:
-                return group
-        raise AssertionError("unreachable: every CPU is in a sibling group")
-
     @property
     def packages(self) -> tuple[int, ...]:
         return tuple(sorted({c.package_id for c in self.cpus if c.package_id is not None}))

@@ -214,10 +214,6 @@ class EventLoopThread:
             thread.start()
             cls._thread = thread
 
-    @classmethod
-    def is_running(cls) -> bool:
-        return cls._thread is not None and cls._thread.is_alive()
-
     @staticmethod
     def _run() -> NoReturn:
         while True:
@@ -334,9 +330,6 @@ _UNDEFINE_FLAGS: Final = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
 )
 
-# Where libvirtd (qemu:///system) records each running domain's QEMU pid.
-QEMU_SYSTEM_PID_DIR: Final = Path("/run/libvirt/qemu")
-
 
 def _state_of(dom: Any) -> DomainState:
     state, reason = dom.state()
@@ -446,16 +439,6 @@ def _remove(conn: Any, name: str) -> bool:
         if exc.get_error_code() not in _ALREADY_GONE:
             raise
     return True
-
-
-def _qemu_pid(conn: Any, name: str) -> int | None:
-    dom = conn.lookupByName(name)
-    if not dom.isActive() or not str(conn.getURI()).startswith("qemu:///system"):
-        return None
-    try:
-        return int((QEMU_SYSTEM_PID_DIR / f"{name}.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _vcpus(conn: Any, name: str) -> list[VcpuInfo]:
@@ -745,10 +728,6 @@ class Hypervisor:
 
     # ---- connection loss and reconnection ----
 
-    @property
-    def is_lost(self) -> bool:
-        return self._lost.is_set()
-
     async def wait_lost(self) -> str:
         """Wait until libvirt reports the connection closed; return why.
 
@@ -786,11 +765,15 @@ class Hypervisor:
                 return
         raise HypervisorError(f"could not reconnect to {self._uri}")
 
-    async def keep_connected(self, on_reconnect: Callable[[], Awaitable[None]]) -> NoReturn:
-        """Forever: wait for loss, reconnect, then await ``on_reconnect()`` (resync)."""
+    async def keep_connected(
+        self, on_lost: Callable[[str], None], on_reconnect: Callable[[], Awaitable[None]]
+    ) -> NoReturn:
+        """Forever: wait for loss and tell ``on_lost(reason)``, reconnect, then
+        await ``on_reconnect()`` (the caller's resynchronisation)."""
         while True:
             reason = await self.wait_lost()
-            log.warning("lost libvirt connection to %s (%s)", self._uri, reason)
+            log.warning("lost libvirt connection to %s (%s); reconnecting", self._uri, reason)
+            on_lost(reason)
             await self.reconnect()
             await on_reconnect()
 
@@ -913,35 +896,9 @@ class Hypervisor:
 
         await self._call(update)
 
-    async def qemu_pid(self, name: str) -> int | None:
-        """PID of the domain's QEMU process, or ``None`` if unknown.
-
-        Read from ``/run/libvirt/qemu/<name>.pid``, which libvirtd writes for
-        qemu:///system only; for other URIs (session, test) and for inactive
-        domains this returns ``None``.
-        """
-        return await self._call(lambda conn: _qemu_pid(conn, name))
-
     async def vcpus(self, name: str) -> list[VcpuInfo]:
         """A running domain's vCPUs: state, CPU time, host CPU, affinity."""
         return await self._call(lambda conn: _vcpus(conn, name))
-
-    async def vcpu_pin_info(self, name: str) -> list[frozenset[int]]:
-        """Host CPUs each vCPU may run on (live if running, else the config)."""
-
-        def pins(conn: Any) -> list[frozenset[int]]:
-            cpumaps = conn.lookupByName(name).vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_CURRENT)
-            return [_cpu_set(cpumap) for cpumap in cpumaps]
-
-        return await self._call(pins)
-
-    async def emulator_pin_info(self, name: str) -> frozenset[int]:
-        """Host CPUs QEMU's emulator threads may run on (live if running, else config)."""
-        return await self._call(
-            lambda conn: _cpu_set(
-                conn.lookupByName(name).emulatorPinInfo(libvirt.VIR_DOMAIN_AFFECT_CURRENT)
-            )
-        )
 
     async def pin_vcpu(self, name: str, vcpu: int, cpus: Iterable[int]) -> None:
         """Pin one vCPU to ``cpus`` (live if running, else in the config)."""
@@ -964,19 +921,6 @@ class Hypervisor:
     async def stats(self, name: str) -> DomainStats:
         """CPU time and memory of the domain."""
         return await self._call(lambda conn: _stats(conn, name))
-
-    async def set_memory_hard_limit(self, name: str, kib: int) -> None:
-        """Set the running domain's memory hard limit (cgroup) in KiB.
-
-        Live only: on this host a ``<memtune><hard_limit>`` at define time
-        fails (no CAP_SYS_RESOURCE), so the limit is applied after start.
-        """
-        params = {libvirt.VIR_DOMAIN_MEMORY_HARD_LIMIT: kib}
-        await self._call(
-            lambda conn: conn.lookupByName(name).setMemoryParameters(
-                params, libvirt.VIR_DOMAIN_AFFECT_LIVE
-            )
-        )
 
     async def capabilities(self) -> str:
         """The host capabilities XML (``virConnectGetCapabilities``)."""

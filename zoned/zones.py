@@ -11,12 +11,16 @@ Rules:
   domain definition or the start fails, the placement is released, the
   domain removed and the record deleted; the caller gets the error.
 - Once started, a zone's record is never lost: every state change is written
-  to the state directory before it is announced. A zone that fails (boot
-  timeout, QEMU exit, agent silence or misbehaviour) keeps its record in
-  ``failed`` with the reason, and its host resources are released, until it
-  is destroyed.
+  to the state directory (on a worker thread, in order: see
+  :class:`~zoned.store.RecordWriter`) before it is announced, to event
+  watchers and to the create or destroy request waiting for it. A zone that
+  fails (boot timeout, QEMU exit, agent silence or misbehaviour) keeps its
+  record in ``failed`` with the reason, and its host resources are released,
+  until it is destroyed.
 - Destroy is idempotent for anything that exists; a destroyed zone's record
   is removed once it has reached ``stopped``.
+- Which states mean what (settled, terminal, running a domain, ready) is
+  :mod:`zoned.lifecycle`'s to say; this module asks it.
 - On start-up the manager re-adopts every running domain of ours (from the
   records, or from the domain's metadata if the record is missing) and marks
   records whose domain vanished as failed.
@@ -24,6 +28,8 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import grp
 import logging
 import math
@@ -31,7 +37,6 @@ import os
 import pwd
 import time
 import uuid as uuidlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,7 @@ from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.store import find_kernel
 from zoned.placement import Allocator, Placement
 from zoned.protocol import (
+    Accelerator,
     AgentExecStart,
     CreateZone,
     Exec,
@@ -66,12 +72,10 @@ from zoned.protocol import (
     ZoneMetricsData,
 )
 from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
-from zoned.store import ZoneStore
+from zoned.store import RecordWriter, ZoneStore
 from zoned.virt import DomainEvent, Hypervisor
 
 log = logging.getLogger(__name__)
-
-ACTIVE_STATES = frozenset({"creating", "booting", "ready", "stopping"})
 
 
 def placement_record(placement: Placement) -> PlacementRecord:
@@ -87,7 +91,7 @@ def placement_record(placement: Placement) -> PlacementRecord:
 def placement_from_record(zone: str, record: PlacementRecord) -> Placement:
     return Placement(
         zone=zone,
-        policy=record.policy,  # type: ignore[arg-type]
+        policy=record.policy,
         vcpu_cpus=tuple(tuple(cpus) for cpus in record.vcpu_cpus),
         emulator_cpus=tuple(record.emulator_cpus),
         numa_node=record.numa_node,
@@ -99,7 +103,7 @@ def placement_from_record(zone: str, record: PlacementRecord) -> Placement:
 class _Zone:
     record: ZoneRecord
     lock: trio.Lock = field(default_factory=trio.Lock)
-    # Set whenever the zone leaves ``booting`` (ready, failed or stopping).
+    # Set once the zone's state is settled (see lifecycle.is_settled) and written.
     settled: trio.Event = field(default_factory=trio.Event)
     supervisor: trio.CancelScope | None = None
     holds_placement: bool = False
@@ -130,7 +134,7 @@ class ZoneManager:
         allocator: Allocator,
         hub: EventHub,
         *,
-        accelerator: str,
+        accelerator: Accelerator,
         boot_image: Path,
         tsc_khz: int | None,
         rootfs: Path | None = None,
@@ -145,7 +149,7 @@ class ZoneManager:
         self.owner = str(Path(config.state_dir).resolve())
         self.domain_prefix = config.domain_prefix
         self.tsc_khz = tsc_khz
-        self.store: ZoneStore[ZoneRecord] = ZoneStore(Path(config.state_dir), ZoneRecord)
+        self.records = RecordWriter(ZoneStore(Path(config.state_dir), ZoneRecord))
         self.zones: dict[str, _Zone] = {}
         self._nursery: trio.Nursery | None = None
         self._qemu_ids = _qemu_ids()
@@ -183,7 +187,7 @@ class ZoneManager:
         """Apply a lifecycle input: persist first, then announce."""
         old = zone.record.state
         try:
-            result = lifecycle.transition(old, event, reason)  # type: ignore[arg-type]
+            result = lifecycle.transition(old, event, reason)
         except Conflict as exc:
             # A fact that cannot happen in this state is stale or a bug; it
             # must never take the daemon down.
@@ -196,19 +200,22 @@ class ZoneManager:
             return
         record = msgspec.structs.replace(zone.record, **updates)
         zone.record = record
-        self.store.save(record.name, record)
-        if record.state in ("booting", "ready"):
-            self._sync_metadata(zone)
-        if result.changed and result.new_state != old:
-            self.hub.publish(
-                "zone_state",
-                zone=record.name,
-                state=result.new_state,
-                previous=old,
-                reason=result.reason,
-            )
-        if record.state != "booting" and old in ("creating", "booting"):
-            zone.settled.set()
+
+        def announce() -> None:
+            if lifecycle.runs_domain(record.state):
+                self._sync_metadata(zone)
+            if result.changed:
+                self.hub.publish(
+                    "zone_state",
+                    zone=record.name,
+                    state=result.new_state,
+                    previous=old,
+                    reason=result.reason,
+                )
+            if lifecycle.is_settled(record.state):
+                zone.settled.set()
+
+        self.records.save(record.name, record, then=announce)
 
     def _release(self, zone: _Zone) -> None:
         if zone.holds_placement:
@@ -221,7 +228,7 @@ class ZoneManager:
             record = zone.record
             if not zone.holds_placement or record.placement.policy != "shared":
                 continue
-            if record.state not in ("booting", "ready"):
+            if not lifecycle.runs_domain(record.state):
                 continue
             placement = placement_record(self.allocator.placement(record.name))
             if placement == record.placement:
@@ -235,8 +242,9 @@ class ZoneManager:
                 log.warning("re-pinning shared zone %s failed: %s", record.name, exc)
                 continue
             zone.record = msgspec.structs.replace(record, placement=placement)
-            self.store.save(record.name, zone.record)
-            self._sync_metadata(zone)
+            self.records.save(
+                record.name, zone.record, then=functools.partial(self._sync_metadata, zone)
+            )
 
     # -------------------------------------------------------------------- create
 
@@ -254,7 +262,9 @@ class ZoneManager:
                 f"memory_mib={request.memory_mib} is outside this host's limits "
                 f"{self.config.min_memory_mib}..{self.config.max_memory_mib}"
             )
-        kernel = find_kernel(Path(self.config.kernel_store), request.profile)
+        kernel = await trio.to_thread.run_sync(
+            find_kernel, Path(self.config.kernel_store), request.profile
+        )
         tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
         args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
         # Read by the guest agent (its hostname); the kernel ignores it.
@@ -293,10 +303,9 @@ class ZoneManager:
             # away mid-create must not leave half a zone behind.
             with trio.CancelScope(shield=True):
                 try:
-                    self.store.save(name, record)
+                    await self.records.save(name, record).wait()
                     self.hub.publish("zone_state", zone=name, state="creating")
-                    self._prepare_runtime_dir(zone_dir)
-                    Path(record.console_log).unlink(missing_ok=True)
+                    await trio.to_thread.run_sync(self._prepare_runtime, zone_dir, record)
                     await self.hv.create_transient(render_domain_xml(self._domain_spec(record)))
                 except BaseException as exc:
                     await self._undo_create(zone, exc)
@@ -306,7 +315,7 @@ class ZoneManager:
                 await self._repin_shared()
         await zone.settled.wait()
         final = zone.record
-        if final.state == "ready":
+        if lifecycle.is_ready(final.state):
             return to_info(final)
         if final.state == "failed":
             raise HypervisorError(f"zone {name!r} failed to boot: {final.reason}")
@@ -320,8 +329,9 @@ class ZoneManager:
         except ZonedError as cleanup_exc:
             log.error("could not remove domain of %s: %s", name, cleanup_exc)
         self._release(zone)
-        self.store.delete(name)
         del self.zones[name]
+        with contextlib.suppress(OSError):
+            await self.records.delete(name).wait()  # logged by the writer
         reason = exc.message if isinstance(exc, ZonedError) else repr(exc)
         self.hub.publish(
             "zone_state", zone=name, state="failed", previous="creating", reason=reason
@@ -336,7 +346,7 @@ class ZoneManager:
 
         async def update() -> None:
             record = zone.record
-            if record.state not in ("booting", "ready") or self.zones.get(name) is not zone:
+            if not lifecycle.runs_domain(record.state) or self.zones.get(name) is not zone:
                 return
             try:
                 await self.hv.set_metadata(
@@ -350,8 +360,9 @@ class ZoneManager:
 
         self._nursery.start_soon(update)
 
-    def _prepare_runtime_dir(self, zone_dir: Path) -> None:
-        """The agent socket's directory: QEMU (an unprivileged user) creates the socket."""
+    def _prepare_runtime(self, zone_dir: Path, record: ZoneRecord) -> None:
+        """The agent socket's directory (QEMU, an unprivileged user, creates the
+        socket there) and a fresh console log. Blocking: run in a worker thread."""
         runtime = Path(self.config.runtime_dir)
         for directory in (runtime, runtime / "zones"):
             directory.mkdir(parents=True, exist_ok=True)
@@ -362,6 +373,7 @@ class ZoneManager:
         if self._qemu_ids is not None and os.geteuid() == 0:
             os.chown(zone_dir, 0, self._qemu_ids[1])
         Path(self.config.log_dir).mkdir(parents=True, exist_ok=True)
+        Path(record.console_log).unlink(missing_ok=True)
 
     def _domain_spec(self, record: ZoneRecord) -> DomainSpec:
         return DomainSpec(
@@ -369,8 +381,8 @@ class ZoneManager:
             uuid=record.uuid,
             vcpus=record.vcpus,
             memory_mib=record.memory_mib,
-            machine=record.machine,  # type: ignore[arg-type]
-            accelerator=record.accelerator,  # type: ignore[arg-type]
+            machine=record.machine,
+            accelerator=record.accelerator,
             kernel=Path(record.kernel_image),
             initrd=Path(record.boot_image),
             rootfs=Path(record.rootfs) if record.rootfs else None,
@@ -422,11 +434,11 @@ class ZoneManager:
                 on_heartbeat=on_heartbeat,
                 on_mux=on_mux,
             )
-            if zone.record.state in ("booting", "ready"):
+            if lifecycle.runs_domain(zone.record.state):
                 # A channel that breaks because QEMU died is QEMU's failure;
                 # say so even if libvirt's event has not arrived yet.
                 gone = await self._domain_gone(zone)
-                if zone.record.state not in ("booting", "ready"):
+                if not lifecycle.runs_domain(zone.record.state):
                     return  # the libvirt event won the race and failed the zone
                 event: lifecycle.Input
                 if gone is not None:
@@ -465,7 +477,7 @@ class ZoneManager:
 
     async def destroy(self, name: str) -> ZoneInfo:
         zone = self._zone(name)
-        if zone.record.state in ("creating", "booting") and zone.supervisor is not None:
+        if not lifecycle.is_settled(zone.record.state) and zone.supervisor is not None:
             # Destroy during boot: stop waiting for the agent at once.
             zone.supervisor.cancel()
         async with zone.lock:
@@ -474,15 +486,13 @@ class ZoneManager:
             if zone.supervisor is not None:
                 zone.supervisor.cancel()
             with trio.CancelScope(shield=True):
-                if zone.record.state != "stopping":
-                    self._set(zone, "destroy_requested")
+                self._set(zone, "destroy_requested")  # a no-op when already stopping
                 await self.hv.remove(zone.record.domain_name)
                 self._release(zone)
                 await self._repin_shared()
                 self._set(zone, "domain_stopped", "destroyed")
-                zone.settled.set()
-                self.store.delete(name)
                 del self.zones[name]
+                await self.records.delete(name).wait()
         return to_info(zone.record)
 
     # --------------------------------------------------------------- metrics
@@ -493,7 +503,7 @@ class ZoneManager:
         record = zone.record
         cpu_time_s: float | None = None
         rss_kib: int | None = None
-        if record.state in ("booting", "ready"):
+        if lifecycle.runs_domain(record.state):
             try:
                 stats = await self.hv.stats(record.domain_name)
             except ZonedError as exc:
@@ -504,7 +514,7 @@ class ZoneManager:
                     rss_kib = stats.rss_kib
         beat = zone.last_heartbeat
         guest = None
-        if beat is not None and record.state == "ready":
+        if beat is not None and lifecycle.is_ready(record.state):
             guest = GuestMetrics(
                 uptime_s=beat.uptime_s,
                 load1=beat.load1,
@@ -515,7 +525,7 @@ class ZoneManager:
             )
         return ZoneMetricsData(
             name=record.name,
-            state=record.state,  # type: ignore[arg-type]
+            state=record.state,
             sampled_at=time.time(),
             vcpus=record.vcpus,
             memory_mib=record.memory_mib,
@@ -531,7 +541,7 @@ class ZoneManager:
         """Start a process in a ready zone; the session streams it."""
         zone = self._zone(name)
         agent = zone.agent
-        if zone.record.state != "ready" or agent is None:
+        if not lifecycle.is_ready(zone.record.state) or agent is None:
             raise Conflict(
                 f"zone {name!r} is {zone.record.state}, not ready: it cannot run processes"
             )
@@ -565,7 +575,7 @@ class ZoneManager:
         zone = self.zones.get(event.name.removeprefix(self.domain_prefix))
         if zone is None or event.kind not in ("stopped", "crashed", "shutdown"):
             return
-        if zone.record.state in ("booting", "ready"):
+        if lifecycle.runs_domain(zone.record.state):
             if zone.supervisor is not None:
                 zone.supervisor.cancel()
             kind: lifecycle.Input = (
@@ -578,7 +588,7 @@ class ZoneManager:
         """After a (re)connection: zones whose domain is gone are failed."""
         running = {d.name for d in await self.hv.list_domains(self.domain_prefix)}
         for zone in list(self.zones.values()):
-            if zone.record.state in ("booting", "ready") and zone.record.domain_name not in running:
+            if lifecycle.runs_domain(zone.record.state) and zone.record.domain_name not in running:
                 if zone.supervisor is not None:
                     zone.supervisor.cancel()
                 self._set(zone, "domain_vanished", "QEMU domain vanished")
@@ -590,12 +600,13 @@ class ZoneManager:
         """Adopt what is running, then supervise zones until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.records.run)
             await self._adopt()
             task_status.started()
             await trio.sleep_forever()
 
     async def _adopt(self) -> None:
-        records = self.store.load_all()
+        records = await self.records.load_all()
         domains = {
             d.name: d
             for d in await self.hv.list_domains(self.domain_prefix, metadata_uri=METADATA_NS)
@@ -609,7 +620,8 @@ class ZoneManager:
             try:
                 text = read_metadata(await self.hv.xml(summary.name))
                 if text is None:
-                    raise InvalidRequest("no zoned metadata")
+                    log.error("domain %s carries no zone record", summary.name)
+                    continue
                 found = decode_record(text)
                 if found.owner != self.owner:
                     log.info("domain %s belongs to another zoned (%s)", summary.name, found.owner)
@@ -621,7 +633,7 @@ class ZoneManager:
         for zone_name, record in sorted(records.items()):
             zone = _Zone(record)
             self.zones[zone_name] = zone
-            if record.state in ("failed", "stopped"):
+            if lifecycle.is_terminal(record.state):
                 zone.settled.set()
                 continue
             if record.domain_name not in domains:
@@ -631,21 +643,14 @@ class ZoneManager:
             zone.holds_placement = True
             if record.state == "stopping":
                 # A destroy was cut short by the restart; finish it.
-                self._nursery_start(self._finish_destroy, zone_name)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._finish_destroy, zone_name)
                 continue
             self._set(zone, "resumed_after_restart")
             self._start_supervisor(zone, self.config.boot_timeout_s)
 
-    def _nursery_start(self, fn: Callable[[str], object], name: str) -> None:
-        assert self._nursery is not None
-
-        async def runner() -> None:
-            try:
-                await fn(name)  # type: ignore[misc]
-            except ZonedError as exc:
-                log.error("finishing destroy of %s failed: %s", name, exc)
-
-        self._nursery.start_soon(runner)
-
     async def _finish_destroy(self, name: str) -> None:
-        await self.destroy(name)
+        try:
+            await self.destroy(name)
+        except ZonedError as exc:
+            log.error("finishing destroy of %s failed: %s", name, exc)

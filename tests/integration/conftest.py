@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import libvirt
 import pytest
 
-from zoned.kernel.build import DEFAULT_STORE
+from zoned.kernel.store import DEFAULT_STORE
 from zoned.localdaemon import LocalDaemon, checkout_domain_prefix
 
 URI = "qemu:///system"
@@ -21,6 +22,14 @@ DOMAIN_PREFIX = checkout_domain_prefix()
 def domain_name(zone: str) -> str:
     """The domain of a private daemon's zone ``zone`` (or of a test's own domain)."""
     return DOMAIN_PREFIX + zone
+
+
+def qemu_pid(domain: str) -> int | None:
+    """The QEMU pid libvirtd (qemu:///system) recorded for a running domain, else None."""
+    try:
+        return int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text())
+    except FileNotFoundError:
+        return None
 
 
 def open_libvirt() -> libvirt.virConnect:

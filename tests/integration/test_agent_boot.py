@@ -21,9 +21,11 @@ import msgspec
 import pytest
 
 from zoned.agent import AGENT_PORT_NAME
-from zoned.bootimage import build_boot_image
+from zoned.domain import EMULATOR
 from zoned.hostinfo import host_tsc_khz
+from zoned.images.bootimage import build_boot_image
 from zoned.kernel.cmdline import hardened_cmdline
+from zoned.kernel.store import DEFAULT_STORE
 from zoned.protocol import (
     AGENT_MAX_FRAME,
     AgentExecCredit,
@@ -46,9 +48,9 @@ from zoned.protocol import (
 
 pytestmark = pytest.mark.integration
 
-KERNEL_STORE = Path(os.environ.get("ZONED_KERNEL_STORE", "/var/lib/zoned/kernels"))
+KERNEL_STORE = Path(os.environ.get("ZONED_KERNEL_STORE", DEFAULT_STORE))
 PROFILE = "strict"
-QEMU = "qemu-system-x86_64"
+QEMU = EMULATOR
 # Generous: TCG on a loaded 2-CPU host; a healthy boot takes a few seconds.
 BOOT_TIMEOUT_S = 120.0
 REPLY_TIMEOUT_S = 30.0

@@ -18,9 +18,8 @@ import pytest
 
 from zoned.bareboot import boot_until, busybox_initramfs, qemu_command
 from zoned.hostinfo import host_tsc_khz
-from zoned.kernel.build import DEFAULT_STORE
 from zoned.kernel.cmdline import hardened_cmdline
-from zoned.kernel.store import KernelImage, find_kernel
+from zoned.kernel.store import DEFAULT_STORE, KernelImage, find_kernel
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,10 @@
 libvirt's in-process ``test:///default`` driver standing in for QEMU.
 
 These exercise the control socket, the protocol and the zone manager's
-bookkeeping quickly; the integration tests boot real zones.
+bookkeeping quickly; the integration tests boot real zones. Nothing here
+needs a built kernel, busybox or mkfs.erofs: the daemon gets a kernel store
+of tiny files in the test's directory and zone images from a builder that
+writes tiny files (the test driver never reads them).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
 from zoned.config import Config
-from zoned.daemon import Daemon
-from zoned.kernel.build import DEFAULT_STORE
+from zoned.daemon import Daemon, ZoneImages
+from zoned.kernel.store import KernelManifest
 
 
 @pytest.fixture
@@ -32,13 +36,57 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+FAKE_PROFILES = ("strict", "containers")
+
+
+def fake_kernel_store(store: Path) -> Path:
+    """A kernel store laid out as ``zoned-kernel build`` lays it out, of tiny files."""
+    for profile in FAKE_PROFILES:
+        build = store / f"{profile}-0000000000000000"
+        build.mkdir(parents=True)
+        (build / "bzImage").write_bytes(b"not a kernel")
+        (build / "config").write_text("# CONFIG_MODULES is not set\n")
+        manifest = KernelManifest(
+            profile=profile,
+            kernel_version="6.12.0",
+            kernel_release="6.12.0-fake",
+            debian_package="linux-source-6.12",
+            debian_version="6.12.0-1",
+            fragments=[],
+            fragment_hash="0" * 16,
+            build_hash="0" * 16,
+            compiler="none",
+            build_time="2024-01-01T00:00:00Z",
+            build_seconds=0.0,
+            image="bzImage",
+            image_sha256="0" * 64,
+            image_size=12,
+            cmdline=[],
+        )
+        (build / "manifest.json").write_bytes(msgspec.json.encode(manifest))
+        (store / profile).symlink_to(build.name)
+    return store
+
+
+def fake_zone_images(config: Config) -> ZoneImages:
+    """Stands in for the image builders: two tiny files in the image cache."""
+    cache = Path(config.image_cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    boot_image = cache / "agent-fake.cpio"
+    boot_image.write_bytes(b"not an initramfs")
+    workload_root = cache / "workload-fake.erofs"
+    workload_root.write_bytes(b"not an erofs image")
+    return ZoneImages(boot_image=boot_image, workload_root=workload_root)
+
+
 def service_config(root: Path, **overrides: object) -> Config:
     values: dict[str, object] = {
         "socket_path": str(root / "zoned.sock"),
         "state_dir": str(root / "state"),
         "runtime_dir": str(root / "run"),
         "log_dir": str(root / "log"),
-        "kernel_store": str(DEFAULT_STORE),
+        "kernel_store": str(fake_kernel_store(root / "kernels")),
+        "image_cache": str(root / "images"),
         "libvirt_uri": "test:///default",
         "accelerator": "tcg",
         "boot_timeout_s": 1.0,
@@ -51,7 +99,9 @@ def service_config(root: Path, **overrides: object) -> Config:
 @pytest.fixture
 async def daemon(short_tmp: Path) -> AsyncIterator[Daemon]:
     async with trio.open_nursery() as nursery:
-        started: Daemon = await nursery.start(Daemon(service_config(short_tmp)).run)
+        started: Daemon = await nursery.start(
+            Daemon(service_config(short_tmp), zone_images=fake_zone_images).run
+        )
         yield started
         nursery.cancel_scope.cancel()
 
@@ -62,7 +112,7 @@ def threaded_daemon(short_tmp: Path) -> Iterator[Daemon]:
     (hypothesis drives examples synchronously, one daemon for all of them)."""
     ready = threading.Event()
     holder: dict[str, Any] = {}
-    daemon = Daemon(service_config(short_tmp))
+    daemon = Daemon(service_config(short_tmp), zone_images=fake_zone_images)
 
     async def main() -> None:
         with trio.CancelScope() as scope:

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from zoned.bootimage import (
-    AGENT_LIB_DIR,
+from zoned.images.bootimage import AGENT_LIB_DIR, build_boot_image, cache_key
+from zoned.images.hostfiles import (
     BUSYBOX,
-    BootImageError,
+    ImageBuildError,
     base_interpreter,
-    build_boot_image,
     busybox_applets,
-    cache_key,
     parse_ldd,
 )
 
@@ -47,7 +45,7 @@ def test_parse_ldd_collects_each_library_once() -> None:
 
 
 def test_parse_ldd_refuses_missing_libraries() -> None:
-    with pytest.raises(BootImageError, match=r"libfoo\.so\.1 not found"):
+    with pytest.raises(ImageBuildError, match=r"libfoo\.so\.1 not found"):
         parse_ldd("\tlibfoo.so.1 => not found\n")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zoned.errors import InvalidRequest
+from zoned.errors import InternalError, InvalidRequest, NotFound
 from zoned.kernel.cmdline import hardened_cmdline
 
 
@@ -46,7 +46,7 @@ def test_weakening_or_malformed_extra_args_are_refused(bad: str) -> None:
 
 
 def test_unknown_profile_and_machine() -> None:
-    with pytest.raises(InvalidRequest, match="unknown kernel profile"):
+    with pytest.raises(NotFound, match="unknown kernel profile"):
         hardened_cmdline("lax", "q35", None)
-    with pytest.raises(InvalidRequest, match="unknown machine"):
+    with pytest.raises(InternalError, match="unknown machine"):
         hardened_cmdline("strict", "pc", None)

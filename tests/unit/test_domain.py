@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from zoned.agent import AGENT_PORT_NAME
 from zoned.domain import (
-    AGENT_CHANNEL_NAME,
     METADATA_NS,
     DomainSpec,
-    format_cpuset,
     metadata_element,
     read_metadata,
     render_domain_xml,
 )
-from zoned.errors import InvalidRequest
+from zoned.errors import HypervisorError, InternalError
+from zoned.topology import format_cpulist
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 
@@ -164,7 +164,7 @@ def test_workload_root_is_one_read_only_virtio_disk() -> None:
         assert disk.find("readonly") is not None
         address = disk.find("address")
         assert (address is not None) == (machine == "microvm")
-    with pytest.raises(InvalidRequest, match="rootfs path"):
+    with pytest.raises(InternalError, match="rootfs path"):
         _spec("a", rootfs=Path("relative.erofs"))
 
 
@@ -177,7 +177,7 @@ def test_agent_channel_and_console_log() -> None:
         "mode": "bind",
         "path": str(spec.agent_socket),
     }
-    assert channel.find("target").get("name") == AGENT_CHANNEL_NAME  # type: ignore[union-attr]
+    assert channel.find("target").get("name") == AGENT_PORT_NAME  # type: ignore[union-attr]
     log = root.find("devices/serial[@type='pty']/log")
     assert log is not None
     assert log.attrib == {"file": str(spec.console_log), "append": "off"}
@@ -201,10 +201,10 @@ def test_pinning_and_numa() -> None:
     assert emulator_only.find("cputune/emulatorpin") is not None
 
 
-def test_format_cpuset() -> None:
-    assert format_cpuset([]) == ""
-    assert format_cpuset([3]) == "3"
-    assert format_cpuset([5, 0, 1, 2, 2, 7, 8]) == "0-2,5,7-8"
+def test_cpusets_use_the_cpulist_syntax() -> None:
+    assert format_cpulist([]) == ""
+    assert format_cpulist([3]) == "3"
+    assert format_cpulist([5, 0, 1, 2, 2, 7, 8]) == "0-2,5,7-8"
 
 
 _METADATA_CASES = [
@@ -243,7 +243,7 @@ def test_metadata_absent_or_foreign() -> None:
         "</metadata></domain>"
     )
     assert read_metadata(foreign) is None
-    with pytest.raises(InvalidRequest, match="does not parse"):
+    with pytest.raises(HypervisorError, match="does not parse"):
         read_metadata("<domain>")
 
 
@@ -272,5 +272,5 @@ def test_metadata_absent_or_foreign() -> None:
     ],
 )
 def test_bad_specs_are_refused(changes: dict[str, object], match: str) -> None:
-    with pytest.raises(InvalidRequest, match=match):
+    with pytest.raises(InternalError, match=match):
         _spec("a", **changes)

@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from zoned import errors
 from zoned.errors import Conflict, InvalidRequest, NoCapacity, NotFound
-from zoned.placement import Allocator, Placement, Policy
+from zoned.placement import Allocator, Placement
+from zoned.protocol import Placement as Policy
 from zoned.topology import HostTopology
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "topologies"
@@ -287,9 +289,9 @@ def test_a_core_with_a_reserved_thread_is_not_exclusive(laptop: HostTopology) ->
 
 
 def test_unknown_reserved_cpu_is_rejected(laptop: HostTopology) -> None:
-    with pytest.raises(InvalidRequest, match="reserved CPUs 8-9 do not exist"):
+    with pytest.raises(errors.ConfigError, match="reserved CPUs 8-9 do not exist"):
         Allocator(laptop, reserved_cpus=[8, 9])
-    with pytest.raises(InvalidRequest, match="reserved memory"):
+    with pytest.raises(errors.ConfigError, match="reserved memory"):
         Allocator(laptop, reserved_memory_mib=-1)
 
 
@@ -350,9 +352,9 @@ def test_adopt_unbound_shared_on_multi_node_counts_somewhere(two_socket: HostTop
 
 
 def test_adopt_rejects_placements_without_cpus(laptop: HostTopology) -> None:
-    with pytest.raises(InvalidRequest, match="pins no CPUs"):
+    with pytest.raises(errors.InternalError, match="pins no CPUs"):
         Allocator(laptop).adopt(Placement("a", "shared", ((),), (), None, 64))
-    with pytest.raises(InvalidRequest, match="pins no CPUs"):
+    with pytest.raises(errors.InternalError, match="pins no CPUs"):
         Allocator(laptop).adopt(Placement("a", "shared", (), (), None, 64))
 
 

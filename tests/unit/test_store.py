@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import msgspec
 import pytest
+import trio
 
 from zoned.errors import InvalidRequest
-from zoned.store import ZoneStore
+from zoned.store import RecordWriter, ZoneStore
 
 
 class Record(msgspec.Struct, frozen=True):
@@ -135,3 +137,70 @@ def test_invalid_names_are_rejected(store: ZoneStore[Record], name: str) -> None
         store.save(name, Record(name, 1))
     with pytest.raises(InvalidRequest):
         store.delete(name)
+
+
+# ---------------------------------------------------------------- RecordWriter
+
+
+class ThreadNotingStore(ZoneStore[Record]):
+    """Notes the thread every save and delete ran on."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir, Record)
+        self.threads: list[threading.Thread] = []
+
+    def save(self, name: str, record: Record) -> None:
+        self.threads.append(threading.current_thread())
+        super().save(name, record)
+
+    def delete(self, name: str) -> bool:
+        self.threads.append(threading.current_thread())
+        return super().delete(name)
+
+
+async def test_writes_run_in_order_on_worker_threads_and_announce_after(tmp_path: Path) -> None:
+    store = ThreadNotingStore(tmp_path)
+    writer = RecordWriter(store)
+    seen_on_disk: list[Record | None] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for vcpus in (1, 2, 3):
+            writer.save(
+                "alpha",
+                Record("alpha", vcpus),
+                then=lambda: seen_on_disk.append(store.load("alpha")),
+            )
+        last = writer.delete("alpha", then=lambda: seen_on_disk.append(store.load("alpha")))
+        await last.wait()
+        nursery.cancel_scope.cancel()
+    # Each announcement saw its own write on disk, in the order they were asked for.
+    assert seen_on_disk == [Record("alpha", 1), Record("alpha", 2), Record("alpha", 3), None]
+    assert len(store.threads) == 4
+    assert threading.main_thread() not in store.threads
+
+
+async def test_a_failed_write_is_reported_to_its_waiter_and_still_announced(
+    tmp_path: Path,
+) -> None:
+    writer = RecordWriter(ZoneStore(tmp_path, Record))
+    announced: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        bad = writer.save("Not A Name", Record("x", 1), then=lambda: announced.append("bad"))
+        with pytest.raises(InvalidRequest):
+            await bad.wait()
+        good = writer.save("beta", Record("beta", 1), then=lambda: announced.append("good"))
+        await good.wait()
+        nursery.cancel_scope.cancel()
+    assert announced == ["bad", "good"]
+    assert ZoneStore(tmp_path, Record).load("beta") == Record("beta", 1)
+
+
+async def test_a_cancelled_writer_finishes_what_was_queued(tmp_path: Path) -> None:
+    writer = RecordWriter(ZoneStore(tmp_path, Record))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        writes = [writer.save(f"z{i}", Record(f"z{i}", i)) for i in range(5)]
+        nursery.cancel_scope.cancel()
+    assert all(write.done.is_set() for write in writes)
+    assert sorted(ZoneStore(tmp_path, Record).load_all()) == [f"z{i}" for i in range(5)]

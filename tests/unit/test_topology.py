@@ -118,7 +118,7 @@ def test_two_socket_smt_fixture() -> None:
     groups = topo.sibling_groups()
     assert len(groups) == 16
     assert all(g == (g[0], g[0] + 16) for g in groups)
-    assert topo.siblings_of(21) == (5, 21)
+    assert (5, 21) in groups
     assert topo.node(0).cpus == (*range(0, 8), *range(16, 24))
     assert topo.node_of(8) == 1
     assert topo.node_of(31) == 1
@@ -192,7 +192,7 @@ def test_offline_cpu_without_topology_dir(tmp_path: Path) -> None:
     assert (1,) in read.sibling_groups()
     filled = read.fill_unknown_from(load("laptop"))
     assert filled == topo
-    assert filled.siblings_of(1) == (1, 5)
+    assert (1, 5) in filled.sibling_groups()
 
 
 def test_offline_cpu_keeps_its_node_from_the_cpu_link(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from itertools import islice
@@ -140,7 +141,7 @@ async def test_version_and_capabilities(env: Env) -> None:
     assert version.hypervisor_type == "TEST"
     assert version.libvirt.count(".") == 2
     assert "<capabilities>" in await env.hv.capabilities()
-    assert virt.EventLoopThread.is_running()
+    assert any(t.name == "libvirt-events" and t.is_alive() for t in threading.enumerate())
 
 
 async def test_define_lookup_list_undefine(env: Env) -> None:
@@ -236,9 +237,6 @@ async def test_runtime_introspection(env: Env) -> None:
     assert inactive.vcpus == 2
     assert inactive.max_memory_kib == 64 * 1024
     assert inactive.user_time_ns is None
-    assert len(await env.hv.vcpu_pin_info("zt-cpu")) == 2
-    with pytest.raises(Conflict):
-        await env.hv.set_memory_hard_limit("zt-cpu", 128 * 1024)
 
     await env.hv.start("zt-cpu")
     running = await env.hv.stats("zt-cpu")
@@ -247,21 +245,14 @@ async def test_runtime_introspection(env: Env) -> None:
     vcpus = await env.hv.vcpus("zt-cpu")
     assert [v.number for v in vcpus] == [0, 1]
     assert all(v.state == "running" and v.affinity for v in vcpus)
-    pins = await env.hv.vcpu_pin_info("zt-cpu")
-    assert len(pins) == 2
-    assert all(pin for pin in pins)
-    assert await env.hv.emulator_pin_info("zt-cpu")
-    await env.hv.set_memory_hard_limit("zt-cpu", 128 * 1024)
-    # Only qemu:///system has a pid file.
-    assert await env.hv.qemu_pid("zt-cpu") is None
 
 
 async def test_pin_vcpu(env: Env) -> None:
     await env.hv.define(domain_xml("zt-pin", vcpus=2))
     await env.hv.start("zt-pin")
     await env.hv.pin_vcpu("zt-pin", 1, [0])
-    pins = await env.hv.vcpu_pin_info("zt-pin")
-    assert pins[1] == frozenset({0})
+    vcpus = await env.hv.vcpus("zt-pin")
+    assert vcpus[1].affinity == frozenset({0})
     with pytest.raises(Conflict, match="no CPUs"):
         await env.hv.pin_vcpu("zt-pin", 0, [4096])
 
@@ -308,7 +299,6 @@ async def test_closed_channel_drops_events() -> None:
 
 async def test_reconnect_keeps_events_flowing(env: Env) -> None:
     await env.hv.reconnect()
-    assert not env.hv.is_lost
     defined = await env.hv.define(domain_xml("zt-re"))
     # Exactly one "defined" event: the old connection's callback is gone.
     assert await env.next_event("zt-re") == DomainEvent("zt-re", defined.uuid, "defined", "added")

@@ -32,11 +32,10 @@ import msgspec
 from zoned.kernel import kconfig
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.profiles import GUEST_KERNEL_DIR, Profiles, load_profiles
-from zoned.kernel.store import KernelManifest, find_kernel, list_kernels
+from zoned.kernel.store import DEFAULT_STORE, KernelManifest, find_kernel, list_kernels
 
 # Bump when the build procedure changes in a way that changes the image.
 BUILD_TOOL_VERSION = "1"
-DEFAULT_STORE = Path("/var/lib/zoned/kernels")
 DEFAULT_CACHE = Path("/var/cache/zoned/kernel")
 # Reproducible-build identity baked into the image.
 BUILD_ENV = {

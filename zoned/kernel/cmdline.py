@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from zoned.errors import InvalidRequest
+from zoned.errors import InternalError, InvalidRequest, NotFound
 
 # Boot parameters shared by every profile. Order is kept stable: the command
 # line is part of golden domain XML.
@@ -149,11 +149,15 @@ def hardened_cmdline(
     ``tsc_khz`` is the host's TSC frequency; under TCG on microvm the guest
     cannot calibrate its clock reliably (about 40% of boots hang) unless it is
     told. Pass None where the accelerator is KVM (kvm-clock is exact there).
+
+    An unknown profile is ``not_found`` (like a profile with no kernel built);
+    an unknown machine type is a bug (requests and the config are validated
+    before they get here); weakening extra arguments are ``invalid_request``.
     """
     if profile not in _PROFILE_EXTRA:
-        raise InvalidRequest(f"unknown kernel profile {profile!r}; known: {', '.join(PROFILES)}")
+        raise NotFound(f"unknown kernel profile {profile!r}; known: {', '.join(PROFILES)}")
     if machine not in ("microvm", "q35"):
-        raise InvalidRequest(f"unknown machine type {machine!r}; known: microvm, q35")
+        raise InternalError(f"unknown machine type {machine!r}; known: microvm, q35")
     check_extra_args(extra)
     args = [*_COMMON, *_PROFILE_EXTRA[profile]]
     if machine == "microvm":

@@ -20,6 +20,9 @@ import msgspec
 
 from zoned.errors import NotFound
 
+#: Where the daemon and ``zoned-kernel`` keep built kernels unless told otherwise.
+DEFAULT_STORE = Path("/var/lib/zoned/kernels")
+
 
 class KernelManifest(msgspec.Struct, frozen=True, kw_only=True):
     profile: str

@@ -1,6 +1,6 @@
 """The workload root: the filesystem that processes in a zone see.
 
-The zone's boot image (:mod:`zoned.bootimage`) holds only the guest agent:
+The zone's boot image (:mod:`zoned.images.bootimage`) holds only the guest agent:
 its interpreter, the few modules it imports, and nothing for workloads. What
 workloads run in is this separate, read-only EROFS image, attached to every
 zone as a virtio disk. The agent mounts it under a tmpfs overlay (writes go
@@ -41,15 +41,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from zoned.bootimage import base_interpreter, shared_libraries
-from zoned.errors import InternalError
+from zoned.images import hostfiles
+from zoned.images.hostfiles import (
+    BUSYBOX,
+    ImageBuildError,
+    base_interpreter,
+    busybox_applets,
+    busybox_binary,
+    shared_libraries,
+    stdlib_dir,
+)
 
 #: Bump when the image's layout changes in a way the inputs do not show.
 ROOTFS_VERSION = 1
-BUSYBOX = Path("/bin/busybox")
 MKFS_EROFS = "mkfs.erofs"
-#: Where the agent mounts the image in the guest (read-only lower layer).
-GUEST_DEVICE = "/dev/vda"
 #: Stdlib directories left out: tests and tools that have no use in a zone.
 STDLIB_EXCLUDE = frozenset(
     {
@@ -76,26 +81,6 @@ ETC_FILES = {
 }
 
 
-class RootfsError(InternalError):
-    """The workload root could not be built (a host tool missing or failing)."""
-
-
-def _stdlib_dir(interpreter: Path) -> Path:
-    out = subprocess.run(
-        [
-            str(interpreter),
-            "-I",
-            "-S",
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('stdlib'))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    return Path(out)
-
-
 def _stdlib_files(stdlib: Path) -> Iterator[Path]:
     for root, dirs, files in os.walk(stdlib):
         rel = Path(root).relative_to(stdlib)
@@ -114,9 +99,10 @@ def cache_key(interpreter: Path) -> str:
     digest = hashlib.sha256()
     digest.update(f"rootfs-{ROOTFS_VERSION}\n".encode())
     digest.update(Path(__file__).read_bytes())
+    digest.update(Path(hostfiles.__file__).read_bytes())
     for binary in (BUSYBOX, interpreter):
         digest.update(str(binary).encode() + b"\0" + binary.read_bytes())
-    stdlib = _stdlib_dir(interpreter)
+    stdlib = stdlib_dir(interpreter)
     for path in _stdlib_files(stdlib):
         st = path.stat()
         digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -125,10 +111,9 @@ def cache_key(interpreter: Path) -> str:
 
 def build_workload_root(cache_dir: Path) -> Path:
     """The workload root image, built into ``cache_dir`` unless already there."""
-    if not BUSYBOX.exists():
-        raise RootfsError(f"{BUSYBOX} is missing: install Debian's busybox-static")
+    busybox_binary()
     if shutil.which(MKFS_EROFS) is None:
-        raise RootfsError(f"{MKFS_EROFS} is missing: install Debian's erofs-utils")
+        raise ImageBuildError(f"{MKFS_EROFS} is missing: install Debian's erofs-utils")
     interpreter = base_interpreter()
     image = cache_dir / f"workload-{cache_key(interpreter)}.erofs"
     if image.exists():
@@ -146,7 +131,7 @@ def build_workload_root(cache_dir: Path) -> Path:
             check=False,
         )
         if result.returncode != 0:
-            raise RootfsError(f"mkfs.erofs failed: {result.stderr.strip()}")
+            raise ImageBuildError(f"mkfs.erofs failed: {result.stderr.strip()}")
         partial.chmod(0o644)
         os.replace(partial, image)
     return image
@@ -171,10 +156,7 @@ def _symlink(staging: Path, link: str, target: str) -> None:
 def _stage(staging: Path, interpreter: Path) -> None:
     # busybox and its applets.
     _copy(BUSYBOX, staging)
-    applets = subprocess.run(
-        [str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    for applet in applets:
+    for applet in busybox_applets(BUSYBOX):
         _symlink(staging, applet, str(BUSYBOX))
 
     # Python: interpreter, stdlib (compiled), extension modules, libraries.
@@ -182,7 +164,7 @@ def _stage(staging: Path, interpreter: Path) -> None:
     _copy(real, staging)
     for name in ("usr/bin/python3", "usr/bin/python3.11", "usr/bin/python"):
         _symlink(staging, name, str(real))
-    stdlib = _stdlib_dir(interpreter)
+    stdlib = stdlib_dir(interpreter)
     binaries = [real]
     for source in _stdlib_files(stdlib):
         dest = _copy(source, staging)

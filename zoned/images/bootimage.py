@@ -26,7 +26,7 @@ Layout of the image
   nodes: without a console node the kernel starts init without stdio; without
   urandom Python cannot start while the guest's CRNG is not yet ready. Empty
   mount points for the agent.
-- :data:`BUSYBOX` (static, from Debian's ``busybox-static``) at
+- busybox (static, from Debian's ``busybox-static``) at
   ``/bin/busybox``, and a symlink to it for every applet that
   ``busybox --list-full`` names (``bin/sh``, ``usr/bin/env``...), except
   where the image already has that path (``/init``, ``/usr/bin/python3`` and
@@ -78,14 +78,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import msgspec
 
 import zoned
 from zoned.cpio import CpioWriter
-from zoned.errors import InternalError
+from zoned.images import hostfiles
+from zoned.images.hostfiles import (
+    ImageBuildError,
+    base_interpreter,
+    busybox_applets,
+    busybox_binary,
+    sha256_file,
+    shared_libraries,
+)
 
 #: Bump when the image's layout changes in a way the inputs do not show.
 BUILDER_VERSION = 2
@@ -107,8 +114,6 @@ STARTUP_MODULES = (
 EMPTY_DIRS = ("proc", "sys", "sys/fs/cgroup", "dev", "run", "root", "etc")
 #: The environment the kernel gives init (besides what the command line adds).
 INIT_ENVIRONMENT = {"HOME": "/", "TERM": "linux"}
-#: The workload's tools: a static busybox (Debian's ``busybox-static``).
-BUSYBOX = Path("/bin/busybox")
 #: Where busybox lives in the guest (its applets are symlinks to it).
 GUEST_BUSYBOX = "/bin/busybox"
 
@@ -142,24 +147,6 @@ print(json.dumps({
 """
 
 
-class BootImageError(InternalError):
-    """The boot image cannot be built from this host's Python."""
-
-
-def base_interpreter() -> Path:
-    """The real file of the daemon's base interpreter (outside any venv)."""
-    executable = getattr(sys, "_base_executable", None) or sys.executable
-    return Path(os.path.realpath(executable))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stat_fingerprint(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
@@ -171,47 +158,23 @@ def _agent_sources() -> list[Path]:
     return fixed + sorted((_ZONED_ROOT / "agent").glob("*.py"))
 
 
-def busybox_binary() -> Path:
-    """The host's static busybox; :class:`BootImageError` if it is missing."""
-    if not BUSYBOX.is_file():
-        raise BootImageError(
-            f"{BUSYBOX} is missing: install Debian's busybox-static (the zones' shell and tools)"
-        )
-    return BUSYBOX
-
-
-def busybox_applets(busybox: Path) -> list[str]:
-    """The applet paths ``busybox --list-full`` names, relative (``bin/sh``, ``usr/bin/env``)."""
-    result = subprocess.run(
-        [str(busybox), "--list-full"], capture_output=True, check=False, env={"LC_ALL": "C"}
-    )
-    if result.returncode != 0:
-        raise BootImageError(
-            f"{busybox} --list-full failed: {result.stderr.decode(errors='replace').strip()}"
-        )
-    applets = []
-    for line in result.stdout.decode().splitlines():
-        path = line.strip().strip("/")
-        parts = path.split("/")
-        if not path or any(part in ("", ".", "..") for part in parts):
-            raise BootImageError(f"{busybox} --list-full: unexpected applet path {line!r}")
-        applets.append(path)
-    return applets
-
-
 def cache_key(interpreter: Path, busybox: Path) -> str:
     """The hash naming the image built from this host's current inputs."""
     inputs: dict[str, object] = {
-        "builder": [BUILDER_VERSION, _sha256_file(Path(__file__))],
-        "interpreter": [str(interpreter), _sha256_file(interpreter)],
-        "busybox": [str(busybox), _sha256_file(busybox)],
+        "builder": [
+            BUILDER_VERSION,
+            sha256_file(Path(__file__)),
+            sha256_file(Path(hostfiles.__file__)),
+        ],
+        "interpreter": [str(interpreter), sha256_file(interpreter)],
+        "busybox": [str(busybox), sha256_file(busybox)],
         "msgspec": sorted(
             [str(p.relative_to(_MSGSPEC_ROOT)), *_stat_fingerprint(p)]
             for p in _MSGSPEC_ROOT.rglob("*")
             if p.is_file() and "__pycache__" not in p.parts
         ),
         "zoned": [
-            [str(p.relative_to(_ZONED_ROOT)), _sha256_file(p)]
+            [str(p.relative_to(_ZONED_ROOT)), sha256_file(p)]
             for p in _agent_sources()
             if p.exists()
         ],
@@ -305,45 +268,14 @@ def trace_agent_modules(interpreter: Path, staging: Path) -> _Trace:
         check=False,
     )
     if result.returncode != 0:
-        raise BootImageError(
+        raise ImageBuildError(
             f"tracing the agent's imports with {interpreter} failed:"
             f" {result.stderr.decode(errors='replace').strip()}"
         )
     try:
         return msgspec.json.decode(result.stdout, type=_Trace)
     except msgspec.DecodeError as exc:
-        raise BootImageError(f"tracing the agent's imports: unreadable report: {exc}") from None
-
-
-def shared_libraries(binaries: Iterable[Path]) -> list[Path]:
-    """The shared-library closure of ``binaries`` (dynamic loader included), by ``ldd``."""
-    binaries = list(binaries)
-    result = subprocess.run(
-        ["ldd", *map(str, binaries)], capture_output=True, check=False, env={"LC_ALL": "C"}
-    )
-    if result.returncode != 0:
-        raise BootImageError(f"ldd failed: {result.stderr.decode(errors='replace').strip()}")
-    return parse_ldd(result.stdout.decode())
-
-
-def parse_ldd(output: str) -> list[Path]:
-    """Library paths in ``ldd`` output (one or several binaries), without duplicates (pure)."""
-    libraries: dict[str, None] = {}
-    for raw_line in output.splitlines():
-        line = raw_line.strip()
-        if not line or line.endswith(":") or "statically linked" in line:
-            continue
-        if "=>" in line:
-            name, _, rest = line.partition("=>")
-            target = rest.strip()
-            if target.startswith("not found"):
-                raise BootImageError(f"shared library {name.strip()} not found")
-            path = target.split(" (", 1)[0].strip()
-        else:
-            path = line.split(" (", 1)[0].strip()
-        if path.startswith("/"):
-            libraries[path] = None
-    return [Path(p) for p in libraries]
+        raise ImageBuildError(f"tracing the agent's imports: unreadable report: {exc}") from None
 
 
 def _compile(source: Path, guest_path: str, scratch: Path) -> bytes:
@@ -358,7 +290,7 @@ def _compile(source: Path, guest_path: str, scratch: Path) -> bytes:
             invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
         )
     except py_compile.PyCompileError as exc:
-        raise BootImageError(f"cannot compile {source}: {exc.msg}") from None
+        raise ImageBuildError(f"cannot compile {source}: {exc.msg}") from None
     return cfile.read_bytes()
 
 
@@ -377,7 +309,7 @@ def _elf(path: Path, scratch: Path) -> bytes:
         check=False,
     )
     if result.returncode != 0:
-        raise BootImageError(
+        raise ImageBuildError(
             f"strip {path} failed: {result.stderr.decode(errors='replace').strip()}"
         )
     return stripped.read_bytes()
@@ -386,7 +318,7 @@ def _elf(path: Path, scratch: Path) -> bytes:
 def _init_script(sys_path: list[str]) -> bytes:
     return f"""\
 #!{GUEST_PYTHON} -S
-# zoned guest agent: PID 1 of a zone. Generated by zoned.bootimage; do not edit.
+# zoned guest agent: PID 1 of a zone. Generated by zoned.images.bootimage; do not edit.
 import sys
 import time
 
@@ -417,7 +349,7 @@ def _build(interpreter: Path, busybox: Path) -> tuple[bytes, list[Path]]:
         (staging / "zoned").symlink_to(_ZONED_ROOT)
         trace = trace_agent_modules(interpreter, staging)
         if bytes.fromhex(trace.magic) != importlib.util.MAGIC_NUMBER:
-            raise BootImageError(
+            raise ImageBuildError(
                 f"{interpreter} ({trace.version}) is not the Python running the daemon"
                 f" ({sys.version}): cannot compile its bytecode here"
             )
@@ -430,7 +362,9 @@ def _build(interpreter: Path, busybox: Path) -> tuple[bytes, list[Path]]:
             elif origin_path.is_relative_to(stdlib):
                 guest = origin
             else:
-                raise BootImageError(f"module {name} comes from {origin}, outside the image's path")
+                raise ImageBuildError(
+                    f"module {name} comes from {origin}, outside the image's path"
+                )
             host = origin_path.resolve()
             sources.append(host)
             if guest.endswith(".py"):

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from zoned import rootfs
-from zoned.bootimage import base_interpreter
+from zoned.images import workloadroot
+from zoned.images.hostfiles import base_interpreter
 
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("rootfs") / "root"
+    root = tmp_path_factory.mktemp("workloadroot") / "root"
     root.mkdir()
-    rootfs._stage(root, base_interpreter())
+    workloadroot._stage(root, base_interpreter())
     return root
 
 
@@ -63,9 +63,9 @@ def test_a_posix_shell_and_the_usual_utilities(staged: Path) -> None:
 
 
 def test_image_builds_once_and_checks_clean(tmp_path: Path) -> None:
-    image = rootfs.build_workload_root(tmp_path)
+    image = workloadroot.build_workload_root(tmp_path)
     assert image.name.startswith("workload-") and image.suffix == ".erofs"
-    assert rootfs.build_workload_root(tmp_path) == image  # cached by key
+    assert workloadroot.build_workload_root(tmp_path) == image  # cached by key
     assert oct(image.stat().st_mode & 0o777) == "0o644"
     check = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -1,0 +1,188 @@
+"""The rules of one control-socket connection, without IO (pure).
+
+:class:`Conversation` takes the bytes a client sent and says what to do
+with each message: send a reply, start a request, forward stream input, or
+close. :mod:`zoned.server` does the IO; every rule is here.
+
+States and rules::
+
+                 hello            other request        stream input     bad framing
+  refusing       close: denied    close: denied        close: denied    close: error
+  greeting       greet -> serving refuse               refuse           close: error
+  serving        refuse           start (or refuse)    forward/refuse   close: error
+  closed         (nothing: the connection is done)
+
+- A caller who is not authorised (not root, not in the zoned group) gets
+  ``permission_denied`` to its first message and the connection closes.
+- The first request must be ``hello``; a version both sides speak is
+  chosen, else ``unsupported_version`` and the client may try again. A
+  second ``hello`` is refused.
+- At most ``max_inflight`` requests run at once per connection; one more
+  is refused (``invalid_request``) and nothing starts.
+- Requests that take stream input (``exec``, ``run_zone``) are keyed by
+  their id while they run: a second one with a running id is refused.
+- Stream input (``exec_input``, ``exec_signal``, ``exec_resize``) is not a
+  request: it carries the id of a running ``exec``/``run_zone`` and is
+  forwarded to it; for any other id it is refused.
+- A frame that breaks the framing (oversize, zero length) closes the
+  connection after an error with id 0: the byte stream can no longer be
+  trusted. A well-framed message that does not decode is refused with its
+  id when that can be read, and the connection carries on.
+- Refusals use the request's id and change nothing.
+
+The server calls :meth:`Conversation.finished` when a started request's
+handler returns; that frees its in-flight slot and its id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from zoned import __version__
+from zoned import protocol as p
+from zoned.errors import InvalidRequest, PermissionDenied, ZonedError
+
+#: Requests one connection may have running at once.
+MAX_INFLIGHT: Final = 64
+#: What the daemon calls itself in its hello reply.
+SERVER_NAME: Final = f"zoned/{__version__}"
+#: Requests that receive stream input while they run.
+TAKES_INPUT: Final = (p.Exec, p.RunZone)
+
+State = Literal["refusing", "greeting", "serving", "closed"]
+
+
+def is_authorised(uid: int, gid: int, groups: set[int], allowed_gid: int | None) -> bool:
+    """Root may act; so may members of the zoned group (``allowed_gid``), if it exists."""
+    if uid == 0:
+        return True
+    return allowed_gid is not None and (gid == allowed_gid or allowed_gid in groups)
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Send ``reply``; the connection carries on."""
+
+    reply: p.Reply
+
+
+@dataclass(frozen=True)
+class RespondAndClose:
+    """Send ``reply`` if the client still listens, then close the connection."""
+
+    reply: p.Reply
+
+
+@dataclass(frozen=True)
+class Start:
+    """Run ``request``'s handler; ``takes_input`` says it receives stream input."""
+
+    request: p.Request
+    takes_input: bool
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Give stream input to the running request with the same id."""
+
+    message: p.StreamInput
+
+
+Action = Respond | RespondAndClose | Start | Forward
+
+
+class Conversation:
+    """One connection's state: greeted yet, what runs, what the next frame means."""
+
+    def __init__(
+        self,
+        *,
+        authorised: bool,
+        uid: int,
+        max_frame: int,
+        max_inflight: int = MAX_INFLIGHT,
+    ) -> None:
+        self.state: State = "greeting" if authorised else "refusing"
+        self._uid = uid
+        self._decoder = p.FrameDecoder(max_frame)
+        self._max_inflight = max_inflight
+        self._inflight = 0
+        self._streams: set[int] = set()
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes the client sent; :meth:`next_action` then says what they mean."""
+        if self.state == "closed":
+            return
+        # A bad header breaks the decoder for good: next_action reports it.
+        with contextlib.suppress(p.FrameError):
+            self._decoder.feed(data)
+
+    def next_action(self) -> Action | None:
+        """What the next complete message asks for; None until more bytes arrive."""
+        if self.state == "closed":
+            return None
+        try:
+            frame = self._decoder.next_frame()
+        except p.FrameError as exc:
+            return self._close(p.error_reply(0, exc))
+        if frame is None:
+            return None
+        if self.state == "refusing":
+            denied = PermissionDenied(
+                f"uid {self._uid} may not use zoned: only root and members of the zoned group may"
+            )
+            return self._close(p.error_reply(p.peek_request_id(frame) or 0, denied))
+        try:
+            request = p.decode_request(frame)
+        except InvalidRequest as exc:
+            return Respond(p.error_reply(p.peek_request_id(frame) or 0, exc))
+        if self.state == "greeting":
+            return self._greet(request)
+        return self._serve(request)
+
+    def finished(self, request: p.Request) -> None:
+        """A started request's handler returned (in any way)."""
+        self._inflight -= 1
+        if isinstance(request, TAKES_INPUT):
+            self._streams.discard(request.id)
+
+    # ------------------------------------------------------------------ rules
+
+    def _close(self, reply: p.Reply) -> RespondAndClose:
+        self.state = "closed"
+        return RespondAndClose(reply)
+
+    def _greet(self, request: p.Request) -> Action:
+        if not isinstance(request, p.Hello):
+            return _refuse(request.id, "the first request must be hello")
+        try:
+            version = p.negotiate_version(request.versions)
+        except ZonedError as exc:
+            return Respond(p.error_reply(request.id, exc))
+        self.state = "serving"
+        return Respond(p.HelloReply(id=request.id, version=version, server=SERVER_NAME))
+
+    def _serve(self, request: p.Request) -> Action:
+        if isinstance(request, p.Hello):
+            return _refuse(request.id, "hello already done")
+        if isinstance(request, p.ExecInput | p.ExecSignal | p.ExecResize):
+            if request.id not in self._streams:
+                return _refuse(
+                    request.id, f"no running exec with id {request.id} on this connection"
+                )
+            return Forward(request)
+        takes_input = isinstance(request, TAKES_INPUT)
+        if takes_input and request.id in self._streams:
+            return _refuse(request.id, f"id {request.id} is already running")
+        if self._inflight >= self._max_inflight:
+            return _refuse(request.id, f"too many requests in flight (limit {self._max_inflight})")
+        self._inflight += 1
+        if takes_input:
+            self._streams.add(request.id)
+        return Start(request, takes_input)
+
+
+def _refuse(request_id: int, message: str) -> Respond:
+    return Respond(p.error_reply(request_id, InvalidRequest(message)))
