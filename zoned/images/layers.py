@@ -371,18 +371,34 @@ class StagingTree:
 
     # -- applying --------------------------------------------------------
 
-    def apply_layer(self, stream: IO[bytes], label: str, cancel: Cancel) -> None:
-        """Apply one uncompressed layer tar read from ``stream``."""
+    def apply_layer(self, stream: _DigestReader, label: str, cancel: Cancel) -> None:
+        """Apply one uncompressed layer tar read from ``stream``.
+
+        An archive that ends right after its last member's data, without the
+        padding and end-of-archive blocks, is accepted as Go's archive/tar
+        (Docker, containerd, umoci) accepts it: ``umoci insert`` writes those.
+        Data missing from a member is refused as truncation.
+        """
         touched: set[str] = set()
         opaque: list[EntryPath] = []
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape")  # noqa: SIM115
+            tar = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+                fileobj=stream,
+                mode="r|",
+                errors="surrogateescape",
+            )
         except (tarfile.TarError, _CorruptStream) as exc:
             raise InvalidImage(self.image, f"{label} is not a tar archive: {exc}") from None
         with tar:
             for _ in range(self.limits.max_entries + 1):
                 try:
                     member = tar.next()
+                except tarfile.ReadError as exc:
+                    if stream.at_end and 0 < tar.offset - stream.count < tarfile.BLOCKSIZE:
+                        break  # only the last member's padding is missing
+                    raise InvalidImage(
+                        self.image, f"{label} is corrupt or truncated: {exc}"
+                    ) from None
                 except (tarfile.TarError, _CorruptStream) as exc:
                     raise InvalidImage(
                         self.image, f"{label} is corrupt or truncated: {exc}"
@@ -390,7 +406,7 @@ class StagingTree:
                 if member is None:
                     break
                 # Stream mode keeps every header read so far; bound the memory.
-                tar.members.clear()  # type: ignore[attr-defined]
+                tar.members.clear()
                 self.stats.entries += 1
                 if self.stats.entries > self.limits.max_entries:
                     raise InvalidImage(self.image, f"more than {self.limits.max_entries} entries")
@@ -740,6 +756,7 @@ class _DigestReader:
         self._limit = limit
         self.hash = hashlib.sha256()
         self.count = 0
+        self.at_end = False
 
     def read(self, size: int = -1) -> bytes:
         try:
@@ -747,6 +764,8 @@ class _DigestReader:
         except (OSError, EOFError, zlib.error) as exc:
             raise _CorruptStream(str(exc) or type(exc).__name__) from None
         self.count += len(data)
+        if not data and size != 0:
+            self.at_end = True
         if self.count > self._limit:
             raise _CorruptStream(f"more than {self._limit} bytes uncompressed")
         self.hash.update(data)
@@ -771,7 +790,7 @@ def apply_layer_blob(
     """Decompress (gzip, zstd or none, by the blob's first bytes) and apply one layer,
     then check the uncompressed content against the config's ``diff_id``."""
     image = tree.image
-    with open(layer.path, "rb") as raw:
+    with open(layer.path, "rb", buffering=0) as raw:  # unbuffered: zstd shares the offset
         compression = sniff_compression(raw.read(4))
         raw.seek(0)
         counting = _CountingReader(raw, on_bytes)
@@ -794,7 +813,7 @@ def apply_layer_blob(
                 inner = counting
             reader = _DigestReader(inner, tree.limits.max_tar_bytes)
             try:
-                tree.apply_layer(reader, layer.label, cancel)  # type: ignore[arg-type]
+                tree.apply_layer(reader, layer.label, cancel)
                 reader.drain(MAX_TRAILING_BYTES)
             except _CorruptStream as exc:
                 raise InvalidImage(image, f"{layer.label} is corrupt or truncated: {exc}") from None
