@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -52,13 +52,20 @@ def build_erofs(
     scratch: Path,
     pass_fds: Sequence[int] = (),
     max_seconds: float,
+    poll: Callable[[], None] | None = None,
 ) -> bool:
     """Write the EROFS image of ``tree`` to ``output`` (which must not exist);
     whether it was built chunk-based."""
     chunked = hole_bytes > CHUNKED_ABOVE_HOLE_BYTES
     argv = mkfs_argv(tree, output, image_id=image_id, chunked=chunked)
     result = run_tool(
-        image, argv, cancel=cancel, scratch=scratch, pass_fds=pass_fds, max_seconds=max_seconds
+        image,
+        argv,
+        cancel=cancel,
+        scratch=scratch,
+        pass_fds=pass_fds,
+        max_seconds=max_seconds,
+        poll=poll,
     )
     if result.returncode != 0:
         raise ImageHostError(image, f"mkfs.erofs failed: {result.stderr or result.returncode}")

@@ -651,6 +651,19 @@ class ImageStore:
             )
         )
         output = op.path / "rootfs.erofs"
+
+        def build_progress() -> None:
+            progress(
+                ImportProgress(
+                    image=image,
+                    phase="build",
+                    layers_done=len(layers),
+                    layers_total=len(layers),
+                    bytes_done=_allocated(output),
+                    bytes_total=stats.file_bytes,
+                )
+            )
+
         chunked = build_erofs(
             image,
             staging,
@@ -661,6 +674,7 @@ class ImageStore:
             scratch=op.path,
             pass_fds=(op.fd,),
             max_seconds=self.limits.build_seconds,
+            poll=build_progress,
         )
         remove_tree_at(op.fd, "root")  # free the space before the copy is published
         os.chmod(output, 0o644)
