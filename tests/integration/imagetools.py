@@ -12,7 +12,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,7 +236,7 @@ class Registry:
 
 
 @contextlib.contextmanager
-def registry(tmp: Path, auth: dict[str, object] | None = None) -> Iterator[Registry]:
+def registry(tmp: Path, auth: Mapping[str, object] | None = None) -> Iterator[Registry]:
     """Start docker-registry (``auth``: its config's ``auth`` section), stop it after."""
     port = free_port()
     storage = tmp / "storage"

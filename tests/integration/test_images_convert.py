@@ -21,7 +21,7 @@ from tests.integration.imagetools import (
     write_tar,
 )
 from zoned.images.imageconfig import process_for
-from zoned.images.sources import DockerArchiveSource, OciLayoutSource
+from zoned.images.sources import DockerArchiveSource, OciLayoutSource, Source
 from zoned.images.store import ImageStore
 
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
@@ -207,13 +207,12 @@ def test_gzip_zstd_and_uncompressed_layers_convert_to_the_same_tree(
     archive = tmp_path / "image.tar"
     skopeo_copy(f"oci:{layout.image}", f"docker-archive:{archive}:test/archive:v1")
     trees = []
-    for number, source in enumerate(
-        [
-            OciLayoutSource(path=str(layout.path), reference="v1"),
-            OciLayoutSource(path=str(zstd), reference="v1"),
-            DockerArchiveSource(path=str(archive)),
-        ]
-    ):
+    transports: list[Source] = [
+        OciLayoutSource(path=str(layout.path), reference="v1"),
+        OciLayoutSource(path=str(zstd), reference="v1"),
+        DockerArchiveSource(path=str(archive)),
+    ]
+    for number, source in enumerate(transports):
         store = ImageStore(tmp_path / f"store-{number}")
         result = store.import_image(source)
         media_types = {layer.media_type for layer in result.info.record.manifests[0].layers}

@@ -267,3 +267,8 @@ def test_the_store_stays_usable_after_refusals(
     result = store.import_image(layout_source(good), tags=["ok"])
     assert result.converted and store.inspect("ok").id == result.info.id
     assert list(store.scratch_dir.iterdir()) == []
+
+
+def test_whiteout_of_dot_dot(tmp_path: Path, store: ImageStore, outside: Path) -> None:
+    layout = hostile(tmp_path / "l", [(entry("dir/.wh..."), b"")])
+    assert_refused(store, layout_source(layout), InvalidImage, "names no entry", outside)

@@ -5,11 +5,11 @@ manifests in the registry's storage are refused and leave the store as it was.""
 from __future__ import annotations
 
 import base64
-import crypt
 import hashlib
 import json
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +19,10 @@ from tests.integration.imagetools import Layout, Registry, registry, require_too
 from zoned.images.errors import ImageAccessDenied, ImageNotFound, InvalidImage
 from zoned.images.sources import RegistryAuth, RegistrySource
 from zoned.images.store import ImageStore
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import crypt  # bcrypt through libxcrypt: docker-registry's htpasswd format
 
 SERVICE = "zoned-test"
 ISSUER = "zoned-test-issuer"

@@ -208,6 +208,8 @@ def test_entry_policy() -> None:
         (member("s", tarfile.SYMTYPE, ""), "empty target"),
         (member("./", tarfile.SYMTYPE, "x"), "root replaced"),
         (member("v", b"V"), "not a file system object"),
+        (member("d/.wh..."), "names no entry"),
+        (member(".wh.."), "names no entry"),
         (member("x" * 300), "longer than 255"),
         (member("f", uid=2**32 - 1), "out of range"),
     ]
@@ -262,6 +264,8 @@ def test_skopeo_command_lines() -> None:
         "oci:/x/layout:v1",
         "dir:/s/op/fetched",
     ]
+    both = sources.RegistrySource(reference=f"h.example/a:v1@{DIGEST}")
+    assert sources.skopeo_argv(both, dest, amd64, None)[-2] == f"docker://h.example/a@{DIGEST}"
     archive = sources.DockerArchiveSource(path="/x/a.tar", reference="app:1")
     assert sources.skopeo_argv(archive, dest, amd64, None)[-2] == (
         "docker-archive:/x/a.tar:docker.io/library/app:1"

@@ -195,6 +195,8 @@ def plan_entry(member: tarfile.TarInfo) -> Plan:
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return Ignore("AUFS metadata")
         target = base[len(WHITEOUT_PREFIX) :]
+        if target in ("", ".", ".."):
+            raise EntryRefused(f"whiteout {base!r} names no entry")
         return Whiteout((*path[:-1], target))
     kind = _kind(member)
     if kind != "dir" and not path:

@@ -161,6 +161,8 @@ def skopeo_argv(
         if source.auth is not None and source.auth.registry_token:
             argv.append(f"--src-registry-token={source.auth.registry_token}")
         reference = parse_reference(source.reference)
+        if reference.digest is not None:  # the digest decides; skopeo takes one of the two
+            reference = reference.with_digest(reference.digest)
         transport = f"docker://{reference}"
     elif isinstance(source, OciLayoutSource):
         transport = f"oci:{source.path}" + (f":{source.reference}" if source.reference else "")
