@@ -59,21 +59,18 @@ def push(layout: Layout, reg: Registry, name: str, *options: str) -> None:
     )
 
 
-def registry_manifest_digest(reg: Registry, name: str, *options: str) -> str:
-    raw = subprocess.run(
-        [
-            "skopeo",
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            *options,
-            f"docker://{reg.address}/{name}",
-        ],
+def registry_manifest(reg: Registry, name: str) -> bytes:
+    """The manifest the registry serves for ``name``, as bytes."""
+    return subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reg.address}/{name}"],
         capture_output=True,
         check=True,
         timeout=60,
     ).stdout
-    return f"sha256:{hashlib.sha256(raw).hexdigest()}"
+
+
+def registry_manifest_digest(reg: Registry, name: str) -> str:
+    return f"sha256:{hashlib.sha256(registry_manifest(reg, name)).hexdigest()}"
 
 
 def assert_store_empty(store: ImageStore) -> None:
@@ -81,6 +78,16 @@ def assert_store_empty(store: ImageStore) -> None:
     assert list(store.scratch_dir.iterdir()) == []
     assert list(store.roots.iterdir()) == []
     assert list(store.blobs.iterdir()) == []
+
+
+def assert_pull_refused(tmp_path: Path, reference: str, problem: str) -> None:
+    store = ImageStore(tmp_path / "store")
+    with pytest.raises(InvalidImage) as caught:
+        store.import_image(RegistrySource(reference=reference, tls_verify=False))
+    assert caught.value.code == "invalid_request"
+    assert caught.value.image == reference
+    assert problem in caught.value.problem
+    assert_store_empty(store)
 
 
 def test_anonymous_pull_by_tag_then_by_digest(
@@ -106,33 +113,12 @@ def test_a_tampered_layer_in_the_registry_is_refused(
     layout: Layout, anonymous: Registry, tmp_path: Path
 ) -> None:
     push(layout, anonymous, "test/app:v1")
-    manifest = json.loads(
-        subprocess.run(
-            [
-                "skopeo",
-                "inspect",
-                "--raw",
-                "--tls-verify=false",
-                f"docker://{anonymous.address}/test/app:v1",
-            ],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        ).stdout
-    )
+    manifest = json.loads(registry_manifest(anonymous, "test/app:v1"))
     data = anonymous.blob_data(manifest["layers"][-1]["digest"])
     tampered = bytearray(data.read_bytes())
     tampered[len(tampered) // 2] ^= 0xFF
     data.write_bytes(bytes(tampered))
-    store = ImageStore(tmp_path / "store")
-    with pytest.raises(InvalidImage) as caught:
-        store.import_image(
-            RegistrySource(reference=f"{anonymous.address}/test/app:v1", tls_verify=False)
-        )
-    assert caught.value.code == "invalid_request"
-    assert caught.value.image == f"{anonymous.address}/test/app:v1"
-    assert "digest mismatch" in caught.value.problem
-    assert_store_empty(store)
+    assert_pull_refused(tmp_path, f"{anonymous.address}/test/app:v1", "digest mismatch")
 
 
 def test_a_manifest_that_does_not_match_its_digest_is_refused(
@@ -144,13 +130,7 @@ def test_a_manifest_that_does_not_match_its_digest_is_refused(
     document = json.loads(data.read_bytes())
     document["annotations"] = {"tampered": "yes"}
     data.write_bytes(json.dumps(document).encode())
-    store = ImageStore(tmp_path / "store")
-    reference = f"{anonymous.address}/test/app@{digest}"
-    with pytest.raises(InvalidImage) as caught:
-        store.import_image(RegistrySource(reference=reference, tls_verify=False))
-    assert caught.value.image == reference
-    assert "digest" in caught.value.problem
-    assert_store_empty(store)
+    assert_pull_refused(tmp_path, f"{anonymous.address}/test/app@{digest}", "digest")
 
 
 def test_references_that_do_not_resolve(

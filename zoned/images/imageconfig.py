@@ -24,7 +24,7 @@ The rules, Docker's and runc's:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 import msgspec
@@ -112,36 +112,37 @@ def _parse_id(text: str) -> int | None:
     return value if value <= MAX_ID else None
 
 
-def parse_passwd(text: str) -> list[PasswdEntry]:
-    """Entries of an ``/etc/passwd``; malformed lines are skipped (as libc does)."""
-    entries: list[PasswdEntry] = []
+def _account_lines(text: str, fields: int) -> Iterator[list[str]]:
+    """The fields of each line that has at least ``fields`` of them and a name,
+    skipping comments and NIS markers (as libc does), at most MAX_ACCOUNTS."""
+    count = 0
     for line in text.splitlines():
-        fields = line.split(":")
-        if len(fields) < 7 or not fields[0] or line.startswith(("#", "+", "-")):
+        parts = line.split(":")
+        if len(parts) < fields or not parts[0] or line.startswith(("#", "+", "-")):
             continue
-        uid, gid = _parse_id(fields[2]), _parse_id(fields[3])
-        if uid is None or gid is None:
-            continue
-        entries.append(PasswdEntry(fields[0], uid, gid, fields[5] or "/"))
-        if len(entries) >= MAX_ACCOUNTS:
-            break
+        yield parts
+        count += 1
+        if count >= MAX_ACCOUNTS:
+            return
+
+
+def parse_passwd(text: str) -> list[PasswdEntry]:
+    """Entries of an ``/etc/passwd``; malformed lines are skipped."""
+    entries = []
+    for name, _, uid_text, gid_text, _, home, *_ in _account_lines(text, 7):
+        uid, gid = _parse_id(uid_text), _parse_id(gid_text)
+        if uid is not None and gid is not None:
+            entries.append(PasswdEntry(name, uid, gid, home or "/"))
     return entries
 
 
 def parse_group(text: str) -> list[GroupEntry]:
     """Entries of an ``/etc/group``; malformed lines are skipped."""
-    entries: list[GroupEntry] = []
-    for line in text.splitlines():
-        fields = line.split(":")
-        if len(fields) < 4 or not fields[0] or line.startswith(("#", "+", "-")):
-            continue
-        gid = _parse_id(fields[2])
-        if gid is None:
-            continue
-        members = [m for m in fields[3].split(",") if m]
-        entries.append(GroupEntry(fields[0], gid, members))
-        if len(entries) >= MAX_ACCOUNTS:
-            break
+    entries = []
+    for name, _, gid_text, members, *_ in _account_lines(text, 4):
+        gid = _parse_id(gid_text)
+        if gid is not None:
+            entries.append(GroupEntry(name, gid, [m for m in members.split(",") if m]))
     return entries
 
 

@@ -599,16 +599,6 @@ class ImageStore:
                 zip(layers, fetched.config.rootfs.diff_ids, strict=True), 1
             ):
                 cancel.check(image)
-                progress(
-                    ImportProgress(
-                        image=image,
-                        phase="apply",
-                        layers_done=number - 1,
-                        layers_total=len(layers),
-                        bytes_done=done_before,
-                        bytes_total=total,
-                    )
-                )
 
                 def on_bytes(count: int, number: int = number, before: int = done_before) -> None:
                     progress(
@@ -622,6 +612,7 @@ class ImageStore:
                         )
                     )
 
+                on_bytes(0)
                 apply_layer_blob(
                     tree,
                     LayerSource(
@@ -640,16 +631,6 @@ class ImageStore:
             stats = tree.stats
         timings["apply"] = time.monotonic() - started
         started = time.monotonic()
-        progress(
-            ImportProgress(
-                image=image,
-                phase="build",
-                layers_done=len(layers),
-                layers_total=len(layers),
-                bytes_done=total,
-                bytes_total=total,
-            )
-        )
         output = op.path / "rootfs.erofs"
 
         def build_progress() -> None:
@@ -664,6 +645,7 @@ class ImageStore:
                 )
             )
 
+        build_progress()
         chunked = build_erofs(
             image,
             staging,
