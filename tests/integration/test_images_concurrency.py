@@ -1,6 +1,6 @@
 """Two importers of one image convert it once; an importer killed mid-pull or
-mid-conversion leaves nothing that looks complete, its tools die with it, and
-the next operation removes what it left.
+mid-conversion leaves nothing that looks complete and the next operation removes
+what it left; host tools die with their caller or on cancellation.
 
 Importers run as real separate processes (``python -c``). Where a test must
 kill one at a given point, the importer's progress callback writes a marker
@@ -9,6 +9,7 @@ timing in the assertions."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from zoned.images.errors import ImportCancelled
 from zoned.images.progress import Cancel, ImportProgress
 from zoned.images.sources import OciLayoutSource
 from zoned.images.store import ImageStore, ImportResult
+from zoned.images.tools import run_tool
 
 IMPORTER = """
 import json, pathlib, sys, time
@@ -40,7 +42,8 @@ for _ in range(600):  # wait for the starting signal (60 s at most)
     time.sleep(0.1)
 
 def progress(event):
-    if event.phase == stop_phase and event.bytes_done > 0:
+    # Stop at the start of a phase; in "apply", once some of the layer is applied.
+    if event.phase == stop_phase and (stop_phase != "apply" or event.bytes_done > 0):
         pathlib.Path(marker).write_text(event.phase)
         time.sleep(3600)  # the test kills us here
 
@@ -123,11 +126,29 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def wait_until_gone(text: str) -> None:
-    for _ in range(100):  # 10 s at most: pdeathsig is asynchronous
+    for _ in range(300):  # 30 s at most: pdeathsig is asynchronous
         if not processes_mentioning(text):
             return
         time.sleep(0.1)
-    pytest.fail(f"processes outlived their importer: {processes_mentioning(text)}")
+    survivors = subprocess.run(
+        ["ps", "-eo", "pid,ppid,stat,args"], capture_output=True, text=True, check=False
+    ).stdout
+    pytest.fail(f"processes outlived their caller: {processes_mentioning(text)}\n{survivors}")
+
+
+def wait_until_unlocked(directory: Path) -> None:
+    """Until nothing holds ``directory``'s operation lock: a killed tool's descriptors
+    close only at the end of its exit, after its command line is gone from /proc."""
+    for _ in range(300):  # 30 s at most
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.1)
+        finally:
+            os.close(fd)
+    pytest.fail(f"{directory} stayed locked after its importer was killed")
 
 
 @pytest.fixture
@@ -176,7 +197,9 @@ def test_two_threads_importing_one_image_convert_it_once(layout: Layout, store_d
     assert len(list(store.roots.iterdir())) == 1
 
 
-@pytest.mark.parametrize("phase", ["fetch", "apply", "build"])
+# "verify": the copy is fetched, nothing checked or published; "apply": the staging
+# tree is half made; "build": the tree is complete, its EROFS image not begun.
+@pytest.mark.parametrize("phase", ["verify", "apply", "build"])
 def test_a_killed_import_leaves_nothing_that_looks_complete(
     layout: Layout, store_dir: Path, tmp_path: Path, phase: str
 ) -> None:
@@ -189,7 +212,7 @@ def test_a_killed_import_leaves_nothing_that_looks_complete(
     assert store.cleanup() == 0  # the importer lives: its scratch directory stays
     assert store.scratch_dir.joinpath(leftover[0].name).exists()
     importer.kill()
-    wait_until_gone(str(store_dir))  # skopeo or mkfs.erofs died with it
+    wait_until_unlocked(leftover[0])
     assert store.list_images() == []
     assert list(store.images.iterdir()) == [] and list(store.roots.iterdir()) == []
     with pytest.raises(Exception, match="not in the image store"):
@@ -221,10 +244,10 @@ import pathlib, sys
 from zoned.images.progress import Cancel
 from zoned.images.tools import run_tool
 
-scratch, marker = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+scratch, marker, seconds = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
 run_tool(
     "test",
-    ["sleep", "300"],
+    ["sleep", seconds],
     cancel=Cancel(),
     scratch=scratch,
     max_seconds=600,
@@ -233,35 +256,53 @@ run_tool(
 """
 
 
+def unique_seconds() -> str:
+    """A sleep length no other process on this shared machine uses."""
+    return f"300.{os.getpid()}{time.monotonic_ns() % 10**6:06}"
+
+
 def test_tools_die_with_their_caller(tmp_path: Path) -> None:
     marker = tmp_path / "running"
-    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(tmp_path), str(marker)])
+    seconds = unique_seconds()
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(tmp_path), str(marker), seconds])
     for _ in range(600):
         if marker.exists():
             break
         assert caller.poll() is None, "the caller exited early"
         time.sleep(0.1)
-    sleepers = [c for c in processes_mentioning("sleep 300") if "setpriv" not in c]
+    sleepers = [c for c in processes_mentioning(f"sleep {seconds}") if "setpriv" not in c]
     assert sleepers, "the tool is not running"
     caller.send_signal(signal.SIGKILL)
     caller.wait(timeout=30)
-    wait_until_gone("sleep 300")
+    wait_until_gone(f"sleep {seconds}")
 
 
-def test_cancelling_an_import_kills_its_tool_and_keeps_nothing(
-    layout: Layout, store_dir: Path
-) -> None:
+def test_cancelling_a_tool_kills_it(tmp_path: Path) -> None:
+    cancel = Cancel()
+    seconds = unique_seconds()
+    with pytest.raises(ImportCancelled):
+        run_tool(
+            "test",
+            ["sleep", seconds],
+            cancel=cancel,
+            scratch=tmp_path,
+            max_seconds=600,
+            poll=cancel.set,  # called while sleep runs
+        )
+    assert not processes_mentioning(f"sleep {seconds}")
+
+
+def test_cancelling_an_import_keeps_nothing(layout: Layout, store_dir: Path) -> None:
     store = ImageStore(store_dir)
     cancel = Cancel()
 
     def progress(event: ImportProgress) -> None:
-        if event.phase == "build" and event.bytes_done > 0:
-            cancel.set()  # while mkfs.erofs runs
+        if event.phase == "apply" and event.bytes_done > 0:
+            cancel.set()  # half-way through the layer
 
-    with pytest.raises(ImportCancelled):
+    with pytest.raises(ImportCancelled, match="cancelled"):
         store.import_image(
             OciLayoutSource(path=str(layout.path), reference="v1"), progress=progress, cancel=cancel
         )
-    wait_until_gone(str(store_dir))
     assert store.list_images() == []
     assert list(store.scratch_dir.iterdir()) == [] and list(store.roots.iterdir()) == []

@@ -158,9 +158,7 @@ def test_references_that_do_not_resolve(
     assert pulled.converted  # the store is still fully usable
 
 
-def test_basic_auth_with_a_password_never_on_the_command_line(
-    layout: Layout, tmp_path: Path
-) -> None:
+def test_basic_auth_with_a_user_name_and_password(layout: Layout, tmp_path: Path) -> None:
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text(f"tester:{crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
     auth = {"htpasswd": {"realm": "zoned-test", "path": str(htpasswd)}}

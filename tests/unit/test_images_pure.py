@@ -3,6 +3,7 @@ tool command lines, skopeo's errors."""
 
 from __future__ import annotations
 
+import base64
 import json
 import tarfile
 from pathlib import Path
@@ -270,6 +271,29 @@ def test_skopeo_command_lines() -> None:
     assert sources.skopeo_argv(archive, dest, amd64, None)[-2] == (
         "docker-archive:/x/a.tar:docker.io/library/app:1"
     )
+
+
+def test_passwords_go_to_an_auth_file_not_the_command_line(tmp_path: Path) -> None:
+    source = sources.RegistrySource(
+        reference="reg.example:5000/a/b:1",
+        auth=sources.RegistryAuth(username="tester", password="s3cret"),
+    )
+    authfile = sources.write_authfile(source, tmp_path)
+    assert authfile == tmp_path / "auth.json"
+    assert oct(authfile.stat().st_mode & 0o777) == "0o600"
+    auths = json.loads(authfile.read_text())["auths"]
+    assert list(auths) == ["reg.example:5000"]
+    assert base64.b64decode(auths["reg.example:5000"]["auth"]) == b"tester:s3cret"
+    argv = sources.skopeo_argv(source, tmp_path / "d", Platform("linux", "amd64"), authfile)
+    assert not any("s3cret" in arg for arg in argv)
+    assert f"--authfile={authfile}" in argv
+    with pytest.raises(InvalidRequest, match="user name"):
+        sources.write_authfile(
+            sources.RegistrySource(
+                reference="r.example/a", auth=sources.RegistryAuth(password="x")
+            ),
+            tmp_path / "other",
+        )
 
 
 def test_sources_are_checked() -> None:

@@ -169,17 +169,23 @@ def ensure_default_image(
     cancel: Cancel | None = None,
 ) -> DefaultImage:
     """The default image, built and imported unless the store has it already."""
-    try:
-        info = store.inspect(DEFAULT_TAG)
-    except ImageNotFound:
-        pass
-    else:
-        if parse_reference(DEFAULT_ALIAS).familiar() not in info.tags:
-            info = store.tag(DEFAULT_TAG, DEFAULT_ALIAS)
-        return DefaultImage(info=info, built=False, timings={})
+    cancel = cancel or Cancel()
+    # One build at a time: a second caller waits, then finds the image.
+    with store.lock("default-image.lock", image=DEFAULT_TAG, cancel=cancel):
+        try:
+            info = store.inspect(DEFAULT_TAG)
+        except ImageNotFound:
+            return _build(store, sources, progress, cancel)
+    if parse_reference(DEFAULT_ALIAS).familiar() not in info.tags:
+        info = store.tag(DEFAULT_TAG, DEFAULT_ALIAS)
+    return DefaultImage(info=info, built=False, timings={})
+
+
+def _build(
+    store: ImageStore, sources: Sequence[Path] | None, progress: Progress, cancel: Cancel
+) -> DefaultImage:
     timings: dict[str, float] = {}
     started = time.monotonic()
-    cancel = cancel or Cancel()
     image = DEFAULT_TAG
     apt_sources = list(sources) if sources is not None else host_apt_sources()
     if not apt_sources:

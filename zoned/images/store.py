@@ -278,13 +278,16 @@ class ImageStore:
             (self.scratch_dir, 0o700),
             (self.locks, 0o700),
         ):
-            directory.mkdir(mode=mode, exist_ok=True)
+            directory.mkdir(mode=mode, parents=True, exist_ok=True)
             os.chmod(directory, mode)  # whatever the umask
 
     # -- locks and scratch ---------------------------------------------------
 
     @contextlib.contextmanager
-    def _lock(self, name: str, *, image: str, cancel: Cancel | None = None) -> Iterator[None]:
+    def lock(self, name: str, *, image: str, cancel: Cancel | None = None) -> Iterator[None]:
+        """Hold lock ``locks/<name>`` (waiting, cancellably): one holder across
+        threads and processes. The store's own are ``store.lock`` and
+        ``convert-*.lock``; callers may take others (the default image's build)."""
         fd = os.open(self.locks / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             for _ in range(int(self.limits.lock_wait_seconds / _LOCK_POLL_SECONDS) + 1):
@@ -307,7 +310,7 @@ class ImageStore:
     def _store_lock(
         self, image: str, cancel: Cancel | None = None
     ) -> contextlib.AbstractContextManager[None]:
-        return self._lock("store.lock", image=image, cancel=cancel)
+        return self.lock("store.lock", image=image, cancel=cancel)
 
     @contextlib.contextmanager
     def operation(self, image: str) -> Iterator[_Operation]:
@@ -547,6 +550,9 @@ class ImageStore:
             )
             timings["fetch"] = time.monotonic() - started
             started = time.monotonic()
+            progress(
+                ImportProgress(image=image, phase="verify", bytes_done=_tree_bytes(fetched_dir))
+            )
             fetched = read_fetched(
                 image,
                 fetched_dir,
@@ -562,7 +568,7 @@ class ImageStore:
             image_id = fetched.manifest.config.digest
             started = time.monotonic()
             progress(ImportProgress(image=image, phase="wait"))
-            with self._lock(f"convert-{digest_hex(image_id)[:2]}.lock", image=image, cancel=cancel):
+            with self.lock(f"convert-{digest_hex(image_id)[:2]}.lock", image=image, cancel=cancel):
                 timings["wait"] = time.monotonic() - started
                 existing = self._load_record(image_id)
                 converted = existing is None or not self.rootfs_file(image_id).is_file()
