@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+import mcp_types as types
 import psutil
 import pytest
 import trio
@@ -65,8 +66,7 @@ async def mcp_session(daemon: LocalDaemon, errlog: TextIO) -> AsyncIterator[Clie
 async def call(session: ClientSession, tool: str, **arguments: Any) -> dict[str, Any]:
     with trio.fail_after(CALL_TIMEOUT_S):
         result = await session.call_tool(tool, arguments)
-    text = result.content[0].text if result.content else ""  # type: ignore[union-attr]
-    assert not result.is_error, f"{tool} failed: {text}"
+    assert not result.is_error, f"{tool} failed: {text_of(result)}"
     assert isinstance(result.structured_content, dict)
     return result.structured_content
 
@@ -76,9 +76,13 @@ async def refused(session: ClientSession, tool: str, **arguments: Any) -> str:
     with trio.fail_after(CALL_TIMEOUT_S):
         result = await session.call_tool(tool, arguments)
     assert result.is_error, f"{tool}({arguments}) did not fail: {result}"
-    text = result.content[0].text  # type: ignore[union-attr]
-    assert isinstance(text, str)
-    return text
+    return text_of(result)
+
+
+def text_of(result: types.CallToolResult) -> str:
+    (content,) = result.content
+    assert isinstance(content, types.TextContent), content
+    return content.text
 
 
 async def our_zones(daemon: LocalDaemon) -> list[p.ZoneInfo]:

@@ -109,13 +109,13 @@ class _ListingParser:
             if self._name is None:
                 raise InvalidRequest("the zone sent a directory listing that cannot be read")
             self._name += b"\n" + line  # a name with a newline in it
-            if len(self._name) > p.MAX_PATH_CHARS:
-                raise InvalidRequest("the zone sent a file name that is too long")
-            return True
-        if not self._finish():
-            return False
-        self._fields = (int(found[1], 16), int(found[2]), int(found[3]))
-        self._name = bytearray(found[4])
+        else:
+            if not self._finish():
+                return False
+            self._fields = (int(found[1], 16), int(found[2]), int(found[3]))
+            self._name = bytearray(found[4])
+        if len(self._name) > p.MAX_PATH_CHARS:
+            raise InvalidRequest("the zone sent a file name that is too long")
         return True
 
     def _finish(self) -> bool:
