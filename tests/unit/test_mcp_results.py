@@ -90,7 +90,7 @@ def test_command_notes() -> None:
 
 def test_errors_in_words() -> None:
     assert r.error_text(r.ToolInputError("bad")) == "bad"
-    assert r.error_text(NotFound("no zone 'x'")) == "zoned refused: no zone 'x' (not_found)"
+    assert r.error_text(NotFound("no zone 'x'")) == "no zone 'x' (not_found)"
     unavailable = DaemonUnavailable(Path("/run/z.sock"), FileNotFoundError(2, "No such file"))
     assert r.error_text(unavailable).startswith("cannot connect to zoned at /run/z.sock")
     lost = r.error_text(ConnectionLost("the daemon closed the connection"))

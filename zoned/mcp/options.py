@@ -59,7 +59,9 @@ def _number(kind: Callable[[str], float], low: float, high: float) -> Callable[[
 
 # (option, Limits field, parse, help)
 _LIMIT_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("--max-zones", "max_zones", _number(int, 1, 1024), "zones of one session at once"),
+    # Each zone of a session holds a request open on its connection, which
+    # the daemon allows 64 of (MAX_INFLIGHT): the rest are for tool calls.
+    ("--max-zones", "max_zones", _number(int, 1, 32), "zones of one session at once"),
     ("--max-vcpus", "max_vcpus", _number(int, 1, p.MAX_VCPUS), "vCPUs of one zone"),
     (
         "--max-memory-mib",

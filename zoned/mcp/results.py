@@ -243,7 +243,7 @@ def error_text(exc: BaseException) -> str:
     if isinstance(exc, ToolError):
         return exc.message
     if isinstance(exc, ZonedError):
-        return f"zoned refused: {exc.message} ({exc.code})"
+        return f"{exc.message} ({exc.code})"
     if isinstance(exc, DaemonUnavailable):
         return exc.message
     if isinstance(exc, ConnectionLost):
