@@ -26,7 +26,6 @@ Rules:
 from __future__ import annotations
 
 import fcntl
-import importlib.metadata
 import logging
 import os
 import signal
@@ -40,6 +39,7 @@ import trio
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 
+import zoned
 from zoned.errors import innermost
 from zoned.mcp import results as r
 from zoned.mcp import tools as t
@@ -126,18 +126,11 @@ def build_server(session: Session) -> Server[Any]:
 
     return Server(
         "zoned-mcp",
-        version=_version(),
+        version=zoned.__version__,
         instructions=INSTRUCTIONS,
         on_list_tools=on_list_tools,
         on_call_tool=on_call_tool,
     )
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("zoned")
-    except importlib.metadata.PackageNotFoundError:
-        return ""
 
 
 # ---------------------------------------------------------------------------
