@@ -98,3 +98,20 @@ async def test_reading_the_wire_stops_at_a_cancel() -> None:
             pass
     assert scope.cancelled_caught
     os.close(write_end)
+
+
+async def test_a_session_counts_its_zones_and_names(tmp_path: Path) -> None:
+    config = Config(socket=tmp_path / "no-zoned.sock", limits=t.Limits(max_zones=2))
+    async with trio.open_nursery() as nursery:
+        session = Session(config, nursery)
+        assert session.name_prefix == f"mcp-{session.tag}-" and len(session.tag) == 6
+        with session._room_for_a_zone(session.name_prefix + "run1"):
+            assert session._unused_name("run") == "run2"
+            with session._room_for_a_zone(session.name_prefix + "a"):
+                try:
+                    with session._room_for_a_zone(session.name_prefix + "b"):
+                        raise AssertionError("a third zone was let in")
+                except r.ToolInputError as refused:
+                    assert "2 zone(s) already" in refused.message
+        assert not session._in_use("run1")
+        await session.close()

@@ -126,7 +126,8 @@ class Session:
         self._close_connection = trio.Event()
         self._connection_closed = trio.Event()
         self._ended: dict[str, str] = {}
-        self._booting = 0
+        # Zones booting for create_zone, and the fresh zones of run_code calls.
+        self._booting: set[str] = set()
         self._numbers = iter(range(1, 2**31))
         self.handlers: dict[str, Handler] = {
             "create_zone": self.create_zone,
@@ -153,6 +154,7 @@ class Session:
             if self._closing:
                 raise r.ToolError("zoned-mcp: the session is ending")
             if self._client is None:
+                self._connection_closed = trio.Event()
                 client: Client = await self._nursery.start(self._hold_connection)
                 # Calls wait for the reclaim: what they make is never taken for a leftover.
                 if self.config.reclaim:
@@ -242,26 +244,37 @@ class Session:
         known = ", ".join(sorted(self.zones)) or "none (create one with create_zone)"
         raise r.ToolInputError(f"no zone {ref!r} in this session; its zones: {known}")
 
+    def _in_use(self, short_name: str) -> bool:
+        name = self.name_prefix + short_name
+        return name in self.zones or name in self._booting
+
+    def _unused_name(self, stem: str) -> str:
+        """``<stem><n>`` for the next n that no zone of the session has (nor is booting)."""
+        while self._in_use(name := f"{stem}{next(self._numbers)}"):
+            pass
+        return name
+
     @contextmanager
-    def _room_for_a_zone(self) -> Iterator[None]:
-        if len(self.zones) + self._booting >= self.limits.max_zones:
+    def _room_for_a_zone(self, name: str) -> Iterator[None]:
+        """Zone ``name`` counted (and its name taken) while it boots, or while a fresh one runs."""
+        if len(self.zones) + len(self._booting) >= self.limits.max_zones:
             raise r.ToolInputError(
                 f"this session has {self.limits.max_zones} zone(s) already, the most this server"
                 " allows: destroy one first"
             )
-        self._booting += 1
+        self._booting.add(name)
         try:
             yield
         finally:
-            self._booting -= 1
+            self._booting.discard(name)
 
     async def create_zone(self, args: t.CreateZoneArgs) -> r.ZoneSummary:
         client = await self.client()
-        short_name = args.name or str(next(self._numbers))
-        if any(z.short_name == short_name for z in self.zones.values()):
+        short_name = args.name or self._unused_name("")
+        if self._in_use(short_name):
             raise r.ToolInputError(f"this session has a zone named {short_name!r} already")
         name = self.name_prefix + short_name
-        with self._room_for_a_zone():
+        with self._room_for_a_zone(name):
             zone: SessionZone = await self._nursery.start(
                 self._anchor, client, name, short_name, args
             )
@@ -365,10 +378,10 @@ class Session:
                 t.RunCommandArgs(zone=args.zone, argv=argv, timeout_s=timeout_s)
             )
         client = await self.client()
-        name = f"{self.name_prefix}run{next(self._numbers)}"
+        name = self.name_prefix + self._unused_name("run")
         # The daemon's own timeout is the backstop should this process die.
         backstop_s = self.limits.boot_timeout_s + timeout_s + 2 * KILL_GRACE_S
-        with self._room_for_a_zone():
+        with self._room_for_a_zone(name):
             async with self._booted(
                 client,
                 argv,
