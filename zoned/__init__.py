@@ -48,9 +48,10 @@ is the picture, ``docs/`` one page per topic.
    :mod:`zoned.daemon` (wiring, start-up order, request dispatch). One
    ``trio.run``; blocking work goes to worker threads.
 
-5. **Clients**: :mod:`zoned.client` (async and sync) and :mod:`zoned.cli`
-   (``zonectl``). They import layer 1 and trio, never the daemon's modules
-   or libvirt.
+5. **Clients**: :mod:`zoned.client` (async and sync), :mod:`zoned.cli`
+   (``zonectl``) and :mod:`zoned.mcp` (``zoned-mcp``, the MCP server; the
+   only importer of the ``mcp`` SDK, an optional extra). They import layer 1
+   and trio, never the daemon's modules or libvirt.
 
 6. **Host tools**, outside the daemon: :mod:`zoned.hostsetup`,
    :mod:`zoned.supervisor`, :mod:`zoned.localdaemon` (a private daemon for

@@ -50,7 +50,12 @@ def test_the_sources_were_read() -> None:
 
 @pytest.mark.parametrize(
     ("library", "allowed"),
-    [("libvirt", {"zoned.virt"}), ("pyudev", {"zoned.hostwatch"})],
+    [
+        ("libvirt", {"zoned.virt"}),
+        ("pyudev", {"zoned.hostwatch"}),
+        ("mcp", {"zoned.mcp.server"}),
+        ("mcp_types", {"zoned.mcp.server"}),
+    ],
 )
 def test_one_shell_module_wraps_each_untyped_library(library: str, allowed: set[str]) -> None:
     assert importers_of(library) == allowed
@@ -88,7 +93,7 @@ def test_only_the_boot_image_builder_imports_the_agents_modules() -> None:
 def test_clients_do_not_import_the_daemon() -> None:
     daemon = ("zoned.virt", "zoned.zones", "zoned.daemon", "zoned.server", "zoned.workloads")
     for module, names in SOURCES.items():
-        if not module.startswith(("zoned.client", "zoned.cli")):
+        if not module.startswith(("zoned.client", "zoned.cli", "zoned.mcp")):
             continue
         bad = {n for n in names if n.startswith(daemon) or n == "libvirt"}
         assert not bad, f"{module} imports {sorted(bad)}"

@@ -45,8 +45,10 @@ def hashed_pins(lock: Path) -> set[str]:
 
 
 def project() -> dict[str, list[str]]:
+    """The runtime dependencies, and what the dev lock adds: every extra (--all-extras)."""
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return {"runtime": data["dependencies"], "dev": data["optional-dependencies"]["dev"]}
+    extras = [req for reqs in data["optional-dependencies"].values() for req in reqs]
+    return {"runtime": data["dependencies"], "dev": extras}
 
 
 def test_every_lock_carries_the_stamp_of_pyproject() -> None:

@@ -20,7 +20,8 @@ The package, by job:
 :mod:`zoned.client.api`                :class:`Client`: one method per request
 :mod:`zoned.client.process`            :class:`Process`, :class:`ExecResult`,
                                        :data:`OutputChunk`
-:mod:`zoned.client.files`              files and trees in and out, over exec
+:mod:`zoned.client.files`              files and trees in and out, directory
+                                       listings, over exec
 :mod:`zoned.client.sync`               :class:`SyncClient`, for scripts
 =====================================  ==========================================
 
@@ -75,7 +76,13 @@ from zoned.client.connection import (
     ProtocolError,
     default_socket_path,
 )
-from zoned.client.files import DEFAULT_MAX_FILE
+from zoned.client.files import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_FILE,
+    DirectoryListing,
+    DirEntry,
+    FileTooLarge,
+)
 from zoned.client.options import (
     CreateOptions,
     ExecOptions,
@@ -89,6 +96,7 @@ from zoned.client.process import ExecResult, OutputChunk, Process
 from zoned.client.sync import SyncClient
 
 __all__ = [
+    "DEFAULT_MAX_ENTRIES",
     "DEFAULT_MAX_FILE",
     "DEFAULT_SOCKET",
     "SOCKET_ENV",
@@ -97,8 +105,11 @@ __all__ = [
     "ConnectionLost",
     "CreateOptions",
     "DaemonUnavailable",
+    "DirEntry",
+    "DirectoryListing",
     "ExecOptions",
     "ExecResult",
+    "FileTooLarge",
     "OutputChunk",
     "Process",
     "ProcessOptions",

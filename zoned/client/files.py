@@ -4,16 +4,21 @@ Nothing here is a protocol request of its own: each transfer is a process in
 the zone's workload root (``cat``, ``tar``, a short ``sh`` script) whose
 stdin or stdout carries the bytes, so it has exec's flow control end to end.
 A helper that fails raises :class:`~zoned.errors.InvalidRequest` with its
-stderr. Output taken out of a zone is bounded by ``max_bytes``.
+stderr. Output taken out of a zone is bounded by ``max_bytes`` (beyond it:
+:class:`FileTooLarge`, an ``InvalidRequest``), a directory listing by
+``max_entries``.
 """
 
 from __future__ import annotations
 
+import re
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from zoned import protocol as p
 from zoned.client.process import ExecResult, Process
 from zoned.errors import InvalidRequest
 
@@ -24,6 +29,8 @@ if TYPE_CHECKING:
 
 #: Largest file or tree :meth:`FileTransfer.get_file` and friends take by default.
 DEFAULT_MAX_FILE = 1024 * 1024 * 1024
+#: Entries :meth:`FileTransfer.list_directory` takes by default.
+DEFAULT_MAX_ENTRIES = 10_000
 #: How much of a failed helper's stderr becomes the error message.
 _MAX_ERROR_BYTES = 4096
 
@@ -33,6 +40,103 @@ _PUT_SCRIPT = (
     'tmp="$1.zoned-put.$$" && cat > "$tmp" && chmod "$2" "$tmp" && chown "$3:$4" "$tmp"'
     ' && mv -f "$tmp" "$1" || { rm -f "$tmp"; exit 1; }'
 )
+
+# One line per entry of directory $1: raw mode (hex), size, mtime, "./name"
+# (stat does not follow links). A name with a newline continues on the next
+# lines; the zone decides what it sends, so the parser trusts none of it.
+_LIST_SCRIPT = 'cd -- "$1" && exec find . -mindepth 1 -maxdepth 1 -exec stat -c "%f %s %Y %n" {} +'
+_LIST_LINE = re.compile(rb"([0-9a-f]{1,8}) ([0-9]{1,20}) (-?[0-9]{1,20}) \./(.*)", re.S)
+FileKind = Literal[
+    "file", "directory", "symlink", "fifo", "socket", "char-device", "block-device", "other"
+]
+_KINDS: dict[int, FileKind] = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "directory",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "char-device",
+    stat.S_IFBLK: "block-device",
+}
+
+
+class FileTooLarge(InvalidRequest):
+    """A file or tree taken out of a zone was larger than the caller's ``max_bytes``."""
+
+
+class DirEntry(NamedTuple):
+    """One entry of a directory in a zone, as the zone reported it (advisory)."""
+
+    #: The name, decoded with ``surrogateescape`` (as :func:`os.listdir` does).
+    name: str
+    kind: FileKind
+    size: int
+    #: Permission bits (``stat.S_IMODE``).
+    mode: int
+    #: Modification time, unix seconds.
+    mtime: int
+
+
+class DirectoryListing(NamedTuple):
+    """The entries of a directory by name; ``complete`` False: cut at ``max_entries``."""
+
+    entries: list[DirEntry]
+    complete: bool
+
+
+class _ListingParser:
+    """``_LIST_SCRIPT``'s output, fed as it comes, into at most ``max_entries`` entries."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.entries: list[DirEntry] = []
+        self._pending = bytearray()
+        self._name: bytearray | None = None
+        self._fields: tuple[int, int, int] = (0, 0, 0)
+
+    def feed(self, data: bytes) -> bool:
+        """Take more output; False once ``max_entries`` entries are complete."""
+        self._pending += data
+        *lines, rest = self._pending.split(b"\n")
+        self._pending = bytearray(rest)
+        if len(self._pending) > p.MAX_PATH_CHARS + 64:
+            raise InvalidRequest("the zone sent a directory listing line that is too long")
+        return all(self._line(bytes(line)) for line in lines)
+
+    def _line(self, line: bytes) -> bool:
+        found = _LIST_LINE.fullmatch(line)
+        if found is None:
+            if self._name is None:
+                raise InvalidRequest("the zone sent a directory listing that cannot be read")
+            self._name += b"\n" + line  # a name with a newline in it
+        else:
+            if not self._finish():
+                return False
+            self._fields = (int(found[1], 16), int(found[2]), int(found[3]))
+            self._name = bytearray(found[4])
+        if len(self._name) > p.MAX_PATH_CHARS:
+            raise InvalidRequest("the zone sent a file name that is too long")
+        return True
+
+    def _finish(self) -> bool:
+        """Close the entry being read; False if it was one too many."""
+        if self._name is None:
+            return True
+        if len(self.entries) >= self.max_entries:
+            return False
+        mode, size, mtime = self._fields
+        kind = _KINDS.get(stat.S_IFMT(mode), "other")
+        name = bytes(self._name).decode("utf-8", "surrogateescape")
+        self.entries.append(DirEntry(name, kind, size, stat.S_IMODE(mode), mtime))
+        self._name = None
+        return True
+
+    def listing(self, complete: bool) -> DirectoryListing:
+        if complete and self._pending:
+            self._line(bytes(self._pending))
+            self._pending.clear()
+        complete = self._finish() and complete
+        return DirectoryListing(sorted(self.entries), complete)
 
 
 class FileTransfer(ABC):
@@ -109,6 +213,30 @@ class FileTransfer(ABC):
         ):
             yield chunk
 
+    async def list_directory(
+        self, zone: str, path: str, *, max_entries: int = DEFAULT_MAX_ENTRIES
+    ) -> DirectoryListing:
+        """The entries of directory ``path`` in the zone (not recursive), by name.
+
+        Beyond ``max_entries`` the listing stops (``complete`` False); which
+        entries it holds then is the directory's order, not the names'.
+        """
+        parser = _ListingParser(max_entries)
+        errors = bytearray()
+        failure = f"cannot list {path!r} in zone {zone!r}"
+        argv = ["sh", "-c", _LIST_SCRIPT, "zoned-list", path]
+        async with self.exec_process(zone, argv) as process:
+            async for chunk in process:
+                if chunk.stream == "stderr":
+                    _keep_some(errors, chunk.data)
+                elif not parser.feed(chunk.data):
+                    await process.signal(9)
+                    await process.wait()
+                    return parser.listing(complete=False)
+        assert process.result is not None
+        _raise_on_failure(process.result, errors, failure)
+        return parser.listing(complete=True)
+
     async def is_directory(self, zone: str, path: str) -> bool:
         async with self.exec_process(zone, ["test", "-d", path]) as process:
             result = await process.wait()
@@ -128,7 +256,7 @@ class FileTransfer(ABC):
                 if received > max_bytes:
                     await process.signal(9)
                     await process.wait()
-                    raise InvalidRequest(f"{failure}: larger than the limit of {max_bytes} bytes")
+                    raise FileTooLarge(f"{failure}: larger than the limit of {max_bytes} bytes")
                 yield chunk.data
         assert process.result is not None
         _raise_on_failure(process.result, errors, failure)

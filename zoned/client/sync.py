@@ -16,7 +16,7 @@ import trio
 from zoned import protocol as p
 from zoned.client.api import Client
 from zoned.client.connection import default_socket_path
-from zoned.client.files import DEFAULT_MAX_FILE
+from zoned.client.files import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_FILE, DirectoryListing
 from zoned.client.process import ExecResult
 
 if TYPE_CHECKING:
@@ -89,3 +89,8 @@ class SyncClient:
 
     def get_file(self, zone: str, path: str, *, max_bytes: int = DEFAULT_MAX_FILE) -> bytes:
         return self._run(lambda client: client.get_file(zone, path, max_bytes=max_bytes))
+
+    def list_directory(
+        self, zone: str, path: str, *, max_entries: int = DEFAULT_MAX_ENTRIES
+    ) -> DirectoryListing:
+        return self._run(lambda client: client.list_directory(zone, path, max_entries=max_entries))
