@@ -16,8 +16,8 @@ once it is up), so a host that connects late or reconnects after a daemon
 restart always learns who is there. After the hello, the host sends a
 heartbeat every interval and expects a reply before the silence limit.
 
-Every hello the agent sends for the ``seq=0`` heartbeat comes before its
-reply to it. A hello after that reply means the agent's side of the channel
+Every hello the agent sends when the host connects comes before its reply
+to any heartbeat. A hello after a reply means the agent's side of the channel
 started again (it was not expected to: see :mod:`zoned.agent.channel`), and
 the processes of its previous session are gone: every one the host still
 follows ends with :class:`ExecLost`, the channel stays up.
@@ -350,8 +350,9 @@ class AgentMux:
         self.last_heartbeat: HeartbeatReply | None = None
         self._heartbeat_seen = trio.Event()
         self.lost: str | None = None
-        # The agent answered the connection's seq=0 heartbeat: a hello after
-        # that starts a new session on the agent's side.
+        # The agent answered a heartbeat of this connection: every hello of
+        # its greeting came before that reply, so a hello after it starts a
+        # new session on the agent's side.
         self._greeted = False
 
     async def start_exec(self, start: Callable[[int], AgentExecStart]) -> ExecSession:
@@ -424,8 +425,7 @@ class AgentMux:
             case AgentExecExit():
                 self._session(message.exec_id).on_exit(message)
             case HeartbeatReply():
-                if message.seq == 0:
-                    self._greeted = True
+                self._greeted = True
                 self.last_heartbeat = message
                 self._heartbeat_seen.set()
                 self._heartbeat_seen = trio.Event()
@@ -446,8 +446,8 @@ class AgentMux:
         self._end_sessions(
             "the zone's agent restarted its channel: the process was killed with its session"
         )
-        # Ended sessions leave the table when their consumer takes the end;
-        # messages of the new session never name them.
+        # Out of the table at once (their consumers still hold them): the new
+        # session never names them, and they do not count against the limit.
         self.execs.clear()
 
     async def heartbeat_forever(
