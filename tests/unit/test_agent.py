@@ -21,7 +21,8 @@ from zoned import protocol
 from zoned.agent import AGENT_NAME, hello
 from zoned.agent.channel import MAX_PENDING_OUTPUT, AgentChannel
 from zoned.agent.execs import sanitize
-from zoned.bootimage import base_interpreter, trace_agent_modules
+from zoned.images.bootimage import trace_agent_modules
+from zoned.images.hostfiles import base_interpreter
 from zoned.protocol import (
     AGENT_MAX_FRAME,
     MAX_EXEC_CHUNK,
