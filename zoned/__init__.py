@@ -24,12 +24,15 @@ is the picture, ``docs/`` one page per topic.
    - :mod:`zoned.kernel.cmdline`, :mod:`zoned.kernel.kconfig`: the guest
      kernel's command line and config merging.
    - :mod:`zoned.cpio`: the initramfs writer.
+   - :mod:`zoned.credit`: the credit window both ends of the agent channel
+     count exec output and input with (standard library only: the agent
+     loads it).
 
 2. **The guest agent**, :mod:`zoned.agent`: PID 1 inside a zone. Its
    modules import the standard library, msgspec, :mod:`zoned` (the version),
-   :mod:`zoned.errors` and :mod:`zoned.protocol`, nothing else of zoned (not
-   trio), and keep their start-up imports lean: they are on every zone's
-   boot path. Two exceptions point the other way, both for the wire between
+   :mod:`zoned.errors`, :mod:`zoned.protocol` and :mod:`zoned.credit`,
+   nothing else of zoned (not trio), and keep their start-up imports lean:
+   they are on every zone's boot path. Two exceptions point the other way, both for the wire between
    host and agent: any layer may read the constants of ``zoned/agent/__init__.py``
    (the agent's name, its port name), and the boot image builder imports
    :mod:`zoned.agent.init` to learn what the agent loads.

@@ -3,10 +3,11 @@
 Everything the guest sends is hostile input. The link reads through a
 bounded :class:`FrameDecoder`, decodes with the strict agent decoder, caps the
 rate of control messages, holds the agent to the flow-control windows, and
-turns any violation into :class:`AgentFault` with a clear reason; the zone
-manager then marks that zone failed. Nothing the guest sends can raise
-anything else out of here, and nothing it sends can make the host buffer more
-than the windows it granted.
+turns any violation into :class:`~zoned.errors.AgentProtocolError` with a
+clear reason (silence is :class:`~zoned.errors.AgentSilent`, a broken channel
+:class:`~zoned.errors.AgentFault`); the zone manager then marks that zone
+failed. Nothing the guest sends can raise anything else out of here, and
+nothing it sends can make the host buffer more than the windows it granted.
 
 Handshake: QEMU listens on the socket from the moment the domain starts. The
 host connects and sends ``Heartbeat(seq=0)``; the agent answers every
@@ -15,13 +16,22 @@ once it is up), so a host that connects late or reconnects after a daemon
 restart always learns who is there. After the hello, the host sends a
 heartbeat every interval and expects a reply before the silence limit.
 
+Every hello the agent sends when the host connects comes before its reply
+to any heartbeat. A hello after a reply means the agent's side of the channel
+started again (it was not expected to: see :mod:`zoned.agent.channel`), and
+the processes of its previous session are gone: every one the host still
+follows ends with :class:`ExecLost`, the channel stays up.
+
 Processes (exec): one channel carries many processes, each under an
 ``exec_id`` chosen by the host. The agent may send at most the output
 *credit* the host granted (:data:`EXEC_OUTPUT_WINDOW` at start, topped up by
 ``AgentExecCredit`` as the consumer takes output); the host may send at most
 the input credit the agent granted (:data:`EXEC_INPUT_WINDOW`, topped up by
-``AgentExecInputCredit``). Output waiting for its consumer is merged per
-stream, so a flood of tiny messages costs no more memory than its bytes.
+``AgentExecInputCredit``). Both sides count with :class:`zoned.credit.CreditWindow`.
+Output waiting for its consumer is merged per stream, so a flood of tiny
+messages costs no more memory than its bytes. A process's end is the agent's
+own :class:`AgentExecExit` (the daemon converts it once, for the client), or
+:class:`ExecLost` when nobody can know how it ended.
 """
 
 from __future__ import annotations
@@ -29,14 +39,15 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import trio
 
-from zoned.errors import InvalidRequest, NoCapacity
+from zoned.credit import CreditWindow
+from zoned.errors import AgentFault, AgentProtocolError, AgentSilent, InvalidRequest, NoCapacity
 from zoned.protocol import (
     AGENT_MAX_FRAME,
     EXEC_INPUT_WINDOW,
@@ -70,17 +81,16 @@ MAX_MESSAGES_PER_SECOND = 200
 RECEIVE_CHUNK = 64 * 1024
 
 
-class AgentFault(Exception):
-    """The guest agent broke the protocol, went silent or the channel failed."""
-
-
-@dataclass(frozen=True)
-class AgentFacts:
-    agent: str
-    kernel_release: str
-    boot_s: float
-    pid: int
-    version: int
+__all__ = [
+    "AgentFault",
+    "AgentLink",
+    "AgentMux",
+    "ExecEvent",
+    "ExecLost",
+    "ExecOutputPiece",
+    "ExecSession",
+    "supervise_agent",
+]
 
 
 class AgentLink:
@@ -129,12 +139,14 @@ class AgentLink:
             try:
                 payload = self._decoder.next_frame()
             except InvalidRequest as exc:
-                raise AgentFault(f"agent sent a bad frame: {exc.message}") from exc
+                raise AgentProtocolError(f"agent sent a bad frame: {exc.message}") from exc
             if payload is not None:
                 try:
                     message = decode_from_agent(payload)
                 except InvalidRequest as exc:
-                    raise AgentFault(f"agent sent an invalid message: {exc.message}") from exc
+                    raise AgentProtocolError(
+                        f"agent sent an invalid message: {exc.message}"
+                    ) from exc
                 if not isinstance(message, AgentExecOutput):
                     self._count_message()
                 return message
@@ -147,7 +159,7 @@ class AgentLink:
             try:
                 self._decoder.feed(data)
             except InvalidRequest as exc:
-                raise AgentFault(f"agent sent a bad frame: {exc.message}") from exc
+                raise AgentProtocolError(f"agent sent a bad frame: {exc.message}") from exc
 
     def _count_message(self) -> None:
         now = trio.current_time()
@@ -155,7 +167,7 @@ class AgentLink:
             self._window_start, self._window_count = now, 0
         self._window_count += 1
         if self._window_count > MAX_MESSAGES_PER_SECOND:
-            raise AgentFault(
+            raise AgentProtocolError(
                 f"agent flooded the channel (more than {MAX_MESSAGES_PER_SECOND} messages/s)"
             )
 
@@ -172,40 +184,36 @@ class ExecOutputPiece:
 
 
 @dataclass(frozen=True)
-class ExecEnded:
-    exit_code: int | None
-    signal: int | None
-    # Set when the process never started (the agent's reason).
-    error: str = ""
-    oom_killed: bool = False
-    cpu_time_s: float | None = None
-    memory_peak_kib: int | None = None
-    # The agent channel broke: nobody knows how the process ended.
-    channel_lost: bool = False
+class ExecLost:
+    """Nobody can tell how the process ended: the agent channel broke, or the
+    agent started a new session without it. ``reason`` says so, for the client."""
+
+    reason: str
 
 
-ExecEvent = AgentExecStarted | ExecOutputPiece | ExecEnded
+ExecEvent = AgentExecStarted | ExecOutputPiece | AgentExecExit | ExecLost
 
 
 @dataclass
 class ExecSession:
     """One process in the zone, as the host sees it.
 
-    The consumer calls :meth:`next_event` until it returns :class:`ExecEnded`;
-    it may call :meth:`write_input` and :meth:`signal` meanwhile. Output taken
-    out by :meth:`next_event` is credited back to the agent.
+    The consumer calls :meth:`next_event` until it returns the end
+    (:class:`AgentExecExit` or :class:`ExecLost`); it may call
+    :meth:`write_input` and :meth:`signal` meanwhile. Output taken out by
+    :meth:`next_event` is credited back to the agent.
     """
 
     exec_id: int
     mux: AgentMux
     started: AgentExecStarted | None = None
-    ended: ExecEnded | None = None
+    ended: AgentExecExit | ExecLost | None = None
     # Output not yet taken by the consumer: (stream, bytes) runs, merged.
     _pending: list[tuple[Literal["stdout", "stderr"], bytearray]] = field(default_factory=list)
     _pending_bytes: int = 0
-    # Output the agent may still send before the host grants more.
-    _credit: int = EXEC_OUTPUT_WINDOW
-    _input_credit: int = EXEC_INPUT_WINDOW
+    # Output the agent may still send (we receive), input we may still send.
+    _output: CreditWindow = field(default_factory=lambda: CreditWindow(EXEC_OUTPUT_WINDOW))
+    _input: CreditWindow = field(default_factory=lambda: CreditWindow(EXEC_INPUT_WINDOW))
     _started_taken: bool = False
     _changed: trio.Event = field(default_factory=trio.Event)
     _input_changed: trio.Event = field(default_factory=trio.Event)
@@ -219,20 +227,22 @@ class ExecSession:
 
     def on_started(self, message: AgentExecStarted) -> None:
         if self.started is not None or self.ended is not None:
-            raise AgentFault(f"agent reported exec {self.exec_id} started twice")
+            raise AgentProtocolError(f"agent reported exec {self.exec_id} started twice")
         self.started = message
         self._wake()
 
     def on_output(self, message: AgentExecOutput) -> None:
         if self.started is None or self.ended is not None:
-            raise AgentFault(f"agent sent output for exec {self.exec_id} outside its lifetime")
-        size = len(message.data)
-        if size > self._credit:
-            raise AgentFault(
-                f"agent sent {size} bytes of output for exec {self.exec_id}"
-                f" with only {self._credit} bytes of credit"
+            raise AgentProtocolError(
+                f"agent sent output for exec {self.exec_id} outside its lifetime"
             )
-        self._credit -= size
+        size = len(message.data)
+        credit = self._output.available
+        if self._output.spend(size):
+            raise AgentProtocolError(
+                f"agent sent {size} bytes of output for exec {self.exec_id}"
+                f" with only {credit} bytes of credit"
+            )
         if self._pending and self._pending[-1][0] == message.stream:
             self._pending[-1][1].extend(message.data)
         else:
@@ -241,37 +251,31 @@ class ExecSession:
         self._wake()
 
     def on_input_credit(self, message: AgentExecInputCredit) -> None:
-        if self._input_credit + message.bytes > EXEC_INPUT_WINDOW:
-            raise AgentFault(
+        if self._input.grant(message.bytes):
+            raise AgentProtocolError(
                 f"agent granted input credit beyond the window for exec {self.exec_id}"
             )
-        self._input_credit += message.bytes
         self._input_changed.set()
         self._input_changed = trio.Event()
 
     def on_exit(self, message: AgentExecExit) -> None:
         if self.ended is not None:
-            raise AgentFault(f"agent reported exec {self.exec_id} ended twice")
+            raise AgentProtocolError(f"agent reported exec {self.exec_id} ended twice")
         if message.error:
             if self.started is not None:
-                raise AgentFault(f"agent reported a start error for running exec {self.exec_id}")
+                raise AgentProtocolError(
+                    f"agent reported a start error for running exec {self.exec_id}"
+                )
         elif self.started is None:
-            raise AgentFault(f"agent reported exec {self.exec_id} ended before it started")
+            raise AgentProtocolError(f"agent reported exec {self.exec_id} ended before it started")
         elif (message.exit_code is None) == (message.signal is None):
-            raise AgentFault(f"agent reported exec {self.exec_id} ended without one status")
-        self.ended = ExecEnded(
-            message.exit_code,
-            message.signal,
-            message.error,
-            message.oom_killed,
-            message.cpu_time_s,
-            message.memory_peak_kib,
-        )
+            raise AgentProtocolError(f"agent reported exec {self.exec_id} ended without one status")
+        self.ended = message
         self._wake()
 
-    def on_channel_lost(self, reason: str) -> None:
+    def on_lost(self, reason: str) -> None:
         if self.ended is None:
-            self.ended = ExecEnded(None, None, f"agent channel lost: {reason}", channel_lost=True)
+            self.ended = ExecLost(reason)
         self._wake()
         self._input_changed.set()
 
@@ -291,9 +295,9 @@ class ExecSession:
                     self._pending.pop(0)
                 self._pending_bytes -= len(piece)
                 if self.ended is None:
-                    self._credit += len(piece)
+                    self._output.consume(len(piece))
                     await self.mux.send_quietly(
-                        AgentExecCredit(exec_id=self.exec_id, bytes=len(piece))
+                        AgentExecCredit(exec_id=self.exec_id, bytes=self._output.release())
                     )
                 return ExecOutputPiece(stream, piece)
             if self.ended is not None:
@@ -302,33 +306,37 @@ class ExecSession:
             await self._changed.wait()
 
     async def write_input(self, data: bytes, eof: bool = False) -> None:
-        """Send stdin, waiting for the agent's credit; ``eof`` closes stdin after it."""
+        """Send stdin, waiting for the agent's credit; ``eof`` closes stdin after it.
+
+        Returns early once the process has ended (or its channel broke:
+        :meth:`next_event` then reports the end).
+        """
         if self._input_closed:
             return
         view = memoryview(data)
         while view or eof:
             if self.ended is not None:
                 return
-            if view and self._input_credit == 0:
+            if view and self._input.available == 0:
                 await self._input_changed.wait()
                 continue
-            size = min(len(view), self._input_credit, MAX_EXEC_CHUNK)
+            size = min(len(view), self._input.available, MAX_EXEC_CHUNK)
             chunk = bytes(view[:size])
             view = view[size:]
             last = eof and not view
-            self._input_credit -= size
-            await self.mux.link.send(AgentExecInput(exec_id=self.exec_id, data=chunk, eof=last))
+            self._input.spend(size)
+            await self.mux.send_quietly(AgentExecInput(exec_id=self.exec_id, data=chunk, eof=last))
             if last:
                 self._input_closed = True
                 return
 
     async def signal(self, signum: int) -> None:
         if self.ended is None:
-            await self.mux.link.send(AgentExecSignal(exec_id=self.exec_id, signal=signum))
+            await self.mux.send_quietly(AgentExecSignal(exec_id=self.exec_id, signal=signum))
 
     async def resize(self, rows: int, cols: int) -> None:
         if self.ended is None:
-            await self.mux.link.send(AgentExecResize(exec_id=self.exec_id, rows=rows, cols=cols))
+            await self.mux.send_quietly(AgentExecResize(exec_id=self.exec_id, rows=rows, cols=cols))
 
 
 class AgentMux:
@@ -342,6 +350,10 @@ class AgentMux:
         self.last_heartbeat: HeartbeatReply | None = None
         self._heartbeat_seen = trio.Event()
         self.lost: str | None = None
+        # The agent answered a heartbeat of this connection: every hello of
+        # its greeting came before that reply, so a hello after it starts a
+        # new session on the agent's side.
+        self._greeted = False
 
     async def start_exec(self, start: Callable[[int], AgentExecStart]) -> ExecSession:
         """Send ``start(exec_id)`` and return the session that follows it."""
@@ -354,42 +366,55 @@ class AgentMux:
         exec_id = next(self._ids)
         session = ExecSession(exec_id, self)
         self.execs[exec_id] = session
-        await self.link.send(start(exec_id))
+        try:
+            await self.link.send(start(exec_id))
+        except AgentFault as exc:
+            self.lose(str(exc))
+            raise
         return session
 
     def forget(self, exec_id: int) -> None:
         self.execs.pop(exec_id, None)
 
     async def send_quietly(self, message: HostToAgent) -> None:
-        """Send, leaving a broken channel for the receiver to report."""
+        """Send; a broken channel ends every process (with :class:`ExecLost`) instead
+        of raising, so that the consumers learn it from :meth:`ExecSession.next_event`."""
         try:
             await self.link.send(message)
         except AgentFault as exc:
             log.debug("zone %s: %s", self.zone, exc)
+            self.lose(str(exc))
 
-    async def receive_forever(self, on_hello: Callable[[AgentHello], None]) -> None:
-        """Dispatch until the channel fails (AgentFault)."""
+    async def receive_forever(self) -> None:
+        """Dispatch until the channel fails (:class:`AgentFault`)."""
         try:
             while True:
                 message = await self.link.receive()
-                self._dispatch(message, on_hello)
+                self._dispatch(message)
         except AgentFault as exc:
-            self._lose(str(exc))
+            self.lose(str(exc))
             raise
 
-    def _lose(self, reason: str) -> None:
-        self.lost = reason
-        for session in list(self.execs.values()):
-            session.on_channel_lost(reason)
+    def lose(self, reason: str) -> None:
+        """The channel is gone: every process ends with :class:`ExecLost`."""
+        if self.lost is None:
+            self.lost = reason
+        self._end_sessions(f"the process's zone went away: agent channel lost: {reason}")
         self._heartbeat_seen.set()
+
+    def _end_sessions(self, reason: str) -> None:
+        for session in list(self.execs.values()):
+            session.on_lost(reason)
 
     def _session(self, exec_id: int) -> ExecSession:
         session = self.execs.get(exec_id)
         if session is None:
-            raise AgentFault(f"agent sent a message for exec {exec_id}, which is not running")
+            raise AgentProtocolError(
+                f"agent sent a message for exec {exec_id}, which is not running"
+            )
         return session
 
-    def _dispatch(self, message: AgentToHost, on_hello: Callable[[AgentHello], None]) -> None:
+    def _dispatch(self, message: AgentToHost) -> None:
         match message:
             case AgentExecOutput():
                 self._session(message.exec_id).on_output(message)
@@ -400,19 +425,38 @@ class AgentMux:
             case AgentExecExit():
                 self._session(message.exec_id).on_exit(message)
             case HeartbeatReply():
+                self._greeted = True
                 self.last_heartbeat = message
                 self._heartbeat_seen.set()
                 self._heartbeat_seen = trio.Event()
             case AgentHello():
-                on_hello(message)
+                if self._greeted:
+                    self._restarted()
+
+    def _restarted(self) -> None:
+        """A hello on a greeted channel: the agent's side started a new session,
+        without the processes of the old one (it killed them)."""
+        if self.execs:
+            log.warning(
+                "zone %s: the agent said hello again; %d process(es) of its previous"
+                " session are gone",
+                self.zone,
+                len(self.execs),
+            )
+        self._end_sessions(
+            "the zone's agent restarted its channel: the process was killed with its session"
+        )
+        # Out of the table at once (their consumers still hold them): the new
+        # session never names them, and they do not count against the limit.
+        self.execs.clear()
 
     async def heartbeat_forever(
         self,
         interval: float,
         silence_limit: float,
         on_heartbeat: Callable[[HeartbeatReply], None],
-    ) -> str:
-        """Send heartbeats; returns the reason once the agent stops answering."""
+    ) -> NoReturn:
+        """Send heartbeats until the agent stops answering (:class:`AgentFault`)."""
         seq = 0
         while True:
             seq += 1
@@ -420,27 +464,19 @@ class AgentMux:
             with trio.move_on_after(silence_limit):
                 while True:
                     if self.lost is not None:
-                        return f"agent channel lost: {self.lost}"
+                        raise AgentFault(f"agent channel lost: {self.lost}")
                     reply = self.last_heartbeat
                     if reply is not None and reply.seq == seq:
                         on_heartbeat(reply)
                         break
                     if reply is not None and reply.seq > seq:
-                        return f"agent answered heartbeat {reply.seq} that was never sent"
+                        raise AgentProtocolError(
+                            f"agent answered heartbeat {reply.seq} that was never sent"
+                        )
                     await self._heartbeat_seen.wait()
             if self.last_heartbeat is None or self.last_heartbeat.seq != seq:
-                return f"no heartbeat reply within {silence_limit:g} s"
+                raise AgentSilent(f"no heartbeat reply within {silence_limit:g} s")
             await trio.sleep(max(0.0, interval))
-
-
-def _facts(message: AgentHello) -> AgentFacts:
-    return AgentFacts(
-        agent=message.agent,
-        kernel_release=message.kernel_release,
-        boot_s=message.boot_s,
-        pid=message.pid,
-        version=message.version,
-    )
 
 
 async def supervise_agent(
@@ -450,11 +486,11 @@ async def supervise_agent(
     boot_timeout: float,
     heartbeat_interval: float,
     silence_limit: float,
-    on_hello: Callable[[AgentFacts], None],
+    on_hello: Callable[[AgentHello], None],
     on_heartbeat: Callable[[HeartbeatReply], None] = lambda _reply: None,
     on_mux: Callable[[AgentMux | None], None] = lambda _mux: None,
-) -> str:
-    """Run the zone's agent link until it fails; returns the failure reason.
+) -> AgentFault:
+    """Run the zone's agent link until it fails; returns why (never raises it).
 
     Calls ``on_hello`` once the agent has introduced itself (within
     ``boot_timeout`` of being called), then ``on_mux`` with the multiplexer
@@ -470,44 +506,42 @@ async def supervise_agent(
             while True:
                 message = await link.receive()
                 if isinstance(message, AgentHello):
-                    on_hello(_facts(message))
+                    on_hello(message)
                     break
                 if not isinstance(message, HeartbeatReply):
-                    raise AgentFault(f"agent sent {type(message).__name__} before its hello")
+                    raise AgentProtocolError(
+                        f"agent sent {type(message).__name__} before its hello"
+                    )
         if boot_scope.cancelled_caught:
-            return f"nothing heard from the agent within {boot_timeout:g} s"
+            return AgentSilent(f"nothing heard from the agent within {boot_timeout:g} s")
         assert link is not None
         mux = AgentMux(link, zone)
         on_mux(mux)
-        result: list[str] = []
+        result: list[AgentFault] = []
 
-        async def heartbeats(cancel: trio.CancelScope) -> None:
+        async def until_fault(
+            body: Callable[[], Awaitable[object]], done: trio.CancelScope
+        ) -> None:
             try:
-                reason = await mux.heartbeat_forever(
-                    heartbeat_interval, silence_limit, on_heartbeat
-                )
+                await body()
             except AgentFault as exc:
-                reason = str(exc)
-            result.append(reason)
-            cancel.cancel()
-
-        async def receive(cancel: trio.CancelScope) -> None:
-            try:
-                # A repeated hello is harmless (the agent may re-announce itself).
-                await mux.receive_forever(lambda _hello: None)
-            except AgentFault as exc:
-                result.append(str(exc))
-            cancel.cancel()
+                result.append(exc)
+                mux.lose(str(exc))  # the processes hear the real reason
+            done.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(heartbeats, nursery.cancel_scope)
-            nursery.start_soon(receive, nursery.cancel_scope)
-        return result[0] if result else "agent link ended"
+            nursery.start_soon(
+                until_fault,
+                lambda: mux.heartbeat_forever(heartbeat_interval, silence_limit, on_heartbeat),
+                nursery.cancel_scope,
+            )
+            nursery.start_soon(until_fault, mux.receive_forever, nursery.cancel_scope)
+        return result[0] if result else AgentFault("agent link ended")
     except AgentFault as exc:
-        return str(exc)
+        return exc
     finally:
         if mux is not None:
-            mux._lose("the zone's agent link was closed")
+            mux.lose("the zone's agent link was closed")
             on_mux(None)
         if link is not None:
             with trio.CancelScope(shield=True):

@@ -67,6 +67,24 @@ class HypervisorError(ZonedError):
     code = "hypervisor"
 
 
+class AgentFault(HypervisorError):
+    """A zone's agent channel failed: it closed, or could not be used.
+
+    Raised by the host side of the channel (:mod:`zoned.agentlink`); the zone
+    manager fails the zone. A request that meets it fails as ``hypervisor``:
+    the zone broke, not the caller.
+    """
+
+
+class AgentProtocolError(AgentFault):
+    """The guest agent broke the agent protocol (a bad frame or message, a flood,
+    output beyond its credit...)."""
+
+
+class AgentSilent(AgentFault):
+    """The guest agent did not answer in time (no hello, no heartbeat reply)."""
+
+
 class UnsupportedVersion(ZonedError):
     code = "unsupported_version"
 

@@ -15,6 +15,7 @@ Rules (``-`` raises ``conflict``; ``=`` is a legal no-op, the state stays)::
   domain_crashed          failed    failed    failed    stopped   =         =
   boot_timeout            failed    failed    -         =         -         -
   agent_silent            -         -         failed    =         -         -
+  agent_misbehaved        -         failed    failed    =         -         -
   domain_vanished         failed    failed    failed    stopped   =         =
   resumed_after_restart   booting   booting   booting   =         -         -
 
@@ -28,9 +29,10 @@ Why:
   never existed.
 - A zone stops only because it was asked to (``destroy_requested``). A domain
   that stops, crashes or disappears on its own is ``failed``, with the reason.
-  So is a boot that does not reach the agent's hello in time, and an agent
-  that goes silent once ready. Entering ``failed`` obliges the shell to
-  destroy the domain if it still runs.
+  So is a boot that does not reach the agent's hello in time, an agent that
+  goes silent once ready, and an agent that breaks the agent protocol
+  (``agent_misbehaved``, booting or ready). Entering ``failed`` obliges the
+  shell to destroy the domain if it still runs.
 - Once a destroy is requested, stopping wins: the domain going away in any
   manner ends in ``stopped``; every other fact is stale (a start call that
   returns late, a timer that fires late) and absorbed.
@@ -67,6 +69,7 @@ Input = Literal[
     "domain_crashed",
     "boot_timeout",
     "agent_silent",
+    "agent_misbehaved",
     "domain_vanished",
     "resumed_after_restart",
 ]
@@ -84,6 +87,7 @@ _DEFAULT_REASONS: Final[dict[Input, str]] = {
     "domain_crashed": "domain crashed",
     "boot_timeout": "no agent hello within the boot timeout",
     "agent_silent": "agent went silent",
+    "agent_misbehaved": "agent broke the protocol",
     "domain_vanished": "domain vanished",
     "resumed_after_restart": "re-adopted after a daemon restart, waiting for the agent",
 }
@@ -103,6 +107,7 @@ _TABLE: Final[dict[tuple[ZoneState, Input], ZoneState]] = {
     ("booting", "domain_stopped"): "failed",
     ("booting", "domain_crashed"): "failed",
     ("booting", "boot_timeout"): "failed",
+    ("booting", "agent_misbehaved"): "failed",
     ("booting", "domain_vanished"): "failed",
     ("booting", "resumed_after_restart"): "booting",
     # ready: the agent answers.
@@ -111,6 +116,7 @@ _TABLE: Final[dict[tuple[ZoneState, Input], ZoneState]] = {
     ("ready", "domain_stopped"): "failed",
     ("ready", "domain_crashed"): "failed",
     ("ready", "agent_silent"): "failed",
+    ("ready", "agent_misbehaved"): "failed",
     ("ready", "domain_vanished"): "failed",
     ("ready", "resumed_after_restart"): "booting",
     # stopping: only the domain going away matters; everything else is stale.

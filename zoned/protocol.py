@@ -84,7 +84,7 @@ at import time.
 """
 
 from collections.abc import Iterable
-from typing import Annotated, Literal, NoReturn, TypeAlias, get_args
+from typing import Annotated, Any, Literal, NoReturn, TypeAlias, get_args
 
 import msgspec
 from msgspec import Meta
@@ -276,6 +276,10 @@ TermSize = Annotated[int, Meta(ge=1, le=4096)]
 OutputStream = Literal["stdout", "stderr"]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+# Figures the guest reports (and the host passes on): finite and in range
+# (ge/le also reject NaN and infinities).
+_Seconds = Annotated[float, Meta(ge=0.0, le=1e10)]
+_GuestCount = Annotated[int, Meta(ge=0, le=_INT64_MAX)]
 
 Accelerator = Literal["kvm", "tcg"]
 Machine = Literal["microvm", "q35"]
@@ -581,14 +585,25 @@ class ZoneInfo(_Record, frozen=True):
     kernel_release: str = ""
 
 
-class GuestMetrics(_Record, frozen=True):
-    """What the zone's agent last reported about itself (advisory: the guest is untrusted)."""
+class _GuestFigures(_Record, frozen=True, kw_only=True):
+    """What the agent reports about its guest with every :class:`HeartbeatReply`,
+    and the host passes on in :class:`GuestMetrics` (self-reported, advisory)."""
 
-    uptime_s: float
-    load1: float
-    mem_total_kib: NonNegativeInt
-    mem_available_kib: NonNegativeInt
-    processes: NonNegativeInt
+    uptime_s: _Seconds
+    load1: Annotated[float, Meta(ge=0.0, le=1e6)]
+    mem_total_kib: _GuestCount
+    mem_available_kib: _GuestCount
+    # Processes in the guest (the agent included).
+    processes: _GuestCount = 0
+
+
+class GuestMetrics(_GuestFigures, frozen=True, kw_only=True, omit_defaults=False):
+    """What the zone's agent last reported about itself (advisory: the guest is untrusted).
+
+    Every field is always encoded (clients before ``processes`` had a
+    default require it).
+    """
+
     # Host time (unix seconds) the report arrived.
     reported_at: float
 
@@ -692,23 +707,36 @@ class ExecOutput(_Message, tag="exec_output", frozen=True):
     data: ExecChunk
 
 
-class ExecExit(_Message, tag="exec_exit", frozen=True):
-    """The process ended; the last message of its stream.
+class _ProcessExit(_Message, frozen=True, kw_only=True):
+    """How a process ended: what the agent reports in :class:`AgentExecExit` and
+    the daemon passes on in :class:`ExecExit` (:func:`exec_exit_reply`).
 
-    Exactly one of ``exit_code`` and ``signal`` is set. ``timed_out``: a
-    RunZone's timeout killed it.
+    A field added here reaches the client without another line of code. Its
+    fields come after those of the message itself (msgspec orders keyword-only
+    fields last), which keeps both messages' encodings as they were.
     """
 
-    id: RequestId
     exit_code: Annotated[int, Meta(ge=0, le=255)] | None = None
     signal: Signal | None = None
+    # A RunZone's timeout killed it (set by the daemon; the agent never does).
     timed_out: bool = False
     # The kernel's OOM killer killed a process of its cgroup (memory_limit_mib).
     oom_killed: bool = False
     # What the process and everything it started used, per its cgroup (the
     # guest's report: advisory); None where the guest could not tell.
-    cpu_time_s: float | None = None
-    memory_peak_kib: int | None = None
+    cpu_time_s: _Seconds | None = None
+    memory_peak_kib: _GuestCount | None = None
+
+
+class ExecExit(_ProcessExit, tag="exec_exit", frozen=True):
+    """The process ended; the last message of its stream.
+
+    Exactly one of ``exit_code`` and ``signal`` is set. A process that could
+    not start ends with ``exit_code`` 127 (not found) or 126 (anything else),
+    as in a shell, after its reason on stderr.
+    """
+
+    id: RequestId
 
 
 # ---------------------------------------------------------------------------
@@ -773,8 +801,6 @@ def negotiate_version(offered: Iterable[int]) -> int:
 AGENT_PROTOCOL_VERSION = 1
 
 _AgentToken = Annotated[str, Meta(max_length=64, pattern=r"^[!-~]{1,64}\Z")]
-# Finite seconds: ge/le also reject NaN and infinities.
-_Seconds = Annotated[float, Meta(ge=0.0, le=1e10)]
 
 
 class AgentHello(_Message, tag="agent_hello", frozen=True):
@@ -796,16 +822,10 @@ class Heartbeat(_Message, tag="heartbeat", frozen=True):
     seq: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
 
 
-class HeartbeatReply(_Message, tag="heartbeat_reply", frozen=True):
+class HeartbeatReply(_Message, _GuestFigures, tag="heartbeat_reply", frozen=True):
     """Agent -> host: alive, with guest-side metrics (self-reported, advisory)."""
 
     seq: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
-    uptime_s: _Seconds
-    load1: Annotated[float, Meta(ge=0.0, le=1e6)]
-    mem_total_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
-    mem_available_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)]
-    # Processes in the guest (the agent included).
-    processes: Annotated[int, Meta(ge=0, le=_INT64_MAX)] = 0
 
 
 ExecId = Annotated[int, Meta(ge=1, le=_UINT32_MAX)]
@@ -870,16 +890,17 @@ class AgentExecInputCredit(_Message, tag="agent_exec_input_credit", frozen=True)
     bytes: Annotated[int, Meta(ge=1, le=EXEC_INPUT_WINDOW)]
 
 
-class AgentExecExit(_Message, tag="agent_exec_exit", frozen=True):
-    """Agent -> host: the process ended (after all its output), or never started (``error``)."""
+class AgentExecExit(_ProcessExit, tag="agent_exec_exit", frozen=True):
+    """Agent -> host: the process ended (after all its output), or never started (``error``).
+
+    A process that never started has ``error`` and neither ``exit_code`` nor
+    ``signal``; ``errno`` is the error number of the step that failed, when
+    one did (``ENOENT``: no such program, or directory).
+    """
 
     exec_id: ExecId
-    exit_code: Annotated[int, Meta(ge=0, le=255)] | None = None
-    signal: Signal | None = None
     error: _AgentText = ""
-    oom_killed: bool = False
-    cpu_time_s: Annotated[float, Meta(ge=0.0, le=1e10)] | None = None
-    memory_peak_kib: Annotated[int, Meta(ge=0, le=_INT64_MAX)] | None = None
+    errno: Annotated[int, Meta(ge=1, le=4095)] | None = None
 
 
 AgentToHost: TypeAlias = (
@@ -900,6 +921,32 @@ HostToAgent: TypeAlias = (
 )
 
 Message: TypeAlias = Request | Reply | AgentToHost | HostToAgent
+
+
+# ---------------------------------------------------------------------------
+# From the agent channel to the control socket
+# ---------------------------------------------------------------------------
+# What the agent reports and the daemon passes on is declared once (the
+# shared bases above) and copied here by field name, never field by field.
+
+
+def _shared(base: type[msgspec.Struct], value: msgspec.Struct) -> dict[str, Any]:
+    return {name: getattr(value, name) for name in base.__struct_fields__}
+
+
+def exec_exit_reply(id: int, end: AgentExecExit, *, timed_out: bool = False) -> ExecExit:
+    """The client's :class:`ExecExit` for request ``id`` of a process that ran and ended.
+
+    ``timed_out`` is the daemon's own word (the agent's is ignored).
+    """
+    fields = _shared(_ProcessExit, end)
+    fields["timed_out"] = timed_out
+    return ExecExit(id=id, **fields)
+
+
+def guest_metrics(reply: HeartbeatReply, reported_at: float) -> GuestMetrics:
+    """The guest's figures of ``reply``, as clients see them."""
+    return GuestMetrics(reported_at=reported_at, **_shared(_GuestFigures, reply))
 
 
 # ---------------------------------------------------------------------------

@@ -13,12 +13,16 @@ process group gets SIGKILL and ``exec_exit.timed_out`` is set), the client
 disconnects (its request is cancelled; the destroy runs shielded).
 
 A process that cannot start (no such command, no permission) is reported as
-a shell would: a message on its stderr and exit status 127 (not found) or
-126 (anything else).
+a shell would: a message on its stderr and exit status 127 (not found: the
+agent's ``errno`` is ``ENOENT``) or 126 (anything else).
+
+A process whose end nobody can know (its zone went away, or its agent lost
+its session) fails its request with ``hypervisor``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import secrets
@@ -29,7 +33,7 @@ from contextlib import nullcontext
 import trio
 
 from zoned import protocol as p
-from zoned.agentlink import ExecEnded, ExecOutputPiece, ExecSession
+from zoned.agentlink import ExecLost, ExecOutputPiece, ExecSession
 from zoned.errors import HypervisorError, ZonedError
 from zoned.server import Send, StreamInputs
 from zoned.zones import ZoneManager
@@ -40,8 +44,9 @@ log = logging.getLogger(__name__)
 KILL_GRACE_S = 10.0
 
 
-def start_error_status(error: str) -> int:
-    return 127 if "No such file or directory" in error else 126
+def start_error_status(end: p.AgentExecExit) -> int:
+    """The shell's exit status for a process that could not start."""
+    return 127 if end.errno == errno.ENOENT else 126
 
 
 async def _pump_input(session: ExecSession, inputs: StreamInputs) -> None:
@@ -100,25 +105,17 @@ async def stream_exec(
     await _send_end(request_id, end, send, timed_out)
 
 
-async def _send_end(request_id: int, end: ExecEnded, send: Send, timed_out: bool) -> None:
-    if end.channel_lost:
-        raise HypervisorError(f"the process's zone went away: {end.error}")
+async def _send_end(
+    request_id: int, end: p.AgentExecExit | ExecLost, send: Send, timed_out: bool
+) -> None:
+    if isinstance(end, ExecLost):
+        raise HypervisorError(end.reason)
     if end.error:
         message = f"zoned: {end.error}\n".encode()[: p.MAX_EXEC_CHUNK]
         await send(p.ExecOutput(id=request_id, stream="stderr", data=message))
-        await send(p.ExecExit(id=request_id, exit_code=start_error_status(end.error)))
+        await send(p.ExecExit(id=request_id, exit_code=start_error_status(end)))
         return
-    await send(
-        p.ExecExit(
-            id=request_id,
-            exit_code=end.exit_code,
-            signal=end.signal,
-            timed_out=timed_out,
-            oom_killed=end.oom_killed,
-            cpu_time_s=end.cpu_time_s,
-            memory_peak_kib=end.memory_peak_kib,
-        )
-    )
+    await send(p.exec_exit_reply(request_id, end, timed_out=timed_out))
 
 
 async def exec_in_zone(

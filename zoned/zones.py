@@ -45,7 +45,7 @@ import msgspec
 import trio
 
 from zoned import lifecycle
-from zoned.agentlink import AgentFacts, AgentFault, AgentMux, ExecSession, supervise_agent
+from zoned.agentlink import AgentMux, ExecSession, supervise_agent
 from zoned.config import Config
 from zoned.domain import (
     METADATA_NS,
@@ -55,7 +55,15 @@ from zoned.domain import (
     read_metadata,
     render_domain_xml,
 )
-from zoned.errors import Conflict, HypervisorError, InvalidRequest, NotFound, ZonedError
+from zoned.errors import (
+    AgentFault,
+    AgentProtocolError,
+    Conflict,
+    HypervisorError,
+    InvalidRequest,
+    NotFound,
+    ZonedError,
+)
 from zoned.events import EventHub
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.store import find_kernel
@@ -63,13 +71,14 @@ from zoned.placement import Allocator, Placement
 from zoned.protocol import (
     Accelerator,
     AgentExecStart,
+    AgentHello,
     CreateZone,
     Exec,
-    GuestMetrics,
     HeartbeatReply,
     RunZone,
     ZoneInfo,
     ZoneMetricsData,
+    guest_metrics,
 )
 from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
 from zoned.store import RecordWriter, ZoneStore
@@ -406,9 +415,9 @@ class ZoneManager:
     async def _supervise(self, zone: _Zone, scope: trio.CancelScope, boot_timeout: float) -> None:
         name = zone.record.name
 
-        def on_hello(facts: AgentFacts) -> None:
-            boot_s = facts.boot_s if math.isfinite(facts.boot_s) and facts.boot_s >= 0 else None
-            changes: dict[str, Any] = {"kernel_release": facts.kernel_release[:128]}
+        def on_hello(hello: AgentHello) -> None:
+            boot_s = hello.boot_s if math.isfinite(hello.boot_s) and hello.boot_s >= 0 else None
+            changes: dict[str, Any] = {"kernel_release": hello.kernel_release[:128]}
             # A hello after a daemon restart (re-adoption) or a reconnect is not
             # a boot: the first boot's figures stay.
             if zone.record.ready_at is None:
@@ -424,7 +433,7 @@ class ZoneManager:
             zone.agent = mux
 
         with scope:
-            reason = await supervise_agent(
+            fault = await supervise_agent(
                 Path(zone.record.agent_socket),
                 name,
                 boot_timeout=boot_timeout,
@@ -434,6 +443,7 @@ class ZoneManager:
                 on_heartbeat=on_heartbeat,
                 on_mux=on_mux,
             )
+            reason = fault.message
             if lifecycle.runs_domain(zone.record.state):
                 # A channel that breaks because QEMU died is QEMU's failure;
                 # say so even if libvirt's event has not arrived yet.
@@ -443,6 +453,8 @@ class ZoneManager:
                 event: lifecycle.Input
                 if gone is not None:
                     event, reason = "domain_stopped", f"QEMU stopped unexpectedly ({gone})"
+                elif isinstance(fault, AgentProtocolError):
+                    event = "agent_misbehaved"
                 elif zone.record.state == "booting":
                     event = "boot_timeout"
                 else:
@@ -515,14 +527,7 @@ class ZoneManager:
         beat = zone.last_heartbeat
         guest = None
         if beat is not None and lifecycle.is_ready(record.state):
-            guest = GuestMetrics(
-                uptime_s=beat.uptime_s,
-                load1=beat.load1,
-                mem_total_kib=beat.mem_total_kib,
-                mem_available_kib=beat.mem_available_kib,
-                processes=beat.processes,
-                reported_at=zone.last_heartbeat_at,
-            )
+            guest = guest_metrics(beat, zone.last_heartbeat_at)
         return ZoneMetricsData(
             name=record.name,
             state=record.state,

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from tests.waiting import wait_until
 from zoned.agent import AGENT_PORT_NAME
 from zoned.domain import EMULATOR
 from zoned.hostinfo import host_tsc_khz
@@ -31,6 +32,7 @@ from zoned.protocol import (
     AgentExecCredit,
     AgentExecExit,
     AgentExecInput,
+    AgentExecInputCredit,
     AgentExecOutput,
     AgentExecResize,
     AgentExecSignal,
@@ -70,6 +72,8 @@ class AgentConnection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = FrameDecoder(AGENT_MAX_FRAME)
+        #: AgentHello messages received.
+        self.hellos = 0
 
     def send(self, message: HostToAgent) -> None:
         self.sock.sendall(encode_frame(message, AGENT_MAX_FRAME))
@@ -84,7 +88,10 @@ class AgentConnection:
             if not data:
                 raise ConnectionError("the agent channel closed (QEMU exited?)")
             self.decoder.feed(data)
-        return decode_from_agent(payload)
+        message = decode_from_agent(payload)
+        if isinstance(message, AgentHello):
+            self.hellos += 1
+        return message
 
 
 @dataclass
@@ -210,18 +217,22 @@ def running_qemu(command: Sequence[str], log: Path) -> Iterator[subprocess.Popen
 
 def connect(path: Path, process: subprocess.Popen[bytes], deadline: float) -> socket.socket:
     """Connect to QEMU's listening socket as soon as it exists."""
-    while True:
+    connected: list[socket.socket] = []
+
+    def attempt() -> bool:
+        if process.poll() is not None:
+            raise ConnectionError(f"QEMU exited with status {process.returncode}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(path))
-            return sock
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-        if process.poll() is not None:
-            raise ConnectionError(f"QEMU exited with status {process.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"QEMU did not create {path}")
-        time.sleep(0.005)
+            return False
+        connected.append(sock)
+        return True
+
+    wait_until(attempt, f"QEMU creates {path}", timeout=max(0.0, deadline - time.monotonic()))
+    return connected[0]
 
 
 def _diagnostics(workdir: Path) -> str:
@@ -274,6 +285,30 @@ def boot_and_greet(
     )
 
 
+@contextlib.contextmanager
+def greeted_agent(boot_image: Path, workdir: Path) -> Iterator[AgentConnection]:
+    """Boot a microvm zone on bare QEMU; its agent channel once the agent said hello.
+
+    An assertion or IO failure inside fails the test with the console and QEMU logs.
+    """
+    machine = "microvm"
+    console_log = workdir / "console.log"
+    agent_sock = workdir / "agent.sock"
+    command = qemu_command(
+        machine, kernel_image(), boot_image, kernel_cmdline(machine), console_log, agent_sock
+    )
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    with running_qemu(command, workdir / "qemu.log") as process:
+        try:
+            with connect(agent_sock, process, deadline) as sock:
+                agent = AgentConnection(sock)
+                hello = agent.receive(deadline)
+                assert isinstance(hello, AgentHello), hello
+                yield agent
+        except (AssertionError, OSError, TimeoutError) as exc:
+            pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(workdir)}", pytrace=False)
+
+
 @pytest.fixture(scope="module")
 def boot_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_boot_image(tmp_path_factory.mktemp("bootimage"))
@@ -299,14 +334,21 @@ def test_agent_says_hello_and_answers_heartbeats(
 
 
 def _wait_for_console(
-    log: Path, text: str, process: subprocess.Popen[bytes], deadline: float
+    log: Path, text: str, process: subprocess.Popen[bytes], deadline: float, count: int = 1
 ) -> None:
-    while not (log.exists() and text in log.read_text(errors="replace")):
+    """Until ``text`` is on the console ``count`` times (the agent's own account)."""
+
+    def shown() -> bool:
         if process.poll() is not None:
             raise ConnectionError(f"QEMU exited with status {process.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{text!r} never appeared on the console")
-        time.sleep(0.05)
+        return log.exists() and log.read_text(errors="replace").count(text) >= count
+
+    wait_until(
+        shown,
+        f"{text!r} on the console",
+        timeout=max(0.0, deadline - time.monotonic()),
+        details=lambda: _diagnostics(log.parent),
+    )
 
 
 def test_agent_greets_a_host_that_connects_late_and_again_after_reconnecting(
@@ -325,8 +367,7 @@ def test_agent_greets_a_host_that_connects_late_and_again_after_reconnecting(
         try:
             # The agent has found its port and is waiting for the host.
             _wait_for_console(console_log, "zoned-agent: agent port", process, deadline)
-            time.sleep(0.5)
-            for _attempt in range(2):
+            for attempt in range(1, 3):
                 with connect(agent_sock, process, deadline) as sock:
                     agent = AgentConnection(sock)
                     # seq 0 guarantees a hello even if the agent missed the reconnection.
@@ -338,7 +379,10 @@ def test_agent_greets_a_host_that_connects_late_and_again_after_reconnecting(
                         assert isinstance(message, AgentHello), message
                         message = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
                     assert message.seq == 0
-                time.sleep(0.5)
+                # The agent notices the host going away before it comes back.
+                _wait_for_console(
+                    console_log, "zoned-agent: host disconnected", process, deadline, attempt
+                )
         except (AssertionError, OSError, TimeoutError) as exc:
             pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(tmp_path)}", pytrace=False)
     log = console_log.read_text(errors="replace")
@@ -349,57 +393,38 @@ def test_agent_runs_processes_in_the_zone(
     boot_image: Path, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     """One boot: python3 and busybox sh from the image, and 16 MiB of output, checksummed."""
-    machine = "microvm"
-    kernel = kernel_image()
-    console_log = tmp_path / "console.log"
-    agent_sock = tmp_path / "agent.sock"
-    command = qemu_command(
-        machine, kernel, boot_image, kernel_cmdline(machine), console_log, agent_sock
-    )
     size = 16 * 1024 * 1024
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    with running_qemu(command, tmp_path / "qemu.log") as process:
-        try:
-            with connect(agent_sock, process, deadline) as sock:
-                agent = AgentConnection(sock)
-                hello = agent.receive(deadline)
-                assert isinstance(hello, AgentHello), hello
-                deadline = time.monotonic() + 600.0
+    with greeted_agent(boot_image, tmp_path) as agent:
+        deadline = time.monotonic() + 600.0
 
-                result = run_exec(agent, 1, ["python3", "-c", "print(2+2)"], deadline)
-                assert without_usage(result.exit) == AgentExecExit(exec_id=1, exit_code=0), result
-                assert (result.stdout, result.stderr) == (b"4\n", b"")
+        result = run_exec(agent, 1, ["python3", "-c", "print(2+2)"], deadline)
+        assert without_usage(result.exit) == AgentExecExit(exec_id=1, exit_code=0), result
+        assert (result.stdout, result.stderr) == (b"4\n", b"")
 
-                result = run_exec(agent, 2, ["sh", "-c", "echo err >&2; exit 7"], deadline)
-                assert without_usage(result.exit) == AgentExecExit(exec_id=2, exit_code=7), result
-                assert (result.stdout, result.stderr) == (b"", b"err\n")
+        result = run_exec(agent, 2, ["sh", "-c", "echo err >&2; exit 7"], deadline)
+        assert without_usage(result.exit) == AgentExecExit(exec_id=2, exit_code=7), result
+        assert (result.stdout, result.stderr) == (b"", b"err\n")
 
-                generate = f"head -c {size} /dev/urandom | tee /tmp/blob"
-                big = run_exec(agent, 3, ["sh", "-c", generate], deadline)
-                assert without_usage(big.exit) == AgentExecExit(exec_id=3, exit_code=0), big.exit
-                assert big.stderr == b""
-                assert len(big.stdout) == size
+        generate = f"head -c {size} /dev/urandom | tee /tmp/blob"
+        big = run_exec(agent, 3, ["sh", "-c", generate], deadline)
+        assert without_usage(big.exit) == AgentExecExit(exec_id=3, exit_code=0), big.exit
+        assert big.stderr == b""
+        assert len(big.stdout) == size
 
-                replay = run_exec(agent, 4, ["cat", "/tmp/blob"], deadline)
-                assert without_usage(replay.exit) == AgentExecExit(exec_id=4, exit_code=0), (
-                    replay.exit
-                )
-                assert replay.stdout == big.stdout
+        replay = run_exec(agent, 4, ["cat", "/tmp/blob"], deadline)
+        assert without_usage(replay.exit) == AgentExecExit(exec_id=4, exit_code=0), replay.exit
+        assert replay.stdout == big.stdout
 
-                checksum = run_exec(agent, 5, ["sha256sum", "/tmp/blob"], deadline)
-                assert without_usage(checksum.exit) == AgentExecExit(exec_id=5, exit_code=0), (
-                    checksum
-                )
-                digest = hashlib.sha256(big.stdout).hexdigest()
-                assert checksum.stdout == f"{digest}  /tmp/blob\n".encode()
-        except (AssertionError, OSError, TimeoutError) as exc:
-            pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(tmp_path)}", pytrace=False)
+        checksum = run_exec(agent, 5, ["sha256sum", "/tmp/blob"], deadline)
+        assert without_usage(checksum.exit) == AgentExecExit(exec_id=5, exit_code=0), checksum
+        digest = hashlib.sha256(big.stdout).hexdigest()
+        assert checksum.stdout == f"{digest}  /tmp/blob\n".encode()
     generate_mb_s = size / big.seconds / 1e6
     cat_mb_s = size / replay.seconds / 1e6
     record_property("exec_urandom_tee_mb_s", round(generate_mb_s, 1))
     record_property("exec_cat_mb_s", round(cat_mb_s, 1))
     print(
-        f"{machine}: 16 MiB from head|tee in {big.seconds:.2f}s ({generate_mb_s:.1f} MB/s),"
+        f"microvm: 16 MiB from head|tee in {big.seconds:.2f}s ({generate_mb_s:.1f} MB/s),"
         f" cat in {replay.seconds:.2f}s ({cat_mb_s:.1f} MB/s)"
     )
 
@@ -438,135 +463,161 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
 ) -> None:
     """One boot: cgroup limits (memory -> OOM kill, pids -> refused forks, a fork bomb
     cleaned up), usage figures, and a terminal, in the real guest."""
-    machine = "microvm"
-    kernel = kernel_image()
-    console_log = tmp_path / "console.log"
-    agent_sock = tmp_path / "agent.sock"
-    command = qemu_command(
-        machine, kernel, boot_image, kernel_cmdline(machine), console_log, agent_sock
-    )
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    with running_qemu(command, tmp_path / "qemu.log") as process:
-        try:
-            with connect(agent_sock, process, deadline) as sock:
-                agent = AgentConnection(sock)
-                hello = agent.receive(deadline)
-                assert isinstance(hello, AgentHello), hello
-                deadline = time.monotonic() + 600.0
+    with greeted_agent(boot_image, tmp_path) as agent:
+        deadline = time.monotonic() + 600.0
 
-                # Usage figures on every exit.
-                plain = run_exec(agent, 1, ["sh", "-c", "cat /proc/self/cgroup"], deadline)
-                assert plain.exit.exit_code == 0, plain
-                assert plain.stdout == b"0::/exec-1\n"
-                assert plain.exit.cpu_time_s is not None, plain.exit
-                assert plain.exit.memory_peak_kib is not None, plain.exit
-                assert plain.exit.memory_peak_kib > 0
-                assert plain.exit.oom_killed is False
+        # Usage figures on every exit.
+        plain = run_exec(agent, 1, ["sh", "-c", "cat /proc/self/cgroup"], deadline)
+        assert plain.exit.exit_code == 0, plain
+        assert plain.stdout == b"0::/exec-1\n"
+        assert plain.exit.cpu_time_s is not None, plain.exit
+        assert plain.exit.memory_peak_kib is not None, plain.exit
+        assert plain.exit.memory_peak_kib > 0
+        assert plain.exit.oom_killed is False
 
-                # A memory hog beyond its limit: the OOM killer ends it (SIGKILL). It
-                # grows 1 MiB at a time: one 256 MiB bytearray is refused by the guest's
-                # overcommit heuristic (256 MiB of RAM) with a MemoryError instead.
-                hog = run_exec(
-                    agent,
-                    2,
-                    ["python3", "-c", "b = [bytearray(1 << 20) for _ in range(256)]"],
-                    deadline,
-                    memory_limit_mib=32,
-                )
-                assert hog.exit.signal == 9, hog
-                assert hog.exit.oom_killed is True, hog.exit
-                assert hog.exit.memory_peak_kib is not None
-                assert hog.exit.memory_peak_kib <= 32 * 1024, hog.exit
+        # A memory hog beyond its limit: the OOM killer ends it (SIGKILL). It
+        # grows 1 MiB at a time: one 256 MiB bytearray is refused by the guest's
+        # overcommit heuristic (256 MiB of RAM) with a MemoryError instead.
+        hog = run_exec(
+            agent,
+            2,
+            ["python3", "-c", "b = [bytearray(1 << 20) for _ in range(256)]"],
+            deadline,
+            memory_limit_mib=32,
+        )
+        assert hog.exit.signal == 9, hog
+        assert hog.exit.oom_killed is True, hog.exit
+        assert hog.exit.memory_peak_kib is not None
+        assert hog.exit.memory_peak_kib <= 32 * 1024, hog.exit
 
-                # Forks beyond the pids limit are refused (EAGAIN): 31 sleeps + python = 32.
-                forks = run_exec(
-                    agent, 3, ["python3", "-c", _FORK_UNTIL_REFUSED], deadline, pids_limit=32
-                )
-                assert forks.exit.exit_code == 0, forks
-                assert forks.stdout == b"refused 11\nstarted 31\n", forks
+        # Forks beyond the pids limit are refused (EAGAIN): 31 sleeps + python = 32.
+        forks = run_exec(agent, 3, ["python3", "-c", _FORK_UNTIL_REFUSED], deadline, pids_limit=32)
+        assert forks.exit.exit_code == 0, forks
+        assert forks.stdout == b"refused 11\nstarted 31\n", forks
 
-                # A real fork bomb, held at its pids limit while its leader spins (no fork):
-                # forks get refused, the agent keeps answering, and killing the leader
-                # kills the whole swarm with the cgroup.
-                agent.send(
-                    AgentExecStart(
-                        exec_id=4,
-                        argv=[
-                            "sh",
-                            "-c",
-                            "exec 2>/dev/null; bomb() { bomb | bomb & }; bomb; while :; do :; done",
-                        ],
-                        pids_limit=32,
-                    )
-                )
-                started = agent.receive(deadline)
-                assert isinstance(started, AgentExecStarted) and started.exec_id == 4, started
-                for _attempt in range(100):
-                    events = run_exec(
-                        agent, 7, ["cat", "/sys/fs/cgroup/exec-4/pids.events"], deadline
-                    )
-                    assert events.exit.exit_code == 0, events
-                    refused = int(events.stdout.split()[1])
-                    if refused > 0:
-                        break
-                else:
-                    pytest.fail(f"the bomb never reached its pids limit: {events.stdout!r}")
-                _heartbeat(agent, 10, deadline)
-                agent.send(AgentExecSignal(exec_id=4, signal=9))
-                while not isinstance(bomb := agent.receive(deadline), AgentExecExit):
-                    assert isinstance(bomb, AgentHello | HeartbeatReply), bomb
-                assert bomb.exec_id == 4 and bomb.signal == 9, bomb
-                _heartbeat(agent, 11, deadline)
-                # The bomb's cgroup (and the sleeps' of exec 3) go away.
-                for _attempt in range(100):
-                    listing = run_exec(
-                        agent, 5, ["sh", "-c", "ls -d /sys/fs/cgroup/exec-*"], deadline
-                    )
-                    assert listing.exit.exit_code == 0, listing
-                    if listing.stdout == b"/sys/fs/cgroup/exec-5\n":
-                        break
-                    time.sleep(0.2)
-                else:
-                    pytest.fail(f"cgroups left behind: {listing.stdout!r}")
-                _heartbeat(agent, 12, deadline)
+        # A real fork bomb, held at its pids limit while its leader spins (no fork):
+        # forks get refused, the agent keeps answering, and killing the leader
+        # kills the whole swarm with the cgroup.
+        agent.send(
+            AgentExecStart(
+                exec_id=4,
+                argv=[
+                    "sh",
+                    "-c",
+                    "exec 2>/dev/null; bomb() { bomb | bomb & }; bomb; while :; do :; done",
+                ],
+                pids_limit=32,
+            )
+        )
+        started = agent.receive(deadline)
+        assert isinstance(started, AgentExecStarted) and started.exec_id == 4, started
 
-                # A terminal of the asked size, with input, then resized. (The resize
-                # comes after the read: a trapped signal interrupts ash's read builtin.)
-                sent: list[str] = []
+        def forks_refused() -> int:
+            events = run_exec(agent, 7, ["cat", "/sys/fs/cgroup/exec-4/pids.events"], deadline)
+            assert events.exit.exit_code == 0, events
+            return int(events.stdout.split()[1])
 
-                def converse(stdout: bytes) -> list[HostToAgent]:
-                    if b"33 77" in stdout and "input" not in sent:
-                        sent.append("input")
-                        return [AgentExecInput(exec_id=6, data=b"hello\n")]
-                    if b"ready" in stdout and "resize" not in sent:
-                        sent.append("resize")
-                        return [AgentExecResize(exec_id=6, rows=50, cols=132)]
-                    return []
+        wait_until(forks_refused, "the bomb reaches its pids limit")
+        refused = forks_refused()
+        _heartbeat(agent, 10, deadline)
+        agent.send(AgentExecSignal(exec_id=4, signal=9))
+        while not isinstance(bomb := agent.receive(deadline), AgentExecExit):
+            assert isinstance(bomb, AgentHello | HeartbeatReply), bomb
+        assert bomb.exec_id == 4 and bomb.signal == 9, bomb
+        _heartbeat(agent, 11, deadline)
+        # The bomb's cgroup (and the sleeps' of exec 3) go away.
+        listings: list[bytes] = []
 
-                script = (
-                    "tty; stty size; read x; echo got:$x;"
-                    ' trap "stty size; exit 0" WINCH; echo ready; while :; do sleep 0.1; done'
-                )
-                term = run_exec(
-                    agent,
-                    6,
-                    ["sh", "-c", script],
-                    deadline,
-                    after_output=converse,
-                    tty=True,
-                    rows=33,
-                    cols=77,
-                )
-                assert term.exit.exit_code == 0, term
-                assert term.stdout == (
-                    b"/dev/pts/0\r\n33 77\r\nhello\r\ngot:hello\r\nready\r\n50 132\r\n"
-                ), term.stdout
-                assert term.stderr == b""
-        except (AssertionError, OSError, TimeoutError) as exc:
-            pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(tmp_path)}", pytrace=False)
+        def only_its_own_cgroup() -> bool:
+            listing = run_exec(agent, 5, ["sh", "-c", "ls -d /sys/fs/cgroup/exec-*"], deadline)
+            assert listing.exit.exit_code == 0, listing
+            listings.append(listing.stdout)
+            return listing.stdout == b"/sys/fs/cgroup/exec-5\n"
+
+        wait_until(
+            only_its_own_cgroup,
+            "no cgroups left behind",
+            details=lambda: repr(listings[-1]),
+        )
+        _heartbeat(agent, 12, deadline)
+
+        # A terminal of the asked size, with input, then resized. (The resize
+        # comes after the read: a trapped signal interrupts ash's read builtin.)
+        sent: list[str] = []
+
+        def converse(stdout: bytes) -> list[HostToAgent]:
+            if b"33 77" in stdout and "input" not in sent:
+                sent.append("input")
+                return [AgentExecInput(exec_id=6, data=b"hello\n")]
+            if b"ready" in stdout and "resize" not in sent:
+                sent.append("resize")
+                return [AgentExecResize(exec_id=6, rows=50, cols=132)]
+            return []
+
+        script = (
+            "tty; stty size; read x; echo got:$x;"
+            ' trap "stty size; exit 0" WINCH; echo ready; while :; do sleep 0.1; done'
+        )
+        term = run_exec(
+            agent,
+            6,
+            ["sh", "-c", script],
+            deadline,
+            after_output=converse,
+            tty=True,
+            rows=33,
+            cols=77,
+        )
+        assert term.exit.exit_code == 0, term
+        assert term.stdout == (
+            b"/dev/pts/0\r\n33 77\r\nhello\r\ngot:hello\r\nready\r\n50 132\r\n"
+        ), term.stdout
+        assert term.stderr == b""
     record_property("hog_memory_peak_kib", hog.exit.memory_peak_kib)
     record_property("plain_cpu_time_s", plain.exit.cpu_time_s)
     print(
-        f"{machine}: sh cat: cpu {plain.exit.cpu_time_s}s peak {plain.exit.memory_peak_kib} KiB;"
+        f"microvm: sh cat: cpu {plain.exit.cpu_time_s}s peak {plain.exit.memory_peak_kib} KiB;"
         f" hog (32 MiB limit): {hog.exit}; bomb: {bomb}, {refused} forks refused by then"
     )
+
+
+# Every signal a workload may send (the kernel drops, for PID 1, all it does not
+# handle; SIGKILL and SIGSTOP included), SIGINT first: it used to be the one.
+_SIGNAL_PID_1 = "kill -INT 1; for s in $(seq 1 64); do kill -$s 1 2>/dev/null; done; echo sent"
+
+
+def test_agent_survives_the_signals_a_workload_sends_it(boot_image: Path, tmp_path: Path) -> None:
+    """A workload signals PID 1 with everything it can while another process
+    runs: that process and the channel go on as if nothing happened."""
+    with greeted_agent(boot_image, tmp_path) as agent:
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+
+        # The bystander waits for its input while PID 1 is being signalled.
+        agent.send(
+            AgentExecStart(
+                exec_id=1, argv=["sh", "-c", "read line; echo survived:$line"], stdin=True
+            )
+        )
+        started = agent.receive(deadline)
+        assert isinstance(started, AgentExecStarted) and started.exec_id == 1, started
+
+        signaller = run_exec(agent, 2, ["sh", "-c", _SIGNAL_PID_1], deadline)
+        assert signaller.exit.exit_code == 0, signaller
+        assert signaller.stdout == b"sent\n", signaller
+
+        agent.send(AgentExecInput(exec_id=1, data=b"yes\n", eof=True))
+        output = bytearray()
+        while not isinstance(end := agent.receive(deadline), AgentExecExit):
+            if isinstance(end, AgentExecOutput):
+                output += end.data
+                agent.send(AgentExecCredit(exec_id=1, bytes=len(end.data)))
+            else:
+                assert isinstance(end, HeartbeatReply | AgentExecInputCredit), end
+        assert end.exec_id == 1 and end.exit_code == 0, end
+        assert bytes(output) == b"survived:yes\n"
+
+        # Still the same session: no second hello, heartbeats answered.
+        assert _heartbeat(agent, 5, deadline).seq == 5
+        assert agent.hellos == 1
+    log = (tmp_path / "console.log").read_text(errors="replace")
+    assert "agent channel failed" not in log, log[-3000:]

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.integration.conftest import private_zoned
+from tests.integration.conftest import domain_name, open_libvirt, private_zoned
+from tests.waiting import wait_until_async
 from zoned.client import Client, SyncClient
-from zoned.errors import InvalidRequest
+from zoned.errors import HypervisorError, InvalidRequest
 from zoned.localdaemon import LocalDaemon
 
 pytestmark = pytest.mark.integration
@@ -126,10 +127,16 @@ async def test_exit_codes_signals_and_missing_commands(zoned: LocalDaemon) -> No
         killed = await client.exec(ZONE, ["sh", "-c", "kill -TERM $$"])
         missing = await client.exec(ZONE, ["no-such-command"])
         not_dir = await client.exec(ZONE, ["true"], cwd="/no/such/dir")
+        # A program that exists but cannot run, whatever its name says.
+        odd = "/tmp/No such file or directory"
+        await client.exec(ZONE, ["touch", odd])
+        not_executable = await client.exec(ZONE, [odd])
     assert (exited.exit.exit_code, exited.stdout, exited.stderr) == (42, b"out\n", b"err\n")
     assert (killed.exit.exit_code, killed.exit.signal, killed.returncode) == (None, 15, -15)
     assert missing.exit.exit_code == 127 and b"No such file or directory" in missing.stderr
-    assert not_dir.exit.exit_code in (126, 127) and b"/no/such/dir" in not_dir.stderr
+    assert not_dir.exit.exit_code == 127 and b"/no/such/dir" in not_dir.stderr
+    assert not_executable.exit.exit_code == 126, not_executable
+    assert b"Permission denied" in not_executable.stderr
 
 
 async def test_signal_reaches_a_running_process(zoned: LocalDaemon) -> None:
@@ -220,18 +227,23 @@ async def test_run_is_cleaned_up_when_its_client_vanishes(zoned: LocalDaemon) ->
             name = process.zone.name
         await client.aclose()  # the connection goes: the daemon must clean up
     async with connect(zoned) as client:
-        with trio.fail_after(CALL_TIMEOUT_S):
-            while any(z.name == name for z in await client.list_zones()):
-                await trio.sleep(0.2)
+
+        async def gone() -> bool:
+            return all(z.name != name for z in await client.list_zones())
+
+        await wait_until_async(gone, f"run zone {name} destroyed", timeout=CALL_TIMEOUT_S)
         assert await client.list_zones({"test": "vanish"}) == []
 
 
 async def test_metrics_show_the_host_and_the_guest_side_by_side(zoned: LocalDaemon) -> None:
     async with connect(zoned) as client, client.exec_process(ZONE, ["sleep", "600"]) as process:
         assert await process.started()
-        with trio.fail_after(CALL_TIMEOUT_S):
-            while (metrics := await client.zone_metrics(ZONE)).guest is None:
-                await trio.sleep(0.2)
+
+        async def reported() -> bool:
+            return (await client.zone_metrics(ZONE)).guest is not None
+
+        await wait_until_async(reported, "the guest's first report", timeout=CALL_TIMEOUT_S)
+        metrics = await client.zone_metrics(ZONE)
         assert metrics.execs_running == 1
         await process.signal(signal.SIGKILL)
         await process.wait()
@@ -239,6 +251,7 @@ async def test_metrics_show_the_host_and_the_guest_side_by_side(zoned: LocalDaem
     assert metrics.cpu_time_s is not None and metrics.cpu_time_s > 0
     assert metrics.host_rss_kib is not None and metrics.host_rss_kib > 0
     guest = metrics.guest
+    assert guest is not None
     assert 0 < guest.mem_available_kib < guest.mem_total_kib <= 512 * 1024
     assert guest.uptime_s > 0
 
@@ -338,12 +351,16 @@ async def test_fork_bomb_and_memory_hog_are_contained(zoned: LocalDaemon) -> Non
                     for _ in range(3):
                         alive = await client.exec("ex-other", ["echo", "alive"])
                         assert alive.stdout == b"alive\n"
-                    while (metrics := await client.zone_metrics(ZONE)).guest is None:
-                        await trio.sleep(0.2)
+
+                    async def reported() -> bool:
+                        return (await client.zone_metrics(ZONE)).guest is not None
+
+                    await wait_until_async(reported, "the guest's report", timeout=CALL_TIMEOUT_S)
+                    metrics = await client.zone_metrics(ZONE)
                     await bombing.signal(signal.SIGKILL)
-                while bombing.result is None:
-                    await trio.sleep(0.05)
+                # The nursery waited for bombing.wait(): the result is there.
                 bombed = bombing.result
+                assert bombed is not None
             finally:
                 await client.destroy_zone("ex-other")
             after = await client.exec(ZONE, ["sh", "-c", "ps | wc -l"])
@@ -482,3 +499,57 @@ async def test_zonectl_ends_on_ctrl_c_twice_or_sigterm_while_the_daemon_is_froze
         with trio.fail_after(CALL_TIMEOUT_S):
             left = await client.exec(ZONE, ["sh", "-c", "pkill -9 -f 'sleep 1001'; echo ok"])
     assert left.stdout == b"ok\n", left
+
+
+# Every signal a workload may send PID 1, SIGINT first (it used to stop the agent).
+SIGNAL_PID_1 = "kill -INT 1; for s in $(seq 1 64); do kill -$s 1 2>/dev/null; done; echo sent"
+
+
+async def test_signals_to_pid_1_leave_the_zone_and_other_processes_alone(
+    zoned: LocalDaemon,
+) -> None:
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            async with client.exec_process(
+                ZONE, ["sh", "-c", "read line; echo survived:$line"], stdin=True
+            ) as bystander:
+                assert await bystander.started()
+                signaller = await client.exec(ZONE, ["sh", "-c", SIGNAL_PID_1])
+                result = await bystander.communicate(b"yes\n")
+            after = await client.exec(ZONE, ["echo", "fine"])
+            zone = await client.get_zone(ZONE)
+    assert (signaller.exit.exit_code, signaller.stdout) == (0, b"sent\n"), signaller
+    assert (result.exit.exit_code, result.stdout) == (0, b"survived:yes\n"), result
+    assert after.stdout == b"fine\n"
+    assert zone.state == "ready", zone
+
+
+async def test_input_into_a_process_whose_zone_dies_fails_with_the_reason(
+    zoned: LocalDaemon,
+) -> None:
+    """The zone's QEMU is killed under a process that is being fed input: the
+    client hears that the zone went away (hypervisor), not an internal error."""
+    name = "ex-doomed"
+
+    def kill_qemu() -> None:
+        conn = open_libvirt()
+        try:
+            conn.lookupByName(domain_name(name)).destroy()
+        finally:
+            conn.close()
+
+    async with connect(zoned) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            await client.create_zone(name)
+            try:
+                async with client.exec_process(name, ["cat"], stdin=True) as process:
+                    assert await process.started()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(trio.to_thread.run_sync, kill_qemu)
+                        with pytest.raises(HypervisorError) as raised:
+                            await process.communicate(b"x" * (64 * 1024 * 1024))
+                zone = await client.get_zone(name)
+            finally:
+                await client.destroy_zone(name)
+    assert "the process's zone went away" in raised.value.message, raised.value.message
+    assert zone.state == "failed" and "QEMU stopped" in zone.reason, zone

@@ -1,17 +1,28 @@
-"""The guest agent's host-testable parts: its msgspec-free hello and its message handling.
+"""The guest agent's host-testable parts: its msgspec-free hello, its message handling,
+its lean boot path and its signals.
 
 The exec engine runs real processes: see test_agent_exec.py.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
+import zoned
+import zoned.agent
 from zoned import protocol
 from zoned.agent import AGENT_NAME, hello
+from zoned.agent.channel import MAX_PENDING_OUTPUT, AgentChannel
 from zoned.agent.execs import sanitize
-from zoned.agent.init import MAX_PENDING_OUTPUT, AgentChannel
+from zoned.images.bootimage import trace_agent_modules
+from zoned.images.hostfiles import base_interpreter
 from zoned.protocol import (
     AGENT_MAX_FRAME,
     MAX_EXEC_CHUNK,
@@ -115,3 +126,57 @@ def test_error_text_is_sanitised_for_the_protocol() -> None:
     assert sanitize("caf\u00e9\n\x00\x7f") == "caf????"
     assert len(sanitize("y" * 5000)) == 1024
     decode_from_agent(encode_frame(AgentExecExit(exec_id=1, error=sanitize("\u2603" * 3000)))[4:])
+
+
+def _fresh_interpreter(script: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script], capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
+def test_the_agents_boot_path_stays_lean() -> None:
+    """Importing the entry module loads no msgspec, no protocol and no exec engine
+    (they come after the hello), nothing heavy of the stdlib either."""
+    loaded = set(_fresh_interpreter("import sys, zoned.agent.init; print(*sys.modules)").split())
+    late = {"zoned.protocol", "msgspec", "zoned.agent.metrics", "zoned.agent.execs"}
+    late |= {"zoned.agent.spawn", "zoned.agent.cgroups", "zoned.credit"}
+    heavy = {"typing", "re", "contextlib", "traceback", "subprocess", "json", "socket", "trio"}
+    assert loaded & (late | heavy) == set()
+    ours = {m for m in loaded if m.startswith("zoned")}
+    assert ours == {"zoned", "zoned.agent", *(f"zoned.agent.{m}" for m in _BOOT_PATH)}, ours
+
+
+#: The agent's own modules imported before its hello, and no more (each costs
+#: guest boot time under TCG).
+_BOOT_PATH = ("init", "channel", "system", "hello")
+
+
+def test_pid_1_handles_no_signal() -> None:
+    """Python's one handler (SIGINT's KeyboardInterrupt) goes: as PID 1, the
+    agent is then deaf to every signal a workload sends it."""
+    script = (
+        "import signal\n"
+        "from zoned.agent.system import stop_handling_signals\n"
+        "assert callable(signal.getsignal(signal.SIGINT))\n"
+        "print(stop_handling_signals())\n"
+        "print(sum(callable(signal.getsignal(n)) for n in range(1, signal.NSIG)))\n"
+        "print(signal.getsignal(signal.SIGINT) == signal.SIG_DFL)\n"
+    )
+    restored, handled, default = _fresh_interpreter(script).split("\n")[:3]
+    assert restored == f"[{signal.SIGINT}]"
+    assert (handled, default) == ("0", "True")
+
+
+def test_every_agent_module_is_in_the_boot_image(tmp_path: Path) -> None:
+    """The image builder's import trace finds every module the agent may load."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "zoned").symlink_to(Path(zoned.__file__).parent)
+    (staging / "msgspec").symlink_to(Path(msgspec.__file__).parent)
+    traced = {name for name, _ in trace_agent_modules(base_interpreter(), staging).modules}
+    agent_dir = Path(zoned.agent.__file__).parent
+    modules = {f"zoned.agent.{path.stem}" for path in agent_dir.glob("*.py")} - {
+        "zoned.agent.__init__"
+    }
+    assert modules | {"zoned.agent", "zoned.credit", "zoned.protocol"} <= traced

@@ -1,7 +1,7 @@
 """The agent's exec engine, for real: an agent channel in a subprocess, on a socketpair.
 
 The agent reaps every child with ``waitpid(-1)``, so it cannot run inside
-pytest's own process: each test starts ``zoned.agent.init.serve_fd`` in a
+pytest's own process: each test starts ``zoned.agent.channel.serve_fd`` in a
 subprocess, hands it one end of a socketpair as its "port" and plays the host
 on the other end with :mod:`zoned.protocol` frames. The processes it runs are
 real processes on this host.
@@ -10,6 +10,7 @@ real processes on this host.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from zoned.agent.execs import DEFAULT_PATH, NO_CGROUPS_ERROR
+from tests.waiting import wait_until
+from zoned.agent.cgroups import NO_CGROUPS_ERROR
+from zoned.agent.execs import DEFAULT_PATH
 from zoned.protocol import (
     AGENT_MAX_FRAME,
     EXEC_INPUT_WINDOW,
@@ -54,7 +57,7 @@ from zoned.protocol import (
 #: Generous: the host has 2 CPUs that other work shares. Not a timing assertion.
 DEADLINE_S = 60.0
 _AGENT_SCRIPT = (
-    "import sys\nfrom zoned.agent.init import serve_fd\n"
+    "import sys\nfrom zoned.agent.channel import serve_fd\n"
     "serve_fd(int(sys.argv[1]), cgroup_root=sys.argv[2])\n"
 )
 
@@ -273,8 +276,11 @@ def test_a_command_that_cannot_start_is_an_error_exit_and_nothing_else(
     host, _ = agent
     record = host.run(1, ["zoned-no-such-command"])
     assert record.kinds == ["AgentExecExit"]
+    # The error number says what failed, for the host's exit status (127 here).
     assert record.exit == AgentExecExit(
-        exec_id=1, error="cannot run 'zoned-no-such-command': No such file or directory"
+        exec_id=1,
+        error="cannot run 'zoned-no-such-command': No such file or directory",
+        errno=errno.ENOENT,
     )
 
     not_executable = tmp_path / "data"
@@ -283,6 +289,7 @@ def test_a_command_that_cannot_start_is_an_error_exit_and_nothing_else(
     record = host.run(2, [str(not_executable)])
     assert record.exit is not None
     assert record.exit.error == f"cannot run '{not_executable}': Permission denied"
+    assert record.exit.errno == errno.EACCES
 
     record = host.run(3, ["true"], cwd="/zoned-no-such-dir")
     assert record.kinds == ["AgentExecExit"]
@@ -291,6 +298,7 @@ def test_a_command_that_cannot_start_is_an_error_exit_and_nothing_else(
         "cannot run 'true': cannot change directory to '/zoned-no-such-dir':"
         " No such file or directory"
     )
+    assert record.exit.errno == errno.ENOENT
 
     # Unprintable and overlong names are sanitised to the protocol's agent text.
     record = host.run(4, ["/nope/\u00e9\x01" + "x" * 2000])
@@ -316,15 +324,17 @@ def test_the_process_is_set_up_as_promised(agent: tuple[Host, object]) -> None:
     host, _ = agent
     host.start(1, ["sleep", "100"])
     pid = host.wait_started(1)
+
     # While the program starts, its dynamic loader briefly holds libc open:
     # wait until that is over (the agent itself leaks nothing).
-    deadline = time.monotonic() + 10
-    while True:
-        fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-        if sorted(fds, key=int) == ["0", "1", "2"] or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert sorted(fds, key=int) == ["0", "1", "2"], fds
+    def fds() -> dict[str, str]:
+        return {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+    wait_until(
+        lambda: sorted(fds(), key=int) == ["0", "1", "2"],
+        "the process holds only fds 0, 1 and 2",
+        details=lambda: repr(fds()),
+    )
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
     assert os.readlink(f"/proc/{pid}/fd/1").startswith("pipe:")
     assert os.readlink(f"/proc/{pid}/fd/1") != os.readlink(f"/proc/{pid}/fd/2")
@@ -344,8 +354,9 @@ def test_the_process_is_set_up_as_promised(agent: tuple[Host, object]) -> None:
     record = host.run(3, ["env"], env={"PATH": "/usr/bin:/bin", "HOME": "/h"})
     assert sorted(bytes(record.stdout).split()) == [b"HOME=/h", b"PATH=/usr/bin:/bin"]
     record = host.run(4, ["sh", "-c", "exec true"], env={"PATH": "/zoned-nowhere"})
-    assert record.exit is not None
-    assert record.exit.error == "cannot run 'sh': No such file or directory"
+    assert record.exit == AgentExecExit(
+        exec_id=4, error="cannot run 'sh': No such file or directory", errno=errno.ENOENT
+    )
 
     record = host.run(5, ["pwd"], cwd="/tmp")
     assert bytes(record.stdout) == b"/tmp\n"
@@ -469,23 +480,21 @@ def test_a_host_disconnect_kills_the_running_processes(
     host.start(2, ["sh", "-c", "sleep 200 & sleep 100"])
     leader = host.wait_started(1)
     group = host.wait_started(2)
-    deadline = time.monotonic() + DEADLINE_S
-    while len(members := _group_members(group)) < 2:
-        if time.monotonic() > deadline:
-            pytest.fail(f"the background sleep never started: {members}")
-        time.sleep(0.05)
+    wait_until(lambda: len(_group_members(group)) >= 2, "the background sleep starts")
+    members = _group_members(group)
     assert _alive(leader)
     host.sock.close()
-    deadline = time.monotonic() + DEADLINE_S
-    while any(_alive(pid) for pid in [leader, *members]):
-        if time.monotonic() > deadline:
-            pytest.fail(f"processes survived the disconnect\n{host.console_text()}")
-        time.sleep(0.05)
+    wait_until(
+        lambda: not any(_alive(pid) for pid in [leader, *members]),
+        "the processes die with the disconnect",
+        details=host.console_text,
+    )
     # The agent logs it just after killing them.
-    while "killed 2 process(es)" not in host.console.read_text():
-        if time.monotonic() > deadline:
-            pytest.fail(f"the agent did not log the kill\n{host.console_text()}")
-        time.sleep(0.05)
+    wait_until(
+        lambda: "killed 2 process(es)" in host.console.read_text(),
+        "the agent logs the kill",
+        details=host.console_text,
+    )
     assert process.poll() is None, "the agent itself must keep running"
 
 
@@ -619,22 +628,22 @@ def _cgroup2_mount() -> Path:
 
 
 def _remove_cgroup_tree(path: Path) -> None:
-    deadline = time.monotonic() + DEADLINE_S
     for child in sorted(path.iterdir()):
         if child.is_dir():
             _remove_cgroup_tree(child)
-    while True:
+
+    def removed() -> bool:
         try:
             path.rmdir()
-            return
         except FileNotFoundError:
-            return
+            pass
         except OSError:
-            if time.monotonic() > deadline:
-                raise
             with contextlib.suppress(OSError):
                 (path / "cgroup.kill").write_text("1")
-            time.sleep(0.05)
+            return False
+        return True
+
+    wait_until(removed, f"{path} removed")
 
 
 @pytest.fixture
@@ -648,11 +657,11 @@ def cgroup_root() -> Iterator[Path]:
 
 
 def _wait_gone(path: Path, host: Host) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while path.exists():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} was never removed\n{host.console_text()}", pytrace=False)
-        host.receive(time.monotonic() + 0.1)
+    wait_until(lambda: not path.exists(), f"{path} removed", details=host.console_text)
+
+
+def _wait_dead(pid: int, host: Host) -> None:
+    wait_until(lambda: not _alive(pid), f"process {pid} dies", details=host.console_text)
 
 
 def test_each_process_runs_in_a_cgroup_of_its_own_that_ends_with_it(
@@ -676,11 +685,7 @@ def test_each_process_runs_in_a_cgroup_of_its_own_that_ends_with_it(
         # What it left behind is killed with its cgroup, which is then removed.
         background = int(lines[-1])
         _wait_gone(cgroup_root / "exec-1", host)
-        deadline = time.monotonic() + DEADLINE_S
-        while _alive(background):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the background sleep survived\n{host.console_text()}")
-            time.sleep(0.05)
+        _wait_dead(background, host)
 
         # Even a process that left the session dies with its cgroup.
         record = host.run(2, [sys.executable, "-c", _ESCAPE])
@@ -693,10 +698,7 @@ def test_each_process_runs_in_a_cgroup_of_its_own_that_ends_with_it(
         escaped = int(bytes(record.stdout))
         assert os.getsid(escaped) == escaped
         _wait_gone(cgroup_root / "exec-2", host)
-        while _alive(escaped):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the escaped sleep survived\n{host.console_text()}")
-            time.sleep(0.05)
+        _wait_dead(escaped, host)
 
         # A terminal process gets one too.
         record = host.run(3, ["sh", "-c", "cat /proc/self/cgroup"], tty=True)
@@ -722,11 +724,7 @@ def test_each_process_runs_in_a_cgroup_of_its_own_that_ends_with_it(
         host.wait_started(5)
         assert (cgroup_root / "exec-5").is_dir()
         host.sock.close()
-        deadline = time.monotonic() + DEADLINE_S
-        while (cgroup_root / "exec-5").exists():
-            if time.monotonic() > deadline:
-                pytest.fail(f"exec-5 survived the disconnect\n{host.console_text()}")
-            time.sleep(0.05)
+        _wait_gone(cgroup_root / "exec-5", host)
     assert sorted(p.name for p in cgroup_root.iterdir() if p.is_dir()) == []
 
 

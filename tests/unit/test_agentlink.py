@@ -18,15 +18,20 @@ import msgspec
 import pytest
 import trio
 
+from tests.waiting import wait_until_async
 from zoned import protocol as p
 from zoned.agentlink import (
     MAX_MESSAGES_PER_SECOND,
-    AgentFacts,
     AgentMux,
-    ExecEnded,
+    ExecEvent,
+    ExecLost,
     ExecOutputPiece,
+    ExecSession,
     supervise_agent,
 )
+from zoned.errors import AgentFault, AgentProtocolError, AgentSilent
+
+ENDS = (p.AgentExecExit, ExecLost)
 
 HELLO = p.AgentHello(version=1, agent="fake-agent/1", kernel_release="6.12.0", boot_s=1.0, pid=1)
 
@@ -80,7 +85,8 @@ class Harness:
         self.path = path
         self.mux: AgentMux | None = None
         self.mux_ready = trio.Event()
-        self.facts: AgentFacts | None = None
+        self.facts: p.AgentHello | None = None
+        self.fault: AgentFault | None = None
         self.reason: str | None = None
         self.done = trio.Event()
 
@@ -89,8 +95,8 @@ class Harness:
             self.mux = mux
             self.mux_ready.set()
 
-    def on_hello(self, facts: AgentFacts) -> None:
-        self.facts = facts
+    def on_hello(self, hello: p.AgentHello) -> None:
+        self.facts = hello
 
 
 async def serve_one(path: Path, script: AgentScript) -> None:
@@ -119,7 +125,7 @@ async def run_with(
     harness = Harness(tmp_path / "agent.sock")
 
     async def supervise() -> None:
-        harness.reason = await supervise_agent(
+        harness.fault = await supervise_agent(
             harness.path,
             "zt",
             boot_timeout=boot_timeout,
@@ -128,6 +134,7 @@ async def run_with(
             on_hello=harness.on_hello,
             on_mux=harness.on_mux,
         )
+        harness.reason = harness.fault.message
         harness.done.set()
 
     with trio.fail_after(30):
@@ -144,6 +151,14 @@ async def run_with(
 
 def start_message(exec_id: int) -> p.AgentExecStart:
     return p.AgentExecStart(exec_id=exec_id, argv=["prog"])
+
+
+async def events_to_end(session: ExecSession) -> list[ExecEvent]:
+    """Every event of a session, its end last."""
+    events = [await session.next_event()]
+    while not isinstance(events[-1], ENDS):
+        events.append(await session.next_event())
+    return events
 
 
 async def test_a_process_streams_in_order_and_output_is_credited_back(tmp_path: Path) -> None:
@@ -168,14 +183,12 @@ async def test_a_process_streams_in_order_and_output_is_credited_back(tmp_path: 
 
     async def host(h: Harness) -> None:
         assert h.mux is not None
-        session = await h.mux.start_exec(start_message)
-        while not isinstance(event := await session.next_event(), ExecEnded):
-            events.append(event)
-        events.append(event)
+        events.extend(await events_to_end(await h.mux.start_exec(start_message)))
 
     harness = await run_with(tmp_path, agent, host)
     assert events[0] == p.AgentExecStarted(exec_id=1, pid=42)
-    assert events[-1] == ExecEnded(3, None)
+    # The end is the agent's own message.
+    assert events[-1] == p.AgentExecExit(exec_id=1, exit_code=3)
     pieces = [e for e in events[1:-1] if isinstance(e, ExecOutputPiece)]
     assert len(pieces) == len(events) - 2
     assert b"".join(e.data for e in pieces if e.stream == "stdout") == b"one two"
@@ -215,8 +228,7 @@ async def test_stdin_respects_the_agents_input_credit(tmp_path: Path) -> None:
         assert h.mux is not None
         session = await h.mux.start_exec(start_message)
         await session.write_input(b"x" * total, eof=True)
-        while not isinstance(await session.next_event(), ExecEnded):
-            pass
+        await events_to_end(session)
 
     await run_with(tmp_path, agent, host)
     assert bytes(received) == b"x" * total
@@ -234,15 +246,18 @@ async def _start_and_wait(h: Harness) -> None:
     assert h.mux is not None
     session = await h.mux.start_exec(start_message)
     await h.done.wait()
-    assert session.ended is not None and session.ended.error.startswith("agent channel lost")
+    assert isinstance(session.ended, ExecLost), session.ended
+    assert session.ended.reason.startswith("the process's zone went away: agent channel lost")
 
 
-HOSTILE: list[tuple[str, AgentScript, str]] = []
+HOSTILE: list[tuple[str, AgentScript, str, type[AgentFault]]] = []
 
 
-def hostile(expected: str) -> Callable[[AgentScript], AgentScript]:
+def hostile(
+    expected: str, kind: type[AgentFault] = AgentProtocolError
+) -> Callable[[AgentScript], AgentScript]:
     def register(script: AgentScript) -> AgentScript:
-        HOSTILE.append((script.__name__, script, expected))
+        HOSTILE.append((script.__name__, script, expected, kind))
         return script
 
     return register
@@ -304,22 +319,24 @@ async def heartbeat_flood(a: FakeAgent) -> None:
     await trio.sleep_forever()
 
 
-@hostile("agent channel")
+@hostile("agent channel", AgentFault)
 async def hangs_up_mid_process(a: FakeAgent) -> None:
     start = await _hello_then(a)
     await a.send(p.AgentExecOutput(exec_id=start.exec_id, stream="stdout", data=b"half a li"))
 
 
 @pytest.mark.parametrize(
-    ("script", "expected"),
-    [(script, expected) for _, script, expected in HOSTILE],
-    ids=[name for name, _, _ in HOSTILE],
+    ("script", "expected", "kind"),
+    [(script, expected, kind) for _, script, expected, kind in HOSTILE],
+    ids=[name for name, _, _, _ in HOSTILE],
 )
 async def test_a_hostile_agent_ends_its_link_with_a_clear_reason(
-    tmp_path: Path, script: AgentScript, expected: str
+    tmp_path: Path, script: AgentScript, expected: str, kind: type[AgentFault]
 ) -> None:
     harness = await run_with(tmp_path, script, _start_and_wait)
     assert harness.reason is not None and expected in harness.reason, harness.reason
+    # What it is: a protocol violation is not silence, a hang-up is neither.
+    assert type(harness.fault) is kind, repr(harness.fault)
     assert harness.mux is not None and harness.mux.lost is not None
 
 
@@ -329,6 +346,7 @@ async def test_an_agent_that_never_says_hello_times_out(tmp_path: Path) -> None:
 
     harness = await run_with(tmp_path, mute, boot_timeout=0.3)
     assert harness.reason == "nothing heard from the agent within 0.3 s"
+    assert isinstance(harness.fault, AgentSilent)
     assert harness.mux is None
 
 
@@ -343,6 +361,7 @@ async def test_an_agent_that_stops_answering_heartbeats_is_silent(tmp_path: Path
 
     harness = await run_with(tmp_path, goes_quiet, host, silence_limit=0.3)
     assert harness.reason == "no heartbeat reply within 0.3 s"
+    assert isinstance(harness.fault, AgentSilent)
 
 
 async def test_tiny_output_messages_are_merged_not_queued(tmp_path: Path) -> None:
@@ -366,11 +385,10 @@ async def test_tiny_output_messages_are_merged_not_queued(tmp_path: Path) -> Non
         assert h.mux is not None
         session = await h.mux.start_exec(start_message)
         assert isinstance(await session.next_event(), p.AgentExecStarted)
-        while session.ended is None:
-            await trio.sleep(0.01)
+        await wait_until_async(lambda: session.ended is not None, "the exit of exec 1")
         pending_runs.append(len(session._pending))
         total = 0
-        while not isinstance(event := await session.next_event(), ExecEnded):
+        while not isinstance(event := await session.next_event(), ENDS):
             assert isinstance(event, ExecOutputPiece)
             total += len(event.data)
         assert total == 10_000
@@ -380,3 +398,88 @@ async def test_tiny_output_messages_are_merged_not_queued(tmp_path: Path) -> Non
 
     await run_with(tmp_path, chatty, host, silence_limit=30)
     assert pending_runs == [1]
+
+
+async def test_a_new_hello_ends_the_processes_of_the_old_session(tmp_path: Path) -> None:
+    """The agent restarted its side of the channel: its old processes are gone,
+    their consumers hear so at once, and the channel goes on serving."""
+
+    async def restarts(a: FakeAgent) -> None:
+        await _hello_then(a)
+        await a.send(HELLO)  # a new session: exec 1 was killed with the old one
+        start = await a.answer_heartbeats_until(p.AgentExecStart)
+        assert isinstance(start, p.AgentExecStart) and start.exec_id == 2
+        await a.send(p.AgentExecStarted(exec_id=2, pid=10))
+        await a.send(p.AgentExecExit(exec_id=2, exit_code=0))
+        await a.answer_heartbeats_until(p.AgentExecSignal)  # until the host hangs up
+
+    ends: list[object] = []
+
+    async def host(h: Harness) -> None:
+        assert h.mux is not None
+        old = await h.mux.start_exec(start_message)
+        assert isinstance(await old.next_event(), p.AgentExecStarted)
+        ends.append(await old.next_event())
+        assert h.mux.execs == {}
+        ends.append((await events_to_end(await h.mux.start_exec(start_message)))[-1])
+        await h.mux.link.aclose()
+
+    harness = await run_with(tmp_path, restarts, host, silence_limit=30)
+    lost, exited = ends
+    assert isinstance(lost, ExecLost) and "agent restarted its channel" in lost.reason, lost
+    assert exited == p.AgentExecExit(exec_id=2, exit_code=0)
+    assert harness.mux is not None
+
+
+async def test_the_hellos_of_one_greeting_are_one_session(tmp_path: Path) -> None:
+    """An agent that noticed the connection says hello on its own and for seq=0."""
+
+    async def greets_twice(a: FakeAgent) -> None:
+        heartbeat = await a.receive()
+        assert heartbeat == p.Heartbeat(seq=0)
+        await a.send(HELLO)
+        await a.send(HELLO)
+        await a.send(
+            p.HeartbeatReply(seq=0, uptime_s=1, load1=0, mem_total_kib=1, mem_available_kib=1)
+        )
+        start = await a.answer_heartbeats_until(p.AgentExecStart)
+        assert isinstance(start, p.AgentExecStart)
+        await a.send(p.AgentExecStarted(exec_id=start.exec_id, pid=10))
+        await a.send(p.AgentExecExit(exec_id=start.exec_id, exit_code=5))
+
+    ended: list[object] = []
+
+    async def host(h: Harness) -> None:
+        assert h.mux is not None
+        ended.append((await events_to_end(await h.mux.start_exec(start_message)))[-1])
+
+    await run_with(tmp_path, greets_twice, host)
+    assert ended == [p.AgentExecExit(exec_id=1, exit_code=5)]
+
+
+async def test_input_into_a_broken_channel_ends_the_process_without_raising(
+    tmp_path: Path,
+) -> None:
+    """The guest stops reading (its zone dies): sending input fails, the
+    consumer learns it from the session's end, the link reports it."""
+
+    async def stops_reading(a: FakeAgent) -> None:
+        await _hello_then(a)
+        a.stream.socket.shutdown(socket.SHUT_RD)
+        await trio.sleep_forever()
+
+    ends: list[object] = []
+
+    async def host(h: Harness) -> None:
+        assert h.mux is not None
+        session = await h.mux.start_exec(start_message)
+        assert isinstance(await session.next_event(), p.AgentExecStarted)
+        await session.write_input(b"to nobody", eof=True)  # does not raise
+        ends.append(await session.next_event())
+
+    harness = await run_with(tmp_path, stops_reading, host, silence_limit=30)
+    (lost,) = ends
+    assert isinstance(lost, ExecLost), lost
+    assert "the process's zone went away: agent channel lost" in lost.reason
+    assert "Broken pipe" in lost.reason
+    assert harness.reason is not None and "Broken pipe" in harness.reason

@@ -67,7 +67,7 @@ def test_the_agent_imports_only_the_wire_from_the_host_side() -> None:
             return True
         return any(
             name == wire or name.startswith(wire + ".")
-            for wire in ("zoned.errors", "zoned.protocol")
+            for wire in ("zoned.errors", "zoned.protocol", "zoned.credit")
         ) or in_agent(name)
 
     for module, names in SOURCES.items():

@@ -51,7 +51,7 @@ EXPECTED = _docstring_table()
 
 def test_states_and_inputs_are_the_wire_vocabulary() -> None:
     assert STATES == ("creating", "booting", "ready", "stopping", "stopped", "failed")
-    assert len(INPUTS) == 9
+    assert len(INPUTS) == 10
 
 
 @pytest.mark.parametrize("state", STATES)

@@ -23,6 +23,7 @@ PURE_MODULES = [
     "zoned.kernel.cmdline",
     "zoned.kernel.kconfig",
     "zoned.cpio",
+    "zoned.credit",
 ]
 FORBIDDEN = ("trio", "libvirt", "libvirtmod", "subprocess", "socket", "pyudev", "psutil")
 

@@ -1,0 +1,254 @@
+"""Starting one process for the exec engine: pipes or a terminal, fork, the child's set-up, exec.
+
+:func:`spawn` runs ``argv`` directly (no shell) by ``fork`` + ``execvpe``,
+as the leader of a new session and process group, with exactly ``env``, in
+``cwd``, and unless both are 0 with no supplementary groups, ``gid`` and
+``uid``. stdin is a pipe when the host asked for one, else ``/dev/null``;
+stdout and stderr are two pipes; with ``tty`` all three are a new
+pseudo-terminal of ``rows`` x ``cols``, the process's controlling terminal.
+Every other descriptor is closed; SIGPIPE and SIGXFSZ are back to their
+defaults (Python ignores them, and ignored signals survive ``exec``). In the
+child, in order: join its cgroup (if any), new session, stdio, controlling
+terminal, ``chroot`` into the workload root (if any), ``chdir``, drop to
+``gid``/``uid``, exec.
+
+The child reports a failure before ``exec`` through a close-on-exec pipe
+(``"<errno> <text>"``, errno 0 when the failure was not an OS error), and the
+parent raises it as :class:`StartError`: a process either starts or leaves
+nothing behind. The parent blocks only for the moment between ``fork`` and
+``exec`` (or the failure) of the child.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Not typing.TYPE_CHECKING (see zoned.agent.system).
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+    from zoned.protocol import AgentExecStart
+
+#: Exit status of a child that failed before ``exec`` (it is never reported as such).
+_CHILD_FAILED = 127
+# Python sets these to SIG_IGN at start-up; ignored signals survive exec.
+_SIGPIPE = 13
+_SIGXFSZ = 25
+
+
+class StartError(Exception):
+    """The process could not be started: ``message`` says why (with its name),
+    ``errno`` is the error number of the step that failed (None: not an OS error)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+
+
+def spawn(
+    request: AgentExecStart, env: dict[str, str], *, root: str, cgroup: str
+) -> tuple[int, dict[int, str]]:
+    """Start the process ``request`` asks for (see the module rules); :class:`StartError`.
+
+    ``root`` is the directory to chroot into (""; none), ``cgroup`` the
+    cgroup to join ("": none). Returns its pid and the parent's ends of its
+    stdio (non-blocking), by what they are: ``"tty"`` (a terminal's master),
+    or ``"stdout"``, ``"stderr"`` and, when the host sends input, ``"stdin"``.
+    """
+    name = repr(request.argv[0])
+    parent_fds: list[int] = []
+    child_fds: list[int] = []
+    cgroup_procs = -1
+    stdio_fds: dict[int, str] = {}
+    try:
+        if cgroup:
+            cgroup_procs = os.open(f"{cgroup}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            child_fds.append(cgroup_procs)
+        if request.tty:
+            tty_fd, slave = os.openpty()  # both close-on-exec
+            parent_fds.append(tty_fd)
+            child_fds.append(slave)
+            stdio_fds[tty_fd] = "tty"
+            set_terminal_size(tty_fd, request.rows, request.cols)
+            stdio = (slave, slave, slave)
+        else:
+            if request.stdin:
+                stdin_child, stdin_fd = os.pipe()
+                child_fds.append(stdin_child)
+                parent_fds.append(stdin_fd)
+                stdio_fds[stdin_fd] = "stdin"
+            else:
+                stdin_child = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                child_fds.append(stdin_child)
+            stdout_fd, stdout_child = os.pipe()
+            parent_fds.append(stdout_fd)
+            child_fds.append(stdout_child)
+            stderr_fd, stderr_child = os.pipe()
+            parent_fds.append(stderr_fd)
+            child_fds.append(stderr_child)
+            stdio_fds.update({stdout_fd: "stdout", stderr_fd: "stderr"})
+            stdio = (stdin_child, stdout_child, stderr_child)
+        error_fd, error_child = os.pipe()
+        parent_fds.append(error_fd)
+        child_fds.append(error_child)
+        pid = os.fork()
+    except OSError as exc:
+        _close_all(parent_fds + child_fds)
+        raise StartError(f"cannot run {name}: {exc.strerror or exc}", exc.errno) from None
+    if pid == 0:
+        _child(
+            request.argv,
+            env,
+            request.cwd,
+            request.uid,
+            request.gid,
+            stdio,
+            error_child,
+            root,
+            cgroup_procs=cgroup_procs,
+            tty=request.tty,
+        )
+    _close_all(child_fds)
+    try:
+        failure = _read_to_eof(error_fd)
+    finally:
+        os.close(error_fd)
+        parent_fds.remove(error_fd)
+    if failure:
+        # The child exits right after writing it; reap it here, not in the loop.
+        _waitpid_exactly(pid)
+        _close_all(parent_fds)
+        code, _, text = failure.partition(b" ")
+        errno = int(code) if code.isdigit() and int(code) > 0 else None
+        raise StartError(text.decode(errors="replace"), errno)
+    for fd in parent_fds:
+        os.set_blocking(fd, False)
+    return pid, stdio_fds
+
+
+def signal_group(pid: int, signal: int) -> None:
+    """Signal ``pid``'s process group, or ``pid`` alone if it has left its group."""
+    try:
+        os.killpg(pid, signal)
+        return
+    except ProcessLookupError:
+        pass
+    except OSError:
+        return  # EPERM: nothing in the group may be signalled (cannot happen as root)
+    try:  # noqa: SIM105 (contextlib costs boot time in the guest)
+        os.kill(pid, signal)
+    except OSError:
+        pass
+
+
+def set_terminal_size(fd: int, rows: int, cols: int) -> None:
+    """``TIOCSWINSZ`` on a terminal (the kernel sends ``SIGWINCH`` to its foreground group)."""
+    import fcntl
+    import termios
+
+    # struct winsize: rows, cols, no pixel sizes.
+    order = sys.byteorder
+    fcntl.ioctl(
+        fd, termios.TIOCSWINSZ, rows.to_bytes(2, order) + cols.to_bytes(2, order) + bytes(4)
+    )
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:  # noqa: SIM105 (see signal_group)
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _read_to_eof(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _waitpid_exactly(pid: int) -> None:
+    try:  # noqa: SIM105 (see signal_group)
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _above_stdio(fd: int) -> int:
+    """``fd`` or a close-on-exec duplicate of it numbered 3 or more (child only)."""
+    while fd < 3:
+        fd = os.dup(fd)
+    return fd
+
+
+def _child(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    uid: int,
+    gid: int,
+    stdio: tuple[int, int, int],
+    error_fd: int,
+    root: str = "",
+    *,
+    cgroup_procs: int = -1,
+    tty: bool = False,
+) -> NoReturn:
+    """In the forked child: set the process up and exec it; report a failure on ``error_fd``.
+
+    ``cgroup_procs`` is the ``cgroup.procs`` of the cgroup to join first (-1: none);
+    with ``tty``, ``stdio`` is a terminal's slave to make the controlling terminal.
+    """
+    name = repr(argv[0])
+    step = ""
+    errno = 0
+    try:
+        try:
+            if cgroup_procs >= 0:
+                step = "cannot join its cgroup: "
+                os.write(cgroup_procs, b"0")
+            step = ""
+            os.setsid()
+            error_fd = _above_stdio(error_fd)
+            sources = [_above_stdio(fd) for fd in stdio]
+            for target, fd in enumerate(sources):
+                os.dup2(fd, target)  # inheritable
+            os.closerange(3, error_fd)
+            os.closerange(error_fd + 1, 1 << 20)
+            if tty:
+                import fcntl
+                import termios
+
+                step = "cannot make the terminal its controlling terminal: "
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            if root:
+                step = "cannot enter the workload root: "
+                os.chroot(root)
+            step = f"cannot change directory to {cwd!r}: "
+            os.chdir(cwd)
+            if uid or gid:
+                step = f"cannot switch to uid {uid} gid {gid}: "
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+            step = ""
+            import _signal  # type: ignore[import-not-found]  # built in: no import cost
+
+            _signal.signal(_SIGPIPE, _signal.SIG_DFL)
+            _signal.signal(_SIGXFSZ, _signal.SIG_DFL)
+            os.execvpe(argv[0], argv, env)
+        except OSError as exc:
+            errno = exc.errno or 0
+            message = f"cannot run {name}: {step}{exc.strerror or exc}"
+        except BaseException as exc:
+            message = f"cannot run {name}: {step}{type(exc).__name__}: {exc}"
+        data = f"{errno} {message}".encode(errors="replace")
+        while data:
+            data = data[os.write(error_fd, data) :]
+    finally:
+        os._exit(_CHILD_FAILED)
