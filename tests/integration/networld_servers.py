@@ -40,9 +40,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(part)
                 sent += len(part)
             return
-        body = (
-            f"{self.server.server_address[0]} {self.headers.get('Host', '')} {self.path}\n".encode()
-        )
+        address = str(self.server.server_address[0])  # type: ignore[index]
+        body = f"{address} {self.headers.get('Host', '')} {self.path}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -83,8 +82,7 @@ def _answer(records: dict[str, list[list[str]]], wire: bytes) -> bytes | None:
         return response.to_wire()
     for rdtype, value in entries:
         if rdtype == "CNAME" or rdtype == dns.rdatatype.to_text(question.rdtype):
-            owner = question.name if rdtype != "CNAME" else question.name
-            rrset = dns.rrset.from_text(owner, 60, dns.rdataclass.IN, rdtype, value)
+            rrset = dns.rrset.from_text(question.name, 60, dns.rdataclass.IN, rdtype, value)
             response.answer.append(rrset)
             if rdtype == "CNAME":
                 target = value.rstrip(".").lower()

@@ -161,7 +161,8 @@ async def test_dns_answers_into_refused_ranges_are_not_passed_on(world: World) -
         lookup = (
             "import socket, sys\n"
             "try:\n"
-            "    print(sorted({a[4][0] for a in socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET)}))\n"
+            "    found = socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET)\n"
+            "    print(sorted({a[4][0] for a in found}))\n"
             "except socket.gaierror as e:\n"
             "    print('error', e.errno)\n"
         )
@@ -214,7 +215,8 @@ async def test_host_and_other_zones_are_unreachable(world: World) -> None:
                 assert got.returncode != 0, url
             # UDP to the host is dropped (only DNS is redirected).
             udp = (
-                "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); "
+                "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "s.settimeout(1); "
                 f"s.sendto(b'x', ('{a.host_v4}', 15001)); s.recv(10)"
             )
             got = await run_in(world, zone_a, [sys.executable, "-c", udp])
@@ -276,7 +278,8 @@ async def test_udp_only_where_a_cidr_rule_allows_it(world: World) -> None:
         async with running_nethost(world) as nethost:
             zone = await create(world, nethost, 0, "allowed.test:443")
             probe = (
-                "import socket, sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); "
+                "import socket, sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "s.settimeout(2); "
                 f"s.sendto(b'ping', ('{DNS}', {UDP_ECHO_PORT}))\n"
                 "try:\n    print(s.recv(10).decode())\nexcept OSError as e:\n    print('no answer')"
             )
@@ -385,15 +388,60 @@ async def test_helper_death_fails_closed_and_is_restored(world: World) -> None:
         with trio.fail_after(20):
             while True:
                 kinds = [e.kind for e in drain(nethost)]
-                if (
-                    "helper_restored" in kinds
-                    or nethost.status("z0") == "up"
-                    and "helper_down" in kinds
-                ):
+                if "helper_restored" in kinds:
                     break
                 await trio.sleep(0.2)
         assert nethost.status("z0") == "up"
         assert (await curl(world, zone, "https://allowed.test/")).returncode == 0
+
+
+FLOOD = """
+import socket, sys, time
+host, count = sys.argv[1], int(sys.argv[2])
+host = socket.getaddrinfo(host, 443, socket.AF_INET)[0][4][0]
+held = []
+for _ in range(count):
+    try:
+        held.append(socket.create_connection((host, 443), timeout=3))
+    except OSError:
+        pass
+q = bytes.fromhex("abcd01000001000000000000") + b"\\x07allowed\\x04test\\x00\\x00\\x01\\x00\\x01"
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(3000):
+    u.sendto(q, ("100.87.0.1", 53))
+print(len(held))
+"""
+
+
+async def test_a_flooding_zone_hurts_only_itself(world: World) -> None:
+    from zoned.net.wire import Limits
+
+    limits = Limits(max_connections=32, connect_rate=1000, dns_rate=100, event_rate=5)
+    async with running_nethost(world, limits=limits) as nethost:
+        zone_a = await create(world, nethost, 0, "allowed.test:443")
+        zone_b = await create(world, nethost, 1, "allowed.test:443")
+        flood = subprocess.Popen(
+            ["ip", "netns", "exec", zone_a, sys.executable, "-c", FLOOD, "allowed.test", "200"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            got = await curl(world, zone_b, "https://allowed.test/")
+            assert got.returncode == 0, got.stderr
+            await trio.to_thread.run_sync(lambda: flood.communicate(timeout=60))
+        finally:
+            if flood.poll() is None:
+                flood.kill()
+                flood.wait()
+        for _ in range(3):
+            got = await curl(world, zone_b, "https://allowed.test/")
+            assert got.returncode == 0, got.stderr
+        await settle_counters()
+        a, b = nethost.counters("z0"), nethost.counters("z1")
+        assert a.connections_refused > 0 and a.dns_dropped > 0, a
+        assert a.events_suppressed > 0, a
+        assert b.connections_refused == 0 and b.dns_dropped == 0, b
+        assert "connection-limit" in {rule for _, _, rule in refused(drain(nethost))}
 
 
 OWNER = """

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import ctypes
+import importlib
 import logging
 import os
 import resource
@@ -55,11 +57,7 @@ def preload() -> None:
     After :func:`drop_privileges` the interpreter's own tree may be closed to
     us (a venv under /root); dnspython loads its record types on first use.
     """
-    import encodings.idna  # noqa: F401
-
-    import dns.rdtypes.ANY.CNAME  # noqa: F401
-    import dns.rdtypes.ANY.SOA  # noqa: F401
-
+    importlib.import_module("encodings.idna")
     for rdtype in (
         "A",
         "AAAA",
@@ -74,8 +72,9 @@ def preload() -> None:
         "HTTPS",
         "SVCB",
     ):
-        dns.rdatatype.from_text(rdtype)
-        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
+        dns.rdata.get_rdata_class(  # type: ignore[no-untyped-call]
+            dns.rdataclass.IN, dns.rdatatype.from_text(rdtype)
+        )
     query = dns.message.make_query("a.example", "A", use_edns=0)
     query.use_edns(0, options=[dns.edns.EDEOption(dns.edns.EDECode.BLOCKED, "x")])
     dns.message.from_wire(query.to_wire())
@@ -118,10 +117,9 @@ async def serve(control: socket.socket, setup: wire.Setup, fds: list[int]) -> No
     send_channel, receive_channel = trio.open_memory_channel[wire.FromHelper](1024)
 
     def emit(message: wire.FromHelper) -> None:
-        try:
+        # The daemon is not reading: counters catch up on the next tick.
+        with contextlib.suppress(trio.WouldBlock):
             send_channel.send_nowait(message)
-        except trio.WouldBlock:
-            pass  # the daemon is not reading: counters catch up on the next tick
 
     engine = ZoneEngine(
         setup,

@@ -598,7 +598,7 @@ class NetHost:
             return closed
 
     async def update_publishes(self, zone: str, publishes: list[Publish]) -> None:
-        """A running zone's new publishes: kept ones keep their sockets, new ones are bound first."""
+        """A running zone's new publishes: kept ones keep their sockets, new ones bound first."""
         validate_publishes(publishes)
         async with self._lock:
             net = self._get(zone)
@@ -659,9 +659,8 @@ class NetHost:
             pid_dir = self.runtime
             live = {net.helper.pidfile for net in self._zones.values() if net.helper is not None}
             for pidfile in sorted(pid_dir.glob("*.pid")) if pid_dir.is_dir() else []:
-                if pidfile not in live:
-                    if kill_recorded_helper(pidfile, self.config.owner):
-                        removed.append(f"helper {pidfile.stem}")
+                if pidfile not in live and kill_recorded_helper(pidfile, self.config.owner):
+                    removed.append(f"helper {pidfile.stem}")
             if not self._zones:
                 if await self._call(lambda: table_exists(self.config.table)):
                     removed.append(f"table inet {self.config.table}")
@@ -885,7 +884,6 @@ class NetHost:
             helper.pidfile.unlink(missing_ok=True)
 
     def _event(self, event: NetEvent) -> None:
-        try:
+        # Nobody reads: refused events are rate-limited already, lose the overflow.
+        with contextlib.suppress(trio.WouldBlock):
             self._events_send.send_nowait(event)
-        except trio.WouldBlock:
-            pass  # nobody reads: refused events are rate-limited, lose the overflow

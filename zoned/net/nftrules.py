@@ -71,12 +71,14 @@ def _zone_chains(zone: ZoneFilter) -> list[str]:
 
     lines.append(f"\tchain {link}_nat {{")
     lines.append(
-        f"\t\tmeta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {h4}:{zone.dns_port}"
+        "\t\tmeta nfproto ipv4 meta l4proto { tcp, udp } th dport 53"
+        f" dnat ip to {h4}:{zone.dns_port}"
     )
     lines.append(f"\t\tmeta nfproto ipv4 meta l4proto tcp dnat ip to {h4}:{zone.proxy_port}")
     if zone.ipv6:
         lines.append(
-            f"\t\tmeta nfproto ipv6 meta l4proto {{ tcp, udp }} th dport 53 dnat ip6 to [{h6}]:{zone.dns_port}"
+            "\t\tmeta nfproto ipv6 meta l4proto { tcp, udp } th dport 53"
+            f" dnat ip6 to [{h6}]:{zone.dns_port}"
         )
         lines.append(f"\t\tmeta nfproto ipv6 meta l4proto tcp dnat ip6 to [{h6}]:{zone.proxy_port}")
     lines.append("\t}")
@@ -115,7 +117,8 @@ def _zone_chains(zone: ZoneFilter) -> list[str]:
     if zone.publish_ports:
         published = "{ " + ", ".join(str(p) for p in sorted(set(zone.publish_ports))) + " }"
         lines.append(
-            f"\t\tmeta skuid {zone.helper_uid} ip saddr {h4} ip daddr {g4} tcp dport {published} accept"
+            f"\t\tmeta skuid {zone.helper_uid} ip saddr {h4} ip daddr {g4}"
+            f" tcp dport {published} accept"
         )
     lines.append("\t\tcounter drop")
     lines.append("\t}")
