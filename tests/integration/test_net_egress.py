@@ -416,7 +416,7 @@ print(len(held))
 async def test_a_flooding_zone_hurts_only_itself(world: World) -> None:
     from zoned.net.wire import Limits
 
-    limits = Limits(max_connections=32, connect_rate=1000, dns_rate=100, event_rate=5)
+    limits = Limits(max_connections=32, connect_rate=1000, dns_rate=20, event_rate=5)
     async with running_nethost(world, limits=limits) as nethost:
         zone_a = await create(world, nethost, 0, "allowed.test:443")
         zone_b = await create(world, nethost, 1, "allowed.test:443")

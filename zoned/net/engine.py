@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -44,7 +46,9 @@ from zoned.net.wire import Counters, FromHelper, Limits, Refused, Setup
 log = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
-RELAY_CHUNK = 64 * 1024
+RELAY_CHUNK = 256 * 1024  # the relay pipes' capacity (F_SETPIPE_SZ)
+_F_SETPIPE_SZ = 1031
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 COUNTERS_INTERVAL_S = 1.0
 MAX_TCP_DNS_CONNECTIONS = 16
 
@@ -363,31 +367,54 @@ class ZoneEngine:
         self.refuse("sni", str(conn.destination), why, port=conn.port, name=name or "")
 
     async def _splice(self, a: trio.SocketStream, b: trio.SocketStream) -> None:
-        async def pump(src: trio.SocketStream, dst: trio.SocketStream, outbound: bool) -> None:
+        """Relay both ways until both ends are done; bytes move in the kernel (splice)."""
+
+        async def pump(src: trio.socket.SocketType, dst: trio.socket.SocketType, outbound: bool) -> None:
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep 64 KiB
+                fcntl.fcntl(write_end, _F_SETPIPE_SZ, RELAY_CHUNK)
             try:
                 while True:
-                    with trio.move_on_after(self.limits.idle_timeout_s) as idle:
-                        data = await src.receive_some(RELAY_CHUNK)
-                    if idle.cancelled_caught:
-                        nursery.cancel_scope.cancel()
+                    moved = await self._splice_once(src, dst, read_end, write_end)
+                    if moved == 0:
+                        with contextlib.suppress(OSError):
+                            dst.shutdown(socket.SHUT_WR)
                         return
-                    if not data:
-                        try:
-                            await dst.send_eof()
-                        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                            nursery.cancel_scope.cancel()
-                        return
-                    await dst.send_all(data)
                     if outbound:
-                        self.counters.bytes_out += len(data)
+                        self.counters.bytes_out += moved
                     else:
-                        self.counters.bytes_in += len(data)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        self.counters.bytes_in += moved
+            except (OSError, TimeoutError):
                 nursery.cancel_scope.cancel()
+            finally:
+                os.close(read_end)
+                os.close(write_end)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a, b, True)
-            nursery.start_soon(pump, b, a, False)
+            nursery.start_soon(pump, a.socket, b.socket, True)
+            nursery.start_soon(pump, b.socket, a.socket, False)
+
+    async def _splice_once(
+        self, src: trio.socket.SocketType, dst: trio.socket.SocketType, read_end: int, write_end: int
+    ) -> int:
+        """Move one pipeful from ``src`` to ``dst``: its size, 0 at end of file."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                moved = os.splice(src.fileno(), write_end, RELAY_CHUNK, flags=_SPLICE_FLAGS)
+                break
+            except BlockingIOError:
+                with trio.move_on_after(self.limits.idle_timeout_s) as idle:
+                    await trio.lowlevel.wait_readable(src)
+                if idle.cancelled_caught:
+                    raise TimeoutError("idle connection") from None
+        left = moved
+        while left:
+            try:
+                left -= os.splice(read_end, dst.fileno(), left, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(dst)
+        return moved
 
     # -- publishes ------------------------------------------------------
 

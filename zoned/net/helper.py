@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{MARKER}: first message is {type(message).__name__}, not setup", file=sys.stderr)
         return 1
     limits = message.limits
-    max_files = 2 * limits.max_connections + 2 * limits.dns_inflight + 96 + len(fds)
+    # Per connection: two sockets and two pipes (the splice relay).
+    max_files = 6 * limits.max_connections + 2 * limits.dns_inflight + 96 + len(fds)
     preload()
     os.chdir("/")
     drop_privileges(args.uid, args.gid, max_files)
