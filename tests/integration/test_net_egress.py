@@ -395,6 +395,62 @@ async def test_helper_death_fails_closed_and_is_restored(world: World) -> None:
         assert (await curl(world, zone, "https://allowed.test/")).returncode == 0
 
 
+GARBAGE = """
+import os, random, socket
+random.seed(14)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for n in range(300):
+    u.sendto(os.urandom(random.randint(0, 1500)), ("198.51.100.53", 53))
+for head in (b"\\x16\\x03\\x01\\xff\\xff", b"GET / HTTP/1.1\\r\\nHost: a\\x00b\\r\\n\\r\\n", b"\\x16\\x03"):
+    for port in (443, 80, 53):
+        try:
+            with socket.create_connection(("198.51.100.10", port), timeout=2) as s:
+                s.sendall(head + os.urandom(3000))
+                s.settimeout(2)
+                s.recv(100)
+        except OSError:
+            pass
+print("sent")
+"""
+
+
+async def test_garbage_and_spoofed_sources_hurt_nobody(world: World) -> None:
+    async with running_nethost(world) as nethost:
+        zone = await create(world, nethost, 0, "allowed.test:80,443")
+        assert (await curl(world, zone, "https://allowed.test/")).returncode == 0
+        got = await run_in(world, zone, [sys.executable, "-c", GARBAGE])
+        assert got.stdout.strip() == "sent", got.stderr
+        # A second address in the zone: its packets are dropped as spoofed.
+        peer = "zg" + nethost.addressing("z0").ifname
+        sh(["ip", "-n", zone, "addr", "add", "100.87.9.9/32", "dev", peer])
+        spoof = (
+            "import socket; s = socket.socket(); s.settimeout(3); s.bind(('100.87.9.9', 0))\n"
+            f"s.connect(('{WEB_A}', 443)); print('connected')"
+        )
+        got = await run_in(world, zone, [sys.executable, "-c", spoof])
+        assert "connected" not in got.stdout and "timed out" in got.stderr, got
+        assert nethost.status("z0") == "up"
+        assert (await curl(world, zone, "https://allowed.test/")).returncode == 0
+        await settle_counters()
+        assert nethost.counters("z0").dns_dropped > 0
+        assert "helper_down" not in [e.kind for e in drain(nethost)]
+        raw = sh(
+            [
+                "ip",
+                "netns",
+                "exec",
+                world.host,
+                "nft",
+                "list",
+                "chain",
+                "inet",
+                "zonedtest",
+                "zt0_raw",
+            ]
+        )
+        assert "counter packets 0 " not in raw.stdout.splitlines()[2], raw.stdout
+
+
 FLOOD = """
 import socket, sys, time
 host, count = sys.argv[1], int(sys.argv[2])

@@ -369,7 +369,9 @@ class ZoneEngine:
     async def _splice(self, a: trio.SocketStream, b: trio.SocketStream) -> None:
         """Relay both ways until both ends are done; bytes move in the kernel (splice)."""
 
-        async def pump(src: trio.socket.SocketType, dst: trio.socket.SocketType, outbound: bool) -> None:
+        async def pump(
+            src: trio.socket.SocketType, dst: trio.socket.SocketType, outbound: bool
+        ) -> None:
             read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep 64 KiB
                 fcntl.fcntl(write_end, _F_SETPIPE_SZ, RELAY_CHUNK)
@@ -395,7 +397,11 @@ class ZoneEngine:
             nursery.start_soon(pump, b.socket, a.socket, False)
 
     async def _splice_once(
-        self, src: trio.socket.SocketType, dst: trio.socket.SocketType, read_end: int, write_end: int
+        self,
+        src: trio.socket.SocketType,
+        dst: trio.socket.SocketType,
+        read_end: int,
+        write_end: int,
     ) -> int:
         """Move one pipeful from ``src`` to ``dst``: its size, 0 at end of file."""
         await trio.lowlevel.checkpoint()
