@@ -401,7 +401,11 @@ random.seed(14)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for n in range(300):
     u.sendto(os.urandom(random.randint(0, 1500)), ("198.51.100.53", 53))
-heads = (b"\\x16\\x03\\x01\\xff\\xff", b"GET / HTTP/1.1\\r\\nHost: a\\x00b\\r\\n\\r\\n", b"\\x16\\x03")
+heads = (
+    b"\\x16\\x03\\x01\\xff\\xff",
+    b"GET / HTTP/1.1\\r\\nHost: a\\x00b\\r\\n\\r\\n",
+    b"\\x16\\x03",
+)
 for head in heads:
     for port in (443, 80, 53):
         try:
