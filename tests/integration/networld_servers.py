@@ -109,6 +109,23 @@ def _dns(address: str, records: dict[str, list[list[str]]]) -> None:
     threading.Thread(target=serve_udp, daemon=True).start()
 
 
+def _server_first(address: str, port: int) -> None:
+    """A banner first (like SSH), then an echo of one line."""
+    listener = socket.create_server((address, port))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"SSH-2.0-world\r\n")
+            conn.sendall(conn.recv(1024))
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         config = json.load(f)
@@ -118,6 +135,7 @@ def main() -> None:
         _http(address, 80, None)
         _http(address, 443, context)
     _dns(config["dns"], config["records"])
+    _server_first(config["web"][0], 2222)
     print("serving", flush=True)
     threading.Event().wait()
 

@@ -118,6 +118,22 @@ async def test_allowed_names_work_through_curl_and_urllib(world: World) -> None:
         assert counters.bytes_in > 0 and counters.bytes_out > 0
 
 
+SERVER_FIRST = """
+import socket
+with socket.create_connection(("allowed.test", 2222), timeout=5) as s:
+    banner = s.recv(100)
+    s.sendall(b"SSH-2.0-zone\\r\\n")
+    print(banner.decode().strip(), s.recv(100).decode().strip())
+"""
+
+
+async def test_server_first_protocols_pass_on_the_pin(world: World) -> None:
+    async with running_nethost(world) as nethost:
+        zone = await create(world, nethost, 0, "allowed.test:2222")
+        got = await run_in(world, zone, [sys.executable, "-c", SERVER_FIRST])
+        assert got.stdout.strip() == "SSH-2.0-world SSH-2.0-zone", got.stderr
+
+
 async def test_names_off_the_list_fail_and_show_as_events(world: World) -> None:
     async with running_nethost(world) as nethost:
         zone = await create(world, nethost, 0, "allowed.test:443")

@@ -297,42 +297,61 @@ class ZoneEngine:
                     self.counters.connections_active -= 1
 
     async def _relay_proxied(self, client: trio.SocketStream, conn: _Connection) -> None:
-        first = bytearray()
-        verdict: sniff.Sniffed | None = None
-        if conn.by_name:
-            with trio.move_on_after(self.limits.sniff_timeout_s):
-                while True:
-                    chunk = await client.receive_some(sniff.MAX_SNIFF_BYTES - len(first))
-                    if not chunk:
-                        return
-                    first += chunk
-                    verdict = sniff.sniff(bytes(first))
-                    if (
-                        verdict.kind is not sniff.Kind.NEED_MORE
-                        or len(first) >= sniff.MAX_SNIFF_BYTES
-                    ):
-                        break
-            if verdict is None or verdict.kind is sniff.Kind.NEED_MORE:
-                # Nothing classifiable in time. A client that sent nothing may be
-                # waiting for a server-first protocol; one that sent a partial
-                # TLS/HTTP head is refused.
-                if first:
-                    self._refuse_claim(conn, "sniff-timeout", None)
-                    return
-                verdict = None
-            if verdict is not None and not self._claim_ok(conn, verdict):
+        """Connect upstream at once; let the client's bytes through once its claim is checked."""
+        upstream: list[trio.SocketStream] = []
+        connected = trio.Event()
+
+        async def connect_and_pump_down(nursery: trio.Nursery) -> None:
+            try:
+                with trio.fail_after(self.limits.connect_timeout_s):
+                    stream = await trio.open_tcp_stream(str(conn.destination), conn.port)
+            except (OSError, trio.TooSlowError):
+                nursery.cancel_scope.cancel()
                 return
-        self.counters.connections_allowed += 1
+            upstream.append(stream)
+            connected.set()
+            # Server-first protocols (SSH, SMTP) speak before the client does.
+            await self._pump_or_cancel(stream.socket, client.socket, False, nursery)
+
         try:
-            with trio.fail_after(self.limits.connect_timeout_s):
-                upstream = await trio.open_tcp_stream(str(conn.destination), conn.port)
-        except (OSError, trio.TooSlowError):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connect_and_pump_down, nursery)
+                first = await self._first_bytes(client, conn) if conn.by_name else bytearray()
+                if first is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                self.counters.connections_allowed += 1
+                await connected.wait()
+                if first:
+                    await upstream[0].send_all(bytes(first))
+                    self.counters.bytes_out += len(first)
+                await self._pump_or_cancel(client.socket, upstream[0].socket, True, nursery)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
-        async with upstream:
-            if first:
-                await upstream.send_all(bytes(first))
-                self.counters.bytes_out += len(first)
-            await self._splice(client, upstream)
+        finally:
+            for stream in upstream:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def _first_bytes(self, client: trio.SocketStream, conn: _Connection) -> bytearray | None:
+        """The client's first bytes once they are classified and allowed; None: refused."""
+        first = bytearray()
+        chunk = await client.receive_some(sniff.MAX_SNIFF_BYTES)
+        if not chunk:
+            return None
+        first += chunk
+        verdict = sniff.sniff(bytes(first))
+        with trio.move_on_after(self.limits.sniff_timeout_s):
+            while verdict.kind is sniff.Kind.NEED_MORE and len(first) < sniff.MAX_SNIFF_BYTES:
+                chunk = await client.receive_some(sniff.MAX_SNIFF_BYTES - len(first))
+                if not chunk:
+                    return None
+                first += chunk
+                verdict = sniff.sniff(bytes(first))
+        if verdict.kind is sniff.Kind.NEED_MORE:
+            self._refuse_claim(conn, "sniff-timeout", None)
+            return None
+        return first if self._claim_ok(conn, verdict) else None
 
     def _claim_ok(self, conn: _Connection, verdict: sniff.Sniffed) -> bool:
         if verdict.kind in (sniff.Kind.OTHER,):
@@ -366,35 +385,39 @@ class ZoneEngine:
         self.counters.connections_refused += 1
         self.refuse("sni", str(conn.destination), why, port=conn.port, name=name or "")
 
+    async def _pump_or_cancel(
+        self,
+        src: trio.socket.SocketType,
+        dst: trio.socket.SocketType,
+        outbound: bool,
+        nursery: trio.Nursery,
+    ) -> None:
+        """Relay one direction to its end of file, then half-close; an error ends both."""
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep 64 KiB
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, RELAY_CHUNK)
+        try:
+            while True:
+                moved = await self._splice_once(src, dst, read_end, write_end)
+                if moved == 0:
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    return
+                if outbound:
+                    self.counters.bytes_out += moved
+                else:
+                    self.counters.bytes_in += moved
+        except (OSError, TimeoutError):
+            nursery.cancel_scope.cancel()
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
     async def _splice(self, a: trio.SocketStream, b: trio.SocketStream) -> None:
         """Relay both ways until both ends are done; bytes move in the kernel (splice)."""
-
-        async def pump(
-            src: trio.socket.SocketType, dst: trio.socket.SocketType, outbound: bool
-        ) -> None:
-            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep 64 KiB
-                fcntl.fcntl(write_end, _F_SETPIPE_SZ, RELAY_CHUNK)
-            try:
-                while True:
-                    moved = await self._splice_once(src, dst, read_end, write_end)
-                    if moved == 0:
-                        with contextlib.suppress(OSError):
-                            dst.shutdown(socket.SHUT_WR)
-                        return
-                    if outbound:
-                        self.counters.bytes_out += moved
-                    else:
-                        self.counters.bytes_in += moved
-            except (OSError, TimeoutError):
-                nursery.cancel_scope.cancel()
-            finally:
-                os.close(read_end)
-                os.close(write_end)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a.socket, b.socket, True)
-            nursery.start_soon(pump, b.socket, a.socket, False)
+            nursery.start_soon(self._pump_or_cancel, a.socket, b.socket, True, nursery)
+            nursery.start_soon(self._pump_or_cancel, b.socket, a.socket, False, nursery)
 
     async def _splice_once(
         self,
