@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -87,6 +88,16 @@ async def curl(world: World, zone: str, url: str, *extra: str) -> subprocess.Com
 
 async def settle_counters() -> None:
     await trio.sleep(1.3)  # the helper reports counters every second
+
+
+def serve_http(namespace: str, port: int, bind: str = "") -> subprocess.Popen[bytes]:
+    """Python's http.server in ``namespace`` (on every address unless ``bind``)."""
+    argv = ["ip", "netns", "exec", namespace, sys.executable, "-m", "http.server", str(port)]
+    return subprocess.Popen(
+        argv + (["--bind", bind] if bind else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 URLLIB = (
@@ -200,16 +211,8 @@ async def test_host_and_other_zones_are_unreachable(world: World) -> None:
         b = nethost.addressing("z1")
         a = nethost.addressing("z0")
         # Something listening in zone b and on the host, on every address.
-        listener = subprocess.Popen(
-            ["ip", "netns", "exec", zone_b, sys.executable, "-m", "http.server", "8000"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        host_listener = subprocess.Popen(
-            ["ip", "netns", "exec", world.host, sys.executable, "-m", "http.server", "8001"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        listener = serve_http(zone_b, 8000)
+        host_listener = serve_http(world.host, 8001)
         try:
             await trio.to_thread.run_sync(
                 lambda: wait_tcp(["ip", "netns", "exec", zone_b], b.guest_v4, 8000)
@@ -315,46 +318,24 @@ async def test_udp_only_where_a_cidr_rule_allows_it(world: World) -> None:
         sh(["ip", "netns", "exec", world.host, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
 
 
+def host_http_status(world: World, port: int) -> subprocess.CompletedProcess[str]:
+    """GET / on the stand-in host's loopback; stdout is the HTTP status."""
+    url = f"http://127.0.0.1:{port}/"
+    argv = ["curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", url]
+    return sh(["ip", "netns", "exec", world.host, *argv], check=False)
+
+
 async def test_published_port_answers_on_host_loopback(world: World) -> None:
     async with running_nethost(world) as nethost:
         zone = await create(world, nethost, 0, publishes=("127.0.0.1:18080:8000",))
         addr = nethost.addressing("z0")
-        server = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                zone,
-                sys.executable,
-                "-m",
-                "http.server",
-                "8000",
-                "--bind",
-                addr.guest_v4,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = serve_http(zone, 8000, addr.guest_v4)
         try:
             host = ["ip", "netns", "exec", world.host]
             await trio.to_thread.run_sync(
                 lambda: wait_tcp(["ip", "netns", "exec", zone], addr.guest_v4, 8000)
             )
-            got = sh(
-                [
-                    *host,
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "http://127.0.0.1:18080/",
-                ],
-                check=False,
-            )
+            got = host_http_status(world, 18080)
             assert got.stdout == "200", got.stderr
             # The same host port again: a clear conflict, nothing changed.
             with pytest.raises(Conflict, match="already taken"):
@@ -364,21 +345,7 @@ async def test_published_port_answers_on_host_loopback(world: World) -> None:
             assert nethost.zones() == ["z0"]
             # Move it to another port at runtime.
             await nethost.update_publishes("z0", [parse_publish("127.0.0.1:18081:8000")])
-            got = sh(
-                [
-                    *host,
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "http://127.0.0.1:18081/",
-                ],
-                check=False,
-            )
+            got = host_http_status(world, 18081)
             assert got.stdout == "200", got.stderr
             got = sh(
                 [*host, "curl", "-sS", "--max-time", "3", "http://127.0.0.1:18080/"], check=False
@@ -538,17 +505,14 @@ trio.run(main)
 """
 
 
-async def test_kill_9_of_the_owner_then_adopt_or_reclaim(world: World) -> None:
-    import msgspec
-
-    config = world.config()
-    zone_spec = spec("z0", 0, "allowed.test:443")
+async def start_owner(world: World, zone_spec: ZoneNetSpec) -> subprocess.Popen[bytes]:
+    """Another process that owns a zone network (to be killed); returns once it is up."""
     owner = subprocess.Popen(
         [
             sys.executable,
             "-c",
             OWNER,
-            msgspec.json.encode(config).decode(),
+            msgspec.json.encode(world.config()).decode(),
             msgspec.json.encode(zone_spec).decode(),
             world.zones[0],
         ],
@@ -556,8 +520,19 @@ async def test_kill_9_of_the_owner_then_adopt_or_reclaim(world: World) -> None:
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert owner.stdout is not None
+    line = await trio.to_thread.run_sync(owner.stdout.readline)
+    if line.strip() != b"ready":
+        owner.kill()
+        owner.wait()
+        raise AssertionError(f"the owner process did not come up: {line!r}")
+    return owner
+
+
+async def test_kill_9_of_the_owner_then_adopt_or_reclaim(world: World) -> None:
+    config = world.config()
+    zone_spec = spec("z0", 0, "allowed.test:443")
+    owner = await start_owner(world, zone_spec)
     try:
-        assert (await trio.to_thread.run_sync(owner.stdout.readline)).strip() == b"ready"
         world.write_resolv_conf(world.zones[0], "100.87.0.1")
         assert (await curl(world, world.zones[0], "https://allowed.test/")).returncode == 0
         pid = int(next(Path(config.runtime_dir).glob("*.pid")).read_text().split()[0])
@@ -581,24 +556,9 @@ async def test_kill_9_of_the_owner_then_adopt_or_reclaim(world: World) -> None:
 
 
 async def test_reclaim_without_a_record_removes_everything(world: World) -> None:
-    import msgspec
-
     config = world.config()
-    owner = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            OWNER,
-            msgspec.json.encode(config).decode(),
-            msgspec.json.encode(spec("z0", 0, "open")).decode(),
-            world.zones[0],
-        ],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
-    assert owner.stdout is not None
+    owner = await start_owner(world, spec("z0", 0, "open"))
     try:
-        assert (await trio.to_thread.run_sync(owner.stdout.readline)).strip() == b"ready"
         pidfile = next(Path(config.runtime_dir).glob("*.pid"))
         # Keep the helper alive past its owner to check the pid-file kill:
         # stop the owner (SIGSTOP), so PDEATHSIG has not fired yet.
