@@ -23,6 +23,7 @@ from tests.integration.networld import (
     DNS,
     UDP_ECHO_PORT,
     WEB_A,
+    WEB_A6,
     WEB_B,
     World,
     network_world,
@@ -115,6 +116,8 @@ async def test_allowed_names_work_through_curl_and_urllib(world: World) -> None:
         assert got.stdout == f"{WEB_A} allowed.test /path\n"
         got = await curl(world, zone, "http://allowed.test/plain")
         assert got.stdout == f"{WEB_A} allowed.test /plain\n", got.stderr
+        got = await curl(world, zone, "https://allowed.test/v6", "-6")
+        assert got.stdout == f"{WEB_A6} allowed.test /v6\n", got.stderr
         got = await run_in(
             world, zone, [sys.executable, "-c", URLLIB, "https://files.cdn.test/x", str(world.ca)]
         )
@@ -124,7 +127,7 @@ async def test_allowed_names_work_through_curl_and_urllib(world: World) -> None:
         assert got.returncode != 0  # alias.test itself is not allowed: refused at DNS
         await settle_counters()
         counters = nethost.counters("z0")
-        assert counters.connections_allowed == 3
+        assert counters.connections_allowed == 4
         assert counters.dns_answered >= 3
         assert counters.bytes_in > 0 and counters.bytes_out > 0
 
