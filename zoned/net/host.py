@@ -466,8 +466,9 @@ class NetHost:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            for net in self._zones.values():
-                self._stop_helper(net)
+            with trio.CancelScope(shield=True):
+                for net in self._zones.values():
+                    await self._stop_helper(net)
 
     async def _call(self, fn: Callable[[], T]) -> T:
         netns = self.config.netns
@@ -633,7 +634,7 @@ class NetHost:
                 await self._tear_down(net)
 
     async def _tear_down(self, net: _ZoneNet) -> None:
-        self._stop_helper(net)
+        await self._stop_helper(net)
         for sock in net.listeners + net.publish_sockets:
             sock.close()
         net.listeners, net.publish_sockets = [], []
@@ -872,15 +873,17 @@ class NetHost:
         for done in helper.applied.values():
             done.set()
 
-    def _stop_helper(self, net: _ZoneNet) -> None:
+    async def _stop_helper(self, net: _ZoneNet) -> None:
+        """Stop supervising and kill the helper; returns once it is reaped."""
         if net.supervisor is not None:
             net.supervisor.cancel()
             net.supervisor = None
         helper = net.helper
-        if helper is not None and helper.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                helper.process.kill()
-            helper.process.wait()
+        if helper is not None:
+            if helper.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    helper.process.kill()
+            await trio.to_thread.run_sync(helper.process.wait)
             helper.pidfile.unlink(missing_ok=True)
 
     def _event(self, event: NetEvent) -> None:
