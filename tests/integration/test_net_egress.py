@@ -87,8 +87,10 @@ async def curl(world: World, zone: str, url: str, *extra: str) -> subprocess.Com
     return await trio.to_thread.run_sync(lambda: world.curl(zone, url, *extra))
 
 
-async def settle_counters() -> None:
-    await trio.sleep(1.3)  # the helper reports counters every second
+async def settle(nethost: NetHost) -> None:
+    """Fresh counters from every zone's helper, and every event they sent before them."""
+    for zone in nethost.zones():
+        await nethost.read_counters(zone)
 
 
 def serve_http(namespace: str, port: int, bind: str = "") -> subprocess.Popen[bytes]:
@@ -125,7 +127,7 @@ async def test_allowed_names_work_through_curl_and_urllib(world: World) -> None:
         # A CNAME to an allowed name pins the name asked for and the chain.
         got = await curl(world, zone, "https://alias.test/")
         assert got.returncode != 0  # alias.test itself is not allowed: refused at DNS
-        await settle_counters()
+        await settle(nethost)
         counters = nethost.counters("z0")
         assert counters.connections_allowed == 4
         assert counters.dns_answered >= 3
@@ -159,7 +161,7 @@ async def test_names_off_the_list_fail_and_show_as_events(world: World) -> None:
         # An allowed name on a port the rule does not name.
         got = await curl(world, zone, "http://allowed.test/")
         assert got.returncode != 0
-        await settle_counters()
+        await settle(nethost)
         events = refused(drain(nethost))
         assert ("dns", "blocked.test", "name-not-allowed") in events
         assert ("connect", WEB_B, "not-resolved") in events
@@ -179,6 +181,7 @@ async def test_other_sni_or_host_to_an_allowed_address_is_refused(world: World) 
         # No SNI at all (clients send none for an address in the URL): refused too.
         got = await curl(world, zone, f"https://{WEB_A}/", "-k")
         assert got.returncode != 0
+        await settle(nethost)
         events = refused(drain(nethost))
         assert ("sni", WEB_A, "sni-not-allowed") in events
         assert ("sni", WEB_A, "host-not-allowed") in events
@@ -202,6 +205,7 @@ async def test_dns_answers_into_refused_ranges_are_not_passed_on(world: World) -
         assert got.stdout.startswith("error"), got.stdout
         got = await run_in(world, zone, [sys.executable, "-c", lookup, "mixed.test"])
         assert got.stdout.strip() == f"['{WEB_B}']", got.stdout
+        await settle(nethost)
         events = refused(drain(nethost))
         assert ("rebinding", "192.168.7.7", "rfc1918") in events
         assert ("rebinding", "169.254.169.254", "link-local") in events
@@ -243,6 +247,7 @@ async def test_host_and_other_zones_are_unreachable(world: World) -> None:
             )
             got = await run_in(world, zone_a, [sys.executable, "-c", udp])
             assert "timed out" in got.stderr
+            await settle(nethost)
             events = refused(drain(nethost))
             assert ("connect", b.guest_v4, "cgnat") in events
             assert ("connect", "198.18.0.1", "host-network") in events
@@ -281,7 +286,9 @@ async def test_policy_changes_take_effect_at_once(world: World) -> None:
             text=True,
         )
         try:
-            await trio.sleep(1.5)
+            with trio.fail_after(20):  # until the download is under way
+                while (await nethost.read_counters("z0")).bytes_in < 200_000:
+                    await trio.sleep(0.1)
             closed = await nethost.update_policy("z0", parse_policy(["allowed.test:443"]))
             assert closed == 1
             _, err = await trio.to_thread.run_sync(lambda: slow.communicate(timeout=15))
@@ -422,9 +429,9 @@ async def test_garbage_and_spoofed_sources_hurt_nobody(world: World) -> None:
         assert "connected" not in got.stdout and "timed out" in got.stderr, got
         assert nethost.status("z0") == "up"
         assert (await curl(world, zone, "https://allowed.test/")).returncode == 0
-        await settle_counters()
+        await settle(nethost)
         assert nethost.counters("z0").dns_dropped > 0
-        assert "helper_down" not in [e.kind for e in drain(nethost)]
+        assert "helper_down" not in [e.kind for e in drain(nethost)]  # settled above
         raw = sh(
             [
                 "ip",
@@ -483,7 +490,7 @@ async def test_a_flooding_zone_hurts_only_itself(world: World) -> None:
         for _ in range(3):
             got = await curl(world, zone_b, "https://allowed.test/")
             assert got.returncode == 0, got.stderr
-        await settle_counters()
+        await settle(nethost)
         a, b = nethost.counters("z0"), nethost.counters("z1")
         assert a.connections_refused > 0 and a.dns_dropped > 0, a
         assert a.events_suppressed > 0, a

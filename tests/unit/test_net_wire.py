@@ -27,7 +27,12 @@ def test_messages_round_trip() -> None:
         publishes=[parse_publish("8080:80")],
         publish_fds=[6],
     )
-    for message in (setup, wire.SetPolicy(seq=1, policy=parse_policy(["open"])), wire.Stop()):
+    messages = (
+        setup,
+        wire.SetPolicy(seq=1, policy=parse_policy(["open"])),
+        wire.GetCounters(seq=2),
+    )
+    for message in (*messages, wire.Stop()):
         assert wire.decode_to_helper(wire.encode(message)) == message
     event = RefusedEvent(
         time=1.5, kind="sni", destination="198.51.100.10", port=443, rule="sni-mismatch"

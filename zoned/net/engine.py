@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import dns.flags
 import dns.message
 import dns.rcode
+import msgspec
 import trio
 
 from zoned.net import dnsfilter, sniff
@@ -207,7 +208,9 @@ class ZoneEngine:
         while True:
             await trio.sleep(COUNTERS_INTERVAL_S)
             self.pins.expire(time.monotonic())
-            snapshot = Counters(counters=self.counters, pins=len(self.pins))
+            snapshot = Counters(
+                counters=msgspec.structs.replace(self.counters), pins=len(self.pins)
+            )
             encoded = repr(snapshot).encode()
             if encoded != last:
                 self.emit(snapshot)

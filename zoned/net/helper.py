@@ -26,6 +26,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 
 import dns.edns
 import dns.message
@@ -150,6 +151,10 @@ async def serve(control: socket.socket, setup: wire.Setup, fds: list[int]) -> No
             if isinstance(message, wire.SetPolicy):
                 closed = engine.set_policy(message.policy)
                 emit(wire.Applied(seq=message.seq, closed=closed))
+            elif isinstance(message, wire.GetCounters):
+                engine.pins.expire(time.monotonic())
+                counters = msgspec.structs.replace(engine.counters)
+                emit(wire.Counters(counters=counters, pins=len(engine.pins), seq=message.seq))
             elif isinstance(message, wire.SetPublishes):
                 engine.set_publishes(
                     message.publishes, _sockets(new_fds, message.publish_fds, socket.SOCK_STREAM)

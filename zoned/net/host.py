@@ -492,6 +492,16 @@ class NetHost:
         live = net.helper.counters if net.helper is not None else NetCounters()
         return _add_counters(net.base, live)
 
+    async def read_counters(self, zone: str) -> NetCounters:
+        """The zone's counters as of now: the helper answers after everything it sent before.
+
+        So once this returns, every event the zone caused so far is in :attr:`events`.
+        """
+        async with self._lock:
+            net = self._get(zone)
+            await self._send_and_wait(net, lambda seq: wire.GetCounters(seq=seq), [])
+        return self.counters(zone)
+
     def zones(self) -> list[str]:
         return sorted(self._zones)
 
@@ -855,6 +865,10 @@ class NetHost:
                 first_ready.set()
             elif isinstance(message, wire.Counters):
                 helper.counters = message.counters
+                if message.seq:
+                    done = helper.applied.pop(message.seq, None)
+                    if done is not None:
+                        done.set()
             elif isinstance(message, wire.Refused):
                 self._event(NetEvent(net.spec.zone, "refused", refused=message.event))
             elif isinstance(message, wire.Applied):

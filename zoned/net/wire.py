@@ -9,7 +9,7 @@ zone: tagged, typed, bounded.
 
 Daemon -> helper: :class:`Setup` first, then :class:`SetPolicy` and
 :class:`SetPublishes` at any time (each answered by :class:`Applied` with
-its ``seq`` once new connections see it), :class:`Stop`.
+its ``seq`` once new connections see it), :class:`GetCounters`, :class:`Stop`.
 Helper -> daemon: :class:`Ready`, :class:`Applied`, :class:`Counters`
 (periodically), :class:`Refused` (already rate-limited).
 """
@@ -71,6 +71,12 @@ class SetPublishes(_Msg, frozen=True, tag="set_publishes", kw_only=True):
     publish_fds: list[int]
 
 
+class GetCounters(_Msg, frozen=True, tag="get_counters", kw_only=True):
+    """Answered by :class:`Counters` with the same ``seq``, after every earlier message."""
+
+    seq: int
+
+
 class Stop(_Msg, frozen=True, tag="stop"):
     pass
 
@@ -88,13 +94,14 @@ class Applied(_Msg, frozen=True, tag="applied", kw_only=True):
 class Counters(_Msg, frozen=True, tag="counters", kw_only=True):
     counters: NetCounters
     pins: int = 0
+    seq: int = 0  # of the GetCounters it answers; 0 when periodic
 
 
 class Refused(_Msg, frozen=True, tag="refused", kw_only=True):
     event: RefusedEvent
 
 
-ToHelper = Setup | SetPolicy | SetPublishes | Stop
+ToHelper = Setup | SetPolicy | SetPublishes | GetCounters | Stop
 FromHelper = Ready | Applied | Counters | Refused
 
 _to_helper = msgspec.msgpack.Decoder(ToHelper)
