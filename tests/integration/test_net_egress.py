@@ -31,7 +31,7 @@ from tests.integration.networld import (
     sh,
     wait_tcp,
 )
-from zoned.errors import Conflict, NotFound
+from zoned.errors import Conflict, InvalidRequest, NotFound
 from zoned.net.host import NetEvent, NetHost, ZoneNetSpec
 from zoned.net.policy import parse_policy, parse_publish
 
@@ -302,6 +302,12 @@ async def test_policy_changes_take_effect_at_once(world: World) -> None:
 
 
 async def test_udp_only_where_a_cidr_rule_allows_it(world: World) -> None:
+    async with running_nethost(world) as nethost:
+        await create(world, nethost, 0, "allowed.test:443")
+        udp_rule = parse_policy([f"udp://{DNS}:{UDP_ECHO_PORT}"])
+        with pytest.raises(InvalidRequest, match="ip_forward=1"):
+            await nethost.update_policy("z0", udp_rule)
+        assert nethost.spec("z0").policy == parse_policy(["allowed.test:443"])
     sh(["ip", "netns", "exec", world.host, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
     try:
         async with running_nethost(world) as nethost:

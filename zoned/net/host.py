@@ -51,6 +51,7 @@ from zoned.net.accounting import NetCounters, RefusedEvent
 from zoned.net.addressing import NetPools, ZoneAddressing, validate_pools, zone_addressing
 from zoned.net.helper import MARKER
 from zoned.net.policy import (
+    CidrRule,
     NetPolicy,
     Publish,
     RefusedRange,
@@ -121,6 +122,24 @@ def run(argv: Sequence[str], *, stdin: str | None = None) -> str:
 def write_sysctl(path: str, value: str) -> None:
     with open(f"/proc/sys/{path}", "w") as f:
         f.write(value)
+
+
+def read_sysctl(path: str) -> str:
+    with open(f"/proc/sys/{path}") as f:
+        return f.read().strip()
+
+
+def check_forwarding(policy: NetPolicy) -> None:
+    """UDP rules are forwarded by the kernel: refuse them where it does not forward."""
+    versions = {
+        ipaddress.ip_network(r.network).version
+        for r in policy.rules
+        if isinstance(r, CidrRule) and r.protocol == "udp"
+    }
+    if 4 in versions and read_sysctl("net/ipv4/ip_forward") != "1":
+        raise InvalidRequest("UDP rules need IP forwarding on this host (net.ipv4.ip_forward=1)")
+    if 6 in versions and read_sysctl("net/ipv6/conf/all/forwarding") != "1":
+        raise InvalidRequest("IPv6 UDP rules need net.ipv6.conf.all.forwarding=1 on this host")
 
 
 def _ip(*args: str) -> str:
@@ -481,6 +500,9 @@ class NetHost:
 
     # -- queries ----------------------------------------------------------
 
+    def spec(self, zone: str) -> ZoneNetSpec:
+        return self._get(zone).spec
+
     def addressing(self, zone: str) -> ZoneAddressing:
         return self._get(zone).addressing
 
@@ -541,6 +563,7 @@ class NetHost:
         for other in self._zones.values():
             if other.spec.slot == spec.slot:
                 raise Conflict(f"network slot {spec.slot} is taken by zone {other.spec.zone!r}")
+        await self._call(lambda: check_forwarding(spec.policy))
         publish_sockets = await self._call(lambda: bind_publishes(spec.publishes))
         net = _ZoneNet(spec, addr, [], publish_sockets, standin_netns=standin_netns)
         self._zones[spec.zone] = net
@@ -594,6 +617,7 @@ class NetHost:
         validate_policy(policy)
         async with self._lock:
             net = self._get(zone)
+            await self._call(lambda: check_forwarding(policy))
             old = net.spec
             net.spec = msgspec.structs.replace(old, policy=policy)
             try:
