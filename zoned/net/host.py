@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,13 @@ def _proc_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _proc_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _proc_cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -365,6 +373,12 @@ def kill_recorded_helper(pidfile: Path, owner: str) -> bool:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             killed = True
+        # Its sockets close as it exits (a zombie holds none); a moment at most.
+        for _ in range(500):
+            state = _proc_state(pid)
+            if state is None or state == "Z":
+                break
+            time.sleep(0.01)
     pidfile.unlink(missing_ok=True)
     return killed
 
@@ -573,8 +587,12 @@ class NetHost:
             cfg = self.config
 
             def make_link() -> None:
-                if adopt and link_exists(addr.ifname):
-                    return
+                if adopt:
+                    # A helper of the previous daemon still holding the sockets
+                    # (it was stopped, not killed): it goes first.
+                    kill_recorded_helper(self.runtime / f"{addr.ifname}.pid", cfg.owner)
+                    if link_exists(addr.ifname):
+                        return
                 if standin_netns is not None:
                     create_veth_standin(addr, alias=alias, zone_netns=standin_netns, ipv6=spec.ipv6)
                 else:
@@ -694,7 +712,10 @@ class NetHost:
             pid_dir = self.runtime
             live = {net.helper.pidfile for net in self._zones.values() if net.helper is not None}
             for pidfile in sorted(pid_dir.glob("*.pid")) if pid_dir.is_dir() else []:
-                if pidfile not in live and kill_recorded_helper(pidfile, self.config.owner):
+                if pidfile in live:
+                    continue
+                owner = self.config.owner
+                if await trio.to_thread.run_sync(kill_recorded_helper, pidfile, owner):
                     removed.append(f"helper {pidfile.stem}")
             if not self._zones:
                 if await self._call(lambda: table_exists(self.config.table)):
