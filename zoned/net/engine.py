@@ -118,6 +118,7 @@ class ZoneEngine:
         )
         self.dns_bucket = TokenBucket(self.limits.dns_rate, 2 * self.limits.dns_rate, now)
         self.dns_inflight = 0
+        self._log_bucket = TokenBucket(0.1, 5, now)
         self.tcp_dns_connections = 0
         self.connections: set[_Connection] = set()
         self._publish_scope: trio.CancelScope | None = None
@@ -203,6 +204,15 @@ class ZoneEngine:
         if admitted is not None:
             self.emit(Refused(event=admitted))
 
+    def _log_failure(self, what: str) -> None:
+        """Log an unexpected failure with its traceback, at most a few a minute.
+
+        Its cause may be the zone's input: a zone that finds a way to make the
+        handler fail must not fill the host's log.
+        """
+        if self._log_bucket.take(time.monotonic()):
+            log.exception("zone %s: %s", self.zone, what)
+
     async def _counters_loop(self) -> None:
         last: bytes = b""
         while True:
@@ -241,7 +251,7 @@ class ZoneEngine:
         try:
             await handler(stream)
         except Exception:
-            log.exception("zone %s: connection handler failed", self.zone)
+            self._log_failure("connection handler failed")
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
@@ -510,7 +520,7 @@ class ZoneEngine:
                 with contextlib.suppress(OSError):
                     await sock.sendto(reply, source)
         except Exception:
-            log.exception("zone %s: DNS query failed", self.zone)
+            self._log_failure("DNS query failed")
         finally:
             self.dns_inflight -= 1
 
