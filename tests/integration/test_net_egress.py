@@ -391,6 +391,11 @@ async def test_helper_death_fails_closed_and_is_restored(world: World) -> None:
                     break
                 await trio.sleep(0.2)
         assert nethost.status("z0") == "up"
+        # The new helper knows what the old one pinned: no lookup needed.
+        got = await curl(
+            world, zone, "https://allowed.test/", "--resolve", f"allowed.test:443:{WEB_A}"
+        )
+        assert got.returncode == 0, got.stderr
         assert (await curl(world, zone, "https://allowed.test/")).returncode == 0
 
 
@@ -434,6 +439,11 @@ async def test_garbage_and_spoofed_sources_hurt_nobody(world: World) -> None:
         got = await run_in(world, zone, [sys.executable, "-c", spoof])
         assert "connected" not in got.stdout and "timed out" in got.stderr, got
         assert nethost.status("z0") == "up"
+        # The new helper knows what the old one pinned: no lookup needed.
+        got = await curl(
+            world, zone, "https://allowed.test/", "--resolve", f"allowed.test:443:{WEB_A}"
+        )
+        assert got.returncode == 0, got.stderr
         assert (await curl(world, zone, "https://allowed.test/")).returncode == 0
         await settle(nethost)
         assert nethost.counters("z0").dns_dropped > 0

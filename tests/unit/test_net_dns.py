@@ -183,6 +183,19 @@ def test_pins_expire_and_are_bounded() -> None:
     assert len(pins) == 0
 
 
+def test_pins_export_and_seed_a_successor() -> None:
+    old = PinTable(max_entries=10)
+    addr = ipaddress.ip_address("203.0.113.9")
+    old.record(["pypi.org", "cdn.net"], [(addr, 60)], now=100)
+    successor = PinTable(max_entries=1)
+    for a, name, expiry in sorted(old.entries(now=150), key=lambda e: e[1]):
+        assert expiry == 400  # min_ttl_s (300) after 100
+        successor.record_until(name, a, expiry)
+    assert len(successor) == 1  # bounded too
+    assert successor.names_for(addr, 399) == {"pypi.org"}
+    assert old.entries(now=400) == []
+
+
 def test_token_bucket_and_event_limiter() -> None:
     bucket = TokenBucket(rate=2, burst=3, now=0)
     assert [bucket.take(0) for _ in range(4)] == [True, True, True, False]

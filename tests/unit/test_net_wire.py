@@ -27,8 +27,10 @@ def test_messages_round_trip() -> None:
         publishes=[parse_publish("8080:80")],
         publish_fds=[6],
     )
+    pins = [wire.Pin("203.0.113.9", "pypi.org", 12.5)]
     messages = (
         setup,
+        wire.SeedPins(pins=pins),
         wire.SetPolicy(seq=1, policy=parse_policy(["open"])),
         wire.GetCounters(seq=2),
     )
@@ -42,6 +44,7 @@ def test_messages_round_trip() -> None:
         wire.Applied(seq=1, closed=2),
         wire.Counters(counters=NetCounters(bytes_in=5), pins=3),
         wire.Refused(event=event),
+        wire.Pinned(pins=pins),
     ):
         assert wire.decode_from_helper(wire.encode(reply)) == reply
 
@@ -55,6 +58,9 @@ def test_hostile_helper_messages_are_rejected() -> None:
         wire.decode_from_helper(b"\x00" * (wire.MAX_MESSAGE + 1))
     with pytest.raises(msgspec.DecodeError):
         wire.decode_from_helper(b"\xc1")
+    too_many = [["203.0.113.9", "a.org", 1.0]] * (wire.PINS_PER_MESSAGE + 1)
+    with pytest.raises(msgspec.ValidationError):
+        wire.decode_from_helper(msgspec.msgpack.encode({"type": "pinned", "pins": too_many}))
 
 
 def test_counters_survive_helper_restarts() -> None:

@@ -42,7 +42,16 @@ from zoned.net import dnsfilter, sniff
 from zoned.net.accounting import EventLimiter, NetCounters, RefusedEvent, RefusedKind, TokenBucket
 from zoned.net.pins import PinTable
 from zoned.net.policy import CompiledPolicy, IPAddress, NetPolicy, Publish
-from zoned.net.wire import Counters, FromHelper, Limits, Refused, Setup
+from zoned.net.wire import (
+    PINS_PER_MESSAGE,
+    Counters,
+    FromHelper,
+    Limits,
+    Pin,
+    Pinned,
+    Refused,
+    Setup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +147,15 @@ class ZoneEngine:
             nursery.start_soon(self._counters_loop)
             self._start_publishes()
             task_status.started()
+
+    def seed_pins(self, pins: list[Pin]) -> None:
+        """Pins the zone's previous helper recorded (the daemon kept them)."""
+        for pin in pins:
+            try:
+                addr = ipaddress.ip_address(pin.address)
+            except ValueError:
+                continue
+            self.pins.record_until(pin.name, addr, pin.expires)
 
     def set_policy(self, policy: NetPolicy) -> int:
         """Apply a new policy to new connections at once; close the open ones it refuses."""
@@ -588,7 +606,14 @@ class ZoneEngine:
         else:
             self.counters.dns_answered += 1
         if filtered.pinned:
-            self.pins.record(filtered.names, filtered.pinned, time.monotonic())
+            now = time.monotonic()
+            self.pins.record(filtered.names, filtered.pinned, now)
+            pins = [
+                Pin(str(addr), name, now + self.pins.lifetime(ttl))
+                for addr, ttl in filtered.pinned
+                for name in filtered.names
+            ]
+            self.emit(Pinned(pins=pins[:PINS_PER_MESSAGE]))
         return dnsfilter.to_wire(filtered.response, limit)
 
     async def _ask_upstream(self, query: dnsfilter.Query) -> dns.message.Message | None:

@@ -96,7 +96,9 @@ def _sockets(fds: list[int], indices: list[int], kind: int) -> list[trio.socket.
     return [trio.socket.from_stdlib_socket(socket.socket(fileno=fds[i])) for i in indices]
 
 
-async def serve(control: socket.socket, setup: wire.Setup, fds: list[int]) -> None:
+async def serve(
+    control: socket.socket, setup: wire.Setup, fds: list[int], pins: list[wire.Pin]
+) -> None:
     control.setblocking(False)
     ctl = trio.socket.from_stdlib_socket(control)
     send_channel, receive_channel = trio.open_memory_channel[wire.FromHelper](1024)
@@ -114,6 +116,8 @@ async def serve(control: socket.socket, setup: wire.Setup, fds: list[int]) -> No
         publish=_sockets(fds, setup.publish_fds, socket.SOCK_STREAM),
         emit=emit,
     )
+
+    engine.seed_pins(pins)
 
     async def sender() -> None:
         async for message in receive_channel:
@@ -174,13 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(message, wire.Setup):
         print(f"{MARKER}: first message is {type(message).__name__}, not setup", file=sys.stderr)
         return 1
+    seeds: list[wire.SeedPins] = []
+    try:
+        for _ in range(message.seed_messages):
+            seed, _ = receive(control)
+            if isinstance(seed, wire.SeedPins):
+                seeds.append(seed)
+    except (EOFError, OSError, ValueError, msgspec.DecodeError) as exc:
+        print(f"{MARKER}: no pins: {exc}", file=sys.stderr)
+        return 1
     limits = message.limits
     # Per connection: two sockets and two pipes (the splice relay).
     max_files = 6 * limits.max_connections + 2 * limits.dns_inflight + 96 + len(fds)
     preload()
     os.chdir("/")
     drop_privileges(args.uid, args.gid, max_files)
-    trio.run(serve, control, message, fds)
+    trio.run(serve, control, message, fds, [pin for seed in seeds for pin in seed.pins])
     return 0
 
 

@@ -51,6 +51,7 @@ from zoned.net import nftrules, wire
 from zoned.net.accounting import NetCounters, RefusedEvent
 from zoned.net.addressing import NetPools, ZoneAddressing, validate_pools, zone_addressing
 from zoned.net.helper import MARKER
+from zoned.net.pins import PinTable
 from zoned.net.policy import (
     CidrRule,
     NetPolicy,
@@ -442,6 +443,8 @@ class _ZoneNet:
     helper: _Helper | None = None
     status: NetStatus = "restarting"
     base: NetCounters = field(default_factory=NetCounters)
+    # What the helper pinned, to seed its successor (bounded like its own table).
+    pins: PinTable = field(default_factory=PinTable)
     seq: int = 0
     restarts: int = 0
     supervisor: trio.CancelScope | None = None
@@ -579,7 +582,14 @@ class NetHost:
                 raise Conflict(f"network slot {spec.slot} is taken by zone {other.spec.zone!r}")
         await self._call(lambda: check_forwarding(spec.policy))
         publish_sockets = await self._call(lambda: bind_publishes(spec.publishes))
-        net = _ZoneNet(spec, addr, [], publish_sockets, standin_netns=standin_netns)
+        net = _ZoneNet(
+            spec,
+            addr,
+            [],
+            publish_sockets,
+            pins=PinTable(max_entries=self.config.limits.pin_entries),
+            standin_netns=standin_netns,
+        )
         self._zones[spec.zone] = net
         try:
             await self._apply_table()
@@ -833,11 +843,17 @@ class NetHost:
             await done.wait()
         return helper.closed.pop(seq, 0)
 
-    def _setup_message(self, net: _ZoneNet) -> tuple[wire.Setup, list[int]]:
+    def _setup_message(self, net: _ZoneNet) -> tuple[wire.Setup, list[int], list[wire.SeedPins]]:
         listeners = net.listeners
         per_kind = len(listeners) // 3
         fds = [s.fileno() for s in listeners] + [s.fileno() for s in net.publish_sockets]
         upstream = self.config.upstream_dns or resolv_conf_nameservers()
+        live = [
+            wire.Pin(str(addr), name, expiry)
+            for addr, name, expiry in net.pins.entries(time.monotonic())
+        ]
+        per = wire.PINS_PER_MESSAGE
+        seeds = [wire.SeedPins(pins=live[i : i + per]) for i in range(0, len(live), per)]
         setup = wire.Setup(
             zone=net.spec.zone,
             addressing=net.addressing,
@@ -850,8 +866,9 @@ class NetHost:
             dns_tcp_fds=list(range(2 * per_kind, 3 * per_kind)),
             publishes=net.spec.publishes,
             publish_fds=list(range(3 * per_kind, 3 * per_kind + len(net.publish_sockets))),
+            seed_messages=len(seeds),
         )
-        return setup, fds
+        return setup, fds, seeds
 
     async def _supervise(
         self, net: _ZoneNet, scope: trio.CancelScope, first_ready: trio.Event
@@ -862,8 +879,10 @@ class NetHost:
                 helper = await self._call(lambda: self._spawn(net))
                 net.helper = helper
                 try:
-                    setup, fds = self._setup_message(net)
+                    setup, fds, seeds = self._setup_message(net)
                     await self._send(helper, setup, fds)
+                    for seed in seeds:
+                        await self._send(helper, seed, [])
                     reason = await self._read_helper(net, helper, first_ready)
                 except OSError as exc:
                     reason = f"control socket: {exc}"
@@ -914,6 +933,11 @@ class NetHost:
                     done = helper.applied.pop(message.seq, None)
                     if done is not None:
                         done.set()
+            elif isinstance(message, wire.Pinned):
+                for pin in message.pins:
+                    with contextlib.suppress(ValueError):
+                        addr = ipaddress.ip_address(pin.address)
+                        net.pins.record_until(pin.name, addr, pin.expires)
             elif isinstance(message, wire.Refused):
                 self._event(NetEvent(net.spec.zone, "refused", refused=message.event))
             elif isinstance(message, wire.Applied):

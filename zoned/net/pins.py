@@ -55,6 +55,24 @@ class PinTable:
         while self._count > self.max_entries:
             self._evict_earliest()
 
+    def record_until(self, name: str, addr: IPAddress, expiry: float) -> None:
+        """One pin with an absolute expiry (seeding a restarted helper); bounded like record."""
+        entry = self._by_addr.setdefault(addr, {})
+        if name not in entry:
+            self._count += 1
+        entry[name] = max(expiry, entry.get(name, 0.0))
+        while self._count > self.max_entries:
+            self._evict_earliest()
+
+    def entries(self, now: float) -> list[tuple[IPAddress, str, float]]:
+        """Every live pin as (address, name, expiry)."""
+        return [
+            (addr, name, expiry)
+            for addr, entry in self._by_addr.items()
+            for name, expiry in entry.items()
+            if expiry > now
+        ]
+
     def names_for(self, addr: IPAddress, now: float) -> set[str]:
         entry = self._by_addr.get(addr)
         if not entry:

@@ -7,14 +7,18 @@ on the far side of hostile input (it parses the zone's bytes), so the
 daemon decodes what it sends with the same strictness as anything from a
 zone: tagged, typed, bounded.
 
-Daemon -> helper: :class:`Setup` first, then :class:`SetPolicy` and
+Daemon -> helper: :class:`Setup` first (and the :class:`SeedPins` it
+announces), then :class:`SetPolicy` and
 :class:`SetPublishes` at any time (each answered by :class:`Applied` with
 its ``seq`` once new connections see it), :class:`GetCounters`, :class:`Stop`.
 Helper -> daemon: :class:`Ready`, :class:`Applied`, :class:`Counters`
-(periodically), :class:`Refused` (already rate-limited).
+(periodically), :class:`Pinned` (for a restarted helper), :class:`Refused`
+(already rate-limited).
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import msgspec
 
@@ -24,6 +28,7 @@ from zoned.net.policy import NetPolicy, Publish, RefusedRange
 
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 4 + 2 * 64
+PINS_PER_MESSAGE = 512
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -58,6 +63,19 @@ class Setup(_Msg, frozen=True, tag="setup", kw_only=True):
     dns_tcp_fds: list[int]
     publishes: list[Publish] = []
     publish_fds: list[int] = []  # one listening socket per publish, same order
+    seed_messages: int = 0
+
+
+class Pin(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    address: Annotated[str, msgspec.Meta(max_length=64)]
+    name: Annotated[str, msgspec.Meta(max_length=253)]
+    expires: float  # time.monotonic() (CLOCK_MONOTONIC: the same in every process)
+
+
+class SeedPins(_Msg, frozen=True, tag="seed_pins", kw_only=True):
+    """Pins of the zone's previous helper; ``Setup.seed_messages`` of them follow Setup."""
+
+    pins: Annotated[list[Pin], msgspec.Meta(max_length=PINS_PER_MESSAGE)]
 
 
 class SetPolicy(_Msg, frozen=True, tag="set_policy", kw_only=True):
@@ -97,12 +115,18 @@ class Counters(_Msg, frozen=True, tag="counters", kw_only=True):
     seq: int = 0  # of the GetCounters it answers; 0 when periodic
 
 
+class Pinned(_Msg, frozen=True, tag="pinned", kw_only=True):
+    """Pins the helper just recorded, so that a restarted helper starts with them."""
+
+    pins: Annotated[list[Pin], msgspec.Meta(max_length=PINS_PER_MESSAGE)]
+
+
 class Refused(_Msg, frozen=True, tag="refused", kw_only=True):
     event: RefusedEvent
 
 
-ToHelper = Setup | SetPolicy | SetPublishes | GetCounters | Stop
-FromHelper = Ready | Applied | Counters | Refused
+ToHelper = Setup | SeedPins | SetPolicy | SetPublishes | GetCounters | Stop
+FromHelper = Ready | Applied | Counters | Pinned | Refused
 
 _to_helper = msgspec.msgpack.Decoder(ToHelper)
 _from_helper = msgspec.msgpack.Decoder(FromHelper)
