@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -50,14 +49,6 @@ RECORDS: dict[str, list[list[str]]] = {
     "mixed.test": [["A", WEB_B], ["A", "10.1.2.3"]],
     "meta.test": [["A", "169.254.169.254"]],
 }
-ALL_NAMES = [
-    "allowed.test",
-    "other.test",
-    "blocked.test",
-    "files.cdn.test",
-    "alias.test",
-    "web.test",
-]
 
 
 def sh(
@@ -277,8 +268,8 @@ def network_world(tmp: Path) -> Iterator[World]:
         for address in (WEB_A, WEB_B, DNS):
             sh(["ip", "-n", internet, "addr", "add", f"{address}/32", "dev", "lo"])
         sh(["ip", "-n", internet, "-6", "addr", "add", f"{WEB_A6}/128", "dev", "lo", "nodad"])
-        # Zones' return traffic: the internet routes the zone pool to the host
-        # only for forwarded UDP (masqueraded, so it never needs to).
+        # No route back to the zone pool: proxied traffic comes from the host's
+        # own address, forwarded UDP is masqueraded to it.
         ca, cert, key = _make_certs(tmp)
         config = tmp / "world.json"
         config.write_text(
@@ -362,6 +353,3 @@ def wait_tcp(namespace_cmd: Sequence[str], host: str, port: int, *, timeout: flo
             return
         time.sleep(0.1)
     raise AssertionError(f"nothing listens on {host}:{port}")
-
-
-__all__ = ["World", "network_world", "running_nethost", "socket"]
