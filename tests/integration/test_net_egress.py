@@ -514,6 +514,36 @@ async def test_a_flooding_zone_hurts_only_itself(world: World) -> None:
         assert "connection-limit" in {rule for _, _, rule in refused(drain(nethost))}
 
 
+async def test_a_zone_tap_for_qemu_and_its_removal(world: World) -> None:
+    import json
+
+    async with running_nethost(world, tap_uid=3_100_000_123, tap_gid=3_100_000_124) as nethost:
+        addr = await nethost.create(spec("tapzone", 5, "allowed.test:443"))
+        host = ["ip", "-n", world.host]
+        (link,) = json.loads(sh([*host, "-j", "-d", "addr", "show", "dev", addr.ifname]).stdout)
+        info = link["linkinfo"]["info_data"]
+        assert (link["linkinfo"]["info_kind"], info["type"]) == ("tun", "tap")
+        assert (info["user"], info["group"], info["vnet_hdr"]) == (
+            3_100_000_123,
+            3_100_000_124,
+            True,
+        )
+        assert link["ifalias"] == f"zoned:{world.config().owner}:tapzone"
+        assert {
+            (a["local"], a["prefixlen"]) for a in link["addr_info"] if a["scope"] == "global"
+        } == {
+            (addr.host_v4, 30),
+            (addr.host_v6, 64),
+        }
+        sysctl = ["ip", "netns", "exec", world.host, "sysctl", "-n"]
+        assert sh([*sysctl, f"net.ipv6.conf.{addr.ifname}.accept_ra"]).stdout.strip() == "0"
+        assert sh([*sysctl, f"net.ipv4.conf.{addr.ifname}.accept_redirects"]).stdout.strip() == "0"
+        await nethost.remove("tapzone")
+        assert sh([*host, "link", "show", "dev", addr.ifname], check=False).returncode != 0
+        with pytest.raises(NotFound):
+            await nethost.remove("tapzone")
+
+
 OWNER = """
 import sys, trio
 from zoned.net.host import NetHost, NetHostConfig, ZoneNetSpec
