@@ -199,6 +199,14 @@ def test_cidr_rules_open_refused_ranges_only_from_inside() -> None:
     assert [str(r) for r in policy.udp_rules()] == ["udp://10.9.0.0/16:53"]
 
 
+def test_open_does_not_answer_the_hosts_own_names() -> None:
+    policy = CompiledPolicy(parse_policy(["open", "printer.lan"]))
+    assert policy.name_allowed("pypi.org").allowed
+    for name in ("1.0.0.10.in-addr.arpa", "nas.local", "localhost", "db.corp", "x.internal"):
+        assert policy.name_allowed(name).rule == "special-use-name", name
+    assert policy.name_allowed("printer.lan").allowed  # named by a rule
+
+
 def test_without_rules_nothing_is_reached() -> None:
     policy = CompiledPolicy(NetPolicy())
     assert policy.address_decision(ip("8.8.8.8"), 443, "tcp") is None

@@ -423,6 +423,26 @@ class Decision(msgspec.Struct, frozen=True):
     rule: str
 
 
+# Names whose answers describe the host's own networks rather than the
+# internet (reverse lookups, local and split-horizon names): ``open`` does
+# not answer them; a name rule must name them.
+SPECIAL_USE_SUFFIXES = (
+    "arpa",
+    "local",
+    "localhost",
+    "localdomain",
+    "internal",
+    "lan",
+    "home",
+    "corp",
+)
+
+
+def is_special_use(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return last in SPECIAL_USE_SUFFIXES
+
+
 def name_matches(pattern: str, name: str) -> bool:
     """``name`` (normalized) against an exact or ``*.`` pattern."""
     if pattern.startswith("*."):
@@ -506,6 +526,8 @@ class CompiledPolicy:
             if name_matches(rule.pattern, name):
                 return Decision(True, str(rule))
         if self.policy.open:
+            if is_special_use(name):
+                return Decision(False, "special-use-name")
             return Decision(True, "open")
         return Decision(False, "name-not-allowed")
 
