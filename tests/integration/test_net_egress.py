@@ -563,12 +563,18 @@ trio.run(main)
 
 async def start_owner(world: World, zone_spec: ZoneNetSpec) -> subprocess.Popen[bytes]:
     """Another process that owns a zone network (to be killed); returns once it is up."""
+    # The owner runs in the stand-in host itself with netns=None, as zoned
+    # runs on a host: its helpers are spawned without "ip netns exec".
     owner = subprocess.Popen(
         [
+            "ip",
+            "netns",
+            "exec",
+            world.host,
             sys.executable,
             "-c",
             OWNER,
-            msgspec.json.encode(world.config()).decode(),
+            msgspec.json.encode(world.config(netns=None)).decode(),
             msgspec.json.encode(zone_spec).decode(),
             world.zones[0],
         ],

@@ -876,7 +876,10 @@ class NetHost:
         """Run the zone's helper; restart it when it dies, fail the zone when it keeps dying."""
         with scope:
             while True:
-                helper = await self._call(lambda: self._spawn(net))
+                # Spawned from this (the event loop's) thread, never a worker:
+                # PR_SET_PDEATHSIG follows the thread that forked, and a
+                # worker thread that retires would kill the helper.
+                helper = self._spawn(net)
                 net.helper = helper
                 try:
                     setup, fds, seeds = self._setup_message(net)
