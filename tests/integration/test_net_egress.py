@@ -113,10 +113,10 @@ URLLIB = (
 async def test_allowed_names_work_through_curl_and_urllib(world: World) -> None:
     async with running_nethost(world) as nethost:
         zone = await create(world, nethost, 0, "allowed.test:80,443", "*.cdn.test:443")
-        got = await curl(world, zone, "https://allowed.test/path")
+        got = await curl(world, zone, "https://allowed.test/path", "-4")
         assert got.returncode == 0, got.stderr
         assert got.stdout == f"{WEB_A} allowed.test /path\n"
-        got = await curl(world, zone, "http://allowed.test/plain")
+        got = await curl(world, zone, "http://allowed.test/plain", "-4")
         assert got.stdout == f"{WEB_A} allowed.test /plain\n", got.stderr
         got = await curl(world, zone, "https://allowed.test/v6", "-6")
         assert got.stdout == f"{WEB_A6} allowed.test /v6\n", got.stderr
@@ -159,7 +159,7 @@ async def test_names_off_the_list_fail_and_show_as_events(world: World) -> None:
         got = await curl(world, zone, f"https://{WEB_B}/")
         assert got.returncode != 0
         # An allowed name on a port the rule does not name.
-        got = await curl(world, zone, "http://allowed.test/")
+        got = await curl(world, zone, "http://allowed.test/", "-4")
         assert got.returncode != 0
         await settle(nethost)
         events = refused(drain(nethost))
@@ -176,7 +176,7 @@ async def test_other_sni_or_host_to_an_allowed_address_is_refused(world: World) 
         # other.test is served by the same address, which is pinned for allowed.test.
         got = await curl(world, zone, "https://other.test/", "--resolve", f"other.test:443:{WEB_A}")
         assert got.returncode != 0
-        got = await curl(world, zone, "http://allowed.test/", "-H", "Host: other.test")
+        got = await curl(world, zone, "http://allowed.test/", "-4", "-H", "Host: other.test")
         assert got.returncode != 0
         # No SNI at all (clients send none for an address in the URL): refused too.
         got = await curl(world, zone, f"https://{WEB_A}/", "-k")
@@ -322,9 +322,18 @@ async def test_udp_only_where_a_cidr_rule_allows_it(world: World) -> None:
                 await run_in(world, zone, [sys.executable, "-c", probe])
             ).stdout.strip() == "no answer"
             await nethost.update_policy("z0", parse_policy([f"udp://{DNS}:{UDP_ECHO_PORT}"]))
+            before = await nethost.read_counters("z0")
             assert (
                 await run_in(world, zone, [sys.executable, "-c", probe])
             ).stdout.strip() == "ping"
+            after = await nethost.read_counters("z0")
+            # 4 bytes of payload each way, counted with their IP and UDP headers.
+            assert after.bytes_out - before.bytes_out == 32
+            assert after.bytes_in - before.bytes_in == 32
+            # A rewrite of the table (another policy change) keeps the count.
+            both = parse_policy([f"udp://{DNS}:{UDP_ECHO_PORT}", "open"])
+            await nethost.update_policy("z0", both)
+            assert (await nethost.read_counters("z0")).bytes_out == after.bytes_out
             # QUIC (UDP 443) to an allowed name is not forwarded.
             quic = probe.replace(str(UDP_ECHO_PORT), "443").replace(DNS, WEB_A)
             assert (

@@ -263,6 +263,28 @@ def nft_apply(script: str) -> None:
     run(["nft", "-f", "-"], stdin=script)
 
 
+def udp_counters(table: str) -> dict[str, tuple[int, int]]:
+    """Forwarded UDP bytes per link, (out, in), from our table's named counters."""
+    proc = subprocess.run(
+        ["nft", "-j", "list", "counters", "table", "inet", table],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        return {}  # no table yet
+    found: dict[str, list[int]] = {}
+    for item in json.loads(proc.stdout).get("nftables", []):
+        counter = item.get("counter")
+        if not counter:
+            continue
+        link, _, direction = counter["name"].rpartition("_udp_")
+        pair = found.setdefault(link, [0, 0])
+        pair[0 if direction == "out" else 1] += int(counter.get("bytes", 0))
+    return {link: (pair[0], pair[1]) for link, pair in found.items()}
+
+
 def table_exists(table: str) -> bool:
     proc = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, check=False)
     return proc.returncode == 0
@@ -443,6 +465,9 @@ class _ZoneNet:
     helper: _Helper | None = None
     status: NetStatus = "restarting"
     base: NetCounters = field(default_factory=NetCounters)
+    # Forwarded UDP (out, in): folded in before each table rewrite, and live.
+    udp_base: tuple[int, int] = (0, 0)
+    udp_live: tuple[int, int] = (0, 0)
     # What the helper pinned, to seed its successor (bounded like its own table).
     pins: PinTable = field(default_factory=PinTable)
     seq: int = 0
@@ -529,7 +554,10 @@ class NetHost:
     def counters(self, zone: str) -> NetCounters:
         net = self._get(zone)
         live = net.helper.counters if net.helper is not None else NetCounters()
-        return _add_counters(net.base, live)
+        total = _add_counters(net.base, live)
+        total.bytes_out += net.udp_base[0] + net.udp_live[0]
+        total.bytes_in += net.udp_base[1] + net.udp_live[1]
+        return total
 
     async def read_counters(self, zone: str) -> NetCounters:
         """The zone's counters as of now: the helper answers after everything it sent before.
@@ -539,6 +567,8 @@ class NetHost:
         async with self._lock:
             net = self._get(zone)
             await self._send_and_wait(net, lambda seq: wire.GetCounters(seq=seq), [])
+            udp = await self._call(lambda: udp_counters(self.config.table))
+            net.udp_live = udp.get(net.addressing.ifname, (0, 0))
         return self.counters(zone)
 
     def zones(self) -> list[str]:
@@ -764,7 +794,19 @@ class NetHost:
 
     async def _apply_table(self) -> None:
         script = nftrules.render_table(self.config.table, self.config.owner, self._filters())
-        await self._call(lambda: nft_apply(script))
+        table = self.config.table
+
+        def fold_and_apply() -> dict[str, tuple[int, int]]:
+            # The rewrite resets the counters: read them in the same thread first.
+            before = udp_counters(table)
+            nft_apply(script)
+            return before
+
+        before = await self._call(fold_and_apply)
+        for net in self._zones.values():
+            out, back = before.get(net.addressing.ifname, (0, 0))
+            net.udp_base = (net.udp_base[0] + out, net.udp_base[1] + back)
+            net.udp_live = (0, 0)
 
     # -- helpers ------------------------------------------------------------
 

@@ -20,7 +20,9 @@ Per zone (chains ``<link>_*``):
   own connections (publishes), and IPv6 neighbour discovery. Router
   advertisements, pings, UDP to anything else: dropped and counted.
 - ``fwd`` (forward): only UDP the policy names by CIDR and port; replies
-  back in; everything else dropped. Masqueraded on the way out.
+  back in; everything else dropped. Masqueraded on the way out. The bytes
+  go to the named counters ``<link>_udp_out`` / ``<link>_udp_in`` (the
+  table is rewritten on every change: the host shell reads them first).
 - ``out`` (output): to the zone only the helper's own publish connections,
   replies, and neighbour discovery.
 """
@@ -102,12 +104,12 @@ def _zone_chains(zone: ZoneFilter) -> list[str]:
             continue
         family = "ip" if net.version == 4 else "ip6"
         port_match = f" udp dport {_ports(rule.ports)}" if rule.ports else " meta l4proto udp"
-        lines.append(f"\t\t{family} daddr {net}{port_match} counter accept")
+        lines.append(f'\t\t{family} daddr {net}{port_match} counter name "{link}_udp_out" accept')
     lines.append("\t\tcounter drop")
     lines.append("\t}")
 
     lines.append(f"\tchain {link}_back {{")
-    lines.append("\t\tct state established,related accept")
+    lines.append(f'\t\tct state established,related counter name "{link}_udp_in" accept')
     lines.append("\t\tcounter drop")
     lines.append("\t}")
 
@@ -147,6 +149,9 @@ def render_table(table: str, owner: str, zones: Sequence[ZoneFilter]) -> str:
         f"table inet {table} {{",
         f"\tcomment {_quote('zoned ' + owner)}",
     ]
+    for zone in ordered:
+        link = zone.addressing.ifname
+        out += [f"\tcounter {link}_udp_out {{ }}", f"\tcounter {link}_udp_in {{ }}"]
     for zone in ordered:
         out += _zone_chains(zone)
     out += _dispatch("raw", "filter hook prerouting", "raw", "iifname", "raw", ordered)
