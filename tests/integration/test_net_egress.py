@@ -286,8 +286,11 @@ async def test_policy_changes_take_effect_at_once(world: World) -> None:
             text=True,
         )
         try:
-            with trio.fail_after(20):  # until the download is under way
-                while (await nethost.read_counters("z0")).bytes_in < 200_000:
+            with trio.fail_after(20):  # the download under way, the earlier ones gone
+                while True:
+                    now = await nethost.read_counters("z0")
+                    if now.bytes_in >= 200_000 and now.connections_active == 1:
+                        break
                     await trio.sleep(0.1)
             closed = await nethost.update_policy("z0", parse_policy(["allowed.test:443"]))
             assert closed == 1
