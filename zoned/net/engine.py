@@ -74,6 +74,12 @@ def original_destination(sock: trio.socket.SocketType) -> tuple[IPAddress, int]:
     return ipaddress.IPv6Address(raw[8:24]), port
 
 
+def reset_on_close(sock: trio.socket.SocketType) -> None:
+    """Make close() send a reset and drop what is still queued (SO_LINGER 0)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def _upstream_address(text: str) -> tuple[str, int]:
     host, _, port = text.partition("#")
     return str(ipaddress.ip_address(host)), int(port or 53)
@@ -88,6 +94,9 @@ class _Connection:
     names: set[str] = field(default_factory=set)
     claimed: str | None = None  # the SNI/Host it sent, once sniffed
     by_name: bool = False
+    # Closed by a policy change: reset, not a graceful close (a slow reader
+    # would otherwise keep receiving what is still buffered for it).
+    revoked: bool = False
 
 
 class ZoneEngine:
@@ -164,6 +173,7 @@ class ZoneEngine:
         closed = 0
         for conn in list(self.connections):
             if not self._still_allowed(conn, now):
+                conn.revoked = True
                 conn.scope.cancel()
                 closed += 1
         return closed
@@ -326,6 +336,8 @@ class ZoneEngine:
                 finally:
                     self.connections.discard(conn)
                     self.counters.connections_active -= 1
+            if conn.revoked:
+                reset_on_close(sock)
 
     async def _relay_proxied(self, client: trio.SocketStream, conn: _Connection) -> None:
         """Connect upstream at once; let the client's bytes through once its claim is checked."""
@@ -361,6 +373,8 @@ class ZoneEngine:
             return
         finally:
             for stream in upstream:
+                if conn.revoked:
+                    reset_on_close(stream.socket)
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
 
