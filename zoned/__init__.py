@@ -27,6 +27,12 @@ is the picture, ``docs/`` one page per topic.
    - :mod:`zoned.credit`: the credit window both ends of the agent channel
      count exec output and input with (standard library only: the agent
      loads it).
+   - :mod:`zoned.net.policy`, :mod:`zoned.net.sniff`,
+     :mod:`zoned.net.addressing`, :mod:`zoned.net.nftrules`,
+     :mod:`zoned.net.pins`, :mod:`zoned.net.accounting`,
+     :mod:`zoned.net.wire`: zone networks' policy, SNI/Host sniffing,
+     addresses, our nftables table, DNS pins, counters and rate limits, the
+     helper's messages.
 
 2. **The guest agent**, :mod:`zoned.agent`: PID 1 inside a zone. Its
    modules import the standard library, msgspec, :mod:`zoned` (the version),
@@ -44,7 +50,11 @@ is the picture, ``docs/`` one page per topic.
    side), :mod:`zoned.config`, :mod:`zoned.hostinfo`, :mod:`zoned.kernel`
    (the store of built kernels and the ``zoned-kernel`` build tool),
    :mod:`zoned.images` (the boot image, the workload root; blocking: called
-   from worker threads).
+   from worker threads), :mod:`zoned.net.host` (taps, our nftables table,
+   the zones' network helpers). A zone's network helper is a process of its
+   own: :mod:`zoned.net.helper` runs :mod:`zoned.net.engine` (the resolver
+   and proxy on trio) and :mod:`zoned.net.dnsfilter` (pure decisions on
+   dnspython's messages, which load ``socket``).
 
 4. **The daemon**: :mod:`zoned.zones` (the zone manager), :mod:`zoned.workloads`
    (exec and run), :mod:`zoned.server` (the control socket's IO),

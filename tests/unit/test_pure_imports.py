@@ -24,6 +24,14 @@ PURE_MODULES = [
     "zoned.kernel.kconfig",
     "zoned.cpio",
     "zoned.credit",
+    "zoned.net",
+    "zoned.net.policy",
+    "zoned.net.sniff",
+    "zoned.net.addressing",
+    "zoned.net.nftrules",
+    "zoned.net.pins",
+    "zoned.net.accounting",
+    "zoned.net.wire",
 ]
 FORBIDDEN = ("trio", "libvirt", "libvirtmod", "subprocess", "socket", "pyudev", "psutil")
 

@@ -1,0 +1,80 @@
+"""Messages to and from a zone's network helper, and the host shell's pure helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from zoned.net import wire
+from zoned.net.accounting import NetCounters, RefusedEvent
+from zoned.net.addressing import NetPools, zone_addressing
+from zoned.net.host import _add_counters, link_alias, resolv_conf_nameservers
+from zoned.net.policy import parse_policy, parse_publish
+
+
+def test_messages_round_trip() -> None:
+    setup = wire.Setup(
+        zone="web",
+        addressing=zone_addressing(NetPools(), 3),
+        policy=parse_policy(["pypi.org:443", "udp://203.0.113.5:123"]),
+        extra_refused=[],
+        upstream_dns=["198.51.100.53", "2001:db8::53#5353"],
+        proxy_fds=[0, 1],
+        dns_udp_fds=[2, 3],
+        dns_tcp_fds=[4, 5],
+        publishes=[parse_publish("8080:80")],
+        publish_fds=[6],
+    )
+    pins = [wire.Pin("203.0.113.9", "pypi.org", 12.5)]
+    messages = (
+        setup,
+        wire.SeedPins(pins=pins),
+        wire.SetPolicy(seq=1, policy=parse_policy(["open"])),
+        wire.GetCounters(seq=2),
+    )
+    for message in (*messages, wire.Stop()):
+        assert wire.decode_to_helper(wire.encode(message)) == message
+    event = RefusedEvent(
+        time=1.5, kind="sni", destination="198.51.100.10", port=443, rule="sni-mismatch"
+    )
+    for reply in (
+        wire.Ready(pid=7),
+        wire.Applied(seq=1, closed=2),
+        wire.Counters(counters=NetCounters(bytes_in=5), pins=3),
+        wire.Refused(event=event),
+        wire.Pinned(pins=pins),
+    ):
+        assert wire.decode_from_helper(wire.encode(reply)) == reply
+
+
+def test_hostile_helper_messages_are_rejected() -> None:
+    with pytest.raises(msgspec.ValidationError):
+        wire.decode_from_helper(msgspec.msgpack.encode({"type": "setup", "zone": "x"}))
+    with pytest.raises(msgspec.ValidationError):
+        wire.decode_from_helper(msgspec.msgpack.encode({"type": "ready", "pid": 1, "extra": 2}))
+    with pytest.raises(msgspec.ValidationError, match="too long"):
+        wire.decode_from_helper(b"\x00" * (wire.MAX_MESSAGE + 1))
+    with pytest.raises(msgspec.DecodeError):
+        wire.decode_from_helper(b"\xc1")
+    too_many = [["203.0.113.9", "a.org", 1.0]] * (wire.PINS_PER_MESSAGE + 1)
+    with pytest.raises(msgspec.ValidationError):
+        wire.decode_from_helper(msgspec.msgpack.encode({"type": "pinned", "pins": too_many}))
+
+
+def test_counters_survive_helper_restarts() -> None:
+    base = NetCounters(bytes_in=10, connections_allowed=2, connections_active=0)
+    live = NetCounters(bytes_in=5, connections_allowed=1, connections_active=3)
+    total = _add_counters(base, live)
+    assert (total.bytes_in, total.connections_allowed, total.connections_active) == (15, 3, 3)
+
+
+def test_upstream_from_resolv_conf(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(
+        "# x\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver bogus\nsearch a\n"
+    )
+    assert resolv_conf_nameservers(conf) == ["192.0.2.53", "fe80::1"]
+    assert resolv_conf_nameservers(tmp_path / "missing") == []
+    assert link_alias("zoned-", "web") == "zoned:zoned-:web"
