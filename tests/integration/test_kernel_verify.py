@@ -7,6 +7,7 @@ which must pass.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,15 @@ import pytest
 from zoned.kernel.build import DEFAULT_CACHE
 
 FIXTURES = Path(__file__).parent.parent / "data" / "guest-kernel-bad"
+#: Where the unpacked source is (and verify's scratch output goes).
+KERNEL_CACHE = Path(os.environ.get("ZONED_KERNEL_CACHE", str(DEFAULT_CACHE)))
 
 pytestmark = pytest.mark.integration
 
 
 def verify(profile: str, guest_kernel_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "zoned.kernel.build", "verify", "--profile", profile]
-    argv += ["--cache", str(DEFAULT_CACHE)]
+    argv += ["--cache", str(KERNEL_CACHE)]
     if guest_kernel_dir is not None:
         argv += ["--guest-kernel-dir", str(guest_kernel_dir)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
@@ -44,6 +47,15 @@ def test_unknown_symbol_fails() -> None:
         "MISMATCH CONFIG_ZONED_NO_SUCH_SYMBOL: asked for y, but no Kconfig defines it"
         in result.stdout
     ), result.stdout + result.stderr
+
+
+def test_not_taken_and_requested_fails_before_configuring() -> None:
+    result = verify("contradiction", FIXTURES)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        "contradiction.config:3: CONFIG_SYN_COOKIES=y is listed as not taken, "
+        "but contradiction.config:6 requests it"
+    ) in result.stderr, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("profile", ["strict", "containers"])

@@ -36,9 +36,7 @@ from dataclasses import dataclass
 _SET_RE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET_RE = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
 _VALUE_RE = re.compile(r'^(y|m|n|-?[0-9]+|0x[0-9a-fA-F]+|"(?:[^"\\]|\\.)*")$')
-_NOT_TAKEN_RE = re.compile(
-    r"^# not taken: (CONFIG_[A-Za-z0-9_]+)(?:=(\S+)| is not set): (\S.*)$"
-)
+_NOT_TAKEN_RE = re.compile(r"^# not taken: (CONFIG_[A-Za-z0-9_]+)(?:=(\S+)| is not set): (\S.*)$")
 _CONTINUATION_RE = re.compile(r"^#\s{2,}(\S.*)$")
 
 
