@@ -240,8 +240,9 @@ def boot_and_report(
     init = INIT.replace("SYSCTL_LIST", " ".join(sysctls)).replace("UID", str(UID))
     initrd = busybox_initramfs(init, workdir / f"init-{profile}.cpio")
     scratch = workdir / f"scratch-{profile}-{machine}.ext4"
-    scratch.unlink(missing_ok=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(scratch), "32M"], check=True)
+    with scratch.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(scratch)], check=True)
     serial = workdir / f"serial-{profile}-{machine}.log"
     tsc = host_tsc_khz() if machine == "microvm" else None
     cmdline = [*hardened_cmdline(profile, machine, tsc), ip_config_arg(GUEST_ADDRESS, GATEWAY)]
