@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from zoned.bareboot import BUSYBOX, busybox_initramfs, qemu_command, wait_exit
+from zoned.bareboot import busybox_initramfs, qemu_command, wait_exit
 from zoned.hostinfo import host_tsc_khz
+from zoned.images.hostfiles import busybox_binary
 from zoned.kernel.cmdline import PASSED_TO_INIT, hardened_cmdline, ip_config_arg
 from zoned.kernel.store import DEFAULT_STORE, KernelImage, find_kernel
 
@@ -217,7 +218,7 @@ def erofs_image(workdir: Path) -> Path:
     # that is given CAP_NET_RAW by its file capability, as Debian's ping is.
     (tree / "cap").mkdir()
     capbb = tree / "cap" / "busybox"
-    shutil.copyfile(BUSYBOX, capbb)
+    shutil.copyfile(busybox_binary(), capbb)
     capbb.chmod(0o755)
     os.setxattr(capbb, "security.capability", file_capability(CAP_NET_RAW))
     image = workdir / "image.erofs"
