@@ -7,7 +7,7 @@ lines on the console, which also proves that init's writes to /dev/console
 reach the host on both machine types (a minimal config once left the 8250
 UART without its interrupt on microvm). The guest gets the devices a zone can
 have: an EROFS image with xattrs (read-only), an ext4 scratch disk, a NIC
-configured by ``ip=``, a balloon with free page reporting. Last, init exits,
+configured by ``ip=`` as the daemon gives it, a balloon with free page reporting. Last, init exits,
 so the kernel panics: the panic line must reach the console log and the zone
 must stop (``panic=-1`` reboots, ``-no-reboot`` ends QEMU).
 
@@ -16,7 +16,6 @@ The kernels come from ``$ZONED_KERNEL_STORE`` (default: the default store).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
@@ -31,8 +30,9 @@ import pytest
 from zoned.bareboot import busybox_initramfs, qemu_command, wait_exit
 from zoned.hostinfo import host_tsc_khz
 from zoned.images.hostfiles import busybox_binary
-from zoned.kernel.cmdline import PASSED_TO_INIT, hardened_cmdline, ip_config_arg
+from zoned.kernel.cmdline import PASSED_TO_INIT, hardened_cmdline
 from zoned.kernel.store import DEFAULT_STORE, KernelImage, find_kernel
+from zoned.net.addressing import NetPools, kernel_ip_argument, zone_addressing
 
 pytestmark = pytest.mark.integration
 
@@ -65,8 +65,8 @@ CONTAINER_SYSCTLS = {
     "net/core/bpf_jit_harden": "2",
 }
 
-GUEST_ADDRESS = ipaddress.IPv4Interface("10.0.2.15/24")
-GATEWAY = ipaddress.IPv4Address("10.0.2.2")  # QEMU user networking's gateway
+#: The first zone's addresses, as the daemon gives them (ip= on the command line).
+ADDRESSING = zone_addressing(NetPools(), 0)
 #: An unprivileged user in the guest, for the ACL and file-capability checks.
 UID = 1000
 CAP_NET_RAW = 13
@@ -246,7 +246,7 @@ def boot_and_report(
     subprocess.run(["mkfs.ext4", "-q", "-F", str(scratch)], check=True)
     serial = workdir / f"serial-{profile}-{machine}.log"
     tsc = host_tsc_khz() if machine == "microvm" else None
-    cmdline = [*hardened_cmdline(profile, machine, tsc), ip_config_arg(GUEST_ADDRESS, GATEWAY)]
+    cmdline = [*hardened_cmdline(profile, machine, tsc), kernel_ip_argument(ADDRESSING)]
     argv = qemu_command(
         kernel=kernel.image,
         initrd=initrd,
@@ -335,9 +335,12 @@ def test_guest_kernel_inside_view(
     check(facts["pivot_root"].split() == ["bin", "old"], f"pivot_root: {facts['pivot_root']}")
     # Network: the NIC, configured by ip= before init; loopback.
     check(set(facts["netdevs"].split()) == {"eth0", "lo"}, f"netdevs {facts['netdevs']}")
-    check(facts["eth0_addr"] == f"inet {GUEST_ADDRESS}", f"eth0 {facts['eth0_addr']}")
     check(
-        facts["default_route"].startswith(f"default via {GATEWAY} dev eth0"),
+        facts["eth0_addr"] == f"inet {ADDRESSING.guest_v4}/{ADDRESSING.prefix_v4}",
+        f"eth0 {facts['eth0_addr']}",
+    )
+    check(
+        facts["default_route"].startswith(f"default via {ADDRESSING.host_v4} dev eth0"),
         f"route {facts['default_route']}",
     )
     check(facts["pnp"] == "present", "/proc/net/pnp")

@@ -19,7 +19,6 @@ ones to init.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 
@@ -203,39 +202,3 @@ def hardened_cmdline(
         args.append(f"tsc_early_khz={tsc_khz}")
     args.extend(extra)
     return args
-
-
-_DEVICE_RE = re.compile(r"[a-z][a-z0-9]{0,14}")
-
-
-def ip_config_arg(
-    interface: ipaddress.IPv4Interface,
-    gateway: ipaddress.IPv4Address | None = None,
-    device: str = "eth0",
-    nameservers: Sequence[ipaddress.IPv4Address] = (),
-) -> str:
-    """``ip=`` for the kernel's IP-Config: a static address on ``device`` before init runs.
-
-    The daemon appends it (it is not an allow-listed caller argument). No
-    autoconfiguration (no DHCP/BOOTP/RARP client is built in); up to two
-    name servers, which the guest reads back from /proc/net/pnp.
-    """
-    if _DEVICE_RE.fullmatch(device) is None:
-        raise InvalidRequest(f"bad network device name {device!r}")
-    if len(nameservers) > 2:
-        raise InvalidRequest(f"at most 2 name servers for ip=, got {len(nameservers)}")
-    if gateway is not None and gateway not in interface.network:
-        raise InvalidRequest(f"gateway {gateway} is not in {interface.network}")
-    dns = [str(n) for n in nameservers] + [""] * (2 - len(nameservers))
-    # ip=<client>:<server>:<gateway>:<netmask>:<hostname>:<device>:<autoconf>:<dns0>:<dns1>
-    fields = [
-        str(interface.ip),
-        "",
-        "" if gateway is None else str(gateway),
-        str(interface.netmask),
-        "",
-        device,
-        "off",
-        *dns,
-    ]
-    return "ip=" + ":".join(fields).rstrip(":")
