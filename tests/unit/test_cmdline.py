@@ -6,20 +6,12 @@ import pytest
 
 from zoned.errors import InternalError, InvalidRequest, NotFound
 from zoned.kernel.cmdline import ALLOWED_EXTRA, PROFILES, hardened_cmdline
-from zoned.net.addressing import ZoneAddressing, kernel_ip_argument
+from zoned.net.addressing import NetPools, kernel_ip_argument, zone_addressing
 
 #: x86's COMMAND_LINE_SIZE, terminating NUL included.
 COMMAND_LINE_SIZE = 2048
-#: The longest addresses a zone's ip= argument can carry.
-LONGEST_ADDRESSING = ZoneAddressing(
-    slot=0,
-    ifname="zn0",
-    mac="02:00:00:00:00:00",
-    host_v4="255.255.255.253",
-    guest_v4="255.255.255.254",
-    host_v6="::1",
-    guest_v6="::2",
-)
+#: A zone whose ip= argument is as long as they get (15-character addresses).
+LONGEST_ADDRESSING = zone_addressing(NetPools(pool_v4="100.100.100.0/24"), 63)
 
 
 def test_strict_has_hardening_and_no_bpf_sysctls() -> None:
