@@ -122,6 +122,27 @@ def boot_until(argv: list[str], serial_log: Path, marker: bytes, timeout: float)
     )
 
 
+def wait_exit(argv: list[str], serial_log: Path, timeout: float) -> BootResult:
+    """Boot until the guest stops by itself (with ``-no-reboot``, a reboot or a
+    panic ends QEMU) or ``timeout`` passes (then QEMU is killed, ``seen`` False)."""
+    serial_log.unlink(missing_ok=True)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        returncode: int | None = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        returncode = None
+    elapsed = time.monotonic() - started
+    console = serial_log.read_bytes() if serial_log.exists() else b""
+    if proc.stderr is not None:
+        console += b"\n[qemu stderr] " + proc.stderr.read()
+    return BootResult(elapsed, console, returncode is not None, returncode)
+
+
 def busybox_initramfs(init_script: str, dest: Path) -> Path:
     """A minimal initramfs: Debian's static busybox and ``init_script`` as /init.
 

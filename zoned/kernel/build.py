@@ -157,6 +157,7 @@ def build(
     profiles = load_profiles(guest_kernel_dir)
     fragments = load_fragments(profiles, profile, guest_kernel_dir)
     merged, overrides = kconfig.merge(fragments)
+    kconfig.not_taken(fragments, merged)  # a contradiction fails before any work
     for override in overrides:
         _log(
             f"CONFIG_{override.symbol}: {override.old.source} asks {override.old.value}, "
@@ -219,7 +220,7 @@ def build(
         image_sha256=hashlib.sha256(data).hexdigest(),
         image_size=len(data),
         cmdline=hardened_cmdline(profile, "q35", None),
-        not_enabled=NOT_ENABLED,
+        not_enabled=[entry.describe() for entry in kconfig.not_taken(fragments, merged)],
     )
     (staging / "manifest.json").write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
     if target.exists():
@@ -228,14 +229,6 @@ def build(
     _point(store, profile, target)
     _log(f"{profile}: installed {target} ({len(data)} bytes, {manifest.build_seconds}s)")
     return target
-
-
-# Options that a hardening guide would want but that this guest cannot have,
-# recorded in every manifest so the choice is visible.
-NOT_ENABLED = [
-    "MITIGATION_VMSCAPE: protects a KVM host from its guests; depends on KVM, "
-    "which a zone kernel does not build",
-]
 
 
 def _point(store: Path, profile: str, target: Path) -> None:
@@ -272,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             profiles = load_profiles(args.guest_kernel_dir)
             fragments = load_fragments(profiles, args.profile, args.guest_kernel_dir)
             merged, _ = kconfig.merge(fragments)
+            kconfig.not_taken(fragments, merged)
             tree = ensure_source(profiles, args.cache)
             _, mismatches = configure(tree, args.cache / f"verify-{args.profile}", merged)
             for mismatch in mismatches:

@@ -2,7 +2,14 @@
 
 A *fragment* is a file in ``.config`` syntax. Each option line asks for one
 value; ``# CONFIG_FOO is not set`` asks for ``n``. Other ``#`` lines are
-comments that say why the options below them are there.
+comments that say why the options below them are there, except a
+recommendation deliberately left out, written as::
+
+    # not taken: CONFIG_FOO=y: why not (continued on lines
+    #    that start with "#" and two or more spaces)
+
+(or ``# not taken: CONFIG_FOO is not set: why``). These are recorded in the
+build manifest, and a profile may not both take and refuse the same value.
 
 Rules:
 
@@ -29,6 +36,8 @@ from dataclasses import dataclass
 _SET_RE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET_RE = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
 _VALUE_RE = re.compile(r'^(y|m|n|-?[0-9]+|0x[0-9a-fA-F]+|"(?:[^"\\]|\\.)*")$')
+_NOT_TAKEN_RE = re.compile(r"^# not taken: (CONFIG_[A-Za-z0-9_]+)(?:=(\S+)| is not set): (\S.*)$")
+_CONTINUATION_RE = re.compile(r"^#\s{2,}(\S.*)$")
 
 
 class FragmentError(ValueError):
@@ -46,10 +55,25 @@ class Option:
 
 
 @dataclass(frozen=True)
+class NotTaken:
+    """A recommended value deliberately not requested, with the reason."""
+
+    symbol: str
+    recommended: str
+    reason: str
+    source: str
+    line: int
+
+    def describe(self) -> str:
+        return f"{self.symbol}={self.recommended}: {self.reason}"
+
+
+@dataclass(frozen=True)
 class Fragment:
     name: str
     text: str
     options: tuple[Option, ...]
+    not_taken: tuple[NotTaken, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,10 +104,30 @@ class Mismatch:
 def parse_fragment(name: str, text: str) -> Fragment:
     """Parse one fragment; raise FragmentError naming the file and line."""
     options: list[Option] = []
+    not_taken: list[NotTaken] = []
     seen: dict[str, int] = {}
+    continuing = False
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line:
+            continuing = False
+            continue
+        refused = _NOT_TAKEN_RE.match(line)
+        continued = _CONTINUATION_RE.match(raw) if continuing else None
+        continuing = False
+        if refused:
+            symbol = refused.group(1).removeprefix("CONFIG_")
+            value = refused.group(2) or "n"
+            if not _VALUE_RE.match(value):
+                raise FragmentError(f"{name}:{number}: bad value for {refused.group(1)}: {value!r}")
+            not_taken.append(NotTaken(symbol, value, refused.group(3), name, number))
+            continuing = True
+            continue
+        if continued:
+            last = not_taken[-1]
+            reason = f"{last.reason} {continued.group(1)}"
+            not_taken[-1] = NotTaken(last.symbol, last.recommended, reason, last.source, last.line)
+            continuing = True
             continue
         unset = _UNSET_RE.match(line)
         if unset:
@@ -104,7 +148,7 @@ def parse_fragment(name: str, text: str) -> Fragment:
             )
         seen[bare] = number
         options.append(Option(bare, value, name, number))
-    return Fragment(name, text, tuple(options))
+    return Fragment(name, text, tuple(options), tuple(not_taken))
 
 
 def merge(fragments: Sequence[Fragment]) -> tuple[dict[str, Option], list[Override]]:
@@ -118,6 +162,25 @@ def merge(fragments: Sequence[Fragment]) -> tuple[dict[str, Option], list[Overri
                 overrides.append(Override(option.symbol, previous, option))
             merged[option.symbol] = option
     return merged, overrides
+
+
+def not_taken(fragments: Sequence[Fragment], merged: Mapping[str, Option]) -> list[NotTaken]:
+    """The profile's recommendations left out, each with its reason.
+
+    A FragmentError when the profile requests exactly the value that one of
+    its fragments says it does not take: one of the two is out of date.
+    """
+    refused: list[NotTaken] = []
+    for fragment in fragments:
+        for entry in fragment.not_taken:
+            option = merged.get(entry.symbol)
+            if option is not None and option.value == entry.recommended:
+                raise FragmentError(
+                    f"{entry.source}:{entry.line}: CONFIG_{entry.symbol}={entry.recommended} "
+                    f"is listed as not taken, but {option.source}:{option.line} requests it"
+                )
+            refused.append(entry)
+    return refused
 
 
 def render_allconfig(merged: Mapping[str, Option]) -> str:
