@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from zoned import protocol as p
+from zoned.access import ROOT_UID, AccessPolicy, Caller
 from zoned.conversation import (
     MAX_INFLIGHT,
     SERVER_NAME,
@@ -16,7 +17,6 @@ from zoned.conversation import (
     Respond,
     RespondAndClose,
     Start,
-    is_authorised,
 )
 
 HELLO = p.Hello(id=1, versions=[p.PROTOCOL_VERSION], client="test")
@@ -52,12 +52,30 @@ def exec_request(id: int) -> p.Exec:
     return p.Exec(id=id, zone="z", argv=["true"])
 
 
-def test_root_and_group_members_are_authorised() -> None:
-    assert is_authorised(0, 0, set(), None)
-    assert is_authorised(1000, 50, set(), 50)
-    assert is_authorised(1000, 1000, {7, 50}, 50)
-    assert not is_authorised(1000, 1000, {7}, 50)
-    assert not is_authorised(1000, 1000, {7}, None)
+def caller(uid: int, gid: int, *groups: int) -> Caller:
+    return Caller(uid=uid, gid=gid, groups=frozenset(groups), pid=1)
+
+
+def test_root_and_group_members_may_connect() -> None:
+    assert AccessPolicy(socket_gid=None).may_connect(caller(0, 0))
+    assert AccessPolicy(socket_gid=50).may_connect(caller(1000, 50))
+    assert AccessPolicy(socket_gid=50).may_connect(caller(1000, 1000, 7, 50))
+    assert not AccessPolicy(socket_gid=50).may_connect(caller(1000, 1000, 7))
+    assert not AccessPolicy(socket_gid=None).may_connect(caller(1000, 1000, 7))
+
+
+def test_owners_act_on_their_zones_root_and_administrators_on_all() -> None:
+    policy = AccessPolicy(socket_gid=50, admin_gid=60)
+    owner, other, admin = caller(1000, 50), caller(1001, 50), caller(1002, 50, 60)
+    assert policy.may_act_on(owner, 1000)
+    assert not policy.may_act_on(other, 1000)
+    assert not policy.sees_all(owner)
+    assert policy.may_act_on(admin, 1000) and policy.sees_all(admin)
+    assert policy.may_act_on(caller(0, 0), 1000)
+    # No administrators' group: membership of a group with no id means nothing.
+    assert not AccessPolicy(socket_gid=50).sees_all(caller(1002, 50, 60))
+    # Zones from before owners existed belong to root.
+    assert not policy.may_act_on(owner, ROOT_UID)
 
 
 def test_an_unauthorised_caller_is_refused_and_closed() -> None:
