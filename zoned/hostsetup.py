@@ -86,16 +86,20 @@ def render_qemu_conf(facts: HostFacts) -> str:
         f"# Rendered for: systemd={yes_no(facts.systemd_pid1)} apparmor={yes_no(facts.apparmor)}"
         f" selinux={yes_no(facts.selinux)} mount-namespaces={yes_no(facts.mount_namespaces)}",
         "",
-        "# QEMU never runs as root. Group kvm opens /dev/kvm on hosts where KVM works.",
+        "# QEMU never runs as root. Zones' QEMUs run as a uid and gid of their own (a",
+        "# static DAC label per domain); this user is for domains that carry none.",
         f'user = "{QEMU_USER}"',
         f'group = "{QEMU_GROUP}"',
         "",
-        "# libvirt hands each zone's files (kernel, initramfs, console log) to that user",
-        "# while the zone runs.",
-        "dynamic_ownership = 1",
-        "# ...and gives them back to root:root afterwards instead of remembering the",
-        "# previous owner in xattrs: zoned's files belong to root anyway, and xattrs left",
-        "# behind by a killed libvirtd make later starts fail with 'already in use'.",
+        "# libvirt never hands a domain's files (kernel, initramfs, disks, console log)",
+        "# to QEMU's user: every zone boots the same root-owned, read-only kernel and",
+        "# images, and a QEMU that could write them would own every later zone. Only",
+        "# each domain's own directory (/var/lib/libvirt/qemu/domain-*: the master key)",
+        "# is still given to its QEMU's uid. With 1 here, libvirt 9.0 leaves even that",
+        "# to root for zones' relabel='no' labels, and their QEMU fails to start.",
+        "dynamic_ownership = 0",
+        "# Nothing to remember: nothing is relabelled. (xattrs left behind by a killed",
+        "# libvirtd would make later starts fail with 'already in use'.)",
         "remember_owner = 0",
         "",
         "# QEMU's own seccomp filter: no spawning, no privilege changes.",
@@ -231,15 +235,24 @@ def render_default_config() -> str:
     return "\n".join(lines) + "\n"
 
 
-def kvm_device_needs_fix(mode: int, gid: int, kvm_gid: int) -> bool:
-    """Whether /dev/kvm lacks the group kvm read/write access udev normally gives.
+#: /dev/kvm as zones need it: group kvm, and read/write for everybody.
+KVM_DEVICE_MODE = 0o666
 
-    Without udev (containers) /dev/kvm stays root:root 0600. libvirt then finds
-    KVM unusable for QEMU's user while its root-run capability probe found it
-    usable, declares its capability cache stale, and re-probes QEMU on *every*
-    domain start: measured here, 14 s per start instead of 0.7 s.
+
+def kvm_device_needs_fix(mode: int, gid: int, kvm_gid: int) -> bool:
+    """Whether /dev/kvm is not ``root:kvm`` 0666.
+
+    Each zone's QEMU runs as a uid and gid of its own with no supplementary
+    groups (a static DAC label carries none), so group kvm cannot open the
+    device for it: others must (upstream systemd's default mode, 0666; KVM
+    is built to be opened by unprivileged users, every open a VM of its own).
+    Group kvm stays for libvirt's capability probe: without udev
+    (containers) /dev/kvm stays root:root 0600, libvirt then finds KVM
+    unusable for QEMU's user while its root-run probe found it usable,
+    declares its capability cache stale, and re-probes QEMU on *every* domain
+    start: measured here, 14 s per start instead of 0.7 s.
     """
-    return gid != kvm_gid or (mode & 0o060) != 0o060
+    return gid != kvm_gid or (mode & 0o666) != KVM_DEVICE_MODE
 
 
 # --------------------------------------------------------------------------
@@ -333,7 +346,24 @@ def ensure_users(report: Report, socket_group: str) -> None:
     report.note(f"users and groups present: {names}")
 
 
+#: Keeps /dev/kvm as zones need it across reboots on hosts with udev.
+KVM_UDEV_RULE_PATH = Path("/etc/udev/rules.d/65-zoned-kvm.rules")
+KVM_UDEV_RULE = (
+    "# Installed by zoned host setup: each zone's QEMU runs as a uid of its own with\n"
+    "# no supplementary groups, so /dev/kvm must be open to others (systemd's default).\n"
+    'KERNEL=="kvm", GROUP="kvm", MODE="0666", OPTIONS+="static_node=kvm"\n'
+)
+
+
 def ensure_kvm_device(report: Report) -> None:
+    if Path("/etc/udev").is_dir():
+        try:
+            current = KVM_UDEV_RULE_PATH.read_text()
+        except FileNotFoundError:
+            current = None
+        if current != KVM_UDEV_RULE:
+            _atomic_write(KVM_UDEV_RULE_PATH, KVM_UDEV_RULE, 0o644)
+            report.note(f"installed {KVM_UDEV_RULE_PATH} (/dev/kvm 0666)")
     kvm_dev = Path("/dev/kvm")
     try:
         st = kvm_dev.stat()
@@ -343,10 +373,10 @@ def ensure_kvm_device(report: Report) -> None:
     kvm_gid = grp.getgrnam(QEMU_GROUP).gr_gid
     if kvm_device_needs_fix(st.st_mode, st.st_gid, kvm_gid):
         os.chown(kvm_dev, -1, kvm_gid)
-        os.chmod(kvm_dev, stat.S_IMODE(st.st_mode) | 0o660)
-        report.note("/dev/kvm: set group kvm, mode g+rw (no udev did it)")
+        os.chmod(kvm_dev, stat.S_IMODE(st.st_mode) | KVM_DEVICE_MODE)
+        report.note("/dev/kvm: set group kvm, mode 0666 (zones' QEMUs have no kvm group)")
     else:
-        report.note("/dev/kvm: group kvm can use it")
+        report.note("/dev/kvm: zones' QEMUs can open it (0666)")
 
 
 def write_qemu_conf(report: Report, content: str) -> bool:
