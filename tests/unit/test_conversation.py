@@ -191,3 +191,16 @@ def test_a_frame_in_pieces_waits_for_its_last_byte(serving: Conversation) -> Non
         assert serving.next_action() is None
     serving.receive_data(frame[-1:])
     assert serving.next_action() == Start(p.ListZones(id=6), takes_input=False)
+
+
+def test_a_watcher_gets_only_its_own_zones_events_and_no_other_zones_names() -> None:
+    policy = AccessPolicy(socket_gid=50, admin_gid=60)
+    zone_event = p.Event(seq=1, time=0.0, kind="zone_state", zone="web", state="ready")
+    cpu_event = p.Event(seq=2, time=0.0, kind="cpu_offline", cpu=3, reason="zones affected: web")
+    owner = policy.event_view(caller(1000, 50))
+    assert owner(zone_event, 1000) == zone_event
+    other = policy.event_view(caller(1001, 50))
+    assert other(zone_event, 1000) is None
+    assert other(cpu_event, None) == p.Event(seq=2, time=0.0, kind="cpu_offline", cpu=3)
+    admin = policy.event_view(caller(1002, 50, 60))
+    assert admin(zone_event, 1000) == zone_event and admin(cpu_event, None) == cpu_event
