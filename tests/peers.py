@@ -127,6 +127,8 @@ def attempt(kind, target):
         if kind == "read":
             with open(target, "rb") as f:
                 f.read(4096)
+        elif kind == "open":
+            os.close(os.open(target, os.O_RDONLY))
         elif kind == "write":
             os.close(os.open(target, os.O_WRONLY))
         elif kind == "list":
@@ -151,8 +153,9 @@ print(json.dumps([attempt(kind, target) for kind, target in json.loads(sys.argv[
 
 @dataclass(frozen=True)
 class Attempt:
-    """One operation to try: ``read``/``write`` a file (open for writing is
-    enough), ``list`` a directory, ``create`` a file in it, ``connect`` to a
+    """One operation to try: ``read`` a file, ``open`` it for reading (for
+    ``/proc/<pid>/mem``, whose first page is never mapped), open it for
+    ``write``, ``list`` a directory, ``create`` a file in it, ``connect`` to a
     unix socket, ``signal`` a pid (signal 0)."""
 
     kind: str

@@ -134,6 +134,17 @@ class _Zone:
     agent: AgentMux | None = None
 
 
+def _explained(exc: HypervisorError) -> HypervisorError:
+    """libvirt's error, with what to do when it is the host's set-up."""
+    if "master-key.aes" in exc.message and "Permission denied" in exc.message:
+        return HypervisorError(
+            f"{exc.message} (libvirtd leaves a zone's own directory to root: it runs with"
+            " dynamic_ownership = 1; zoned-host-setup writes qemu.conf with"
+            " dynamic_ownership = 0 and restarts libvirtd)"
+        )
+    return exc
+
+
 def qemu_id_range(config: Config) -> IdRange:
     return IdRange(config.zone_uid_base, config.zone_uid_count)
 
@@ -365,7 +376,10 @@ class ZoneManager:
                     await trio.to_thread.run_sync(self._prepare_runtime, zone_dir, record)
                     xml = render_domain_xml(self._domain_spec(record))
                     # Paused: the limits hold before the guest runs an instruction.
-                    await self.hv.create_transient(xml, paused=True)
+                    try:
+                        await self.hv.create_transient(xml, paused=True)
+                    except HypervisorError as exc:
+                        raise _explained(exc) from exc
                     limits = await self._limit_qemu(record)
                     await self.hv.resume(record.domain_name)
                 except BaseException as exc:
