@@ -15,9 +15,11 @@ start, before the guest can have done anything:
 - **cgroup v2** (``<root>/cgroup.controllers`` exists): ``pids.max`` of the
   cgroup libvirt made for the domain (the parent of the ``emulator`` and
   ``vcpuN`` cgroups QEMU's threads are in), when the pids controller is
-  enabled there. Not exercised on the CI host (v1); a host whose zoned may
-  not write its cgroups (systemd's ``ProtectControlGroups=``) gets no limit.
-- neither: no task limit, and the zone says so (``pids_limit`` unset).
+  enabled there. Not exercised on the CI host (v1).
+- neither, or a hierarchy zoned may not write (the shipped systemd unit's
+  ``ProtectControlGroups=yes``): no task limit; the daemon warns at start and
+  each zone says so (``pids_limit`` unset). Where the controller is usable,
+  failing to apply the limit fails the zone's creation.
 
 Blocking (file IO): call from worker threads.
 """
@@ -40,14 +42,16 @@ PidsController = Literal["cgroup v1 pids", "cgroup v2 pids", ""]
 
 
 def pids_controller(root: Path) -> PidsController:
-    """Which pids controller this host offers zoned (``""``: none)."""
+    """Which pids controller this host offers zoned (``""``: none, or none zoned may write:
+    systemd's ``ProtectControlGroups=yes`` mounts the hierarchy read-only)."""
     if (root / "cgroup.controllers").is_file():
         try:
             controllers = (root / "cgroup.controllers").read_text().split()
         except OSError:
             return ""
-        return "cgroup v2 pids" if "pids" in controllers else ""
-    if (root / "pids" / "cgroup.procs").is_file():
+        usable = "pids" in controllers and os.access(root, os.W_OK)
+        return "cgroup v2 pids" if usable else ""
+    if (root / "pids" / "cgroup.procs").is_file() and os.access(root / "pids", os.W_OK):
         return "cgroup v1 pids"
     return ""
 

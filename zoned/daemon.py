@@ -199,7 +199,11 @@ class Daemon:
             cgroups.pids_controller, Path(config.cgroup_root)
         )
         if not self.pids_controller:
-            log.warning("no pids cgroup controller on this host: zones get no task limit")
+            log.warning(
+                "no pids cgroup controller zoned may write under %s: zones' QEMUs get no"
+                " task limit (their memory limit is libvirt's and holds)",
+                config.cgroup_root,
+            )
         self.topology = await trio.to_thread.run_sync(read_host_topology)
         self.allocator = Allocator(self.topology, config.reserved_cpus, config.reserved_memory_mib)
         send_events, receive_events = open_event_channel()
@@ -238,6 +242,7 @@ class Daemon:
                 rootfs_sha256=rootfs_sha256,
                 tsc_khz=tsc,
                 policy=self.policy,
+                pids_controller=self.pids_controller,
             )
             self.manager = manager
             await nursery.start(manager.run)
