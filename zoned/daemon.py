@@ -55,7 +55,7 @@ from zoned.images.workloadroot import build_workload_root
 from zoned.kernel.store import KernelImage, find_kernel, list_kernels
 from zoned.placement import Allocator
 from zoned.protocol import Accelerator
-from zoned.records import seclabel
+from zoned.records import ZONES_SECLABEL
 from zoned.server import Send, StreamInputs, serve_control_socket, socket_group_id
 from zoned.topology import HostTopology, read_host_topology
 from zoned.virt import (
@@ -446,10 +446,7 @@ class Daemon:
             qemu_uid_base=self.config.zone_uid_base,
             qemu_uid_count=self.config.zone_uid_count,
             qemu_uids_in_use=len(self.manager.qemu_ids.held()),
-            seclabel=seclabel(self.config.zone_uid_base).replace(
-                f"+{self.config.zone_uid_base}:+{self.config.zone_uid_base}",
-                "+<zone uid>:+<zone gid>",
-            ),
+            seclabel=ZONES_SECLABEL,
             memory_overhead_mib=self.config.qemu_memory_overhead_mib,
             pids_limit=self.config.qemu_pids_limit,
             pids_controller=self.pids_controller,

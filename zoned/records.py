@@ -83,11 +83,16 @@ _SHARED_WITH_INFO: Final = tuple(
 )
 
 
+_STATIC_LABEL: Final = "dac static +{uid}:+{gid}, relabel no"
+#: The label every zone gets, in words (``zonectl host``).
+ZONES_SECLABEL: Final = _STATIC_LABEL.format(uid="<zone uid>", gid="<zone gid>")
+
+
 def seclabel(qemu_uid: int | None) -> str:
     """libvirt's security label of a zone's domain, in words."""
     if qemu_uid is None:
         return "dac: shared user libvirt-qemu (zone created before per-zone uids)"
-    return f"dac static +{qemu_uid}:+{qemu_uid}, relabel no"
+    return _STATIC_LABEL.format(uid=qemu_uid, gid=qemu_uid)
 
 
 def to_info(record: ZoneRecord) -> ZoneInfo:

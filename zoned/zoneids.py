@@ -15,8 +15,9 @@ Rules:
 - :class:`QemuIdAllocator` hands out the lowest free id. An id is free when no
   zone record holds it and no live process runs as it (another daemon on the
   same host, a forgotten QEMU); the caller passes the ids of live processes.
-- A zone keeps its id for its life, across daemon restarts (the record and
-  the domain's metadata carry it); destroy releases it.
+- A zone keeps its id while its QEMU lives, across daemon restarts (the
+  record and the domain's metadata carry it); destroy, or a failure that
+  stops its QEMU, releases it.
 
 The parsers and the allocator are pure; :func:`read_host_accounts` and
 :func:`live_process_ids` read the host (blocking: worker threads).

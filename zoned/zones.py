@@ -612,6 +612,10 @@ class ZoneManager:
                 await self.hv.remove(zone.record.domain_name)
             except ZonedError as exc:
                 log.error("could not stop domain of failed zone %s: %s", zone.record.name, exc)
+            else:
+                # QEMU is gone: its uid and cgroup may serve another zone.
+                await trio.to_thread.run_sync(self._clean_host, zone.record)
+                self.qemu_ids.release(zone.record.name)
             self._release(zone)
             await self._repin_shared()
 
