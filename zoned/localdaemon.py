@@ -23,13 +23,14 @@ from types import TracebackType
 from zoned.kernel.store import DEFAULT_STORE
 
 START_TIMEOUT_S = 90.0
-#: Private daemons take their zones' QEMU uids from slices of this size above
-#: the production range (``Config.zone_uid_base``), one slice per daemon root:
-#: daemons sharing the host's libvirtd then seldom even look at the same uids
-#: (and skip any a live process runs as when they do).
+#: Private daemons take their zones' QEMU uids from slices of this size just
+#: above the production range (``Config.zone_uid_base``, 65536 ids), one slice
+#: per daemon root, below the network helpers' uids (0x7A6E0000,
+#: zoned.net.host): daemons sharing the host's libvirtd then seldom even look
+#: at the same uids (and skip any a live process runs as when they do).
 PRIVATE_UID_SLICE = 4096
-PRIVATE_UID_BASE = 0x79000000
-PRIVATE_UID_SLICES = 16384
+PRIVATE_UID_BASE = 0x78010000
+PRIVATE_UID_SLICES = 4096
 
 
 def private_uid_base(root: Path) -> int:
