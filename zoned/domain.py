@@ -38,13 +38,12 @@ What a zone's domain is, and why (measured with libvirt 9.0 and QEMU 7.2):
   that uid. The kernel, initramfs and workload root are shared by every zone
   and stay root-owned and read-only (QEMU opens them by path: 0644 files in
   0755/0751 directories); the console log is opened by virtlogd and the agent
-  socket is made by libvirtd, both passed to QEMU as descriptors. With
-  libvirt 9.0, ``relabel='no'`` also keeps libvirt from giving the domain's
-  own directory (``/var/lib/libvirt/qemu/domain-*``, the master key) to the
-  uid unless qemu.conf says ``dynamic_ownership = 0`` (:mod:`zoned.hostsetup`
-  renders it so): otherwise QEMU fails on ``master-key.aes``, which fails
-  closed. A static label carries no supplementary groups: on a KVM host
-  ``/dev/kvm`` must be usable by others (0666) for zones to use KVM.
+  socket is made by libvirtd, both passed to QEMU as descriptors. libvirt
+  still gives the domain's own directory (``/var/lib/libvirt/qemu/domain-*``,
+  the master key) to the uid; its parent must be traversable by others
+  (:mod:`zoned.hostsetup`), or QEMU fails on ``master-key.aes``. A static
+  label carries no supplementary groups: on a KVM host ``/dev/kvm`` must be
+  usable by others (0666) for zones to use KVM.
 """
 
 from __future__ import annotations

@@ -93,10 +93,11 @@ def render_qemu_conf(facts: HostFacts) -> str:
         "",
         "# libvirt never hands a domain's files (kernel, initramfs, disks, console log)",
         "# to QEMU's user: every zone boots the same root-owned, read-only kernel and",
-        "# images, and a QEMU that could write them would own every later zone. Only",
-        "# each domain's own directory (/var/lib/libvirt/qemu/domain-*: the master key)",
-        "# is still given to its QEMU's uid. With 1 here, libvirt 9.0 leaves even that",
-        "# to root for zones' relabel='no' labels, and their QEMU fails to start.",
+        "# images, and a QEMU that could write them would own every later zone. Zones'",
+        "# labels say relabel='no' already; this covers domains without one (an older",
+        "# zoned's, other tools'), which would hand the shared files to libvirt-qemu.",
+        "# Each domain's own directory (/var/lib/libvirt/qemu/domain-*: the master key)",
+        "# is still given to its QEMU's uid.",
         "dynamic_ownership = 0",
         "# Nothing to remember: nothing is relabelled. (xattrs left behind by a killed",
         "# libvirtd would make later starts fail with 'already in use'.)",
@@ -379,8 +380,61 @@ def ensure_kvm_device(report: Report) -> None:
         report.note("/dev/kvm: zones' QEMUs can open it (0666)")
 
 
+#: libvirt's per-domain directories (``domain-<id>-<name>``, the master key
+#: QEMU reads) live here, each given to its domain's QEMU uid; a zone's QEMU
+#: runs as a uid of its own, so it must be able to traverse the parent.
+LIBVIRT_DOMAINS_DIR = Path("/var/lib/libvirt/qemu")
+
+
+def domains_dir_mode(mode: int) -> int:
+    """The mode libvirt's domain directory needs: traversable by others, writable by none."""
+    return (mode | 0o001) & ~0o002
+
+
+def ensure_libvirt_domains_dir(report: Report) -> None:
+    """/var/lib/libvirt/qemu with ``o+x``, kept across package upgrades.
+
+    Debian's libvirt-daemon-system makes it 0750 ``libvirt-qemu`` and resets
+    that on every configure unless dpkg has a stat override for it, so the
+    override is registered too. Without ``o+x`` a zone's QEMU fails on its
+    own ``master-key.aes`` ("Permission denied").
+    """
+    try:
+        info = LIBVIRT_DOMAINS_DIR.stat()
+    except FileNotFoundError:
+        report.note(f"{LIBVIRT_DOMAINS_DIR}: absent (libvirt makes it traversable)")
+        return
+    wanted = domains_dir_mode(stat.S_IMODE(info.st_mode))
+    if shutil.which("dpkg-statoverride") is not None:
+        listed = _run(["dpkg-statoverride", "--list", str(LIBVIRT_DOMAINS_DIR)], check=False)
+        if listed.returncode != 0:
+            owner = pwd.getpwuid(info.st_uid).pw_name
+            group = grp.getgrgid(info.st_gid).gr_name
+            _run(
+                [
+                    "dpkg-statoverride", "--add", owner, group, f"{wanted:o}",
+                    str(LIBVIRT_DOMAINS_DIR),
+                ]
+            )  # fmt: skip
+            report.note(f"{LIBVIRT_DOMAINS_DIR}: dpkg stat override {owner}:{group} {wanted:o}")
+    if stat.S_IMODE(info.st_mode) != wanted:
+        os.chmod(LIBVIRT_DOMAINS_DIR, wanted)
+        report.note(f"{LIBVIRT_DOMAINS_DIR}: mode {wanted:o} (zones' QEMUs reach their own dirs)")
+    else:
+        report.note(f"{LIBVIRT_DOMAINS_DIR}: traversable by zones' QEMUs")
+
+
+def qemu_conf_settings(text: str) -> list[str]:
+    """What libvirtd reads of a qemu.conf: its lines without comments and blanks."""
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
 def write_qemu_conf(report: Report, content: str) -> bool:
-    """Install qemu.conf; True when its content changed."""
+    """Install qemu.conf; True when a setting changed (a changed comment restarts nothing)."""
     try:
         current = QEMU_CONF_PATH.read_text()
     except FileNotFoundError:
@@ -392,6 +446,9 @@ def write_qemu_conf(report: Report, content: str) -> bool:
         shutil.copy2(QEMU_CONF_PATH, QEMU_CONF_BACKUP_PATH)
         report.note(f"saved the previous qemu.conf as {QEMU_CONF_BACKUP_PATH}")
     _atomic_write(QEMU_CONF_PATH, content, 0o600)
+    if current is not None and qemu_conf_settings(current) == qemu_conf_settings(content):
+        report.note(f"{QEMU_CONF_PATH}: comments rewritten, settings unchanged")
+        return False
     report.note(f"{QEMU_CONF_PATH}: written")
     return True
 
@@ -601,6 +658,7 @@ def setup(report: Report) -> None:
         f"selinux={facts.selinux} mount-namespaces={facts.mount_namespaces}"
     )
     ensure_directories(report, zoned_directories(config))
+    ensure_libvirt_domains_dir(report)
     changed = write_qemu_conf(report, render_qemu_conf(facts))
     ensure_libvirt(report, facts, changed)
 

@@ -138,9 +138,9 @@ def _explained(exc: HypervisorError) -> HypervisorError:
     """libvirt's error, with what to do when it is the host's set-up."""
     if "master-key.aes" in exc.message and "Permission denied" in exc.message:
         return HypervisorError(
-            f"{exc.message} (libvirtd leaves a zone's own directory to root: it runs with"
-            " dynamic_ownership = 1; zoned-host-setup writes qemu.conf with"
-            " dynamic_ownership = 0 and restarts libvirtd)"
+            f"{exc.message} (the zone's QEMU runs as a uid of its own and cannot reach its"
+            " domain directory: /var/lib/libvirt/qemu must be traversable by others (0751);"
+            " zoned-host-setup makes it so)"
         )
     return exc
 
