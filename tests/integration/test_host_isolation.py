@@ -21,11 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.integration.conftest import destroy_domains, domain_name, private_zoned, qemu_pid
 from tests.peers import SYSTEM_PYTHON, Attempt, probe_as, relay_as, unused_uids
+from tests.zone_events import watching
 from zoned import cgroups
 from zoned import protocol as p
+from zoned.client import Client
 from zoned.client.sync import SyncClient
 from zoned.config import Config
 from zoned.errors import InternalError, NotFound
@@ -225,24 +228,32 @@ def _uids_in_use(client: SyncClient) -> int:
     return isolation.qemu_uids_in_use
 
 
-def test_a_restarted_daemon_keeps_each_zones_owner_uid_and_limits(zoned: LocalDaemon) -> None:
-    client = SyncClient(zoned.socket)
-    zone = client.create_zone(f"{PREFIX}kept")
+async def test_a_restarted_daemon_keeps_each_zones_owner_uid_and_limits(
+    zoned: LocalDaemon,
+) -> None:
+    async with Client(zoned.socket, client_name="test") as client:
+        zone = await client.create_zone(f"{PREFIX}kept")
     try:
-        zoned.stop()
+        await trio.to_thread.run_sync(zoned.stop)
         # Without its record the zone is rebuilt from its domain's metadata.
         zoned.record_path(zone.name).unlink()
-        zoned.start()
-        again = SyncClient(zoned.socket).get_zone(zone.name)
-        assert again.state == "ready"
-        for field in ("owner_uid", "qemu_uid", "memory_hard_limit_mib", "pids_limit"):
-            assert getattr(again, field) == getattr(zone, field), field
-        # Its uid is still held: the next zone gets another one.
-        other = SyncClient(zoned.socket).create_zone(f"{PREFIX}next")
-        assert other.qemu_uid != zone.qemu_uid
-        SyncClient(zoned.socket).destroy_zone(other.name)
+        await trio.to_thread.run_sync(zoned.start)
+        async with Client(zoned.socket, client_name="test") as client, watching(client) as events:
+            # Re-adopted, it waits for its agent's hello again (booting -> ready).
+            if (await client.get_zone(zone.name)).state != "ready":
+                with trio.fail_after(120):
+                    await events.wait_for_state(zone.name, "ready")
+            again = await client.get_zone(zone.name)
+            assert again.state == "ready"
+            for field in ("owner_uid", "qemu_uid", "memory_hard_limit_mib", "pids_limit"):
+                assert getattr(again, field) == getattr(zone, field), field
+            # Its uid is still held: the next zone gets another one.
+            other = await client.create_zone(f"{PREFIX}next")
+            assert other.qemu_uid != zone.qemu_uid
+            await client.destroy_zone(other.name)
     finally:
-        SyncClient(zoned.socket).destroy_zone(zone.name)
+        async with Client(zoned.socket, client_name="test") as client:
+            await client.destroy_zone(zone.name)
 
 
 def test_a_second_user_cannot_see_or_touch_the_first_users_zone(zoned: LocalDaemon) -> None:
