@@ -189,7 +189,7 @@ class DirSpec:
 def zoned_directories(config: Config) -> list[DirSpec]:
     """The directories zoned needs, with the modes the systemd units also use.
 
-    QEMU runs as libvirt-qemu and opens zone files by path (kernel, initramfs),
+    Each zone's QEMU runs as a uid of its own and opens zone files by path (kernel, initramfs),
     so every directory on such a path is traversable by others (``--x``) while
     its listing stays private. The control socket itself is 0660 root:<group>.
     """
