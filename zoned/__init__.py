@@ -17,6 +17,11 @@ is the picture, ``docs/`` one page per topic.
      zone states (settled, terminal, running a domain, ready).
    - :mod:`zoned.conversation`: the rules of one control-socket connection
      (hello first, in-flight cap, stream input), sans-IO.
+   - :mod:`zoned.access`: the caller of a request and what it may see and
+     do (zones have owners; administrators see all).
+   - :mod:`zoned.zoneids`: each zone's QEMU uid from a reserved range, and
+     the range's clashes with the host's accounts (reading them is in the
+     same module, as functions).
    - :mod:`zoned.records`: the persisted zone record.
    - :mod:`zoned.placement`, :mod:`zoned.topology` (its parsers; reading the
      live host is in the same module, behind lazy imports): CPUs and memory.
@@ -49,12 +54,14 @@ is the picture, ``docs/`` one page per topic.
    :mod:`zoned.events`, :mod:`zoned.agentlink` (the agent channel, host
    side), :mod:`zoned.config`, :mod:`zoned.hostinfo`, :mod:`zoned.kernel`
    (the store of built kernels and the ``zoned-kernel`` build tool),
-   :mod:`zoned.images` (the boot image, the workload root; blocking: called
-   from worker threads), :mod:`zoned.net.host` (taps, our nftables table,
-   the zones' network helpers). A zone's network helper is a process of its
-   own: :mod:`zoned.net.helper` runs :mod:`zoned.net.engine` (the resolver
-   and proxy on trio) and :mod:`zoned.net.dnsfilter` (pure decisions on
-   dnspython's messages, which load ``socket``).
+   :mod:`zoned.images` (the boot image, the workload root, the integrity
+   check of every shared image; blocking: called from worker threads),
+   :mod:`zoned.cgroups` (each QEMU's task limit), :mod:`zoned.net.host`
+   (taps, our nftables table, the zones' network helpers). A zone's network
+   helper is a process of its own: :mod:`zoned.net.helper` runs
+   :mod:`zoned.net.engine` (the resolver and proxy on trio) and
+   :mod:`zoned.net.dnsfilter` (pure decisions on dnspython's messages, which
+   load ``socket``).
 
 4. **The daemon**: :mod:`zoned.zones` (the zone manager), :mod:`zoned.workloads`
    (exec and run), :mod:`zoned.server` (the control socket's IO),

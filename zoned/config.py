@@ -18,6 +18,9 @@ from zoned.errors import ConfigError
 from zoned.kernel.store import DEFAULT_STORE
 
 DEFAULT_CONFIG_PATH = Path("/etc/zoned/zoned.toml")
+#: The highest uid a zone's QEMU may get: 2^31 - 2 (2^31 - 1 is kept as a
+#: margin from the signed overflow that some tools make of larger ones).
+MAX_ZONE_UID = 2**31 - 2
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -61,6 +64,34 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Concurrent blocking libvirt calls.
     libvirt_threads: int = 4
     log_format: Literal["text", "json"] = "text"
+    # Each zone's QEMU runs as a uid and gid of its own (the same number),
+    # taken from zone_uid_base .. zone_uid_base + zone_uid_count - 1; the first
+    # is the accelerator probe's. The range must hold no user, group or
+    # subordinate id of the host: the daemon checks at start and refuses a
+    # range that overlaps. The default, 0x78000000, lies in the range systemd
+    # leaves unused (1879048192-2147483647, https://systemd.io/UIDS-GIDS/),
+    # away from system and regular users, dynamic users and the container
+    # ranges of systemd-nspawn.
+    zone_uid_base: Annotated[int, msgspec.Meta(ge=1000, le=MAX_ZONE_UID)] = 0x78000000
+    zone_uid_count: Annotated[int, msgspec.Meta(ge=2, le=2**24)] = 65536
+    # Members of this group see and act on every zone, as root does; others
+    # only on the zones they created. "": nobody but root.
+    admin_group: str = ""
+    # Each QEMU's cgroup: a memory hard limit of the zone's memory plus this
+    # (QEMU itself; under TCG its translation cache), and a limit on its tasks
+    # (threads count: a 1-vCPU zone runs about 5, more while it does disk IO).
+    qemu_memory_overhead_mib: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 512
+    qemu_pids_limit: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 256
+    # Where the host's cgroup hierarchies are mounted.
+    cgroup_root: str = "/sys/fs/cgroup"
+
+    def __post_init__(self) -> None:
+        last = self.zone_uid_base + self.zone_uid_count - 1
+        if last > MAX_ZONE_UID:
+            raise ValueError(
+                f"zone_uid_base + zone_uid_count - 1 = {last} is above {MAX_ZONE_UID}:"
+                " uids above 2^31 - 1 are negative to the tools that treat them as signed"
+            )
 
 
 def load_config(path: Path | None) -> Config:

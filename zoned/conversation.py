@@ -54,13 +54,6 @@ TAKES_INPUT: Final = (p.Exec, p.RunZone)
 State = Literal["refusing", "greeting", "serving", "closed"]
 
 
-def is_authorised(uid: int, gid: int, groups: set[int], allowed_gid: int | None) -> bool:
-    """Root may act; so may members of the zoned group (``allowed_gid``), if it exists."""
-    if uid == 0:
-        return True
-    return allowed_gid is not None and (gid == allowed_gid or allowed_gid in groups)
-
-
 @dataclass(frozen=True)
 class Respond:
     """Send ``reply``; the connection carries on."""

@@ -15,11 +15,19 @@ images from the ``zone_images`` builder given to :class:`Daemon`.
 
 Blocking work (image builds, file reads, record writes) runs on worker
 threads; request handlers only await.
+
+Before anything else the daemon checks what keeps zones apart on the host
+(docs/security.md): the QEMU uid range must hold no account of the host, the
+administrators' group must exist if one is named, the zone images must have
+their hashes recorded. Any of those wrong is a ConfigError: the daemon does
+not start, and has changed nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import grp
+import hashlib
 import logging
 import os
 import signal
@@ -33,18 +41,22 @@ from pathlib import Path
 import msgspec
 import trio
 
+from zoned import cgroups
 from zoned import protocol as p
+from zoned.access import AccessPolicy, Caller
 from zoned.config import Config, load_config
-from zoned.errors import InternalError, InvalidRequest, ZonedError
+from zoned.errors import ConfigError, InternalError, InvalidRequest, ZonedError
 from zoned.events import EventHub
 from zoned.hostinfo import host_tsc_khz
 from zoned.hostwatch import CpuEvent, watch_cpu_events
 from zoned.images.bootimage import build_boot_image
+from zoned.images.integrity import read_recorded_sha256
 from zoned.images.workloadroot import build_workload_root
-from zoned.kernel.store import find_kernel, list_kernels
+from zoned.kernel.store import KernelImage, find_kernel, list_kernels
 from zoned.placement import Allocator
 from zoned.protocol import Accelerator
-from zoned.server import Send, StreamInputs, serve_control_socket
+from zoned.records import ZONES_SECLABEL
+from zoned.server import Send, StreamInputs, serve_control_socket, socket_group_id
 from zoned.topology import HostTopology, read_host_topology
 from zoned.virt import (
     DomainEvent,
@@ -54,7 +66,8 @@ from zoned.virt import (
     probe_domain_name,
 )
 from zoned.workloads import exec_in_zone, run_in_fresh_zone
-from zoned.zones import ZoneManager
+from zoned.zoneids import IdRange, range_clashes, read_host_accounts
+from zoned.zones import ZoneManager, qemu_id_range
 
 log = logging.getLogger("zoned")
 
@@ -73,6 +86,38 @@ class ZoneImages:
 
 #: Makes (or finds in the cache) the zone images; blocking, run in a worker thread.
 ZoneImagesBuilder = Callable[[Config], ZoneImages]
+
+
+def recorded_sha256(image: Path, what: str) -> str:
+    """The hash an image's builder recorded beside it; ConfigError if there is none."""
+    digest = read_recorded_sha256(image)
+    if digest is None:
+        raise ConfigError(
+            f"{what} {image} has no recorded sha256 ({image.name}.sha256): its builder"
+            " records one; remove the image and let zoned build it again"
+        )
+    return digest
+
+
+def check_qemu_id_range(ids: IdRange) -> None:
+    """Refuse a QEMU uid range that overlaps the host's accounts. Blocking."""
+    clashes = range_clashes(ids, read_host_accounts())
+    if clashes:
+        raise ConfigError(
+            f"zone_uid_base/zone_uid_count {ids} overlap the host's accounts: "
+            + ", ".join(clashes)
+            + "; choose a range no user, group or subordinate id uses"
+        )
+
+
+def admin_group_id(group: str) -> int | None:
+    """The administrators' group id (None when none is named); ConfigError if missing."""
+    if not group:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"admin_group {group!r} does not exist on this host") from None
 
 
 def build_zone_images(config: Config) -> ZoneImages:
@@ -135,13 +180,30 @@ class Daemon:
         self.manager: ZoneManager | None = None
         self.accelerator: Accelerator = "tcg"
         self.started_at = time.time()
+        self.policy = AccessPolicy(socket_gid=None)
+        self.shared_images: list[p.SharedImageInfo] = []
+        self.pids_controller: cgroups.PidsController = ""
 
     # ------------------------------------------------------------------ start-up
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
+        await trio.to_thread.run_sync(check_qemu_id_range, qemu_id_range(config))
+        self.policy = AccessPolicy(
+            socket_gid=socket_group_id(config.socket_group),
+            admin_gid=admin_group_id(config.admin_group),
+        )
         for directory in (config.state_dir, config.runtime_dir, config.log_dir):
             await trio.Path(directory).mkdir(parents=True, exist_ok=True)
+        self.pids_controller = await trio.to_thread.run_sync(
+            cgroups.pids_controller, Path(config.cgroup_root)
+        )
+        if not self.pids_controller:
+            log.warning(
+                "no pids cgroup controller zoned may write under %s: zones' QEMUs get no"
+                " task limit (their memory limit is libvirt's and holds)",
+                config.cgroup_root,
+            )
         self.topology = await trio.to_thread.run_sync(read_host_topology)
         self.allocator = Allocator(self.topology, config.reserved_cpus, config.reserved_memory_mib)
         send_events, receive_events = open_event_channel()
@@ -153,6 +215,20 @@ class Daemon:
             self.accelerator = await self._decide_accelerator(hv)
             sd_notify("STATUS=preparing the zone images")
             images = await trio.to_thread.run_sync(self._zone_images, config)
+            boot_sha256 = recorded_sha256(images.boot_image, "boot image")
+            self.shared_images = [
+                p.SharedImageInfo(
+                    kind="boot image", path=str(images.boot_image), sha256=boot_sha256
+                )
+            ]
+            rootfs_sha256 = ""
+            if images.workload_root is not None:
+                rootfs_sha256 = recorded_sha256(images.workload_root, "workload root")
+                self.shared_images.append(
+                    p.SharedImageInfo(
+                        kind="workload root", path=str(images.workload_root), sha256=rootfs_sha256
+                    )
+                )
             tsc = await trio.to_thread.run_sync(host_tsc_khz)
             manager = ZoneManager(
                 config,
@@ -161,8 +237,12 @@ class Daemon:
                 self.hub,
                 accelerator=self.accelerator,
                 boot_image=images.boot_image,
+                boot_image_sha256=boot_sha256,
                 rootfs=images.workload_root,
+                rootfs_sha256=rootfs_sha256,
                 tsc_khz=tsc,
+                policy=self.policy,
+                pids_controller=self.pids_controller,
             )
             self.manager = manager
             await nursery.start(manager.run)
@@ -172,7 +252,7 @@ class Daemon:
             await nursery.start(
                 serve_control_socket,
                 Path(config.socket_path),
-                config.socket_group,
+                self.policy,
                 self.handle,
                 config.max_frame_bytes,
             )
@@ -200,7 +280,8 @@ class Daemon:
             find_kernel, Path(self.config.kernel_store), "strict"
         )
         workdir = Path(self.config.runtime_dir) / "probe"
-        await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
+        await trio.Path(workdir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        # As a zone's QEMU would run: its own uid, no supplementary group.
         result = await probe_accelerator(
             hv,
             kernel.image,
@@ -208,9 +289,12 @@ class Daemon:
             "console=ttyS0",
             workdir,
             name=probe_domain_name(self.config.domain_prefix),
+            qemu_uid=qemu_id_range(self.config).probe_id,
         )
         await cache.write_text(result + "\n")
         log.info("accelerator probe: %s", result)
+        if result == "tcg":
+            await trio.to_thread.run_sync(_warn_if_kvm_closed_to_zones)
         return result
 
     async def _pump_domain_events(
@@ -245,45 +329,52 @@ class Daemon:
 
     # --------------------------------------------------------------- requests
 
-    async def handle(self, request: p.Request, send: Send, inputs: StreamInputs) -> None:
+    async def handle(
+        self, request: p.Request, send: Send, inputs: StreamInputs, caller: Caller
+    ) -> None:
+        """Carry out one request for ``caller``; a zone it may not see is ``not_found``."""
         manager = self.manager
         assert manager is not None
         match request:
             case p.HostInfo():
-                await send(p.HostInfoReply(id=request.id, host=await self.host_info()))
+                await send(p.HostInfoReply(id=request.id, host=await self.host_info(caller)))
             case p.CreateZone():
-                await send(p.ZoneReply(id=request.id, zone=await manager.create(request)))
+                zone = await manager.create(request, caller)
+                await send(p.ZoneReply(id=request.id, zone=zone))
             case p.GetZone():
-                await send(p.ZoneReply(id=request.id, zone=manager.get(request.name)))
+                await send(p.ZoneReply(id=request.id, zone=manager.get(request.name, caller)))
             case p.ListZones():
-                zones = manager.list(dict(request.labels))
+                zones = manager.list(dict(request.labels), caller)
                 await send(p.ZoneListReply(id=request.id, zones=zones))
             case p.DestroyZone():
-                await send(p.ZoneReply(id=request.id, zone=await manager.destroy(request.name)))
+                zone = await manager.destroy(request.name, caller)
+                await send(p.ZoneReply(id=request.id, zone=zone))
             case p.WatchEvents():
-                await self._stream_events(request, send)
+                await self._stream_events(request, send, caller)
             case p.ConsoleLog():
-                await self._stream_log(request, send, manager)
+                await self._stream_log(
+                    request, send, manager.console_log_path(request.name, caller)
+                )
             case p.ZoneMetrics():
-                metrics = await manager.metrics(request.name)
+                metrics = await manager.metrics(request.name, caller)
                 await send(p.ZoneMetricsReply(id=request.id, metrics=metrics))
             case p.Exec():
-                await exec_in_zone(manager, request, send, inputs)
+                await exec_in_zone(manager, request, send, inputs, caller)
             case p.RunZone():
-                await run_in_fresh_zone(manager, request, send, inputs)
+                await run_in_fresh_zone(manager, request, send, inputs, caller)
             case _:
                 # The protocol knows it and the daemon does not: our bug.
                 raise InternalError(f"{type(request).__name__} is not handled here")
 
-    async def _stream_events(self, request: p.WatchEvents, send: Send) -> None:
-        with self.hub.watch() as events:
+    async def _stream_events(self, request: p.WatchEvents, send: Send, caller: Caller) -> None:
+        with self.hub.watch(self.policy.event_view(caller)) as events:
             async for event in events:
                 await send(p.EventReply(id=request.id, event=event))
         raise InvalidRequest("event stream cut off: the watcher fell too far behind")
 
-    async def _stream_log(self, request: p.ConsoleLog, send: Send, manager: ZoneManager) -> None:
+    async def _stream_log(self, request: p.ConsoleLog, send: Send, log_path: Path) -> None:
         """The console log from where the request says, in chunks; file IO in worker threads."""
-        path = trio.Path(manager.console_log_path(request.name))
+        path = trio.Path(log_path)
         chunk = p.MAX_LOG_CHUNK
         position = 0
         try:
@@ -306,9 +397,19 @@ class Daemon:
                 return
             await trio.sleep(LOG_POLL_INTERVAL)
 
-    async def host_info(self) -> p.HostInfoData:
+    async def host_info(self, caller: Caller) -> p.HostInfoData:
+        """The host as ``caller`` may see it: zones not its own are not named."""
         snapshot = self.allocator.snapshot()
         reserved = set(self.config.reserved_cpus)
+        assert self.manager is not None
+        visible = self.manager.visible_names(caller)
+
+        def holder(cpu: int) -> str | None:
+            zone = snapshot.cpu_owner.get(cpu)
+            if zone is None or zone in visible:
+                return zone
+            return "(another user's zone)"
+
         cpus = [
             p.CpuInfo(
                 id=cpu.id,
@@ -317,18 +418,42 @@ class Daemon:
                 node=cpu.node,
                 online=cpu.online,
                 reserved=cpu.id in reserved,
-                allocated_to=snapshot.cpu_owner.get(cpu.id),
+                allocated_to=holder(cpu.id),
             )
             for cpu in self.topology.cpus
         ]
+        found = await trio.to_thread.run_sync(
+            _kernels_with_config_hashes, Path(self.config.kernel_store)
+        )
         kernels = [
             p.KernelInfo(
                 profile=k.manifest.profile,
                 kernel_release=k.manifest.kernel_release,
                 image_sha256=k.manifest.image_sha256,
+                config_sha256=config_sha256,
             )
-            for k in await trio.to_thread.run_sync(list_kernels, Path(self.config.kernel_store))
+            for k, config_sha256 in found
         ]
+        shared = [
+            p.SharedImageInfo(
+                kind=f"kernel {k.manifest.profile}",
+                path=str(k.image),
+                sha256=k.manifest.image_sha256,
+            )
+            for k, _ in found
+        ]
+        isolation = p.HostIsolation(
+            qemu_uid_base=self.config.zone_uid_base,
+            qemu_uid_count=self.config.zone_uid_count,
+            qemu_uids_in_use=len(self.manager.qemu_ids.held()),
+            seclabel=ZONES_SECLABEL,
+            memory_overhead_mib=self.config.qemu_memory_overhead_mib,
+            pids_limit=self.config.qemu_pids_limit,
+            pids_controller=self.pids_controller,
+            admin_group=self.config.admin_group,
+            caller_sees_all=self.policy.sees_all(caller),
+            shared_images=[*shared, *self.shared_images],
+        )
         return p.HostInfoData(
             accelerator=self.accelerator,
             machine=self.config.machine,
@@ -342,8 +467,35 @@ class Daemon:
             memory_free_mib=snapshot.memory_free_mib,
             cpus_free_exclusive=list(snapshot.free_exclusive_cpus),
             shared_pool=list(snapshot.shared_pool),
-            zone_count=len(self.manager.zones) if self.manager else 0,
+            zone_count=len(self.manager.zones),
             kernels=kernels,
+            isolation=isolation,
+        )
+
+
+def _kernels_with_config_hashes(store: Path) -> list[tuple[KernelImage, str]]:
+    """Every current kernel and the sha256 of the config it was built from ("" if absent)."""
+    found = []
+    for kernel in list_kernels(store):
+        try:
+            config_sha256 = hashlib.sha256(kernel.config.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            config_sha256 = ""
+        found.append((kernel, config_sha256))
+    return found
+
+
+def _warn_if_kvm_closed_to_zones() -> None:
+    """A zone's QEMU has no supplementary groups: /dev/kvm must be open to others."""
+    try:
+        mode = os.stat("/dev/kvm").st_mode
+    except FileNotFoundError:
+        return
+    if mode & 0o006 != 0o006:
+        log.warning(
+            "/dev/kvm is mode %o: zones' QEMUs (each its own uid, no groups) cannot open it,"
+            " so zones run under TCG; make it 0666 (zoned-host-setup does) to use KVM",
+            mode & 0o777,
         )
 
 

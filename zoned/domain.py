@@ -32,6 +32,18 @@ What a zone's domain is, and why (measured with libvirt 9.0 and QEMU 7.2):
   under TCG, the most capable model TCG emulates.
 - vCPU pinning (``<vcpupin>``), emulator pinning (``<emulatorpin>``) and
   ``<numatune>`` come from the placement allocator.
+- QEMU runs as the zone's own uid and gid (:mod:`zoned.zoneids`):
+  ``<seclabel type='static' model='dac' relabel='no'>`` with the label
+  ``+UID:+GID``. ``relabel='no'``: libvirt never hands a file of the zone to
+  that uid. The kernel, initramfs and workload root are shared by every zone
+  and stay root-owned and read-only (QEMU opens them by path: 0644 files in
+  0755/0751 directories); the console log is opened by virtlogd and the agent
+  socket is made by libvirtd, both passed to QEMU as descriptors. libvirt
+  still gives the domain's own directory (``/var/lib/libvirt/qemu/domain-*``,
+  the master key) to the uid; its parent must be traversable by others
+  (:mod:`zoned.hostsetup`), or QEMU fails on ``master-key.aes``. A static
+  label carries no supplementary groups: on a KVM host ``/dev/kvm`` must be
+  usable by others (0666) for zones to use KVM.
 """
 
 from __future__ import annotations
@@ -93,6 +105,8 @@ class DomainSpec:
     metadata: str
     # The workload root image, attached read-only as the first virtio disk.
     rootfs: Path | None = None
+    # The uid and gid (one number) QEMU runs as; None leaves it to qemu.conf.
+    qemu_uid: int | None = None
 
     def __post_init__(self) -> None:
         if not self.domain_name or "/" in self.domain_name:
@@ -120,6 +134,8 @@ class DomainSpec:
             raise InternalError("a pinned vCPU needs at least one host CPU")
         if self.numa_node is not None and self.numa_node < 0:
             raise InternalError(f"negative NUMA node {self.numa_node}")
+        if self.qemu_uid is not None and not 0 < self.qemu_uid < 2**31 - 1:
+            raise InternalError(f"QEMU uid {self.qemu_uid} is not a uid a zone may run as")
         for label, path in self._paths():
             if not path.is_absolute():
                 raise InternalError(f"{label} path {path} is not absolute")
@@ -238,9 +254,17 @@ def render_domain_xml(spec: DomainSpec) -> str:
     _sub(rng, "backend", "/dev/urandom", model="random")
     if microvm:
         _sub(rng, "address", type="virtio-mmio")
+    if spec.qemu_uid is not None:
+        add_static_label(domain, spec.qemu_uid)
 
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode") + "\n"
+
+
+def add_static_label(domain: ET.Element, qemu_uid: int) -> None:
+    """QEMU as ``qemu_uid`` (uid and gid), and libvirt relabelling nothing for it."""
+    seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
+    _sub(seclabel, "label", f"+{qemu_uid}:+{qemu_uid}")
 
 
 def metadata_element(metadata: str) -> str:

@@ -97,6 +97,10 @@ class ConfigError(InternalError):
     """The daemon's configuration is wrong: its file, or what it names on the host."""
 
 
+class IntegrityError(InternalError):
+    """A file every zone boots (kernel, boot image, workload root) is not as recorded."""
+
+
 ERRORS_BY_CODE: dict[str, type[ZonedError]] = {
     cls.code: cls
     for cls in (

@@ -3,13 +3,17 @@
 Publishing never blocks (sync never blocks): each watcher has a bounded
 buffer, and a watcher that falls that far behind is cut off (its stream
 ends with an error) rather than slowing the daemon or growing memory.
+
+A zone's events carry its owner's uid (kept here, not sent): each watcher
+has a view that decides what of an event it gets, so that a caller sees
+only the events of the zones it may see (:mod:`zoned.access`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import trio
@@ -20,11 +24,19 @@ log = logging.getLogger(__name__)
 
 WATCHER_BUFFER = 1024
 
+#: What a watcher gets of an event of a zone owned by the given uid (None:
+#: not a zone's event): the event, an edited copy, or None for nothing.
+View = Callable[[Event, int | None], Event | None]
+
+
+def _everything(event: Event, owner_uid: int | None) -> Event | None:
+    return event
+
 
 class EventHub:
     def __init__(self) -> None:
         self._seq = 0
-        self._watchers: dict[int, trio.MemorySendChannel[Event]] = {}
+        self._watchers: dict[int, tuple[trio.MemorySendChannel[Event], View]] = {}
         self._next_watcher = 0
 
     def publish(
@@ -36,6 +48,7 @@ class EventHub:
         previous: str = "",
         reason: str = "",
         cpu: int | None = None,
+        owner_uid: int | None = None,
     ) -> Event:
         self._seq += 1
         event = Event(
@@ -56,9 +69,12 @@ class EventHub:
             state or "-",
             reason,
         )
-        for key, send in list(self._watchers.items()):
+        for key, (send, view) in list(self._watchers.items()):
+            seen = view(event, owner_uid)
+            if seen is None:
+                continue
             try:
-                send.send_nowait(event)
+                send.send_nowait(seen)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 # Too slow or gone: cut it off; its receiver sees the channel end.
                 send.close()
@@ -66,12 +82,12 @@ class EventHub:
         return event
 
     @contextmanager
-    def watch(self) -> Iterator[trio.MemoryReceiveChannel[Event]]:
-        """A receive channel of every event published from now on."""
+    def watch(self, view: View = _everything) -> Iterator[trio.MemoryReceiveChannel[Event]]:
+        """A receive channel of every event published from now on, as ``view`` shows it."""
         send, receive = trio.open_memory_channel[Event](WATCHER_BUFFER)
         key = self._next_watcher
         self._next_watcher += 1
-        self._watchers[key] = send
+        self._watchers[key] = (send, view)
         try:
             yield receive
         finally:

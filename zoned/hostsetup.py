@@ -86,16 +86,21 @@ def render_qemu_conf(facts: HostFacts) -> str:
         f"# Rendered for: systemd={yes_no(facts.systemd_pid1)} apparmor={yes_no(facts.apparmor)}"
         f" selinux={yes_no(facts.selinux)} mount-namespaces={yes_no(facts.mount_namespaces)}",
         "",
-        "# QEMU never runs as root. Group kvm opens /dev/kvm on hosts where KVM works.",
+        "# QEMU never runs as root. Zones' QEMUs run as a uid and gid of their own (a",
+        "# static DAC label per domain); this user is for domains that carry none.",
         f'user = "{QEMU_USER}"',
         f'group = "{QEMU_GROUP}"',
         "",
-        "# libvirt hands each zone's files (kernel, initramfs, console log) to that user",
-        "# while the zone runs.",
-        "dynamic_ownership = 1",
-        "# ...and gives them back to root:root afterwards instead of remembering the",
-        "# previous owner in xattrs: zoned's files belong to root anyway, and xattrs left",
-        "# behind by a killed libvirtd make later starts fail with 'already in use'.",
+        "# libvirt never hands a domain's files (kernel, initramfs, disks, console log)",
+        "# to QEMU's user: every zone boots the same root-owned, read-only kernel and",
+        "# images, and a QEMU that could write them would own every later zone. Zones'",
+        "# labels say relabel='no' already; this covers domains without one (an older",
+        "# zoned's, other tools'), which would hand the shared files to libvirt-qemu.",
+        "# Each domain's own directory (/var/lib/libvirt/qemu/domain-*: the master key)",
+        "# is still given to its QEMU's uid.",
+        "dynamic_ownership = 0",
+        "# Nothing to remember: nothing is relabelled. (xattrs left behind by a killed",
+        "# libvirtd would make later starts fail with 'already in use'.)",
         "remember_owner = 0",
         "",
         "# QEMU's own seccomp filter: no spawning, no privilege changes.",
@@ -184,7 +189,7 @@ class DirSpec:
 def zoned_directories(config: Config) -> list[DirSpec]:
     """The directories zoned needs, with the modes the systemd units also use.
 
-    QEMU runs as libvirt-qemu and opens zone files by path (kernel, initramfs),
+    Each zone's QEMU runs as a uid of its own and opens zone files by path (kernel, initramfs),
     so every directory on such a path is traversable by others (``--x``) while
     its listing stays private. The control socket itself is 0660 root:<group>.
     """
@@ -231,15 +236,24 @@ def render_default_config() -> str:
     return "\n".join(lines) + "\n"
 
 
-def kvm_device_needs_fix(mode: int, gid: int, kvm_gid: int) -> bool:
-    """Whether /dev/kvm lacks the group kvm read/write access udev normally gives.
+#: /dev/kvm as zones need it: group kvm, and read/write for everybody.
+KVM_DEVICE_MODE = 0o666
 
-    Without udev (containers) /dev/kvm stays root:root 0600. libvirt then finds
-    KVM unusable for QEMU's user while its root-run capability probe found it
-    usable, declares its capability cache stale, and re-probes QEMU on *every*
-    domain start: measured here, 14 s per start instead of 0.7 s.
+
+def kvm_device_needs_fix(mode: int, gid: int, kvm_gid: int) -> bool:
+    """Whether /dev/kvm is not ``root:kvm`` 0666.
+
+    Each zone's QEMU runs as a uid and gid of its own with no supplementary
+    groups (a static DAC label carries none), so group kvm cannot open the
+    device for it: others must (upstream systemd's default mode, 0666; KVM
+    is built to be opened by unprivileged users, every open a VM of its own).
+    Group kvm stays for libvirt's capability probe: without udev
+    (containers) /dev/kvm stays root:root 0600, libvirt then finds KVM
+    unusable for QEMU's user while its root-run probe found it usable,
+    declares its capability cache stale, and re-probes QEMU on *every* domain
+    start: measured here, 14 s per start instead of 0.7 s.
     """
-    return gid != kvm_gid or (mode & 0o060) != 0o060
+    return gid != kvm_gid or (mode & 0o666) != KVM_DEVICE_MODE
 
 
 # --------------------------------------------------------------------------
@@ -333,7 +347,24 @@ def ensure_users(report: Report, socket_group: str) -> None:
     report.note(f"users and groups present: {names}")
 
 
+#: Keeps /dev/kvm as zones need it across reboots on hosts with udev.
+KVM_UDEV_RULE_PATH = Path("/etc/udev/rules.d/65-zoned-kvm.rules")
+KVM_UDEV_RULE = (
+    "# Installed by zoned host setup: each zone's QEMU runs as a uid of its own with\n"
+    "# no supplementary groups, so /dev/kvm must be open to others (systemd's default).\n"
+    'KERNEL=="kvm", GROUP="kvm", MODE="0666", OPTIONS+="static_node=kvm"\n'
+)
+
+
 def ensure_kvm_device(report: Report) -> None:
+    if Path("/etc/udev").is_dir():
+        try:
+            current = KVM_UDEV_RULE_PATH.read_text()
+        except FileNotFoundError:
+            current = None
+        if current != KVM_UDEV_RULE:
+            _atomic_write(KVM_UDEV_RULE_PATH, KVM_UDEV_RULE, 0o644)
+            report.note(f"installed {KVM_UDEV_RULE_PATH} (/dev/kvm 0666)")
     kvm_dev = Path("/dev/kvm")
     try:
         st = kvm_dev.stat()
@@ -343,14 +374,67 @@ def ensure_kvm_device(report: Report) -> None:
     kvm_gid = grp.getgrnam(QEMU_GROUP).gr_gid
     if kvm_device_needs_fix(st.st_mode, st.st_gid, kvm_gid):
         os.chown(kvm_dev, -1, kvm_gid)
-        os.chmod(kvm_dev, stat.S_IMODE(st.st_mode) | 0o660)
-        report.note("/dev/kvm: set group kvm, mode g+rw (no udev did it)")
+        os.chmod(kvm_dev, stat.S_IMODE(st.st_mode) | KVM_DEVICE_MODE)
+        report.note("/dev/kvm: set group kvm, mode 0666 (zones' QEMUs have no kvm group)")
     else:
-        report.note("/dev/kvm: group kvm can use it")
+        report.note("/dev/kvm: zones' QEMUs can open it (0666)")
+
+
+#: libvirt's per-domain directories (``domain-<id>-<name>``, the master key
+#: QEMU reads) live here, each given to its domain's QEMU uid; a zone's QEMU
+#: runs as a uid of its own, so it must be able to traverse the parent.
+LIBVIRT_DOMAINS_DIR = Path("/var/lib/libvirt/qemu")
+
+
+def domains_dir_mode(mode: int) -> int:
+    """The mode libvirt's domain directory needs: traversable by others, writable by none."""
+    return (mode | 0o001) & ~0o002
+
+
+def ensure_libvirt_domains_dir(report: Report) -> None:
+    """/var/lib/libvirt/qemu with ``o+x``, kept across package upgrades.
+
+    Debian's libvirt-daemon-system makes it 0750 ``libvirt-qemu`` and resets
+    that on every configure unless dpkg has a stat override for it, so the
+    override is registered too. Without ``o+x`` a zone's QEMU fails on its
+    own ``master-key.aes`` ("Permission denied").
+    """
+    try:
+        info = LIBVIRT_DOMAINS_DIR.stat()
+    except FileNotFoundError:
+        report.note(f"{LIBVIRT_DOMAINS_DIR}: absent (libvirt makes it traversable)")
+        return
+    wanted = domains_dir_mode(stat.S_IMODE(info.st_mode))
+    if shutil.which("dpkg-statoverride") is not None:
+        listed = _run(["dpkg-statoverride", "--list", str(LIBVIRT_DOMAINS_DIR)], check=False)
+        if listed.returncode != 0:
+            owner = pwd.getpwuid(info.st_uid).pw_name
+            group = grp.getgrgid(info.st_gid).gr_name
+            _run(
+                [
+                    "dpkg-statoverride", "--add", owner, group, f"{wanted:o}",
+                    str(LIBVIRT_DOMAINS_DIR),
+                ]
+            )  # fmt: skip
+            report.note(f"{LIBVIRT_DOMAINS_DIR}: dpkg stat override {owner}:{group} {wanted:o}")
+    if stat.S_IMODE(info.st_mode) != wanted:
+        os.chmod(LIBVIRT_DOMAINS_DIR, wanted)
+        report.note(f"{LIBVIRT_DOMAINS_DIR}: mode {wanted:o} (zones' QEMUs reach their own dirs)")
+    else:
+        report.note(f"{LIBVIRT_DOMAINS_DIR}: traversable by zones' QEMUs")
+
+
+def qemu_conf_settings(text: str) -> list[str]:
+    """What libvirtd reads of a qemu.conf: its lines without comments and blanks."""
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def write_qemu_conf(report: Report, content: str) -> bool:
-    """Install qemu.conf; True when its content changed."""
+    """Install qemu.conf; True when a setting changed (a changed comment restarts nothing)."""
     try:
         current = QEMU_CONF_PATH.read_text()
     except FileNotFoundError:
@@ -362,6 +446,9 @@ def write_qemu_conf(report: Report, content: str) -> bool:
         shutil.copy2(QEMU_CONF_PATH, QEMU_CONF_BACKUP_PATH)
         report.note(f"saved the previous qemu.conf as {QEMU_CONF_BACKUP_PATH}")
     _atomic_write(QEMU_CONF_PATH, content, 0o600)
+    if current is not None and qemu_conf_settings(current) == qemu_conf_settings(content):
+        report.note(f"{QEMU_CONF_PATH}: comments rewritten, settings unchanged")
+        return False
     report.note(f"{QEMU_CONF_PATH}: written")
     return True
 
@@ -571,6 +658,7 @@ def setup(report: Report) -> None:
         f"selinux={facts.selinux} mount-namespaces={facts.mount_namespaces}"
     )
     ensure_directories(report, zoned_directories(config))
+    ensure_libvirt_domains_dir(report)
     changed = write_qemu_conf(report, render_qemu_conf(facts))
     ensure_libvirt(report, facts, changed)
 

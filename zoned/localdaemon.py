@@ -23,6 +23,20 @@ from types import TracebackType
 from zoned.kernel.store import DEFAULT_STORE
 
 START_TIMEOUT_S = 90.0
+#: Private daemons take their zones' QEMU uids from slices of this size just
+#: above the production range (``Config.zone_uid_base``, 65536 ids), one slice
+#: per daemon root, below the network helpers' uids (0x7A6E0000,
+#: zoned.net.host): daemons sharing the host's libvirtd then seldom even look
+#: at the same uids (and skip any a live process runs as when they do).
+PRIVATE_UID_SLICE = 4096
+PRIVATE_UID_BASE = 0x78010000
+PRIVATE_UID_SLICES = 4096
+
+
+def private_uid_base(root: Path) -> int:
+    """The first QEMU uid of the private daemon in ``root``."""
+    slot = int(hashlib.sha256(str(root).encode()).hexdigest(), 16) % PRIVATE_UID_SLICES
+    return PRIVATE_UID_BASE + PRIVATE_UID_SLICE * slot
 
 
 def checkout_domain_prefix() -> str:
@@ -47,11 +61,12 @@ class LocalDaemon:
         extra_config: str = "",
         remove_root: bool | None = None,
         domain_prefix: str | None = None,
+        kernel_store: Path = DEFAULT_STORE,
     ) -> None:
         if root is None:
             root = Path(tempfile.mkdtemp(prefix="zoned-", dir="/tmp"))
             remove_root = True if remove_root is None else remove_root
-        # QEMU runs as an unprivileged user and must reach the agent sockets below.
+        # Traversable: a test may reach the control socket as another uid.
         root.chmod(0o711)
         self.root = root
         self.remove_root = bool(remove_root)
@@ -66,10 +81,12 @@ class LocalDaemon:
                     f'state_dir = "{root / "state"}"',
                     f'runtime_dir = "{root / "run"}"',
                     f'log_dir = "{root / "log"}"',
-                    f'kernel_store = "{DEFAULT_STORE}"',
+                    f'kernel_store = "{kernel_store}"',
                     f'libvirt_uri = "{libvirt_uri}"',
                     f'domain_prefix = "{self.domain_prefix}"',
                     "reserved_memory_mib = 512",
+                    f"zone_uid_base = {private_uid_base(root)}",
+                    f"zone_uid_count = {PRIVATE_UID_SLICE}",
                     "boot_timeout_s = 60.0",
                     "heartbeat_interval_s = 1.0",
                     extra_config,

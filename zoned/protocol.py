@@ -535,6 +535,39 @@ class KernelInfo(_Record, frozen=True):
     profile: str
     kernel_release: str
     image_sha256: Sha256Hex
+    # sha256 of the config the image was built from ("" when unknown).
+    config_sha256: str = ""
+
+
+class SharedImageInfo(_Record, frozen=True):
+    """A file every zone boots from: root-owned, read-only, its hash checked at each start."""
+
+    # "kernel <profile>", "boot image", "workload root".
+    kind: str
+    path: str
+    sha256: Sha256Hex
+
+
+class HostIsolation(_Record, frozen=True):
+    """What keeps zones apart on this host (see docs/security.md)."""
+
+    # Each zone's QEMU runs as a uid and gid of its own from this range; the
+    # first is the accelerator probe's.
+    qemu_uid_base: NonNegativeInt
+    qemu_uid_count: NonNegativeInt
+    qemu_uids_in_use: NonNegativeInt
+    # libvirt's security label for zones, in words.
+    seclabel: str
+    # QEMU's cgroup limits: the zone's memory plus this much, and its tasks.
+    memory_overhead_mib: NonNegativeInt
+    pids_limit: NonNegativeInt
+    # Which cgroup controller holds the pids limit ("" when none can).
+    pids_controller: str = ""
+    # The group whose members see every zone ("" for none: root only).
+    admin_group: str = ""
+    # Whether the caller sees every zone (root or administrator) or only its own.
+    caller_sees_all: bool = False
+    shared_images: list[SharedImageInfo] = []
 
 
 class HostInfoData(_Record, frozen=True):
@@ -553,6 +586,7 @@ class HostInfoData(_Record, frozen=True):
     shared_pool: list[CpuId]
     zone_count: NonNegativeInt
     kernels: list[KernelInfo]
+    isolation: HostIsolation | None = None
 
 
 class ZoneInfo(_Record, frozen=True):
@@ -583,6 +617,21 @@ class ZoneInfo(_Record, frozen=True):
     reason: str = ""
     # Empty until the agent has said hello.
     kernel_release: str = ""
+    # The uid that created the zone: it (with root and administrators) may act on it.
+    owner_uid: int | None = None
+    # What isolates the zone on the host: its QEMU's uid and gid (None: the
+    # shared libvirt-qemu user of zones created before per-zone uids), libvirt's
+    # security label in words, its QEMU's cgroup limits (None: not set).
+    qemu_uid: int | None = None
+    qemu_gid: int | None = None
+    seclabel: str = ""
+    memory_hard_limit_mib: int | None = None
+    pids_limit: int | None = None
+    # The hashes of what it booted, checked before its start ("" when unknown).
+    kernel_sha256: str = ""
+    kernel_config_sha256: str = ""
+    boot_image_sha256: str = ""
+    rootfs_sha256: str = ""
 
 
 class _GuestFigures(_Record, frozen=True, kw_only=True):

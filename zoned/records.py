@@ -15,6 +15,7 @@ from typing import Final
 
 import msgspec
 
+from zoned.access import ROOT_UID
 from zoned.protocol import Accelerator, Machine, ZoneInfo, ZoneState
 from zoned.protocol import Placement as PlacementPolicy
 
@@ -57,6 +58,21 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     # The state directory of the daemon that owns the zone: a daemon adopts
     # only its own zones from libvirt (private daemons share one libvirtd).
     owner: str = ""
+    # The uid that created the zone (SO_PEERCRED); zones recorded before
+    # owners existed belong to root.
+    owner_uid: int = ROOT_UID
+    # The uid and gid (the same number) its QEMU runs as; None for zones
+    # created before per-zone uids (they run as libvirt-qemu).
+    qemu_uid: int | None = None
+    # Hashes of the zone's boot image and workload root as checked at its start.
+    boot_image_sha256: str = ""
+    rootfs_sha256: str = ""
+    kernel_config_sha256: str = ""
+    # QEMU's cgroup limits as applied after the start (None: not set), and the
+    # pids cgroup zoned made for it ("" for none).
+    memory_hard_limit_mib: int | None = None
+    pids_limit: int | None = None
+    pids_cgroup: str = ""
 
 
 #: What a record and the client's view share by name and meaning: carried as they are.
@@ -65,6 +81,18 @@ _SHARED_WITH_INFO: Final = tuple(
     for name in ZoneInfo.__struct_fields__
     if name in ZoneRecord.__struct_fields__ and name not in ("placement", "labels")
 )
+
+
+_STATIC_LABEL: Final = "dac static +{uid}:+{gid}, relabel no"
+#: The label every zone gets, in words (``zonectl host``).
+ZONES_SECLABEL: Final = _STATIC_LABEL.format(uid="<zone uid>", gid="<zone gid>")
+
+
+def seclabel(qemu_uid: int | None) -> str:
+    """libvirt's security label of a zone's domain, in words."""
+    if qemu_uid is None:
+        return "dac: shared user libvirt-qemu (zone created before per-zone uids)"
+    return _STATIC_LABEL.format(uid=qemu_uid, gid=qemu_uid)
 
 
 def to_info(record: ZoneRecord) -> ZoneInfo:
@@ -79,6 +107,8 @@ def to_info(record: ZoneRecord) -> ZoneInfo:
         cpus=[cpus[0] for cpus in pins] if all(len(c) == 1 for c in pins) else [],
         emulator_cpus=list(placement.emulator_cpus),
         numa_node=placement.numa_node,
+        qemu_gid=record.qemu_uid,
+        seclabel=seclabel(record.qemu_uid),
     )
 
 

@@ -5,7 +5,8 @@ input, what closes a connection) is in :mod:`zoned.conversation`; this
 module carries out what it decides.
 
 - Callers are identified by ``SO_PEERCRED`` (pid, uid, gid) and the
-  supplementary groups of that pid, read from ``/proc``.
+  supplementary groups of that pid, read from ``/proc``: one
+  :class:`~zoned.access.Caller`, handed to every request's handler.
 - Each started request runs as its own task in the connection's nursery, so
   that a stream (watch, logs, exec) and other requests share one connection.
 - Stream input goes to the running request's handler through a small
@@ -32,6 +33,7 @@ import trio
 
 from zoned import conversation as rules
 from zoned import protocol as p
+from zoned.access import AccessPolicy, Caller
 from zoned.errors import InternalError, ZonedError, innermost
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ RECEIVE_CHUNK = 64 * 1024
 Send = Callable[[p.Reply], Awaitable[None]]
 #: Stream input for one request: None for requests that take none.
 StreamInputs = trio.MemoryReceiveChannel[p.StreamInput] | None
-Handler = Callable[[p.Request, Send, StreamInputs], Awaitable[None]]
+Handler = Callable[[p.Request, Send, StreamInputs, Caller], Awaitable[None]]
 #: Stream input messages buffered per request before the connection stops reading.
 STREAM_INPUT_BUFFER = 8
 
@@ -70,12 +72,12 @@ class Connection:
         self,
         stream: trio.SocketStream,
         handler: Handler,
-        allowed_gid: int | None,
+        policy: AccessPolicy,
         max_frame: int,
     ) -> None:
         self._stream = stream
         self._handler = handler
-        self._allowed_gid = allowed_gid
+        self._policy = policy
         self._max_frame = max_frame
         self._send_lock = trio.Lock()
         self._closed = False
@@ -91,8 +93,10 @@ class Connection:
     async def serve(self) -> None:
         pid, uid, gid = peer_credentials(self._stream.socket)
         groups = await trio.to_thread.run_sync(process_groups, pid)
-        authorised = rules.is_authorised(uid, gid, groups, self._allowed_gid)
-        conversation = rules.Conversation(authorised=authorised, uid=uid, max_frame=self._max_frame)
+        caller = Caller(uid=uid, gid=gid, groups=frozenset(groups), pid=pid)
+        conversation = rules.Conversation(
+            authorised=self._policy.may_connect(caller), uid=uid, max_frame=self._max_frame
+        )
         try:
             async with trio.open_nursery() as nursery:
                 while conversation.state != "closed":
@@ -104,7 +108,7 @@ class Connection:
                         break
                     conversation.receive_data(data)
                     while (action := conversation.next_action()) is not None:
-                        await self._carry_out(action, conversation, nursery)
+                        await self._carry_out(action, conversation, nursery, caller)
                 nursery.cancel_scope.cancel()
         finally:
             self._closed = True
@@ -116,7 +120,11 @@ class Connection:
             await self.send(reply)
 
     async def _carry_out(
-        self, action: rules.Action, conversation: rules.Conversation, nursery: trio.Nursery
+        self,
+        action: rules.Action,
+        conversation: rules.Conversation,
+        nursery: trio.Nursery,
+        caller: Caller,
     ) -> None:
         match action:
             case rules.Respond(reply) | rules.RespondAndClose(reply):
@@ -136,13 +144,17 @@ class Connection:
                         STREAM_INPUT_BUFFER
                     )
                     self._inputs[request.id] = send_input
-                nursery.start_soon(self._run_request, request, inputs, conversation)
+                nursery.start_soon(self._run_request, request, inputs, conversation, caller)
 
     async def _run_request(
-        self, request: p.Request, inputs: StreamInputs, conversation: rules.Conversation
+        self,
+        request: p.Request,
+        inputs: StreamInputs,
+        conversation: rules.Conversation,
+        caller: Caller,
     ) -> None:
         try:
-            await self._handler(request, self.send, inputs)
+            await self._handler(request, self.send, inputs, caller)
         except Exception as raised:
             # Handlers with nurseries raise their errors wrapped in groups.
             exc = innermost(raised)
@@ -162,14 +174,18 @@ class Connection:
                 inputs.close()
 
 
-async def open_control_socket(path: Path, group: str) -> tuple[trio.socket.SocketType, int | None]:
-    """Bind the listening socket: mode 0660, owned by ``group`` when it exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def socket_group_id(group: str) -> int | None:
+    """The control socket's group, or None (and a warning) when the host has none."""
     try:
-        allowed_gid: int | None = grp.getgrnam(group).gr_gid
+        return grp.getgrnam(group).gr_gid
     except KeyError:
-        allowed_gid = None
         log.warning("group %r does not exist: only root can use the control socket", group)
+        return None
+
+
+async def open_control_socket(path: Path, socket_gid: int | None) -> trio.socket.SocketType:
+    """Bind the listening socket: mode 0660, owned by group ``socket_gid`` when there is one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket() or path.exists():
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -178,27 +194,28 @@ async def open_control_socket(path: Path, group: str) -> tuple[trio.socket.Socke
         await sock.bind(str(path))
     finally:
         os.umask(old_umask)
-    if allowed_gid is not None and os.geteuid() == 0:
-        os.chown(path, 0, allowed_gid)
+    if socket_gid is not None and os.geteuid() == 0:
+        os.chown(path, 0, socket_gid)
     os.chmod(path, 0o660)
     sock.listen(128)
-    return sock, allowed_gid
+    return sock
 
 
 async def serve_control_socket(
     path: Path,
-    group: str,
+    policy: AccessPolicy,
     handler: Handler,
     max_frame: int,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    sock, allowed_gid = await open_control_socket(path, group)
+    """Serve the control socket; ``policy`` says who may connect (and owns its group)."""
+    sock = await open_control_socket(path, policy.socket_gid)
     listener = trio.SocketListener(sock)
 
     async def one(stream: trio.SocketStream) -> None:
         try:
-            await Connection(stream, handler, allowed_gid, max_frame).serve()
+            await Connection(stream, handler, policy, max_frame).serve()
         except Exception:
             log.exception("connection handler crashed")
 

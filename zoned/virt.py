@@ -35,6 +35,7 @@ import libvirt
 import msgspec
 import trio
 
+from zoned.domain import add_static_label
 from zoned.errors import Conflict, HypervisorError, NotFound, ZonedError
 
 log = logging.getLogger(__name__)
@@ -502,6 +503,25 @@ def _version(conn: Any) -> HypervisorVersion:
     )
 
 
+#: Where qemu:///system's libvirtd writes each running domain's QEMU pid.
+QEMU_PID_DIR: Final = Path("/run/libvirt/qemu")
+
+
+def qemu_pid_of(name: str, pid_dir: Path = QEMU_PID_DIR) -> int | None:
+    """The pid libvirtd recorded for domain ``name``, if that process is its QEMU.
+
+    The pid file may be stale (the domain stopped): the process is checked to
+    be a QEMU started for this guest (``-name guest=<name>,...``).
+    """
+    try:
+        pid = int((pid_dir / f"{name}.pid").read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    guest = f"guest={name},".encode()
+    return pid if any(arg.startswith(guest) for arg in argv) else None
+
+
 # --------------------------------------------------------------------------
 # Reconnection policy
 # --------------------------------------------------------------------------
@@ -830,14 +850,31 @@ class Hypervisor:
         """Define a persistent domain; :class:`Conflict` if the name exists."""
         return await self._call(lambda conn: _state_of(conn.defineXML(xml)))
 
-    async def create_transient(self, xml: str, *, autodestroy: bool = False) -> DomainState:
+    async def create_transient(
+        self, xml: str, *, autodestroy: bool = False, paused: bool = False
+    ) -> DomainState:
         """Create and start a transient domain (gone once stopped).
 
         With ``autodestroy`` libvirt also destroys it when this connection
         closes, so a crashed daemon leaves nothing behind (qemu driver only).
+        With ``paused`` QEMU runs but its vCPUs wait for :meth:`resume`
+        (libvirt's test driver cannot start paused; it has no QEMU to hold back,
+        so it starts running).
         """
         flags = libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0
+        if paused and not self._uri.startswith("test:"):
+            flags |= libvirt.VIR_DOMAIN_START_PAUSED
         return await self._call(lambda conn: _state_of(conn.createXML(xml, flags)))
+
+    async def resume(self, name: str) -> None:
+        """Let a paused domain's vCPUs run (a running one is left as it is)."""
+
+        def resume(conn: Any) -> None:
+            dom = conn.lookupByName(name)
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+
+        await self._call(resume)
 
     async def start(self, name: str) -> DomainState:
         """Start a defined domain; :class:`Conflict` if it is running."""
@@ -922,6 +959,26 @@ class Hypervisor:
         """CPU time and memory of the domain."""
         return await self._call(lambda conn: _stats(conn, name))
 
+    async def set_memory_hard_limit(self, name: str, mib: int) -> None:
+        """Cap the running domain's QEMU (its memory cgroup) at ``mib`` MiB.
+
+        libvirt's memtune ``hard_limit``, set live: at define time it fails
+        on a host where libvirtd lacks CAP_SYS_RESOURCE (docs/host-notes.md).
+        """
+        await self._call(
+            lambda conn: conn.lookupByName(name).setMemoryParameters(
+                {"hard_limit": mib * 1024}, libvirt.VIR_DOMAIN_AFFECT_LIVE
+            )
+        )
+
+    async def qemu_pid(self, name: str) -> int | None:
+        """The pid of the running domain's QEMU; None where the driver has none
+        (``test:///``) or libvirt keeps it elsewhere than qemu:///system does."""
+        if not self._uri.startswith("qemu:///system"):
+            await trio.lowlevel.checkpoint()
+            return None
+        return await trio.to_thread.run_sync(qemu_pid_of, name)
+
     async def capabilities(self) -> str:
         """The host capabilities XML (``virConnectGetCapabilities``)."""
         return await self._call(lambda conn: str(conn.getCapabilities()))
@@ -973,12 +1030,15 @@ def render_probe_xml(
     initrd: Path | None,
     cmdline: str,
     console_log: Path,
+    qemu_uid: int | None = None,
 ) -> str:
     """Domain XML of a minimal q35 probe guest: 1 vCPU, direct kernel boot, serial to a file.
 
     q35 rather than microvm: the probe must not depend on microvm's quirks
     (tsc_early_khz, a console without an IRQ); it asks only whether the
-    accelerator runs a guest kernel.
+    accelerator runs a guest kernel. With ``qemu_uid`` QEMU runs as that uid
+    and gid, as zones do, and libvirt relabels nothing (:mod:`zoned.domain`):
+    the probe then also finds out whether a zone's QEMU may open ``/dev/kvm``.
     """
     # The probe reads the console, so it must go to ttyS0 and carry the
     # KERN_INFO lines it looks for, whatever loglevel/quiet the caller's
@@ -1008,6 +1068,8 @@ def render_probe_xml(
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
+    if qemu_uid is not None:
+        add_static_label(domain, qemu_uid)
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode")
 
@@ -1021,6 +1083,7 @@ async def boot_reaches_init(
     initrd: Path | None,
     cmdline: str,
     workdir: Path,
+    qemu_uid: int | None = None,
 ) -> bool:
     """Boot a throw-away guest and report whether its kernel got as far as init.
 
@@ -1040,6 +1103,7 @@ async def boot_reaches_init(
         initrd=initrd,
         cmdline=cmdline,
         console_log=console_log,
+        qemu_uid=qemu_uid,
     )
     await hv.remove(name)
     try:
@@ -1073,6 +1137,7 @@ async def probe_accelerator(
     workdir: Path,
     *,
     name: str = PROBE_DOMAIN_NAME,
+    qemu_uid: int | None = None,
 ) -> Accelerator:
     """``"kvm"`` if a KVM guest reaches init within :data:`PROBE_BOOT_WINDOW_S`, else ``"tcg"``.
 
@@ -1092,6 +1157,7 @@ async def probe_accelerator(
             initrd=initrd,
             cmdline=cmdline,
             workdir=workdir,
+            qemu_uid=qemu_uid,
         ):
             return "kvm"
     return "tcg"

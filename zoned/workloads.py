@@ -33,6 +33,7 @@ from contextlib import nullcontext
 import trio
 
 from zoned import protocol as p
+from zoned.access import Caller
 from zoned.agentlink import ExecLost, ExecOutputPiece, ExecSession
 from zoned.errors import HypervisorError, ZonedError
 from zoned.server import Send, StreamInputs
@@ -119,9 +120,9 @@ async def _send_end(
 
 
 async def exec_in_zone(
-    manager: ZoneManager, request: p.Exec, send: Send, inputs: StreamInputs
+    manager: ZoneManager, request: p.Exec, send: Send, inputs: StreamInputs, caller: Caller
 ) -> None:
-    session = await manager.start_exec(request.zone, request)
+    session = await manager.start_exec(request.zone, request, caller)
     await stream_exec(request.id, session, send, inputs)
 
 
@@ -130,8 +131,9 @@ def run_zone_name(request: p.RunZone) -> str:
 
 
 async def run_in_fresh_zone(
-    manager: ZoneManager, request: p.RunZone, send: Send, inputs: StreamInputs
+    manager: ZoneManager, request: p.RunZone, send: Send, inputs: StreamInputs, caller: Caller
 ) -> None:
+    """Create a zone owned by ``caller``, run the process, destroy the zone."""
     name = run_zone_name(request)
     create = p.CreateZone(
         id=request.id,
@@ -148,10 +150,10 @@ async def run_in_fresh_zone(
     try:
         deadline = trio.fail_after(request.timeout_s) if request.timeout_s else nullcontext()
         with deadline:
-            zone = await manager.create(create)
+            zone = await manager.create(create, caller)
         created = True
         await send(p.ZoneReply(id=request.id, zone=zone))
-        session = await manager.start_exec(name, request)
+        session = await manager.start_exec(name, request, caller)
         # The caller's timeout covers the whole run, the boot included.
         remaining = None
         if request.timeout_s is not None:
@@ -159,7 +161,7 @@ async def run_in_fresh_zone(
 
         async def destroy() -> None:
             with trio.CancelScope(shield=True):
-                await manager.destroy(name)
+                await manager.destroy(name, caller)
 
         await stream_exec(
             request.id, session, send, inputs, timeout_s=remaining, before_end=destroy
@@ -172,6 +174,6 @@ async def run_in_fresh_zone(
         with trio.CancelScope(shield=True):
             if created or name in manager.zones:
                 try:
-                    await manager.destroy(name)
+                    await manager.destroy(name, caller)
                 except ZonedError as exc:
                     log.warning("run: could not destroy zone %s: %s", name, exc)

@@ -24,17 +24,26 @@ Rules:
 - On start-up the manager re-adopts every running domain of ours (from the
   records, or from the domain's metadata if the record is missing) and marks
   records whose domain vanished as failed.
+- A zone belongs to the uid that created it; every query and action names
+  its caller, and a zone the caller may not act on does not exist for it
+  (:mod:`zoned.access`).
+- What isolates a zone on the host is set up before its QEMU runs a guest
+  instruction: the files it boots are checked against their recorded hashes
+  (:mod:`zoned.images.integrity`), its QEMU runs as a uid and gid of its own
+  (:mod:`zoned.zoneids`), starts paused, gets its memory and task limits
+  (:mod:`zoned.cgroups`) and only then runs. Its runtime directory (the agent
+  socket, which libvirtd makes) is root's alone. Destroy releases all of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import grp
+import hashlib
 import logging
 import math
 import os
-import pwd
+import shutil
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -44,7 +53,8 @@ from typing import Any
 import msgspec
 import trio
 
-from zoned import lifecycle
+from zoned import cgroups, lifecycle
+from zoned.access import DAEMON, AccessPolicy, Caller
 from zoned.agentlink import AgentMux, ExecSession, supervise_agent
 from zoned.config import Config
 from zoned.domain import (
@@ -65,8 +75,9 @@ from zoned.errors import (
     ZonedError,
 )
 from zoned.events import EventHub
+from zoned.images.integrity import ImageVerifier
 from zoned.kernel.cmdline import hardened_cmdline
-from zoned.kernel.store import find_kernel
+from zoned.kernel.store import KernelImage, find_kernel
 from zoned.placement import Allocator, Placement
 from zoned.protocol import (
     Accelerator,
@@ -83,6 +94,7 @@ from zoned.protocol import (
 from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
 from zoned.store import RecordWriter, ZoneStore
 from zoned.virt import DomainEvent, Hypervisor
+from zoned.zoneids import IdRange, QemuIdAllocator, live_process_ids
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +134,27 @@ class _Zone:
     agent: AgentMux | None = None
 
 
-def _qemu_ids() -> tuple[int, int] | None:
-    """uid and gid QEMU runs as under qemu:///system (Debian: libvirt-qemu:kvm)."""
-    try:
-        user = pwd.getpwnam("libvirt-qemu")
-    except KeyError:
-        return None
-    try:
-        gid = grp.getgrnam("kvm").gr_gid
-    except KeyError:
-        gid = user.pw_gid
-    return user.pw_uid, gid
+def _explained(exc: HypervisorError) -> HypervisorError:
+    """libvirt's error, with what to do when it is the host's set-up."""
+    if "master-key.aes" in exc.message and "Permission denied" in exc.message:
+        return HypervisorError(
+            f"{exc.message} (the zone's QEMU runs as a uid of its own and cannot reach its"
+            " domain directory: /var/lib/libvirt/qemu must be traversable by others (0751);"
+            " zoned-host-setup makes it so)"
+        )
+    return exc
+
+
+def qemu_id_range(config: Config) -> IdRange:
+    return IdRange(config.zone_uid_base, config.zone_uid_count)
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What a zone's start checked: the hashes it recorded."""
+
+    kernel: KernelImage
+    kernel_config_sha256: str
 
 
 class ZoneManager:
@@ -145,8 +167,12 @@ class ZoneManager:
         *,
         accelerator: Accelerator,
         boot_image: Path,
+        boot_image_sha256: str,
         tsc_khz: int | None,
+        policy: AccessPolicy,
         rootfs: Path | None = None,
+        rootfs_sha256: str = "",
+        pids_controller: cgroups.PidsController = "",
     ) -> None:
         self.config = config
         self.hv = hypervisor
@@ -154,33 +180,49 @@ class ZoneManager:
         self.hub = hub
         self.accelerator = accelerator
         self.boot_image = boot_image
+        self.boot_image_sha256 = boot_image_sha256
         self.rootfs = rootfs
+        self.rootfs_sha256 = rootfs_sha256
+        self.policy = policy
         self.owner = str(Path(config.state_dir).resolve())
         self.domain_prefix = config.domain_prefix
         self.tsc_khz = tsc_khz
         self.records = RecordWriter(ZoneStore(Path(config.state_dir), ZoneRecord))
         self.zones: dict[str, _Zone] = {}
         self._nursery: trio.Nursery | None = None
-        self._qemu_ids = _qemu_ids()
+        self.qemu_ids = QemuIdAllocator(qemu_id_range(config))
+        self.verifier = ImageVerifier()
+        self.cgroup_root = Path(config.cgroup_root)
+        self.pids_controller = pids_controller
 
     # ------------------------------------------------------------------ queries
 
-    def get(self, name: str) -> ZoneInfo:
-        return to_info(self._zone(name).record)
+    def get(self, name: str, caller: Caller) -> ZoneInfo:
+        return to_info(self.zone_for(name, caller).record)
 
-    def list(self, labels: dict[str, str]) -> list[ZoneInfo]:
+    def list(self, labels: dict[str, str], caller: Caller) -> list[ZoneInfo]:
         return [
             to_info(zone.record)
             for name, zone in sorted(self.zones.items())
             if all(zone.record.labels.get(k) == v for k, v in labels.items())
+            and self.policy.may_act_on(caller, zone.record.owner_uid)
         ]
 
-    def console_log_path(self, name: str) -> Path:
-        return Path(self._zone(name).record.console_log)
+    def console_log_path(self, name: str, caller: Caller) -> Path:
+        return Path(self.zone_for(name, caller).record.console_log)
 
-    def _zone(self, name: str) -> _Zone:
+    def visible_names(self, caller: Caller) -> set[str]:
+        """The zones ``caller`` may know of."""
+        return {
+            name
+            for name, zone in self.zones.items()
+            if self.policy.may_act_on(caller, zone.record.owner_uid)
+        }
+
+    def zone_for(self, name: str, caller: Caller) -> _Zone:
+        """The zone ``name`` if ``caller`` may act on it; to anyone else it does not exist."""
         zone = self.zones.get(name)
-        if zone is None:
+        if zone is None or not self.policy.may_act_on(caller, zone.record.owner_uid):
             raise NotFound(f"no zone named {name!r}")
         return zone
 
@@ -220,6 +262,7 @@ class ZoneManager:
                     state=result.new_state,
                     previous=old,
                     reason=result.reason,
+                    owner_uid=record.owner_uid,
                 )
             if lifecycle.is_settled(record.state):
                 zone.settled.set()
@@ -257,10 +300,14 @@ class ZoneManager:
 
     # -------------------------------------------------------------------- create
 
-    async def create(self, request: CreateZone) -> ZoneInfo:
+    async def create(self, request: CreateZone, caller: Caller) -> ZoneInfo:
         name = request.name
-        if name in self.zones:
-            raise Conflict(f"a zone named {name!r} already exists")
+        taken = self.zones.get(name)
+        if taken is not None:
+            if self.policy.may_act_on(caller, taken.record.owner_uid):
+                raise Conflict(f"a zone named {name!r} already exists")
+            # Zone names are one namespace for the host; say no more than that.
+            raise Conflict(f"the zone name {name!r} is taken (names are shared by all users)")
         machine = request.machine or self.config.machine
         if request.vcpus > self.config.max_vcpus:
             raise InvalidRequest(
@@ -271,17 +318,24 @@ class ZoneManager:
                 f"memory_mib={request.memory_mib} is outside this host's limits "
                 f"{self.config.min_memory_mib}..{self.config.max_memory_mib}"
             )
-        kernel = await trio.to_thread.run_sync(
-            find_kernel, Path(self.config.kernel_store), request.profile
-        )
+        verified = await trio.to_thread.run_sync(self._verify_images, request.profile)
+        kernel = verified.kernel
         tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
         args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
         # Read by the guest agent (its hostname); the kernel ignores it.
         cmdline = " ".join([*args, f"zoned.zone={name}"])
-        placement = self.allocator.allocate(
-            name, request.vcpus, request.memory_mib, request.placement
-        )
-        zone_dir = Path(self.config.runtime_dir) / "zones" / name
+        busy = await trio.to_thread.run_sync(live_process_ids, self.qemu_ids.ids)
+        if name in self.zones:  # created by another request while we checked
+            raise Conflict(f"the zone name {name!r} is taken")
+        qemu_uid = self.qemu_ids.allocate(name, busy)
+        try:
+            placement = self.allocator.allocate(
+                name, request.vcpus, request.memory_mib, request.placement
+            )
+        except BaseException:
+            self.qemu_ids.release(name)
+            raise
+        zone_dir = self._zone_dir(name)
         record = ZoneRecord(
             name=name,
             uuid=str(uuidlib.uuid4()),
@@ -304,6 +358,11 @@ class ZoneManager:
             console_log=str(Path(self.config.log_dir) / f"{name}.console.log"),
             agent_socket=str(zone_dir / "agent.sock"),
             created_at=time.time(),
+            owner_uid=caller.uid,
+            qemu_uid=qemu_uid,
+            boot_image_sha256=self.boot_image_sha256,
+            rootfs_sha256=self.rootfs_sha256 if self.rootfs else "",
+            kernel_config_sha256=verified.kernel_config_sha256,
         )
         zone = _Zone(record, holds_placement=True)
         self.zones[name] = zone
@@ -313,13 +372,22 @@ class ZoneManager:
             with trio.CancelScope(shield=True):
                 try:
                     await self.records.save(name, record).wait()
-                    self.hub.publish("zone_state", zone=name, state="creating")
+                    self.hub.publish(
+                        "zone_state", zone=name, state="creating", owner_uid=caller.uid
+                    )
                     await trio.to_thread.run_sync(self._prepare_runtime, zone_dir, record)
-                    await self.hv.create_transient(render_domain_xml(self._domain_spec(record)))
+                    xml = render_domain_xml(self._domain_spec(record))
+                    # Paused: the limits hold before the guest runs an instruction.
+                    try:
+                        await self.hv.create_transient(xml, paused=True)
+                    except HypervisorError as exc:
+                        raise _explained(exc) from exc
+                    limits = await self._limit_qemu(record)
+                    await self.hv.resume(record.domain_name)
                 except BaseException as exc:
                     await self._undo_create(zone, exc)
                     raise
-                self._set(zone, "started")
+                self._set(zone, "started", changes=limits)
                 self._start_supervisor(zone, self.config.boot_timeout_s)
                 await self._repin_shared()
         await zone.settled.wait()
@@ -330,6 +398,44 @@ class ZoneManager:
             raise HypervisorError(f"zone {name!r} failed to boot: {final.reason}")
         raise Conflict(f"zone {name!r} was {final.state} before it became ready")
 
+    def _verify_images(self, profile: str) -> _Verified:
+        """The kernel of ``profile``, after every file the zone boots was checked
+        against its recorded hash. Blocking: run in a worker thread."""
+        kernel = find_kernel(Path(self.config.kernel_store), profile)
+        check = self.verifier.check
+        check(kernel.image, kernel.manifest.image_sha256, f"kernel of profile {profile!r}")
+        check(self.boot_image, self.boot_image_sha256, "boot image")
+        if self.rootfs is not None:
+            check(self.rootfs, self.rootfs_sha256, "workload root")
+        try:
+            config_sha256 = hashlib.sha256(kernel.config.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            config_sha256 = ""
+        return _Verified(kernel, config_sha256)
+
+    async def _limit_qemu(self, record: ZoneRecord) -> dict[str, Any]:
+        """Memory and task limits on the (paused) zone's QEMU; the record's changes."""
+        memory = record.memory_mib + self.config.qemu_memory_overhead_mib
+        await self.hv.set_memory_hard_limit(record.domain_name, memory)
+        changes: dict[str, Any] = {"memory_hard_limit_mib": memory}
+        pid = await self.hv.qemu_pid(record.domain_name)
+        if pid is None or not self.pids_controller:
+            return changes  # no QEMU process (libvirt's test driver), or no controller
+        applied = await trio.to_thread.run_sync(
+            cgroups.limit_tasks,
+            self.cgroup_root,
+            record.domain_name,
+            pid,
+            self.config.qemu_pids_limit,
+        )
+        if applied is not None:
+            changes["pids_limit"] = applied.limit
+            changes["pids_cgroup"] = str(applied.cgroup) if applied.ours else ""
+        return changes
+
+    def _zone_dir(self, name: str) -> Path:
+        return Path(self.config.runtime_dir) / "zones" / name
+
     async def _undo_create(self, zone: _Zone, exc: BaseException) -> None:
         name = zone.record.name
         log.warning("create of %s failed, undoing: %r", name, exc)
@@ -338,14 +444,34 @@ class ZoneManager:
         except ZonedError as cleanup_exc:
             log.error("could not remove domain of %s: %s", name, cleanup_exc)
         self._release(zone)
+        await trio.to_thread.run_sync(self._clean_host, zone.record)
+        self.qemu_ids.release(name)
         del self.zones[name]
         with contextlib.suppress(OSError):
             await self.records.delete(name).wait()  # logged by the writer
         reason = exc.message if isinstance(exc, ZonedError) else repr(exc)
         self.hub.publish(
-            "zone_state", zone=name, state="failed", previous="creating", reason=reason
+            "zone_state",
+            zone=name,
+            state="failed",
+            previous="creating",
+            reason=reason,
+            owner_uid=zone.record.owner_uid,
         )
         zone.settled.set()
+
+    def _clean_host(self, record: ZoneRecord) -> None:
+        """Remove what the zone had on the host besides its domain: its runtime
+        directory and its pids cgroup. Blocking: run in a worker thread."""
+        shutil.rmtree(self._zone_dir(record.name), ignore_errors=True)
+        pids_cgroup = self._pids_cgroup(record)
+        if pids_cgroup is not None:
+            cgroups.remove_cgroup(pids_cgroup)
+
+    def _pids_cgroup(self, record: ZoneRecord) -> Path | None:
+        # Only a cgroup under zoned's own v1 parent is ours to remove.
+        ours = self.cgroup_root / "pids" / cgroups.V1_PARENT / record.domain_name
+        return ours if record.pids_cgroup == str(ours) else None
 
     def _sync_metadata(self, zone: _Zone) -> None:
         """Copy the record into the running domain's metadata too (best effort, async)."""
@@ -370,17 +496,20 @@ class ZoneManager:
         self._nursery.start_soon(update)
 
     def _prepare_runtime(self, zone_dir: Path, record: ZoneRecord) -> None:
-        """The agent socket's directory (QEMU, an unprivileged user, creates the
-        socket there) and a fresh console log. Blocking: run in a worker thread."""
-        runtime = Path(self.config.runtime_dir)
-        for directory in (runtime, runtime / "zones"):
-            directory.mkdir(parents=True, exist_ok=True)
-            # Traversable by QEMU's user, not listable.
-            os.chmod(directory, os.stat(directory).st_mode | 0o111)
-        zone_dir.mkdir(exist_ok=True)
-        os.chmod(zone_dir, 0o770)
-        if self._qemu_ids is not None and os.geteuid() == 0:
-            os.chown(zone_dir, 0, self._qemu_ids[1])
+        """The agent socket's directory, root's alone, and a fresh console log.
+
+        libvirtd makes the socket and hands QEMU the listening descriptor, so
+        no QEMU needs the directory: no zone can put anything there, or swap
+        the socket the daemon connects to for a link to another zone's.
+        Blocking: run in a worker thread.
+        """
+        zones = Path(self.config.runtime_dir) / "zones"
+        zones.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(zones, 0o700)
+        zone_dir.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(zone_dir, 0, 0)
+        os.chmod(zone_dir, 0o700)
         Path(self.config.log_dir).mkdir(parents=True, exist_ok=True)
         Path(record.console_log).unlink(missing_ok=True)
 
@@ -402,6 +531,7 @@ class ZoneManager:
             console_log=Path(record.console_log),
             agent_socket=Path(record.agent_socket),
             metadata=encode_record(record).decode(),
+            qemu_uid=record.qemu_uid,
         )
 
     # ---------------------------------------------------------- agent supervision
@@ -482,13 +612,17 @@ class ZoneManager:
                 await self.hv.remove(zone.record.domain_name)
             except ZonedError as exc:
                 log.error("could not stop domain of failed zone %s: %s", zone.record.name, exc)
+            else:
+                # QEMU is gone: its uid and cgroup may serve another zone.
+                await trio.to_thread.run_sync(self._clean_host, zone.record)
+                self.qemu_ids.release(zone.record.name)
             self._release(zone)
             await self._repin_shared()
 
     # ------------------------------------------------------------------- destroy
 
-    async def destroy(self, name: str) -> ZoneInfo:
-        zone = self._zone(name)
+    async def destroy(self, name: str, caller: Caller) -> ZoneInfo:
+        zone = self.zone_for(name, caller)
         if not lifecycle.is_settled(zone.record.state) and zone.supervisor is not None:
             # Destroy during boot: stop waiting for the agent at once.
             zone.supervisor.cancel()
@@ -501,6 +635,8 @@ class ZoneManager:
                 self._set(zone, "destroy_requested")  # a no-op when already stopping
                 await self.hv.remove(zone.record.domain_name)
                 self._release(zone)
+                await trio.to_thread.run_sync(self._clean_host, zone.record)
+                self.qemu_ids.release(name)
                 await self._repin_shared()
                 self._set(zone, "domain_stopped", "destroyed")
                 del self.zones[name]
@@ -509,9 +645,9 @@ class ZoneManager:
 
     # --------------------------------------------------------------- metrics
 
-    async def metrics(self, name: str) -> ZoneMetricsData:
+    async def metrics(self, name: str, caller: Caller) -> ZoneMetricsData:
         """The zone's figures: libvirt's view of its QEMU and the agent's last report."""
-        zone = self._zone(name)
+        zone = self.zone_for(name, caller)
         record = zone.record
         cpu_time_s: float | None = None
         rss_kib: int | None = None
@@ -542,9 +678,9 @@ class ZoneManager:
 
     # ------------------------------------------------------------------ exec
 
-    async def start_exec(self, name: str, request: Exec | RunZone) -> ExecSession:
+    async def start_exec(self, name: str, request: Exec | RunZone, caller: Caller) -> ExecSession:
         """Start a process in a ready zone; the session streams it."""
-        zone = self._zone(name)
+        zone = self.zone_for(name, caller)
         agent = zone.agent
         if not lifecycle.is_ready(zone.record.state) or agent is None:
             raise Conflict(
@@ -635,6 +771,7 @@ class ZoneManager:
                 log.warning("zone %s re-created from its domain metadata", zone_name)
             except (msgspec.DecodeError, ZonedError) as exc:
                 log.error("domain %s carries no usable zone record: %s", summary.name, exc)
+        await trio.to_thread.run_sync(self._remove_leftovers, set(records))
         for zone_name, record in sorted(records.items()):
             zone = _Zone(record)
             self.zones[zone_name] = zone
@@ -646,6 +783,12 @@ class ZoneManager:
                 continue
             self.allocator.adopt(placement_from_record(zone_name, record.placement))
             zone.holds_placement = True
+            if record.qemu_uid is not None:
+                try:
+                    self.qemu_ids.adopt(zone_name, record.qemu_uid)
+                except Conflict as exc:
+                    # Only hand-edited records get here; the zones still run.
+                    log.error("re-adopting %s: %s", zone_name, exc.message)
             if record.state == "stopping":
                 # A destroy was cut short by the restart; finish it.
                 assert self._nursery is not None
@@ -654,8 +797,21 @@ class ZoneManager:
             self._set(zone, "resumed_after_restart")
             self._start_supervisor(zone, self.config.boot_timeout_s)
 
+    def _remove_leftovers(self, known: set[str]) -> None:
+        """Runtime directories and pids cgroups of zones that are gone (a crash
+        between a domain's end and its cleanup). Blocking: run in a worker thread."""
+        zones = Path(self.config.runtime_dir) / "zones"
+        if zones.is_dir():
+            for entry in zones.iterdir():
+                if entry.name not in known:
+                    log.info("removing %s, left by a zone that is gone", entry)
+                    shutil.rmtree(entry, ignore_errors=True)
+        keep = {self.domain_prefix + name for name in known}
+        for name in cgroups.remove_stale_cgroups(self.cgroup_root, self.domain_prefix, keep):
+            log.info("removed the pids cgroup of %s, a zone that is gone", name)
+
     async def _finish_destroy(self, name: str) -> None:
         try:
-            await self.destroy(name)
+            await self.destroy(name, DAEMON)
         except ZonedError as exc:
             log.error("finishing destroy of %s failed: %s", name, exc)

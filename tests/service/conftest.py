@@ -10,6 +10,7 @@ writes tiny files (the test driver never reads them).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import threading
@@ -23,6 +24,7 @@ import trio
 
 from zoned.config import Config
 from zoned.daemon import Daemon, ZoneImages
+from zoned.images.integrity import write_recorded_sha256
 from zoned.kernel.store import KernelManifest
 
 
@@ -37,6 +39,7 @@ def short_tmp() -> Iterator[Path]:
 
 
 FAKE_PROFILES = ("strict", "containers")
+KERNEL_BYTES = b"not a kernel"
 
 
 def fake_kernel_store(store: Path) -> Path:
@@ -44,7 +47,7 @@ def fake_kernel_store(store: Path) -> Path:
     for profile in FAKE_PROFILES:
         build = store / f"{profile}-0000000000000000"
         build.mkdir(parents=True)
-        (build / "bzImage").write_bytes(b"not a kernel")
+        (build / "bzImage").write_bytes(KERNEL_BYTES)
         (build / "config").write_text("# CONFIG_MODULES is not set\n")
         manifest = KernelManifest(
             profile=profile,
@@ -59,8 +62,8 @@ def fake_kernel_store(store: Path) -> Path:
             build_time="2024-01-01T00:00:00Z",
             build_seconds=0.0,
             image="bzImage",
-            image_sha256="0" * 64,
-            image_size=12,
+            image_sha256=hashlib.sha256(KERNEL_BYTES).hexdigest(),
+            image_size=len(KERNEL_BYTES),
             cmdline=[],
         )
         (build / "manifest.json").write_bytes(msgspec.json.encode(manifest))
@@ -72,11 +75,15 @@ def fake_zone_images(config: Config) -> ZoneImages:
     """Stands in for the image builders: two tiny files in the image cache."""
     cache = Path(config.image_cache)
     cache.mkdir(parents=True, exist_ok=True)
-    boot_image = cache / "agent-fake.cpio"
-    boot_image.write_bytes(b"not an initramfs")
-    workload_root = cache / "workload-fake.erofs"
-    workload_root.write_bytes(b"not an erofs image")
-    return ZoneImages(boot_image=boot_image, workload_root=workload_root)
+    images = ZoneImages(
+        boot_image=cache / "agent-fake.cpio", workload_root=cache / "workload-fake.erofs"
+    )
+    for path, data in ((images.boot_image, b"not an initramfs"), (images.workload_root, b"no")):
+        assert path is not None
+        path.write_bytes(data)
+        # As the real builders do: the hash each zone start checks.
+        write_recorded_sha256(path, hashlib.sha256(data).hexdigest())
+    return images
 
 
 def service_config(root: Path, **overrides: object) -> Config:

@@ -67,6 +67,16 @@ def zone(name: str = "web", **overrides: object) -> p.ZoneInfo:
         "guest_boot_s": 0.9,
         "console_log": f"/var/log/zoned/{name}.console.log",
         "kernel_release": "6.12.117",
+        "owner_uid": 1000,
+        "qemu_uid": 2013265921,
+        "qemu_gid": 2013265921,
+        "seclabel": "dac static +2013265921:+2013265921, relabel no",
+        "memory_hard_limit_mib": 1024,
+        "pids_limit": 256,
+        "kernel_sha256": "ab" * 32,
+        "kernel_config_sha256": "cd" * 32,
+        "boot_image_sha256": "ef" * 32,
+        "rootfs_sha256": "01" * 32,
     }
     values.update(overrides)
     return p.ZoneInfo(**values)  # type: ignore[arg-type]
@@ -95,6 +105,26 @@ def host() -> p.HostInfoData:
             p.KernelInfo(profile="strict", kernel_release="6.12.117", image_sha256="ab" * 32),
         ],
     )
+
+
+def isolation(**overrides: object) -> p.HostIsolation:
+    values: dict[str, object] = {
+        "qemu_uid_base": 2013265920,
+        "qemu_uid_count": 65536,
+        "qemu_uids_in_use": 2,
+        "seclabel": "dac static +<zone uid>:+<zone gid>, relabel no",
+        "memory_overhead_mib": 512,
+        "pids_limit": 256,
+        "pids_controller": "cgroup v1 pids",
+        "admin_group": "",
+        "caller_sees_all": False,
+        "shared_images": [
+            p.SharedImageInfo(kind="kernel strict", path="/k/bzImage", sha256="ab" * 32),
+            p.SharedImageInfo(kind="boot image", path="/i/agent.cpio", sha256="cd" * 32),
+        ],
+    }
+    values.update(overrides)
+    return p.HostIsolation(**values)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- small pieces
@@ -169,16 +199,18 @@ def test_zone_table_is_aligned_and_sorted() -> None:
             ready_at=None,
         ),
     ]
-    assert format_zone_table(zones, now=T0 + 3 * 3600) == (
-        "NAME            STATE    VCPUS  MEM     CPUS    PROFILE     MACHINE  AGE  BOOT\n"
-        "batch-runner-7  booting  1      2GiB    shared  containers  q35      2h   -\n"
-        "web             ready    2      512MiB  2-3     strict      microvm  3h   1.2s\n"
+    assert format_zone_table(zones, now=T0 + 3 * 3600, user_names={1000: "ada"}) == (
+        "NAME            STATE    OWNER  VCPUS  MEM     CPUS    PROFILE     MACHINE  AGE  BOOT\n"
+        "batch-runner-7  booting  ada    1      2GiB    shared  containers  q35      2h   -\n"
+        "web             ready    ada    2      512MiB  2-3     strict      microvm  3h   1.2s\n"
     )
+    # An owner the host has no name for is shown by uid.
+    assert "  1000  " in format_zone_table(zones, now=T0)
 
 
 def test_empty_zone_table_has_its_header() -> None:
     assert format_zone_table([], now=T0) == (
-        "NAME  STATE  VCPUS  MEM  CPUS  PROFILE  MACHINE  AGE  BOOT\n"
+        "NAME  STATE  OWNER  VCPUS  MEM  CPUS  PROFILE  MACHINE  AGE  BOOT\n"
     )
 
 
@@ -190,7 +222,7 @@ def test_no_line_has_trailing_spaces() -> None:
 
 
 def test_format_zone_shows_every_field() -> None:
-    text = format_zone(zone(), now=T0 + 90)
+    text = format_zone(zone(), now=T0 + 90, user_names={1000: "ada"})
     assert text == (
         "name:          web\n"
         "uuid:          6f1c2a9e-0000-4000-8000-000000000001\n"
@@ -208,7 +240,32 @@ def test_format_zone_shows_every_field() -> None:
         "created:       2024-05-01T12:00:00.000Z (90s ago)\n"
         "ready:         2024-05-01T12:00:01.250Z (boot 1.2s, guest kernel to agent 0.9s)\n"
         "console log:   /var/log/zoned/web.console.log\n"
+        "owner:         ada\n"
+        "qemu uid:gid:  2013265921:2013265921\n"
+        "seclabel:      dac static +2013265921:+2013265921, relabel no\n"
+        "qemu limits:   memory 1GiB, tasks 256\n"
+        f"kernel sha256: {'ab' * 32}\n"
+        f"config sha256: {'cd' * 32}\n"
+        f"boot image:    {'ef' * 32}\n"
+        f"workload root: {'01' * 32}\n"
     )
+
+
+def test_format_zone_of_a_zone_from_before_per_zone_uids() -> None:
+    old = zone(
+        owner_uid=0,
+        qemu_uid=None,
+        qemu_gid=None,
+        seclabel="",
+        memory_hard_limit_mib=None,
+        pids_limit=None,
+        kernel_config_sha256="",
+    )
+    lines = format_zone(old, now=T0, user_names={0: "root"}).splitlines()
+    assert "owner:         root" in lines
+    assert "qemu uid:gid:  libvirt-qemu (shared: created before per-zone uids)" in lines
+    assert "qemu limits:   memory -, tasks -" in lines
+    assert "config sha256: -" in lines
 
 
 def test_format_zone_of_a_failed_unpinned_zone() -> None:
@@ -262,6 +319,39 @@ def test_format_host() -> None:
         "2    online  0     0        2     no        web\n"
         "3    -       0     -        -     no        -\n"
     )
+
+
+def test_format_host_says_what_isolates_zones() -> None:
+    info = msgspec.structs.replace(host(), isolation=isolation())
+    lines = format_host(info).splitlines()
+    assert lines[9:16] == [
+        "qemu uids:      2013265920-2013331455 (2 in use; 2013265920 is the accelerator probe's)",
+        "seclabel:       dac static +<zone uid>:+<zone gid>, relabel no",
+        "qemu limits:    zone memory + 512MiB, 256 tasks (cgroup v1 pids)",
+        "admins:         root",
+        "you see:        your own zones",
+        f"shared images:  kernel strict: /k/bzImage (sha256 {'ab' * 6})",
+        f"                boot image: /i/agent.cpio (sha256 {'cd' * 6})",
+    ]
+    other = msgspec.structs.replace(
+        host(),
+        isolation=isolation(admin_group="ops", caller_sees_all=True, pids_controller=""),
+        kernels=[
+            p.KernelInfo(
+                profile="strict",
+                kernel_release="6.12.117",
+                image_sha256="ab" * 32,
+                config_sha256="12" * 32,
+            )
+        ],
+    )
+    lines = format_host(other).splitlines()
+    assert "kernels:        strict: 6.12.117 (sha256 abababababab, config 121212121212)" in lines
+    assert (
+        "qemu limits:    zone memory + 512MiB, no task limit (no pids cgroup controller)" in lines
+    )
+    assert "admins:         root, group ops" in lines
+    assert "you see:        every zone" in lines
 
 
 def test_format_host_lists_each_numa_node_and_kernel() -> None:

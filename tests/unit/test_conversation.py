@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from zoned import protocol as p
+from zoned.access import ROOT_UID, AccessPolicy, Caller
 from zoned.conversation import (
     MAX_INFLIGHT,
     SERVER_NAME,
@@ -16,7 +17,6 @@ from zoned.conversation import (
     Respond,
     RespondAndClose,
     Start,
-    is_authorised,
 )
 
 HELLO = p.Hello(id=1, versions=[p.PROTOCOL_VERSION], client="test")
@@ -52,12 +52,30 @@ def exec_request(id: int) -> p.Exec:
     return p.Exec(id=id, zone="z", argv=["true"])
 
 
-def test_root_and_group_members_are_authorised() -> None:
-    assert is_authorised(0, 0, set(), None)
-    assert is_authorised(1000, 50, set(), 50)
-    assert is_authorised(1000, 1000, {7, 50}, 50)
-    assert not is_authorised(1000, 1000, {7}, 50)
-    assert not is_authorised(1000, 1000, {7}, None)
+def caller(uid: int, gid: int, *groups: int) -> Caller:
+    return Caller(uid=uid, gid=gid, groups=frozenset(groups), pid=1)
+
+
+def test_root_and_group_members_may_connect() -> None:
+    assert AccessPolicy(socket_gid=None).may_connect(caller(0, 0))
+    assert AccessPolicy(socket_gid=50).may_connect(caller(1000, 50))
+    assert AccessPolicy(socket_gid=50).may_connect(caller(1000, 1000, 7, 50))
+    assert not AccessPolicy(socket_gid=50).may_connect(caller(1000, 1000, 7))
+    assert not AccessPolicy(socket_gid=None).may_connect(caller(1000, 1000, 7))
+
+
+def test_owners_act_on_their_zones_root_and_administrators_on_all() -> None:
+    policy = AccessPolicy(socket_gid=50, admin_gid=60)
+    owner, other, admin = caller(1000, 50), caller(1001, 50), caller(1002, 50, 60)
+    assert policy.may_act_on(owner, 1000)
+    assert not policy.may_act_on(other, 1000)
+    assert not policy.sees_all(owner)
+    assert policy.may_act_on(admin, 1000) and policy.sees_all(admin)
+    assert policy.may_act_on(caller(0, 0), 1000)
+    # No administrators' group: membership of a group with no id means nothing.
+    assert not AccessPolicy(socket_gid=50).sees_all(caller(1002, 50, 60))
+    # Zones from before owners existed belong to root.
+    assert not policy.may_act_on(owner, ROOT_UID)
 
 
 def test_an_unauthorised_caller_is_refused_and_closed() -> None:
@@ -173,3 +191,16 @@ def test_a_frame_in_pieces_waits_for_its_last_byte(serving: Conversation) -> Non
         assert serving.next_action() is None
     serving.receive_data(frame[-1:])
     assert serving.next_action() == Start(p.ListZones(id=6), takes_input=False)
+
+
+def test_a_watcher_gets_only_its_own_zones_events_and_no_other_zones_names() -> None:
+    policy = AccessPolicy(socket_gid=50, admin_gid=60)
+    zone_event = p.Event(seq=1, time=0.0, kind="zone_state", zone="web", state="ready")
+    cpu_event = p.Event(seq=2, time=0.0, kind="cpu_offline", cpu=3, reason="zones affected: web")
+    owner = policy.event_view(caller(1000, 50))
+    assert owner(zone_event, 1000) == zone_event
+    other = policy.event_view(caller(1001, 50))
+    assert other(zone_event, 1000) is None
+    assert other(cpu_event, None) == p.Event(seq=2, time=0.0, kind="cpu_offline", cpu=3)
+    admin = policy.event_view(caller(1002, 50, 60))
+    assert admin(zone_event, 1000) == zone_event and admin(cpu_event, None) == cpu_event

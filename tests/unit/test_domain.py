@@ -77,6 +77,7 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         uuid="5e0c7d1a-9b2f-4e3a-8c6d-7f1a2b3c4d5e",
         vcpus=1,
         rootfs=Path("/var/lib/zoned/images/workload-0123456789abcdef.erofs"),
+        qemu_uid=2013265921,
     ),
     "microvm-kvm-exclusive": _spec(
         "gamma",
@@ -88,6 +89,7 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         vcpu_pins=((4,), (5,), (6,), (7,)),
         emulator_cpus=(1,),
         numa_node=0,
+        qemu_uid=2013265999,
     ),
 }
 
@@ -109,6 +111,22 @@ def test_rendering_is_deterministic() -> None:
 
 def _parse(spec: DomainSpec) -> ET.Element:
     return ET.fromstring(render_domain_xml(spec))
+
+
+def test_a_zone_with_its_own_uid_gets_a_static_label_that_relabels_nothing() -> None:
+    seclabels = _parse(_spec("a", qemu_uid=2013265921)).findall("seclabel")
+    assert [(e.attrib, e.findtext("label")) for e in seclabels] == [
+        ({"type": "static", "model": "dac", "relabel": "no"}, "+2013265921:+2013265921")
+    ]
+    # No per-device labels: nothing of the zone is relabelled at all.
+    assert _parse(_spec("a", qemu_uid=2013265921)).findall("devices//seclabel") == []
+    assert _parse(_spec("a")).findall("seclabel") == []
+
+
+@pytest.mark.parametrize("uid", [0, -1, 2**31 - 1, 2**32])
+def test_root_and_out_of_range_qemu_uids_are_refused(uid: int) -> None:
+    with pytest.raises(InternalError, match="not a uid a zone may run as"):
+        _spec("a", qemu_uid=uid)
 
 
 def test_accelerator_picks_domain_type_and_cpu_model() -> None:

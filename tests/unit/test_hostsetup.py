@@ -15,8 +15,10 @@ from zoned.hostsetup import (
     HostFacts,
     LibvirtAction,
     decide_libvirt_action,
+    domains_dir_mode,
     is_managed,
     kvm_device_needs_fix,
+    qemu_conf_settings,
     render_default_config,
     render_qemu_conf,
     zoned_directories,
@@ -48,7 +50,8 @@ def test_qemu_conf_always_runs_qemu_unprivileged(facts: HostFacts) -> None:
     settings = parse_qemu_conf(text)
     assert settings["user"] == "libvirt-qemu"
     assert settings["group"] == "kvm"
-    assert settings["dynamic_ownership"] == 1
+    # Nothing of a zone is ever handed to QEMU's uid (zoned.domain).
+    assert settings["dynamic_ownership"] == 0
     assert settings["remember_owner"] == 0
     assert settings["seccomp_sandbox"] == 1
     assert settings["stdio_handler"] == "logd"
@@ -160,10 +163,29 @@ def test_default_config_file_parses_to_the_defaults() -> None:
     [
         (0o020600, 0, True),  # container default: root:root 0600
         (0o020600, 107, True),  # right group, no group access
-        (0o020660, 107, False),  # Debian's udev rule
+        (0o020660, 107, True),  # Debian's udev rule: zones' QEMUs have no group kvm
         (0o020666, 107, False),  # systemd's upstream default
         (0o020666, 0, True),
     ],
 )
 def test_kvm_device_access(mode: int, gid: int, needs_fix: bool) -> None:
     assert kvm_device_needs_fix(mode, gid, kvm_gid=107) is needs_fix
+
+
+@pytest.mark.parametrize(
+    ("mode", "wanted"),
+    [(0o750, 0o751), (0o755, 0o755), (0o700, 0o701), (0o2750, 0o2751), (0o777, 0o775)],
+)
+def test_libvirts_domain_directory_becomes_traversable_by_others(mode: int, wanted: int) -> None:
+    """Debian's 0750 keeps a zone's uid from its own master key; others may not write."""
+    assert domains_dir_mode(mode) == wanted
+
+
+def test_only_a_changed_setting_restarts_libvirtd() -> None:
+    """qemu.conf comments change with zoned's wording; libvirtd need not restart for them."""
+    text = render_qemu_conf(ALL_FACTS[0])
+    reworded = text.replace("# QEMU never runs as root.", "# QEMU does not run as root.")
+    assert reworded != text
+    assert qemu_conf_settings(reworded) == qemu_conf_settings(text)
+    changed = text.replace("dynamic_ownership = 0", "dynamic_ownership = 1")
+    assert qemu_conf_settings(changed) != qemu_conf_settings(text)

@@ -42,6 +42,16 @@ ZONE = p.ZoneInfo(
     kernel_release="6.12.9-zoned",
     guest_boot_s=1.2,
     console_log="/var/log/zoned/web-1.console.log",
+    owner_uid=1000,
+    qemu_uid=2013265921,
+    qemu_gid=2013265921,
+    seclabel="dac static +2013265921:+2013265921, relabel no",
+    memory_hard_limit_mib=1024,
+    pids_limit=256,
+    kernel_sha256="ab" * 32,
+    kernel_config_sha256="cd" * 32,
+    boot_image_sha256="ef" * 32,
+    rootfs_sha256="01" * 32,
 )
 
 HOST = p.HostInfoData(
@@ -58,7 +68,28 @@ HOST = p.HostInfoData(
     cpus_free_exclusive=[],
     shared_pool=[1],
     zone_count=1,
-    kernels=[p.KernelInfo(profile="strict", kernel_release="6.12.9-zoned", image_sha256="ab" * 32)],
+    kernels=[
+        p.KernelInfo(
+            profile="strict",
+            kernel_release="6.12.9-zoned",
+            image_sha256="ab" * 32,
+            config_sha256="cd" * 32,
+        )
+    ],
+    isolation=p.HostIsolation(
+        qemu_uid_base=2013265920,
+        qemu_uid_count=65536,
+        qemu_uids_in_use=1,
+        seclabel="dac static +<zone uid>:+<zone gid>, relabel no",
+        memory_overhead_mib=512,
+        pids_limit=256,
+        pids_controller="cgroup v1 pids",
+        admin_group="ops",
+        caller_sees_all=True,
+        shared_images=[
+            p.SharedImageInfo(kind="kernel strict", path="/k/bzImage", sha256="ab" * 32)
+        ],
+    ),
 )
 
 REQUESTS: list[p.Request] = [

@@ -16,6 +16,8 @@ PURE_MODULES = [
     "zoned.protocol",
     "zoned.lifecycle",
     "zoned.conversation",
+    "zoned.access",
+    "zoned.zoneids",
     "zoned.records",
     "zoned.placement",
     "zoned.topology",

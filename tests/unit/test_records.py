@@ -47,12 +47,36 @@ OLD_RECORD = {
 }
 
 
+# What a record from before owners and per-zone QEMU uids gets: root's, no uid
+# of its own (its QEMU runs as libvirt-qemu), nothing checked or limited.
+ISOLATION_DEFAULTS = {
+    "owner_uid": 0,
+    "qemu_uid": None,
+    "boot_image_sha256": "",
+    "rootfs_sha256": "",
+    "kernel_config_sha256": "",
+    "memory_hard_limit_mib": None,
+    "pids_limit": None,
+    "pids_cgroup": "",
+}
+
+
 def test_an_old_record_file_loads_and_writes_back_the_same_json() -> None:
     text = json.dumps(OLD_RECORD)
     record = decode_record(text)
     assert (record.state, record.machine, record.accelerator) == ("ready", "microvm", "tcg")
     assert record.placement.policy == "exclusive"
-    assert json.loads(encode_record(record)) == OLD_RECORD
+    assert json.loads(encode_record(record)) == {**OLD_RECORD, **ISOLATION_DEFAULTS}
+
+
+def test_a_zone_from_before_owners_is_roots_and_says_its_qemu_is_shared() -> None:
+    info = to_info(decode_record(json.dumps(OLD_RECORD)))
+    assert (info.owner_uid, info.qemu_uid, info.qemu_gid) == (0, None, None)
+    assert "libvirt-qemu" in info.seclabel and "before per-zone uids" in info.seclabel
+    record = decode_record(json.dumps({**OLD_RECORD, "owner_uid": 1000, "qemu_uid": 2013265925}))
+    info = to_info(record)
+    assert (info.owner_uid, info.qemu_uid, info.qemu_gid) == (1000, 2013265925, 2013265925)
+    assert info.seclabel == "dac static +2013265925:+2013265925, relabel no"
 
 
 def test_a_record_from_before_the_optional_fields_loads_with_defaults() -> None:
@@ -119,4 +143,4 @@ def test_every_info_field_is_filled_from_the_record() -> None:
     record_fields = set(ZoneRecord.__struct_fields__)
     for name in ZoneInfo.__struct_fields__:
         if name in record_fields and name != "placement":
-            assert info[name] == OLD_RECORD[name], name
+            assert info[name] == {**OLD_RECORD, **ISOLATION_DEFAULTS}[name], name

@@ -131,6 +131,23 @@ def test_probe_xml(tmp_path: Path) -> None:
     assert with_initrd.get("type") == "qemu"
     assert with_initrd.findtext("os/initrd") == "/i"
     assert with_initrd.findtext("os/cmdline") == "console=ttyS0 loglevel=7"
+    # Without a uid the probe runs as qemu.conf says; with one, as a zone would.
+    assert root.find("seclabel") is None
+    labelled = ET.fromstring(
+        virt.render_probe_xml(
+            name="n",
+            virt_type="kvm",
+            kernel=Path("/k"),
+            initrd=None,
+            cmdline="",
+            console_log=Path("/c"),
+            qemu_uid=2013265920,
+        )
+    )
+    seclabel = labelled.find("seclabel")
+    assert seclabel is not None
+    assert seclabel.attrib == {"type": "static", "model": "dac", "relabel": "no"}
+    assert seclabel.findtext("label") == "+2013265920:+2013265920"
 
 
 # ---- the test driver ----

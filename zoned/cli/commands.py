@@ -9,7 +9,9 @@ terminal :mod:`zoned.cli.terminal`'s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import pwd
 import sys
 import time
 from collections.abc import Sequence
@@ -93,13 +95,13 @@ async def run_command(args: argparse.Namespace, out: Output) -> int:
                 zone = await client.create_zone(
                     args.name, kernel_args=args.kernel_args, **zone_options(args)
                 )
-                out.record(zone, format_zone(zone, time.time()))
+                out.record(zone, format_zone(zone, time.time(), user_names([zone])))
             case "list":
                 zones = await client.list_zones(args.labels)
-                out.record(zones, format_zone_table(zones, time.time()))
+                out.record(zones, format_zone_table(zones, time.time(), user_names(zones)))
             case "show":
                 zone = await client.get_zone(args.name)
-                out.record(zone, format_zone(zone, time.time()))
+                out.record(zone, format_zone(zone, time.time(), user_names([zone])))
             case "destroy":
                 return await destroy(client, args.names, out)
             case "watch":
@@ -121,6 +123,15 @@ async def run_command(args: argparse.Namespace, out: Output) -> int:
             case _:  # pragma: no cover - argparse only accepts the commands above
                 raise AssertionError(args.command)
     return EXIT_OK
+
+
+def user_names(zones: Sequence[p.ZoneInfo]) -> dict[int, str]:
+    """The names of the zones' owners on this host (the daemon's), where it has them."""
+    names: dict[int, str] = {}
+    for uid in {zone.owner_uid for zone in zones if zone.owner_uid is not None}:
+        with contextlib.suppress(KeyError):
+            names[uid] = pwd.getpwuid(uid).pw_name
+    return names
 
 
 def zone_options(args: argparse.Namespace) -> ZoneOptions:

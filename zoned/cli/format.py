@@ -10,7 +10,7 @@ terminal. ``--json`` output is the protocol's records with every field
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -105,6 +105,7 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 ZONE_TABLE_HEADER = (
     "NAME",
     "STATE",
+    "OWNER",
     "VCPUS",
     "MEM",
     "CPUS",
@@ -123,7 +124,17 @@ def _boot_time(zone: p.ZoneInfo) -> float | None:
     return None if zone.ready_at is None else zone.ready_at - zone.created_at
 
 
-def format_zone_table(zones: Sequence[p.ZoneInfo], now: float) -> str:
+def format_owner(uid: int | None, user_names: Mapping[int, str]) -> str:
+    """A zone's owner: the user's name where ``user_names`` knows it, else the uid."""
+    if uid is None:
+        return "-"
+    name = user_names.get(uid)
+    return clean(name) if name else str(uid)
+
+
+def format_zone_table(
+    zones: Sequence[p.ZoneInfo], now: float, user_names: Mapping[int, str] | None = None
+) -> str:
     """The ``list`` table, sorted by name.
 
     CPUS is the set of host CPUs the vCPUs are pinned to (or the placement,
@@ -134,6 +145,7 @@ def format_zone_table(zones: Sequence[p.ZoneInfo], now: float) -> str:
         (
             zone.name,
             zone.state,
+            format_owner(zone.owner_uid, user_names or {}),
             str(zone.vcpus),
             format_mib(zone.memory_mib),
             _zone_cpus(zone),
@@ -152,8 +164,20 @@ def _block(pairs: Sequence[tuple[str, str]]) -> str:
     return "".join(f"{(key + ':').ljust(width)}{value}".rstrip() + "\n" for key, value in pairs)
 
 
-def format_zone(zone: p.ZoneInfo, now: float) -> str:
-    """The ``show`` block: every field of one zone."""
+def _qemu_identity(zone: p.ZoneInfo) -> str:
+    if zone.qemu_uid is None:
+        return "libvirt-qemu (shared: created before per-zone uids)"
+    return f"{zone.qemu_uid}:{zone.qemu_gid if zone.qemu_gid is not None else zone.qemu_uid}"
+
+
+def _qemu_limits(zone: p.ZoneInfo) -> str:
+    memory = "-" if zone.memory_hard_limit_mib is None else format_mib(zone.memory_hard_limit_mib)
+    tasks = "-" if zone.pids_limit is None else str(zone.pids_limit)
+    return f"memory {memory}, tasks {tasks}"
+
+
+def format_zone(zone: p.ZoneInfo, now: float, user_names: Mapping[int, str] | None = None) -> str:
+    """The ``show`` block: every field of one zone, then what isolates it on the host."""
     pinning = (
         " ".join(f"vcpu{index}:{cpu}" for index, cpu in enumerate(zone.cpus))
         if zone.cpus
@@ -189,7 +213,17 @@ def format_zone(zone: p.ZoneInfo, now: float) -> str:
                 f" guest kernel to agent {format_seconds(zone.guest_boot_s)})",
             )
         )
-    pairs.append(("console log", clean(zone.console_log)))
+    pairs += [
+        ("console log", clean(zone.console_log)),
+        ("owner", format_owner(zone.owner_uid, user_names or {})),
+        ("qemu uid:gid", _qemu_identity(zone)),
+        ("seclabel", clean(zone.seclabel) or "-"),
+        ("qemu limits", _qemu_limits(zone)),
+        ("kernel sha256", clean(zone.kernel_sha256) or "-"),
+        ("config sha256", clean(zone.kernel_config_sha256) or "-"),
+        ("boot image", clean(zone.boot_image_sha256) or "-"),
+        ("workload root", clean(zone.rootfs_sha256) or "-"),
+    ]
     return _block(pairs)
 
 
@@ -228,11 +262,16 @@ def format_host(host: p.HostInfoData) -> str:
             (
                 "kernels" if index == 0 else "",
                 f"{clean(kernel.profile)}: {clean(kernel.kernel_release)}"
-                f" (sha256 {kernel.image_sha256[:12]})",
+                f" (sha256 {kernel.image_sha256[:12]}"
+                + (
+                    f", config {clean(kernel.config_sha256[:12])})" if kernel.config_sha256 else ")"
+                ),
             )
         )
     if not host.kernels:
         pairs.append(("kernels", "none"))
+    if host.isolation is not None:
+        pairs += _isolation_pairs(host.isolation)
     # Continuation lines have an empty key: print them without the colon.
     width = max(len(key) for key, _ in pairs) + 2
     summary = "".join(
@@ -253,6 +292,38 @@ def format_host(host: p.HostInfoData) -> str:
     ]
     table = format_table(("CPU", "STATE", "NODE", "PACKAGE", "CORE", "RESERVED", "ZONE"), rows)
     return summary + "\n" + table
+
+
+def _isolation_pairs(isolation: p.HostIsolation) -> list[tuple[str, str]]:
+    last = isolation.qemu_uid_base + isolation.qemu_uid_count - 1
+    controller = clean(isolation.pids_controller)
+    tasks = (
+        f"{isolation.pids_limit} tasks ({controller})"
+        if controller
+        else "no task limit (no pids cgroup controller)"
+    )
+    pairs = [
+        (
+            "qemu uids",
+            f"{isolation.qemu_uid_base}-{last} ({isolation.qemu_uids_in_use} in use;"
+            f" {isolation.qemu_uid_base} is the accelerator probe's)",
+        ),
+        ("seclabel", clean(isolation.seclabel)),
+        ("qemu limits", f"zone memory + {format_mib(isolation.memory_overhead_mib)}, {tasks}"),
+        (
+            "admins",
+            f"root, group {clean(isolation.admin_group)}" if isolation.admin_group else "root",
+        ),
+        ("you see", "every zone" if isolation.caller_sees_all else "your own zones"),
+    ]
+    for index, image in enumerate(isolation.shared_images):
+        pairs.append(
+            (
+                "shared images" if index == 0 else "",
+                f"{clean(image.kind)}: {clean(image.path)} (sha256 {image.sha256[:12]})",
+            )
+        )
+    return pairs
 
 
 def cpu_percent(before: p.ZoneMetricsData | None, after: p.ZoneMetricsData) -> float | None:

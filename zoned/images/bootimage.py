@@ -64,6 +64,8 @@ interpreter (path and bytes), busybox (path and bytes), msgspec's files
 ``agent-<key>.json`` lists every host file that went into it with its size and
 mtime; the image is reused only while all of them are unchanged (a libc
 security update rebuilds it). A cache hit costs a few hundred ``stat`` calls.
+``agent-<key>.cpio.sha256`` records the image's own hash, which every zone
+start checks (:mod:`zoned.images.integrity`); an image without one is rebuilt.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ from zoned.images.hostfiles import (
     sha256_file,
     shared_libraries,
 )
+from zoned.images.integrity import read_recorded_sha256, write_recorded_sha256
 
 #: Bump when the image's layout changes in a way the inputs do not show.
 BUILDER_VERSION = 2
@@ -204,7 +207,11 @@ def build_boot_image(cache_dir: Path) -> Path:
     key = cache_key(interpreter, busybox)
     image_path = cache_dir / f"agent-{key}.cpio"
     manifest_path = cache_dir / f"agent-{key}.json"
-    if image_path.exists() and _manifest_is_current(manifest_path):
+    if (
+        image_path.exists()
+        and _manifest_is_current(manifest_path)
+        and read_recorded_sha256(image_path) is not None
+    ):
         return image_path
     cache_dir.mkdir(parents=True, exist_ok=True)
     image, sources = _build(interpreter, busybox)
@@ -212,6 +219,8 @@ def build_boot_image(cache_dir: Path) -> Path:
         "builder": BUILDER_VERSION,
         "files": [[str(path), _stat_fingerprint(path)] for path in sorted(set(sources))],
     }
+    # The hash every zone start checks the image against (zoned.images.integrity).
+    write_recorded_sha256(image_path, hashlib.sha256(image).hexdigest())
     _write_atomically(image_path, image)
     _write_atomically(manifest_path, json.dumps(manifest, indent=1).encode())
     return image_path

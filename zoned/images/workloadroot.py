@@ -21,7 +21,9 @@ Contents (built on the host, once, cached by content):
 - ``/etc/passwd``, ``/etc/group``, ``/etc/hosts``, ``/etc/os-release``, and
   empty mount points (``/proc``, ``/sys``, ``/dev``, ``/tmp``, ``/root``...).
 
-The image is ``<cache_dir>/workload-<key>.erofs``; ``<key>`` hashes
+The image is ``<cache_dir>/workload-<key>.erofs``, its sha256 recorded in
+``workload-<key>.erofs.sha256`` (checked at every zone start, see
+:mod:`zoned.images.integrity`; an image without one is rebuilt); ``<key>`` hashes
 :data:`ROOTFS_VERSION`, this module's source, busybox's and the
 interpreter's bytes and the stdlib's file list with sizes and mtimes.
 Uncompressed EROFS: under TCG decompression costs more than it saves, and
@@ -51,6 +53,7 @@ from zoned.images.hostfiles import (
     shared_libraries,
     stdlib_dir,
 )
+from zoned.images.integrity import read_recorded_sha256, sha256_of, write_recorded_sha256
 
 #: Bump when the image's layout changes in a way the inputs do not show.
 ROOTFS_VERSION = 1
@@ -116,7 +119,7 @@ def build_workload_root(cache_dir: Path) -> Path:
         raise ImageBuildError(f"{MKFS_EROFS} is missing: install Debian's erofs-utils")
     interpreter = base_interpreter()
     image = cache_dir / f"workload-{cache_key(interpreter)}.erofs"
-    if image.exists():
+    if image.exists() and read_recorded_sha256(image) is not None:
         return image
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="zoned-rootfs-", dir=cache_dir) as tmp:
@@ -133,6 +136,8 @@ def build_workload_root(cache_dir: Path) -> Path:
         if result.returncode != 0:
             raise ImageBuildError(f"mkfs.erofs failed: {result.stderr.strip()}")
         partial.chmod(0o644)
+        # The hash every zone start checks the image against (zoned.images.integrity).
+        write_recorded_sha256(image, sha256_of(partial))
         os.replace(partial, image)
     return image
 
