@@ -232,7 +232,7 @@ class AuditTrail:
         """Blocking: the host's trail, the zones' files, the journal."""
         trail_lines = [line for line in batch if line.record is not None]
         if trail_lines:
-            self._append_to_trail(b"".join(line.data for line in trail_lines))
+            self._append_to_trail([line.data for line in trail_lines])
         for line in batch:
             if line.zone_dir is not None:
                 try:
@@ -247,20 +247,33 @@ class AuditTrail:
                 ):
                     self.stats.journal_failures += 1
 
-    def _append_to_trail(self, data: bytes) -> None:
+    def _append_to_trail(self, lines: list[bytes]) -> None:
+        """Append, rotating before a line that would take the file past max_bytes."""
         path = self.path
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             size = 0
-        if size and size + len(data) > self.max_bytes:
-            rotate(path, self.max_files)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, data)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        pending: list[bytes] = []
+        pending_size = 0
+        for line in lines:
+            if size + pending_size + len(line) > self.max_bytes and size + pending_size > 0:
+                _append(path, b"".join(pending))
+                rotate(path, self.max_files)
+                size, pending, pending_size = 0, [], 0
+            pending.append(line)
+            pending_size += len(line)
+        if pending:
+            _append(path, b"".join(pending))
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, data)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def rotate(path: Path, max_files: int) -> None:
