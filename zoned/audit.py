@@ -34,7 +34,7 @@ import contextlib
 import heapq
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -138,6 +138,18 @@ class _Line:
     record: AuditRecord | None
 
 
+@dataclass(frozen=True)
+class _Call:
+    """Run ``fn`` on the writer's thread after everything queued before it;
+    ``done`` is set (on trio's thread) once it ran."""
+
+    fn: Callable[[], None] | None
+    done: trio.Event | None = None
+
+
+_Job = _Line | _Call
+
+
 @dataclass
 class AuditStats:
     written: int = 0
@@ -157,7 +169,7 @@ class AuditTrail:
     stats: AuditStats = field(default_factory=AuditStats)
 
     def __post_init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[_Line](MAX_QUEUED)
+        self._send, self._receive = trio.open_memory_channel[_Job](MAX_QUEUED)
 
     @property
     def path(self) -> Path:
@@ -183,7 +195,17 @@ class AuditTrail:
         except ValueError:
             return None
 
-    def _queue(self, line: _Line) -> None:
+    def run_in_order(self, fn: Callable[[], None]) -> None:
+        """Run blocking ``fn`` on the writer's thread, after what is queued now."""
+        self._queue(_Call(fn))
+
+    async def barrier(self) -> None:
+        """Wait until everything queued before now is written (the writer must run)."""
+        done = trio.Event()
+        await self._send.send(_Call(None, done))
+        await done.wait()
+
+    def _queue(self, line: _Job) -> None:
         try:
             self._send.send_nowait(line)
         except trio.WouldBlock:
@@ -211,8 +233,8 @@ class AuditTrail:
                 if rest := self._drain():
                     await self._write(rest)
 
-    def _drain(self) -> list[_Line]:
-        batch: list[_Line] = []
+    def _drain(self) -> list[_Job]:
+        batch: list[_Job] = []
         while len(batch) < 1000:
             try:
                 batch.append(self._receive.receive_nowait())
@@ -220,16 +242,36 @@ class AuditTrail:
                 break
         return batch
 
-    async def _write(self, batch: list[_Line]) -> None:
+    async def _write(self, batch: list[_Job]) -> None:
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(self._write_batch, batch)
             except Exception:
                 self.stats.write_errors += 1
                 log.exception("audit trail: writing %d line(s) failed", len(batch))
+            for job in batch:
+                if isinstance(job, _Call) and job.done is not None:
+                    job.done.set()
 
-    def _write_batch(self, batch: list[_Line]) -> None:
-        """Blocking: the host's trail, the zones' files, the journal."""
+    def _write_batch(self, batch: list[_Job]) -> None:
+        """Blocking: the host's trail, the zones' files, the journal, queued calls;
+        in order (lines up to a call are written before it runs)."""
+        lines: list[_Line] = []
+        for job in batch:
+            if isinstance(job, _Line):
+                lines.append(job)
+                continue
+            self._write_lines(lines)
+            lines = []
+            if job.fn is not None:
+                try:
+                    job.fn()
+                except Exception:
+                    self.stats.write_errors += 1
+                    log.exception("audit trail: a queued step failed")
+        self._write_lines(lines)
+
+    def _write_lines(self, batch: list[_Line]) -> None:
         trail_lines = [line for line in batch if line.record is not None]
         if trail_lines:
             self._append_to_trail([line.data for line in trail_lines])
@@ -328,7 +370,7 @@ def read_records(
     since: float | None = None,
     visible: Callable[[AuditRecord], bool] = lambda _record: True,
     stats: ReadStats | None = None,
-) -> Iterator[AuditRecord]:
+) -> Generator[AuditRecord, None, None]:
     """The records ``visible`` lets through, oldest first; blocking (advance it in
     a worker thread).
 

@@ -233,3 +233,14 @@ def is_quarantined(state: ZoneState) -> bool:
 def is_ready(state: ZoneState) -> bool:
     """The agent answers: the zone runs processes and reports guest metrics."""
     return state == "ready"
+
+
+def input_of_reason(reason: str) -> Input | None:
+    """The input a reason :func:`transition` made names (its meaning comes first).
+
+    Counting failures by cause reads the cause back from a zone's reason.
+    """
+    for event, meaning in _DEFAULT_REASONS.items():
+        if reason == meaning or reason.startswith(meaning + ": "):
+            return event
+    return None

@@ -261,3 +261,11 @@ def test_quarantine_freezes_until_destroyed() -> None:
 def test_only_a_running_zone_can_be_quarantined(state: ZoneState) -> None:
     with pytest.raises(Conflict, match="quarantine_requested"):
         transition(state, "quarantine_requested")
+
+
+@pytest.mark.parametrize("event", INPUTS)
+def test_the_input_is_read_back_from_its_reason(event: Input) -> None:
+    state = next(s for s in STATES if (s, event) in EXPECTED)
+    assert lifecycle.input_of_reason(transition(state, event, "detail: x").reason) == event
+    assert lifecycle.input_of_reason(transition(state, event).reason) == event
+    assert lifecycle.input_of_reason("something else") is None
