@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -87,14 +86,6 @@ Send = Callable[[p.Reply], Awaitable[None]]
 
 def op_of(request: p.Request) -> str:
     return str(type(request).__struct_config__.tag)
-
-
-def read_executable(pid: int) -> str:
-    """``/proc/<pid>/exe`` of a peer (blocking; "" if it cannot be read)."""
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
 
 
 def _zone_of(request: p.Request) -> str:
