@@ -224,6 +224,12 @@ class HttpConnection:
                     raise _Closed()
                 if isinstance(event, h11.Request):
                     head = event
+                    # h11 bounds a head that arrives in pieces; one that came
+                    # whole in a single read is measured here.
+                    if _head_size(event) > limits.max_header_bytes:
+                        raise _ClientError(
+                            431, f"request head larger than {limits.max_header_bytes} bytes"
+                        )
                     if len(event.headers) > limits.max_headers:
                         raise _ClientError(
                             431, f"more than {limits.max_headers} header fields in the request"
@@ -341,6 +347,12 @@ def _response(status: int, headers: Sequence[tuple[str, str]]) -> h11.Response:
     except ValueError:
         reason = ""
     return h11.Response(status_code=status, headers=list(headers), reason=reason)
+
+
+def _head_size(request: h11.Request) -> int:
+    """The request line and headers' size as sent (give or take whitespace)."""
+    line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
 
 
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
