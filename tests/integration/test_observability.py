@@ -163,7 +163,7 @@ async def test_metrics_list_a_running_zone_and_agree_with_show(zoned: LocalDaemo
 async def test_an_oom_killed_exec_is_counted_and_every_exec_is_audited_and_watched(
     zoned: LocalDaemon,
 ) -> None:
-    argv = ["python3", "-c", "b = bytearray(400 * 2**20)"]
+    argv = ["python3", "-c", "chunks = []\nwhile True: chunks.append(bytearray(2**20))"]
     async with connect(zoned) as client, connect(zoned) as watcher:
         oom_before = one(await scrape(zoned), "zoned_zone_execs_oom_killed_total", BUSY)
         started_before = one(await scrape(zoned), "zoned_zone_execs_started_total", BUSY)
