@@ -86,14 +86,6 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Where the host's cgroup hierarchies are mounted.
     cgroup_root: str = "/sys/fs/cgroup"
 
-    def __post_init__(self) -> None:
-        last = self.zone_uid_base + self.zone_uid_count - 1
-        if last > MAX_ZONE_UID:
-            raise ValueError(
-                f"zone_uid_base + zone_uid_count - 1 = {last} is above {MAX_ZONE_UID}:"
-                " uids above 2^31 - 1 are negative to the tools that treat them as signed"
-            )
-
     # -- Observability (docs/observability.md) --
     # The Prometheus endpoint (GET /metrics): off unless enabled. It listens
     # on a host address ("127.0.0.1:9469", "[::1]:9469"; loopback by default)
@@ -125,6 +117,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     evidence_dir: str = "/var/lib/zoned/evidence"
 
     def __post_init__(self) -> None:
+        last = self.zone_uid_base + self.zone_uid_count - 1
+        if last > MAX_ZONE_UID:
+            raise ValueError(
+                f"zone_uid_base + zone_uid_count - 1 = {last} is above {MAX_ZONE_UID}:"
+                " uids above 2^31 - 1 are negative to the tools that treat them as signed"
+            )
         try:
             parse_listen_address(self.metrics_listen)
         except ValueError as exc:

@@ -42,6 +42,7 @@ import trio
 
 from zoned import lifecycle, zonelogs
 from zoned import protocol as p
+from zoned.access import AccessPolicy, Caller
 from zoned.audit import AuditTrail, exec_record_of, read_records
 from zoned.config import Config
 from zoned.errors import NotFound, ZonedError, innermost
@@ -86,6 +87,11 @@ Send = Callable[[p.Reply], Awaitable[None]]
 
 def op_of(request: p.Request) -> str:
     return str(type(request).__struct_config__.tag)
+
+
+def caller_info(caller: Caller) -> p.CallerInfo:
+    """A caller as the audit trail and the events name it."""
+    return p.CallerInfo(uid=caller.uid, gid=caller.gid, pid=caller.pid, exe=caller.exe)
 
 
 def _zone_of(request: p.Request) -> str:
@@ -138,7 +144,7 @@ class _Progress:
         self.exec = _exec_of(self.request)
 
     def saw_zone(self, zone: p.ZoneInfo) -> None:
-        self.zone, self.zone_uuid = zone.name, zone.uuid
+        self.zone, self.zone_uuid, self.owner_uid = zone.name, zone.uuid, zone.owner_uid
 
     def finish_exec(self, **changes: object) -> p.ExecRecord | None:
         if self.exec is None or self.exec_ended:
@@ -158,17 +164,17 @@ class Monitor:
         hv: Hypervisor,
         hub: EventHub,
         allocator: Allocator,
+        policy: AccessPolicy,
         *,
         accelerator: str,
         started_at: float,
-        socket_gid: int | None = None,
     ) -> None:
         self.config = config
         self.hub = hub
         self.allocator = allocator
+        self.policy = policy
         self.accelerator = accelerator
         self.started_at = started_at
-        self.socket_gid = socket_gid
         self.log_dir = Path(config.log_dir)
         journal = None
         if config.audit_journal == "auto":
@@ -220,7 +226,7 @@ class Monitor:
 
     async def _serve_metrics(self, *, task_status: trio.TaskStatus[None]) -> None:
         address = parse_listen_address(self.config.metrics_listen)
-        listeners = await open_http_listeners(address, socket_gid=self.socket_gid)
+        listeners = await open_http_listeners(address, socket_gid=self.policy.socket_gid)
         router = Router()
         router.add("/metrics", self._metrics_page)
         if address.path:
@@ -258,8 +264,7 @@ class Monitor:
         self,
         request: p.Request,
         send: Send,
-        inputs: object,
-        caller: p.CallerInfo,
+        caller: Caller,
         handler: Callable[[p.Request, Send], Awaitable[None]],
     ) -> None:
         """Run ``handler`` for ``request``; count it, and audit it if it changes something."""
@@ -272,7 +277,7 @@ class Monitor:
                 raise
             self.telemetry.requests[(op, "ok")] += 1
             return
-        progress = _Progress(request, caller)
+        progress = _Progress(request, caller_info(caller))
 
         async def watched_send(reply: p.Reply) -> None:
             self._saw_reply(progress, reply)
@@ -366,8 +371,11 @@ class Monitor:
             self.telemetry.quarantines[result] += 1
         if progress.exec is not None and not progress.exec_ended:
             self._exec_ended(progress, None, error)
-        if not progress.zone_uuid and progress.zone:
-            progress.zone_uuid = self._uuid_of(progress.zone)
+        if progress.zone:
+            known = self._record_of(progress.zone)
+            if known is not None and progress.zone_uuid in ("", known.uuid):
+                progress.zone_uuid = known.uuid
+                progress.owner_uid = known.owner_uid
         if raised is not None and not isinstance(raised, ZonedError | Exception):
             result = "cancelled"
         self.trail.record(
@@ -386,7 +394,7 @@ class Monitor:
             )
         )
 
-    def denied(self, caller: p.CallerInfo, frame: bytes) -> None:
+    def denied(self, caller: Caller, frame: bytes) -> None:
         """A caller the socket refused: its first message's type, if it decodes."""
         try:
             request = p.decode_request(frame)
@@ -400,7 +408,7 @@ class Monitor:
                 time=time.time(),
                 op=op,
                 outcome="denied",
-                caller=caller,
+                caller=caller_info(caller),
                 zone=zone,
                 error_code="permission_denied",
                 error=f"uid {caller.uid} is not root and not in the zoned group",
@@ -409,13 +417,18 @@ class Monitor:
 
     # ------------------------------------------------------------ zones' events
 
-    def _uuid_of(self, name: str) -> str:
+    def _record_of(self, name: str) -> ZoneRecord | None:
+        """The zone of that name now, else the last one seen (its last events come
+        after it left the manager)."""
         manager = self.manager
         zone = manager.zones.get(name) if manager is not None else None
         if zone is not None:
-            return zone.record.uuid
-        last = self._last.get(name)
-        return last.uuid if last is not None else ""
+            return zone.record
+        return self._last.get(name)
+
+    def _uuid_of(self, name: str) -> str:
+        record = self._record_of(name)
+        return record.uuid if record is not None else ""
 
     def _on_event(self, event: p.Event, zone_uuid: str) -> None:
         if not event.zone:
@@ -456,7 +469,7 @@ class Monitor:
             created_at=record.created_at,
             state=event.state,
             reason=event.reason,
-            owner_uid=getattr(record, "owner_uid", None),
+            owner_uid=record.owner_uid,
             profile=record.profile,
             labels=dict(record.labels),
         )
@@ -475,10 +488,10 @@ class Monitor:
 
     # ------------------------------------------------------------ reading
 
-    async def stream_audit(self, request: p.AuditQuery, send: Send, caller: p.CallerInfo) -> None:
+    async def stream_audit(self, request: p.AuditQuery, send: Send, caller: Caller) -> None:
         """The records ``caller`` may see, in batches; file reads on worker threads."""
         await self.trail.barrier()
-        visible = _visibility(caller)
+        visible = _visibility(caller, self.policy)
         records = read_records(
             self.log_dir,
             self.config.audit_max_files,
@@ -496,10 +509,14 @@ class Monitor:
                 await trio.to_thread.run_sync(records.close)
         await send(p.StreamEnd(id=request.id))
 
-    async def kept_console_log(self, name: str, uuid: str | None) -> list[Path]:
-        """The console files of a gone zone called ``name`` (that ``uuid``, else the newest)."""
+    async def kept_console_log(self, name: str, uuid: str | None, caller: Caller) -> list[Path]:
+        """The console files of a gone zone called ``name`` (that ``uuid``, else the
+        newest) that ``caller`` may see: another user's gone zone does not exist for it."""
         live = self._live_uuids()
         found = await trio.to_thread.run_sync(zonelogs.find_kept, self.log_dir, name, uuid, live)
+        owner = found.ended.owner_uid if found is not None and found.ended is not None else None
+        if found is not None and not self.policy.may_act_on(caller, owner or 0):
+            found = None
         if found is None:
             which = f" with uuid {uuid}" if uuid else ""
             raise NotFound(f"no zone named {name!r}{which}, and no kept logs of one")
@@ -533,7 +550,7 @@ class Monitor:
                     machine=record.machine,
                     accelerator=record.accelerator,
                     created_at=record.created_at,
-                    owner_uid=getattr(record, "owner_uid", None),
+                    owner_uid=record.owner_uid,
                     kernel_release=record.kernel_release,
                     ready_at=record.ready_at,
                     guest_boot_s=record.guest_boot_s,
@@ -599,9 +616,10 @@ def _message_of(exc: BaseException | None) -> str:
     return "internal error; see the daemon log"
 
 
-def _visibility(caller: p.CallerInfo) -> Callable[[p.AuditRecord], bool]:
-    """Root sees every record; anybody else their own requests' and their zones'."""
-    if caller.uid == 0:
+def _visibility(caller: Caller, policy: AccessPolicy) -> Callable[[p.AuditRecord], bool]:
+    """Root and administrators see every record; anybody else their own requests'
+    and their own zones'."""
+    if policy.sees_all(caller):
         return lambda _record: True
     uid = caller.uid
     return lambda record: record.caller.uid == uid or record.owner_uid == uid

@@ -32,9 +32,10 @@ import trio
 
 from zoned import protocol as p
 from zoned import zonelogs
+from zoned.access import Caller
 from zoned.errors import ZonedError
 from zoned.evidence import Bundle, kernel_identity
-from zoned.monitor import Monitor
+from zoned.monitor import Monitor, caller_info
 from zoned.records import ZoneRecord, encode_record, to_info
 from zoned.zones import ZoneManager
 
@@ -71,13 +72,14 @@ def _identity(record: ZoneRecord, kernel_facts: dict[str, str]) -> dict[str, str
 
 
 async def quarantine_zone(
-    manager: ZoneManager, monitor: Monitor, request: p.QuarantineZone, caller: p.CallerInfo
+    manager: ZoneManager, monitor: Monitor, request: p.QuarantineZone, caller: Caller
 ) -> p.QuarantineReply:
-    record = await manager.freeze(request.name, f"by uid {caller.uid}")
-    bundle = await collect(manager, monitor, record, caller)
+    """Freeze the zone ``caller`` may act on, collect, destroy if asked."""
+    record = await manager.freeze(request.name, caller)
+    bundle = await collect(manager, monitor, record, caller_info(caller))
     zone = to_info(manager.zones[record.name].record) if record.name in manager.zones else None
     if request.destroy:
-        zone = await manager.destroy(record.name)
+        zone = await manager.destroy(record.name, caller)
     if zone is None:  # destroyed meanwhile by someone else
         zone = to_info(msgspec.structs.replace(record, state="stopped"))
     return p.QuarantineReply(id=request.id, zone=zone, bundle=bundle)

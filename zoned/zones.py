@@ -648,14 +648,15 @@ class ZoneManager:
 
     # ------------------------------------------------------------ quarantine
 
-    async def freeze(self, name: str, reason: str) -> ZoneRecord:
+    async def freeze(self, name: str, caller: Caller) -> ZoneRecord:
         """Quarantine: pause the zone's vCPUs now; it runs nothing until destroyed.
 
         A zone that is not running (or still being created) is a
         :class:`Conflict` and nothing changes. Its processes end for their
         clients; its agent is no longer supervised (it cannot answer).
         """
-        zone = self._zone(name)
+        zone = self.zone_for(name, caller)
+        reason = f"by uid {caller.uid}"
         async with zone.lock:
             if self.zones.get(name) is not zone:
                 raise NotFound(f"no zone named {name!r}")

@@ -89,7 +89,8 @@ async def test_metrics_endpoint_serves_and_refuses_bad_requests(observed: Daemon
         status, body = await http(observed, get("/metrics"))
         assert status == 200
         found = series(body)
-        labels = {"zone": "m1", "profile": "strict", "image": "", "pool": "", "owner_uid": ""}
+        owner = str(os.getuid())
+        labels = {"zone": "m1", "profile": "strict", "image": "", "pool": "", "owner_uid": owner}
         state = [v for ls, v in found["zoned_zone_state"] if ls == {**labels, "state": "failed"}]
         assert state == [1.0]
         assert [v for ls, v in found["zoned_zones"] if ls["state"] == "failed"] == [1.0]

@@ -6,7 +6,8 @@ Usage::
 
 Commands: ``host``, ``create``, ``list``, ``show``, ``destroy``, ``watch``,
 ``logs``, ``exec``, ``run``, ``cp``, ``top``, ``audit``, ``quarantine``
-(``zonectl COMMAND --help`` for each). ``--socket`` and ``--json`` may also follow the command. The socket
+(``zonectl COMMAND --help`` for each). ``--socket`` and ``--json`` may also
+follow the command. The socket
 is ``--socket``, else ``$ZONED_SOCKET``, else ``/run/zoned/zoned.sock``.
 
 Output: aligned tables and ``key: value`` blocks for people; with ``--json``,
