@@ -128,6 +128,8 @@ class _Progress:
 
     request: p.Request
     caller: p.CallerInfo
+    #: Whether the caller may see a zone of that owner (its uuid goes in the record).
+    may_see: Callable[[int], bool]
     started: float = field(default_factory=time.monotonic)
     zone: str = ""
     zone_uuid: str = ""
@@ -277,7 +279,9 @@ class Monitor:
                 raise
             self.telemetry.requests[(op, "ok")] += 1
             return
-        progress = _Progress(request, caller_info(caller))
+        progress = _Progress(
+            request, caller_info(caller), lambda owner: self.policy.may_act_on(caller, owner)
+        )
 
         async def watched_send(reply: p.Reply) -> None:
             self._saw_reply(progress, reply)
@@ -303,14 +307,14 @@ class Monitor:
             case p.ExecStarted(pid=pid) if progress.exec is not None:
                 progress.exec_started = True
                 progress.exec = msgspec.structs.replace(progress.exec, pid=pid)
-                counters = self.telemetry.zone(progress.zone_uuid or self._uuid_of(progress.zone))
+                counters = self.telemetry.zone(progress.zone_uuid or self._visible_uuid(progress))
                 counters.execs_started += 1
                 self.hub.publish(
                     "exec_started",
                     zone=progress.zone,
                     exec=progress.exec,
                     caller=progress.caller,
-                    zone_uuid=progress.zone_uuid or self._uuid_of(progress.zone),
+                    zone_uuid=progress.zone_uuid or self._visible_uuid(progress),
                 )
             case p.ExecOutput(stream="stderr", data=data) if not progress.exec_started:
                 # Before a start, only the daemon writes: why it could not start.
@@ -323,7 +327,7 @@ class Monitor:
     def _exec_ended(
         self, progress: _Progress, exit: p.ExecExit | None, error: ZonedError | None
     ) -> None:
-        uuid = progress.zone_uuid or self._uuid_of(progress.zone)
+        uuid = progress.zone_uuid or self._visible_uuid(progress)
         if exit is not None:
             ended = progress.finish_exec(
                 exit_code=exit.exit_code,
@@ -373,7 +377,11 @@ class Monitor:
             self._exec_ended(progress, None, error)
         if progress.zone:
             known = self._record_of(progress.zone)
-            if known is not None and progress.zone_uuid in ("", known.uuid):
+            if (
+                known is not None
+                and progress.zone_uuid in ("", known.uuid)
+                and progress.may_see(known.owner_uid)
+            ):
                 progress.zone_uuid = known.uuid
                 progress.owner_uid = known.owner_uid
         if raised is not None and not isinstance(raised, ZonedError | Exception):
@@ -429,6 +437,13 @@ class Monitor:
     def _uuid_of(self, name: str) -> str:
         record = self._record_of(name)
         return record.uuid if record is not None else ""
+
+    def _visible_uuid(self, progress: _Progress) -> str:
+        """The uuid of the request's zone, if its caller may see that zone."""
+        record = self._record_of(progress.zone) if progress.zone else None
+        if record is None or not progress.may_see(record.owner_uid):
+            return ""
+        return record.uuid
 
     def _on_event(self, event: p.Event, zone_uuid: str) -> None:
         if not event.zone:

@@ -6,6 +6,7 @@ in tests/integration/test_observability.py."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import subprocess
@@ -17,6 +18,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.peers import relay_as, unused_uids
 from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_control_socket import PEER_SCRIPT
 from tests.zone_events import watching
@@ -28,6 +30,7 @@ from zoned.errors import Conflict, HypervisorError, InvalidRequest, NotFound
 from zoned.evidence import verify
 
 GUARD_S = 60.0
+ADMIN_GROUP = "staff"  # any group of the host: membership is what the relay is given
 
 
 @pytest.fixture
@@ -283,3 +286,56 @@ async def test_quarantine_of_a_booting_zone_freezes_it_and_bundles_what_it_can(
             ("quarantine_zone", "ok", ""),
         ]
         assert records[-1].bundle == again.bundle.path
+
+
+async def test_callers_see_their_own_records_and_administrators_all(short_tmp: Path) -> None:
+    short_tmp.chmod(0o711)  # other uids reach the socket through its directory
+    config = service_config(short_tmp, admin_group=ADMIN_GROUP)
+    zoned_gid = grp.getgrnam(config.socket_group).gr_gid
+    admin_gid = grp.getgrnam(ADMIN_GROUP).gr_gid
+    alice, bob, carol = unused_uids(3)
+    socket_path = Path(config.socket_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(Daemon(config, zone_images=fake_zone_images).run)
+        with (
+            relay_as(alice, alice, [zoned_gid], socket_path) as as_alice,
+            relay_as(bob, bob, [zoned_gid], socket_path) as as_bob,
+            relay_as(carol, carol, [zoned_gid, admin_gid], socket_path) as as_carol,
+        ):
+            async with Client(as_alice) as client:
+                await failed_zone(client, "alices")
+                mine = await collect(client)
+            async with Client(as_bob) as client:
+                with pytest.raises(NotFound):  # her zone does not exist for him
+                    await client.destroy_zone("alices")
+                with pytest.raises(NotFound):
+                    async for _ in client.console_log("alices"):
+                        pass
+                bobs = await collect(client)
+                bobs_of_hers = await collect(client, zone="alices")
+            async with Client(as_carol) as client:
+                await client.destroy_zone("alices")
+                everything = await collect(client)
+            async with Client(as_alice) as client:
+                kept = b"".join([chunk async for chunk in client.console_log("alices")])
+                after = await collect(client, zone="alices")
+        nursery.cancel_scope.cancel()
+    assert [(r.op, r.caller.uid, r.owner_uid) for r in mine] == [("create_zone", alice, alice)]
+    # Bob sees his own refused destroy (it named a zone he could not see), nothing of hers.
+    assert [(r.op, r.error_code, r.caller.uid) for r in bobs] == [
+        ("destroy_zone", "not_found", bob)
+    ]
+    assert [r.caller.uid for r in bobs_of_hers] == [bob]
+    assert (bobs[0].zone_uuid, bobs[0].owner_uid) == ("", None)
+    assert [(r.op, r.caller.uid) for r in everything] == [
+        ("create_zone", alice),
+        ("destroy_zone", bob),
+        ("destroy_zone", carol),
+    ]
+    # Her zone's records (carol's destroy too) are hers to see; so is its kept log.
+    # Bob's attempt names no zone of hers: his record does not say it exists.
+    assert [(r.op, r.caller.uid) for r in after] == [
+        ("create_zone", alice),
+        ("destroy_zone", carol),
+    ]
+    assert kept == b""
