@@ -117,11 +117,7 @@ class Bundle:
 
     def add_bytes(self, name: str, data: bytes) -> bool:
         try:
-            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
+            _write_out(self.path / name, [data])
             self._listed(name)
             return True
         except OSError as exc:
@@ -143,12 +139,7 @@ class Bundle:
                 if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
                     self.errors.append(f"{name}: {source} is not a regular file")
                     return False
-                out_fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(out_fd, "wb") as out:
-                    while block := src.read(CHUNK):
-                        out.write(block)
-                    out.flush()
-                    os.fsync(out.fileno())
+                _write_out(self.path / name, iter(lambda: src.read(CHUNK), b""))
             self._listed(name)
             return True
         except OSError as exc:
@@ -225,16 +216,22 @@ class Bundle:
 
     def _write_small(self, name: str, data: bytes) -> bool:
         try:
-            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
+            _write_out(self.path / name, [data])
             return True
         except OSError:
             with contextlib.suppress(OSError):
                 (self.path / name).unlink()
             return False
+
+
+def _write_out(path: Path, blocks: Iterable[bytes]) -> None:
+    """A new file of ``blocks``, mode 0600, on disk (fsynced) when this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        for block in blocks:
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _directory_size(path: Path) -> int:

@@ -30,7 +30,6 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -411,17 +410,11 @@ def parse_listen_address(text: str) -> ListenAddress:
     return ListenAddress(host=host, port=port)
 
 
-async def open_http_listeners(
-    address: ListenAddress, *, socket_gid: int | None = None
-) -> list[trio.SocketListener]:
-    """Bind ``address``; a Unix socket is made mode 0660 (group ``socket_gid`` if given)."""
-    if not address.path:
-        return await trio.open_tcp_listeners(address.port, host=address.host)
-    path = Path(address.path)
+async def bind_unix_socket(path: Path, gid: int | None) -> trio.socket.SocketType:
+    """A listening Unix socket at ``path``: mode 0660, owned by group ``gid`` when
+    given (as root). Whatever was at ``path`` (a stale socket) is replaced."""
     await trio.Path(path.parent).mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        if (await trio.Path(path).lstat()) and not path.is_socket():
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
         await trio.Path(path).unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
@@ -429,10 +422,20 @@ async def open_http_listeners(
         await sock.bind(str(path))
     finally:
         os.umask(old_umask)
-    if socket_gid is not None and os.geteuid() == 0:
-        os.chown(path, 0, socket_gid)
+    if gid is not None and os.geteuid() == 0:
+        os.chown(path, 0, gid)
     os.chmod(path, 0o660)
     sock.listen(128)
+    return sock
+
+
+async def open_http_listeners(
+    address: ListenAddress, *, socket_gid: int | None = None
+) -> list[trio.SocketListener]:
+    """Bind ``address``; a Unix socket is made mode 0660 (group ``socket_gid`` if given)."""
+    if not address.path:
+        return await trio.open_tcp_listeners(address.port, host=address.host)
+    sock = await bind_unix_socket(Path(address.path), socket_gid)
     return [trio.SocketListener(sock)]
 
 

@@ -178,205 +178,250 @@ def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFa
     return CounterMetricFamily(name, doc, labels=list(labels))
 
 
+_G, _C = "gauge", "counter"
+_HOST, _EGRESS, _GUEST = "Host view", "Host view (zoned's egress)", "Guest's report"
+
+#: The per-zone families: key, type, name, help, labels beyond ZONE_LABELS.
+_PER_ZONE: Final[tuple[tuple[str, str, str, str, tuple[str, ...]], ...]] = (
+    (
+        "info",
+        _G,
+        "zoned_zone_info",
+        "A zone that exists (value 1), with what it is",
+        ("uuid", "machine", "accelerator", "kernel_release"),
+    ),
+    (
+        "state",
+        _G,
+        "zoned_zone_state",
+        "The zone's lifecycle state (1 for the current one)",
+        ("state",),
+    ),
+    ("vcpus", _G, "zoned_zone_vcpus", "vCPUs the zone was given", ()),
+    ("memory", _G, "zoned_zone_memory_bytes", "Guest RAM the zone was given", ()),
+    ("created", _G, "zoned_zone_created_timestamp_seconds", "When it was created (Unix time)", ()),
+    ("boot", _G, "zoned_zone_boot_seconds", f"{_HOST}: creation to the agent's first hello", ()),
+    ("cpu", _C, "zoned_zone_cpu_seconds", f"{_HOST} (libvirt): CPU time of its QEMU", ()),
+    (
+        "rss",
+        _G,
+        "zoned_zone_host_resident_memory_bytes",
+        f"{_HOST} (libvirt): resident memory of its QEMU",
+        (),
+    ),
+    (
+        "stats_age",
+        _G,
+        "zoned_zone_stats_age_seconds",
+        "Age of the libvirt sample the host view comes from",
+        (),
+    ),
+    (
+        "block_read",
+        _C,
+        "zoned_zone_block_read_bytes",
+        f"{_HOST} (libvirt): bytes read from disks",
+        (),
+    ),
+    (
+        "block_write",
+        _C,
+        "zoned_zone_block_write_bytes",
+        f"{_HOST} (libvirt): bytes written to its disks",
+        (),
+    ),
+    (
+        "block_read_reqs",
+        _C,
+        "zoned_zone_block_read_requests",
+        f"{_HOST} (libvirt): read requests of its disks",
+        (),
+    ),
+    (
+        "block_write_reqs",
+        _C,
+        "zoned_zone_block_write_requests",
+        f"{_HOST} (libvirt): write requests of its disks",
+        (),
+    ),
+    (
+        "if_rx",
+        _C,
+        "zoned_zone_interface_receive_bytes",
+        f"{_HOST} (libvirt): bytes its network interfaces received",
+        (),
+    ),
+    (
+        "if_tx",
+        _C,
+        "zoned_zone_interface_transmit_bytes",
+        f"{_HOST} (libvirt): bytes its network interfaces sent",
+        (),
+    ),
+    ("net_out", _C, "zoned_zone_network_transmit_bytes", f"{_EGRESS}: bytes it sent out", ()),
+    ("net_in", _C, "zoned_zone_network_receive_bytes", f"{_EGRESS}: bytes it received", ()),
+    (
+        "net_connections",
+        _C,
+        "zoned_zone_network_connections",
+        f"{_EGRESS}: connections by result",
+        ("result",),
+    ),
+    ("net_active", _G, "zoned_zone_network_connections_active", f"{_EGRESS}: connections open", ()),
+    (
+        "dns",
+        _C,
+        "zoned_zone_dns_queries",
+        "Host view (zoned's resolver): DNS queries by result",
+        ("result",),
+    ),
+    (
+        "net_suppressed",
+        _C,
+        "zoned_zone_network_refused_events_suppressed",
+        "Refused-connection events not published (over their rate limit)",
+        (),
+    ),
+    (
+        "execs_running",
+        _G,
+        "zoned_zone_execs_running",
+        f"{_HOST}: processes it runs for clients now",
+        (),
+    ),
+    (
+        "execs_started",
+        _C,
+        "zoned_zone_execs_started",
+        f"{_HOST}: processes started for clients",
+        (),
+    ),
+    (
+        "execs_failed",
+        _C,
+        "zoned_zone_execs_failed",
+        f"{_HOST}: processes that could not start, or whose end is unknown",
+        (),
+    ),
+    (
+        "execs_oom",
+        _C,
+        "zoned_zone_execs_oom_killed",
+        "Processes its OOM killer ended (the agent's report)",
+        (),
+    ),
+    (
+        "heartbeat_age",
+        _G,
+        "zoned_zone_agent_heartbeat_age_seconds",
+        f"{_HOST}: time since the agent last answered a heartbeat",
+        (),
+    ),
+    ("guest_mem_total", _G, "zoned_zone_guest_memory_total_bytes", f"{_GUEST}: its MemTotal", ()),
+    (
+        "guest_mem_available",
+        _G,
+        "zoned_zone_guest_memory_available_bytes",
+        f"{_GUEST}: its MemAvailable",
+        (),
+    ),
+    ("guest_processes", _G, "zoned_zone_guest_processes", f"{_GUEST}: processes in the zone", ()),
+    ("guest_load", _G, "zoned_zone_guest_load1", f"{_GUEST}: 1-minute load", ()),
+    (
+        "guest_uptime",
+        _G,
+        "zoned_zone_guest_uptime_seconds",
+        f"{_GUEST}: time since its kernel started",
+        (),
+    ),
+    (
+        "guest_boot",
+        _G,
+        "zoned_zone_guest_boot_seconds",
+        f"{_GUEST}: its kernel's start to the agent's hello",
+        (),
+    ),
+)
+
+
 class _PerZone:
     """The per-zone families, filled zone by zone."""
 
     def __init__(self) -> None:
-        z = ZONE_LABELS
-        self.info = _gauge(
-            "zoned_zone_info",
-            "A zone that exists (value 1), with what it is",
-            [*z, "uuid", "machine", "accelerator", "kernel_release"],
-        )
-        self.state = _gauge(
-            "zoned_zone_state", "The zone's lifecycle state (1 for the current one)", [*z, "state"]
-        )
-        self.vcpus = _gauge("zoned_zone_vcpus", "vCPUs the zone was given", z)
-        self.memory = _gauge("zoned_zone_memory_bytes", "Guest RAM the zone was given", z)
-        self.created = _gauge(
-            "zoned_zone_created_timestamp_seconds", "When the zone was created (Unix time)", z
-        )
-        self.boot = _gauge(
-            "zoned_zone_boot_seconds", "Host view: creation to the agent's first hello", z
-        )
-        self.cpu = _counter(
-            "zoned_zone_cpu_seconds",
-            "Host view (libvirt): CPU time of the zone's vCPUs and QEMU",
-            z,
-        )
-        self.rss = _gauge(
-            "zoned_zone_host_resident_memory_bytes",
-            "Host view (libvirt): resident memory of the zone's QEMU",
-            z,
-        )
-        self.stats_age = _gauge(
-            "zoned_zone_stats_age_seconds", "Age of the libvirt sample the host view comes from", z
-        )
-        self.block_read = _counter(
-            "zoned_zone_block_read_bytes",
-            "Host view (libvirt): bytes read from the zone's disks",
-            z,
-        )
-        self.block_write = _counter(
-            "zoned_zone_block_write_bytes",
-            "Host view (libvirt): bytes written to the zone's disks",
-            z,
-        )
-        self.block_read_reqs = _counter(
-            "zoned_zone_block_read_requests", "Host view (libvirt): read requests of its disks", z
-        )
-        self.block_write_reqs = _counter(
-            "zoned_zone_block_write_requests", "Host view (libvirt): write requests of its disks", z
-        )
-        self.if_rx = _counter(
-            "zoned_zone_interface_receive_bytes",
-            "Host view (libvirt): bytes its network interfaces received",
-            z,
-        )
-        self.if_tx = _counter(
-            "zoned_zone_interface_transmit_bytes",
-            "Host view (libvirt): bytes its network interfaces sent",
-            z,
-        )
-        self.net_out = _counter(
-            "zoned_zone_network_transmit_bytes",
-            "Host view (zoned's egress): bytes the zone sent out through its network",
-            z,
-        )
-        self.net_in = _counter(
-            "zoned_zone_network_receive_bytes",
-            "Host view (zoned's egress): bytes the zone received through its network",
-            z,
-        )
-        self.net_connections = _counter(
-            "zoned_zone_network_connections",
-            "Host view (zoned's egress): connections by result",
-            [*z, "result"],
-        )
-        self.net_active = _gauge(
-            "zoned_zone_network_connections_active",
-            "Host view (zoned's egress): connections open now",
-            z,
-        )
-        self.dns = _counter(
-            "zoned_zone_dns_queries",
-            "Host view (zoned's resolver): DNS queries by result",
-            [*z, "result"],
-        )
-        self.net_suppressed = _counter(
-            "zoned_zone_network_refused_events_suppressed",
-            "Refused-connection events not published (over their rate limit)",
-            z,
-        )
-        self.execs_running = _gauge(
-            "zoned_zone_execs_running", "Host view: processes the zone runs for clients now", z
-        )
-        self.execs_started = _counter(
-            "zoned_zone_execs_started", "Host view: processes started for clients", z
-        )
-        self.execs_failed = _counter(
-            "zoned_zone_execs_failed",
-            "Host view: processes that could not start, or whose end is unknown",
-            z,
-        )
-        self.execs_oom = _counter(
-            "zoned_zone_execs_oom_killed",
-            "Processes the zone's OOM killer ended (the agent's report)",
-            z,
-        )
-        self.heartbeat_age = _gauge(
-            "zoned_zone_agent_heartbeat_age_seconds",
-            "Host view: time since the agent last answered a heartbeat",
-            z,
-        )
-        self.guest_mem_total = _gauge(
-            "zoned_zone_guest_memory_total_bytes", "Guest's report: its MemTotal", z
-        )
-        self.guest_mem_available = _gauge(
-            "zoned_zone_guest_memory_available_bytes", "Guest's report: its MemAvailable", z
-        )
-        self.guest_processes = _gauge(
-            "zoned_zone_guest_processes", "Guest's report: processes in the zone", z
-        )
-        self.guest_load = _gauge("zoned_zone_guest_load1", "Guest's report: 1-minute load", z)
-        self.guest_uptime = _gauge(
-            "zoned_zone_guest_uptime_seconds", "Guest's report: time since its kernel started", z
-        )
-        self.guest_boot = _gauge(
-            "zoned_zone_guest_boot_seconds",
-            "Guest's report: its kernel's start to the agent's hello",
-            z,
-        )
+        self.f: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            key: (_gauge if kind == _G else _counter)(name, doc, [*ZONE_LABELS, *extra])
+            for key, kind, name, doc, extra in _PER_ZONE
+        }
+
+    def put(self, key: str, labels: list[str], value: float | None) -> None:
+        if value is not None:
+            self.f[key].add_metric(labels, value)
 
     def add(self, zone: ZoneSample, now: float) -> None:
-        labels = zone.labels()
-        owner = labels
-        self.info.add_metric(
-            [*owner, zone.uuid, zone.machine, zone.accelerator, zone.kernel_release], 1
-        )
+        labels, put = zone.labels(), self.put
+        put("info", [*labels, zone.uuid, zone.machine, zone.accelerator, zone.kernel_release], 1)
         for state in _STATES:
-            self.state.add_metric([*labels, state], 1 if state == zone.state else 0)
-        self.vcpus.add_metric(labels, zone.vcpus)
-        self.memory.add_metric(labels, zone.memory_mib * 1024 * 1024)
-        self.created.add_metric(labels, zone.created_at)
+            put("state", [*labels, state], 1 if state == zone.state else 0)
+        put("vcpus", labels, zone.vcpus)
+        put("memory", labels, zone.memory_mib * 1024 * 1024)
+        put("created", labels, zone.created_at)
         if zone.ready_at is not None:
-            self.boot.add_metric(labels, max(0.0, zone.ready_at - zone.created_at))
+            put("boot", labels, max(0.0, zone.ready_at - zone.created_at))
         self._add_host(zone, labels, now)
         self._add_net(zone.net, labels)
         counters = zone.counters
-        self.execs_running.add_metric(labels, zone.execs_running)
-        self.execs_started.add_metric(labels, counters.execs_started)
-        self.execs_failed.add_metric(labels, counters.execs_failed)
-        self.execs_oom.add_metric(labels, counters.execs_oom_killed)
+        put("execs_running", labels, zone.execs_running)
+        put("execs_started", labels, counters.execs_started)
+        put("execs_failed", labels, counters.execs_failed)
+        put("execs_oom", labels, counters.execs_oom_killed)
         if zone.heartbeat_at is not None:
-            self.heartbeat_age.add_metric(labels, max(0.0, now - zone.heartbeat_at))
-        if zone.guest_boot_s is not None:
-            self.guest_boot.add_metric(labels, zone.guest_boot_s)
+            put("heartbeat_age", labels, max(0.0, now - zone.heartbeat_at))
+        put("guest_boot", labels, zone.guest_boot_s)
         guest = zone.guest
         if guest is not None:
-            self.guest_mem_total.add_metric(labels, guest.mem_total_kib * 1024)
-            self.guest_mem_available.add_metric(labels, guest.mem_available_kib * 1024)
-            self.guest_processes.add_metric(labels, guest.processes)
-            self.guest_load.add_metric(labels, guest.load1)
-            self.guest_uptime.add_metric(labels, guest.uptime_s)
+            put("guest_mem_total", labels, guest.mem_total_kib * 1024)
+            put("guest_mem_available", labels, guest.mem_available_kib * 1024)
+            put("guest_processes", labels, guest.processes)
+            put("guest_load", labels, guest.load1)
+            put("guest_uptime", labels, guest.uptime_s)
 
     def _add_host(self, zone: ZoneSample, labels: list[str], now: float) -> None:
         stats = zone.host
         if stats is None:
             return
         if zone.host_sampled_at is not None:
-            self.stats_age.add_metric(labels, max(0.0, now - zone.host_sampled_at))
-        optional = (
-            (self.cpu, None if stats.cpu_time_ns is None else stats.cpu_time_ns / 1e9),
-            (self.rss, None if stats.rss_kib is None else stats.rss_kib * 1024),
-            (self.block_read, stats.block_read_bytes),
-            (self.block_write, stats.block_write_bytes),
-            (self.block_read_reqs, stats.block_read_requests),
-            (self.block_write_reqs, stats.block_write_requests),
-            (self.if_rx, stats.interface_receive_bytes),
-            (self.if_tx, stats.interface_transmit_bytes),
-        )
-        for family, value in optional:
-            if value is not None:
-                family.add_metric(labels, value)
+            self.put("stats_age", labels, max(0.0, now - zone.host_sampled_at))
+        for key, value in (
+            ("cpu", None if stats.cpu_time_ns is None else stats.cpu_time_ns / 1e9),
+            ("rss", None if stats.rss_kib is None else stats.rss_kib * 1024),
+            ("block_read", stats.block_read_bytes),
+            ("block_write", stats.block_write_bytes),
+            ("block_read_reqs", stats.block_read_requests),
+            ("block_write_reqs", stats.block_write_requests),
+            ("if_rx", stats.interface_receive_bytes),
+            ("if_tx", stats.interface_transmit_bytes),
+        ):
+            self.put(key, labels, value)
 
     def _add_net(self, net: NetCounters | None, labels: list[str]) -> None:
         if net is None:
             return
-        self.net_out.add_metric(labels, net.bytes_out)
-        self.net_in.add_metric(labels, net.bytes_in)
-        self.net_connections.add_metric([*labels, "allowed"], net.connections_allowed)
-        self.net_connections.add_metric([*labels, "refused"], net.connections_refused)
-        self.net_active.add_metric(labels, net.connections_active)
-        self.dns.add_metric([*labels, "answered"], net.dns_answered)
-        self.dns.add_metric([*labels, "refused"], net.dns_refused)
-        self.dns.add_metric([*labels, "dropped"], net.dns_dropped)
-        self.net_suppressed.add_metric(labels, net.events_suppressed)
+        put = self.put
+        put("net_out", labels, net.bytes_out)
+        put("net_in", labels, net.bytes_in)
+        put("net_connections", [*labels, "allowed"], net.connections_allowed)
+        put("net_connections", [*labels, "refused"], net.connections_refused)
+        put("net_active", labels, net.connections_active)
+        for result, value in (
+            ("answered", net.dns_answered),
+            ("refused", net.dns_refused),
+            ("dropped", net.dns_dropped),
+        ):
+            put("dns", [*labels, result], value)
+        put("net_suppressed", labels, net.events_suppressed)
 
     def families(self) -> Iterator[Metric]:
-        for value in vars(self).values():
-            if isinstance(value, Metric):
-                yield value
+        yield from self.f.values()
 
 
 def _host_families(snapshot: Snapshot) -> Iterator[Metric]:

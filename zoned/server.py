@@ -37,6 +37,7 @@ from zoned import conversation as rules
 from zoned import protocol as p
 from zoned.access import AccessPolicy, Caller
 from zoned.errors import InternalError, ZonedError, innermost
+from zoned.httpserve import bind_unix_socket
 
 log = logging.getLogger(__name__)
 
@@ -204,20 +205,7 @@ def socket_group_id(group: str) -> int | None:
 
 async def open_control_socket(path: Path, socket_gid: int | None) -> trio.socket.SocketType:
     """Bind the listening socket: mode 0660, owned by group ``socket_gid`` when there is one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_socket() or path.exists():
-        path.unlink()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        await sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    if socket_gid is not None and os.geteuid() == 0:
-        os.chown(path, 0, socket_gid)
-    os.chmod(path, 0o660)
-    sock.listen(128)
-    return sock
+    return await bind_unix_socket(path, socket_gid)
 
 
 async def serve_control_socket(

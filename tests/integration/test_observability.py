@@ -17,7 +17,7 @@ import pwd
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -27,7 +27,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import domain_name, open_libvirt, private_zoned
-from tests.service.test_control_socket import PEER_SCRIPT
+from tests.integration.test_exec import connect
+from tests.peers import hello_as_nobody
 from tests.zone_events import watching
 from zoned.client import Client
 from zoned.errors import Conflict, HypervisorError, NotFound
@@ -70,12 +71,6 @@ def zoned() -> Iterator[LocalDaemon]:
     with private_zoned("ob-", root, extra) as daemon:
         trio.run(create, daemon)
         yield daemon
-
-
-@contextlib.asynccontextmanager
-async def connect(daemon: LocalDaemon) -> AsyncIterator[Client]:
-    async with Client(daemon.socket, client_name="it") as client:
-        yield client
 
 
 def zonectl(daemon: LocalDaemon, *args: str) -> subprocess.CompletedProcess[str]:
@@ -214,21 +209,7 @@ async def test_an_oom_killed_exec_is_counted_and_every_exec_is_audited_and_watch
 def test_a_caller_outside_the_group_is_refused_and_audited(zoned: LocalDaemon) -> None:
     zoned.socket.chmod(0o666)  # let SO_PEERCRED decide, not the file mode
     nobody = pwd.getpwnam("nobody")
-
-    def demote() -> None:
-        os.setgroups([])
-        os.setgid(nobody.pw_gid)
-        os.setuid(nobody.pw_uid)
-
-    refused = subprocess.run(
-        ["/usr/bin/python3", "-c", PEER_SCRIPT, str(zoned.socket)],
-        preexec_fn=demote,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert "permission_denied" in refused.stdout, refused
+    assert "permission_denied" in hello_as_nobody(zoned.socket)
     lines = zonectl(zoned, "audit", "--json").stdout.splitlines()
     denied = [r for r in map(json.loads, lines) if r["outcome"] == "denied"]
     assert denied[-1]["caller"]["uid"] == nobody.pw_uid

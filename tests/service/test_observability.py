@@ -9,7 +9,6 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.peers import relay_as, unused_uids
+from tests.peers import hello_as_nobody, relay_as, unused_uids
 from tests.service.conftest import fake_zone_images, service_config
-from tests.service.test_control_socket import PEER_SCRIPT
 from tests.zone_events import watching
 from zoned import protocol as p
 from zoned import zonelogs
@@ -124,26 +122,6 @@ async def test_metrics_endpoint_serves_and_refuses_bad_requests(observed: Daemon
     assert (await http(observed, get("/metrics")))[0] == 200
 
 
-def run_as_nobody(socket_path: str, script: str) -> str:
-    nobody = pwd.getpwnam("nobody")
-
-    def demote() -> None:
-        os.setgroups([])
-        os.setgid(nobody.pw_gid)
-        os.setuid(nobody.pw_uid)
-
-    result = subprocess.run(
-        ["/usr/bin/python3", "-c", script, socket_path],
-        preexec_fn=demote,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 async def test_audit_records_changes_and_denials_and_reads_them_back(observed: Daemon) -> None:
     socket_path = observed.config.socket_path
     os.chmod(socket_path, 0o666)
@@ -154,7 +132,7 @@ async def test_audit_records_changes_and_denials_and_reads_them_back(observed: D
         with pytest.raises(NotFound):
             await client.destroy_zone("a1")
         await client.list_zones()  # a read: not audited
-        denied_stdout = await trio.to_thread.run_sync(run_as_nobody, socket_path, PEER_SCRIPT)
+        denied_stdout = await trio.to_thread.run_sync(hello_as_nobody, Path(socket_path))
         assert "permission_denied" in denied_stdout
         records = [r async for r in client.audit()]
         ops = [(r.op, r.outcome, r.error_code, r.zone) for r in records]
