@@ -45,7 +45,7 @@ from zoned import protocol as p
 from zoned.access import AccessPolicy, Caller
 from zoned.audit import AuditTrail, exec_record_of, read_records
 from zoned.config import Config
-from zoned.errors import NotFound, ZonedError, innermost
+from zoned.errors import ConfigError, NotFound, ZonedError, innermost
 from zoned.events import EventHub
 from zoned.httpserve import (
     HttpLimits,
@@ -228,7 +228,13 @@ class Monitor:
 
     async def _serve_metrics(self, *, task_status: trio.TaskStatus[None]) -> None:
         address = parse_listen_address(self.config.metrics_listen)
-        listeners = await open_http_listeners(address, socket_gid=self.policy.socket_gid)
+        try:
+            listeners = await open_http_listeners(address, socket_gid=self.policy.socket_gid)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics_listen = {self.config.metrics_listen!r}: cannot listen there: {exc}"
+                " (under zoned.service, IP needs a drop-in: see docs/observability.md)"
+            ) from exc
         router = Router()
         router.add("/metrics", self._metrics_page)
         if address.path:
