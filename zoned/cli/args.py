@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "--uuid",
         default=None,
+        type=parse_uuid,
         metavar="UUID",
         help="that zone of the name (default: the zone now, else the newest destroyed one)",
     )
