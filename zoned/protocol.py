@@ -71,6 +71,11 @@ Decoders reject unknown tags and fields, so a sender uses a new message or a
 non-default new field only once the peer is known to understand it: through the
 negotiated control version, or the version in :class:`AgentHello`. The same
 holds for a new value in a ``Literal`` (error codes, states, event kinds).
+Event kinds added after the first version (``exec_started``, ``exec_ended``)
+go only to watchers that name them in :class:`WatchEvents`. The
+``quarantined`` state is the exception to that rule: an older client that
+meets a quarantined zone cannot decode it (the daemon and its clients ship
+together; a zone is quarantined only by an operator's request).
 
 Workload execution and file transfer (a later issue) arrive on the agent channel
 as new messages (``exec_*``, ``file_*`` tags are reserved for them) and on the
