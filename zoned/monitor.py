@@ -313,14 +313,15 @@ class Monitor:
             case p.ExecStarted(pid=pid) if progress.exec is not None:
                 progress.exec_started = True
                 progress.exec = msgspec.structs.replace(progress.exec, pid=pid)
-                counters = self.telemetry.zone(progress.zone_uuid or self._visible_uuid(progress))
-                counters.execs_started += 1
+                uuid = progress.zone_uuid or self._visible_uuid(progress)
+                if uuid:
+                    self.telemetry.zone(uuid).execs_started += 1
                 self.hub.publish(
                     "exec_started",
                     zone=progress.zone,
                     exec=progress.exec,
                     caller=progress.caller,
-                    zone_uuid=progress.zone_uuid or self._visible_uuid(progress),
+                    zone_uuid=uuid,
                 )
             case p.ExecOutput(stream="stderr", data=data) if not progress.exec_started:
                 # Before a start, only the daemon writes: why it could not start.
@@ -348,16 +349,18 @@ class Monitor:
             ended = progress.finish_exec(error=error.message if error else "cancelled")
         if ended is None:
             return
-        counters = self.telemetry.zone(uuid) if uuid else None
-        if counters is not None:
-            if not progress.exec_started:
+        reached_zone = progress.exec_started or exit is not None
+        if uuid and reached_zone:
+            # A refusal by the daemon (no such zone, not ready) is no process.
+            counters = self.telemetry.zone(uuid)
+            if not progress.exec_started:  # the agent could not start it
                 counters.execs_started += 1
                 counters.execs_failed += 1
-            elif exit is None:
+            elif exit is None:  # its end is unknown (the zone went)
                 counters.execs_failed += 1
             if ended.oom_killed:
                 counters.execs_oom_killed += 1
-        if progress.exec_started or exit is not None:
+        if reached_zone:
             self.hub.publish(
                 "exec_ended",
                 zone=progress.zone,
@@ -369,7 +372,7 @@ class Monitor:
     def _ended(self, progress: _Progress, raised: BaseException | None) -> None:
         request, op = progress.request, op_of(progress.request)
         error = raised if isinstance(raised, ZonedError) else None
-        result = _result_of(raised) if raised is not None else "ok"
+        result = _result_of(raised)
         self.telemetry.requests[(op, result)] += 1
         if isinstance(request, p.CreateZone) or (
             isinstance(request, p.RunZone) and not progress.created
@@ -390,8 +393,6 @@ class Monitor:
             ):
                 progress.zone_uuid = known.uuid
                 progress.owner_uid = known.owner_uid
-        if raised is not None and not isinstance(raised, ZonedError | Exception):
-            result = "cancelled"
         self.trail.record(
             p.AuditRecord(
                 time=time.time(),
@@ -572,6 +573,8 @@ class Monitor:
                     accelerator=record.accelerator,
                     created_at=record.created_at,
                     owner_uid=record.owner_uid,
+                    # With images in zones (part 2) the record names its image.
+                    image=str(getattr(record, "image", "")),
                     kernel_release=record.kernel_release,
                     ready_at=record.ready_at,
                     guest_boot_s=record.guest_boot_s,

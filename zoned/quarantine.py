@@ -43,11 +43,12 @@ from zoned.zones import ZoneManager
 def writable_layers(record: ZoneRecord) -> list[tuple[str, Path]]:
     """The zone's writable layer where it lives on a host disk, to copy in.
 
-    Today every zone writes to a tmpfs inside its guest: that is in the
-    memory dump, there is no host file. Zones with a scratch disk (images,
-    part 2) list it here as ``("scratch.img", path)``.
+    A zone that writes to a tmpfs inside its guest has it in the memory
+    dump; one with a scratch disk (images, part 2: the record's
+    ``scratch_disk``) has it copied whole, as ``scratch.img``.
     """
-    return []
+    scratch = getattr(record, "scratch_disk", "")
+    return [("scratch.img", Path(scratch))] if isinstance(scratch, str) and scratch else []
 
 
 def _identity(record: ZoneRecord, kernel_facts: dict[str, str]) -> dict[str, str]:
@@ -64,7 +65,7 @@ def _identity(record: ZoneRecord, kernel_facts: dict[str, str]) -> dict[str, str
     }
     # Hashes and image digests the record carries (with images and per-zone
     # isolation: boot_image_sha256, rootfs_sha256, image digest ...).
-    for name in ("boot_image_sha256", "rootfs_sha256", "image", "image_digest"):
+    for name in ("boot_image_sha256", "rootfs_sha256", "image", "image_id", "writable_layer"):
         value = getattr(record, name, "")
         if isinstance(value, str) and value:
             facts[name] = value
