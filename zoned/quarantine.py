@@ -14,9 +14,8 @@ Order, for one ``quarantine_zone`` request:
    first), the zone's audit records and events, then the guest's memory
    (libvirt's memory-only core dump, an ELF file ``crash`` and ``strings``
    read), last because it is the largest: whatever fits before it is
-   kept on a disk that fills. The writable layer is a tmpfs inside the
-   guest, so it is in the memory dump (zones with a scratch disk will add
-   it here: :func:`writable_layers`). Every failure is written into the
+   kept on a disk that fills. A writable layer on a tmpfs inside the guest
+   is in the memory dump; a scratch disk is copied (:func:`writable_layers`). Every failure is written into the
    bundle as partial; nothing of it fails the request or touches another zone.
 3. **Then** the zone stays paused (inspect it live with ``virsh``, collect
    again, destroy it when done) or, with ``destroy``, is destroyed.
@@ -123,8 +122,8 @@ async def collect(
     else:
         await run(bundle.adopt, "memory.elf")
     notes = [
-        "memory.elf: the guest's RAM (libvirt's memory-only core dump, ELF); the zone's"
-        " writable layer is a tmpfs inside the guest, so its files are in there",
+        "memory.elf: the guest's RAM (libvirt's memory-only core dump, ELF); a writable"
+        " layer on tmpfs inside the guest is in there",
         "network: zones have no network yet; nothing was cut or captured",
     ]
     return await run(
