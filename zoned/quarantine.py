@@ -15,8 +15,9 @@ Order, for one ``quarantine_zone`` request:
    (libvirt's memory-only core dump, an ELF file ``crash`` and ``strings``
    read), last because it is the largest: whatever fits before it is
    kept on a disk that fills. A writable layer on a tmpfs inside the guest
-   is in the memory dump; a scratch disk is copied (:func:`writable_layers`). Every failure is written into the
-   bundle as partial; nothing of it fails the request or touches another zone.
+   is in the memory dump; a scratch disk is copied (:func:`writable_layers`).
+   Every failure is written into the bundle as partial; nothing of it fails
+   the request or touches another zone.
 3. **Then** the zone stays paused (inspect it live with ``virsh``, collect
    again, destroy it when done) or, with ``destroy``, is destroyed.
 """
