@@ -255,9 +255,10 @@ class Monitor:
             self._prune_soon = trio.Event()
             await self.trail.barrier()  # gone zones' ended.json first
             live = self._live_uuids()
+            names = list(self.manager.zones) if self.manager is not None else []
             try:
                 await trio.to_thread.run_sync(
-                    zonelogs.prune, self.log_dir, live, time.time(), self.retention
+                    zonelogs.prune, self.log_dir, live, time.time(), self.retention, names
                 )
             except OSError as exc:
                 log.warning("log retention failed: %s", exc)

@@ -265,10 +265,53 @@ def plan_prune(
     return doomed
 
 
+LEGACY: Final = "legacy"
+
+
+def scan_legacy(log_dir: Path) -> list[ZoneLogs]:
+    """Console logs from before this layout (``log_dir/<name>.console.log`` and its
+    rotated copies), one entry per name; its ``uuid`` is ``legacy:<name>``."""
+    by_name: dict[str, list[Path]] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in log_dir.iterdir():
+            name, sep, rest = entry.name.partition(".console.log")
+            if sep and _NAME.fullmatch(name) and (not rest or rest[1:].isdigit()):
+                by_name.setdefault(name, []).append(entry)
+    found = []
+    for name, files in by_name.items():
+        infos = [info for info in map(_lstat, files) if info is not None]
+        if not infos:
+            continue
+        found.append(
+            ZoneLogs(
+                name=name,
+                uuid=f"{LEGACY}:{name}",
+                path=log_dir / f"{name}.console.log",
+                size_bytes=sum(info.st_size for info in infos),
+                ended_at=max(info.st_mtime for info in infos),
+                ended=None,
+            )
+        )
+    return found
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
+
+
 def remove(entries: Iterable[ZoneLogs]) -> int:
-    """Delete these zone log directories (and empty name directories); bytes freed."""
+    """Delete these zone log directories (and empty name directories), or a legacy
+    console log with its rotated copies; bytes freed."""
     freed = 0
     for entry in entries:
+        if entry.uuid.startswith(LEGACY + ":"):
+            for path in console_files(entry.path.parent, entry.path.name):
+                path.unlink(missing_ok=True)
+            freed += entry.size_bytes
+            continue
         shutil.rmtree(entry.path, ignore_errors=True)
         freed += entry.size_bytes
         with contextlib.suppress(OSError):
@@ -276,9 +319,21 @@ def remove(entries: Iterable[ZoneLogs]) -> int:
     return freed
 
 
-def prune(log_dir: Path, live: set[str], now: float, retention: Retention) -> list[ZoneLogs]:
-    """Apply the retention once; returns what was removed."""
-    doomed = plan_prune(scan(log_dir), live, now, retention)
+def prune(
+    log_dir: Path,
+    live: set[str],
+    now: float,
+    retention: Retention,
+    live_names: Iterable[str] = (),
+) -> list[ZoneLogs]:
+    """Apply the retention once; returns what was removed.
+
+    Console logs of the layout before this one count as gone zones' too,
+    except those of a name a live zone has (which may still write there).
+    """
+    busy = set(live_names)
+    legacy = [entry for entry in scan_legacy(log_dir) if entry.name not in busy]
+    doomed = plan_prune([*scan(log_dir), *legacy], live, now, retention)
     if doomed:
         freed = remove(doomed)
         log.info("log retention: removed the logs of %d gone zone(s), %d bytes", len(doomed), freed)

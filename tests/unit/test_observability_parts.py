@@ -346,3 +346,18 @@ def test_a_bundle_lists_whole_files_and_sums_that_verify(tmp_path: Path) -> None
     assert (Path(result.path) / "PARTIAL").exists()
     assert verify(Path(result.path)) == []
     assert oct((tmp_path / "evidence").stat().st_mode & 0o777) == "0o700"
+
+
+def test_console_logs_of_the_old_layout_are_pruned_unless_their_zone_lives(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "old.console.log").write_bytes(b"x" * 100)
+    (tmp_path / "old.console.log.0").write_bytes(b"y" * 100)
+    (tmp_path / "kept.console.log").write_bytes(b"z" * 100)
+    (tmp_path / "audit.jsonl").write_bytes(b"{}\n")
+    legacy = {entry.name: entry for entry in zonelogs.scan_legacy(tmp_path)}
+    assert set(legacy) == {"old", "kept"} and legacy["old"].size_bytes == 200
+    nothing_kept = zonelogs.Retention(max_age_s=0.0, max_bytes=0, max_zones=0)
+    removed = zonelogs.prune(tmp_path, set(), 1e10, nothing_kept, live_names=["kept"])
+    assert [entry.name for entry in removed] == ["old"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["audit.jsonl", "kept.console.log"]
