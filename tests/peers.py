@@ -175,3 +175,36 @@ def probe_as(uid: int, gid: int, attempts: Sequence[Attempt]) -> list[str]:
     assert result.returncode == 0, result.stderr
     outcomes: list[str] = json.loads(result.stdout)
     return outcomes
+
+
+# Runs under Debian's /usr/bin/python3 as "nobody" (the venv may live where
+# nobody cannot read it), so the hello is msgpack written out by hand:
+# {"type": "hello", "id": 1, "versions": [1]}.
+HELLO_SCRIPT = """
+import socket, struct, sys
+hello = bytes([0x83, 0xa4]) + b"type" + bytes([0xa5]) + b"hello" + bytes([0xa2]) + b"id"
+hello += bytes([0x01, 0xa8]) + b"versions" + bytes([0x91, 0x01])
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(struct.pack(">I", len(hello)) + hello)
+reply = b""
+while chunk := s.recv(65536):
+    reply += chunk
+print(reply)
+"""
+
+
+def hello_as_nobody(daemon_socket: Path) -> str:
+    """Say hello to the daemon as ``nobody`` (no group of the daemon's); what it answers,
+    as printed by the peer (its raw reply)."""
+    nobody = pwd.getpwnam("nobody")
+    result = subprocess.run(
+        [SYSTEM_PYTHON, "-c", HELLO_SCRIPT, str(daemon_socket)],
+        preexec_fn=_demote(nobody.pw_uid, nobody.pw_gid, []),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -14,7 +14,7 @@ within the request's round trip, long before a zone boots or dies.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -29,8 +29,14 @@ class EventLog:
         self.events: list[p.Event] = []
         self._arrived = trio.Event()
 
-    async def collect(self, client: Client, *, task_status: trio.TaskStatus[None]) -> None:
-        async with contextlib.aclosing(client.watch_events()) as events:
+    async def collect(
+        self,
+        client: Client,
+        kinds: Sequence[p.EventKind] = (),
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        async with contextlib.aclosing(client.watch_events(kinds=kinds)) as events:
             task_status.started()
             async for event in events:
                 self.events.append(event)
@@ -58,10 +64,11 @@ class EventLog:
 
 
 @contextlib.asynccontextmanager
-async def watching(client: Client) -> AsyncIterator[EventLog]:
-    """Collect ``client``'s event stream for the duration of the block."""
+async def watching(client: Client, kinds: Sequence[p.EventKind] = ()) -> AsyncIterator[EventLog]:
+    """Collect ``client``'s event stream (of ``kinds``: default, the daemon's
+    default kinds) for the duration of the block."""
     log = EventLog()
     async with trio.open_nursery() as nursery:
-        await nursery.start(log.collect, client)
+        await nursery.start(log.collect, client, kinds)
         yield log
         nursery.cancel_scope.cancel()

@@ -57,7 +57,12 @@ is the picture, ``docs/`` one page per topic.
    :mod:`zoned.images` (the boot image, the workload root, the integrity
    check of every shared image; blocking: called from worker threads),
    :mod:`zoned.cgroups` (each QEMU's task limit), :mod:`zoned.net.host`
-   (taps, our nftables table, the zones' network helpers). A zone's network
+   (taps, our nftables table, the zones' network helpers); for observability
+   :mod:`zoned.httpserve` (HTTP/1.1 on trio, the only importer of h11),
+   :mod:`zoned.metrics` (the only importer of prometheus-client),
+   :mod:`zoned.audit` and :mod:`zoned.journal` (the audit trail, journald),
+   :mod:`zoned.zonelogs` (zones' log directories and their retention),
+   :mod:`zoned.evidence` (quarantine bundles). A zone's network
    helper is a process of its own: :mod:`zoned.net.helper` runs
    :mod:`zoned.net.engine` (the resolver and proxy on trio) and
    :mod:`zoned.net.dnsfilter` (pure decisions on dnspython's messages, which
@@ -65,6 +70,8 @@ is the picture, ``docs/`` one page per topic.
 
 4. **The daemon**: :mod:`zoned.zones` (the zone manager), :mod:`zoned.workloads`
    (exec and run), :mod:`zoned.server` (the control socket's IO),
+   :mod:`zoned.monitor` (audit records, process events, counters, the
+   metrics endpoint, log retention), :mod:`zoned.quarantine`,
    :mod:`zoned.daemon` (wiring, start-up order, request dispatch). One
    ``trio.run``; blocking work goes to worker threads.
 

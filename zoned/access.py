@@ -43,6 +43,8 @@ class Caller:
     gid: int
     groups: frozenset[int]
     pid: int
+    #: ``/proc/<pid>/exe`` when it connected ("" if unreadable), for the audit trail.
+    exe: str = ""
 
     def in_group(self, gid: int | None) -> bool:
         return gid is not None and (self.gid == gid or gid in self.groups)

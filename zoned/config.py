@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from zoned.errors import ConfigError
+from zoned.httpserve import parse_listen_address
 from zoned.kernel.store import DEFAULT_STORE
 
 DEFAULT_CONFIG_PATH = Path("/etc/zoned/zoned.toml")
@@ -85,12 +86,55 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Where the host's cgroup hierarchies are mounted.
     cgroup_root: str = "/sys/fs/cgroup"
 
+    # -- Observability (docs/observability.md) --
+    # The Prometheus endpoint (GET /metrics): off unless enabled. It listens
+    # on a host address ("127.0.0.1:9469", "[::1]:9469"; loopback by default)
+    # or on a Unix socket (an absolute path; mode 0660, socket_group's).
+    metrics_enabled: bool = False
+    metrics_listen: str = "127.0.0.1:9469"
+    # libvirt's statistics are reused for this long; a scrape waits at most
+    # metrics_stats_wait_s for a fresh sample, else gets the last one.
+    metrics_stats_max_age_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 2.0
+    metrics_stats_wait_s: Annotated[float, msgspec.Meta(gt=0.0, le=60.0)] = 1.0
+    # The audit trail: log_dir/audit.jsonl, rotated when it would pass
+    # audit_max_bytes; audit_max_files files are kept (the current one too).
+    audit_max_bytes: Annotated[int, msgspec.Meta(ge=4096, le=2**40)] = 16 * 1024 * 1024
+    audit_max_files: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 8
+    # "auto": audit records also go to the systemd journal when journald's
+    # socket exists (the daemon says at start whether it found one); "off".
+    audit_journal: Literal["auto", "off"] = "auto"
+    journal_socket: str = "/run/systemd/journal/socket"
+    # A gone zone's logs (console, audit records, events) stay this long,
+    # and all gone zones' logs together within these totals: past any, the
+    # oldest go first. Checked every log_retention_interval_s and after
+    # each destroy.
+    log_retention_s: Annotated[float, msgspec.Meta(ge=0.0)] = 7 * 86400.0
+    log_retention_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+    log_retention_max_zones: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    log_retention_interval_s: Annotated[float, msgspec.Meta(gt=0.0)] = 60.0
+    # Evidence bundles of quarantined zones: root's alone (mode 0700), never
+    # under runtime_dir (which zones' QEMUs reach).
+    evidence_dir: str = "/var/lib/zoned/evidence"
+
     def __post_init__(self) -> None:
         last = self.zone_uid_base + self.zone_uid_count - 1
         if last > MAX_ZONE_UID:
             raise ValueError(
                 f"zone_uid_base + zone_uid_count - 1 = {last} is above {MAX_ZONE_UID}:"
                 " uids above 2^31 - 1 are negative to the tools that treat them as signed"
+            )
+        try:
+            parse_listen_address(self.metrics_listen)
+        except ValueError as exc:
+            raise ValueError(f"metrics_listen: {exc}") from None
+        evidence = Path(self.evidence_dir)
+        if not evidence.is_absolute():
+            raise ValueError(f"evidence_dir must be an absolute path, got {self.evidence_dir!r}")
+        runtime = Path(self.runtime_dir)
+        if evidence == runtime or runtime in evidence.parents:
+            raise ValueError(
+                f"evidence_dir {self.evidence_dir} is inside runtime_dir {self.runtime_dir},"
+                " which zones' QEMUs reach"
             )
 
 

@@ -63,9 +63,14 @@ class Respond:
 
 @dataclass(frozen=True)
 class RespondAndClose:
-    """Send ``reply`` if the client still listens, then close the connection."""
+    """Send ``reply`` if the client still listens, then close the connection.
+
+    ``denied`` is the frame of a caller refused for who it is (for the audit
+    trail), None otherwise.
+    """
 
     reply: p.Reply
+    denied: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,9 @@ class Conversation:
             denied = PermissionDenied(
                 f"uid {self._uid} may not use zoned: only root and members of the zoned group may"
             )
-            return self._close(p.error_reply(p.peek_request_id(frame) or 0, denied))
+            reply = p.error_reply(p.peek_request_id(frame) or 0, denied)
+            self.state = "closed"
+            return RespondAndClose(reply, denied=frame)
         try:
             request = p.decode_request(frame)
         except InvalidRequest as exc:

@@ -2,9 +2,11 @@
 
 Start-up order (each with ``nursery.start``): the libvirt connection (and its
 event thread), the accelerator decision, the zone images (the agent's boot
-image and the workload root; built once and cached), the zone manager
-(which re-adopts running zones), the CPU hotplug watcher, the libvirt event
-pump and connection keeper, and last the control socket. Then READY=1 goes to
+image and the workload root; built once and cached), the monitor (audit
+trail, statistics, log retention, the metrics endpoint when enabled: see
+:mod:`zoned.monitor`), the zone manager (which re-adopts running zones), the
+CPU hotplug watcher, the libvirt event pump and connection keeper, and last
+the control socket. Then READY=1 goes to
 systemd. SIGTERM or SIGINT closes the control socket and stops the daemon;
 zones keep running and are re-adopted by the next start.
 
@@ -26,6 +28,8 @@ not start, and has changed nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import grp
 import hashlib
 import logging
@@ -53,8 +57,10 @@ from zoned.images.bootimage import build_boot_image
 from zoned.images.integrity import read_recorded_sha256
 from zoned.images.workloadroot import build_workload_root
 from zoned.kernel.store import KernelImage, find_kernel, list_kernels
+from zoned.monitor import Monitor
 from zoned.placement import Allocator
 from zoned.protocol import Accelerator
+from zoned.quarantine import quarantine_zone
 from zoned.records import ZONES_SECLABEL
 from zoned.server import Send, StreamInputs, serve_control_socket, socket_group_id
 from zoned.topology import HostTopology, read_host_topology
@@ -178,6 +184,7 @@ class Daemon:
         self.topology: HostTopology
         self.allocator: Allocator
         self.manager: ZoneManager | None = None
+        self.monitor: Monitor | None = None
         self.accelerator: Accelerator = "tcg"
         self.started_at = time.time()
         self.policy = AccessPolicy(socket_gid=None)
@@ -245,12 +252,22 @@ class Daemon:
                 pids_controller=self.pids_controller,
             )
             self.manager = manager
+            self.monitor = Monitor(
+                config,
+                hv,
+                self.hub,
+                self.allocator,
+                self.policy,
+                accelerator=self.accelerator,
+                started_at=self.started_at,
+            )
+            await nursery.start(self.monitor.run, manager)
             await nursery.start(manager.run)
             nursery.start_soon(self._pump_domain_events, receive_events, manager)
             nursery.start_soon(hv.keep_connected, self._connection_lost, self._reconnected)
             nursery.start_soon(self._watch_cpus)
             await nursery.start(
-                serve_control_socket,
+                functools.partial(serve_control_socket, on_denied=self.monitor.denied),
                 Path(config.socket_path),
                 self.policy,
                 self.handle,
@@ -332,9 +349,22 @@ class Daemon:
     async def handle(
         self, request: p.Request, send: Send, inputs: StreamInputs, caller: Caller
     ) -> None:
-        """Carry out one request for ``caller``; a zone it may not see is ``not_found``."""
-        manager = self.manager
-        assert manager is not None
+        """Carry out one request for ``caller``; a zone it may not see is ``not_found``.
+
+        The monitor counts every request and audits those that change something.
+        """
+        assert self.monitor is not None
+
+        async def carry_out(request: p.Request, send: Send) -> None:
+            await self._dispatch(request, send, inputs, caller)
+
+        await self.monitor.handle(request, send, caller, carry_out)
+
+    async def _dispatch(
+        self, request: p.Request, send: Send, inputs: StreamInputs, caller: Caller
+    ) -> None:
+        manager, monitor = self.manager, self.monitor
+        assert manager is not None and monitor is not None
         match request:
             case p.HostInfo():
                 await send(p.HostInfoReply(id=request.id, host=await self.host_info(caller)))
@@ -352,9 +382,7 @@ class Daemon:
             case p.WatchEvents():
                 await self._stream_events(request, send, caller)
             case p.ConsoleLog():
-                await self._stream_log(
-                    request, send, manager.console_log_path(request.name, caller)
-                )
+                await self._stream_log(request, send, caller)
             case p.ZoneMetrics():
                 metrics = await manager.metrics(request.name, caller)
                 await send(p.ZoneMetricsReply(id=request.id, metrics=metrics))
@@ -362,19 +390,36 @@ class Daemon:
                 await exec_in_zone(manager, request, send, inputs, caller)
             case p.RunZone():
                 await run_in_fresh_zone(manager, request, send, inputs, caller)
+            case p.AuditQuery():
+                await monitor.stream_audit(request, send, caller)
+            case p.QuarantineZone():
+                await send(await quarantine_zone(manager, monitor, request, caller))
             case _:
                 # The protocol knows it and the daemon does not: our bug.
                 raise InternalError(f"{type(request).__name__} is not handled here")
 
     async def _stream_events(self, request: p.WatchEvents, send: Send, caller: Caller) -> None:
-        with self.hub.watch(self.policy.event_view(caller)) as events:
+        view = self.policy.event_view(caller)
+        with self.hub.watch(view, request.zones, request.kinds) as events:
             async for event in events:
                 await send(p.EventReply(id=request.id, event=event))
         raise InvalidRequest("event stream cut off: the watcher fell too far behind")
 
-    async def _stream_log(self, request: p.ConsoleLog, send: Send, log_path: Path) -> None:
-        """The console log from where the request says, in chunks; file IO in worker threads."""
-        path = trio.Path(log_path)
+    async def _stream_log(self, request: p.ConsoleLog, send: Send, caller: Caller) -> None:
+        """The console log from where the request says, in chunks; file IO in worker threads.
+
+        A zone that exists: its current log, followed if asked. A gone zone
+        (kept by the log retention): its whole log, rotated copies first,
+        never followed.
+        """
+        manager, monitor = self.manager, self.monitor
+        assert manager is not None and monitor is not None
+        live = manager.zones.get(request.name)
+        if live is None or request.uuid not in (None, live.record.uuid):
+            files = await monitor.kept_console_log(request.name, request.uuid, caller)
+            await _send_files(request, send, files)
+            return
+        path = trio.Path(manager.console_log_path(request.name, caller))
         chunk = p.MAX_LOG_CHUNK
         position = 0
         try:
@@ -497,6 +542,28 @@ def _warn_if_kvm_closed_to_zones() -> None:
             " so zones run under TCG; make it 0666 (zoned-host-setup does) to use KVM",
             mode & 0o777,
         )
+
+
+async def _send_files(request: p.ConsoleLog, send: Send, files: list[Path]) -> None:
+    """Several files as one stream (``tail_bytes`` counts from the end of the last)."""
+    sizes = []
+    for path in files:
+        try:
+            sizes.append((await trio.Path(path).stat()).st_size)
+        except FileNotFoundError:
+            sizes.append(0)
+    skip = max(0, sum(sizes) - request.tail_bytes) if request.tail_bytes is not None else 0
+    for path, size in zip(files, sizes, strict=True):
+        if skip >= size:
+            skip -= size
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            async with await trio.Path(path).open("rb") as log_file:
+                await log_file.seek(skip)
+                skip = 0
+                while data := await log_file.read(p.MAX_LOG_CHUNK):
+                    await send(p.LogChunk(id=request.id, data=data))
+    await send(p.StreamEnd(id=request.id))
 
 
 async def serve(config: Config) -> None:

@@ -7,17 +7,18 @@ changes, then acts on the new state (start the domain, destroy it, ...).
 
 Rules (``-`` raises ``conflict``; ``=`` is a legal no-op, the state stays)::
 
-                          creating  booting   ready     stopping  stopped   failed
-  started                 booting   -         -         =         -         -
-  agent_hello             -         ready     =         =         -         -
-  destroy_requested       stopping  stopping  stopping  =         =         stopping
-  domain_stopped          failed    failed    failed    stopped   =         =
-  domain_crashed          failed    failed    failed    stopped   =         =
-  boot_timeout            failed    failed    -         =         -         -
-  agent_silent            -         -         failed    =         -         -
-  agent_misbehaved        -         failed    failed    =         -         -
-  domain_vanished         failed    failed    failed    stopped   =         =
-  resumed_after_restart   booting   booting   booting   =         -         -
+                        creating booting     ready       stopping stopped failed   quarantined
+  started               booting  -           -           =        -       -        -
+  agent_hello           -        ready       =           =        -       -        =
+  destroy_requested     stopping stopping    stopping    =        =       stopping stopping
+  domain_stopped        failed   failed      failed      stopped  =       =        failed
+  domain_crashed        failed   failed      failed      stopped  =       =        failed
+  boot_timeout          failed   failed      -           =        -       -        =
+  agent_silent          -        -           failed      =        -       -        =
+  agent_misbehaved      -        failed      failed      =        -       -        =
+  domain_vanished       failed   failed      failed      stopped  =       =        failed
+  resumed_after_restart booting  booting     booting     =        -       -        =
+  quarantine_requested  -        quarantined quarantined -        -       -        =
 
 Why:
 
@@ -42,12 +43,20 @@ Why:
   ``stopped`` zone is an idempotent no-op; destroying a ``failed`` zone goes
   through ``stopping`` so the shell cleans up what is left of its domain,
   and ends ``stopped``.
+- ``quarantine_requested``: an operator froze a zone that runs (booting or
+  ready): its vCPUs are paused, it runs no processes, its agent is no longer
+  heard (the shell stops supervising it, so silence is not a failure: those
+  facts are stale and absorbed), and it stays so, for inspection, until it
+  is destroyed (through ``stopping``, as any zone). Its domain stopping on
+  its own fails it. Quarantining a quarantined zone is a no-op (the shell
+  may collect evidence again); a zone not running (creating, stopping,
+  stopped, failed) cannot be quarantined.
 - ``resumed_after_restart``: a restarted daemon found the zone's domain
   running and re-adopted it. It waits for the agent's hello again (the
   channel is reconnected), so it is ``booting`` until then; a ``stopping``
   zone stays ``stopping`` and the shell re-issues the destroy. A domain not
   found on restart is ``domain_vanished``; one found shut off is
-  ``domain_stopped``.
+  ``domain_stopped``. A quarantined zone stays quarantined (still paused).
 
 When a transition leaves the state unchanged, the zone's stored reason
 should stay as it was: :attr:`Transition.changed` says which case applies.
@@ -72,6 +81,7 @@ Input = Literal[
     "agent_misbehaved",
     "domain_vanished",
     "resumed_after_restart",
+    "quarantine_requested",
 ]
 
 STATES: Final[tuple[ZoneState, ...]] = get_args(ZoneState)
@@ -90,6 +100,7 @@ _DEFAULT_REASONS: Final[dict[Input, str]] = {
     "agent_misbehaved": "agent broke the protocol",
     "domain_vanished": "domain vanished",
     "resumed_after_restart": "re-adopted after a daemon restart, waiting for the agent",
+    "quarantine_requested": "quarantined: vCPUs paused, processes refused",
 }
 
 _TABLE: Final[dict[tuple[ZoneState, Input], ZoneState]] = {
@@ -110,6 +121,7 @@ _TABLE: Final[dict[tuple[ZoneState, Input], ZoneState]] = {
     ("booting", "agent_misbehaved"): "failed",
     ("booting", "domain_vanished"): "failed",
     ("booting", "resumed_after_restart"): "booting",
+    ("booting", "quarantine_requested"): "quarantined",
     # ready: the agent answers.
     ("ready", "agent_hello"): "ready",
     ("ready", "destroy_requested"): "stopping",
@@ -119,8 +131,10 @@ _TABLE: Final[dict[tuple[ZoneState, Input], ZoneState]] = {
     ("ready", "agent_misbehaved"): "failed",
     ("ready", "domain_vanished"): "failed",
     ("ready", "resumed_after_restart"): "booting",
-    # stopping: only the domain going away matters; everything else is stale.
-    **{("stopping", event): "stopping" for event in INPUTS},
+    ("ready", "quarantine_requested"): "quarantined",
+    # stopping: only the domain going away matters; everything else is stale,
+    # but a quarantine cannot start on a zone on its way out.
+    **{("stopping", event): "stopping" for event in INPUTS if event != "quarantine_requested"},
     ("stopping", "domain_stopped"): "stopped",
     ("stopping", "domain_crashed"): "stopped",
     ("stopping", "domain_vanished"): "stopped",
@@ -134,6 +148,13 @@ _TABLE: Final[dict[tuple[ZoneState, Input], ZoneState]] = {
     ("failed", "domain_stopped"): "failed",
     ("failed", "domain_crashed"): "failed",
     ("failed", "domain_vanished"): "failed",
+    # quarantined: paused for inspection; the agent's facts are stale; only a
+    # destroy or the domain going away ends it.
+    **{("quarantined", event): "quarantined" for event in INPUTS if event != "started"},
+    ("quarantined", "destroy_requested"): "stopping",
+    ("quarantined", "domain_stopped"): "failed",
+    ("quarantined", "domain_crashed"): "failed",
+    ("quarantined", "domain_vanished"): "failed",
 }
 
 
@@ -188,16 +209,38 @@ def is_settled(state: ZoneState) -> bool:
 
 
 def runs_domain(state: ZoneState) -> bool:
-    """The zone's domain is up and supervised (``booting``, ``ready``).
+    """The zone's domain is up (``booting``, ``ready``, ``quarantined``: paused).
 
     Only then do its domain's events, its libvirt stats and its pins matter,
     and only then is the record mirrored into the domain's metadata. A
     ``creating`` zone's domain is not started yet; a ``stopping`` one is on
     its way out.
     """
+    return state in ("booting", "ready", "quarantined")
+
+
+def hears_agent(state: ZoneState) -> bool:
+    """The zone's agent is supervised (``booting``, ``ready``): its silence or
+    misbehaviour fails the zone. A quarantined zone's agent is paused with it."""
     return state in ("booting", "ready")
+
+
+def is_quarantined(state: ZoneState) -> bool:
+    """Frozen for inspection: paused, refusing processes, until destroyed."""
+    return state == "quarantined"
 
 
 def is_ready(state: ZoneState) -> bool:
     """The agent answers: the zone runs processes and reports guest metrics."""
     return state == "ready"
+
+
+def input_of_reason(reason: str) -> Input | None:
+    """The input a reason :func:`transition` made names (its meaning comes first).
+
+    Counting failures by cause reads the cause back from a zone's reason.
+    """
+    for event, meaning in _DEFAULT_REASONS.items():
+        if reason == meaning or reason.startswith(meaning + ": "):
+            return event
+    return None

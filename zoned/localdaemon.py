@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import h11
+
 from zoned.kernel.store import DEFAULT_STORE
 
 START_TIMEOUT_S = 90.0
+HTTP_TIMEOUT_S = 30.0
 #: Private daemons take their zones' QEMU uids from slices of this size just
 #: above the production range (``Config.zone_uid_base``, 65536 ids), one slice
 #: per daemon root, below the network helpers' uids (0x7A6E0000,
@@ -176,3 +179,26 @@ class LocalDaemon:
             self.stop()
         finally:
             self.cleanup()
+
+
+def http_get(unix_socket: Path, target: str = "/metrics") -> tuple[int, bytes]:
+    """GET ``target`` from an HTTP server on a Unix socket (the metrics endpoint of
+    a private daemon): the status and the body. h11 reads the response."""
+    conn = h11.Connection(h11.CLIENT)
+    request = h11.Request(method="GET", target=target, headers=[("host", "zoned")])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(HTTP_TIMEOUT_S)
+        sock.connect(str(unix_socket))
+        sock.sendall((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
+        status = 0
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status, bytes(body)

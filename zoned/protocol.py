@@ -71,6 +71,11 @@ Decoders reject unknown tags and fields, so a sender uses a new message or a
 non-default new field only once the peer is known to understand it: through the
 negotiated control version, or the version in :class:`AgentHello`. The same
 holds for a new value in a ``Literal`` (error codes, states, event kinds).
+Event kinds added after the first version (``exec_started``, ``exec_ended``)
+go only to watchers that name them in :class:`WatchEvents`. The
+``quarantined`` state is the exception to that rule: an older client that
+meets a quarantined zone cannot decode it (the daemon and its clients ship
+together; a zone is quarantined only by an operator's request).
 
 Workload execution and file transfer (a later issue) arrive on the agent channel
 as new messages (``exec_*``, ``file_*`` tags are reserved for them) and on the
@@ -284,8 +289,19 @@ _GuestCount = Annotated[int, Meta(ge=0, le=_INT64_MAX)]
 Accelerator = Literal["kvm", "tcg"]
 Machine = Literal["microvm", "q35"]
 Placement = Literal["shared", "exclusive"]
-ZoneState = Literal["creating", "booting", "ready", "stopping", "stopped", "failed"]
-EventKind = Literal["zone_state", "cpu_online", "cpu_offline", "daemon"]
+ZoneState = Literal["creating", "booting", "ready", "stopping", "stopped", "failed", "quarantined"]
+EventKind = Literal[
+    "zone_state", "cpu_online", "cpu_offline", "daemon", "exec_started", "exec_ended"
+]
+#: The kinds a watcher gets when it names none: those of the first version.
+#: Later kinds go only to watchers that ask for them, so that a client never
+#: receives a value it cannot decode.
+DEFAULT_EVENT_KINDS: tuple[EventKind, ...] = ("zone_state", "cpu_online", "cpu_offline", "daemon")
+#: The most records one ``AuditReply`` carries.
+MAX_AUDIT_BATCH = 256
+#: Zones and kinds a watch filter may name.
+MAX_WATCH_FILTER = 64
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z"
 
 
 class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -366,9 +382,16 @@ class DestroyZone(_Message, tag="destroy_zone", frozen=True):
 
 
 class WatchEvents(_Message, tag="watch_events", frozen=True):
-    """Stream :class:`EventReply` from now until the client closes the connection."""
+    """Stream :class:`EventReply` from now until the client closes the connection.
+
+    ``zones``: only events of these zones (and none of the host's); empty:
+    every zone's and the host's. ``kinds``: only these kinds; empty: the
+    kinds of :data:`DEFAULT_EVENT_KINDS` (exec events only to those who ask).
+    """
 
     id: RequestId
+    zones: Annotated[list[ZoneName], Meta(max_length=MAX_WATCH_FILTER)] = []
+    kinds: Annotated[list[EventKind], Meta(max_length=MAX_WATCH_FILTER)] = []
 
 
 class ConsoleLog(_Message, tag="console_log", frozen=True):
@@ -377,12 +400,18 @@ class ConsoleLog(_Message, tag="console_log", frozen=True):
     Without ``follow`` the stream ends with :class:`StreamEnd` at the current
     end of the log; with it, new output keeps coming until the client closes.
     ``tail_bytes`` starts that many bytes before the end (None: from the start).
+
+    A destroyed zone's log is kept for the daemon's log retention: the zone
+    of that name now, else the newest destroyed zone of that name, else (with
+    ``uuid``) exactly that zone. A kept log is the whole console output,
+    virtlogd's rotated copies first.
     """
 
     id: RequestId
     name: ZoneName
     follow: bool = False
     tail_bytes: Annotated[int, Meta(ge=0, le=_UINT32_MAX)] | None = None
+    uuid: Annotated[str, Meta(pattern=UUID_PATTERN)] | None = None
 
 
 class _ExecFields(_Message, frozen=True, kw_only=True):
@@ -456,6 +485,36 @@ class ZoneMetrics(_Message, tag="zone_metrics", frozen=True):
     name: ZoneName
 
 
+class AuditQuery(_Message, tag="audit_query", frozen=True):
+    """Stream the audit trail's records as :class:`AuditReply` batches, oldest
+    first, then :class:`StreamEnd`.
+
+    ``zone``: only that zone's records (of every zone of that name); ``since``:
+    only records from that Unix time on. A caller sees the records of its own
+    requests and of its own zones; root and administrators see every record.
+    """
+
+    id: RequestId
+    zone: Annotated[str, Meta(max_length=63, pattern=r"^([a-z][a-z0-9-]{0,62})?\Z")] = ""
+    since: Annotated[float, Meta(ge=0.0, le=1e10)] | None = None
+
+
+class QuarantineZone(_Message, tag="quarantine_zone", frozen=True):
+    """Freeze a running zone at once and collect its evidence.
+
+    The zone's vCPUs are paused (state ``quarantined``: it runs no processes,
+    its running ones are cut off), then its evidence is written to a bundle
+    on the host (:class:`EvidenceBundle`). With ``destroy`` the zone is
+    destroyed afterwards, else it stays paused for inspection until it is
+    destroyed. A zone that is not running (``stopped``, ``failed``,
+    ``stopping``) or still booting is refused (``conflict``), changing nothing.
+    """
+
+    id: RequestId
+    name: ZoneName
+    destroy: bool = False
+
+
 class ExecInput(_Message, tag="exec_input", frozen=True):
     """Standard input for the running Exec/RunZone request ``id`` (no reply).
 
@@ -498,6 +557,8 @@ Request: TypeAlias = (
     | ExecInput
     | ExecSignal
     | ExecResize
+    | AuditQuery
+    | QuarantineZone
 )
 #: Requests that feed a running stream rather than start one.
 StreamInput: TypeAlias = ExecInput | ExecSignal | ExecResize
@@ -673,6 +734,79 @@ class ZoneMetricsData(_Record, frozen=True):
     guest: GuestMetrics | None = None
 
 
+class CallerInfo(_Record, frozen=True):
+    """Who sent a request: ``SO_PEERCRED`` and ``/proc/<pid>/exe``, read when it connected."""
+
+    uid: int
+    gid: int
+    pid: int
+    # The caller's executable ("" when it could not be read).
+    exe: str = ""
+
+
+class ExecRecord(_Record, frozen=True):
+    """One process run for a client, as the audit trail and the events keep it.
+
+    No secrets: the environment by variable name only, nothing of stdin or
+    output. argv is kept up to :data:`MAX_AUDIT_ARGV_CHARS` characters in all
+    (``argv_truncated`` says when more was cut).
+    """
+
+    argv: list[str]
+    cwd: str
+    uid: int
+    gid: int
+    tty: bool
+    stdin: bool
+    env_names: list[str] = []
+    argv_truncated: bool = False
+    memory_limit_mib: int | None = None
+    pids_limit: int | None = None
+    # The process in the zone, once it started.
+    pid: int | None = None
+    # How it ended (exec_ended and the audit line): as in ExecExit.
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    # The guest's figures (advisory).
+    cpu_time_s: float | None = None
+    memory_peak_kib: int | None = None
+    # Host time from the request to its end.
+    duration_s: float | None = None
+    # Why it could not start, or why its end is unknown.
+    error: str = ""
+
+
+#: argv characters an audit record keeps, in all.
+MAX_AUDIT_ARGV_CHARS = 16 * 1024
+
+AuditOutcome = Literal["ok", "error", "denied"]
+
+
+class AuditRecord(_Record, frozen=True):
+    """One line of the audit trail: a request that changed or ran something.
+
+    ``op`` is the request's type (``create_zone``, ``exec``, ...). ``outcome``
+    is ``ok``, ``error`` (``error_code`` and ``error`` say which) or
+    ``denied`` (``permission_denied``: the caller may not use zoned).
+    """
+
+    time: float
+    op: str
+    outcome: AuditOutcome
+    caller: CallerInfo
+    zone: str = ""
+    zone_uuid: str = ""
+    # The uid owning the zone, where zones have owners.
+    owner_uid: int | None = None
+    error_code: str = ""
+    error: str = ""
+    exec: ExecRecord | None = None
+    # Quarantine: where its evidence went.
+    bundle: str = ""
+
+
 class Event(_Record, frozen=True):
     """Something that happened on the host; ``seq`` increases by one per event."""
 
@@ -686,6 +820,10 @@ class Event(_Record, frozen=True):
     reason: str = ""
     # cpu_online / cpu_offline: the host CPU.
     cpu: int | None = None
+    # exec_started / exec_ended: the process (as its audit record has it),
+    # and who asked for it.
+    exec: ExecRecord | None = None
+    caller: CallerInfo | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -734,6 +872,44 @@ class StreamEnd(_Message, tag="stream_end", frozen=True):
     """The stream for request ``id`` is complete."""
 
     id: RequestId
+
+
+class AuditReply(_Message, tag="audit_reply", frozen=True):
+    """A batch of an AuditQuery stream (at most :data:`MAX_AUDIT_BATCH` records)."""
+
+    id: RequestId
+    records: list[AuditRecord]
+
+
+class EvidenceFile(_Record, frozen=True):
+    """One file of an evidence bundle, relative to the bundle's directory."""
+
+    name: str
+    size_bytes: NonNegativeInt
+    sha256: Sha256Hex
+
+
+class EvidenceBundle(_Record, frozen=True):
+    """What a quarantine collected: a directory on the host, and its manifest.
+
+    ``partial``: something could not be collected (``errors`` says what; a
+    full disk, a memory dump that failed); the files listed are whole.
+    """
+
+    path: str
+    size_bytes: NonNegativeInt
+    partial: bool
+    files: list[EvidenceFile]
+    errors: list[str] = []
+
+
+class QuarantineReply(_Message, tag="quarantine_reply", frozen=True):
+    """Reply to QuarantineZone: the zone now (``quarantined``, or ``stopped``
+    with ``destroy``) and its evidence."""
+
+    id: RequestId
+    zone: ZoneInfo
+    bundle: EvidenceBundle
 
 
 class ZoneMetricsReply(_Message, tag="zone_metrics_reply", frozen=True):
@@ -816,6 +992,8 @@ Reply: TypeAlias = (
     | ExecOutput
     | ExecExit
     | ErrorReply
+    | AuditReply
+    | QuarantineReply
 )
 
 

@@ -5,8 +5,10 @@ input, what closes a connection) is in :mod:`zoned.conversation`; this
 module carries out what it decides.
 
 - Callers are identified by ``SO_PEERCRED`` (pid, uid, gid) and the
-  supplementary groups of that pid, read from ``/proc``: one
-  :class:`~zoned.access.Caller`, handed to every request's handler.
+  supplementary groups and executable of that pid, read from ``/proc`` when
+  it connects: one :class:`~zoned.access.Caller`, handed to every request's
+  handler. A caller refused for who it is is reported to ``on_denied``
+  (the audit trail) with the first frame it sent.
 - Each started request runs as its own task in the connection's nursery, so
   that a stream (watch, logs, exec) and other requests share one connection.
 - Stream input goes to the running request's handler through a small
@@ -35,6 +37,7 @@ from zoned import conversation as rules
 from zoned import protocol as p
 from zoned.access import AccessPolicy, Caller
 from zoned.errors import InternalError, ZonedError, innermost
+from zoned.httpserve import bind_unix_socket
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ Send = Callable[[p.Reply], Awaitable[None]]
 #: Stream input for one request: None for requests that take none.
 StreamInputs = trio.MemoryReceiveChannel[p.StreamInput] | None
 Handler = Callable[[p.Request, Send, StreamInputs, Caller], Awaitable[None]]
+#: Told of a caller refused for who it is, with the first frame it sent.
+DeniedHook = Callable[[Caller, bytes], None]
 #: Stream input messages buffered per request before the connection stops reading.
 STREAM_INPUT_BUFFER = 8
 
@@ -53,6 +58,14 @@ def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", data)
     return pid, uid, gid
+
+
+def peer_executable(pid: int) -> str:
+    """``/proc/<pid>/exe`` of a peer ("" if it cannot be read, or the peer is gone)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
 
 
 def process_groups(pid: int) -> set[int]:
@@ -74,9 +87,11 @@ class Connection:
         handler: Handler,
         policy: AccessPolicy,
         max_frame: int,
+        on_denied: DeniedHook | None = None,
     ) -> None:
         self._stream = stream
         self._handler = handler
+        self._on_denied = on_denied
         self._policy = policy
         self._max_frame = max_frame
         self._send_lock = trio.Lock()
@@ -93,7 +108,8 @@ class Connection:
     async def serve(self) -> None:
         pid, uid, gid = peer_credentials(self._stream.socket)
         groups = await trio.to_thread.run_sync(process_groups, pid)
-        caller = Caller(uid=uid, gid=gid, groups=frozenset(groups), pid=pid)
+        exe = await trio.to_thread.run_sync(peer_executable, pid)
+        caller = Caller(uid=uid, gid=gid, groups=frozenset(groups), pid=pid, exe=exe)
         conversation = rules.Conversation(
             authorised=self._policy.may_connect(caller), uid=uid, max_frame=self._max_frame
         )
@@ -127,6 +143,10 @@ class Connection:
         caller: Caller,
     ) -> None:
         match action:
+            case rules.RespondAndClose(reply, denied) if denied is not None:
+                if self._on_denied is not None:
+                    self._on_denied(caller, denied)
+                await self._try_send(reply)
             case rules.Respond(reply) | rules.RespondAndClose(reply):
                 await self._try_send(reply)
             case rules.Forward(message):
@@ -185,20 +205,7 @@ def socket_group_id(group: str) -> int | None:
 
 async def open_control_socket(path: Path, socket_gid: int | None) -> trio.socket.SocketType:
     """Bind the listening socket: mode 0660, owned by group ``socket_gid`` when there is one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_socket() or path.exists():
-        path.unlink()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        await sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    if socket_gid is not None and os.geteuid() == 0:
-        os.chown(path, 0, socket_gid)
-    os.chmod(path, 0o660)
-    sock.listen(128)
-    return sock
+    return await bind_unix_socket(path, socket_gid)
 
 
 async def serve_control_socket(
@@ -207,6 +214,7 @@ async def serve_control_socket(
     handler: Handler,
     max_frame: int,
     *,
+    on_denied: DeniedHook | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control socket; ``policy`` says who may connect (and owns its group)."""
@@ -215,7 +223,7 @@ async def serve_control_socket(
 
     async def one(stream: trio.SocketStream) -> None:
         try:
-            await Connection(stream, handler, policy, max_frame).serve()
+            await Connection(stream, handler, policy, max_frame, on_denied).serve()
         except Exception:
             log.exception("connection handler crashed")
 

@@ -135,6 +135,27 @@ class DomainStats(msgspec.Struct, frozen=True):
     rss_kib: int | None
 
 
+class BulkDomainStats(msgspec.Struct, frozen=True, kw_only=True):
+    """One running domain's statistics from ``virConnectGetAllDomainStats``.
+
+    Each figure is None when this libvirt or domain does not report it;
+    block and interface figures are summed over the domain's disks and
+    interfaces (absent when it has none).
+    """
+
+    name: str
+    state: DomainRunState
+    cpu_time_ns: int | None = None
+    # Resident set size of the QEMU process.
+    rss_kib: int | None = None
+    block_read_bytes: int | None = None
+    block_write_bytes: int | None = None
+    block_read_requests: int | None = None
+    block_write_requests: int | None = None
+    interface_receive_bytes: int | None = None
+    interface_transmit_bytes: int | None = None
+
+
 class HypervisorVersion(msgspec.Struct, frozen=True):
     """Versions as dotted strings, e.g. libvirt ``9.0.0``, ``QEMU`` ``7.2.22``."""
 
@@ -474,6 +495,9 @@ def _stats(conn: Any, name: str) -> DomainStats:
     rss_kib: int | None = None
     if active:
         totals = dom.getCPUStats(True)[0]
+        # The cgroup's figure, in ns (info()'s is in clock ticks): the one
+        # virConnectGetAllDomainStats reports too, so that both agree.
+        cpu_time = int(totals.get("cpu_time", cpu_time))
         user_ns = int(totals["user_time"]) if "user_time" in totals else None
         system_ns = int(totals["system_time"]) if "system_time" in totals else None
         try:
@@ -493,6 +517,51 @@ def _stats(conn: Any, name: str) -> DomainStats:
         system_time_ns=system_ns,
         rss_kib=rss_kib,
     )
+
+
+_BULK_STATS: Final = (
+    libvirt.VIR_DOMAIN_STATS_STATE
+    | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+    | libvirt.VIR_DOMAIN_STATS_BALLOON
+    | libvirt.VIR_DOMAIN_STATS_INTERFACE
+    | libvirt.VIR_DOMAIN_STATS_BLOCK
+)
+
+
+def _summed(record: dict[str, Any], kind: str, field: str) -> int | None:
+    count = record.get(f"{kind}.count")
+    if not isinstance(count, int):
+        return None
+    values = [record.get(f"{kind}.{index}.{field}") for index in range(count)]
+    numbers = [int(value) for value in values if isinstance(value, int)]
+    return sum(numbers) if numbers else None
+
+
+def _bulk_stats(conn: Any, prefix: str) -> list[BulkDomainStats]:
+    found = []
+    for dom, record in conn.getAllDomainStats(
+        _BULK_STATS, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+    ):
+        name = str(dom.name())
+        if not name.startswith(prefix):
+            continue
+        cpu = record.get("cpu.time")
+        rss = record.get("balloon.rss")
+        found.append(
+            BulkDomainStats(
+                name=name,
+                state=_RUN_STATES.get(int(record.get("state.state", 0)), "nostate"),
+                cpu_time_ns=int(cpu) if isinstance(cpu, int) else None,
+                rss_kib=int(rss) if isinstance(rss, int) else None,
+                block_read_bytes=_summed(record, "block", "rd.bytes"),
+                block_write_bytes=_summed(record, "block", "wr.bytes"),
+                block_read_requests=_summed(record, "block", "rd.reqs"),
+                block_write_requests=_summed(record, "block", "wr.reqs"),
+                interface_receive_bytes=_summed(record, "net", "rx.bytes"),
+                interface_transmit_bytes=_summed(record, "net", "tx.bytes"),
+            )
+        )
+    return found
 
 
 def _version(conn: Any) -> HypervisorVersion:
@@ -978,6 +1047,24 @@ class Hypervisor:
             await trio.lowlevel.checkpoint()
             return None
         return await trio.to_thread.run_sync(qemu_pid_of, name)
+
+    async def all_domain_stats(self, prefix: str) -> list[BulkDomainStats]:
+        """Statistics of every running domain whose name starts with ``prefix``, in one call."""
+        return await self._call(lambda conn: _bulk_stats(conn, prefix))
+
+    async def suspend(self, name: str) -> None:
+        """Pause the domain's vCPUs (it keeps its memory and devices)."""
+        await self._call(lambda conn: conn.lookupByName(name).suspend())
+
+    async def dump_memory(self, name: str, path: Path) -> None:
+        """Write the guest's memory to ``path`` as an ELF core (``virDomainCoreDumpWithFormat``,
+        memory only; libvirtd, root, writes the file, mode 0600). The domain keeps its
+        run state (a paused one stays paused)."""
+        await self._call(
+            lambda conn: conn.lookupByName(name).coreDumpWithFormat(
+                str(path), libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW, libvirt.VIR_DUMP_MEMORY_ONLY
+            )
+        )
 
     async def capabilities(self) -> str:
         """The host capabilities XML (``virConnectGetCapabilities``)."""

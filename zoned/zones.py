@@ -53,7 +53,7 @@ from typing import Any
 import msgspec
 import trio
 
-from zoned import cgroups, lifecycle
+from zoned import cgroups, lifecycle, zonelogs
 from zoned.access import DAEMON, AccessPolicy, Caller
 from zoned.agentlink import AgentMux, ExecSession, supervise_agent
 from zoned.config import Config
@@ -336,9 +336,11 @@ class ZoneManager:
             self.qemu_ids.release(name)
             raise
         zone_dir = self._zone_dir(name)
+        zone_uuid = str(uuidlib.uuid4())
+        logs = zonelogs.zone_log_dir(Path(self.config.log_dir), name, zone_uuid)
         record = ZoneRecord(
             name=name,
-            uuid=str(uuidlib.uuid4()),
+            uuid=zone_uuid,
             domain_name=self.domain_prefix + name,
             state="creating",
             vcpus=request.vcpus,
@@ -355,7 +357,7 @@ class ZoneManager:
             rootfs=str(self.rootfs) if self.rootfs else "",
             owner=self.owner,
             cmdline=cmdline,
-            console_log=str(Path(self.config.log_dir) / f"{name}.console.log"),
+            console_log=str(logs / zonelogs.CONSOLE_LOG),
             agent_socket=str(zone_dir / "agent.sock"),
             created_at=time.time(),
             owner_uid=caller.uid,
@@ -510,7 +512,8 @@ class ZoneManager:
         if os.geteuid() == 0:
             os.chown(zone_dir, 0, 0)
         os.chmod(zone_dir, 0o700)
-        Path(self.config.log_dir).mkdir(parents=True, exist_ok=True)
+        # Its logs' directory (zoned.zonelogs): they outlive the zone.
+        Path(record.console_log).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         Path(record.console_log).unlink(missing_ok=True)
 
     def _domain_spec(self, record: ZoneRecord) -> DomainSpec:
@@ -574,11 +577,11 @@ class ZoneManager:
                 on_mux=on_mux,
             )
             reason = fault.message
-            if lifecycle.runs_domain(zone.record.state):
+            if lifecycle.hears_agent(zone.record.state):
                 # A channel that breaks because QEMU died is QEMU's failure;
                 # say so even if libvirt's event has not arrived yet.
                 gone = await self._domain_gone(zone)
-                if not lifecycle.runs_domain(zone.record.state):
+                if not lifecycle.hears_agent(zone.record.state):
                     return  # the libvirt event won the race and failed the zone
                 event: lifecycle.Input
                 if gone is not None:
@@ -642,6 +645,39 @@ class ZoneManager:
                 del self.zones[name]
                 await self.records.delete(name).wait()
         return to_info(zone.record)
+
+    # ------------------------------------------------------------ quarantine
+
+    async def freeze(self, name: str, caller: Caller) -> ZoneRecord:
+        """Quarantine: pause the zone's vCPUs now; it runs nothing until destroyed.
+
+        A zone that is not running (or still being created) is a
+        :class:`Conflict` and nothing changes. Its processes end for their
+        clients; its agent is no longer supervised (it cannot answer).
+        """
+        zone = self.zone_for(name, caller)
+        reason = f"by uid {caller.uid}"
+        async with zone.lock:
+            if self.zones.get(name) is not zone:
+                raise NotFound(f"no zone named {name!r}")
+            state = zone.record.state
+            if not lifecycle.runs_domain(state):
+                raise Conflict(f"zone {name!r} is {state}: only a running zone can be quarantined")
+            with trio.CancelScope(shield=True):
+                if not lifecycle.is_quarantined(state):
+                    await self.hv.suspend(zone.record.domain_name)
+                    self._isolate_network(zone)
+                    if zone.agent is not None:
+                        zone.agent.lose("the zone was quarantined")
+                    if zone.supervisor is not None:
+                        zone.supervisor.cancel()
+                self._set(zone, "quarantine_requested", reason)
+                await self.records.save(name, zone.record).wait()
+        return zone.record
+
+    def _isolate_network(self, zone: _Zone) -> None:
+        """Cut a quarantined zone's network. Zones have no network yet (zoned.net
+        is not wired into zones); once they do, this drops its egress here."""
 
     # --------------------------------------------------------------- metrics
 
@@ -795,6 +831,8 @@ class ZoneManager:
                 self._nursery.start_soon(self._finish_destroy, zone_name)
                 continue
             self._set(zone, "resumed_after_restart")
+            if lifecycle.is_quarantined(record.state):
+                continue  # still paused: nothing to hear from
             self._start_supervisor(zone, self.config.boot_timeout_s)
 
     def _remove_leftovers(self, known: set[str]) -> None:

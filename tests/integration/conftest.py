@@ -52,14 +52,23 @@ def destroy_domains(prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def private_zoned(zone_prefix: str) -> Iterator[LocalDaemon]:
+def private_zoned(
+    zone_prefix: str, root: Path | None = None, extra_config: str = ""
+) -> Iterator[LocalDaemon]:
     """A zoned of its own for one test module, whose zones are all named
-    ``zone_prefix*``; none of their domains outlive it (nor precede it)."""
+    ``zone_prefix*``; none of their domains outlive it (nor precede it).
+    ``root``: its directory (default: a new one); ``extra_config``: more
+    lines of its zoned.toml."""
     if not (DEFAULT_STORE / "strict").exists():
         pytest.fail(f"no strict kernel in {DEFAULT_STORE}: run zoned-kernel build first")
     domain_prefix = domain_name(zone_prefix)
     destroy_domains(domain_prefix)
-    daemon = LocalDaemon(domain_prefix=DOMAIN_PREFIX)
+    daemon = LocalDaemon(
+        root,
+        domain_prefix=DOMAIN_PREFIX,
+        extra_config=extra_config,
+        remove_root=True if root is not None else None,
+    )
     daemon.start()
     try:
         yield daemon

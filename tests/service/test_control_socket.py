@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import pwd
 import socket
 import struct
-import subprocess
 from pathlib import Path
 
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.peers import hello_as_nobody
 from zoned import protocol as p
 from zoned.daemon import Daemon
 
@@ -224,45 +223,11 @@ async def test_create_refusals_change_nothing(daemon: Daemon) -> None:
     assert not list(Path(daemon.config.state_dir, "zones").glob("*.json"))
 
 
-# Runs under Debian's /usr/bin/python3 as "nobody" (the venv may live where
-# nobody cannot read it), so the hello is msgpack written out by hand:
-# {"type": "hello", "id": 1, "versions": [1]}.
-PEER_SCRIPT = """
-import socket, struct, sys
-hello = bytes([0x83, 0xa4]) + b"type" + bytes([0xa5]) + b"hello" + bytes([0xa2]) + b"id"
-hello += bytes([0x01, 0xa8]) + b"versions" + bytes([0x91, 0x01])
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.sendall(struct.pack(">I", len(hello)) + hello)
-reply = b""
-while chunk := s.recv(65536):
-    reply += chunk
-print(reply)
-"""
-
-
 async def test_non_member_gets_permission_denied(daemon: Daemon) -> None:
     """SO_PEERCRED decides, even if the socket's mode were too open."""
     socket_path = daemon.config.socket_path
     os.chmod(socket_path, 0o666)
     os.chmod(Path(socket_path).parent, 0o755)
-    nobody = pwd.getpwnam("nobody")
-
-    def demote() -> None:
-        os.setgroups([])
-        os.setgid(nobody.pw_gid)
-        os.setuid(nobody.pw_uid)
-
-    result = await trio.to_thread.run_sync(
-        lambda: subprocess.run(
-            ["/usr/bin/python3", "-c", PEER_SCRIPT, socket_path],
-            preexec_fn=demote,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    )
-    assert result.returncode == 0, result.stderr
-    assert "permission_denied" in result.stdout, result.stdout
-    assert "may not use zoned" in result.stdout
+    reply = await trio.to_thread.run_sync(hello_as_nobody, Path(socket_path))
+    assert "permission_denied" in reply, reply
+    assert "may not use zoned" in reply

@@ -55,6 +55,8 @@ def test_the_sources_were_read() -> None:
         ("pyudev", {"zoned.hostwatch"}),
         ("mcp", {"zoned.mcp.server"}),
         ("mcp_types", {"zoned.mcp.server"}),
+        ("h11", {"zoned.httpserve", "zoned.localdaemon"}),
+        ("prometheus_client", {"zoned.metrics"}),
     ],
 )
 def test_one_shell_module_wraps_each_untyped_library(library: str, allowed: set[str]) -> None:

@@ -12,6 +12,8 @@ from zoned.lifecycle import (
     INPUTS,
     STATES,
     Input,
+    hears_agent,
+    is_quarantined,
     is_ready,
     is_settled,
     is_terminal,
@@ -50,8 +52,16 @@ EXPECTED = _docstring_table()
 
 
 def test_states_and_inputs_are_the_wire_vocabulary() -> None:
-    assert STATES == ("creating", "booting", "ready", "stopping", "stopped", "failed")
-    assert len(INPUTS) == 10
+    assert STATES == (
+        "creating",
+        "booting",
+        "ready",
+        "stopping",
+        "stopped",
+        "failed",
+        "quarantined",
+    )
+    assert len(INPUTS) == 11
 
 
 @pytest.mark.parametrize("state", STATES)
@@ -91,8 +101,10 @@ def test_terminal() -> None:
 
 def test_settled_running_and_ready() -> None:
     assert [s for s in STATES if not is_settled(s)] == ["creating", "booting"]
-    assert [s for s in STATES if runs_domain(s)] == ["booting", "ready"]
+    assert [s for s in STATES if runs_domain(s)] == ["booting", "ready", "quarantined"]
+    assert [s for s in STATES if hears_agent(s)] == ["booting", "ready"]
     assert [s for s in STATES if is_ready(s)] == ["ready"]
+    assert [s for s in STATES if is_quarantined(s)] == ["quarantined"]
     # Every state a transition can reach from booting is settled, except booting itself.
     reached = {new for (old, _), new in EXPECTED.items() if old == "booting"}
     assert {s for s in reached if not is_settled(s)} == {"booting"}
@@ -210,3 +222,50 @@ def test_destroying_a_stopped_zone_is_a_no_op() -> None:
     result = transition("stopped", "destroy_requested")
     assert result.new_state == "stopped"
     assert not result.changed
+
+
+def test_quarantine_freezes_until_destroyed() -> None:
+    assert walk(
+        [
+            ("started", ""),
+            ("agent_hello", ""),
+            ("quarantine_requested", "by uid 0"),
+            # The paused agent cannot answer: its silence is stale, not a failure.
+            ("agent_silent", ""),
+            ("agent_misbehaved", ""),
+            # A daemon restart leaves it frozen.
+            ("resumed_after_restart", ""),
+            # A second quarantine (more evidence) changes nothing.
+            ("quarantine_requested", ""),
+            ("destroy_requested", ""),
+            ("domain_stopped", "destroyed"),
+        ]
+    )[:-1] == [
+        "creating",
+        "booting",
+        "ready",
+        "quarantined",
+        "quarantined",
+        "quarantined",
+        "quarantined",
+        "quarantined",
+        "stopping",
+        "stopped",
+    ]
+    assert transition("booting", "quarantine_requested").new_state == "quarantined"
+    # Its QEMU going away by itself fails it.
+    assert transition("quarantined", "domain_crashed").new_state == "failed"
+
+
+@pytest.mark.parametrize("state", ["creating", "stopping", "stopped", "failed"])
+def test_only_a_running_zone_can_be_quarantined(state: ZoneState) -> None:
+    with pytest.raises(Conflict, match="quarantine_requested"):
+        transition(state, "quarantine_requested")
+
+
+@pytest.mark.parametrize("event", INPUTS)
+def test_the_input_is_read_back_from_its_reason(event: Input) -> None:
+    state = next(s for s in STATES if (s, event) in EXPECTED)
+    assert lifecycle.input_of_reason(transition(state, event, "detail: x").reason) == event
+    assert lifecycle.input_of_reason(transition(state, event).reason) == event
+    assert lifecycle.input_of_reason("something else") is None

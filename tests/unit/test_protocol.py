@@ -142,7 +142,38 @@ REQUESTS: list[p.Request] = [
         pids_limit=100,
     ),
     p.ZoneMetrics(id=14, name="web-1"),
+    p.WatchEvents(id=17, zones=["web-1"], kinds=["exec_started", "exec_ended"]),
+    p.ConsoleLog(id=18, name="run-1", uuid="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+    p.AuditQuery(id=19),
+    p.AuditQuery(id=20, zone="web-1", since=1.7e9),
+    p.QuarantineZone(id=21, name="web-1"),
+    p.QuarantineZone(id=22, name="web-1", destroy=True),
 ]
+
+CALLER = p.CallerInfo(uid=1000, gid=995, pid=4242, exe="/usr/bin/python3.11")
+EXEC_RECORD = p.ExecRecord(
+    argv=["python3", "-c", "print(1)"],
+    cwd="/",
+    uid=0,
+    gid=0,
+    tty=False,
+    stdin=True,
+    env_names=["PATH", "TOKEN"],
+    pid=7,
+    exit_code=0,
+    cpu_time_s=0.25,
+    memory_peak_kib=9000,
+    duration_s=0.5,
+)
+AUDIT_RECORD = p.AuditRecord(
+    time=1.7e9,
+    op="exec",
+    outcome="ok",
+    caller=CALLER,
+    zone="web-1",
+    zone_uuid="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+    exec=EXEC_RECORD,
+)
 
 REPLIES: list[p.Reply] = [
     p.HelloReply(id=0, version=1, server="zoned/0.1"),
@@ -219,6 +250,38 @@ REPLIES: list[p.Reply] = [
     p.ExecExit(id=10, exit_code=0),
     p.ExecExit(id=12, signal=9, timed_out=True),
     p.ExecExit(id=16, signal=9, oom_killed=True, cpu_time_s=0.5, memory_peak_kib=65536),
+    p.EventReply(
+        id=6,
+        event=p.Event(
+            seq=19, time=3.0, kind="exec_ended", zone="web-1", exec=EXEC_RECORD, caller=CALLER
+        ),
+    ),
+    p.AuditReply(
+        id=19,
+        records=[
+            AUDIT_RECORD,
+            p.AuditRecord(
+                time=1.0,
+                op="hello",
+                outcome="denied",
+                caller=CALLER,
+                error_code="permission_denied",
+                error="no",
+            ),
+        ],
+    ),
+    p.AuditReply(id=19, records=[]),
+    p.QuarantineReply(
+        id=21,
+        zone=ZONE,
+        bundle=p.EvidenceBundle(
+            path="/var/lib/zoned/evidence/web-1-x",
+            size_bytes=268_435_456,
+            partial=True,
+            files=[p.EvidenceFile(name="memory.elf", size_bytes=268_435_456, sha256="0" * 64)],
+            errors=["console.log: [Errno 28] No space left on device"],
+        ),
+    ),
 ]
 
 FROM_AGENT: list[p.AgentToHost] = [
@@ -432,6 +495,19 @@ REQUEST_REJECTIONS: list[tuple[str, object, str]] = [
         "input too big",
         {"type": "exec_input", "id": 1, "data": b"x" * (p.MAX_EXEC_CHUNK + 1)},
         "$.data",
+    ),
+    ("audit negative since", {"type": "audit_query", "id": 1, "since": -1.0}, "$.since"),
+    ("audit NaN since", {"type": "audit_query", "id": 1, "since": float("nan")}, "$.since"),
+    ("audit since as text", {"type": "audit_query", "id": 1, "since": "yesterday"}, "$.since"),
+    ("audit bad zone", {"type": "audit_query", "id": 1, "zone": "../x"}, "$.zone"),
+    ("quarantine no name", {"type": "quarantine_zone", "id": 1}, "`name`"),
+    ("log bad uuid", {"type": "console_log", "id": 1, "name": "a", "uuid": "../x"}, "$.uuid"),
+    ("watch unknown kind", {"type": "watch_events", "id": 1, "kinds": ["exec"]}, "$.kinds[0]"),
+    ("watch bad zone", {"type": "watch_events", "id": 1, "zones": ["A"]}, "$.zones[0]"),
+    (
+        "watch too many zones",
+        {"type": "watch_events", "id": 1, "zones": ["a"] * (p.MAX_WATCH_FILTER + 1)},
+        "$.zones",
     ),
 ]
 

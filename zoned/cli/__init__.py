@@ -5,8 +5,9 @@ Usage::
     zonectl [--socket PATH] [--json] COMMAND [ARGS]
 
 Commands: ``host``, ``create``, ``list``, ``show``, ``destroy``, ``watch``,
-``logs``, ``exec``, ``run``, ``cp``, ``top`` (``zonectl COMMAND --help`` for
-each). ``--socket`` and ``--json`` may also follow the command. The socket
+``logs``, ``exec``, ``run``, ``cp``, ``top``, ``audit``, ``quarantine``
+(``zonectl COMMAND --help`` for each). ``--socket`` and ``--json`` may also
+follow the command. The socket
 is ``--socket``, else ``$ZONED_SOCKET``, else ``/run/zoned/zoned.sock``.
 
 Output: aligned tables and ``key: value`` blocks for people; with ``--json``,

@@ -8,7 +8,10 @@ applies), so the command line and the protocol cannot disagree.
 from __future__ import annotations
 
 import argparse
+import re
+import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, get_args
 
 import msgspec
@@ -134,6 +137,53 @@ def wire_option(
         metavar=metavar,
         help=help,
     )
+
+
+def parse_uuid(text: str) -> str:
+    """A zone's uuid as the protocol writes it (lower-case, hyphenated)."""
+    value = text.strip().lower()
+    if not re.fullmatch(p.UUID_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"expected a zone's uuid, got {text!r}")
+    return value
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_since(text: str, now: float) -> float:
+    """A point in time as Unix seconds: ``30s``/``10m``/``2h``/``3d`` ago, ``@<unix
+    seconds>``, or an ISO 8601 time (``2026-12-02T04:00:00Z``; without an offset: UTC).
+
+    Raises :class:`argparse.ArgumentTypeError` saying what is accepted.
+    """
+    expected = (
+        "expected a time: 30s, 10m, 2h or 3d ago, @<unix seconds>,"
+        f" or ISO 8601 like 2026-12-02T04:00:00Z; got {text!r}"
+    )
+    value = text.strip()
+    if not value:
+        raise argparse.ArgumentTypeError(expected)
+    if value[-1] in _UNITS and value[:-1].replace(".", "", 1).isdigit():
+        seconds = float(value[:-1]) * _UNITS[value[-1]]
+        return max(0.0, now - seconds)
+    if value.startswith("@"):
+        try:
+            unix = float(value[1:])
+        except ValueError:
+            raise argparse.ArgumentTypeError(expected) from None
+        if not 0.0 <= unix <= 1e10:
+            raise argparse.ArgumentTypeError(f"{expected} (out of range)")
+        return unix
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    unix = moment.timestamp()
+    if not 0.0 <= unix <= 1e10:
+        raise argparse.ArgumentTypeError(f"{expected} (out of range)")
+    return unix
 
 
 def _positive_int(text: str) -> int:
@@ -302,12 +352,63 @@ def build_parser() -> argparse.ArgumentParser:
     destroy = command("destroy", "destroy zones")
     destroy.add_argument("names", metavar="NAME", nargs="+")
 
-    command("watch", "print events as they happen, one per line, until Ctrl-C")
+    watch = command(
+        "watch", "print events as they happen (zones, processes, the host), until Ctrl-C"
+    )
+    watch.add_argument(
+        "--zone",
+        dest="zones",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this zone's events; repeatable",
+    )
+    watch.add_argument(
+        "--kind",
+        dest="kinds",
+        action="append",
+        default=[],
+        choices=get_args(p.EventKind),
+        help="only events of this kind; repeatable (default: every kind)",
+    )
 
-    logs = command("logs", "write a zone's serial console log (raw bytes) to stdout")
+    logs = command(
+        "logs",
+        "write a zone's serial console log (raw bytes) to stdout; a destroyed zone's"
+        " log while the daemon keeps it",
+    )
     logs.add_argument("name", metavar="NAME")
     logs.add_argument("--follow", "-f", action="store_true", help="keep writing new output")
     wire_option(logs, "--tail", p.ConsoleLog, "tail_bytes", "BYTES", "last BYTES only")
+    logs.add_argument(
+        "--uuid",
+        default=None,
+        type=parse_uuid,
+        metavar="UUID",
+        help="that zone of the name (default: the zone now, else the newest destroyed one)",
+    )
+
+    audit = command(
+        "audit",
+        "print the audit trail: who created, ran, destroyed, quarantined what, and how it ended",
+    )
+    audit.add_argument("--zone", default="", metavar="NAME", help="only this zone's records")
+    audit.add_argument(
+        "--since",
+        default=None,
+        metavar="TIME",
+        help="only records from TIME on: 30s, 10m, 2h, 3d (ago), @UNIX, or ISO 8601",
+    )
+
+    quarantine = command(
+        "quarantine",
+        "freeze a zone now (vCPUs paused, processes refused) and collect its evidence"
+        " (memory, logs, audit records, events, what it booted) into a bundle on the host",
+    )
+    quarantine.add_argument("name", metavar="ZONE")
+    quarantine.add_argument(
+        "--destroy", action="store_true", help="destroy the zone once its evidence is collected"
+    )
 
     exec_ = command(
         "exec", "run a command in a zone, streaming its output; exits with its exit status"
@@ -358,6 +459,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "audit" and args.since is not None:
+        try:
+            args.since = parse_since(args.since, time.time())
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--since: {exc}")
     if hasattr(args, "labels"):
         labels: dict[str, str] = {}
         for key, value in args.labels:

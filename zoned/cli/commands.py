@@ -15,7 +15,7 @@ import pwd
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, get_args
 
 import trio
 
@@ -31,10 +31,12 @@ from zoned.cli.exits import (
 )
 from zoned.cli.format import (
     cpu_percent,
+    format_audit_table,
     format_event,
     format_host,
     format_json,
     format_process_json,
+    format_quarantine,
     format_top,
     format_top_json,
     format_zone,
@@ -105,13 +107,22 @@ async def run_command(args: argparse.Namespace, out: Output) -> int:
             case "destroy":
                 return await destroy(client, args.names, out)
             case "watch":
-                async for event in client.watch_events():
+                kinds = args.kinds or list(get_args(p.EventKind))
+                async for event in client.watch_events(args.zones, kinds):
                     out.text((format_json(event) if out.json else format_event(event)) + "\n")
             case "logs":
                 sink = out.binary()
-                async for chunk in client.console_log(args.name, args.follow, args.tail):
+                chunks = client.console_log(args.name, args.follow, args.tail, uuid=args.uuid)
+                async for chunk in chunks:
                     sink.write(chunk)
                     sink.flush()
+            case "audit":
+                await audit(client, args, out)
+            case "quarantine":
+                reply = await client.quarantine_zone(args.name, destroy=args.destroy)
+                out.record(reply, format_quarantine(reply))
+                if reply.bundle.partial:
+                    out.note(f"{PROG}: the evidence bundle is partial: see 'missing' above")
             case "exec" | "run":
                 return await run_process(client, args, out)
             case "top":
@@ -252,6 +263,18 @@ async def _stream(process: Process, out: Output, interactive: bool) -> tuple[byt
                 sink.flush()
         nursery.cancel_scope.cancel()
     return bytes(stdout), bytes(stderr)
+
+
+async def audit(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """``audit``: every record as JSON lines as they come, or one table at the end."""
+    records: list[p.AuditRecord] = []
+    async for record in client.audit(args.zone, args.since):
+        if out.json:
+            out.text(format_json(record) + "\n")
+        else:
+            records.append(record)
+    if not out.json:
+        out.text(format_audit_table(records))
 
 
 async def _sample(client: Client) -> dict[str, p.ZoneMetricsData]:

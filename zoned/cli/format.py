@@ -379,7 +379,93 @@ def format_event(event: p.Event) -> str:
         return f"{head} cpu {cpu} {event.kind.removeprefix('cpu_')}{reason}"
     if event.kind == "daemon":
         return f"{head} daemon: {one_line(event.reason) or '-'}"
+    if event.kind in ("exec_started", "exec_ended") and event.exec is not None:
+        who = f" (uid {event.caller.uid})" if event.caller is not None else ""
+        verb = "started" if event.kind == "exec_started" else "ended"
+        return f"{head} zone {clean(event.zone)}: process {verb}: {describe_exec(event.exec)}{who}"
     return f"{head} {clean(str(event.kind))}{reason}"
+
+
+def describe_exec(exec_: p.ExecRecord) -> str:
+    """A process in a few words: pid, argv, user, how it ended."""
+    argv = " ".join(exec_.argv)
+    if len(argv) > 80 or exec_.argv_truncated:
+        argv = argv[:77] + "..."
+    parts = [f"pid {exec_.pid}" if exec_.pid is not None else "not started", one_line(argv)]
+    if exec_.uid or exec_.gid:
+        parts.append(f"as {exec_.uid}:{exec_.gid}")
+    if exec_.tty:
+        parts.append("tty")
+    if exec_.exit_code is not None:
+        parts.append(f"exit {exec_.exit_code}")
+    if exec_.signal is not None:
+        parts.append(f"signal {exec_.signal}")
+    if exec_.oom_killed:
+        parts.append("OOM-killed")
+    if exec_.timed_out:
+        parts.append("timed out")
+    if exec_.cpu_time_s is not None:
+        parts.append(f"cpu {exec_.cpu_time_s:.2f}s")
+    if exec_.memory_peak_kib is not None:
+        parts.append(f"peak {format_mib(exec_.memory_peak_kib // 1024)}")
+    if exec_.error:
+        parts.append(f"error: {one_line(exec_.error)}")
+    return ", ".join(parts)
+
+
+AUDIT_TABLE_HEADER = ("TIME", "UID", "PID", "EXE", "OP", "ZONE", "OUTCOME", "DETAIL")
+
+
+def format_audit_table(records: Sequence[p.AuditRecord]) -> str:
+    """``zonectl audit``: one record per line, oldest first."""
+    rows = []
+    for record in records:
+        if record.outcome != "ok":
+            detail = f"{record.error_code}: {one_line(record.error)}"
+        elif record.exec is not None:
+            detail = describe_exec(record.exec)
+        elif record.bundle:
+            detail = f"evidence: {clean(record.bundle)}"
+        else:
+            detail = "-"
+        exe = record.caller.exe.rsplit("/", 1)[-1] if record.caller.exe else "-"
+        rows.append(
+            (
+                format_time(record.time),
+                str(record.caller.uid),
+                str(record.caller.pid),
+                clean(exe),
+                record.op,
+                clean(record.zone) or "-",
+                record.outcome,
+                detail,
+            )
+        )
+    return format_table(AUDIT_TABLE_HEADER, rows)
+
+
+def format_size(size: int) -> str:
+    """``512 B``, ``3.2 KiB``, ``256.0 MiB``, ``1.5 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_quarantine(reply: p.QuarantineReply) -> str:
+    """``zonectl quarantine``: the zone's state now and where its evidence is."""
+    bundle = reply.bundle
+    kept = "destroyed" if reply.zone.state == "stopped" else f"{reply.zone.state} (paused)"
+    lines = [
+        f"zone {clean(reply.zone.name)}: {kept}",
+        f"evidence: {clean(bundle.path)} ({format_size(bundle.size_bytes)},"
+        f" {len(bundle.files)} files{', PARTIAL' if bundle.partial else ''})",
+    ]
+    lines += [f"  {clean(f.name)}  {format_size(f.size_bytes)}" for f in bundle.files]
+    lines += [f"missing: {one_line(error)}" for error in bundle.errors]
+    return "\n".join(lines) + "\n"
 
 
 def to_plain(value: Any) -> Any:

@@ -77,29 +77,70 @@ class Client(FileTransfer, Connection):
         reply = await self._call(lambda id: p.DestroyZone(id=id, name=name))
         return expect(reply, p.ZoneReply).zone
 
-    def watch_events(self) -> AsyncGenerator[p.Event, None]:
+    def watch_events(
+        self, zones: Sequence[str] = (), kinds: Sequence[p.EventKind] = ()
+    ) -> AsyncGenerator[p.Event, None]:
         """Events from now on, until the connection closes or the daemon cuts the stream.
 
-        An async generator: close it when you stop early
+        ``zones``: only those zones' events; ``kinds``: only those kinds (by
+        default the daemon sends :data:`~zoned.protocol.DEFAULT_EVENT_KINDS`;
+        name ``exec_started``/``exec_ended`` to get process events). An async
+        generator: close it when you stop early
         (``async with contextlib.aclosing(client.watch_events()) as events``).
         """
+        zone_list, kind_list = list(zones), list(kinds)
         return self._stream_of(
-            lambda id: p.WatchEvents(id=id), lambda reply: expect(reply, p.EventReply).event
+            lambda id: p.WatchEvents(id=id, zones=zone_list, kinds=kind_list),
+            lambda reply: expect(reply, p.EventReply).event,
         )
 
     def console_log(
-        self, name: str, follow: bool = False, tail_bytes: int | None = None
+        self,
+        name: str,
+        follow: bool = False,
+        tail_bytes: int | None = None,
+        *,
+        uuid: str | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """A zone's serial console output as raw byte chunks (not lines, not UTF-8).
 
         Without ``follow`` it ends at the log's current end; with it, it goes
         on until closed. ``tail_bytes`` starts that many bytes before the end.
-        An async generator: close it when you stop early (``contextlib.aclosing``).
+        A destroyed zone's log is kept for the daemon's retention: the newest
+        zone of that name, or the one with ``uuid``. An async generator:
+        close it when you stop early (``contextlib.aclosing``).
         """
         return self._stream_of(
-            lambda id: p.ConsoleLog(id=id, name=name, follow=follow, tail_bytes=tail_bytes),
+            lambda id: p.ConsoleLog(
+                id=id, name=name, follow=follow, tail_bytes=tail_bytes, uuid=uuid
+            ),
             lambda reply: expect(reply, p.LogChunk).data,
         )
+
+    async def audit(
+        self, zone: str = "", since: float | None = None
+    ) -> AsyncGenerator[p.AuditRecord, None]:
+        """The audit trail's records this caller may see, oldest first: of ``zone``
+        only, from Unix time ``since`` on."""
+        batches = self._stream_of(
+            lambda id: p.AuditQuery(id=id, zone=zone, since=since),
+            lambda reply: expect(reply, p.AuditReply).records,
+        )
+        try:
+            async for batch in batches:
+                for record in batch:
+                    yield record
+        finally:
+            await batches.aclose()
+
+    async def quarantine_zone(self, name: str, *, destroy: bool = False) -> p.QuarantineReply:
+        """Freeze a zone now and collect its evidence; the zone and the bundle.
+
+        Takes as long as the guest's memory takes to write (seconds per GiB).
+        With ``destroy`` the zone is destroyed afterwards.
+        """
+        reply = await self._call(lambda id: p.QuarantineZone(id=id, name=name, destroy=destroy))
+        return expect(reply, p.QuarantineReply)
 
     async def zone_metrics(self, name: str) -> p.ZoneMetricsData:
         """A zone's CPU time and memory as the host sees them, and the guest's own report."""

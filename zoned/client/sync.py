@@ -60,6 +60,15 @@ class SyncClient:
     def destroy_zone(self, name: str) -> p.ZoneInfo:
         return self._run(lambda client: client.destroy_zone(name))
 
+    def quarantine_zone(self, name: str, *, destroy: bool = False) -> p.QuarantineReply:
+        return self._run(lambda client: client.quarantine_zone(name, destroy=destroy))
+
+    def audit(self, zone: str = "", since: float | None = None) -> list[p.AuditRecord]:
+        async def collect(client: Client) -> list[p.AuditRecord]:
+            return [record async for record in client.audit(zone, since)]
+
+        return self._run(collect)
+
     def zone_metrics(self, name: str) -> p.ZoneMetricsData:
         return self._run(lambda client: client.zone_metrics(name))
 
