@@ -89,6 +89,8 @@ class Host:
         self.auto_credit = True
         self.pids: list[int] = []
         self.hellos = 0
+        #: The highest heartbeat seq answered.
+        self.beats = 0
 
     def send(self, message: HostToAgent) -> None:
         self.sock.sendall(encode_frame(message, AGENT_MAX_FRAME))
@@ -121,6 +123,7 @@ class Host:
             self.hellos += 1
             return
         if isinstance(message, HeartbeatReply):
+            self.beats = max(self.beats, message.seq)
             return
         record = self.records[message.exec_id]
         assert record.exit is None, f"{message!r} after the exit of exec {message.exec_id}"
@@ -566,6 +569,34 @@ def test_terminal_eof_ends_cat_and_is_not_credited(agent: tuple[Host, object]) -
     assert host.wait_exit(2) == AgentExecExit(exec_id=2, exit_code=0)
     assert bytes(record.stdout).endswith(b"y=zz\r\n"), bytes(record.stdout)
     assert record.input_credit == 3
+
+
+def test_a_leader_that_closed_its_terminal_is_not_hung_up_before_it_exits(
+    agent: tuple[Host, object], tmp_path: Path
+) -> None:
+    """GNU cat closes stdin, stdout and stderr before it exits: the terminal's slave
+    is then closed everywhere while its leader still runs. Closing the master then
+    would hang the terminal up and SIGHUP the leader (seen as signal=1 under load)."""
+    host, _ = agent
+    closed, go = tmp_path / "closed", tmp_path / "go"
+    os.mkfifo(go)
+    script = f'exec 0<&- 1>&- 2>&-; : > "{closed}"; read line < "{go}"; exit 7'
+    host.start(1, ["sh", "-c", script], tty=True)
+    host.wait_started(1)
+    wait_until(closed.exists, "the process to close its terminal")
+    # Two heartbeat round trips: the agent has polled the master's hang-up since.
+    for seq in (1, 2):
+        host.send(Heartbeat(seq=seq))
+        host.pump_until(
+            lambda seq=seq: host.records[1].exit is not None or host.beats >= seq,  # type: ignore[misc]
+            f"heartbeat {seq}",
+        )
+    assert host.records[1].exit is None, host.records[1].exit
+    # Non-blocking: it fails (ENXIO) rather than hangs if the reader is gone.
+    fifo = os.open(go, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fifo, b"go\n")
+    os.close(fifo)
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=7)
 
 
 def test_a_background_process_holding_the_terminal_does_not_delay_the_exit(

@@ -50,7 +50,10 @@ Rules, per process (``exec_id``)
   ``stdin`` says (same input window); ``eof`` writes the terminal's EOF
   character (``^D``, not credited: the host never sent it) once the input
   before it is written, and the terminal stays open for more input. ``EIO``
-  reading the master means the slave is closed everywhere: end of file.
+  reading the master means the slave is closed everywhere: end of file; the
+  master is then kept open, unwatched, until the process is reaped (closing
+  it would hang the terminal up and ``SIGHUP`` a leader that is still
+  exiting).
   ``AgentExecResize`` sets the size (the kernel sends ``SIGWINCH`` to the
   foreground group); for a process without a terminal, or an unknown one, it
   is ignored (logged once). Input pending when the slave side hangs up is
@@ -97,6 +100,8 @@ _SIGKILL = 9
 _EIO = 5
 
 _STDOUT = "stdout"
+#: The kind of a terminal master at end of file, kept open while its process runs.
+_HELD = "held"
 #: What a terminal's input gets for ``eof`` (the default ``VEOF``, ^D).
 TTY_EOF = b"\x04"
 
@@ -182,7 +187,7 @@ class ExecEngine:
         self._resize_ignored_logged = False
         self._execs: dict[int, _Exec] = {}
         self._by_pid: dict[int, _Exec] = {}
-        #: fd -> (its process, "stdin" | "stdout" | "stderr" | "tty" | "pid").
+        #: fd -> (its process, "stdin" | "stdout" | "stderr" | "tty" | "pid" | "held").
         self._fds: dict[int, tuple[_Exec, str]] = {}
 
     def __len__(self) -> int:
@@ -333,7 +338,7 @@ class ExecEngine:
                     events |= select.POLLOUT
                 if events:
                     poll.register(fd, events)
-            elif may_read:
+            elif kind != _HELD and may_read:
                 poll.register(fd, select.POLLIN)
 
     def owns(self, fd: int) -> bool:
@@ -393,6 +398,7 @@ class ExecEngine:
                 self._drop_input(process)
             if process.status is not None and self._output_done(process):
                 self._drop_input(process)
+                self._close_held_terminal(process)
                 self._flush_input_credit(process)
                 cgroup, process.cgroup = process.cgroup, ""
                 oom_killed, cpu_time_s, memory_peak_kib = self._cgroups.finish(cgroup)
@@ -445,12 +451,27 @@ class ExecEngine:
             pass
 
     def _close_output(self, process: _Exec, fd: int) -> None:
-        """Close one output (at end of file); a terminal's input goes with it."""
+        """Close one output (at end of file); a terminal's input goes with it.
+
+        A terminal's master stays open (unwatched) until its process is reaped:
+        closing it hangs the terminal up, and the kernel sends ``SIGHUP`` to the
+        session's leader, which may still be running after closing its side
+        (GNU ``cat`` closes stdin, stdout and stderr before it exits).
+        """
         process.outputs.pop(fd, None)
         if fd == process.tty_fd:
             self._drop_input(process)
+            if process.status is None:
+                self._fds[fd] = (process, _HELD)
+                return
             process.tty_fd = -1
         self._close(fd)
+
+    def _close_held_terminal(self, process: _Exec) -> None:
+        """Close a reaped process's terminal master kept open by :meth:`_close_output`."""
+        if process.tty_fd >= 0 and process.tty_fd not in process.outputs:
+            self._close(process.tty_fd)
+            process.tty_fd = -1
 
     def _read_output(self, process: _Exec, fd: int, stream: str) -> None:
         if fd not in process.outputs:
