@@ -69,6 +69,7 @@ import os
 import select
 
 from zoned.agent.cgroups import Cgroups, why
+from zoned.agent.sandbox import Confinement, SandboxError, WorkloadSandbox
 from zoned.agent.spawn import StartError, set_terminal_size, signal_group, spawn
 from zoned.credit import CreditWindow
 
@@ -169,20 +170,22 @@ class ExecEngine:
         backlog: Callable[[], int],
         log: Callable[[str], None],
         *,
-        root: str = "",
+        sandbox: WorkloadSandbox | None = None,
         cgroup_root: str = "",
     ) -> None:
         """``send`` queues a message for the host (never dropped); ``backlog`` is the
         number of bytes the channel has not sent yet; ``log`` writes to the console;
-        ``root`` is the directory processes are chrooted into ("": none);
-        ``cgroup_root`` the cgroup2 directory their cgroups go in ("": no cgroups)."""
+        ``sandbox`` is the workload root's, which processes run in (None: the agent's
+        root, as on a host); ``cgroup_root`` the cgroup2 directory their cgroups go
+        in ("": no cgroups)."""
         from zoned import protocol
 
         self._protocol = protocol
         self._send = send
         self._backlog = backlog
         self._log = log
-        self._root = root
+        self._sandbox = sandbox
+        self._confinement = Confinement()
         self._cgroups = Cgroups(cgroup_root, log)
         self._resize_ignored_logged = False
         self._execs: dict[int, _Exec] = {}
@@ -222,6 +225,13 @@ class ExecEngine:
         if refusal:
             self._refuse(exec_id, refusal)
             return
+        if self._sandbox is not None:
+            try:
+                self._sandbox.ensure()
+            except SandboxError as exc:
+                self._log(exc.message)
+                self._refuse(exec_id, f"cannot run {request.argv[0]!r}: {exc.message}", exc.errno)
+                return
         env = dict(request.env)
         env.setdefault("PATH", DEFAULT_PATH)
         env.setdefault("HOME", "/root" if request.uid == 0 else "/tmp")
@@ -235,7 +245,9 @@ class ExecEngine:
             )
             return
         try:
-            pid, stdio = spawn(request, env, root=self._root, cgroup=cgroup)
+            pid, stdio = spawn(
+                request, env, confinement=self._confinement, sandbox=self._sandbox, cgroup=cgroup
+            )
         except StartError as exc:
             self._cgroups.remove(cgroup)
             self._refuse(exec_id, exc.message, exc.errno)
@@ -259,7 +271,8 @@ class ExecEngine:
             self._fds[process.pidfd] = (process, "pid")
         self._execs[exec_id] = process
         self._by_pid[pid] = process
-        self._send(p.AgentExecStarted(exec_id=exec_id, pid=pid))
+        visible = pid if self._sandbox is None else self._sandbox.visible_pid(pid)
+        self._send(p.AgentExecStarted(exec_id=exec_id, pid=visible))
 
     def add_input(self, message: AgentExecInput) -> None:
         process = self._execs.get(message.exec_id)

@@ -243,6 +243,12 @@ def process_options(parser: argparse.ArgumentParser) -> None:
         "N",
         "most processes the command and its children may have at once",
     )
+    parser.add_argument(
+        "--no-new-privs",
+        action="store_true",
+        help="the command and its children can never gain privileges (setuid programs"
+        " run as the caller)",
+    )
     cwd = wire_default(p.Exec, "cwd")
     parser.add_argument("--workdir", "-w", default=cwd, metavar="DIR", help=f"default: {cwd}")
     parser.add_argument("--user", "-u", default="0:0", metavar="UID[:GID]", help="default: 0:0")

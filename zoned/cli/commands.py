@@ -163,6 +163,7 @@ def process_options(args: argparse.Namespace) -> ProcessOptions:
         "cols": cols,
         "memory_limit_mib": args.memory_limit,
         "pids_limit": args.pids_limit,
+        "no_new_privs": args.no_new_privs,
     }
 
 
