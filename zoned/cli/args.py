@@ -350,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="refuse to copy more than N bytes out of a zone (default: 1 GiB)",
     )
+    cp.add_argument(
+        "--outward-links",
+        action="store_true",
+        help="copy symbolic links that lead outside the directory as they are (by default"
+        " they refuse the copy; links are never followed while copying)",
+    )
 
     top = command("top", "live CPU and memory of every zone: the host's view and the guest's")
     top.add_argument("--once", action="store_true", help="one sample, then exit")
