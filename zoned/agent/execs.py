@@ -14,11 +14,15 @@ Rules, per process (``exec_id``)
 --------------------------------
 - **Start.** As :func:`zoned.agent.spawn.spawn` says, with exactly ``env``
   plus :data:`DEFAULT_PATH` as ``PATH`` when ``env`` has none (``argv[0]``
-  without a ``/`` is searched in that ``PATH``) and ``HOME``. A process that
-  cannot start yields one ``AgentExecExit`` with ``error`` (and ``errno``
-  when an OS call failed) and nothing else; one that starts yields
-  ``AgentExecStarted``. A start reusing the id of a process still known, or
-  beyond :data:`MAX_EXECS_PER_ZONE` known processes, is refused the same way.
+  without a ``/`` is searched in that ``PATH``) and ``HOME``; confined
+  (:class:`zoned.agent.sandbox.Confinement`) and, with a workload root, in
+  its sandbox (made first if its init is gone). A process that cannot start
+  yields one ``AgentExecExit`` with ``error`` (and ``errno`` when an OS call
+  failed) and nothing else, as does a sandbox that cannot be made (nothing
+  runs uncontained); one that starts yields ``AgentExecStarted`` with its pid
+  as the workloads' PID namespace numbers it. A start reusing the id of a
+  process still known, or beyond :data:`MAX_EXECS_PER_ZONE` known processes,
+  is refused the same way.
 - **Output.** The host lends ``EXEC_OUTPUT_WINDOW`` bytes of credit at the
   start (stdout and stderr together) and returns what it consumed with
   ``AgentExecCredit`` (more than the window is logged as a host bug and

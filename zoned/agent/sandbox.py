@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import os
 
-from zoned.agent import linux
+from zoned.agent import AGENT_BUSYBOX, linux
 from zoned.agent.linux import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -195,8 +195,6 @@ READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sys
 
 #: Where the init stages the workload root (an empty directory of the agent's root).
 STAGE_DIR = "/zoned-stage"
-#: The agent's own tools (Debian's static busybox, in the boot image).
-AGENT_BUSYBOX = "/bin/busybox"
 #: The init's name (``comm``) as a workload's ``ps`` shows it.
 INIT_NAME = b"zoned-init"
 

@@ -30,7 +30,8 @@ import os
 import sys
 import termios
 
-from zoned.agent.sandbox import AGENT_BUSYBOX, Confinement, WorkloadSandbox
+from zoned.agent import AGENT_BUSYBOX
+from zoned.agent.sandbox import Confinement, WorkloadSandbox
 
 # Not typing.TYPE_CHECKING (see zoned.agent.system).
 TYPE_CHECKING = False
