@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.integration.conftest import private_zoned
+from tests.integration.conftest import private_zoned_with_zone
 from zoned.agent.sandbox import DEFAULT_CAPABILITY_MASK, DEVICE_LINKS, DEVICES
 from zoned.agent.seccomp import DENIED
 from zoned.client import Client, ExecResult
@@ -50,13 +50,8 @@ found = {}
 
 @pytest.fixture(scope="module")
 def zoned() -> Iterator[LocalDaemon]:
-    async def create(daemon: LocalDaemon) -> None:
-        async with Client(daemon.socket, client_name="it") as client:
-            with trio.fail_after(CALL_TIMEOUT_S):
-                await client.create_zone(ZONE, memory_mib=512)
-
-    with private_zoned("sb-") as daemon:
-        trio.run(create, daemon)
+    """One daemon and one shared zone for the module."""
+    with private_zoned_with_zone("sb-", ZONE, timeout_s=CALL_TIMEOUT_S) as daemon:
         yield daemon
 
 

@@ -1,6 +1,7 @@
 """The Linux system calls the agent needs that Python 3.11's :mod:`os` lacks, through ctypes.
 
-Each wrapper raises :class:`OSError` with the call's errno, like :mod:`os`.
+Each wrapper raises :class:`OSError` with the call's errno, like :mod:`os`;
+two small helpers of the spawner and the sandbox come last.
 Numbers are x86_64's (the only architecture zones run). Safe to call in a
 forked child before ``exec``: nothing here allocates beyond small ctypes
 objects, and the C library is loaded by the parent (:func:`zoned.agent.system.libc`).
@@ -128,3 +129,19 @@ class FilterProgram:
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     """A duplicate (close-on-exec) of descriptor ``target_fd`` of the process of ``pidfd``."""
     return syscall(_SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+
+
+def read_to_eof(fd: int) -> bytes:
+    """All ``fd`` gives until end of file (a pipe the other end closes)."""
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def waitpid_exactly(pid: int) -> None:
+    """Reap ``pid``, a child known to be ending (gone already: fine)."""
+    try:  # noqa: SIM105 (contextlib costs boot time in the guest)
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

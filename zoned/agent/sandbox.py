@@ -81,6 +81,7 @@ from zoned.agent.system import (
     MS_RDONLY,
     log_exception,
     mount,
+    reap_children,
 )
 
 # Not typing.TYPE_CHECKING (see zoned.agent.system).
@@ -298,14 +299,14 @@ class WorkloadSandbox:
                 _init_main(self.root, ready_write)
             os.close(ready_write)
             ready_write = -1
-            report = _read_to_eof(ready_read)
+            report = linux.read_to_eof(ready_read)
         finally:
             os.close(ready_read)
             if ready_write >= 0:
                 os.close(ready_write)
         status, _, detail = report.partition(b" ")
         if status != b"ok":
-            _waitpid(pid)
+            linux.waitpid_exactly(pid)
             errno = int(status) if status.isdigit() and int(status) > 0 else None
             raise OSError(errno or 0, detail.decode(errors="replace") or "the init died")
         self._init_pid = pid
@@ -380,20 +381,6 @@ def _read_only_tools() -> int:
     mount(AGENT_BUSYBOX, AGENT_BUSYBOX, "", MS_BIND, "")
     mount("", AGENT_BUSYBOX, "", MS_BIND | MS_REMOUNT | MS_RDONLY, "")
     return os.open(AGENT_BUSYBOX, os.O_PATH | os.O_CLOEXEC)
-
-
-def _read_to_eof(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _waitpid(pid: int) -> None:
-    try:  # noqa: SIM105 (contextlib costs boot time in the guest)
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 # -- the init -------------------------------------------------------------------
@@ -556,15 +543,7 @@ def _reap_forever() -> NoReturn:
 
     _signal.pthread_sigmask(_signal.SIG_BLOCK, {_SIGCHLD})
     while True:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
-            if pid == 0:
-                break
+        reap_children()
         _signal.sigwaitinfo({_SIGCHLD})
 
 

@@ -31,6 +31,7 @@ import sys
 import termios
 
 from zoned.agent import AGENT_BUSYBOX
+from zoned.agent.linux import read_to_eof, waitpid_exactly
 from zoned.agent.sandbox import Confinement, WorkloadSandbox
 
 # Not typing.TYPE_CHECKING (see zoned.agent.system).
@@ -127,13 +128,13 @@ def spawn(
         )
     _close_all(child_fds)
     try:
-        failure = _read_to_eof(error_fd)
+        failure = read_to_eof(error_fd)
     finally:
         os.close(error_fd)
         parent_fds.remove(error_fd)
     if failure:
         # The child exits right after writing it; reap it here, not in the loop.
-        _waitpid_exactly(pid)
+        waitpid_exactly(pid)
         _close_all(parent_fds)
         code, _, text = failure.partition(b" ")
         errno = int(code) if code.isdigit() and int(code) > 0 else None
@@ -173,20 +174,6 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def _read_to_eof(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _waitpid_exactly(pid: int) -> None:
-    try:  # noqa: SIM105 (see signal_group)
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 def _above_stdio(fd: int) -> int:
