@@ -5,8 +5,8 @@ its interpreter, the few modules it imports, and nothing for workloads. What
 workloads run in is this separate, read-only EROFS image, attached to every
 zone as a virtio disk. The agent mounts it under a tmpfs overlay (writes go
 to guest RAM and vanish with the zone) and starts every process in it, in
-its sandbox (:mod:`zoned.agent.sandbox`). A real container image can later replace this one without touching
-the agent: the boundary is the disk.
+its sandbox (:mod:`zoned.agent.sandbox`). A real container image can later
+replace this one without touching the agent: the boundary is the disk.
 
 Contents (built on the host, once, cached by content):
 
