@@ -23,6 +23,7 @@ CLONE_NEWPID = 0x20000000
 
 # umount2 flags.
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
 
 # prctl options.
 PR_SET_PDEATHSIG = 1

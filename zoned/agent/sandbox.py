@@ -27,12 +27,15 @@ the init, not the agent. The init, in order:
    of the agent's is left in the namespace, and the agent's files are below
    a root nothing can climb out of;
 3. sets ``nodev`` on every mount of the workload root (a device node in an
-   image opens nothing), and mounts, like a runtime: ``/proc`` of its PID
+   image opens nothing), clears ``/dev``, ``/proc`` and ``/sys`` of what the
+   root brought mounted there (they must be directories, not links: a mount
+   would follow one), and mounts, like a runtime: ``/proc`` of its PID
    namespace with the masked paths (:data:`MASKED_PATHS`) and read-only ones
    (:data:`READ_ONLY_PATHS`), ``/sys`` read-only, ``/dev`` a tmpfs with only
    :data:`DEVICES`, the usual links, a devpts instance of its own
    (``/dev/pts``, ``/dev/ptmx``), ``/dev/shm`` and ``/dev/mqueue``;
-4. drops every capability, sets ``no_new_privs``, becomes non-dumpable and
+4. is exempt from the OOM killer, drops every capability, sets
+   ``no_new_privs``, becomes non-dumpable and
    closes every descriptor but its ``/dev/pts`` (the agent takes a copy
    with ``pidfd_getfd`` to open the processes' terminals there), reports
    ready, and from then on only reaps the orphans of its namespace.
@@ -62,6 +65,7 @@ nothing a workload does can change it.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from zoned.agent import AGENT_BUSYBOX, linux
@@ -307,8 +311,8 @@ class WorkloadSandbox:
         status, _, detail = report.partition(b" ")
         if status != b"ok":
             linux.waitpid_exactly(pid)
-            errno = int(status) if status.isdigit() and int(status) > 0 else None
-            raise OSError(errno or 0, detail.decode(errors="replace") or "the init died")
+            code = int(status) if status.isdigit() and int(status) > 0 else 0
+            raise OSError(code, detail.decode(errors="replace") or "the init died")
         self._init_pid = pid
         self._init_pidfd = os.pidfd_open(pid)
         self._pts_fd = linux.pidfd_getfd(self._init_pidfd, int(detail))
@@ -470,7 +474,8 @@ def _unescape(field: bytes) -> str:
 def _mount_workload_filesystems() -> None:
     """What a runtime mounts in a container's root (see the module, step 3)."""
     linux.set_mount_attributes("/", linux.MOUNT_ATTR_NODEV, recursive=True)
-    os.makedirs("/dev", exist_ok=True)
+    for point in ("/dev", "/proc", "/sys"):
+        _mount_point(point)
     mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=0755,size=65536k")
     for name, (major, minor) in DEVICES.items():
         os.mknod(f"/dev/{name}", 0o020666, os.makedev(major, minor))
@@ -483,9 +488,7 @@ def _mount_workload_filesystems() -> None:
     ):
         os.mkdir(f"/dev/{name}", 0o755)
         mount(fstype, f"/dev/{name}", fstype, flags, data)
-    os.makedirs("/proc", exist_ok=True)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "")
-    os.makedirs("/sys", exist_ok=True)
     mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "")
     for path in MASKED_PATHS:
         if os.path.isdir(path):
@@ -517,9 +520,28 @@ def _name_init() -> None:
     linux.prctl(linux.PR_SET_NAME, start)
 
 
+def _mount_point(point: str) -> None:
+    """``point`` of the workload root as a bare directory to mount on: made if missing,
+    refused if it is a link or no directory (a mount would follow the link), cleared of
+    whatever the workload root brought mounted there."""
+    if not os.path.lexists(point):
+        os.mkdir(point, 0o755)
+    if os.path.islink(point) or not os.path.isdir(point):
+        raise OSError(errno.ENOTDIR, f"{point} of the workload root is not a directory")
+    while True:
+        try:
+            linux.umount2(point, linux.MNT_DETACH | linux.UMOUNT_NOFOLLOW)
+        except OSError:
+            return  # EINVAL: not a mount point (any more)
+
+
 def _confine_init() -> None:
-    """The init needs no privilege once the mounts are made."""
+    """The init needs no privilege once the mounts are made. The OOM killer must
+    never pick it (its resident set is the agent's, shared): that would end every
+    process of the zone at once."""
     _name_init()
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("-1000")
     for cap in range(max(CAPABILITIES.values()) + 1):
         try:  # noqa: SIM105
             linux.prctl(linux.PR_CAPBSET_DROP, cap)
