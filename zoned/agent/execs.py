@@ -249,7 +249,7 @@ class ExecEngine:
             )
             return
         try:
-            pid, stdio = spawn(
+            pid, visible_pid, stdio = spawn(
                 request, env, confinement=self._confinement, sandbox=self._sandbox, cgroup=cgroup
             )
         except StartError as exc:
@@ -275,8 +275,7 @@ class ExecEngine:
             self._fds[process.pidfd] = (process, "pid")
         self._execs[exec_id] = process
         self._by_pid[pid] = process
-        visible = pid if self._sandbox is None else self._sandbox.visible_pid(pid)
-        self._send(p.AgentExecStarted(exec_id=exec_id, pid=visible))
+        self._send(p.AgentExecStarted(exec_id=exec_id, pid=visible_pid))
 
     def add_input(self, message: AgentExecInput) -> None:
         process = self._execs.get(message.exec_id)

@@ -43,11 +43,12 @@ MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
 
 _SYS_CAPSET = 126
-_SYS_PRCTL = 157
+SYS_MOUNT = 165
+SYS_SETNS = 308
+SYS_UNSHARE = 272
+SYS_PRCTL = 157
 _SYS_PIVOT_ROOT = 155
 _SYS_UMOUNT2 = 166
-_SYS_UNSHARE = 272
-_SYS_SETNS = 308
 _SYS_SECCOMP = 317
 _SYS_PIDFD_GETFD = 438
 _SYS_MOUNT_SETATTR = 442
@@ -66,13 +67,33 @@ def syscall(number: int, *args: object) -> int:
     return result
 
 
+class Prepared:
+    """One system call with its arguments converted once, for a forked child to make
+    cheaply: every object Python touches or allocates in the child costs a
+    copy-on-write page fault (under TCG a large part of starting a process)."""
+
+    __slots__ = ("_args", "_function")
+
+    def __init__(self, number: int, *args: object) -> None:
+        self._function = libc().syscall
+        self._args = (
+            ctypes.c_long(number),
+            *(ctypes.c_long(a) if isinstance(a, int) else a for a in args),
+        )
+
+    def __call__(self) -> None:
+        if self._function(*self._args) == -1:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+
 def unshare(flags: int) -> None:
-    syscall(_SYS_UNSHARE, flags)
+    syscall(SYS_UNSHARE, flags)
 
 
 def setns(fd: int, nstype: int) -> None:
     """Join the namespaces ``nstype`` of ``fd`` (a namespace file, or a pidfd: several at once)."""
-    syscall(_SYS_SETNS, fd, nstype)
+    syscall(SYS_SETNS, fd, nstype)
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
@@ -84,7 +105,7 @@ def umount2(target: str, flags: int) -> None:
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return syscall(_SYS_PRCTL, option, arg2, arg3, arg4, arg5)
+    return syscall(SYS_PRCTL, option, arg2, arg3, arg4, arg5)
 
 
 def set_mount_attributes(path: str, attr_set: int, *, recursive: bool) -> None:
@@ -95,19 +116,23 @@ def set_mount_attributes(path: str, attr_set: int, *, recursive: bool) -> None:
     syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path.encode(), flags, attr, ctypes.sizeof(attr))
 
 
-def capset(effective: int, permitted: int, inheritable: int) -> None:
-    """Set this thread's capability sets (bit masks of capability numbers)."""
-    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    # Two struct __user_cap_data_struct: the low 32 capabilities, then the high.
-    data = (ctypes.c_uint32 * 6)(
-        effective & 0xFFFFFFFF,
-        permitted & 0xFFFFFFFF,
-        inheritable & 0xFFFFFFFF,
-        effective >> 32,
-        permitted >> 32,
-        inheritable >> 32,
-    )
-    syscall(_SYS_CAPSET, header, data)
+class CapabilitySets:
+    """Effective, permitted and inheritable sets (bit masks of capability numbers),
+    built once, set on the calling thread by calling ``apply`` (``capset(2)``)."""
+
+    def __init__(self, effective: int, permitted: int, inheritable: int) -> None:
+        self._header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+        # Two struct __user_cap_data_struct: the low 32 capabilities, then the high.
+        self._data = (ctypes.c_uint32 * 6)(
+            effective & 0xFFFFFFFF,
+            permitted & 0xFFFFFFFF,
+            inheritable & 0xFFFFFFFF,
+            effective >> 32,
+            permitted >> 32,
+            inheritable >> 32,
+        )
+
+        self.apply = Prepared(_SYS_CAPSET, self._header, self._data)
 
 
 class FilterProgram:
@@ -120,11 +145,11 @@ class FilterProgram:
             _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
         self._fprog = _Fprog(len(instructions) // 8, ctypes.addressof(self._buffer))
-
-    def install(self) -> None:
-        """``seccomp(SECCOMP_SET_MODE_FILTER)`` on the calling thread (needs
-        ``CAP_SYS_ADMIN`` or ``no_new_privs``)."""
-        syscall(_SYS_SECCOMP, _SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(self._fprog))
+        #: ``seccomp(SECCOMP_SET_MODE_FILTER)`` on the calling thread (needs
+        #: ``CAP_SYS_ADMIN`` or ``no_new_privs``).
+        self.install = Prepared(
+            _SYS_SECCOMP, _SECCOMP_SET_MODE_FILTER, 0, ctypes.pointer(self._fprog)
+        )
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:

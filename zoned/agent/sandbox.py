@@ -230,6 +230,10 @@ class Confinement:
 
     def __init__(self) -> None:
         self._filter = linux.FilterProgram(program())
+        self._root_capabilities = linux.CapabilitySets(
+            DEFAULT_CAPABILITY_MASK, DEFAULT_CAPABILITY_MASK, 0
+        )
+        self._no_new_privs = linux.Prepared(linux.SYS_PRCTL, linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         for cap in range(_last_capability() + 1):
             if not DEFAULT_CAPABILITY_MASK >> cap & 1:
                 linux.prctl(linux.PR_CAPBSET_DROP, cap)
@@ -245,9 +249,9 @@ class Confinement:
             os.setgid(gid)
             os.setuid(uid)  # to another uid than 0: clears the permitted and effective sets
         if uid == 0:
-            linux.capset(DEFAULT_CAPABILITY_MASK, DEFAULT_CAPABILITY_MASK, 0)
+            self._root_capabilities.apply()
         if no_new_privs:
-            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+            self._no_new_privs()
 
 
 def _last_capability() -> int:
@@ -269,6 +273,18 @@ class WorkloadSandbox:
         self._pts_fd = -1
         self._tools_fd = -1
         self._own_pid_ns = -1
+        # What a child does to enter (built once: see zoned.agent.linux.Prepared).
+        self._join = linux.Prepared(linux.SYS_SETNS, -1, 0)
+        self._unshare = linux.Prepared(linux.SYS_UNSHARE, CLONE_NEWNS)
+        self._unshare_with_cgroup = linux.Prepared(linux.SYS_UNSHARE, CLONE_NEWNS | CLONE_NEWCGROUP)
+        self._mount_cgroup = linux.Prepared(
+            linux.SYS_MOUNT,
+            b"cgroup2",
+            b"/sys/fs/cgroup",
+            b"cgroup2",
+            MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            None,
+        )
 
     # -- the agent's side -----------------------------------------------------
 
@@ -316,6 +332,9 @@ class WorkloadSandbox:
         self._init_pid = pid
         self._init_pidfd = os.pidfd_open(pid)
         self._pts_fd = linux.pidfd_getfd(self._init_pidfd, int(detail))
+        self._join = linux.Prepared(
+            linux.SYS_SETNS, self._init_pidfd, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC
+        )
         self._log(f"workload sandbox ready: init pid {pid}")
 
     def _forget(self) -> None:
@@ -343,33 +362,17 @@ class WorkloadSandbox:
         """The agent's busybox, opened through a read-only bind (for ``execveat``)."""
         return self._tools_fd
 
-    @staticmethod
-    def visible_pid(pid: int) -> int:
-        """``pid`` (of the agent's PID namespace) as the workloads' namespace numbers it."""
-        try:
-            with open(f"/proc/{pid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"NSpid:"):
-                        return int(line.split()[-1])
-        except (OSError, ValueError):
-            pass
-        return pid
-
     # -- the child's side -----------------------------------------------------
 
     def enter(self, *, own_cgroup: bool) -> None:
         """In a forked child: join the sandbox's namespaces; with ``own_cgroup`` (it has
         joined its cgroup), a cgroup namespace rooted there, read-only on /sys/fs/cgroup."""
-        linux.setns(self._init_pidfd, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
-        linux.unshare(CLONE_NEWNS | (CLONE_NEWCGROUP if own_cgroup else 0))
+        self._join()
         if own_cgroup:
-            mount(
-                "cgroup2",
-                "/sys/fs/cgroup",
-                "cgroup2",
-                MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                "",
-            )
+            self._unshare_with_cgroup()
+            self._mount_cgroup()
+        else:
+            self._unshare()
 
 
 def _exited(pidfd: int) -> bool:
@@ -547,7 +550,7 @@ def _confine_init() -> None:
             linux.prctl(linux.PR_CAPBSET_DROP, cap)
         except OSError:
             pass  # beyond this kernel's last capability
-    linux.capset(0, 0, 0)
+    linux.CapabilitySets(0, 0, 0).apply()
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
 

@@ -16,8 +16,9 @@ session, stdio, controlling terminal, ``chdir``, the confinement
 ``agent_tools``, what is executed is the agent's own busybox (``argv[0]``
 names the applet), never a program of the workload root.
 
-The child reports a failure before ``exec`` through a close-on-exec pipe
-(``"<errno> <text>"``, errno 0 when the failure was not an OS error), and the
+The child reports through a close-on-exec pipe its pid as it sees it, then a
+failure before ``exec`` (``"<errno> <text>"``, errno 0 when the failure was
+not an OS error), and the
 parent raises it as :class:`StartError`: a process either starts or leaves
 nothing behind. The parent blocks only for the moment between ``fork`` and
 ``exec`` (or the failure) of the child.
@@ -66,14 +67,15 @@ def spawn(
     confinement: Confinement,
     sandbox: WorkloadSandbox | None,
     cgroup: str,
-) -> tuple[int, dict[int, str]]:
+) -> tuple[int, int, dict[int, str]]:
     """Start the process ``request`` asks for (see the module rules); :class:`StartError`.
 
     ``sandbox`` is the workload root's (None: the process runs in the agent's
     root, as on a host), ``cgroup`` the cgroup to join ("": none). Returns its
-    pid (in the agent's PID namespace) and the parent's ends of its stdio
-    (non-blocking), by what they are: ``"tty"`` (a terminal's master), or
-    ``"stdout"``, ``"stderr"`` and, when the host sends input, ``"stdin"``.
+    pid in the agent's PID namespace, its pid as it sees it (in the sandbox's
+    namespace), and the parent's ends of its stdio (non-blocking), by what
+    they are: ``"tty"`` (a terminal's master), or ``"stdout"``, ``"stderr"``
+    and, when the host sends input, ``"stdin"``.
     """
     name = repr(request.argv[0])
     parent_fds: list[int] = []
@@ -128,20 +130,22 @@ def spawn(
         )
     _close_all(child_fds)
     try:
-        failure = read_to_eof(error_fd)
+        report = read_to_eof(error_fd)
     finally:
         os.close(error_fd)
         parent_fds.remove(error_fd)
-    if failure:
+    visible, _, failure = report.partition(b"\n")
+    if failure or not visible.isdigit():
         # The child exits right after writing it; reap it here, not in the loop.
         waitpid_exactly(pid)
         _close_all(parent_fds)
         code, _, text = failure.partition(b" ")
         errno = int(code) if code.isdigit() and int(code) > 0 else None
-        raise StartError(text.decode(errors="replace"), errno)
+        message = text.decode(errors="replace") or f"cannot run {name}: it died before exec"
+        raise StartError(message, errno)
     for fd in parent_fds:
         os.set_blocking(fd, False)
-    return pid, stdio_fds
+    return pid, int(visible), stdio_fds
 
 
 def signal_group(pid: int, signal: int) -> None:
@@ -206,6 +210,8 @@ def _child(
     errno = 0
     try:
         try:
+            # First on the pipe: its pid as it sees it (the parent reports that one).
+            os.write(error_fd, b"%d\n" % os.getpid())
             if cgroup_procs >= 0:
                 step = "cannot join its cgroup: "
                 os.write(cgroup_procs, b"0")
