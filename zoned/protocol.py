@@ -433,6 +433,14 @@ class _ExecFields(_Message, frozen=True, kw_only=True):
     # Limits of the process's own cgroup (with everything it starts); None: none.
     memory_limit_mib: Annotated[int, Meta(ge=1, le=MAX_MEMORY_MIB)] | None = None
     pids_limit: Annotated[int, Meta(ge=1, le=MAX_PIDS_LIMIT)] | None = None
+    # -- Confinement (docs/workloads.md: what a process can and cannot touch).
+    # True: the process and all it runs can never gain privileges (setuid and
+    # setgid bits and file capabilities do nothing: prctl PR_SET_NO_NEW_PRIVS).
+    no_new_privs: bool = False
+    # True: argv runs with the agent's own tools (its static busybox; argv[0]
+    # names the applet, "sh" runs busybox's applets first) instead of the
+    # workload root's programs, which may be missing or replaced: for file transfer.
+    agent_tools: bool = False
 
     def __post_init__(self) -> None:
         if not self.argv[0]:

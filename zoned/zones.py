@@ -737,6 +737,8 @@ class ZoneManager:
                 cols=request.cols,
                 memory_limit_mib=request.memory_limit_mib,
                 pids_limit=request.pids_limit,
+                no_new_privs=request.no_new_privs,
+                agent_tools=request.agent_tools,
             )
 
         try:

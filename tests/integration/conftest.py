@@ -9,6 +9,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+import trio
 
 from zoned.kernel.store import DEFAULT_STORE
 from zoned.localdaemon import LocalDaemon, checkout_domain_prefix
@@ -78,3 +79,20 @@ def private_zoned(
         destroy_domains(domain_prefix)
         daemon.cleanup()
         assert status == 0, f"zoned exited with {status} on SIGTERM:\n{log}"
+
+
+@contextlib.contextmanager
+def private_zoned_with_zone(
+    zone_prefix: str, zone: str, *, memory_mib: int = 512, timeout_s: float = 180.0
+) -> Iterator[LocalDaemon]:
+    """:func:`private_zoned` with one zone ``zone`` booted, for a module to share."""
+    from zoned.client import Client
+
+    async def create(daemon: LocalDaemon) -> None:
+        async with Client(daemon.socket, client_name="it") as client:
+            with trio.fail_after(timeout_s):
+                await client.create_zone(zone, memory_mib=memory_mib)
+
+    with private_zoned(zone_prefix) as daemon:
+        trio.run(create, daemon)
+        yield daemon

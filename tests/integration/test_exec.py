@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.integration.conftest import domain_name, open_libvirt, private_zoned
+from tests.integration.conftest import domain_name, open_libvirt, private_zoned_with_zone
 from tests.waiting import wait_until_async
 from zoned.client import Client, SyncClient
 from zoned.errors import HypervisorError, InvalidRequest
@@ -63,14 +63,7 @@ def expected_digest(size: int) -> str:
 @pytest.fixture(scope="module")
 def zoned() -> Iterator[LocalDaemon]:
     """One daemon and one shared zone for the module."""
-
-    async def create(daemon: LocalDaemon) -> None:
-        async with Client(daemon.socket, client_name="it") as client:
-            with trio.fail_after(CALL_TIMEOUT_S):
-                await client.create_zone(ZONE, memory_mib=512)
-
-    with private_zoned("ex-") as daemon:
-        trio.run(create, daemon)
+    with private_zoned_with_zone("ex-", ZONE, timeout_s=CALL_TIMEOUT_S) as daemon:
         yield daemon
 
 

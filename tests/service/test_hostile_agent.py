@@ -36,8 +36,15 @@ def sends(data: bytes) -> Betrayal:
 HELLO = p.AgentHello(version=1, agent="evil/1", kernel_release="6.12.0", boot_s=0.5, pid=1)
 
 
-async def fake_agent(path: Path, betray: Betrayal, *, task_status: trio.TaskStatus[None]) -> None:
-    """Say hello, answer heartbeats until the first exec starts, then ``betray``."""
+async def fake_agent(
+    path: Path,
+    betray: Betrayal,
+    *,
+    every_exec: bool = False,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Say hello, answer heartbeats until the first exec starts, then ``betray``
+    (and stop answering), or with ``every_exec`` ``betray`` each exec and go on."""
     path.parent.mkdir(parents=True, exist_ok=True)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await listener.bind(str(path))
@@ -67,7 +74,8 @@ async def fake_agent(path: Path, betray: Betrayal, *, task_status: trio.TaskStat
                     await stream.send_all(p.encode_frame(reply))
                 elif isinstance(message, p.AgentExecStart):
                     await betray(stream, message)
-                    await trio.sleep_forever()
+                    if not every_exec:
+                        await trio.sleep_forever()
 
 
 async def test_hostile_agent_fails_only_its_own_zone(daemon: Daemon) -> None:

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ import pytest
 from tests.waiting import wait_until
 from zoned.agent.cgroups import NO_CGROUPS_ERROR
 from zoned.agent.execs import DEFAULT_PATH
+from zoned.agent.sandbox import DEFAULT_CAPABILITY_MASK
+from zoned.agent.seccomp import DENIED
 from zoned.protocol import (
     AGENT_MAX_FRAME,
     EXEC_INPUT_WINDOW,
@@ -89,6 +92,8 @@ class Host:
         self.auto_credit = True
         self.pids: list[int] = []
         self.hellos = 0
+        #: The highest heartbeat seq answered.
+        self.beats = 0
 
     def send(self, message: HostToAgent) -> None:
         self.sock.sendall(encode_frame(message, AGENT_MAX_FRAME))
@@ -121,6 +126,7 @@ class Host:
             self.hellos += 1
             return
         if isinstance(message, HeartbeatReply):
+            self.beats = max(self.beats, message.seq)
             return
         record = self.records[message.exec_id]
         assert record.exit is None, f"{message!r} after the exit of exec {message.exec_id}"
@@ -368,6 +374,71 @@ def test_the_process_is_set_up_as_promised(agent: tuple[Host, object]) -> None:
     assert bytes(record.stdout) == b"0\n"
 
 
+def _status_fields(text: bytes) -> dict[str, str]:
+    fields = (line.split(":", 1) for line in text.decode().splitlines() if ":" in line)
+    return {key: value.strip() for key, value in fields}
+
+
+def test_every_process_is_confined_and_no_new_privs_is_per_process(
+    agent: tuple[Host, object],
+) -> None:
+    """Docker's capabilities less mknod, the seccomp filter, no_new_privs on request;
+    a setuid program still works without it. Real processes on this host."""
+    host, _ = agent
+    record = host.run(1, ["cat", "/proc/self/status"])
+    status = _status_fields(bytes(record.stdout))
+    assert int(status["CapEff"], 16) == DEFAULT_CAPABILITY_MASK, status
+    assert int(status["CapBnd"], 16) == DEFAULT_CAPABILITY_MASK, status
+    assert int(status["CapPrm"], 16) == DEFAULT_CAPABILITY_MASK, status
+    assert int(status["CapInh"], 16) == 0 and int(status["CapAmb"], 16) == 0, status
+    assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "0", status
+    # Not root: no capabilities at all, the bounding set still limited.
+    record = host.run(2, ["cat", "/proc/self/status"], uid=65534, gid=65534)
+    status = _status_fields(bytes(record.stdout))
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+    assert int(status["CapBnd"], 16) == DEFAULT_CAPABILITY_MASK, status
+
+    # A setuid-root copy of the interpreter: effective uid 0 for uid 65534,
+    # unless the process asked for no_new_privs.
+    with tempfile.TemporaryDirectory(prefix="zoned-suid-") as place:  # pytest's tmp is 0700
+        os.chmod(place, 0o755)
+        suid = Path(place) / "python-suid"
+        suid.write_bytes(Path(sys.executable).resolve().read_bytes())
+        suid.chmod(0o4755)
+        probe = [str(suid), "-S", "-c", "import os; print(os.geteuid())"]
+        record = host.run(3, probe, uid=65534, gid=65534)
+        assert bytes(record.stdout) == b"0\n", record.exit
+        record = host.run(4, probe, uid=65534, gid=65534, no_new_privs=True)
+        assert bytes(record.stdout) == b"65534\n", record.exit
+    record = host.run(5, ["grep", "NoNewPrivs", "/proc/self/status"], no_new_privs=True)
+    assert bytes(record.stdout).split() == [b"NoNewPrivs:", b"1"]
+
+    # Denied system calls fail with their errno; ordinary ones work.
+    script = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for name, nr in ((n, v[0]) for n, v in DENIED.items()):\n"
+        "    result = libc.syscall(nr, 0, 0, 0, 0, 0)\n"
+        "    print(name, result, ctypes.get_errno())\n"
+        "print('getpid', libc.syscall(39) == os.getpid())\n"
+    )
+    record = host.run(6, [sys.executable, "-S", "-c", f"DENIED = {DENIED!r}\n{script}"])
+    lines = bytes(record.stdout).decode().splitlines()
+    assert lines[-1] == "getpid True", bytes(record.stderr)
+    denied = {name: (int(result), int(err)) for name, result, err in map(str.split, lines[:-1])}
+    assert denied == {name: (-1, err) for name, (_, err) in DENIED.items()}
+
+
+def test_agent_tools_run_the_agents_busybox_not_the_path(agent: tuple[Host, object]) -> None:
+    host, _ = agent
+    # No PATH at all: busybox's applets, and its shell prefers them.
+    script = "tar --help 2>&1 | head -1; echo x | cat"
+    record = host.run(1, ["sh", "-c", script], env={"PATH": "/zoned-nowhere"}, agent_tools=True)
+    assert record.exit == AgentExecExit(exec_id=1, exit_code=0), record.exit
+    assert bytes(record.stdout).startswith(b"BusyBox v"), bytes(record.stdout)
+    assert bytes(record.stdout).endswith(b"\nx\n")
+
+
 def test_stdin_round_trip_with_binary_data(agent: tuple[Host, object]) -> None:
     host, _ = agent
     data = random.Random(1).randbytes(1536 * 1024 + 7)
@@ -566,6 +637,34 @@ def test_terminal_eof_ends_cat_and_is_not_credited(agent: tuple[Host, object]) -
     assert host.wait_exit(2) == AgentExecExit(exec_id=2, exit_code=0)
     assert bytes(record.stdout).endswith(b"y=zz\r\n"), bytes(record.stdout)
     assert record.input_credit == 3
+
+
+def test_a_leader_that_closed_its_terminal_is_not_hung_up_before_it_exits(
+    agent: tuple[Host, object], tmp_path: Path
+) -> None:
+    """GNU cat closes stdin, stdout and stderr before it exits: the terminal's slave
+    is then closed everywhere while its leader still runs. Closing the master then
+    would hang the terminal up and SIGHUP the leader (seen as signal=1 under load)."""
+    host, _ = agent
+    closed, go = tmp_path / "closed", tmp_path / "go"
+    os.mkfifo(go)
+    script = f'exec 0<&- 1>&- 2>&-; : > "{closed}"; read line < "{go}"; exit 7'
+    host.start(1, ["sh", "-c", script], tty=True)
+    host.wait_started(1)
+    wait_until(closed.exists, "the process to close its terminal")
+    # Two heartbeat round trips: the agent has polled the master's hang-up since.
+    for seq in (1, 2):
+        host.send(Heartbeat(seq=seq))
+        host.pump_until(
+            lambda seq=seq: host.records[1].exit is not None or host.beats >= seq,  # type: ignore[misc]
+            f"heartbeat {seq}",
+        )
+    assert host.records[1].exit is None, host.records[1].exit
+    # Non-blocking: it fails (ENXIO) rather than hangs if the reader is gone.
+    fifo = os.open(go, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fifo, b"go\n")
+    os.close(fifo)
+    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=7)
 
 
 def test_a_background_process_holding_the_terminal_does_not_delay_the_exit(

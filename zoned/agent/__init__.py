@@ -24,3 +24,5 @@ from zoned import __version__
 AGENT_NAME = f"zoned-agent/{__version__}"
 #: Name of the virtio-serial port the agent serves (the host side is a unix socket).
 AGENT_PORT_NAME = "org.zoned.agent.0"
+#: The agent's own tools in its boot image: Debian's static busybox (``agent_tools``).
+AGENT_BUSYBOX = "/bin/busybox"

@@ -14,8 +14,10 @@ Rules
   ``memory.oom.group`` 1 (an OOM kills the whole group), ``memory.max``
   (``memory_limit_mib``) with ``memory.swap.max`` 0, ``pids.max``
   (``pids_limit``). The child joins it by writing to ``cgroup.procs`` before
-  ``chroot``, ``setuid`` and ``exec`` (:mod:`zoned.agent.spawn`); failing to
-  join is a start error. A limit asked for without cgroups, or without its
+  it enters the sandbox, drops its privileges and execs (:mod:`zoned.agent.spawn`;
+  it then sees that cgroup as the root of its own cgroup namespace, read-only,
+  and cannot leave it: :mod:`zoned.agent.sandbox`); failing to join is a start
+  error. A limit asked for without cgroups, or without its
   controller, is refused as a start error.
 - When the process is reaped, whatever is left in its cgroup is killed
   (``cgroup.kill``), so its pipes reach end of file. Once its output is done

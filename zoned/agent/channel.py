@@ -76,6 +76,7 @@ TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from zoned.agent.execs import ExecEngine
+    from zoned.agent.sandbox import WorkloadSandbox
     from zoned.protocol import AgentToHost, FrameDecoder
 
 VIRTIO_PORTS_DIR = "/sys/class/virtio-ports"
@@ -114,8 +115,9 @@ class AgentChannel:
     """One open agent port: its connection state, frame decoder, unsent output and execs.
 
     ``cgroup_root`` is where the processes' cgroups go ("": none, as on a
-    host); ``root`` the directory they are chrooted into ("": none; None: the
-    guest's workload root, mounted after the hello).
+    host); ``root`` the workload root they run in, in its sandbox ("": none,
+    they run in the agent's root; None: the guest's workload root, mounted
+    after the hello).
     """
 
     def __init__(self, fd: int, *, cgroup_root: str = "", root: str | None = "") -> None:
@@ -128,6 +130,9 @@ class AgentChannel:
         self._output = bytearray()
         # None until the first exec message (keeps zoned.agent.execs off the boot path).
         self._execs: ExecEngine | None = None
+        # The workload root's sandbox, once the root is mounted (None: processes
+        # run in the agent's root).
+        self._sandbox: WorkloadSandbox | None = None
         self._started_up = False
 
     def serve(self) -> None:
@@ -186,11 +191,19 @@ class AgentChannel:
             self._finish_start_up()
 
     def _finish_start_up(self) -> None:
-        """What the hello did not wait for: the protocol and the workload root."""
+        """What the hello did not wait for: the protocol, the workload root and its sandbox."""
         self._started_up = True
         import_protocol()
         if self._root is None:
             self._root = workload_root()
+            if self._root:
+                from zoned.agent.sandbox import SandboxError, sandbox_for
+
+                self._sandbox = sandbox_for(self._root, console)
+                try:
+                    self._sandbox.ensure()
+                except SandboxError as exc:
+                    console(f"{exc.message} (tried again at the next process)")
 
     def _reap(self) -> None:
         reap_children(self._execs.child_exited if self._execs is not None else None)
@@ -206,7 +219,7 @@ class AgentChannel:
                 self.send,
                 self._backlog,
                 console,
-                root=self._root or "",
+                sandbox=self._sandbox,
                 cgroup_root=self._cgroup_root,
             )
         return self._execs

@@ -14,11 +14,15 @@ Rules, per process (``exec_id``)
 --------------------------------
 - **Start.** As :func:`zoned.agent.spawn.spawn` says, with exactly ``env``
   plus :data:`DEFAULT_PATH` as ``PATH`` when ``env`` has none (``argv[0]``
-  without a ``/`` is searched in that ``PATH``) and ``HOME``. A process that
-  cannot start yields one ``AgentExecExit`` with ``error`` (and ``errno``
-  when an OS call failed) and nothing else; one that starts yields
-  ``AgentExecStarted``. A start reusing the id of a process still known, or
-  beyond :data:`MAX_EXECS_PER_ZONE` known processes, is refused the same way.
+  without a ``/`` is searched in that ``PATH``) and ``HOME``; confined
+  (:class:`zoned.agent.sandbox.Confinement`) and, with a workload root, in
+  its sandbox (made first if its init is gone). A process that cannot start
+  yields one ``AgentExecExit`` with ``error`` (and ``errno`` when an OS call
+  failed) and nothing else, as does a sandbox that cannot be made (nothing
+  runs uncontained); one that starts yields ``AgentExecStarted`` with its pid
+  as the workloads' PID namespace numbers it. A start reusing the id of a
+  process still known, or beyond :data:`MAX_EXECS_PER_ZONE` known processes,
+  is refused the same way.
 - **Output.** The host lends ``EXEC_OUTPUT_WINDOW`` bytes of credit at the
   start (stdout and stderr together) and returns what it consumed with
   ``AgentExecCredit`` (more than the window is logged as a host bug and
@@ -50,7 +54,10 @@ Rules, per process (``exec_id``)
   ``stdin`` says (same input window); ``eof`` writes the terminal's EOF
   character (``^D``, not credited: the host never sent it) once the input
   before it is written, and the terminal stays open for more input. ``EIO``
-  reading the master means the slave is closed everywhere: end of file.
+  reading the master means the slave is closed everywhere: end of file; the
+  master is then kept open, unwatched, until the process is reaped (closing
+  it would hang the terminal up and ``SIGHUP`` a leader that is still
+  exiting).
   ``AgentExecResize`` sets the size (the kernel sends ``SIGWINCH`` to the
   foreground group); for a process without a terminal, or an unknown one, it
   is ignored (logged once). Input pending when the slave side hangs up is
@@ -66,6 +73,7 @@ import os
 import select
 
 from zoned.agent.cgroups import Cgroups, why
+from zoned.agent.sandbox import Confinement, SandboxError, WorkloadSandbox
 from zoned.agent.spawn import StartError, set_terminal_size, signal_group, spawn
 from zoned.credit import CreditWindow
 
@@ -97,6 +105,8 @@ _SIGKILL = 9
 _EIO = 5
 
 _STDOUT = "stdout"
+#: The kind of a terminal master at end of file, kept open while its process runs.
+_HELD = "held"
 #: What a terminal's input gets for ``eof`` (the default ``VEOF``, ^D).
 TTY_EOF = b"\x04"
 
@@ -164,25 +174,27 @@ class ExecEngine:
         backlog: Callable[[], int],
         log: Callable[[str], None],
         *,
-        root: str = "",
+        sandbox: WorkloadSandbox | None = None,
         cgroup_root: str = "",
     ) -> None:
         """``send`` queues a message for the host (never dropped); ``backlog`` is the
         number of bytes the channel has not sent yet; ``log`` writes to the console;
-        ``root`` is the directory processes are chrooted into ("": none);
-        ``cgroup_root`` the cgroup2 directory their cgroups go in ("": no cgroups)."""
+        ``sandbox`` is the workload root's, which processes run in (None: the agent's
+        root, as on a host); ``cgroup_root`` the cgroup2 directory their cgroups go
+        in ("": no cgroups)."""
         from zoned import protocol
 
         self._protocol = protocol
         self._send = send
         self._backlog = backlog
         self._log = log
-        self._root = root
+        self._sandbox = sandbox
+        self._confinement = Confinement()
         self._cgroups = Cgroups(cgroup_root, log)
         self._resize_ignored_logged = False
         self._execs: dict[int, _Exec] = {}
         self._by_pid: dict[int, _Exec] = {}
-        #: fd -> (its process, "stdin" | "stdout" | "stderr" | "tty" | "pid").
+        #: fd -> (its process, "stdin" | "stdout" | "stderr" | "tty" | "pid" | "held").
         self._fds: dict[int, tuple[_Exec, str]] = {}
 
     def __len__(self) -> int:
@@ -217,6 +229,13 @@ class ExecEngine:
         if refusal:
             self._refuse(exec_id, refusal)
             return
+        if self._sandbox is not None:
+            try:
+                self._sandbox.ensure()
+            except SandboxError as exc:
+                self._log(exc.message)
+                self._refuse(exec_id, f"cannot run {request.argv[0]!r}: {exc.message}", exc.errno)
+                return
         env = dict(request.env)
         env.setdefault("PATH", DEFAULT_PATH)
         env.setdefault("HOME", "/root" if request.uid == 0 else "/tmp")
@@ -230,7 +249,9 @@ class ExecEngine:
             )
             return
         try:
-            pid, stdio = spawn(request, env, root=self._root, cgroup=cgroup)
+            pid, visible_pid, stdio = spawn(
+                request, env, confinement=self._confinement, sandbox=self._sandbox, cgroup=cgroup
+            )
         except StartError as exc:
             self._cgroups.remove(cgroup)
             self._refuse(exec_id, exc.message, exc.errno)
@@ -254,7 +275,7 @@ class ExecEngine:
             self._fds[process.pidfd] = (process, "pid")
         self._execs[exec_id] = process
         self._by_pid[pid] = process
-        self._send(p.AgentExecStarted(exec_id=exec_id, pid=pid))
+        self._send(p.AgentExecStarted(exec_id=exec_id, pid=visible_pid))
 
     def add_input(self, message: AgentExecInput) -> None:
         process = self._execs.get(message.exec_id)
@@ -333,7 +354,7 @@ class ExecEngine:
                     events |= select.POLLOUT
                 if events:
                     poll.register(fd, events)
-            elif may_read:
+            elif kind != _HELD and may_read:
                 poll.register(fd, select.POLLIN)
 
     def owns(self, fd: int) -> bool:
@@ -393,6 +414,7 @@ class ExecEngine:
                 self._drop_input(process)
             if process.status is not None and self._output_done(process):
                 self._drop_input(process)
+                self._close_held_terminal(process)
                 self._flush_input_credit(process)
                 cgroup, process.cgroup = process.cgroup, ""
                 oom_killed, cpu_time_s, memory_peak_kib = self._cgroups.finish(cgroup)
@@ -445,12 +467,27 @@ class ExecEngine:
             pass
 
     def _close_output(self, process: _Exec, fd: int) -> None:
-        """Close one output (at end of file); a terminal's input goes with it."""
+        """Close one output (at end of file); a terminal's input goes with it.
+
+        A terminal's master stays open (unwatched) until its process is reaped:
+        closing it hangs the terminal up, and the kernel sends ``SIGHUP`` to the
+        session's leader, which may still be running after closing its side
+        (GNU ``cat`` closes stdin, stdout and stderr before it exits).
+        """
         process.outputs.pop(fd, None)
         if fd == process.tty_fd:
             self._drop_input(process)
+            if process.status is None:
+                self._fds[fd] = (process, _HELD)
+                return
             process.tty_fd = -1
         self._close(fd)
+
+    def _close_held_terminal(self, process: _Exec) -> None:
+        """Close a reaped process's terminal master kept open by :meth:`_close_output`."""
+        if process.tty_fd >= 0 and process.tty_fd not in process.outputs:
+            self._close(process.tty_fd)
+            process.tty_fd = -1
 
     def _read_output(self, process: _Exec, fd: int, stream: str) -> None:
         if fd not in process.outputs:

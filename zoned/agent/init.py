@@ -11,7 +11,7 @@ Start-up, in order, with nothing imported that the step does not need
 1. write ``zoned-agent: starting`` to the console;
 2. set the system up (:mod:`zoned.agent.system`): mount the kernel's
    filesystems, make sure of stdio, stop handling signals (a workload must
-   not be able to interrupt PID 1), name the host;
+   not be able to interrupt PID 1), name the host, bring ``lo`` up;
 3. find the virtio-serial port named ``org.zoned.agent.0`` through
    ``/sys/class/virtio-ports/vport*/name`` and open its ``/dev/vportNpM``;
 4. as soon as the host is connected, send ``AgentHello``, encoded by
@@ -39,6 +39,7 @@ import time
 
 from zoned.agent.channel import RETRY_S, serve_forever
 from zoned.agent.system import (
+    bring_up_loopback,
     console,
     ensure_stdio,
     log_exception,
@@ -72,6 +73,7 @@ def main(python_started: float | None = None) -> None:
         mount_filesystems()
         ensure_stdio()
         set_hostname()
+        bring_up_loopback()
     except BaseException:
         log_exception("system set-up failed")
     while True:

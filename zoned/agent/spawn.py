@@ -5,15 +5,20 @@ as the leader of a new session and process group, with exactly ``env``, in
 ``cwd``, and unless both are 0 with no supplementary groups, ``gid`` and
 ``uid``. stdin is a pipe when the host asked for one, else ``/dev/null``;
 stdout and stderr are two pipes; with ``tty`` all three are a new
-pseudo-terminal of ``rows`` x ``cols``, the process's controlling terminal.
-Every other descriptor is closed; SIGPIPE and SIGXFSZ are back to their
-defaults (Python ignores them, and ignored signals survive ``exec``). In the
-child, in order: join its cgroup (if any), new session, stdio, controlling
-terminal, ``chroot`` into the workload root (if any), ``chdir``, drop to
-``gid``/``uid``, exec.
+pseudo-terminal of ``rows`` x ``cols`` (of the workload's devpts when there
+is a sandbox), the process's controlling terminal. Every other descriptor is
+closed; SIGPIPE and SIGXFSZ are back to their defaults (Python ignores them,
+and ignored signals survive ``exec``). In the child, in order: join its
+cgroup (if any), enter the workload sandbox (if any: its namespaces, a
+mount and cgroup namespace of its own, see :mod:`zoned.agent.sandbox`), new
+session, stdio, controlling terminal, ``chdir``, the confinement
+(capabilities, seccomp, ``gid``/``uid``, ``no_new_privs``), exec. With
+``agent_tools``, what is executed is the agent's own busybox (``argv[0]``
+names the applet), never a program of the workload root.
 
-The child reports a failure before ``exec`` through a close-on-exec pipe
-(``"<errno> <text>"``, errno 0 when the failure was not an OS error), and the
+The child reports through a close-on-exec pipe its pid as it sees it, then a
+failure before ``exec`` (``"<errno> <text>"``, errno 0 when the failure was
+not an OS error), and the
 parent raises it as :class:`StartError`: a process either starts or leaves
 nothing behind. The parent blocks only for the moment between ``fork`` and
 ``exec`` (or the failure) of the child.
@@ -21,8 +26,14 @@ nothing behind. The parent blocks only for the moment between ``fork`` and
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
+import termios
+
+from zoned.agent import AGENT_BUSYBOX
+from zoned.agent.linux import read_to_eof, waitpid_exactly
+from zoned.agent.sandbox import Confinement, WorkloadSandbox
 
 # Not typing.TYPE_CHECKING (see zoned.agent.system).
 TYPE_CHECKING = False
@@ -50,14 +61,21 @@ class StartError(Exception):
 
 
 def spawn(
-    request: AgentExecStart, env: dict[str, str], *, root: str, cgroup: str
-) -> tuple[int, dict[int, str]]:
+    request: AgentExecStart,
+    env: dict[str, str],
+    *,
+    confinement: Confinement,
+    sandbox: WorkloadSandbox | None,
+    cgroup: str,
+) -> tuple[int, int, dict[int, str]]:
     """Start the process ``request`` asks for (see the module rules); :class:`StartError`.
 
-    ``root`` is the directory to chroot into (""; none), ``cgroup`` the
-    cgroup to join ("": none). Returns its pid and the parent's ends of its
-    stdio (non-blocking), by what they are: ``"tty"`` (a terminal's master),
-    or ``"stdout"``, ``"stderr"`` and, when the host sends input, ``"stdin"``.
+    ``sandbox`` is the workload root's (None: the process runs in the agent's
+    root, as on a host), ``cgroup`` the cgroup to join ("": none). Returns its
+    pid in the agent's PID namespace, its pid as it sees it (in the sandbox's
+    namespace), and the parent's ends of its stdio (non-blocking), by what
+    they are: ``"tty"`` (a terminal's master), or ``"stdout"``, ``"stderr"``
+    and, when the host sends input, ``"stdin"``.
     """
     name = repr(request.argv[0])
     parent_fds: list[int] = []
@@ -69,7 +87,8 @@ def spawn(
             cgroup_procs = os.open(f"{cgroup}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
             child_fds.append(cgroup_procs)
         if request.tty:
-            tty_fd, slave = os.openpty()  # both close-on-exec
+            # Both close-on-exec.
+            tty_fd, slave = sandbox.open_terminal() if sandbox is not None else os.openpty()
             parent_fds.append(tty_fd)
             child_fds.append(slave)
             stdio_fds[tty_fd] = "tty"
@@ -101,33 +120,32 @@ def spawn(
         raise StartError(f"cannot run {name}: {exc.strerror or exc}", exc.errno) from None
     if pid == 0:
         _child(
-            request.argv,
+            request,
             env,
-            request.cwd,
-            request.uid,
-            request.gid,
             stdio,
             error_child,
-            root,
+            confinement,
+            sandbox,
             cgroup_procs=cgroup_procs,
-            tty=request.tty,
         )
     _close_all(child_fds)
     try:
-        failure = _read_to_eof(error_fd)
+        report = read_to_eof(error_fd)
     finally:
         os.close(error_fd)
         parent_fds.remove(error_fd)
-    if failure:
+    visible, _, failure = report.partition(b"\n")
+    if failure or not visible.isdigit():
         # The child exits right after writing it; reap it here, not in the loop.
-        _waitpid_exactly(pid)
+        waitpid_exactly(pid)
         _close_all(parent_fds)
         code, _, text = failure.partition(b" ")
         errno = int(code) if code.isdigit() and int(code) > 0 else None
-        raise StartError(text.decode(errors="replace"), errno)
+        message = text.decode(errors="replace") or f"cannot run {name}: it died before exec"
+        raise StartError(message, errno)
     for fd in parent_fds:
         os.set_blocking(fd, False)
-    return pid, stdio_fds
+    return pid, int(visible), stdio_fds
 
 
 def signal_group(pid: int, signal: int) -> None:
@@ -147,9 +165,6 @@ def signal_group(pid: int, signal: int) -> None:
 
 def set_terminal_size(fd: int, rows: int, cols: int) -> None:
     """``TIOCSWINSZ`` on a terminal (the kernel sends ``SIGWINCH`` to its foreground group)."""
-    import fcntl
-    import termios
-
     # struct winsize: rows, cols, no pixel sizes.
     order = sys.byteorder
     fcntl.ioctl(
@@ -165,20 +180,6 @@ def _close_all(fds: list[int]) -> None:
             pass
 
 
-def _read_to_eof(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _waitpid_exactly(pid: int) -> None:
-    try:  # noqa: SIM105 (see signal_group)
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-
-
 def _above_stdio(fd: int) -> int:
     """``fd`` or a close-on-exec duplicate of it numbered 3 or more (child only)."""
     while fd < 3:
@@ -187,61 +188,66 @@ def _above_stdio(fd: int) -> int:
 
 
 def _child(
-    argv: list[str],
+    request: AgentExecStart,
     env: dict[str, str],
-    cwd: str,
-    uid: int,
-    gid: int,
     stdio: tuple[int, int, int],
     error_fd: int,
-    root: str = "",
+    confinement: Confinement,
+    sandbox: WorkloadSandbox | None,
     *,
     cgroup_procs: int = -1,
-    tty: bool = False,
 ) -> NoReturn:
     """In the forked child: set the process up and exec it; report a failure on ``error_fd``.
 
     ``cgroup_procs`` is the ``cgroup.procs`` of the cgroup to join first (-1: none);
     with ``tty``, ``stdio`` is a terminal's slave to make the controlling terminal.
+    After :meth:`WorkloadSandbox.enter` the agent's files are out of reach: nothing
+    here may import a module the agent has not imported already.
     """
+    argv, cwd, uid, gid = request.argv, request.cwd, request.uid, request.gid
     name = repr(argv[0])
     step = ""
     errno = 0
     try:
         try:
+            # First on the pipe: its pid as it sees it (the parent reports that one).
+            os.write(error_fd, b"%d\n" % os.getpid())
             if cgroup_procs >= 0:
                 step = "cannot join its cgroup: "
                 os.write(cgroup_procs, b"0")
+            if sandbox is not None:
+                step = "cannot enter the workload sandbox: "
+                sandbox.enter(own_cgroup=cgroup_procs >= 0)
             step = ""
             os.setsid()
-            error_fd = _above_stdio(error_fd)
+            keep = [_above_stdio(error_fd)]
+            tools = -1
+            if request.agent_tools and sandbox is not None:
+                tools = _above_stdio(sandbox.tools_fd)
+                keep.append(tools)
             sources = [_above_stdio(fd) for fd in stdio]
             for target, fd in enumerate(sources):
                 os.dup2(fd, target)  # inheritable
-            os.closerange(3, error_fd)
-            os.closerange(error_fd + 1, 1 << 20)
-            if tty:
-                import fcntl
-                import termios
-
+            error_fd = keep[0]
+            _close_all_but(keep)
+            if request.tty:
                 step = "cannot make the terminal its controlling terminal: "
                 fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-            if root:
-                step = "cannot enter the workload root: "
-                os.chroot(root)
             step = f"cannot change directory to {cwd!r}: "
             os.chdir(cwd)
-            if uid or gid:
-                step = f"cannot switch to uid {uid} gid {gid}: "
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(uid)
+            step = f"cannot confine it (uid {uid} gid {gid}): "
+            confinement.apply(uid, gid, no_new_privs=request.no_new_privs)
             step = ""
             import _signal  # type: ignore[import-not-found]  # built in: no import cost
 
             _signal.signal(_SIGPIPE, _signal.SIG_DFL)
             _signal.signal(_SIGXFSZ, _signal.SIG_DFL)
-            os.execvpe(argv[0], argv, env)
+            if tools >= 0:
+                os.execve(tools, argv, env)
+            elif request.agent_tools:
+                os.execve(AGENT_BUSYBOX, argv, env)
+            else:
+                os.execvpe(argv[0], argv, env)
         except OSError as exc:
             errno = exc.errno or 0
             message = f"cannot run {name}: {step}{exc.strerror or exc}"
@@ -252,3 +258,12 @@ def _child(
             data = data[os.write(error_fd, data) :]
     finally:
         os._exit(_CHILD_FAILED)
+
+
+def _close_all_but(keep: list[int]) -> None:
+    """Close every descriptor from 3 up but those in ``keep`` (child only)."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)

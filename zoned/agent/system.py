@@ -24,9 +24,12 @@ rather than raising where the agent can go on without the step.
   default.
 - :func:`set_hostname`: the zone's name, from ``zoned.zone=`` on the kernel
   command line.
+- :func:`bring_up_loopback`: ``lo`` up, so that workloads have a working
+  loopback (they share the zone's network namespace).
 - :func:`reap_children`: PID 1 inherits every orphan and must collect it.
 - :func:`mount_workload_root`: the read-only workload image under a tmpfs
-  overlay, where processes are chrooted; :func:`workload_root` mounts it
+  overlay, where processes run (:mod:`zoned.agent.sandbox` says how they
+  enter it); :func:`workload_root` mounts it
   once per boot, after the hello (it is not on the boot's critical path).
 """
 
@@ -54,6 +57,14 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_BIND = 0x1000
 
+# Bringing lo up (sys/socket.h, linux/sockios.h, net/if.h).
+_AF_INET = 2
+_SOCK_DGRAM = 2
+_SOCK_CLOEXEC = 0o2000000
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
 #: (source, target, fstype, flags, data), mounted in order.
 MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
     ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
@@ -63,7 +74,9 @@ MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
     ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666"),
     ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
     ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
-    ("cgroup2", CGROUP_ROOT, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    # nsdelegate: a cgroup namespace is a delegation boundary (no process moves
+    # into a cgroup outside its namespace's root; zoned.agent.sandbox).
+    ("cgroup2", CGROUP_ROOT, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "nsdelegate"),
 )
 
 #: The read-only workload image (zoned.rootfs), the zone's first virtio disk.
@@ -189,6 +202,28 @@ def set_hostname(cmdline_path: str = "/proc/cmdline") -> None:
         console(f"cannot set the hostname: errno {ctypes.get_errno()}")
 
 
+def bring_up_loopback() -> None:
+    """``lo`` up (the kernel then gives it 127.0.0.1 and ::1), before any workload starts."""
+    lib = libc()
+    fd = lib.socket(_AF_INET, _SOCK_DGRAM | _SOCK_CLOEXEC, 0)
+    if fd < 0:
+        console(f"cannot bring lo up: socket: errno {ctypes.get_errno()}")
+        return
+    try:
+        # struct ifreq: the name (IFNAMSIZ 16), then a union whose first short is the flags.
+        ifreq = bytearray(b"lo".ljust(40, b"\0"))
+        request = (ctypes.c_char * len(ifreq)).from_buffer(ifreq)
+        if lib.ioctl(fd, _SIOCGIFFLAGS, request) != 0:
+            console(f"cannot bring lo up: SIOCGIFFLAGS: errno {ctypes.get_errno()}")
+            return
+        flags = int.from_bytes(ifreq[16:18], sys.byteorder) | _IFF_UP
+        ifreq[16:18] = flags.to_bytes(2, sys.byteorder)
+        if lib.ioctl(fd, _SIOCSIFFLAGS, request) != 0:
+            console(f"cannot bring lo up: SIOCSIFFLAGS: errno {ctypes.get_errno()}")
+    finally:
+        os.close(fd)
+
+
 def reap_children(on_exit: Callable[[int, int], object] | None = None) -> None:
     """Collect every exited child (PID 1 inherits all orphans).
 
@@ -211,9 +246,9 @@ def reap_children(on_exit: Callable[[int, int], object] | None = None) -> None:
 def mount_workload_root(device: str = WORKLOAD_DEVICE, base: str = WORKLOAD_BASE) -> str:
     """Mount the workload image under a tmpfs overlay; returns the root, or "" without a disk.
 
-    Inside the root: a fresh proc, sysfs (read-only), devtmpfs, the agent's
-    devpts bound on /dev/pts (the processes' terminals), and a tmpfs on /tmp.
-    Writes anywhere land in guest RAM and die with the zone.
+    Inside the root: a tmpfs on /tmp. Writes anywhere land in guest RAM and
+    die with the zone. What processes see besides (/proc, /sys, /dev) is
+    mounted in their own namespace by :mod:`zoned.agent.sandbox`.
     """
     if not os.path.exists(device):
         console(f"no workload disk at {device}: processes run in the agent's root")
@@ -232,17 +267,8 @@ def mount_workload_root(device: str = WORKLOAD_DEVICE, base: str = WORKLOAD_BASE
         0,
         f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work",
     )
-    for source, target, fstype, flags, data in (
-        ("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
-        ("sysfs", "sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, ""),
-        ("devtmpfs", "dev", "devtmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755"),
-        ("tmpfs", "tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
-    ):
-        os.makedirs(f"{root}/{target}", exist_ok=True)
-        mount(source, f"{root}/{target}", fstype, flags, data)
-    # The agent's own terminals (a devpts mount of its own would be another instance).
-    os.makedirs(f"{root}/dev/pts", exist_ok=True)
-    mount("/dev/pts", f"{root}/dev/pts", "", MS_BIND, "")
+    os.makedirs(f"{root}/tmp", exist_ok=True)
+    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     console(f"workload root {device} mounted at {root} at {time.monotonic():.3f}s")
     return root
 
@@ -253,7 +279,7 @@ _workload_root: str | None = None
 
 
 def workload_root() -> str:
-    """The directory processes are chrooted into, mounted on the first call ("": none)."""
+    """The root processes run in, mounted on the first call ("": none)."""
     global _workload_root
     if _workload_root is None:
         try:

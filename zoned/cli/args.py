@@ -293,6 +293,12 @@ def process_options(parser: argparse.ArgumentParser) -> None:
         "N",
         "most processes the command and its children may have at once",
     )
+    parser.add_argument(
+        "--no-new-privs",
+        action="store_true",
+        help="the command and its children can never gain privileges (setuid programs"
+        " run as the caller)",
+    )
     cwd = wire_default(p.Exec, "cwd")
     parser.add_argument("--workdir", "-w", default=cwd, metavar="DIR", help=f"default: {cwd}")
     parser.add_argument("--user", "-u", default="0:0", metavar="UID[:GID]", help="default: 0:0")
@@ -444,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_FILE,
         metavar="N",
         help="refuse to copy more than N bytes out of a zone (default: 1 GiB)",
+    )
+    cp.add_argument(
+        "--outward-links",
+        action="store_true",
+        help="copy symbolic links that lead outside the directory as they are (by default"
+        " they refuse the copy; links are never followed while copying)",
     )
 
     top = command("top", "live CPU and memory of every zone: the host's view and the guest's")

@@ -128,7 +128,9 @@ async def run_command(args: argparse.Namespace, out: Output) -> int:
             case "top":
                 await top(client, args, out)
             case "cp":
-                copied = await copy(client, args.source, args.dest, args.max_bytes)
+                copied = await copy(
+                    client, args.source, args.dest, args.max_bytes, outward_links=args.outward_links
+                )
                 if not out.json:
                     out.text(copied + "\n")
             case _:  # pragma: no cover - argparse only accepts the commands above
@@ -174,6 +176,7 @@ def process_options(args: argparse.Namespace) -> ProcessOptions:
         "cols": cols,
         "memory_limit_mib": args.memory_limit,
         "pids_limit": args.pids_limit,
+        "no_new_privs": args.no_new_privs,
     }
 
 

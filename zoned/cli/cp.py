@@ -1,10 +1,15 @@
 """``zonectl cp``: files and directories between this host and a zone.
 
 One side is ``ZONE:PATH`` (an absolute path in the zone's workload root),
-the other a local path. A directory travels as a tar stream (packed here
-from a sorted walk, unpacked here with tarfile's ``data`` filter: what comes
-out of a zone is hostile); a file is streamed and lands under its name only
-once whole. What comes out of a zone is bounded by ``--max-bytes``.
+the other a local path. A directory travels as a tar stream: packed here
+from a sorted walk on the way in; on the way out unpacked by
+:meth:`zoned.client.Client.get_tree` (what comes out of a zone is hostile:
+no link it made is followed, links leading out of the tree refuse the copy
+unless ``--outward-links``, and a refused copy leaves nothing). A file is
+streamed and lands under its name only once whole. Like ``cp -r``, a
+directory or file copied to an existing local directory lands inside it
+under its own name; a directory never lands over anything. What comes out
+of a zone is bounded by ``--max-bytes``.
 """
 
 from __future__ import annotations
@@ -44,13 +49,9 @@ def pack(directory: Path, into: Path) -> None:
             archive.add(entry, arcname=entry.name)
 
 
-def unpack(archive_path: Path, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive_path, "r") as archive:
-        archive.extractall(directory, filter="data")
-
-
-async def copy(client: Client, source_text: str, dest_text: str, max_bytes: int) -> str:
+async def copy(
+    client: Client, source_text: str, dest_text: str, max_bytes: int, *, outward_links: bool = False
+) -> str:
     """Copy one way between this host and a zone; what was copied, for people."""
     source, dest = split_zone_path(source_text), split_zone_path(dest_text)
     if (source is None) == (dest is None):
@@ -75,11 +76,18 @@ async def copy(client: Client, source_text: str, dest_text: str, max_bytes: int)
         zone, path = source
         local = Path(dest_text)
         if await client.is_directory(zone, path):
-            async with await trio.open_file(scratch, "wb") as sink:
-                async for chunk in client.stream_tree(zone, path, max_bytes=max_bytes):
-                    await sink.write(chunk)
-            await trio.to_thread.run_sync(unpack, scratch, local)
-            what = "directory"
+            if local.is_dir():
+                name = PurePosixPath(path).name
+                if not name:
+                    raise InvalidRequest(f"{dest_text!r} exists: give a new name to copy / to")
+                local = local / name
+            tree = await client.get_tree(
+                zone, path, local, max_bytes=max_bytes, outward_links=outward_links
+            )
+            what = (
+                f"directory: {tree.files} files, {tree.directories} directories,"
+                f" {tree.symlinks} links, {tree.bytes} bytes"
+            )
         else:
             if local.is_dir():
                 local = local / PurePosixPath(path).name

@@ -22,6 +22,9 @@ The package, by job:
                                        :data:`OutputChunk`
 :mod:`zoned.client.files`              files and trees in and out, directory
                                        listings, over exec
+:mod:`zoned.client.tarstream`          a zone's tar stream, read without trust
+:mod:`zoned.client.extract`            a tree from a zone written here, atomically,
+                                       following nothing the zone made
 :mod:`zoned.client.sync`               :class:`SyncClient`, for scripts
 =====================================  ==========================================
 
@@ -76,6 +79,7 @@ from zoned.client.connection import (
     ProtocolError,
     default_socket_path,
 )
+from zoned.client.extract import TreeSummary
 from zoned.client.files import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_FILE,
@@ -94,6 +98,7 @@ from zoned.client.options import (
 )
 from zoned.client.process import ExecResult, OutputChunk, Process
 from zoned.client.sync import SyncClient
+from zoned.client.tarstream import UnsafeTree
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
@@ -118,6 +123,8 @@ __all__ = [
     "RunOptions",
     "RunProcessOptions",
     "SyncClient",
+    "TreeSummary",
+    "UnsafeTree",
     "ZoneOptions",
     "default_socket_path",
 ]

@@ -3,23 +3,37 @@
 Nothing here is a protocol request of its own: each transfer is a process in
 the zone's workload root (``cat``, ``tar``, a short ``sh`` script) whose
 stdin or stdout carries the bytes, so it has exec's flow control end to end.
-A helper that fails raises :class:`~zoned.errors.InvalidRequest` with its
-stderr. Output taken out of a zone is bounded by ``max_bytes`` (beyond it:
-:class:`FileTooLarge`, an ``InvalidRequest``), a directory listing by
-``max_entries``.
+Those helpers are the agent's own tools (``agent_tools``: its static
+busybox), never the workload root's programs, which may be missing or
+replaced. A helper that fails raises :class:`~zoned.errors.InvalidRequest`
+with (the start of) its stderr.
+
+What comes back is hostile (the zone may be owned): output taken out of a
+zone is bounded by ``max_bytes`` (beyond it: :class:`FileTooLarge`, an
+``InvalidRequest``), a directory listing by ``max_entries`` and parsed
+without trusting it, and a tree is unpacked by :meth:`FileTransfer.get_tree`
+with :mod:`zoned.client.extract` (never following a link the zone made,
+atomically).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+import trio
+
 from zoned import protocol as p
+from zoned.client.extract import TreeExtractor, TreeSummary
 from zoned.client.process import ExecResult, Process
+from zoned.client.tarstream import DEFAULT_MAX_ENTRIES as DEFAULT_MAX_TREE_ENTRIES
+from zoned.client.tarstream import UnsafeTree
 from zoned.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -45,7 +59,7 @@ _PUT_SCRIPT = (
 # (stat does not follow links). A name with a newline continues on the next
 # lines; the zone decides what it sends, so the parser trusts none of it.
 _LIST_SCRIPT = 'cd -- "$1" && exec find . -mindepth 1 -maxdepth 1 -exec stat -c "%f %s %Y %n" {} +'
-_LIST_LINE = re.compile(rb"([0-9a-f]{1,8}) ([0-9]{1,20}) (-?[0-9]{1,20}) \./(.*)", re.S)
+_LIST_LINE = re.compile(rb"([0-9a-f]{1,8}) ([0-9]{1,18}) (-?[0-9]{1,18}) \./(.*)", re.S)
 FileKind = Literal[
     "file", "directory", "symlink", "fifo", "socket", "char-device", "block-device", "other"
 ]
@@ -173,7 +187,7 @@ class FileTransfer(ABC):
             str(uid),
             str(gid),
         ]
-        async with self.exec_process(zone, argv, stdin=True) as process:
+        async with self.exec_process(zone, argv, stdin=True, agent_tools=True) as process:
             sent = await _feed(process, data)
             await _checked(process, f"cannot write {path!r} in zone {zone!r}")
         return sent
@@ -197,14 +211,15 @@ class FileTransfer(ABC):
     async def put_tree(self, zone: str, directory: str, tar_stream: AsyncIterable[bytes]) -> None:
         """Unpack a tar stream into ``directory`` of the zone (created if missing)."""
         argv = ["sh", "-c", 'mkdir -p -- "$1" && exec tar -x -f - -C "$1"', "zoned-put", directory]
-        async with self.exec_process(zone, argv, stdin=True) as process:
+        async with self.exec_process(zone, argv, stdin=True, agent_tools=True) as process:
             await _feed(process, tar_stream)
             await _checked(process, f"cannot unpack into {directory!r} in zone {zone!r}")
 
     async def stream_tree(
         self, zone: str, directory: str, *, max_bytes: int = DEFAULT_MAX_FILE
     ) -> AsyncGenerator[bytes, None]:
-        """``directory`` of the zone as a tar stream, as it comes."""
+        """``directory`` of the zone as a tar stream, as it comes: as hostile as the
+        zone (unpack it with :meth:`get_tree`, never with ``tarfile``)."""
         async for chunk in self._stream_command(
             zone,
             ["tar", "-c", "-f", "-", "-C", directory, "."],
@@ -212,6 +227,47 @@ class FileTransfer(ABC):
             max_bytes,
         ):
             yield chunk
+
+    async def get_tree(
+        self,
+        zone: str,
+        directory: str,
+        dest: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_FILE,
+        max_entries: int = DEFAULT_MAX_TREE_ENTRIES,
+        outward_links: bool = False,
+    ) -> TreeSummary:
+        """Copy ``directory`` of the zone to ``dest`` on this host, which must not exist.
+
+        ``dest`` appears whole or not at all (its parent must exist). Nothing
+        the zone sends is followed or trusted (:mod:`zoned.client.extract`):
+        symbolic links that lead outside the tree refuse the copy unless
+        ``outward_links``; devices, FIFOs, names with ``..`` and the like
+        refuse it always, as :class:`~zoned.client.tarstream.UnsafeTree` (an
+        ``InvalidRequest``) naming the entry. At most ``max_bytes`` of archive
+        and ``max_entries`` entries.
+        """
+        target = Path(dest)
+        try:
+            extractor = await trio.to_thread.run_sync(
+                lambda: TreeExtractor(target, max_entries=max_entries, outward_links=outward_links)
+            )
+        except OSError as exc:
+            raise InvalidRequest(f"cannot copy to {str(target)!r}: {exc.strerror or exc}") from None
+        failure = f"cannot copy {directory!r} of zone {zone!r} to {str(target)!r}"
+        try:
+            async for chunk in self.stream_tree(zone, directory, max_bytes=max_bytes):
+                await trio.to_thread.run_sync(extractor.feed, chunk)
+            return await trio.to_thread.run_sync(extractor.finish)
+        except UnsafeTree as exc:
+            raise UnsafeTree(f"{failure}: {exc.message}") from None
+        except OSError as exc:
+            name = f" ({exc.filename})" if exc.filename else ""
+            raise InvalidRequest(f"{failure}: {exc.strerror or exc}{name}") from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(extractor.abort)
 
     async def list_directory(
         self, zone: str, path: str, *, max_entries: int = DEFAULT_MAX_ENTRIES
@@ -225,7 +281,7 @@ class FileTransfer(ABC):
         errors = bytearray()
         failure = f"cannot list {path!r} in zone {zone!r}"
         argv = ["sh", "-c", _LIST_SCRIPT, "zoned-list", path]
-        async with self.exec_process(zone, argv) as process:
+        async with self.exec_process(zone, argv, agent_tools=True) as process:
             async for chunk in process:
                 if chunk.stream == "stderr":
                     _keep_some(errors, chunk.data)
@@ -238,7 +294,7 @@ class FileTransfer(ABC):
         return parser.listing(complete=True)
 
     async def is_directory(self, zone: str, path: str) -> bool:
-        async with self.exec_process(zone, ["test", "-d", path]) as process:
+        async with self.exec_process(zone, ["test", "-d", path], agent_tools=True) as process:
             result = await process.wait()
         return result.exit.exit_code == 0
 
@@ -247,7 +303,7 @@ class FileTransfer(ABC):
     ) -> AsyncGenerator[bytes, None]:
         received = 0
         errors = bytearray()
-        async with self.exec_process(zone, argv) as process:
+        async with self.exec_process(zone, argv, agent_tools=True) as process:
             async for chunk in process:
                 if chunk.stream == "stderr":
                     _keep_some(errors, chunk.data)

@@ -7,7 +7,8 @@ too. The client's methods take them as keyword arguments
 
 =================  ==========================================================
 :class:`ExecOptions`     what a process is: ``env``, ``cwd``, ``uid``, ``gid``,
-                         ``memory_limit_mib``, ``pids_limit``
+                         ``memory_limit_mib``, ``pids_limit``, ``no_new_privs``,
+                         ``agent_tools``
 :class:`ProcessOptions`  and how it is connected: ``stdin``, ``tty``, ``rows``,
                          ``cols`` (streamed processes only)
 :class:`ZoneOptions`     what a new zone is: ``vcpus``, ``memory_mib``,
@@ -43,7 +44,10 @@ class ExecOptions(TypedDict, total=False):
     """What a process is (``Exec``/``RunZone`` fields).
 
     ``env`` is its whole environment; ``memory_limit_mib`` and
-    ``pids_limit`` bound it and everything it starts (its own cgroup).
+    ``pids_limit`` bound it and everything it starts (its own cgroup);
+    ``no_new_privs`` keeps it from ever gaining privileges (setuid programs
+    run as its own user); ``agent_tools`` runs ``argv`` with the agent's own
+    busybox instead of the workload root's programs.
     """
 
     env: Mapping[str, str]
@@ -52,6 +56,8 @@ class ExecOptions(TypedDict, total=False):
     gid: int
     memory_limit_mib: int | None
     pids_limit: int | None
+    no_new_privs: bool
+    agent_tools: bool
 
 
 class ProcessOptions(ExecOptions, total=False):

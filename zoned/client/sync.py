@@ -16,6 +16,7 @@ import trio
 from zoned import protocol as p
 from zoned.client.api import Client
 from zoned.client.connection import default_socket_path
+from zoned.client.extract import TreeSummary
 from zoned.client.files import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_FILE, DirectoryListing
 from zoned.client.process import ExecResult
 
@@ -98,6 +99,22 @@ class SyncClient:
 
     def get_file(self, zone: str, path: str, *, max_bytes: int = DEFAULT_MAX_FILE) -> bytes:
         return self._run(lambda client: client.get_file(zone, path, max_bytes=max_bytes))
+
+    def get_tree(
+        self,
+        zone: str,
+        directory: str,
+        dest: str | Path,
+        *,
+        max_bytes: int = DEFAULT_MAX_FILE,
+        outward_links: bool = False,
+    ) -> TreeSummary:
+        """Copy ``directory`` of the zone to ``dest`` here (see :meth:`Client.get_tree`)."""
+        return self._run(
+            lambda client: client.get_tree(
+                zone, directory, dest, max_bytes=max_bytes, outward_links=outward_links
+            )
+        )
 
     def list_directory(
         self, zone: str, path: str, *, max_entries: int = DEFAULT_MAX_ENTRIES

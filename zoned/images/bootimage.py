@@ -85,6 +85,7 @@ from pathlib import Path
 import msgspec
 
 import zoned
+from zoned.agent import AGENT_BUSYBOX
 from zoned.cpio import CpioWriter
 from zoned.images import hostfiles
 from zoned.images.hostfiles import (
@@ -117,8 +118,8 @@ STARTUP_MODULES = (
 EMPTY_DIRS = ("proc", "sys", "sys/fs/cgroup", "dev", "run", "root", "etc")
 #: The environment the kernel gives init (besides what the command line adds).
 INIT_ENVIRONMENT = {"HOME": "/", "TERM": "linux"}
-#: Where busybox lives in the guest (its applets are symlinks to it).
-GUEST_BUSYBOX = "/bin/busybox"
+#: Where busybox lives in the guest (its applets are symlinks to it): the agent's own tools.
+GUEST_BUSYBOX = AGENT_BUSYBOX
 
 _ZONED_ROOT = Path(zoned.__file__).resolve().parent
 _MSGSPEC_ROOT = Path(msgspec.__file__).resolve().parent

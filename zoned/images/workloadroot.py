@@ -4,9 +4,9 @@ The zone's boot image (:mod:`zoned.images.bootimage`) holds only the guest agent
 its interpreter, the few modules it imports, and nothing for workloads. What
 workloads run in is this separate, read-only EROFS image, attached to every
 zone as a virtio disk. The agent mounts it under a tmpfs overlay (writes go
-to guest RAM and vanish with the zone) and starts every process chrooted
-into it. A real container image can later replace this one without touching
-the agent: the boundary is the disk.
+to guest RAM and vanish with the zone) and starts every process in it, in
+its sandbox (:mod:`zoned.agent.sandbox`). A real container image can later
+replace this one without touching the agent: the boundary is the disk.
 
 Contents (built on the host, once, cached by content):
 

@@ -456,7 +456,7 @@ class Session:
         with self._file_deadline("write_file"):
             parent = posixpath.dirname(args.path.rstrip("/")) or "/"
             if args.make_parents and parent != "/":
-                made = await client.exec(zone.name, ["mkdir", "-p", "--", parent])
+                made = await client.exec(zone.name, ["mkdir", "-p", "--", parent], agent_tools=True)
                 if made.returncode != 0:
                     detail = made.stderr.decode(errors="replace").strip()[:1000]
                     raise r.ToolError(f"cannot create {parent!r} in zone {zone.name!r}: {detail}")
