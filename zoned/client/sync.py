@@ -7,6 +7,7 @@ request, close. It takes the same options as the async method it wraps
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -18,6 +19,7 @@ from zoned.client.api import Client
 from zoned.client.connection import default_socket_path
 from zoned.client.extract import TreeSummary
 from zoned.client.files import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_FILE, DirectoryListing
+from zoned.client.images import ProgressCallback
 from zoned.client.process import ExecResult
 
 if TYPE_CHECKING:
@@ -120,3 +122,62 @@ class SyncClient:
         self, zone: str, path: str, *, max_entries: int = DEFAULT_MAX_ENTRIES
     ) -> DirectoryListing:
         return self._run(lambda client: client.list_directory(zone, path, max_entries=max_entries))
+
+    # ------------------------------------------------------------ images
+
+    def list_images(self) -> list[p.ImageInfo]:
+        return self._run(lambda client: client.list_images())
+
+    def inspect_image(self, reference: str) -> p.ImageInfo:
+        return self._run(lambda client: client.inspect_image(reference))
+
+    def remove_image(self, reference: str) -> p.ImageRemoveReply:
+        return self._run(lambda client: client.remove_image(reference))
+
+    def prune_images(self) -> p.ImageRemoveReply:
+        return self._run(lambda client: client.prune_images())
+
+    def image_sizes(self) -> p.ImageStoreSizes:
+        return self._run(lambda client: client.image_sizes())
+
+    def pull_image(
+        self,
+        reference: str,
+        *,
+        platform: str | None = None,
+        tags: Sequence[str] = (),
+        username: str | None = None,
+        password: str | None = None,
+        registry_token: str | None = None,
+        tls_verify: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> p.ImageInfo:
+        """See :meth:`Client.pull_image`; ``progress`` is called in this thread."""
+        return self._run(
+            lambda client: client.pull_image(
+                reference,
+                platform=platform,
+                tags=tags,
+                username=username,
+                password=password,
+                registry_token=registry_token,
+                tls_verify=tls_verify,
+                progress=progress,
+            )
+        )
+
+    def import_image(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        reference: str | None = None,
+        platform: str | None = None,
+        tags: Sequence[str] = (),
+        progress: ProgressCallback | None = None,
+    ) -> p.ImageInfo:
+        """See :meth:`Client.import_image`; ``progress`` is called in this thread."""
+        return self._run(
+            lambda client: client.import_image(
+                path, reference=reference, platform=platform, tags=tags, progress=progress
+            )
+        )
