@@ -599,12 +599,20 @@ async def serve(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zoned", description="the zoned daemon")
     parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    parser.add_argument(
+        "--image-helper-socket",
+        default=None,
+        metavar="PATH",
+        help="reach the image helper at this socket (the config's image_helper_socket)",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
     except ZonedError as exc:
         print(f"zoned: {exc.message}", file=sys.stderr)
         return 2
+    if args.image_helper_socket is not None:
+        config = msgspec.structs.replace(config, image_helper_socket=args.image_helper_socket)
     setup_logging(config)
     try:
         trio.run(serve, config)

@@ -621,12 +621,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             # No -- at all: every word is the command, as before images.
             args.argv = command if "--" in words else before
             if "--" in words and before:
-                parser.error(f"exec: unexpected {' '.join(before)!r} before --")
+                parser.error(
+                    f"exec: unexpected {' '.join(before)!r} before --"
+                    " (options go before the zone's name)"
+                )
         else:
             if len(before) > 1:
                 parser.error(
                     "run: give at most one image, then the command after --:"
-                    " zonectl run [IMAGE] [-- COMMAND [ARG...]]"
+                    " zonectl run [OPTIONS] [IMAGE] [-- COMMAND [ARG...]]"
                 )
             if before:
                 if args.image is not None and args.image != before[0]:

@@ -200,7 +200,7 @@ def format_zone(zone: p.ZoneInfo, now: float, user_names: Mapping[int, str] | No
         ("emulator cpus", format_cpu_list(zone.emulator_cpus)),
         ("numa node", "-" if zone.numa_node is None else str(zone.numa_node)),
         ("image", _zone_image(zone)),
-        ("writable layer", _writable_layer(zone)),
+        ("writable", _writable_layer(zone)),
         ("profile", clean(zone.profile)),
         ("kernel", clean(zone.kernel_release) or "-"),
         ("machine", f"{zone.machine} ({zone.accelerator})"),

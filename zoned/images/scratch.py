@@ -75,6 +75,9 @@ def create_scratch_disk(path: Path, size_mib: int, owner: tuple[int, int] | None
     _prepare_directory(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # never another zone's disk: nothing of ours to remove
+        raise ScratchDiskError(f"cannot make the scratch disk {path}: {exc}") from exc
+    try:
         try:
             os.ftruncate(fd, size_mib * 1024 * 1024)
         finally:
