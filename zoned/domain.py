@@ -46,12 +46,14 @@ What a zone's domain is, and why (measured with libvirt 9.0 and QEMU 7.2):
   usable by others (0666) for zones to use KVM.
 - Disks: the workload root (an image's EROFS, shared by every zone of that
   image) read-only, and optionally the zone's own scratch disk (its
-  writable layer, an ext4 file). Each carries ``<serial>`` (the guest
-  agent finds its disks by it, not by probe order) and
-  ``<seclabel model='dac' relabel='no'/>`` on its source: libvirt's dynamic
-  ownership would otherwise chown a shared, root-owned image to QEMU's user
-  for good, and QEMU's user must never be able to write it; the scratch
-  disk is made with QEMU's owner by the daemon.
+  writable layer, an ext4 file the daemon makes with the zone's QEMU uid as
+  owner). Each carries ``<serial>``: the guest agent finds its disks by it,
+  not by probe order. libvirt must never re-own a disk (a shared image
+  chowned to one zone's QEMU would be writable by it): the domain's static
+  label says ``relabel='no'`` for all of them; a domain without one (no
+  ``qemu_uid``) gets ``<seclabel model='dac' relabel='no'/>`` on each disk's
+  source instead (libvirt 9.0 refuses that override under a domain-level
+  ``relabel='no'``: "label overrides require relabeling to be enabled").
 """
 
 from __future__ import annotations
@@ -260,11 +262,9 @@ def render_domain_xml(spec: DomainSpec) -> str:
     _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
     _sub(channel, "target", type="virtio", name=AGENT_PORT_NAME)
     if spec.rootfs is not None:
-        _disk(devices, spec.rootfs, "vda", IMAGE_DISK_SERIAL, readonly=True, microvm=microvm)
+        _disk(devices, spec.rootfs, "vda", IMAGE_DISK_SERIAL, readonly=True, spec=spec)
     if spec.scratch_disk is not None:
-        _disk(
-            devices, spec.scratch_disk, "vdb", WRITABLE_DISK_SERIAL, readonly=False, microvm=microvm
-        )
+        _disk(devices, spec.scratch_disk, "vdb", WRITABLE_DISK_SERIAL, readonly=False, spec=spec)
     _sub(devices, "memballoon", model="none")
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
@@ -284,18 +284,19 @@ def add_static_label(domain: ET.Element, qemu_uid: int) -> None:
 
 
 def _disk(
-    devices: ET.Element, path: Path, target: str, serial: str, *, readonly: bool, microvm: bool
+    devices: ET.Element, path: Path, target: str, serial: str, *, readonly: bool, spec: DomainSpec
 ) -> None:
     disk = _sub(devices, "disk", type="file", device="disk")
     _sub(disk, "driver", name="qemu", type="raw")
     source = _sub(disk, "source", file=str(path))
-    # libvirt never re-owns the file (see the module docstring).
-    _sub(source, "seclabel", model="dac", relabel="no")
+    if spec.qemu_uid is None:
+        # libvirt never re-owns the file (see the module docstring).
+        _sub(source, "seclabel", model="dac", relabel="no")
     _sub(disk, "target", dev=target, bus="virtio")
     _sub(disk, "serial", serial)
     if readonly:
         _sub(disk, "readonly")
-    if microvm:
+    if spec.machine == "microvm":
         _sub(disk, "address", type="virtio-mmio")
 
 

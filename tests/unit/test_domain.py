@@ -86,6 +86,7 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         machine="q35",
         rootfs=Path("/var/lib/zoned/oci/roots/" + "ab" * 32 + ".erofs"),
         scratch_disk=Path("/var/lib/zoned/scratch/epsilon-7a1b2c3d.ext4"),
+        qemu_uid=2013265930,
     ),
     "microvm-kvm-exclusive": _spec(
         "gamma",
@@ -195,16 +196,20 @@ def test_workload_root_is_one_read_only_virtio_disk() -> None:
 
 
 def test_disks_carry_serials_and_are_never_relabelled() -> None:
-    """The agent finds its disks by serial; libvirt must not chown the shared image."""
+    """The agent finds its disks by serial; libvirt must not chown the shared image:
+    the domain's static label says so for every disk, else each disk does."""
     for machine in ("microvm", "q35"):
-        root = _parse(
-            _spec(
-                "a",
-                machine=machine,
-                rootfs=Path("/var/lib/zoned/oci/roots/x.erofs"),
-                scratch_disk=Path("/var/lib/zoned/scratch/a.ext4"),
-            )
+        spec = _spec(
+            "a",
+            machine=machine,
+            rootfs=Path("/var/lib/zoned/oci/roots/x.erofs"),
+            scratch_disk=Path("/var/lib/zoned/scratch/a.ext4"),
+            qemu_uid=2013265921,
         )
+        (label,) = _parse(spec).findall("seclabel")
+        assert label.get("relabel") == "no"
+        assert _parse(spec).findall("devices/disk/source/seclabel") == []
+        root = _parse(dataclasses.replace(spec, qemu_uid=None))
         image, scratch = root.findall("devices/disk")
         assert [d.findtext("serial") for d in (image, scratch)] == [
             "zoned-image",
