@@ -14,7 +14,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import pytest
 
 from tests.integration.conftest import open_libvirt, private_zoned, qemu_pid
 from tests.integration.imagetools import Layout, registry, require_tools, skopeo_copy, write_tar
+from tests.integration.test_exec import zonectl
 from zoned import protocol as p
 from zoned.client import SyncClient
 from zoned.errors import Conflict, InvalidRequest
@@ -31,8 +31,6 @@ from zoned.localdaemon import LocalDaemon
 
 pytestmark = pytest.mark.integration
 
-ZONECTL = [sys.executable, "-m", "zoned.cli"]
-CALL_TIMEOUT_S = 600.0
 APP = "zt/app:1"
 TMPFS_ZONE = "im-tmpfs"
 DISK_ZONE = "im-disk"
@@ -122,18 +120,6 @@ def zoned(app_layout: Layout) -> Iterator[LocalDaemon]:
             writable_layer_mib=SCRATCH_MIB,
         )
         yield daemon
-
-
-def zonectl(
-    daemon: LocalDaemon, *args: str, input: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*ZONECTL, "--socket", str(daemon.socket), *args],
-        input=input,
-        capture_output=True,
-        timeout=CALL_TIMEOUT_S,
-        check=False,
-    )
 
 
 def exec_in(daemon: LocalDaemon, zone: str, argv: list[str], **options: object) -> str:

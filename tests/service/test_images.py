@@ -8,9 +8,7 @@ agent receives them from a fake agent on the zone's socket.
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +18,8 @@ import trio
 from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_control_socket import RawClient
 from tests.service.test_hostile_agent import fake_agent
+from tests.unit.test_images_upload import archive
+from tests.waiting import wait_until_async
 from zoned import protocol as p
 from zoned.client import Client
 from zoned.daemon import Daemon
@@ -78,20 +78,6 @@ async def test_writable_layers_are_bounded(images_daemon: Daemon) -> None:
     assert not scratch.exists() or not list(scratch.iterdir())
 
 
-def write_archive(path: Path, members: dict[str, bytes | str]) -> Path:
-    """A tar whose members are files (bytes) or symlinks (str: the target)."""
-    with tarfile.open(path, "w") as tar:
-        for name, content in members.items():
-            info = tarfile.TarInfo(name)
-            if isinstance(content, str):
-                info.type, info.linkname = tarfile.SYMTYPE, content
-                tar.addfile(info)
-            else:
-                info.size = len(content)
-                tar.addfile(info, io.BytesIO(content))
-    return path
-
-
 async def test_uploads_are_checked_and_nothing_of_them_is_kept(
     images_daemon: Daemon, tmp_path: Path
 ) -> None:
@@ -99,20 +85,20 @@ async def test_uploads_are_checked_and_nothing_of_them_is_kept(
     cases = [
         (tmp_path / "junk.bin", None, "not a tar"),
         (
-            write_archive(tmp_path / "neither.tar", {"hello.txt": b"hi"}),
+            archive(tmp_path / "neither.tar", [("hello.txt", b"hi")]),
             None,
             "neither a docker save archive",
         ),
         (
-            write_archive(
+            archive(
                 tmp_path / "link.tar",
-                {"oci-layout": b"{}", "index.json": b"{}", blob: "/etc/shadow"},
+                [("oci-layout", b"{}"), ("index.json", b"{}"), (blob, "/etc/shadow")],
             ),
             None,
             "is not a regular file",
         ),
         (
-            write_archive(tmp_path / "escape.tar", {"oci-layout": b"{}", "../index.json": b"{}"}),
+            archive(tmp_path / "escape.tar", [("oci-layout", b"{}"), ("../index.json", b"{}")]),
             None,
             "leaves the layout",
         ),
@@ -217,3 +203,64 @@ async def test_the_agent_gets_the_images_settings_under_the_requests(daemon: Dae
     assert (start.uid, start.gid, start.groups, start.cwd) == (65534, 65534, [], "/tmp")
     assert start.env["A"] == "1" and start.env["HOME"] == "/nonexistent"
     assert start.env["PATH"].startswith("/usr/local/sbin:")
+
+
+def helpers_of(store: str) -> list[int]:
+    """Pids of image helpers (and the tools they run) working on ``store``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = any(store.encode() in arg for arg in cmdline)
+        helper = b"zoned.images.helper" in cmdline
+        skopeo = os.path.basename(cmdline[0]) in (b"skopeo", b"setpriv")
+        if ours and (helper or skopeo):
+            found.append(int(entry))
+    return found
+
+
+async def test_a_pull_is_cancelled_when_its_client_goes_away(images_daemon: Daemon) -> None:
+    """A registry that accepts and never answers: the client leaves, the helper and
+    skopeo go, nothing is kept, and the daemon serves on."""
+    store = images_daemon.config.image_store
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    connected = trio.Event()
+    held: list[trio.socket.SocketType] = []
+
+    async def registry_that_never_answers() -> None:
+        while True:
+            conn, _ = await listener.accept()
+            held.append(conn)
+            connected.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(registry_that_never_answers)
+        async with Client(images_daemon.config.socket_path, "test") as client:
+            progress: list[p.ImageProgress] = []
+
+            async def pull() -> None:
+                await client.pull_image(
+                    f"127.0.0.1:{port}/zt/never:1", tls_verify=False, progress=progress.append
+                )
+
+            nursery.start_soon(pull)
+            with trio.fail_after(60):
+                await connected.wait()  # skopeo is fetching
+            running = helpers_of(store)
+            assert len(running) >= 2, f"the helper and skopeo should run: {running}"
+            # Leaving the client closes its connection (the pull task then fails).
+            nursery.cancel_scope.cancel()
+    await wait_until_async(lambda: not helpers_of(store), "the helper and skopeo exit")
+    assert scratch_entries(images_daemon) == []
+    for conn in held:
+        conn.close()
+    listener.close()
+    async with Client(images_daemon.config.socket_path, "test") as client:
+        assert await client.list_images() == []

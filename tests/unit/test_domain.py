@@ -206,8 +206,8 @@ def test_disks_carry_serials_and_are_never_relabelled() -> None:
             scratch_disk=Path("/var/lib/zoned/scratch/a.ext4"),
             qemu_uid=2013265921,
         )
-        (label,) = _parse(spec).findall("seclabel")
-        assert label.get("relabel") == "no"
+        (domain_label,) = _parse(spec).findall("seclabel")
+        assert domain_label.get("relabel") == "no"
         assert _parse(spec).findall("devices/disk/source/seclabel") == []
         root = _parse(dataclasses.replace(spec, qemu_uid=None))
         image, scratch = root.findall("devices/disk")

@@ -60,18 +60,23 @@ def checkable_service(tmp_path: Path) -> Path:
     ``verify`` insists that the ExecStart binary exists; /opt/zoned/venv is
     only there on an installed host. Everything else stays byte-identical.
     """
-    text = SERVICE.read_text()
-    assert re.search(r"^ExecStart=/opt/zoned/venv/bin/zoned ", text, re.M)
+    return runnable_copy(SERVICE, tmp_path, "/opt/zoned/venv/bin/zoned ")
+
+
+def runnable_copy(unit: Path, directory: Path, exec_start: str) -> Path:
+    """``unit`` in ``directory`` with its ExecStart (which begins ``exec_start``) on true(1)."""
+    text = unit.read_text()
+    assert re.search(rf"^ExecStart={re.escape(exec_start)}", text, re.M)
     true = shutil.which("true")
     assert true is not None
-    copy = tmp_path / "zoned.service"
+    copy = directory / unit.name
     copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={true}", text, flags=re.M))
     return copy
 
 
-def test_verify_is_clean(checkable_service: Path) -> None:
+def assert_verify_is_clean(*units: Path) -> None:
     result = subprocess.run(
-        [_tool("systemd-analyze"), "verify", str(checkable_service)],
+        [_tool("systemd-analyze"), "verify", *map(str, units)],
         capture_output=True,
         text=True,
         check=False,
@@ -81,17 +86,26 @@ def test_verify_is_clean(checkable_service: Path) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
-def test_security_exposure_is_low(checkable_service: Path) -> None:
+def exposure(unit: Path) -> float:
+    """``systemd-analyze security``'s overall exposure level of ``unit``."""
     result = subprocess.run(
-        [_tool("systemd-analyze"), "security", "--offline=yes", str(checkable_service)],
+        [_tool("systemd-analyze"), "security", "--offline=yes", str(unit)],
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    match = re.search(r"Overall exposure level for zoned\.service: (\d+\.\d+)", result.stdout)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match is not None, result.stdout
-    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+    return float(match.group(1))
+
+
+def test_verify_is_clean(checkable_service: Path) -> None:
+    assert_verify_is_clean(checkable_service)
+
+
+def test_security_exposure_is_low(checkable_service: Path) -> None:
+    assert exposure(checkable_service) <= MAX_EXPOSURE
 
 
 def test_service_essentials() -> None:
@@ -182,43 +196,18 @@ def test_tmpfiles_creates_directories_as_host_setup_does(tmp_path: Path) -> None
 @pytest.fixture
 def checkable_helper(tmp_path: Path) -> Path:
     """The helper's units with ExecStart on an existing binary (as for zoned.service)."""
-    text = HELPER_SERVICE.read_text()
-    assert re.search(r"^ExecStart=/opt/zoned/venv/bin/python -m zoned.images.helper ", text, re.M)
-    true = shutil.which("true")
-    assert true is not None
     (tmp_path / HELPER_SOCKET.name).write_text(HELPER_SOCKET.read_text())
-    copy = tmp_path / HELPER_SERVICE.name
-    copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={true}", text, flags=re.M))
-    return copy
+    return runnable_copy(
+        HELPER_SERVICE, tmp_path, "/opt/zoned/venv/bin/python -m zoned.images.helper "
+    )
 
 
 def test_the_helpers_units_verify_clean(checkable_helper: Path) -> None:
-    result = subprocess.run(
-        [
-            _tool("systemd-analyze"),
-            "verify",
-            str(checkable_helper.parent / HELPER_SOCKET.name),
-            str(checkable_helper),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == "", result.stderr
+    assert_verify_is_clean(checkable_helper.parent / HELPER_SOCKET.name, checkable_helper)
 
 
 def test_the_helpers_exposure_is_honest(checkable_helper: Path) -> None:
-    result = subprocess.run(
-        [_tool("systemd-analyze"), "security", "--offline=yes", str(checkable_helper)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
-    assert match is not None, result.stdout
-    assert float(match.group(1)) <= MAX_HELPER_EXPOSURE, result.stdout
+    assert exposure(checkable_helper) <= MAX_HELPER_EXPOSURE
 
 
 def test_converting_images_is_the_helpers_not_the_daemons() -> None:

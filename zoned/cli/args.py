@@ -375,10 +375,22 @@ def command_line(parser: argparse.ArgumentParser, metavar: str, help: str) -> No
 # ---------------------------------------------------------------------------
 
 
+def _subcommand(
+    parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    """A (sub)command taking ``--socket`` and ``--json`` after its name too."""
+    return parent.add_parser(
+        name,
+        help=help,
+        description=help,
+        parents=[_global_options(after_command=True)],
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; :func:`parse_args` adds the checks argparse cannot do."""
-    common = _global_options(after_command=True)
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Manage zones: small VMs with their own hardened kernel, run by zoned.",
@@ -389,14 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            help=help,
-            description=help,
-            parents=[common],
-            epilog=EXIT_STATUS_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        return _subcommand(commands, name, help)
 
     command("host", "show the host: accelerator, CPUs, memory, kernels")
 
@@ -537,14 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     images = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
-        return images.add_parser(
-            name,
-            help=help,
-            description=help,
-            parents=[_global_options(after_command=True)],
-            epilog=EXIT_STATUS_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        return _subcommand(images, name, help)
 
     pull = action("pull", "fetch an image from its registry and convert it")
     pull.add_argument("reference", metavar="REFERENCE", help="name[:tag][@digest]")

@@ -173,33 +173,25 @@ def run_import(
 ) -> ImportResult:
     """Carry out one request against ``store`` (blocking)."""
     source = request.source
-    if isinstance(source, RegistrySource):
+
+    def run(what: RegistrySource | DockerArchiveSource | OciLayoutSource) -> ImportResult:
         return store.import_image(
-            source,
+            what,
             platform=request.platform,
             tags=request.tags,
             progress=reporter.progress,
             cancel=cancel,
         )
+
+    if isinstance(source, RegistrySource):
+        return run(source)
     image = source.reference or "the uploaded archive"
     archive = Path(source.path)
     if archive_kind(image, archive) == "docker-archive":
-        return store.import_image(
-            DockerArchiveSource(path=str(archive), reference=source.reference),
-            platform=request.platform,
-            tags=request.tags,
-            progress=reporter.progress,
-            cancel=cancel,
-        )
+        return run(DockerArchiveSource(path=str(archive), reference=source.reference))
     with store.operation(image) as op:
         layout = unpack_layout(image, archive, op.path / "layout")
-        return store.import_image(
-            OciLayoutSource(path=str(layout), reference=source.reference),
-            platform=request.platform,
-            tags=request.tags,
-            progress=reporter.progress,
-            cancel=cancel,
-        )
+        return run(OciLayoutSource(path=str(layout), reference=source.reference))
 
 
 def store_for(root: Path, max_image_mib: int) -> ImageStore:
