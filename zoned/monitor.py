@@ -574,8 +574,7 @@ class Monitor:
                     accelerator=record.accelerator,
                     created_at=record.created_at,
                     owner_uid=record.owner_uid,
-                    # With images in zones (part 2) the record names its image.
-                    image=str(getattr(record, "image", "")),
+                    image=record.image,
                     kernel_release=record.kernel_release,
                     ready_at=record.ready_at,
                     guest_boot_s=record.guest_boot_s,
