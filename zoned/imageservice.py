@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import msgspec
 import trio
 
 from zoned import protocol as p
@@ -122,15 +123,8 @@ def wire_removal(id: int, result: RemoveResult) -> p.ImageRemoveReply:
 
 
 def wire_progress(id: int, event: ImportProgress) -> p.ImageProgress:
-    return p.ImageProgress(
-        id=id,
-        image=event.image,
-        phase=event.phase,
-        layers_done=event.layers_done,
-        layers_total=event.layers_total,
-        bytes_done=event.bytes_done,
-        bytes_total=event.bytes_total,
-    )
+    """The wire's ImageProgress carries an ImportProgress's fields as they are."""
+    return p.ImageProgress(id=id, **msgspec.structs.asdict(event))
 
 
 class ImageService:

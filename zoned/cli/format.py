@@ -261,12 +261,16 @@ def short_id(image_id: str) -> str:
 
 def format_bytes(count: int) -> str:
     """``512B``, ``1.5kB``, ``216.3MB``, ``4.1GB`` (decimal units, as Docker prints sizes)."""
-    value = float(count)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{count}B" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
+    return _scaled(count, 1000, ("B", "kB", "MB", "GB"), "")
+
+
+def _scaled(count: int, step: int, units: tuple[str, ...], space: str) -> str:
+    """``count`` bytes in the largest of ``units`` (each ``step`` times the last) below ``step``."""
+    value, index = float(count), 0
+    while value >= step and index < len(units) - 1:
+        value /= step
+        index += 1
+    return f"{count}{space}B" if index == 0 else f"{value:.1f}{space}{units[index]}"
 
 
 def _tags(image: p.ImageInfo) -> str:
@@ -581,12 +585,7 @@ def format_audit_table(records: Sequence[p.AuditRecord]) -> str:
 
 def format_size(size: int) -> str:
     """``512 B``, ``3.2 KiB``, ``256.0 MiB``, ``1.5 GiB``."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return _scaled(size, 1024, ("B", "KiB", "MiB", "GiB"), " ")
 
 
 def format_quarantine(reply: p.QuarantineReply) -> str:

@@ -17,14 +17,19 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from zoned import protocol as p
 from zoned.client.connection import STREAM_BUFFER, ClientError, Connection, expect
+from zoned.client.options import ImportOptions, PullOptions, wire_request
 from zoned.errors import InvalidRequest, innermost
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 #: Bytes per ImageData message.
 UPLOAD_CHUNK = p.MAX_IMAGE_CHUNK
@@ -156,33 +161,14 @@ class ImageCalls(Connection):
         self,
         reference: str,
         *,
-        platform: str | None = None,
-        tags: Sequence[str] = (),
-        username: str | None = None,
-        password: str | None = None,
-        registry_token: str | None = None,
-        tls_verify: bool = True,
         progress: ProgressCallback | None = None,
+        **options: Unpack[PullOptions],
     ) -> p.ImageInfo:
-        """Fetch ``reference`` from its registry into the daemon's store, converted.
-
-        ``platform`` defaults to the host's; credentials are a user name and
-        password or a bearer token; ``tls_verify=False`` only for a registry
-        on loopback.
-        """
-        tag_list = list(tags)
+        """Fetch ``reference`` from its registry into the daemon's store, converted
+        (``options``: :class:`~zoned.client.options.PullOptions`)."""
 
         def build(id: int) -> p.Request:
-            return p.PullImage(
-                id=id,
-                reference=reference,
-                platform=platform,
-                tags=tag_list,
-                username=username,
-                password=password,
-                registry_token=registry_token,
-                tls_verify=tls_verify,
-            )
+            return wire_request(p.PullImage, id, options, reference=reference)
 
         request_id, replies = await self._start(build, STREAM_BUFFER, stream=True)
         try:
@@ -195,21 +181,14 @@ class ImageCalls(Connection):
         self,
         path: str | os.PathLike[str],
         *,
-        reference: str | None = None,
-        platform: str | None = None,
-        tags: Sequence[str] = (),
         progress: ProgressCallback | None = None,
+        **options: Unpack[ImportOptions],
     ) -> p.ImageInfo:
-        """Import the OCI layout directory or archive file at ``path`` (read by this client).
-
-        ``reference`` picks one image of a layout or archive holding several.
-        """
+        """Import the OCI layout directory or archive file at ``path`` (read by this
+        client; ``options``: :class:`~zoned.client.options.ImportOptions`)."""
         archive = await _Archive.open(path)
-        tag_list = list(tags)
         request_id, replies = await self._start(
-            lambda id: p.ImportImage(
-                id=id, size=archive.size, reference=reference, platform=platform, tags=tag_list
-            ),
+            lambda id: wire_request(p.ImportImage, id, options, size=archive.size),
             STREAM_BUFFER,
             stream=True,
         )

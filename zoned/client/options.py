@@ -33,7 +33,9 @@ from zoned.errors import InvalidRequest
 __all__ = [
     "CreateOptions",
     "ExecOptions",
+    "ImportOptions",
     "ProcessOptions",
+    "PullOptions",
     "RunExecOptions",
     "RunOptions",
     "RunProcessOptions",
@@ -68,6 +70,29 @@ class ExecOptions(TypedDict, total=False):
     pids_limit: int | None
     no_new_privs: bool
     agent_tools: bool
+
+
+class PullOptions(TypedDict, total=False):
+    """How an image is pulled (``PullImage`` fields): ``platform`` None is the
+    host's; ``tags`` are added to it; credentials are a ``username`` and
+    ``password`` or a bearer ``registry_token``; ``tls_verify=False`` only for
+    a registry on loopback."""
+
+    platform: str | None
+    tags: Sequence[str]
+    username: str | None
+    password: str | None
+    registry_token: str | None
+    tls_verify: bool
+
+
+class ImportOptions(TypedDict, total=False):
+    """How an image is imported (``ImportImage`` fields): ``reference`` picks
+    one image of a layout or archive holding several."""
+
+    reference: str | None
+    platform: str | None
+    tags: Sequence[str]
 
 
 class ProcessOptions(ExecOptions, total=False):
@@ -123,7 +148,7 @@ class RunExecOptions(RunOptions, ExecOptions, total=False):
 # Options a caller may give as any mapping or iterable; the wire wants a
 # dict or a list.
 _AS_DICT = frozenset({"env", "labels"})
-_AS_LIST = frozenset({"kernel_args", "entrypoint"})
+_AS_LIST = frozenset({"kernel_args", "entrypoint", "tags"})
 
 _M = TypeVar("_M", bound=p.Request)
 

@@ -25,7 +25,13 @@ from zoned.client.process import ExecResult
 if TYPE_CHECKING:
     from typing import Unpack
 
-    from zoned.client.options import CreateOptions, ExecOptions, RunExecOptions
+    from zoned.client.options import (
+        CreateOptions,
+        ExecOptions,
+        ImportOptions,
+        PullOptions,
+        RunExecOptions,
+    )
 
 _T = TypeVar("_T")
 
@@ -144,40 +150,18 @@ class SyncClient:
         self,
         reference: str,
         *,
-        platform: str | None = None,
-        tags: Sequence[str] = (),
-        username: str | None = None,
-        password: str | None = None,
-        registry_token: str | None = None,
-        tls_verify: bool = True,
         progress: ProgressCallback | None = None,
+        **options: Unpack[PullOptions],
     ) -> p.ImageInfo:
         """See :meth:`Client.pull_image`; ``progress`` is called in this thread."""
-        return self._run(
-            lambda client: client.pull_image(
-                reference,
-                platform=platform,
-                tags=tags,
-                username=username,
-                password=password,
-                registry_token=registry_token,
-                tls_verify=tls_verify,
-                progress=progress,
-            )
-        )
+        return self._run(lambda client: client.pull_image(reference, progress=progress, **options))
 
     def import_image(
         self,
         path: str | os.PathLike[str],
         *,
-        reference: str | None = None,
-        platform: str | None = None,
-        tags: Sequence[str] = (),
         progress: ProgressCallback | None = None,
+        **options: Unpack[ImportOptions],
     ) -> p.ImageInfo:
         """See :meth:`Client.import_image`; ``progress`` is called in this thread."""
-        return self._run(
-            lambda client: client.import_image(
-                path, reference=reference, platform=platform, tags=tags, progress=progress
-            )
-        )
+        return self._run(lambda client: client.import_image(path, progress=progress, **options))
