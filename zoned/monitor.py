@@ -111,7 +111,9 @@ def _exec_of(request: p.Request) -> p.ExecRecord | None:
         return None
     return exec_record_of(
         request.argv,
-        cwd=request.cwd,
+        cwd=request.workdir or request.cwd,
+        user=request.user,
+        entrypoint=request.entrypoint,
         uid=request.uid,
         gid=request.gid,
         tty=request.tty,

@@ -978,6 +978,11 @@ class ExecRecord(_Record, frozen=True):
     argv_truncated: bool = False
     memory_limit_mib: int | None = None
     pids_limit: int | None = None
+    # The image settings the request gave (None: the image's own): its user
+    # by name or number and its entrypoint (bounded as argv is); an empty
+    # argv runs the image's Cmd. cwd is the request's workdir when it gave one.
+    user: str | None = None
+    entrypoint: list[str] | None = None
     # The process in the zone, once it started.
     pid: int | None = None
     # How it ended (exec_ended and the audit line): as in ExecExit.

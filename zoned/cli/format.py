@@ -527,11 +527,14 @@ def format_event(event: p.Event) -> str:
 
 def describe_exec(exec_: p.ExecRecord) -> str:
     """A process in a few words: pid, argv, user, how it ended."""
-    argv = " ".join(exec_.argv)
+    command = [*(exec_.entrypoint or []), *exec_.argv]
+    argv = " ".join(command) if command else "(the image's command)"
     if len(argv) > 80 or exec_.argv_truncated:
         argv = argv[:77] + "..."
     parts = [f"pid {exec_.pid}" if exec_.pid is not None else "not started", one_line(argv)]
-    if exec_.uid or exec_.gid:
+    if exec_.user is not None:
+        parts.append(f"as {exec_.user}")
+    elif exec_.uid or exec_.gid:
         parts.append(f"as {exec_.uid}:{exec_.gid}")
     if exec_.tty:
         parts.append("tty")
