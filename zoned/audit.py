@@ -427,10 +427,18 @@ def exec_record_of(
     env_names: Iterable[str],
     memory_limit_mib: int | None,
     pids_limit: int | None,
+    user: str | None = None,
+    entrypoint: Iterable[str] | None = None,
 ) -> ExecRecord:
     """What the trail keeps of a process being started (no env values, no input)."""
     kept, truncated = bounded_argv(argv)
+    entry: list[str] | None = None
+    if entrypoint is not None:
+        entry, entry_truncated = bounded_argv(entrypoint)
+        truncated = truncated or entry_truncated
     return ExecRecord(
+        user=user,
+        entrypoint=entry,
         argv=kept,
         argv_truncated=truncated,
         cwd=cwd,

@@ -85,6 +85,27 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     qemu_pids_limit: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 256
     # Where the host's cgroup hierarchies are mounted.
     cgroup_root: str = "/sys/fs/cgroup"
+    # Workload images (docs/images.md). The image store: OCI images converted
+    # to one read-only EROFS root each, shared by every zone that uses it.
+    image_store: str = "/var/lib/zoned/oci"
+    # The image of a zone that names none ("builtin": the small built-in root).
+    default_image: str = "default"
+    # Per-zone scratch disks (the "disk" writable layer): sparse ext4 files,
+    # deleted with their zone.
+    scratch_dir: str = "/var/lib/zoned/scratch"
+    # A scratch disk's size when the request gives none, and the largest one.
+    default_scratch_mib: Annotated[int, msgspec.Meta(ge=16)] = 4096
+    max_scratch_mib: Annotated[int, msgspec.Meta(ge=16)] = 65536
+    # The largest archive a client may upload for an import, and the largest
+    # blob (layer) a pull or import may hold.
+    max_image_mib: Annotated[int, msgspec.Meta(ge=1)] = 16384
+    # Imports and pulls run in the image helper (zoned.images.helper), a
+    # process with the rights conversion needs: "" starts one per import as a
+    # child of the daemon; a path connects to a socket-activated helper
+    # instead (systemd/zoned-image-helper.socket).
+    image_helper_socket: str = ""
+    # Imports and pulls running at once; more wait their turn.
+    max_image_imports: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
 
     # -- Observability (docs/observability.md) --
     # The Prometheus endpoint (GET /metrics): off unless enabled. It listens

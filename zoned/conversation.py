@@ -19,11 +19,13 @@ States and rules::
   second ``hello`` is refused.
 - At most ``max_inflight`` requests run at once per connection; one more
   is refused (``invalid_request``) and nothing starts.
-- Requests that take stream input (``exec``, ``run_zone``) are keyed by
-  their id while they run: a second one with a running id is refused.
-- Stream input (``exec_input``, ``exec_signal``, ``exec_resize``) is not a
-  request: it carries the id of a running ``exec``/``run_zone`` and is
-  forwarded to it; for any other id it is refused.
+- Requests that take stream input (``exec``, ``run_zone``,
+  ``import_image``) are keyed by their id while they run: a second one with
+  a running id is refused.
+- Stream input is not a request: it carries the id of a running request
+  that takes it and is forwarded to it (``exec_input``, ``exec_signal``,
+  ``exec_resize`` to an ``exec``/``run_zone``; ``image_data`` to an
+  ``import_image``); for any other id, or the other kind, it is refused.
 - A frame that breaks the framing (oversize, zero length) closes the
   connection after an error with id 0: the byte stream can no longer be
   trusted. A well-framed message that does not decode is refused with its
@@ -49,7 +51,10 @@ MAX_INFLIGHT: Final = 64
 #: What the daemon calls itself in its hello reply.
 SERVER_NAME: Final = f"zoned/{__version__}"
 #: Requests that receive stream input while they run.
-TAKES_INPUT: Final = (p.Exec, p.RunZone)
+TAKES_INPUT: Final = (p.Exec, p.RunZone, p.ImportImage)
+#: Stream input, by the kind of request it feeds.
+_EXEC_INPUT: Final = (p.ExecInput, p.ExecSignal, p.ExecResize)
+_IMPORT_INPUT: Final = (p.ImageData,)
 
 State = Literal["refusing", "greeting", "serving", "closed"]
 
@@ -107,7 +112,8 @@ class Conversation:
         self._decoder = p.FrameDecoder(max_frame)
         self._max_inflight = max_inflight
         self._inflight = 0
-        self._streams: set[int] = set()
+        # Running requests that take input, by id: True for an import.
+        self._streams: dict[int, bool] = {}
 
     def receive_data(self, data: bytes) -> None:
         """Bytes the client sent; :meth:`next_action` then says what they mean."""
@@ -146,7 +152,7 @@ class Conversation:
         """A started request's handler returned (in any way)."""
         self._inflight -= 1
         if isinstance(request, TAKES_INPUT):
-            self._streams.discard(request.id)
+            self._streams.pop(request.id, None)
 
     # ------------------------------------------------------------------ rules
 
@@ -167,11 +173,15 @@ class Conversation:
     def _serve(self, request: p.Request) -> Action:
         if isinstance(request, p.Hello):
             return _refuse(request.id, "hello already done")
-        if isinstance(request, p.ExecInput | p.ExecSignal | p.ExecResize):
-            if request.id not in self._streams:
+        if isinstance(request, _EXEC_INPUT + _IMPORT_INPUT):
+            is_import = self._streams.get(request.id)
+            if is_import is None:
                 return _refuse(
-                    request.id, f"no running exec with id {request.id} on this connection"
+                    request.id, f"no running exec or import with id {request.id} on this connection"
                 )
+            if is_import != isinstance(request, _IMPORT_INPUT):
+                running = "an import" if is_import else "an exec"
+                return _refuse(request.id, f"request {request.id} is {running}: not its input")
             return Forward(request)
         takes_input = isinstance(request, TAKES_INPUT)
         if takes_input and request.id in self._streams:
@@ -180,7 +190,7 @@ class Conversation:
             return _refuse(request.id, f"too many requests in flight (limit {self._max_inflight})")
         self._inflight += 1
         if takes_input:
-            self._streams.add(request.id)
+            self._streams[request.id] = isinstance(request, p.ImportImage)
         return Start(request, takes_input)
 
 

@@ -2,11 +2,12 @@
 
 Start-up order (each with ``nursery.start``): the libvirt connection (and its
 event thread), the accelerator decision, the zone images (the agent's boot
-image and the workload root; built once and cached), the monitor (audit
-trail, statistics, log retention, the metrics endpoint when enabled: see
-:mod:`zoned.monitor`), the zone manager (which re-adopts running zones), the
-CPU hotplug watcher, the libvirt event pump and connection keeper, and last
-the control socket. Then READY=1 goes to
+image and the built-in workload root; built once and cached), the image
+store (:mod:`zoned.imageservice`), the monitor (audit trail, statistics,
+log retention, the metrics endpoint when enabled: see :mod:`zoned.monitor`),
+the zone manager (which re-adopts running zones), the CPU hotplug watcher,
+the libvirt event pump and connection keeper, and last the control socket.
+Then READY=1 goes to
 systemd. SIGTERM or SIGINT closes the control socket and stops the daemon;
 zones keep running and are re-adopted by the next start.
 
@@ -56,6 +57,7 @@ from zoned.hostwatch import CpuEvent, watch_cpu_events
 from zoned.images.bootimage import build_boot_image
 from zoned.images.integrity import read_recorded_sha256
 from zoned.images.workloadroot import build_workload_root
+from zoned.imageservice import ImageService
 from zoned.kernel.store import KernelImage, find_kernel, list_kernels
 from zoned.monitor import Monitor
 from zoned.placement import Allocator
@@ -185,6 +187,7 @@ class Daemon:
         self.allocator: Allocator
         self.manager: ZoneManager | None = None
         self.monitor: Monitor | None = None
+        self.images: ImageService | None = None
         self.accelerator: Accelerator = "tcg"
         self.started_at = time.time()
         self.policy = AccessPolicy(socket_gid=None)
@@ -236,6 +239,11 @@ class Daemon:
                         kind="workload root", path=str(images.workload_root), sha256=rootfs_sha256
                     )
                 )
+            sd_notify("STATUS=opening the image store")
+            self.images = ImageService(
+                config, builtin_root=images.workload_root, builtin_sha256=rootfs_sha256
+            )
+            await self.images.open()
             tsc = await trio.to_thread.run_sync(host_tsc_khz)
             manager = ZoneManager(
                 config,
@@ -245,8 +253,7 @@ class Daemon:
                 accelerator=self.accelerator,
                 boot_image=images.boot_image,
                 boot_image_sha256=boot_sha256,
-                rootfs=images.workload_root,
-                rootfs_sha256=rootfs_sha256,
+                images=self.images,
                 tsc_khz=tsc,
                 policy=self.policy,
                 pids_controller=self.pids_controller,
@@ -394,6 +401,17 @@ class Daemon:
                 await monitor.stream_audit(request, send, caller)
             case p.QuarantineZone():
                 await send(await quarantine_zone(manager, monitor, request, caller))
+            case (
+                p.PullImage()
+                | p.ImportImage()
+                | p.ListImages()
+                | p.InspectImage()
+                | p.RemoveImage()
+                | p.PruneImages()
+                | p.ImageSizes()
+            ):
+                assert self.images is not None
+                await self.images.handle(request, send, inputs)
             case _:
                 # The protocol knows it and the daemon does not: our bug.
                 raise InternalError(f"{type(request).__name__} is not handled here")
@@ -581,12 +599,20 @@ async def serve(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zoned", description="the zoned daemon")
     parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    parser.add_argument(
+        "--image-helper-socket",
+        default=None,
+        metavar="PATH",
+        help="reach the image helper at this socket (the config's image_helper_socket)",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
     except ZonedError as exc:
         print(f"zoned: {exc.message}", file=sys.stderr)
         return 2
+    if args.image_helper_socket is not None:
+        config = msgspec.structs.replace(config, image_helper_socket=args.image_helper_socket)
     setup_logging(config)
     try:
         trio.run(serve, config)

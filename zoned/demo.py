@@ -2,9 +2,10 @@
 
 ``tools/demo`` runs this after setting up the host. It starts a private
 zoned (its socket, state and logs in a temporary directory) on the host's
-libvirtd and asks it to *run* a Python program: zoned boots a fresh zone
-with the strict kernel, runs the program there, streams its output back and
-destroys the zone.
+libvirtd and asks it to *run* a Python program: zoned boots a fresh zone of
+the default image (Debian bookworm, which the setup step built) with the
+strict kernel, runs the program there, streams its output back and destroys
+the zone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ DEMO_PROGRAM = """
 import os, platform
 print(f"2 + 2 = {2 + 2}")
 print(f"hello from {platform.system()} {platform.release()}, pid {os.getpid()}")
+print(f"{platform.freedesktop_os_release()['PRETTY_NAME']}, Python {platform.python_version()}")
 """
 
 
@@ -46,9 +48,10 @@ async def demo(daemon: LocalDaemon) -> None:
         assert result is not None and process.zone is not None
         zone = process.zone
         say(
-            f"exit status {result.returncode}; zone {zone.name} ran its own kernel "
-            f"{zone.kernel_release} ({zone.profile}, {zone.machine}/{zone.accelerator}, "
-            f"{zone.memory_mib} MiB) and was destroyed; {took:.2f} s in all"
+            f"exit status {result.returncode}; zone {zone.name} ran image {zone.image}"
+            f" ({zone.image_id[:19]}) on its own kernel {zone.kernel_release}"
+            f" ({zone.profile}, {zone.machine}/{zone.accelerator}, {zone.memory_mib} MiB)"
+            f" and was destroyed; {took:.2f} s in all"
         )
         remaining = await client.list_zones({"purpose": "demo"})
         say(f"zones left behind: {len(remaining)}")

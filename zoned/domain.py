@@ -44,6 +44,16 @@ What a zone's domain is, and why (measured with libvirt 9.0 and QEMU 7.2):
   (:mod:`zoned.hostsetup`), or QEMU fails on ``master-key.aes``. A static
   label carries no supplementary groups: on a KVM host ``/dev/kvm`` must be
   usable by others (0666) for zones to use KVM.
+- Disks: the workload root (an image's EROFS, shared by every zone of that
+  image) read-only, and optionally the zone's own scratch disk (its
+  writable layer, an ext4 file the daemon makes with the zone's QEMU uid as
+  owner). Each carries ``<serial>``: the guest agent finds its disks by it,
+  not by probe order. libvirt must never re-own a disk (a shared image
+  chowned to one zone's QEMU would be writable by it): the domain's static
+  label says ``relabel='no'`` for all of them; a domain without one (no
+  ``qemu_uid``) gets ``<seclabel model='dac' relabel='no'/>`` on each disk's
+  source instead (libvirt 9.0 refuses that override under a domain-level
+  ``relabel='no'``: "label overrides require relabeling to be enabled").
 """
 
 from __future__ import annotations
@@ -71,6 +81,10 @@ METADATA_ELEMENT: Final = "zone"
 
 #: Name of the virtio-serial port the guest agent talks on.
 EMULATOR: Final = "/usr/bin/qemu-system-x86_64"
+#: Serial numbers of the zone's disks, as the guest agent looks for them in
+#: ``/sys/block/vd*/serial`` (virtio-blk carries at most 20 bytes).
+IMAGE_DISK_SERIAL: Final = "zoned-image"
+WRITABLE_DISK_SERIAL: Final = "zoned-writable"
 
 _VIRT_TYPES: Final[dict[Accelerator, str]] = {"kvm": "kvm", "tcg": "qemu"}
 
@@ -107,6 +121,8 @@ class DomainSpec:
     rootfs: Path | None = None
     # The uid and gid (one number) QEMU runs as; None leaves it to qemu.conf.
     qemu_uid: int | None = None
+    # The zone's scratch disk (its writable layer), attached read-write after it.
+    scratch_disk: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.domain_name or "/" in self.domain_name:
@@ -149,13 +165,17 @@ class DomainSpec:
             _check_xml_text(label, text)
 
     def _paths(self) -> tuple[tuple[str, Path], ...]:
-        paths = (
+        paths = [
             ("kernel", self.kernel),
             ("initrd", self.initrd),
             ("console log", self.console_log),
             ("agent socket", self.agent_socket),
-        )
-        return paths if self.rootfs is None else (*paths, ("rootfs", self.rootfs))
+        ]
+        if self.rootfs is not None:
+            paths.append(("rootfs", self.rootfs))
+        if self.scratch_disk is not None:
+            paths.append(("scratch disk", self.scratch_disk))
+        return tuple(paths)
 
 
 def _xml_char_ok(char: str) -> bool:
@@ -242,13 +262,9 @@ def render_domain_xml(spec: DomainSpec) -> str:
     _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
     _sub(channel, "target", type="virtio", name=AGENT_PORT_NAME)
     if spec.rootfs is not None:
-        disk = _sub(devices, "disk", type="file", device="disk")
-        _sub(disk, "driver", name="qemu", type="raw")
-        _sub(disk, "source", file=str(spec.rootfs))
-        _sub(disk, "target", dev="vda", bus="virtio")
-        _sub(disk, "readonly")
-        if microvm:
-            _sub(disk, "address", type="virtio-mmio")
+        _disk(devices, spec.rootfs, "vda", IMAGE_DISK_SERIAL, readonly=True, spec=spec)
+    if spec.scratch_disk is not None:
+        _disk(devices, spec.scratch_disk, "vdb", WRITABLE_DISK_SERIAL, readonly=False, spec=spec)
     _sub(devices, "memballoon", model="none")
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
@@ -265,6 +281,23 @@ def add_static_label(domain: ET.Element, qemu_uid: int) -> None:
     """QEMU as ``qemu_uid`` (uid and gid), and libvirt relabelling nothing for it."""
     seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
     _sub(seclabel, "label", f"+{qemu_uid}:+{qemu_uid}")
+
+
+def _disk(
+    devices: ET.Element, path: Path, target: str, serial: str, *, readonly: bool, spec: DomainSpec
+) -> None:
+    disk = _sub(devices, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="raw")
+    source = _sub(disk, "source", file=str(path))
+    if spec.qemu_uid is None:
+        # libvirt never re-owns the file (see the module docstring).
+        _sub(source, "seclabel", model="dac", relabel="no")
+    _sub(disk, "target", dev=target, bus="virtio")
+    _sub(disk, "serial", serial)
+    if readonly:
+        _sub(disk, "readonly")
+    if spec.machine == "microvm":
+        _sub(disk, "address", type="virtio-mmio")
 
 
 def metadata_element(metadata: str) -> str:

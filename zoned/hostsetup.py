@@ -1,4 +1,5 @@
-"""Prepare a host to run zoned: users, libvirt's qemu.conf, directories, daemons.
+"""Prepare a host to run zoned: users, libvirt's qemu.conf, directories, daemons,
+the default workload image.
 
 Run as root by ``tools/host-setup`` (which installs the packages and the venv
 first) or directly as ``zoned-host-setup``. Every step is idempotent: a second
@@ -198,6 +199,8 @@ def zoned_directories(config: Config) -> list[DirSpec]:
         DirSpec(Path(config.state_dir), 0o751, group, "zone records"),
         DirSpec(Path(config.kernel_store), 0o755, "root", "guest kernel store"),
         DirSpec(Path(config.image_cache), 0o755, "root", "zone boot images"),
+        DirSpec(Path(config.image_store), 0o755, "root", "workload images (OCI, converted)"),
+        DirSpec(Path(config.scratch_dir), 0o711, "root", "zones' scratch disks"),
         DirSpec(Path(config.runtime_dir), 0o751, group, "control socket, per-zone files"),
         DirSpec(Path(config.log_dir), 0o750, group, "console logs"),
         DirSpec(Path("/var/log/libvirt/qemu"), 0o750, "root", "libvirt's QEMU logs", False),
@@ -592,6 +595,8 @@ def install_systemd_units(report: Report) -> None:
     source = Path(__file__).resolve().parent.parent / "systemd"
     targets = {
         source / "zoned.service": SYSTEMD_UNIT_DIR / "zoned.service",
+        source / "zoned-image-helper.socket": SYSTEMD_UNIT_DIR / "zoned-image-helper.socket",
+        source / "zoned-image-helper@.service": SYSTEMD_UNIT_DIR / "zoned-image-helper@.service",
         source / "zoned.sysusers.conf": SYSUSERS_DIR / "zoned.conf",
         source / "zoned.tmpfiles.conf": TMPFILES_DIR / "zoned.conf",
     }
@@ -608,7 +613,10 @@ def install_systemd_units(report: Report) -> None:
     _run(["systemd-tmpfiles", "--create", str(targets[source / "zoned.tmpfiles.conf"])])
     if changed:
         _run(["systemctl", "daemon-reload"])
-    report.note("zoned.service installed (enable it once /opt/zoned/venv holds zoned)")
+    report.note(
+        "zoned.service and zoned-image-helper.socket installed"
+        " (enable both once /opt/zoned/venv holds zoned)"
+    )
 
 
 def ensure_libvirt(report: Report, facts: HostFacts, qemu_conf_changed: bool) -> None:
@@ -647,6 +655,7 @@ def ensure_libvirt(report: Report, facts: HostFacts, qemu_conf_changed: bool) ->
 
 
 def setup(report: Report) -> None:
+    """Every step, in order; each is idempotent."""
     if os.geteuid() != 0:
         raise SetupError("host setup must run as root")
     config = ensure_config(report)
@@ -661,6 +670,34 @@ def setup(report: Report) -> None:
     ensure_libvirt_domains_dir(report)
     changed = write_qemu_conf(report, render_qemu_conf(facts))
     ensure_libvirt(report, facts, changed)
+    ensure_default_image_in_store(report, config)
+
+
+def ensure_default_image_in_store(report: Report, config: Config) -> None:
+    """The default workload image (Debian bookworm with python3) in the image store.
+
+    Built once with mmdebstrap from the host's apt sources (about 25 s on an
+    idle host, minutes on a busy one) and kept: later runs find it and do
+    nothing. A zone that names no image runs it.
+    """
+    from zoned.images.default import ensure_default_image
+    from zoned.images.helper import store_for
+
+    if config.default_image != "default":
+        report.note(f"default image: the config names {config.default_image!r}; not built")
+        return
+    store = store_for(Path(config.image_store), config.max_image_mib)
+    started = time.monotonic()
+    result = ensure_default_image(store)
+    info = result.info
+    size = info.record.rootfs.size / 1e6
+    if result.built:
+        report.note(
+            f"default image: built {', '.join(info.tags)} ({info.id[:19]}, {size:.0f} MB)"
+            f" in {time.monotonic() - started:.0f} s"
+        )
+    else:
+        report.note(f"default image: {', '.join(info.tags)} ({info.id[:19]}) already in place")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,12 @@
 """A private ``zoned`` in a temporary directory: for tests, benchmarks and the demo.
 
 It is the real daemon (``python -m zoned.daemon --config ...``) as a
-subprocess, with every path it owns (socket, state, runtime, logs) under one
-directory, talking to the host's real libvirtd. Kernels and boot images come
-from the shared stores, so nothing is rebuilt.
+subprocess, with every path it owns (socket, state, runtime, logs, its image
+store and scratch disks) under one directory, talking to the host's real
+libvirtd. Kernels and boot images come from the shared stores, so nothing is
+rebuilt; its image store starts with the host's default image in it, hard
+links into the host's store (``/var/lib/zoned/oci``, where the setup step
+builds it), so nothing is converted again either.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from types import TracebackType
 
 import h11
 
+from zoned.config import Config
 from zoned.kernel.store import DEFAULT_STORE
+
+#: The host's image store, where the setup step builds the default image.
+HOST_IMAGE_STORE = Path(Config().image_store)
 
 START_TIMEOUT_S = 90.0
 HTTP_TIMEOUT_S = 30.0
@@ -65,6 +72,7 @@ class LocalDaemon:
         remove_root: bool | None = None,
         domain_prefix: str | None = None,
         kernel_store: Path = DEFAULT_STORE,
+        seed_images: tuple[str, ...] = ("default",),
     ) -> None:
         if root is None:
             root = Path(tempfile.mkdtemp(prefix="zoned-", dir="/tmp"))
@@ -77,6 +85,10 @@ class LocalDaemon:
         self.socket = root / "zoned.sock"
         self.log = root / "zoned.log"
         self.domain_prefix = domain_prefix or checkout_domain_prefix()
+        self.image_store = root / "oci"
+        self.scratch_dir = root / "scratch"
+        #: Images of the host's store copied into this daemon's before it starts.
+        self.seed_images = seed_images
         self.config.write_text(
             "\n".join(
                 [
@@ -85,6 +97,8 @@ class LocalDaemon:
                     f'runtime_dir = "{root / "run"}"',
                     f'log_dir = "{root / "log"}"',
                     f'kernel_store = "{kernel_store}"',
+                    f'image_store = "{self.image_store}"',
+                    f'scratch_dir = "{self.scratch_dir}"',
                     f'libvirt_uri = "{libvirt_uri}"',
                     f'domain_prefix = "{self.domain_prefix}"',
                     "reserved_memory_mib = 512",
@@ -105,6 +119,7 @@ class LocalDaemon:
         The daemon says so the way it tells systemd (``READY=1`` on
         ``$NOTIFY_SOCKET``), here on a datagram socket in :attr:`root`.
         """
+        self.seed()
         notify_path = self.root / "notify.sock"
         notify_path.unlink(missing_ok=True)
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
@@ -131,6 +146,24 @@ class LocalDaemon:
                 if b"READY=1" in message.split(b"\n"):
                     return
         raise RuntimeError(f"zoned did not become ready in {START_TIMEOUT_S}s:\n{self.log_text()}")
+
+    def seed(self) -> None:
+        """Copy :attr:`seed_images` from the host's image store into this daemon's."""
+        if not self.seed_images:
+            return
+        from zoned.images.errors import ImageNotFound
+        from zoned.images.store import ImageStore
+
+        host = ImageStore(HOST_IMAGE_STORE)
+        mine = ImageStore(self.image_store)
+        for reference in self.seed_images:
+            try:
+                mine.copy_from(host, reference)
+            except ImageNotFound:
+                raise RuntimeError(
+                    f"image {reference!r} is not in the host's image store {HOST_IMAGE_STORE}:"
+                    " run tools/host-setup (it builds the default image)"
+                ) from None
 
     def kill9(self) -> None:
         assert self.proc is not None

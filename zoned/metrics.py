@@ -9,7 +9,7 @@ immutable snapshot (it runs on a worker thread) and costs O(zones).
 Rules:
 
 - Every per-zone series carries the labels of :data:`ZONE_LABELS`; one the
-  zone does not have (no image yet, no pool, no owner) is the empty string,
+  zone does not have (no pool, no owner) is the empty string,
   which Prometheus treats as no label at all. ``zoned_zone_info`` adds the
   zone's uuid, machine, accelerator and guest kernel.
 - The host's view and the guest's self-report have different names: the

@@ -111,7 +111,9 @@ def _exec_of(request: p.Request) -> p.ExecRecord | None:
         return None
     return exec_record_of(
         request.argv,
-        cwd=request.cwd,
+        cwd=request.workdir or request.cwd,
+        user=request.user,
+        entrypoint=request.entrypoint,
         uid=request.uid,
         gid=request.gid,
         tty=request.tty,
@@ -574,8 +576,7 @@ class Monitor:
                     accelerator=record.accelerator,
                     created_at=record.created_at,
                     owner_uid=record.owner_uid,
-                    # With images in zones (part 2) the record names its image.
-                    image=str(getattr(record, "image", "")),
+                    image=record.image,
                     kernel_release=record.kernel_release,
                     ready_at=record.ready_at,
                     guest_boot_s=record.guest_boot_s,

@@ -237,6 +237,14 @@ MAX_EXECS_PER_ZONE = 64
 MAX_PIDS_LIMIT = 4 * 1024 * 1024
 #: Longest ``RunZone.timeout_s``: a day.
 MAX_RUN_TIMEOUT_S = 86400.0
+#: Images: the longest reference, the most tags one import adds, the largest
+#: piece of an uploaded archive, the largest writable layer (MiB), the most
+#: supplementary groups a process gets.
+MAX_IMAGE_REF_CHARS = 512
+MAX_IMAGE_TAGS = 16
+MAX_IMAGE_CHUNK = 1024 * 1024
+MAX_WRITABLE_LAYER_MIB = 1024 * 1024
+MAX_GROUPS = 256
 
 _UINT32_MAX = 2**32 - 1
 # msgspec bounds must fit an int64.
@@ -271,6 +279,8 @@ CpuId = Annotated[int, Meta(ge=0, le=_UINT32_MAX)]
 # argv[0] must not be empty; NUL cannot pass execve.
 ExecArg = Annotated[str, Meta(max_length=MAX_ARG_CHARS, pattern=r"^[^\x00]*\Z")]
 Argv = Annotated[list[ExecArg], Meta(min_length=1, max_length=MAX_ARGV)]
+# A command line that may be empty: the image's own command then (Exec, RunZone).
+CommandLine = Annotated[list[ExecArg], Meta(max_length=MAX_ARGV)]
 EnvName = Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[^\x00=]+\Z")]
 Env = Annotated[dict[EnvName, ExecArg], Meta(max_length=MAX_ENV)]
 GuestPath = Annotated[str, Meta(min_length=1, max_length=MAX_PATH_CHARS, pattern=r"^/[^\x00]*\Z")]
@@ -285,6 +295,25 @@ Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
 # (ge/le also reject NaN and infinities).
 _Seconds = Annotated[float, Meta(ge=0.0, le=1e10)]
 _GuestCount = Annotated[int, Meta(ge=0, le=_INT64_MAX)]
+
+# An image as the daemon's store names it: a tag, name@digest, an id or a 12+
+# hex id prefix (the store parses it); printable ASCII without spaces.
+ImageRef = Annotated[str, Meta(min_length=1, max_length=MAX_IMAGE_REF_CHARS, pattern=r"^[!-~]+\Z")]
+ImageTags = Annotated[list[ImageRef], Meta(max_length=MAX_IMAGE_TAGS)]
+# os/architecture[/variant], e.g. linux/amd64.
+PlatformName = Annotated[str, Meta(max_length=64, pattern=r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?\Z")]
+# user[:group], names (resolved in the image's /etc/passwd and /etc/group) or numbers.
+UserSpec = Annotated[
+    str, Meta(min_length=1, max_length=256, pattern=r"^[^:\x00-\x1f\x7f]+(:[^:\x00-\x1f\x7f]+)?\Z")
+]
+# Registry credentials (they go to skopeo, never to a log).
+Credential = Annotated[str, Meta(min_length=1, max_length=8192, pattern=r"^[^\x00\n]*\Z")]
+#: Where a zone's writes go: a size-limited tmpfs in its RAM, or a scratch disk of its own.
+WritableLayer = Literal["tmpfs", "disk"]
+WritableLayerMib = Annotated[int, Meta(ge=1, le=MAX_WRITABLE_LAYER_MIB)]
+ImagePhase = Literal["upload", "fetch", "verify", "wait", "apply", "build", "publish", "done"]
+#: The image name that stands for the daemon's small built-in workload root.
+BUILTIN_IMAGE = "builtin"
 
 Accelerator = Literal["kvm", "tcg"]
 Machine = Literal["microvm", "q35"]
@@ -352,6 +381,12 @@ class CreateZone(_Message, tag="create_zone", frozen=True):
     labels: Labels = {}
     # None: the daemon's configured default.
     machine: Machine | None = None
+    # The zone's workload root (docs/images.md): an image of the daemon's
+    # store, "builtin" for the small built-in root, "" for the default image;
+    # its writable layer and that layer's size (None: the kind's default).
+    image: Annotated[str, Meta(max_length=MAX_IMAGE_REF_CHARS, pattern=r"^[!-~]*\Z")] = ""
+    writable_layer: WritableLayer = "tmpfs"
+    writable_layer_mib: WritableLayerMib | None = None
 
     def __post_init__(self) -> None:
         total = sum(len(arg) + 1 for arg in self.kernel_args)
@@ -415,9 +450,14 @@ class ConsoleLog(_Message, tag="console_log", frozen=True):
 
 
 class _ExecFields(_Message, frozen=True, kw_only=True):
-    """What to run: a process started directly (no shell), as in execve."""
+    """What to run: a process started directly (no shell), as in execve.
 
-    argv: Argv
+    ``argv`` may be empty in :class:`Exec` and :class:`RunZone` only (the
+    image's command; daemons before images require it); the agent always
+    gets one.
+    """
+
+    argv: CommandLine = []
     # The process's whole environment (nothing is inherited from the agent).
     env: Env = {}
     cwd: GuestPath = "/"
@@ -443,7 +483,7 @@ class _ExecFields(_Message, frozen=True, kw_only=True):
     agent_tools: bool = False
 
     def __post_init__(self) -> None:
-        if not self.argv[0]:
+        if self.argv and not self.argv[0]:
             raise ValueError("argv[0] must not be empty")
         total = sum(len(a) + 1 for a in self.argv) + sum(
             len(k) + len(v) + 2 for k, v in self.env.items()
@@ -454,7 +494,28 @@ class _ExecFields(_Message, frozen=True, kw_only=True):
             )
 
 
-class Exec(_ExecFields, tag="exec", frozen=True):
+class _ImageProcessFields(_ExecFields, frozen=True, kw_only=True):
+    """How the zone's image shapes the process, as a container runtime does
+    (:mod:`zoned.images.imageconfig`; ``builtin`` zones have a small config).
+
+    ``env`` is merged over the image's ``Env``. ``workdir`` replaces the
+    image's ``WorkingDir``, ``user`` its ``User`` (``user[:group]``, names
+    from the image's ``/etc/passwd`` and ``/etc/group``); left out, the
+    image's apply, unless the older ``cwd``/``uid``/``gid`` hold something
+    other than their defaults. ``entrypoint`` replaces the image's
+    ``Entrypoint`` (and drops its ``Cmd``; ``[]`` clears it). For
+    :class:`RunZone`, ``argv`` replaces the image's ``Cmd`` (``docker run
+    IMAGE ARGS``); for :class:`Exec` it is the whole command (``docker
+    exec``), after ``entrypoint`` when one is given. An empty ``argv``
+    runs the image's command.
+    """
+
+    entrypoint: CommandLine | None = None
+    user: UserSpec | None = None
+    workdir: GuestPath | None = None
+
+
+class Exec(_ImageProcessFields, tag="exec", frozen=True):
     """Run a process in a ready zone and stream it: :class:`ExecStarted`, then
     :class:`ExecOutput` pieces, then :class:`ExecExit` (or an error).
 
@@ -466,7 +527,7 @@ class Exec(_ExecFields, tag="exec", frozen=True):
     zone: ZoneName
 
 
-class RunZone(_ExecFields, tag="run_zone", frozen=True):
+class RunZone(_ImageProcessFields, tag="run_zone", frozen=True):
     """Create a zone, run one process in it, destroy the zone.
 
     Replies: :class:`ZoneReply` once the zone is ready, then the same stream as
@@ -484,6 +545,10 @@ class RunZone(_ExecFields, tag="run_zone", frozen=True):
     labels: Labels = {}
     machine: Machine | None = None
     timeout_s: Annotated[float, Meta(gt=0.0, le=MAX_RUN_TIMEOUT_S)] | None = None
+    # As in CreateZone.
+    image: Annotated[str, Meta(max_length=MAX_IMAGE_REF_CHARS, pattern=r"^[!-~]*\Z")] = ""
+    writable_layer: WritableLayer = "tmpfs"
+    writable_layer_mib: WritableLayerMib | None = None
 
 
 class ZoneMetrics(_Message, tag="zone_metrics", frozen=True):
@@ -550,6 +615,87 @@ class ExecSignal(_Message, tag="exec_signal", frozen=True):
     signal: Signal
 
 
+# Images (docs/images.md). Every one answers for the daemon's one store; tags
+# are shared by every caller. Imports and pulls are streams: ImageProgress
+# replies while they run (advisory, at most a few a second), then one
+# ImageReply; a client that goes away cancels its import and nothing of it is
+# kept.
+
+
+class PullImage(_Message, tag="pull_image", frozen=True):
+    """Fetch ``reference`` from its registry, verify and convert it; tagged with
+    the reference (when it has a tag) and ``tags``.
+
+    ``platform`` defaults to the host's (the only one zones here run).
+    Credentials: a user name and password, or a bearer token. ``tls_verify``
+    may be off only for a registry on loopback.
+    """
+
+    id: RequestId
+    reference: ImageRef
+    platform: PlatformName | None = None
+    tags: ImageTags = []
+    username: Credential | None = None
+    password: Credential | None = None
+    registry_token: Credential | None = None
+    tls_verify: bool = True
+
+
+class ImportImage(_Message, tag="import_image", frozen=True):
+    """Import an image whose archive the client sends: a ``docker save``
+    archive, or an OCI image layout as a tar (an OCI archive).
+
+    The daemon never reads a client's path: the client sends the archive's
+    ``size`` bytes as :class:`ImageData` pieces carrying this request's id,
+    the last with ``eof``; then the import runs. ``reference`` picks one
+    image of an archive that holds several (an OCI ``ref.name``, a docker
+    ``repo:tag``).
+    """
+
+    id: RequestId
+    size: Annotated[int, Meta(ge=1, le=_INT64_MAX)]
+    reference: ImageRef | None = None
+    platform: PlatformName | None = None
+    tags: ImageTags = []
+
+
+class ImageData(_Message, tag="image_data", frozen=True):
+    """A piece of the archive of the running ImportImage request ``id`` (no reply)."""
+
+    id: RequestId
+    data: Annotated[bytes, Meta(max_length=MAX_IMAGE_CHUNK)] = b""
+    eof: bool = False
+
+
+class ListImages(_Message, tag="list_images", frozen=True):
+    id: RequestId
+
+
+class InspectImage(_Message, tag="inspect_image", frozen=True):
+    id: RequestId
+    reference: ImageRef
+
+
+class RemoveImage(_Message, tag="remove_image", frozen=True):
+    """Untag ``reference`` if its image has other tags, else remove the image;
+    refused (``conflict``) while a zone uses it, and for the default image."""
+
+    id: RequestId
+    reference: ImageRef
+
+
+class PruneImages(_Message, tag="prune_images", frozen=True):
+    """Remove every image no zone uses, except the default image."""
+
+    id: RequestId
+
+
+class ImageSizes(_Message, tag="image_sizes", frozen=True):
+    """Disk use of the image store, per image and in all."""
+
+    id: RequestId
+
+
 Request: TypeAlias = (
     Hello
     | HostInfo
@@ -567,9 +713,17 @@ Request: TypeAlias = (
     | ExecResize
     | AuditQuery
     | QuarantineZone
+    | PullImage
+    | ImportImage
+    | ImageData
+    | ListImages
+    | InspectImage
+    | RemoveImage
+    | PruneImages
+    | ImageSizes
 )
 #: Requests that feed a running stream rather than start one.
-StreamInput: TypeAlias = ExecInput | ExecSignal | ExecResize
+StreamInput: TypeAlias = ExecInput | ExecSignal | ExecResize | ImageData
 
 
 # ---------------------------------------------------------------------------
@@ -701,6 +855,60 @@ class ZoneInfo(_Record, frozen=True):
     kernel_config_sha256: str = ""
     boot_image_sha256: str = ""
     rootfs_sha256: str = ""
+    # The workload root: the image as the request named it ("" for the
+    # default), its id (sha256:<config digest>; "builtin" for the built-in
+    # root), and where the zone's writes go.
+    image: str = ""
+    image_id: str = ""
+    writable_layer: str = ""
+    writable_layer_mib: int | None = None
+
+
+class ImageInfo(_Record, frozen=True):
+    """One image of the daemon's store."""
+
+    # sha256:<config digest>, the image's identity.
+    id: str
+    tags: list[str]
+    # name@manifest-digest for each registry it was pulled from.
+    repo_digests: list[str]
+    # os/architecture[/variant].
+    platform: str
+    created: str | None
+    imported_at: float
+    layers: NonNegativeInt
+    # The converted root file system (what zones attach), in bytes.
+    rootfs_bytes: NonNegativeInt
+    # The image's run settings (its OCI config).
+    entrypoint: list[str] = []
+    cmd: list[str] = []
+    env: list[str] = []
+    working_dir: str = ""
+    user: str = ""
+    labels: dict[str, str] = {}
+    # Zones that use it now.
+    zones: NonNegativeInt = 0
+    # Whether it is the daemon's default image.
+    default: bool = False
+
+
+class ImageSizeInfo(_Record, frozen=True):
+    id: str
+    tags: list[str]
+    rootfs_bytes: NonNegativeInt
+    # Manifests, config and layers of this image, of which shared with another.
+    blob_bytes: NonNegativeInt
+    shared_blob_bytes: NonNegativeInt
+
+
+class ImageStoreSizes(_Record, frozen=True):
+    """Allocated bytes of the store: per image, and in all."""
+
+    images: list[ImageSizeInfo]
+    rootfs_bytes: NonNegativeInt
+    blob_bytes: NonNegativeInt
+    scratch_bytes: NonNegativeInt
+    total_bytes: NonNegativeInt
 
 
 class _GuestFigures(_Record, frozen=True, kw_only=True):
@@ -770,6 +978,11 @@ class ExecRecord(_Record, frozen=True):
     argv_truncated: bool = False
     memory_limit_mib: int | None = None
     pids_limit: int | None = None
+    # The image settings the request gave (None: the image's own): its user
+    # by name or number and its entrypoint (bounded as argv is); an empty
+    # argv runs the image's Cmd. cwd is the request's workdir when it gave one.
+    user: str | None = None
+    entrypoint: list[str] | None = None
     # The process in the zone, once it started.
     pid: int | None = None
     # How it ended (exec_ended and the audit line): as in ExecExit.
@@ -972,6 +1185,47 @@ class ExecExit(_ProcessExit, tag="exec_exit", frozen=True):
     id: RequestId
 
 
+class ImageProgress(_Message, tag="image_progress", frozen=True):
+    """Where the import or pull of request ``id`` is (advisory). ``bytes_total``
+    0: not known yet."""
+
+    id: RequestId
+    image: str
+    phase: ImagePhase
+    layers_done: NonNegativeInt = 0
+    layers_total: NonNegativeInt = 0
+    bytes_done: NonNegativeInt = 0
+    bytes_total: NonNegativeInt = 0
+
+
+class ImageReply(_Message, tag="image_reply", frozen=True):
+    """Reply to InspectImage; the last message of a PullImage or ImportImage stream."""
+
+    id: RequestId
+    image: ImageInfo
+    # Pull/import: False when the image was converted already (by this or another import).
+    converted: bool = False
+
+
+class ImageListReply(_Message, tag="image_list_reply", frozen=True):
+    id: RequestId
+    images: list[ImageInfo]
+
+
+class ImageRemoveReply(_Message, tag="image_remove_reply", frozen=True):
+    """Reply to RemoveImage and PruneImages."""
+
+    id: RequestId
+    untagged: list[str]
+    removed: list[str]
+    freed_bytes: NonNegativeInt
+
+
+class ImageSizesReply(_Message, tag="image_sizes_reply", frozen=True):
+    id: RequestId
+    sizes: ImageStoreSizes
+
+
 # ---------------------------------------------------------------------------
 # Control socket: errors
 # ---------------------------------------------------------------------------
@@ -999,6 +1253,11 @@ Reply: TypeAlias = (
     | ExecStarted
     | ExecOutput
     | ExecExit
+    | ImageProgress
+    | ImageReply
+    | ImageListReply
+    | ImageRemoveReply
+    | ImageSizesReply
     | ErrorReply
     | AuditReply
     | QuarantineReply
@@ -1070,9 +1329,20 @@ _AgentText = Annotated[str, Meta(max_length=1024, pattern=r"^[ -~]*\Z")]
 
 class AgentExecStart(_ExecFields, tag="agent_exec_start", frozen=True):
     """Host -> agent: start a process. The agent answers AgentExecStarted or
-    AgentExecExit (with ``error`` when it could not start it)."""
+    AgentExecExit (with ``error`` when it could not start it).
+
+    ``argv`` is never empty here (the daemon resolved the image's command);
+    ``groups`` are the process's supplementary groups (from the image's
+    ``/etc/group``).
+    """
 
     exec_id: ExecId
+    groups: Annotated[list[GuestId], Meta(max_length=MAX_GROUPS)] = []
+
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise ValueError("argv must not be empty: the program, then its arguments")
+        super().__post_init__()
 
 
 class AgentExecInput(_Message, tag="agent_exec_input", frozen=True):

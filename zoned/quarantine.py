@@ -44,11 +44,11 @@ def writable_layers(record: ZoneRecord) -> list[tuple[str, Path]]:
     """The zone's writable layer where it lives on a host disk, to copy in.
 
     A zone that writes to a tmpfs inside its guest has it in the memory
-    dump; one with a scratch disk (images, part 2: the record's
-    ``scratch_disk``) has it copied whole, as ``scratch.img``.
+    dump; one with a scratch disk (the record's ``scratch_disk``) has it
+    copied whole, as ``scratch.img``.
     """
-    scratch = getattr(record, "scratch_disk", "")
-    return [("scratch.img", Path(scratch))] if isinstance(scratch, str) and scratch else []
+    scratch = record.scratch_disk
+    return [("scratch.img", Path(scratch))] if scratch else []
 
 
 def _identity(record: ZoneRecord, kernel_facts: dict[str, str]) -> dict[str, str]:
@@ -63,11 +63,15 @@ def _identity(record: ZoneRecord, kernel_facts: dict[str, str]) -> dict[str, str
         "accelerator": record.accelerator,
         **kernel_facts,
     }
-    # Hashes and image digests the record carries (with images and per-zone
-    # isolation: boot_image_sha256, rootfs_sha256, image digest ...).
-    for name in ("boot_image_sha256", "rootfs_sha256", "image", "image_id", "writable_layer"):
-        value = getattr(record, name, "")
-        if isinstance(value, str) and value:
+    # Hashes and the image the record carries ("" for zones made before them).
+    for name, value in (
+        ("boot_image_sha256", record.boot_image_sha256),
+        ("rootfs_sha256", record.rootfs_sha256),
+        ("image", record.image),
+        ("image_id", record.image_id),
+        ("writable_layer", record.writable_layer),
+    ):
+        if value:
             facts[name] = value
     return facts
 

@@ -73,6 +73,15 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     memory_hard_limit_mib: int | None = None
     pids_limit: int | None = None
     pids_cgroup: str = ""
+    # The workload root (docs/images.md): the image as asked for, its id
+    # ("builtin" for the built-in root; "" for zones made before images),
+    # where the zone's writes go ("tmpfs" or "disk") and how many MiB they may
+    # take, and the scratch disk of a "disk" zone ("" for none).
+    image: str = ""
+    image_id: str = ""
+    writable_layer: str = ""
+    writable_layer_mib: int | None = None
+    scratch_disk: str = ""
 
 
 #: What a record and the client's view share by name and meaning: carried as they are.

@@ -35,7 +35,7 @@ import trio
 from zoned import protocol as p
 from zoned.access import Caller
 from zoned.agentlink import ExecLost, ExecOutputPiece, ExecSession
-from zoned.errors import HypervisorError, ZonedError
+from zoned.errors import HypervisorError, InternalError, ZonedError
 from zoned.server import Send, StreamInputs
 from zoned.zones import ZoneManager
 
@@ -58,8 +58,10 @@ async def _pump_input(session: ExecSession, inputs: StreamInputs) -> None:
             await session.write_input(message.data, message.eof)
         elif isinstance(message, p.ExecResize):
             await session.resize(message.rows, message.cols)
-        else:
+        elif isinstance(message, p.ExecSignal):
             await session.signal(message.signal)
+        else:  # the conversation forwards exec input only to an exec
+            raise InternalError(f"{type(message).__name__} is not input for a process")
 
 
 async def stream_exec(
@@ -144,14 +146,15 @@ async def run_in_fresh_zone(
         placement=request.placement,
         labels={**request.labels, "zoned.run": "1"},
         machine=request.machine,
+        image=request.image,
+        writable_layer=request.writable_layer,
+        writable_layer_mib=request.writable_layer_mib,
     )
-    created = False
     started = trio.current_time()
     try:
         deadline = trio.fail_after(request.timeout_s) if request.timeout_s else nullcontext()
         with deadline:
             zone = await manager.create(create, caller)
-        created = True
         await send(p.ZoneReply(id=request.id, zone=zone))
         session = await manager.start_exec(name, request, caller)
         # The caller's timeout covers the whole run, the boot included.
@@ -172,7 +175,7 @@ async def run_in_fresh_zone(
         ) from None
     finally:
         with trio.CancelScope(shield=True):
-            if created or name in manager.zones:
+            if name in manager.zones:
                 try:
                     await manager.destroy(name, caller)
                 except ZonedError as exc:

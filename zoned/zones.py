@@ -33,6 +33,14 @@ Rules:
   (:mod:`zoned.zoneids`), starts paused, gets its memory and task limits
   (:mod:`zoned.cgroups`) and only then runs. Its runtime directory (the agent
   socket, which libvirtd makes) is root's alone. Destroy releases all of it.
+- A zone's workload root is an image (:mod:`zoned.imageservice`): leased
+  and verified before its domain is defined, released when the zone is
+  destroyed or its creation fails. Its writable layer is a tmpfs in the
+  zone's RAM (at most half of it, the default: Linux's own tmpfs default)
+  or a scratch disk of its own (:mod:`zoned.images.scratch`), made before
+  the domain and removed with the zone, after a failed create, and at
+  start-up when no record names it. The guest agent learns which from
+  ``zoned.writable=`` on the kernel command line.
 """
 
 from __future__ import annotations
@@ -75,11 +83,15 @@ from zoned.errors import (
     ZonedError,
 )
 from zoned.events import EventHub
+from zoned.images import scratch
+from zoned.images.imageconfig import request_process
 from zoned.images.integrity import ImageVerifier
+from zoned.imageservice import ImageService, ZoneImage
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.store import KernelImage, find_kernel
 from zoned.placement import Allocator, Placement
 from zoned.protocol import (
+    BUILTIN_IMAGE,
     Accelerator,
     AgentExecStart,
     AgentHello,
@@ -89,6 +101,8 @@ from zoned.protocol import (
     RunZone,
     ZoneInfo,
     ZoneMetricsData,
+    decode_to_agent,
+    encode,
     guest_metrics,
 )
 from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
@@ -170,8 +184,7 @@ class ZoneManager:
         boot_image_sha256: str,
         tsc_khz: int | None,
         policy: AccessPolicy,
-        rootfs: Path | None = None,
-        rootfs_sha256: str = "",
+        images: ImageService,
         pids_controller: cgroups.PidsController = "",
     ) -> None:
         self.config = config
@@ -181,9 +194,8 @@ class ZoneManager:
         self.accelerator = accelerator
         self.boot_image = boot_image
         self.boot_image_sha256 = boot_image_sha256
-        self.rootfs = rootfs
-        self.rootfs_sha256 = rootfs_sha256
         self.policy = policy
+        self.images = images
         self.owner = str(Path(config.state_dir).resolve())
         self.domain_prefix = config.domain_prefix
         self.tsc_khz = tsc_khz
@@ -318,26 +330,37 @@ class ZoneManager:
                 f"memory_mib={request.memory_mib} is outside this host's limits "
                 f"{self.config.min_memory_mib}..{self.config.max_memory_mib}"
             )
-        verified = await trio.to_thread.run_sync(self._verify_images, request.profile)
-        kernel = verified.kernel
-        tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
-        args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
-        # Read by the guest agent (its hostname); the kernel ignores it.
-        cmdline = " ".join([*args, f"zoned.zone={name}"])
+        writable_mib = self._writable_layer_mib(request)
         busy = await trio.to_thread.run_sync(live_process_ids, self.qemu_ids.ids)
         if name in self.zones:  # created by another request while we checked
             raise Conflict(f"the zone name {name!r} is taken")
-        qemu_uid = self.qemu_ids.allocate(name, busy)
+        image = await self.images.acquire(name, request.image)
+        try:
+            verified = await trio.to_thread.run_sync(self._verify_images, request.profile, image)
+            qemu_uid = self.qemu_ids.allocate(name, busy)
+        except BaseException:
+            self.images.release(name)
+            raise
         try:
             placement = self.allocator.allocate(
                 name, request.vcpus, request.memory_mib, request.placement
             )
         except BaseException:
             self.qemu_ids.release(name)
+            self.images.release(name)
             raise
+        kernel = verified.kernel
+        tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
+        args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
+        # Read by the guest agent (its hostname, its writable layer); the kernel ignores them.
+        writable = "disk" if request.writable_layer == "disk" else f"tmpfs:{writable_mib}"
+        cmdline = " ".join([*args, f"zoned.zone={name}", f"zoned.writable={writable}"])
         zone_dir = self._zone_dir(name)
         zone_uuid = str(uuidlib.uuid4())
         logs = zonelogs.zone_log_dir(Path(self.config.log_dir), name, zone_uuid)
+        scratch_disk = ""
+        if request.writable_layer == "disk":
+            scratch_disk = str(scratch.scratch_path(Path(self.config.scratch_dir), name, zone_uuid))
         record = ZoneRecord(
             name=name,
             uuid=zone_uuid,
@@ -354,7 +377,12 @@ class ZoneManager:
             kernel_image=str(kernel.image),
             kernel_sha256=kernel.manifest.image_sha256,
             boot_image=str(self.boot_image),
-            rootfs=str(self.rootfs) if self.rootfs else "",
+            rootfs=str(image.rootfs),
+            image=image.reference,
+            image_id=image.id,
+            writable_layer=request.writable_layer,
+            writable_layer_mib=writable_mib,
+            scratch_disk=scratch_disk,
             owner=self.owner,
             cmdline=cmdline,
             console_log=str(logs / zonelogs.CONSOLE_LOG),
@@ -363,7 +391,7 @@ class ZoneManager:
             owner_uid=caller.uid,
             qemu_uid=qemu_uid,
             boot_image_sha256=self.boot_image_sha256,
-            rootfs_sha256=self.rootfs_sha256 if self.rootfs else "",
+            rootfs_sha256=image.sha256,
             kernel_config_sha256=verified.kernel_config_sha256,
         )
         zone = _Zone(record, holds_placement=True)
@@ -378,6 +406,13 @@ class ZoneManager:
                         "zone_state", zone=name, state="creating", owner_uid=caller.uid
                     )
                     await trio.to_thread.run_sync(self._prepare_runtime, zone_dir, record)
+                    if record.scratch_disk:
+                        await trio.to_thread.run_sync(
+                            scratch.create_scratch_disk,
+                            Path(record.scratch_disk),
+                            writable_mib,
+                            self._scratch_owner(record),
+                        )
                     xml = render_domain_xml(self._domain_spec(record))
                     # Paused: the limits hold before the guest runs an instruction.
                     try:
@@ -400,15 +435,16 @@ class ZoneManager:
             raise HypervisorError(f"zone {name!r} failed to boot: {final.reason}")
         raise Conflict(f"zone {name!r} was {final.state} before it became ready")
 
-    def _verify_images(self, profile: str) -> _Verified:
+    def _verify_images(self, profile: str, image: ZoneImage) -> _Verified:
         """The kernel of ``profile``, after every file the zone boots was checked
-        against its recorded hash. Blocking: run in a worker thread."""
+        against its recorded hash (an image of the store was, by
+        :meth:`ImageService.acquire`). Blocking: run in a worker thread."""
         kernel = find_kernel(Path(self.config.kernel_store), profile)
         check = self.verifier.check
         check(kernel.image, kernel.manifest.image_sha256, f"kernel of profile {profile!r}")
         check(self.boot_image, self.boot_image_sha256, "boot image")
-        if self.rootfs is not None:
-            check(self.rootfs, self.rootfs_sha256, "workload root")
+        if image.id == BUILTIN_IMAGE:
+            check(image.rootfs, image.sha256, "workload root")
         try:
             config_sha256 = hashlib.sha256(kernel.config.read_bytes()).hexdigest()
         except FileNotFoundError:
@@ -448,6 +484,7 @@ class ZoneManager:
         self._release(zone)
         await trio.to_thread.run_sync(self._clean_host, zone.record)
         self.qemu_ids.release(name)
+        await self._remove_workload_root(zone.record)
         del self.zones[name]
         with contextlib.suppress(OSError):
             await self.records.delete(name).wait()  # logged by the writer
@@ -474,6 +511,46 @@ class ZoneManager:
         # Only a cgroup under zoned's own v1 parent is ours to remove.
         ours = self.cgroup_root / "pids" / cgroups.V1_PARENT / record.domain_name
         return ours if record.pids_cgroup == str(ours) else None
+
+    def _writable_layer_mib(self, request: CreateZone) -> int:
+        """The size of the zone's writable layer; InvalidRequest beyond the kind's limit."""
+        size = request.writable_layer_mib
+        if request.writable_layer == "tmpfs":
+            # tmpfs pages are guest RAM that cannot be swapped: at most half of
+            # it (Linux's own default for a tmpfs), so that a full writable
+            # layer leaves the agent and the workload room to run.
+            limit = request.memory_mib // 2
+            if size is not None and size > limit:
+                raise InvalidRequest(
+                    f"writable_layer_mib={size}: a tmpfs writable layer takes at most half of"
+                    f" the zone's memory ({limit} MiB of {request.memory_mib}); use"
+                    " writable_layer='disk' for more"
+                )
+            return size or limit
+        limit = self.config.max_scratch_mib
+        if size is not None and size > limit:
+            raise InvalidRequest(
+                f"writable_layer_mib={size} is above this host's scratch disk limit of"
+                f" {limit} MiB (max_scratch_mib)"
+            )
+        return size or min(self.config.default_scratch_mib, limit)
+
+    def _scratch_owner(self, record: ZoneRecord) -> tuple[int, int] | None:
+        """Who QEMU runs the zone as: its scratch disk is that user's alone."""
+        if os.geteuid() != 0 or record.qemu_uid is None:
+            return None
+        return record.qemu_uid, record.qemu_uid
+
+    async def _remove_workload_root(self, record: ZoneRecord) -> None:
+        """The zone's scratch disk is deleted and its image released (shielded by callers)."""
+        if record.scratch_disk:
+            try:
+                await trio.to_thread.run_sync(
+                    scratch.remove_scratch_disk, Path(record.scratch_disk)
+                )
+            except OSError as exc:
+                log.error("could not remove the scratch disk of %s: %s", record.name, exc)
+        self.images.release(record.name)
 
     def _sync_metadata(self, zone: _Zone) -> None:
         """Copy the record into the running domain's metadata too (best effort, async)."""
@@ -527,6 +604,7 @@ class ZoneManager:
             kernel=Path(record.kernel_image),
             initrd=Path(record.boot_image),
             rootfs=Path(record.rootfs) if record.rootfs else None,
+            scratch_disk=Path(record.scratch_disk) if record.scratch_disk else None,
             cmdline=record.cmdline,
             vcpu_pins=tuple(tuple(c) for c in record.placement.vcpu_cpus),
             emulator_cpus=tuple(record.placement.emulator_cpus),
@@ -640,6 +718,7 @@ class ZoneManager:
                 self._release(zone)
                 await trio.to_thread.run_sync(self._clean_host, zone.record)
                 self.qemu_ids.release(name)
+                await self._remove_workload_root(zone.record)
                 await self._repin_shared()
                 self._set(zone, "domain_stopped", "destroyed")
                 del self.zones[name]
@@ -723,28 +802,67 @@ class ZoneManager:
                 f"zone {name!r} is {zone.record.state}, not ready: it cannot run processes"
             )
 
+        template = await self._agent_exec(zone.record, request)
+
         def start(exec_id: int) -> AgentExecStart:
-            return AgentExecStart(
-                exec_id=exec_id,
-                argv=list(request.argv),
-                env=dict(request.env),
-                cwd=request.cwd,
-                uid=request.uid,
-                gid=request.gid,
-                stdin=request.stdin,
-                tty=request.tty,
-                rows=request.rows,
-                cols=request.cols,
-                memory_limit_mib=request.memory_limit_mib,
-                pids_limit=request.pids_limit,
-                no_new_privs=request.no_new_privs,
-                agent_tools=request.agent_tools,
-            )
+            return msgspec.structs.replace(template, exec_id=exec_id)
 
         try:
             return await agent.start_exec(start)
         except AgentFault as exc:
             raise HypervisorError(f"zone {name!r}: {exc}") from exc
+
+    async def _agent_exec(self, record: ZoneRecord, request: Exec | RunZone) -> AgentExecStart:
+        """What the agent starts for ``request``: the image's settings under the request's.
+
+        The older ``cwd``/``uid``/``gid`` count as given when they are not
+        their defaults; the newer ``workdir``/``user`` win over them.
+        """
+        image = record.image or BUILTIN_IMAGE
+        config, accounts = await self.images.settings(record.image_id)
+        workdir = request.workdir
+        if workdir is None and request.cwd != "/":
+            workdir = request.cwd
+        user = request.user
+        if user is None and (request.uid or request.gid):
+            user = f"{request.uid}:{request.gid}"
+        spec = request_process(
+            image,
+            config,
+            accounts,
+            argv=request.argv,
+            entrypoint=request.entrypoint,
+            env=request.env,
+            working_dir=workdir,
+            user=user,
+            whole_command=isinstance(request, Exec),
+        )
+        start = AgentExecStart(
+            exec_id=1,
+            argv=spec.argv,
+            env=dict(entry.split("=", 1) for entry in spec.env),
+            cwd=spec.cwd,
+            uid=spec.uid,
+            gid=spec.gid,
+            groups=spec.additional_gids,
+            stdin=request.stdin,
+            tty=request.tty,
+            rows=request.rows,
+            cols=request.cols,
+            memory_limit_mib=request.memory_limit_mib,
+            pids_limit=request.pids_limit,
+            no_new_privs=request.no_new_privs,
+            agent_tools=request.agent_tools,
+        )
+        try:
+            # What the agent's decoder would refuse must be refused here: the
+            # image's settings (its Env, its accounts) are bounded nowhere else.
+            decode_to_agent(encode(start))
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"image {image}: the process does not fit the agent protocol: {exc.message}"
+            ) from None
+        return start
 
     # --------------------------------------------------------- libvirt events
 
@@ -810,9 +928,14 @@ class ZoneManager:
             except (msgspec.DecodeError, ZonedError) as exc:
                 log.error("domain %s carries no usable zone record: %s", summary.name, exc)
         await trio.to_thread.run_sync(self._remove_leftovers, set(records))
+        await trio.to_thread.run_sync(
+            self._remove_stale_scratch_disks,
+            {Path(r.scratch_disk) for r in records.values() if r.scratch_disk},
+        )
         for zone_name, record in sorted(records.items()):
             zone = _Zone(record)
             self.zones[zone_name] = zone
+            self.images.adopt(zone_name, record.image_id)
             if lifecycle.is_terminal(record.state):
                 zone.settled.set()
                 continue
@@ -849,6 +972,12 @@ class ZoneManager:
         keep = {self.domain_prefix + name for name in known}
         for name in cgroups.remove_stale_cgroups(self.cgroup_root, self.domain_prefix, keep):
             log.info("removed the pids cgroup of %s, a zone that is gone", name)
+
+    def _remove_stale_scratch_disks(self, keep: set[Path]) -> None:
+        """Scratch disks of zones that are gone (a crash between a destroy and its
+        cleanup). Blocking: run in a worker thread."""
+        for path in scratch.remove_stale(Path(self.config.scratch_dir), keep):
+            log.info("removed %s, the scratch disk of a zone that is gone", path)
 
     async def _finish_destroy(self, name: str) -> None:
         try:

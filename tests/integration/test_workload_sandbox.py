@@ -237,7 +237,11 @@ async def test_root_in_the_zone_still_does_package_manager_work(zoned: LocalDaem
         with trio.fail_after(CALL_TIMEOUT_S):
             suid = await client.exec(ZONE, as_app, uid=1000, gid=1000)
             confined = await client.exec(ZONE, as_app, uid=1000, gid=1000, no_new_privs=True)
-        owned = await shell(client, "id; echo hello > ~/x && cat ~/x", uid=1000, gid=1000)
+        # HOME is the image's (its /etc/passwd, read at import: "/" for a uid not in it,
+        # as Docker does), not the user added above.
+        owned = await shell(
+            client, "id; echo hello > /home/app/x && cat /home/app/x", uid=1000, gid=1000
+        )
         cleanup = await shell(
             client, "rm -rf /usr/local/lib/pkg /usr/local/bin/python-suid /home/app"
         )

@@ -94,6 +94,10 @@ def service_config(root: Path, **overrides: object) -> Config:
         "log_dir": str(root / "log"),
         "kernel_store": str(fake_kernel_store(root / "kernels")),
         "image_cache": str(root / "images"),
+        "image_store": str(root / "oci"),
+        "scratch_dir": str(root / "scratch"),
+        # The test driver boots nothing: the built-in root's tiny stand-in will do.
+        "default_image": "builtin",
         "libvirt_uri": "test:///default",
         "accelerator": "tcg",
         "boot_timeout_s": 1.0,

@@ -91,7 +91,8 @@ async def test_metrics_endpoint_serves_and_refuses_bad_requests(observed: Daemon
         assert status == 200
         found = series(body)
         owner = str(os.getuid())
-        labels = {"zone": "m1", "profile": "strict", "image": "", "pool": "", "owner_uid": owner}
+        image = observed.config.default_image  # a zone created without one: the default
+        labels = {"zone": "m1", "profile": "strict", "image": image, "pool": "", "owner_uid": owner}
         state = [v for ls, v in found["zoned_zone_state"] if ls == {**labels, "state": "failed"}]
         assert state == [1.0]
         assert [v for ls, v in found["zoned_zones"] if ls["state"] == "failed"] == [1.0]

@@ -29,12 +29,17 @@ from zoned.cli.exits import (
 )
 from zoned.cli.format import (
     format_age,
+    format_bytes,
     format_cpu_list,
     format_event,
     format_host,
+    format_image,
+    format_image_table,
     format_json,
     format_mib,
     format_process_json,
+    format_progress,
+    format_removal,
     format_seconds,
     format_time,
     format_zone,
@@ -77,6 +82,10 @@ def zone(name: str = "web", **overrides: object) -> p.ZoneInfo:
         "kernel_config_sha256": "cd" * 32,
         "boot_image_sha256": "ef" * 32,
         "rootfs_sha256": "01" * 32,
+        "image": "default",
+        "image_id": "sha256:" + "f7" * 32,
+        "writable_layer": "tmpfs",
+        "writable_layer_mib": 256,
     }
     values.update(overrides)
     return p.ZoneInfo(**values)  # type: ignore[arg-type]
@@ -197,12 +206,16 @@ def test_zone_table_is_aligned_and_sorted() -> None:
             profile="containers",
             created_at=T0 + 50,
             ready_at=None,
+            image="python:3.12",
         ),
     ]
     assert format_zone_table(zones, now=T0 + 3 * 3600, user_names={1000: "ada"}) == (
-        "NAME            STATE    OWNER  VCPUS  MEM     CPUS    PROFILE     MACHINE  AGE  BOOT\n"
-        "batch-runner-7  booting  ada    1      2GiB    shared  containers  q35      2h   -\n"
-        "web             ready    ada    2      512MiB  2-3     strict      microvm  3h   1.2s\n"
+        "NAME            STATE    OWNER  IMAGE        VCPUS  MEM     CPUS    PROFILE     MACHINE"
+        "  AGE  BOOT\n"
+        "batch-runner-7  booting  ada    python:3.12  1      2GiB    shared  containers  q35    "
+        "  2h   -\n"
+        "web             ready    ada    default      2      512MiB  2-3     strict      microvm"
+        "  3h   1.2s\n"
     )
     # An owner the host has no name for is shown by uid.
     assert "  1000  " in format_zone_table(zones, now=T0)
@@ -210,7 +223,7 @@ def test_zone_table_is_aligned_and_sorted() -> None:
 
 def test_empty_zone_table_has_its_header() -> None:
     assert format_zone_table([], now=T0) == (
-        "NAME  STATE  OWNER  VCPUS  MEM  CPUS  PROFILE  MACHINE  AGE  BOOT\n"
+        "NAME  STATE  OWNER  IMAGE  VCPUS  MEM  CPUS  PROFILE  MACHINE  AGE  BOOT\n"
     )
 
 
@@ -233,6 +246,8 @@ def test_format_zone_shows_every_field() -> None:
         "cpus:          vcpu0:2 vcpu1:3\n"
         "emulator cpus: 0\n"
         "numa node:     0\n"
+        "image:         default (f7f7f7f7f7f7)\n"
+        "writable:      tmpfs, 256MiB (in the zone's memory)\n"
         "profile:       strict\n"
         "kernel:        6.12.117\n"
         "machine:       microvm (tcg)\n"
@@ -505,6 +520,120 @@ def test_global_options_before_or_after_the_command(argv: list[str]) -> None:
     )
 
 
+def test_run_takes_an_image_then_the_command_after_the_dashes() -> None:
+    def parsed(*argv: str) -> tuple[str | None, list[str], list[str] | None]:
+        args = parse_args(["run", *argv])
+        return args.image, args.argv, args.entrypoint
+
+    assert parsed("--", "cat", "/etc/os-release") == (None, ["cat", "/etc/os-release"], None)
+    assert parsed("python:3.12") == ("python:3.12", [], None)
+    assert parsed("python:3.12", "--", "python3", "-V") == ("python:3.12", ["python3", "-V"], None)
+    assert parsed("--image", "a", "a", "--", "x") == ("a", ["x"], None)
+    assert parsed("--entrypoint", "/bin/echo", "img", "--", "hi") == ("img", ["hi"], ["/bin/echo"])
+    assert parsed("--entrypoint", "", "img") == ("img", [], [])
+
+
+def test_exec_takes_the_whole_command_with_or_without_dashes() -> None:
+    assert parse_args(["exec", "web", "--", "ls", "-l"]).argv == ["ls", "-l"]
+    assert parse_args(["exec", "web", "ls", "-l"]).argv == ["ls", "-l"]
+    assert parse_args(["exec", "web"]).argv == []  # the image's command
+    args = parse_args(["exec", "-u", "app:staff", "-w", "/srv", "web", "--", "id"])
+    assert (args.user, args.workdir) == ("app:staff", "/srv")
+    defaults = parse_args(["exec", "web", "--", "id"])
+    assert (defaults.user, defaults.workdir, defaults.entrypoint) == (None, None, None)
+
+
+def test_zone_options_name_the_image_and_its_writable_layer() -> None:
+    args = parse_args(
+        ["create", "web", "--image", "app:1", "--writable-layer", "disk", "--writable-size", "8192"]
+    )
+    assert (args.image, args.writable_layer, args.writable_size) == ("app:1", "disk", 8192)
+    request = p.CreateZone(id=1, name="web")
+    plain = parse_args(["create", "web"])
+    assert (plain.image, plain.writable_layer, plain.writable_size) == (
+        None,
+        request.writable_layer,
+        request.writable_layer_mib,
+    )
+
+
+def test_parse_image_commands() -> None:
+    pull = parse_args(
+        ["image", "pull", "--platform", "linux/amd64", "--tag", "a", "--insecure", "r:5000/x:1"]
+    )
+    assert (pull.image_command, pull.reference, pull.platform, pull.tags, pull.insecure) == (
+        "pull",
+        "r:5000/x:1",
+        "linux/amd64",
+        ["a"],
+        True,
+    )
+    imported = parse_args(["image", "import", "/tmp/layout", "--name", "v1", "--tag", "t"])
+    assert (imported.path, imported.reference, imported.tags) == ("/tmp/layout", "v1", ["t"])
+    assert parse_args(["image", "rm", "a", "b"]).references == ["a", "b"]
+    for action in ("list", "prune", "sizes"):
+        assert parse_args(["image", action, "--json"]).json is True
+    assert parse_args(["image", "inspect", "a"]).reference == "a"
+
+
+IMAGE = p.ImageInfo(
+    id="sha256:" + "f7" * 32,
+    tags=["default:latest", "zoned/default:bookworm"],
+    repo_digests=[],
+    platform="linux/amd64",
+    created="2026-12-02T04:56:00Z",
+    imported_at=T0,
+    layers=1,
+    rootfs_bytes=198_094_848,
+    cmd=["/bin/bash"],
+    env=["PATH=/usr/bin:/bin", "LANG=C.UTF-8"],
+    zones=2,
+    default=True,
+)
+
+
+def test_image_table_and_block() -> None:
+    assert format_image_table([IMAGE]) == (
+        "IMAGE ID      TAGS                                              PLATFORM     SIZE"
+        "     LAYERS  ZONES  IMPORTED\n"
+        "f7f7f7f7f7f7  default:latest, zoned/default:bookworm (default)  linux/amd64  198.1MB"
+        "  1       2      2024-05-01T12:00:00.000Z\n"
+    )
+    block = format_image(IMAGE)
+    assert "cmd:              /bin/bash\n" in block
+    assert "user:             root\n" in block and "entrypoint:       -\n" in block
+    hostile = msgspec.structs.replace(IMAGE, tags=["\x1b[2Jx"], cmd=["a\x07"])
+    assert "\x1b" not in format_image(hostile) and "\x07" not in format_image(hostile)
+
+
+def test_sizes_progress_and_removals_read_as_sentences() -> None:
+    assert [format_bytes(n) for n in (512, 1500, 216_300_000, 4_100_000_000)] == [
+        "512B",
+        "1.5kB",
+        "216.3MB",
+        "4.1GB",
+    ]
+    event = p.ImageProgress(
+        id=1,
+        image="app",
+        phase="apply",
+        layers_done=1,
+        layers_total=3,
+        bytes_done=10**6,
+        bytes_total=3 * 10**6,
+    )
+    assert format_progress(event) == "app: apply  layer 2/3  1.0MB/3.0MB"
+    fetch = p.ImageProgress(id=1, image="app", phase="fetch", bytes_done=2048)
+    assert format_progress(fetch) == "app: fetch  2.0kB"
+    removal = p.ImageRemoveReply(
+        id=1, untagged=["app:1"], removed=[IMAGE.id], freed_bytes=198_094_848
+    )
+    assert format_removal(removal) == f"untagged app:1\nremoved {IMAGE.id}\nfreed 198.1MB\n"
+    assert format_removal(p.ImageRemoveReply(id=1, untagged=[], removed=[], freed_bytes=0)) == (
+        "nothing to remove\n"
+    )
+
+
 def test_parse_other_commands() -> None:
     assert parse_args(["host"]).command == "host"
     assert parse_args(["show", "web"]).name == "web"
@@ -536,6 +665,18 @@ def test_parse_other_commands() -> None:
         ["destroy"],
         ["logs", "web", "--tail", "-1"],
         ["show"],
+        ["run", "img", "extra", "--", "true"],
+        ["run", "--image", "a", "b", "--", "true"],
+        ["run", "--writable-layer", "nfs", "--", "true"],
+        ["run", "--writable-size", "0", "--", "true"],
+        ["exec", "--user", "a:b:c", "web", "--", "id"],
+        ["exec", "--user", ":g", "web", "--", "id"],
+        ["exec", "web", "--user", "app", "--", "id"],
+        ["image"],
+        ["image", "pull"],
+        ["image", "pull", "x", "--password-stdin"],
+        ["image", "pull", "x", "--username", "u", "--password-stdin", "--token-stdin"],
+        ["image", "rm"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

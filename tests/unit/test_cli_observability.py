@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from zoned import protocol as p
@@ -75,6 +76,11 @@ def test_processes_audit_lines_and_bundles_read_plainly() -> None:
         argv=["x\x1b[31m"], cwd="/", uid=0, gid=0, tty=True, stdin=True, signal=9, oom_killed=True
     )
     assert describe_exec(killed) == "not started, x\\x1b[31m, tty, signal 9, OOM-killed"
+    # A process of an image: its own command unless the request gave one, a user by name.
+    of_image = p.ExecRecord(argv=[], cwd="/", uid=0, gid=0, tty=False, stdin=False, user="app")
+    assert describe_exec(of_image) == "not started, (the image's command), as app"
+    entry = msgspec.structs.replace(of_image, entrypoint=["python3", "-I"], argv=["app.py"])
+    assert describe_exec(entry) == "not started, python3 -I app.py, as app"
     event = p.Event(seq=3, time=NOW, kind="exec_ended", zone="web", exec=EXEC, caller=CALLER)
     assert format_event(event).endswith(
         "zone web: process ended: " + describe_exec(EXEC) + " (uid 1000)"

@@ -75,12 +75,20 @@ def test_collections_become_what_the_wire_wants() -> None:
     assert (run.env, run.timeout_s, run.argv) == ({"A": "1"}, 5.0, ["env"])
 
 
-@pytest.mark.parametrize("argv", [[], (), "ls -l"])
-def test_an_argv_that_names_no_program_is_invalid_before_anything_is_built(argv: Any) -> None:
-    with pytest.raises(InvalidRequest, match="argv must be a non-empty list"):
-        wire_request(p.Exec, 1, {}, zone="web", argv=argv)
-    with pytest.raises(InvalidRequest, match="argv must be a non-empty list"):
-        wire_request(p.RunZone, 1, {}, argv=argv)
+def test_a_string_for_argv_is_invalid_before_anything_is_built() -> None:
+    with pytest.raises(InvalidRequest, match="argv must be a list"):
+        wire_request(p.Exec, 1, {}, zone="web", argv="ls -l")
+    with pytest.raises(InvalidRequest, match="argv must be a list"):
+        wire_request(p.RunZone, 1, {}, argv="ls -l")
+    with pytest.raises(InvalidRequest, match="entrypoint must be a list"):
+        wire_request(p.RunZone, 1, {"entrypoint": "sh"}, argv=[])
+
+
+@pytest.mark.parametrize("argv", [[], ()])
+def test_an_empty_argv_asks_for_the_images_command(argv: Any) -> None:
+    assert wire_request(p.Exec, 1, {}, zone="web", argv=argv).argv == []
+    run = wire_request(p.RunZone, 1, {"entrypoint": ("python3", "-I")}, argv=argv)
+    assert (run.argv, run.entrypoint) == ([], ["python3", "-I"])
 
 
 def test_the_protocols_own_checks_are_invalid_requests() -> None:

@@ -143,7 +143,29 @@ def test_stream_input_goes_to_its_running_exec(serving: Conversation) -> None:
     ]
     serving.finished(running)
     (refused,) = actions(serving, p.ExecInput(id=7, data=b"late"))
-    assert error(refused) == (7, "invalid_request", "no running exec with id 7 on this connection")
+    assert error(refused) == (
+        7,
+        "invalid_request",
+        "no running exec or import with id 7 on this connection",
+    )
+
+
+def test_image_data_goes_to_its_import_and_only_there(serving: Conversation) -> None:
+    upload = p.ImportImage(id=3, size=10)
+    running = exec_request(7)
+    piece = p.ImageData(id=3, data=b"0123456789", eof=True)
+    assert actions(serving, upload, running, piece) == [
+        Start(upload, takes_input=True),
+        Start(running, takes_input=True),
+        Forward(piece),
+    ]
+    (wrong,) = actions(serving, p.ImageData(id=7, data=b"x"))
+    assert error(wrong) == (7, "invalid_request", "request 7 is an exec: not its input")
+    (wrong,) = actions(serving, p.ExecInput(id=3, data=b"x"))
+    assert error(wrong) == (3, "invalid_request", "request 3 is an import: not its input")
+    serving.finished(upload)
+    (late,) = actions(serving, p.ImageData(id=3, eof=True))
+    assert error(late)[:2] == (3, "invalid_request")
 
 
 def test_stream_input_for_an_unknown_or_plain_request_is_refused(serving: Conversation) -> None:

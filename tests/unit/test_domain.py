@@ -79,6 +79,15 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         rootfs=Path("/var/lib/zoned/images/workload-0123456789abcdef.erofs"),
         qemu_uid=2013265921,
     ),
+    "q35-tcg-image-scratch": _spec(
+        "epsilon",
+        uuid="7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+        vcpus=1,
+        machine="q35",
+        rootfs=Path("/var/lib/zoned/oci/roots/" + "ab" * 32 + ".erofs"),
+        scratch_disk=Path("/var/lib/zoned/scratch/epsilon-7a1b2c3d.ext4"),
+        qemu_uid=2013265930,
+    ),
     "microvm-kvm-exclusive": _spec(
         "gamma",
         uuid="c3d2e1f0-1a2b-4c3d-8e4f-5a6b7c8d9e0f",
@@ -184,6 +193,37 @@ def test_workload_root_is_one_read_only_virtio_disk() -> None:
         assert (address is not None) == (machine == "microvm")
     with pytest.raises(InternalError, match="rootfs path"):
         _spec("a", rootfs=Path("relative.erofs"))
+
+
+def test_disks_carry_serials_and_are_never_relabelled() -> None:
+    """The agent finds its disks by serial; libvirt must not chown the shared image:
+    the domain's static label says so for every disk, else each disk does."""
+    for machine in ("microvm", "q35"):
+        spec = _spec(
+            "a",
+            machine=machine,
+            rootfs=Path("/var/lib/zoned/oci/roots/x.erofs"),
+            scratch_disk=Path("/var/lib/zoned/scratch/a.ext4"),
+            qemu_uid=2013265921,
+        )
+        (domain_label,) = _parse(spec).findall("seclabel")
+        assert domain_label.get("relabel") == "no"
+        assert _parse(spec).findall("devices/disk/source/seclabel") == []
+        root = _parse(dataclasses.replace(spec, qemu_uid=None))
+        image, scratch = root.findall("devices/disk")
+        assert [d.findtext("serial") for d in (image, scratch)] == [
+            "zoned-image",
+            "zoned-writable",
+        ]
+        assert [d.find("target").get("dev") for d in (image, scratch)] == ["vda", "vdb"]  # type: ignore[union-attr]
+        assert image.find("readonly") is not None
+        assert scratch.find("readonly") is None
+        for disk in (image, scratch):
+            label = disk.find("source/seclabel")
+            assert label is not None
+            assert (label.get("model"), label.get("relabel")) == ("dac", "no")
+    with pytest.raises(InternalError, match="scratch disk path"):
+        _spec("a", scratch_disk=Path("relative.ext4"))
 
 
 def test_agent_channel_and_console_log() -> None:

@@ -15,6 +15,7 @@ from zoned.images.imageconfig import (
     parse_group,
     parse_passwd,
     process_for,
+    request_process,
     resolve_user,
 )
 from zoned.images.oci import ContainerConfig
@@ -183,3 +184,60 @@ def test_config_nulls_are_empty() -> None:
     image = ImageConfig.from_container_config(None)
     assert image == ImageConfig()
     assert config(Entrypoint=None, Cmd=None).entrypoint == []
+
+
+def _request(image: ImageConfig, **fields: object) -> list[str]:
+    values: dict[str, object] = {
+        "argv": [],
+        "entrypoint": None,
+        "env": {},
+        "working_dir": None,
+        "user": None,
+        "whole_command": False,
+    }
+    values.update(fields)
+    return request_process("img", image, ACCOUNTS, **values).argv  # type: ignore[arg-type]
+
+
+def test_a_run_replaces_cmd_an_exec_is_the_whole_command() -> None:
+    image = config(Entrypoint=["/init"], Cmd=["serve"])
+    # docker run IMAGE / docker run IMAGE ARGS
+    assert _request(image) == ["/init", "serve"]
+    assert _request(image, argv=["ls"]) == ["/init", "ls"]
+    # docker exec CONTAINER CMD: no entrypoint before it; none at all runs the image's.
+    assert _request(image, argv=["ls"], whole_command=True) == ["ls"]
+    assert _request(image, whole_command=True) == ["/init", "serve"]
+    # An entrypoint given is honoured either way.
+    assert _request(image, argv=["-V"], entrypoint=["python3"], whole_command=True) == [
+        "python3",
+        "-V",
+    ]
+
+
+def test_a_request_takes_the_images_settings_under_its_own() -> None:
+    image = config(Cmd=["sh"], Env=["A=image", "B=image"], WorkingDir="/srv", User="app")
+    spec = request_process(
+        "img",
+        image,
+        ACCOUNTS,
+        argv=[],
+        entrypoint=None,
+        env={"B": "request"},
+        working_dir=None,
+        user=None,
+        whole_command=True,
+    )
+    assert (spec.cwd, spec.uid, spec.gid, spec.additional_gids) == ("/srv", 1000, 1000, [29, 50])
+    assert "A=image" in spec.env and "B=request" in spec.env and "HOME=/home/app" in spec.env
+    root = request_process(
+        "img",
+        image,
+        ACCOUNTS,
+        argv=["id"],
+        entrypoint=None,
+        env={},
+        working_dir="/tmp",
+        user="root",
+        whole_command=True,
+    )
+    assert (root.cwd, root.uid, root.gid, root.argv) == ("/tmp", 0, 0, ["id"])

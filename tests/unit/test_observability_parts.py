@@ -166,6 +166,22 @@ def test_argv_is_bounded_and_env_values_never_kept() -> None:
         pids_limit=None,
     )
     assert entry.env_names == ["PATH", "TOKEN"]
+    assert (entry.user, entry.entrypoint) == (None, None)  # the image's own
+    of_image = audit.exec_record_of(
+        [],
+        cwd="/srv",
+        uid=0,
+        gid=0,
+        tty=False,
+        stdin=False,
+        env_names=[],
+        memory_limit_mib=None,
+        pids_limit=None,
+        user="app:staff",
+        entrypoint=["x" * 20_000],
+    )
+    assert of_image.user == "app:staff" and of_image.argv_truncated
+    assert of_image.entrypoint == ["x" * p.MAX_AUDIT_ARGV_CHARS]
     assert b"s3cret" not in audit.encode_line(
         p.AuditRecord(time=0.0, op="exec", outcome="ok", caller=CALLER, exec=entry)
     )

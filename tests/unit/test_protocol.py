@@ -148,6 +148,29 @@ REQUESTS: list[p.Request] = [
     p.AuditQuery(id=20, zone="web-1", since=1.7e9),
     p.QuarantineZone(id=21, name="web-1"),
     p.QuarantineZone(id=22, name="web-1", destroy=True),
+    # Images: the zone's image and writable layer, the image's process settings.
+    p.CreateZone(
+        id=20, name="img", image="python:3.12", writable_layer="disk", writable_layer_mib=2048
+    ),
+    p.RunZone(id=21, image="builtin", entrypoint=[], user="app:staff", workdir="/srv"),
+    p.Exec(id=22, zone="img", argv=[], entrypoint=["python3", "-I"], user="1000"),
+    p.PullImage(
+        id=23,
+        reference="127.0.0.1:5000/team/app:v1",
+        platform="linux/amd64",
+        tags=["app"],
+        username="u",
+        password="p",
+        tls_verify=False,
+    ),
+    p.ImportImage(id=24, size=123_456, reference="bookworm", tags=["mine:1"]),
+    p.ImageData(id=24, data=b"\x00" * 1024),
+    p.ImageData(id=24, eof=True),
+    p.ListImages(id=25),
+    p.InspectImage(id=26, reference="sha256:" + "a" * 64),
+    p.RemoveImage(id=27, reference="app"),
+    p.PruneImages(id=28),
+    p.ImageSizes(id=29),
 ]
 
 CALLER = p.CallerInfo(uid=1000, gid=995, pid=4242, exe="/usr/bin/python3.11")
@@ -173,6 +196,21 @@ AUDIT_RECORD = p.AuditRecord(
     zone="web-1",
     zone_uuid="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
     exec=EXEC_RECORD,
+)
+
+IMAGE = p.ImageInfo(
+    id="sha256:" + "b" * 64,
+    tags=["default", "zoned/default:bookworm"],
+    repo_digests=[],
+    platform="linux/amd64",
+    created=None,
+    imported_at=1.5,
+    layers=1,
+    rootfs_bytes=250_000_000,
+    cmd=["/bin/bash"],
+    env=["PATH=/usr/bin:/bin"],
+    zones=2,
+    default=True,
 )
 
 REPLIES: list[p.Reply] = [
@@ -280,6 +318,26 @@ REPLIES: list[p.Reply] = [
             partial=True,
             files=[p.EvidenceFile(name="memory.elf", size_bytes=268_435_456, sha256="0" * 64)],
             errors=["console.log: [Errno 28] No space left on device"],
+        ),
+    ),
+    p.ImageProgress(id=23, image="app", phase="apply", layers_done=1, layers_total=3),
+    p.ImageProgress(id=24, image="the uploaded archive", phase="upload", bytes_done=9),
+    p.ImageReply(id=23, image=IMAGE, converted=True),
+    p.ImageListReply(id=25, images=[IMAGE]),
+    p.ImageListReply(id=25, images=[]),
+    p.ImageRemoveReply(id=27, untagged=["app:latest"], removed=[IMAGE.id], freed_bytes=9),
+    p.ImageSizesReply(
+        id=29,
+        sizes=p.ImageStoreSizes(
+            images=[
+                p.ImageSizeInfo(
+                    id=IMAGE.id, tags=[], rootfs_bytes=1, blob_bytes=2, shared_blob_bytes=0
+                )
+            ],
+            rootfs_bytes=1,
+            blob_bytes=2,
+            scratch_bytes=0,
+            total_bytes=3,
         ),
     ),
 ]
@@ -468,7 +526,33 @@ REQUEST_REJECTIONS: list[tuple[str, object, str]] = [
     ("negative tail", {"type": "console_log", "id": 1, "name": "a", "tail_bytes": -1}, "tail"),
     ("not a map", [1, "get_zone"], "Expected `object`, got `array`"),
     ("scalar", 7, "Expected `object`, got `int`"),
-    ("exec no argv", {"type": "exec", "id": 1, "zone": "a", "argv": []}, "$.argv"),
+    ("exec argv not a list", {"type": "exec", "id": 1, "zone": "a", "argv": "ls"}, "$.argv"),
+    ("bad writable layer", _create(writable_layer="nfs"), "$.writable_layer"),
+    ("zero writable size", _create(writable_layer_mib=0), "$.writable_layer_mib"),
+    ("image with space", _create(image="a b"), "$.image"),
+    (
+        "user with newline",
+        {"type": "exec", "id": 1, "zone": "a", "user": "root\nx"},
+        "$.user",
+    ),
+    ("user with two groups", {"type": "exec", "id": 1, "zone": "a", "user": "a:b:c"}, "$.user"),
+    ("empty image ref", {"type": "inspect_image", "id": 1, "reference": ""}, "$.reference"),
+    ("zero size import", {"type": "import_image", "id": 1, "size": 0}, "$.size"),
+    (
+        "oversized image data",
+        {"type": "image_data", "id": 1, "data": b"x" * (p.MAX_IMAGE_CHUNK + 1)},
+        "$.data",
+    ),
+    (
+        "bad platform",
+        {"type": "pull_image", "id": 1, "reference": "a", "platform": "linux"},
+        "$.platform",
+    ),
+    (
+        "too many tags",
+        {"type": "pull_image", "id": 1, "reference": "a", "tags": ["t"] * 17},
+        "$.tags",
+    ),
     ("exec empty argv0", {"type": "exec", "id": 1, "zone": "a", "argv": [""]}, "argv[0]"),
     ("exec NUL arg", {"type": "exec", "id": 1, "zone": "a", "argv": ["a\x00b"]}, "$.argv[0]"),
     (
@@ -704,6 +788,14 @@ def test_hostile_agent_messages_are_rejected(raw: object, expected: str) -> None
         p.decode_from_agent(msgspec.msgpack.encode(raw))
     assert info.value.message.startswith("invalid agent message: ")
     assert expected in info.value.message
+
+
+def test_the_agent_never_takes_an_empty_command() -> None:
+    """Only the daemon's requests may leave argv empty (the image's command)."""
+    with pytest.raises(InvalidRequest, match="argv must not be empty"):
+        p.decode_to_agent(msgspec.msgpack.encode({"type": "agent_exec_start", "exec_id": 1}))
+    start = p.AgentExecStart(exec_id=1, argv=["id"], groups=[4, 27])
+    assert p.decode_to_agent(p.encode(start)) == start
 
 
 def test_agent_side_rejects_unknown_host_messages() -> None:

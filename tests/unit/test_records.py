@@ -42,8 +42,13 @@ OLD_RECORD = {
     "ready_at": 1714564802.5,
     "kernel_release": "6.12.9-zoned",
     "guest_boot_s": 1.25,
-    "rootfs": "/var/lib/zoned/images/workload-0123.erofs",
+    "rootfs": "/var/lib/zoned/oci/roots/" + "cd" * 32 + ".erofs",
     "owner": "/var/lib/zoned",
+    "image": "default",
+    "image_id": "sha256:" + "cd" * 32,
+    "writable_layer": "disk",
+    "writable_layer_mib": 4096,
+    "scratch_disk": "/var/lib/zoned/scratch/web-6f1c1f0e-3c55-4c41-9d4b-0c9a8f7e5d21.ext4",
 }
 
 
@@ -85,10 +90,13 @@ def test_a_record_from_before_the_optional_fields_loads_with_defaults() -> None:
         for k, v in OLD_RECORD.items()
         if k not in ("reason", "labels", "kernel_args", "ready_at", "kernel_release")
         and k not in ("guest_boot_s", "rootfs", "owner")
+        and k not in ("image", "image_id", "writable_layer", "writable_layer_mib", "scratch_disk")
     }
     record = decode_record(json.dumps(oldest))
     assert (record.reason, record.labels, record.rootfs, record.owner) == ("", {}, "", "")
     assert record.ready_at is None and record.guest_boot_s is None
+    # A zone from before images: the built-in root's settings, no scratch disk.
+    assert (record.image, record.image_id, record.scratch_disk) == ("", "", "")
 
 
 @pytest.mark.parametrize(

@@ -238,14 +238,14 @@ class Confinement:
             if not DEFAULT_CAPABILITY_MASK >> cap & 1:
                 linux.prctl(linux.PR_CAPBSET_DROP, cap)
 
-    def apply(self, uid: int, gid: int, *, no_new_privs: bool) -> None:
+    def apply(self, uid: int, gid: int, groups: list[int], *, no_new_privs: bool) -> None:
         """In the child, last before ``exec``: install the filter, switch to
-        ``uid``/``gid`` (no supplementary groups) unless both are 0, keep only the
-        default capabilities."""
+        ``uid``/``gid`` with the supplementary ``groups`` unless all are 0 or none,
+        keep only the default capabilities."""
         # Before giving up CAP_SYS_ADMIN: installing a filter needs it or no_new_privs.
         self._filter.install()
-        if uid or gid:
-            os.setgroups([])
+        if uid or gid or groups:
+            os.setgroups(groups)
             os.setgid(gid)
             os.setuid(uid)  # to another uid than 0: clears the permitted and effective sets
         if uid == 0:

@@ -2,8 +2,8 @@
 
 :func:`spawn` runs ``argv`` directly (no shell) by ``fork`` + ``execvpe``,
 as the leader of a new session and process group, with exactly ``env``, in
-``cwd``, and unless both are 0 with no supplementary groups, ``gid`` and
-``uid``. stdin is a pipe when the host asked for one, else ``/dev/null``;
+``cwd``, and unless all are 0 or none, the supplementary ``groups``,
+``gid`` and ``uid``. stdin is a pipe when the host asked for one, else ``/dev/null``;
 stdout and stderr are two pipes; with ``tty`` all three are a new
 pseudo-terminal of ``rows`` x ``cols`` (of the workload's devpts when there
 is a sandbox), the process's controlling terminal. Every other descriptor is
@@ -236,7 +236,7 @@ def _child(
             step = f"cannot change directory to {cwd!r}: "
             os.chdir(cwd)
             step = f"cannot confine it (uid {uid} gid {gid}): "
-            confinement.apply(uid, gid, no_new_privs=request.no_new_privs)
+            confinement.apply(uid, gid, request.groups, no_new_privs=request.no_new_privs)
             step = ""
             import _signal  # type: ignore[import-not-found]  # built in: no import cost
 

@@ -27,10 +27,27 @@ rather than raising where the agent can go on without the step.
 - :func:`bring_up_loopback`: ``lo`` up, so that workloads have a working
   loopback (they share the zone's network namespace).
 - :func:`reap_children`: PID 1 inherits every orphan and must collect it.
-- :func:`mount_workload_root`: the read-only workload image under a tmpfs
-  overlay, where processes run (:mod:`zoned.agent.sandbox` says how they
-  enter it); :func:`workload_root` mounts it
-  once per boot, after the hello (it is not on the boot's critical path).
+- :func:`mount_workload_root`: the zone's workload root: its image read-only
+  below, its writable layer above, merged by overlayfs (:mod:`zoned.agent.sandbox`
+  says how processes enter it); :func:`workload_root` mounts it once per boot,
+  after the hello (it is not on the boot's critical path).
+
+The workload root (docs/images.md):
+
+- The image is the disk whose virtio serial is ``zoned-image`` (else the
+  first disk, ``/dev/vda``), an EROFS file system mounted read-only and
+  ``nodev``: it is shared by every zone of the image, and device nodes in
+  it are inert.
+- The writable layer is what ``zoned.writable=`` on the kernel command line
+  says: ``tmpfs:<MiB>`` a tmpfs of that size in the zone's RAM (no value:
+  an unbounded one, as before images), ``disk`` the ext4 disk whose serial
+  is ``zoned-writable``. Either is ``nodev`` and not ``nosuid``: images
+  carry setuid programs (``su``, ``passwd``) that a container runs as such.
+  Its ``upper`` and ``work`` directories make the overlay's writable half.
+  When it is full, writes fail with ENOSPC; the agent lives outside it.
+- The overlay is mounted ``nodev``; ``/tmp`` is part of it (one limit for
+  every write), made 1777 if the image has none. ``/proc``, ``/sys`` and
+  ``/dev`` are mounted by the sandbox, in its own namespace.
 """
 
 from __future__ import annotations
@@ -79,10 +96,13 @@ MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
     ("cgroup2", CGROUP_ROOT, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "nsdelegate"),
 )
 
-#: The read-only workload image (zoned.rootfs), the zone's first virtio disk.
+#: The read-only workload image when no disk carries its serial: the first virtio disk.
 WORKLOAD_DEVICE = "/dev/vda"
-#: Where it is assembled: the image below, a tmpfs for writes above, merged.
+#: Where it is assembled: the image below, the writable layer above, merged.
 WORKLOAD_BASE = "/run/workload"
+#: Virtio serials of the image and of the scratch disk (zoned.domain names them).
+IMAGE_SERIAL = "zoned-image"
+WRITABLE_SERIAL = "zoned-writable"
 
 
 def console(message: str) -> None:
@@ -243,33 +263,87 @@ def reap_children(on_exit: Callable[[int, int], object] | None = None) -> None:
             on_exit(pid, status)
 
 
-def mount_workload_root(device: str = WORKLOAD_DEVICE, base: str = WORKLOAD_BASE) -> str:
-    """Mount the workload image under a tmpfs overlay; returns the root, or "" without a disk.
+def disks_by_serial(sys_block: str = "/sys/block") -> dict[str, str]:
+    """``{serial: /dev/vdX}`` for the virtio disks that carry a serial."""
+    found: dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(sys_block))
+    except OSError:
+        return found
+    for name in names:
+        if not name.startswith("vd"):
+            continue
+        try:
+            with open(f"{sys_block}/{name}/serial", "rb") as f:
+                serial = f.read(64).strip().decode("ascii", "replace")
+        except OSError:
+            continue
+        if serial:
+            found.setdefault(serial, f"/dev/{name}")
+    return found
 
-    Inside the root: a tmpfs on /tmp. Writes anywhere land in guest RAM and
-    die with the zone. What processes see besides (/proc, /sys, /dev) is
-    mounted in their own namespace by :mod:`zoned.agent.sandbox`.
-    """
+
+def writable_layer(cmdline_path: str = "/proc/cmdline") -> tuple[str, int | None]:
+    """The writable layer ``zoned.writable=`` asks for: ("tmpfs", MiB or None) or ("disk", None)."""
+    try:
+        with open(cmdline_path, "rb") as f:
+            words = f.read().split()
+    except OSError:
+        words = []
+    values = [w.split(b"=", 1)[1] for w in words if w.startswith(b"zoned.writable=")]
+    value = values[-1].decode("ascii", "replace") if values else ""
+    if value == "disk":
+        return "disk", None
+    kind, _, size = value.partition(":")
+    if kind == "tmpfs" and size.isdigit() and int(size) > 0:
+        return "tmpfs", int(size)
+    return "tmpfs", None
+
+
+def mount_workload_root(
+    device: str = WORKLOAD_DEVICE,
+    base: str = WORKLOAD_BASE,
+    *,
+    cmdline_path: str = "/proc/cmdline",
+    sys_block: str = "/sys/block",
+) -> str:
+    """Mount the workload root (see the module docstring); returns it, or "" without a disk."""
+    disks = disks_by_serial(sys_block)
+    device = disks.get(IMAGE_SERIAL, device)
     if not os.path.exists(device):
         console(f"no workload disk at {device}: processes run in the agent's root")
         return ""
+    kind, size_mib = writable_layer(cmdline_path)
     lower, rw, root = f"{base}/lower", f"{base}/rw", f"{base}/root"
     for path in (lower, rw, root):
         os.makedirs(path, exist_ok=True)
-    mount(device, lower, "erofs", MS_RDONLY, "")
-    mount("tmpfs", rw, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    os.makedirs(f"{rw}/upper", exist_ok=True)
-    os.makedirs(f"{rw}/work", exist_ok=True)
+    mount(device, lower, "erofs", MS_RDONLY | MS_NODEV, "")
+    if kind == "disk":
+        scratch = disks.get(WRITABLE_SERIAL)
+        if scratch is None:
+            raise OSError(
+                2, f"no disk with serial {WRITABLE_SERIAL}: the writable layer is missing"
+            )
+        mount(scratch, rw, "ext4", MS_NODEV, "")
+        layer = f"the scratch disk {scratch}"
+    else:
+        options = "mode=0755" + (f",size={size_mib}m" if size_mib else "")
+        mount("tmpfs", rw, "tmpfs", MS_NODEV, options)
+        layer = f"a tmpfs of {size_mib} MiB" if size_mib else "a tmpfs"
+    os.makedirs(f"{rw}/upper", mode=0o755, exist_ok=True)
+    os.makedirs(f"{rw}/work", mode=0o700, exist_ok=True)
     mount(
         "overlay",
         root,
         "overlay",
-        0,
+        MS_NODEV,
         f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work",
     )
-    os.makedirs(f"{root}/tmp", exist_ok=True)
-    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    console(f"workload root {device} mounted at {root} at {time.monotonic():.3f}s")
+    # Never through a link of the image: lexists does not follow one.
+    if not os.path.lexists(f"{root}/tmp"):
+        os.mkdir(f"{root}/tmp")
+        os.chmod(f"{root}/tmp", 0o1777)
+    console(f"workload root {device} mounted at {root} over {layer} at {time.monotonic():.3f}s")
     return root
 
 

@@ -34,14 +34,17 @@ def parse_label(text: str) -> tuple[str, str]:
     return key, value
 
 
-def parse_user(text: str) -> tuple[int, int]:
-    uid_text, _, gid_text = text.partition(":")
-    try:
-        uid = int(uid_text)
-        gid = int(gid_text) if gid_text else uid
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected UID[:GID] as numbers, got {text!r}") from None
-    return uid, gid
+def parse_user(text: str) -> str:
+    """``USER[:GROUP]``: names (the image's /etc/passwd, /etc/group) or numbers."""
+    user, sep, group = text.partition(":")
+    if not user or (sep and (not group or ":" in group)):
+        raise argparse.ArgumentTypeError(f"expected USER[:GROUP], got {text!r}")
+    return text
+
+
+def parse_entrypoint(text: str) -> list[str]:
+    """``--entrypoint PROGRAM`` (as Docker's): one program; "" clears the image's."""
+    return [text] if text else []
 
 
 def _field(kind: type[msgspec.Struct], name: str) -> msgspec.inspect.Field:
@@ -225,6 +228,17 @@ def _global_options(after_command: bool) -> argparse.ArgumentParser:
     return options
 
 
+def tag_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="also tag the image so; repeatable",
+    )
+
+
 def label_option(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
         "--label",
@@ -251,6 +265,34 @@ def zone_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.Ru
         "--machine", choices=get_args(p.Machine), default=None, help="default: the daemon's"
     )
     label_option(parser, "repeatable")
+    image_options(parser, kind)
+
+
+def image_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.RunZone]) -> None:
+    """The new zone's workload root: its image and its writable layer."""
+    parser.add_argument(
+        "--image",
+        default=None,
+        metavar="IMAGE",
+        help=f"the workload root: an image of the daemon's store (default: its default"
+        f" image; {p.BUILTIN_IMAGE}: the small built-in root)",
+    )
+    parser.add_argument(
+        "--writable-layer",
+        choices=get_args(p.WritableLayer),
+        default=wire_default(kind, "writable_layer"),
+        help="where the zone's writes go: tmpfs (its RAM) or disk (a scratch disk of its own);"
+        " default: %(default)s",
+    )
+    wire_option(
+        parser,
+        "--writable-size",
+        kind,
+        "writable_layer_mib",
+        "MIB",
+        "the writable layer's size (default: tmpfs half the zone's memory, the most it may"
+        " take; disk the daemon's default_scratch_mib)",
+    )
 
 
 def process_options(parser: argparse.ArgumentParser) -> None:
@@ -299,12 +341,33 @@ def process_options(parser: argparse.ArgumentParser) -> None:
         help="the command and its children can never gain privileges (setuid programs"
         " run as the caller)",
     )
-    cwd = wire_default(p.Exec, "cwd")
-    parser.add_argument("--workdir", "-w", default=cwd, metavar="DIR", help=f"default: {cwd}")
-    parser.add_argument("--user", "-u", default="0:0", metavar="UID[:GID]", help="default: 0:0")
     parser.add_argument(
-        "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]", help="what to run"
+        "--workdir",
+        "-w",
+        default=None,
+        metavar="DIR",
+        help="working directory (default: the image's WorkingDir, else /)",
     )
+    parser.add_argument(
+        "--user",
+        "-u",
+        type=parse_user,
+        default=None,
+        metavar="USER[:GROUP]",
+        help="run as this user, by name (the image's /etc/passwd) or number"
+        " (default: the image's User, else root)",
+    )
+    parser.add_argument(
+        "--entrypoint",
+        type=parse_entrypoint,
+        default=None,
+        metavar="PROGRAM",
+        help="replace the image's Entrypoint (and drop its Cmd); '' clears it",
+    )
+
+
+def command_line(parser: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar=metavar, help=help)
 
 
 # ---------------------------------------------------------------------------
@@ -312,10 +375,22 @@ def process_options(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _subcommand(
+    parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    """A (sub)command taking ``--socket`` and ``--json`` after its name too."""
+    return parent.add_parser(
+        name,
+        help=help,
+        description=help,
+        parents=[_global_options(after_command=True)],
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; :func:`parse_args` adds the checks argparse cannot do."""
-    common = _global_options(after_command=True)
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Manage zones: small VMs with their own hardened kernel, run by zoned.",
@@ -326,14 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            help=help,
-            description=help,
-            parents=[common],
-            epilog=EXIT_STATUS_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        return _subcommand(commands, name, help)
 
     command("host", "show the host: accelerator, CPUs, memory, kernels")
 
@@ -421,10 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exec_.add_argument("name", metavar="ZONE")
     process_options(exec_)
+    command_line(
+        exec_,
+        "-- COMMAND [ARG...]",
+        "what to run (none: the image's Entrypoint and Cmd)",
+    )
 
     run = command(
         "run",
-        "boot a fresh zone, run a command in it, destroy it; exits with the command's status",
+        "boot a fresh zone of an image, run a command in it, destroy it; exits with the"
+        " command's status",
     )
     zone_options(run, p.RunZone)
     run.add_argument("--name", default="", help="zone name (default: run-<random>)")
@@ -437,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
         "kill the command (exit 124) when the whole run takes longer",
     )
     process_options(run)
+    command_line(
+        run,
+        "[IMAGE] [-- COMMAND [ARG...]]",
+        "the image (default: the daemon's default image) and the command, which replaces the"
+        " image's Cmd (none: the image's Entrypoint and Cmd)",
+    )
 
     cp = command(
         "cp",
@@ -457,6 +537,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy symbolic links that lead outside the directory as they are (by default"
         " they refuse the copy; links are never followed while copying)",
     )
+
+    image = command("image", "manage the daemon's images: pull, import, list, inspect, remove")
+    images = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        return _subcommand(images, name, help)
+
+    pull = action("pull", "fetch an image from its registry and convert it")
+    pull.add_argument("reference", metavar="REFERENCE", help="name[:tag][@digest]")
+    pull.add_argument("--platform", default=None, help="os/arch[/variant] (default: the host's)")
+    tag_option(pull)
+    pull.add_argument("--username", default=None, help="registry user name")
+    pull.add_argument(
+        "--password-stdin", action="store_true", help="read the registry password from stdin"
+    )
+    pull.add_argument(
+        "--token-stdin", action="store_true", help="read a registry bearer token from stdin"
+    )
+    pull.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP, no TLS (a registry on loopback only)",
+    )
+
+    import_ = action(
+        "import", "import an OCI image layout (a directory) or a docker save / OCI archive"
+    )
+    import_.add_argument("path", metavar="PATH", help="a layout directory or an archive file")
+    import_.add_argument(
+        "--name",
+        dest="reference",
+        default=None,
+        metavar="NAME",
+        help="which image of a layout or archive holding several (ref.name, repo:tag)",
+    )
+    import_.add_argument("--platform", default=None, help="os/arch[/variant] (default: the host's)")
+    tag_option(import_)
+
+    action("list", "list the images")
+    inspect = action("inspect", "show one image: tags, digests, its config")
+    inspect.add_argument("reference", metavar="IMAGE")
+    remove = action("rm", "untag or remove images (refused while a zone uses one)")
+    remove.add_argument("references", metavar="IMAGE", nargs="+")
+    action("prune", "remove every image no zone uses (the default image stays)")
+    action("sizes", "disk use of the image store, per image")
 
     top = command("top", "live CPU and memory of every zone: the host's view and the guest's")
     top.add_argument("--once", action="store_true", help="one sample, then exit")
@@ -484,18 +609,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             labels[key] = value
         args.labels = labels
     if hasattr(args, "argv"):
-        argv = list(args.argv)
-        if argv and argv[0] == "--":
-            argv = argv[1:]
-        if not argv:
-            parser.error(f"{args.command}: give the command to run after --")
-        args.argv = argv
+        words = list(args.argv)
+        before, command = (
+            (words[: words.index("--")], words[words.index("--") + 1 :])
+            if "--" in words
+            else (words, [])
+        )
+        if args.command == "exec":
+            # No -- at all: every word is the command, as before images.
+            args.argv = command if "--" in words else before
+            if "--" in words and before:
+                parser.error(
+                    f"exec: unexpected {' '.join(before)!r} before --"
+                    " (options go before the zone's name)"
+                )
+        else:
+            if len(before) > 1:
+                parser.error(
+                    "run: give at most one image, then the command after --:"
+                    " zonectl run [OPTIONS] [IMAGE] [-- COMMAND [ARG...]]"
+                )
+            if before:
+                if args.image is not None and args.image != before[0]:
+                    parser.error(f"run: two images: --image {args.image} and {before[0]}")
+                args.image = before[0]
+            args.argv = command
         env: dict[str, str] = {}
         for key, value in args.env:
             env[key] = value
         args.env = env
-        try:
-            args.uid, args.gid = parse_user(args.user)
-        except argparse.ArgumentTypeError as exc:
-            parser.error(str(exc))
+    if getattr(args, "password_stdin", False) and getattr(args, "token_stdin", False):
+        parser.error("image pull: --password-stdin or --token-stdin, not both")
+    if getattr(args, "password_stdin", False) and not args.username:
+        parser.error("image pull: --password-stdin needs --username")
     return args

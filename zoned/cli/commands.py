@@ -34,9 +34,14 @@ from zoned.cli.format import (
     format_audit_table,
     format_event,
     format_host,
+    format_image,
+    format_image_sizes,
+    format_image_table,
     format_json,
     format_process_json,
+    format_progress,
     format_quarantine,
+    format_removal,
     format_top,
     format_top_json,
     format_zone,
@@ -75,6 +80,28 @@ class Output:
 
     def binary(self) -> BinaryIO:
         return binary(self.stdout)
+
+
+class ImageProgressLine:
+    """A pull's or import's progress, rewritten in place on a terminal (nothing elsewhere)."""
+
+    def __init__(self, stream: TextIO, *, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self._shown = False
+
+    def update(self, event: p.ImageProgress) -> None:
+        if not self.enabled:
+            return
+        self.stream.write("\r" + format_progress(event)[:200] + "\x1b[K")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._shown = False
 
 
 def binary(stream: TextIO) -> BinaryIO:
@@ -133,6 +160,8 @@ async def run_command(args: argparse.Namespace, out: Output) -> int:
                 )
                 if not out.json:
                     out.text(copied + "\n")
+            case "image":
+                return await image_command(client, args, out)
             case _:  # pragma: no cover - argparse only accepts the commands above
                 raise AssertionError(args.command)
     return EXIT_OK
@@ -149,14 +178,19 @@ def user_names(zones: Sequence[p.ZoneInfo]) -> dict[int, str]:
 
 def zone_options(args: argparse.Namespace) -> ZoneOptions:
     """The new zone's options from ``create``/``run``'s command line."""
-    return {
+    options: ZoneOptions = {
         "vcpus": args.vcpus,
         "memory_mib": args.memory,
         "profile": args.profile,
         "placement": args.placement,
         "labels": args.labels,
         "machine": args.machine,
+        "writable_layer": args.writable_layer,
+        "writable_layer_mib": args.writable_size,
     }
+    if args.image is not None:
+        options["image"] = args.image
+    return options
 
 
 def process_options(args: argparse.Namespace) -> ProcessOptions:
@@ -167,9 +201,9 @@ def process_options(args: argparse.Namespace) -> ProcessOptions:
         env = {**env, "TERM": os.environ.get("TERM", "xterm")}
     return {
         "env": env,
-        "cwd": args.workdir,
-        "uid": args.uid,
-        "gid": args.gid,
+        "workdir": args.workdir,
+        "user": args.user,
+        "entrypoint": args.entrypoint,
         "stdin": args.interactive,
         "tty": args.tty,
         "rows": rows,
@@ -278,6 +312,78 @@ async def audit(client: Client, args: argparse.Namespace, out: Output) -> None:
             records.append(record)
     if not out.json:
         out.text(format_audit_table(records))
+
+
+async def image_command(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """``image pull|import|list|inspect|rm|prune|sizes``."""
+    match args.image_command:
+        case "pull" | "import":
+            progress = ImageProgressLine(out.stderr, enabled=not out.json and out.stderr.isatty())
+            try:
+                if args.image_command == "pull":
+                    secret = (
+                        sys.stdin.readline().rstrip("\n")
+                        if (args.password_stdin or args.token_stdin)
+                        else None
+                    )
+                    image = await client.pull_image(
+                        args.reference,
+                        platform=args.platform,
+                        tags=args.tags,
+                        username=args.username,
+                        password=secret if args.password_stdin else None,
+                        registry_token=secret if args.token_stdin else None,
+                        tls_verify=not args.insecure,
+                        progress=progress.update,
+                    )
+                else:
+                    image = await client.import_image(
+                        args.path,
+                        reference=args.reference,
+                        platform=args.platform,
+                        tags=args.tags,
+                        progress=progress.update,
+                    )
+            finally:
+                progress.close()
+            out.record(image, format_image(image))
+        case "list":
+            images = await client.list_images()
+            out.record(images, format_image_table(images))
+        case "inspect":
+            image = await client.inspect_image(args.reference)
+            out.record(image, format_image(image))
+        case "rm":
+            return await remove_images(client, args.references, out)
+        case "prune":
+            removal = await client.prune_images()
+            out.record(removal, format_removal(removal))
+        case "sizes":
+            sizes = await client.image_sizes()
+            out.record(sizes, format_image_sizes(sizes))
+        case _:  # pragma: no cover - argparse only accepts the actions above
+            raise AssertionError(args.image_command)
+    return EXIT_OK
+
+
+async def remove_images(client: Client, references: Sequence[str], out: Output) -> int:
+    """``image rm``: each in turn; report each failure; the first failure's status."""
+    status = EXIT_OK
+    removals: list[p.ImageRemoveReply] = []
+    for reference in references:
+        try:
+            removal = await client.remove_image(reference)
+        except (ZonedError, ClientError) as exc:
+            out.error(exc)
+            if status == EXIT_OK:
+                status = exit_code_for(exc)
+            continue
+        removals.append(removal)
+        if not out.json:
+            out.text(format_removal(removal))
+    if out.json:
+        out.text(format_json(removals) + "\n")
+    return status
 
 
 async def _sample(client: Client) -> dict[str, p.ZoneMetricsData]:

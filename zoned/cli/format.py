@@ -106,6 +106,7 @@ ZONE_TABLE_HEADER = (
     "NAME",
     "STATE",
     "OWNER",
+    "IMAGE",
     "VCPUS",
     "MEM",
     "CPUS",
@@ -146,6 +147,7 @@ def format_zone_table(
             zone.name,
             zone.state,
             format_owner(zone.owner_uid, user_names or {}),
+            clean(zone.image) or "-",
             str(zone.vcpus),
             format_mib(zone.memory_mib),
             _zone_cpus(zone),
@@ -197,6 +199,8 @@ def format_zone(zone: p.ZoneInfo, now: float, user_names: Mapping[int, str] | No
         ("cpus", pinning),
         ("emulator cpus", format_cpu_list(zone.emulator_cpus)),
         ("numa node", "-" if zone.numa_node is None else str(zone.numa_node)),
+        ("image", _zone_image(zone)),
+        ("writable", _writable_layer(zone)),
         ("profile", clean(zone.profile)),
         ("kernel", clean(zone.kernel_release) or "-"),
         ("machine", f"{zone.machine} ({zone.accelerator})"),
@@ -225,6 +229,141 @@ def format_zone(zone: p.ZoneInfo, now: float, user_names: Mapping[int, str] | No
         ("workload root", clean(zone.rootfs_sha256) or "-"),
     ]
     return _block(pairs)
+
+
+def _zone_image(zone: p.ZoneInfo) -> str:
+    if not zone.image_id:
+        return "-"
+    if zone.image_id == p.BUILTIN_IMAGE:
+        return p.BUILTIN_IMAGE
+    return f"{clean(zone.image)} ({short_id(zone.image_id)})"
+
+
+def _writable_layer(zone: p.ZoneInfo) -> str:
+    if not zone.writable_layer:
+        return "-"
+    size = format_mib(zone.writable_layer_mib) if zone.writable_layer_mib else "unbounded"
+    where = "in the zone's memory" if zone.writable_layer == "tmpfs" else "scratch disk"
+    return f"{zone.writable_layer}, {size} ({where})"
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+
+IMAGE_TABLE_HEADER = ("IMAGE ID", "TAGS", "PLATFORM", "SIZE", "LAYERS", "ZONES", "IMPORTED")
+
+
+def short_id(image_id: str) -> str:
+    """The 12 hex digits Docker shows of an image id."""
+    return image_id.removeprefix("sha256:")[:12]
+
+
+def format_bytes(count: int) -> str:
+    """``512B``, ``1.5kB``, ``216.3MB``, ``4.1GB`` (decimal units, as Docker prints sizes)."""
+    return _scaled(count, 1000, ("B", "kB", "MB", "GB"), "")
+
+
+def _scaled(count: int, step: int, units: tuple[str, ...], space: str) -> str:
+    """``count`` bytes in the largest of ``units`` (each ``step`` times the last) below ``step``."""
+    value, index = float(count), 0
+    while value >= step and index < len(units) - 1:
+        value /= step
+        index += 1
+    return f"{count}{space}B" if index == 0 else f"{value:.1f}{space}{units[index]}"
+
+
+def _tags(image: p.ImageInfo) -> str:
+    tags = ", ".join(clean(t) for t in image.tags) or "<none>"
+    return f"{tags} (default)" if image.default else tags
+
+
+def format_image_table(images: Sequence[p.ImageInfo]) -> str:
+    """The ``image list`` table, newest first."""
+    rows = [
+        (
+            short_id(image.id),
+            _tags(image),
+            clean(image.platform),
+            format_bytes(image.rootfs_bytes),
+            str(image.layers),
+            str(image.zones),
+            format_time(image.imported_at),
+        )
+        for image in sorted(images, key=lambda image: -image.imported_at)
+    ]
+    return format_table(IMAGE_TABLE_HEADER, rows)
+
+
+def _argv_text(argv: Sequence[str]) -> str:
+    return clean(" ".join(argv)) if argv else "-"
+
+
+def format_image(image: p.ImageInfo) -> str:
+    """The ``image inspect`` block (and what pull and import print)."""
+    pairs: list[tuple[str, str]] = [
+        ("id", image.id),
+        ("tags", _tags(image)),
+        ("repo digests", ", ".join(clean(d) for d in image.repo_digests) or "-"),
+        ("platform", clean(image.platform)),
+        ("created", clean(image.created or "-")),
+        ("imported", format_time(image.imported_at)),
+        ("layers", str(image.layers)),
+        ("root file system", format_bytes(image.rootfs_bytes)),
+        ("entrypoint", _argv_text(image.entrypoint)),
+        ("cmd", _argv_text(image.cmd)),
+        ("env", "; ".join(clean(e) for e in image.env) or "-"),
+        ("working dir", clean(image.working_dir) or "/"),
+        ("user", clean(image.user) or "root"),
+        ("labels", format_labels(image.labels)),
+        ("zones using it", str(image.zones)),
+    ]
+    return _block(pairs)
+
+
+def format_removal(removal: p.ImageRemoveReply) -> str:
+    """What ``image rm`` and ``image prune`` did, one line each."""
+    lines = [f"untagged {clean(tag)}" for tag in removal.untagged]
+    lines += [f"removed {image_id}" for image_id in removal.removed]
+    if removal.removed:
+        lines.append(f"freed {format_bytes(removal.freed_bytes)}")
+    return "\n".join(lines or ["nothing to remove"]) + "\n"
+
+
+def format_image_sizes(sizes: p.ImageStoreSizes) -> str:
+    """The ``image sizes`` table and totals."""
+    rows = [
+        (
+            short_id(image.id),
+            ", ".join(clean(t) for t in image.tags) or "<none>",
+            format_bytes(image.rootfs_bytes),
+            format_bytes(image.blob_bytes),
+            format_bytes(image.shared_blob_bytes),
+        )
+        for image in sizes.images
+    ]
+    table = format_table(("IMAGE ID", "TAGS", "ROOT FS", "BLOBS", "SHARED BLOBS"), rows)
+    return table + _block(
+        [
+            ("root file systems", format_bytes(sizes.rootfs_bytes)),
+            ("blobs", format_bytes(sizes.blob_bytes)),
+            ("scratch", format_bytes(sizes.scratch_bytes)),
+            ("total", format_bytes(sizes.total_bytes)),
+        ]
+    )
+
+
+def format_progress(event: p.ImageProgress) -> str:
+    """One progress line of a pull or import: phase, layers and bytes done."""
+    parts = [f"{clean(event.image)}: {event.phase}"]
+    if event.layers_total:
+        layer = min(event.layers_done + (event.phase == "apply"), event.layers_total)
+        parts.append(f"layer {layer}/{event.layers_total}")
+    if event.bytes_total:
+        parts.append(f"{format_bytes(event.bytes_done)}/{format_bytes(event.bytes_total)}")
+    elif event.bytes_done:
+        parts.append(format_bytes(event.bytes_done))
+    return "  ".join(parts)
 
 
 def format_host(host: p.HostInfoData) -> str:
@@ -388,11 +527,14 @@ def format_event(event: p.Event) -> str:
 
 def describe_exec(exec_: p.ExecRecord) -> str:
     """A process in a few words: pid, argv, user, how it ended."""
-    argv = " ".join(exec_.argv)
+    command = [*(exec_.entrypoint or []), *exec_.argv]
+    argv = " ".join(command) if command else "(the image's command)"
     if len(argv) > 80 or exec_.argv_truncated:
         argv = argv[:77] + "..."
     parts = [f"pid {exec_.pid}" if exec_.pid is not None else "not started", one_line(argv)]
-    if exec_.uid or exec_.gid:
+    if exec_.user is not None:
+        parts.append(f"as {exec_.user}")
+    elif exec_.uid or exec_.gid:
         parts.append(f"as {exec_.uid}:{exec_.gid}")
     if exec_.tty:
         parts.append("tty")
@@ -446,12 +588,7 @@ def format_audit_table(records: Sequence[p.AuditRecord]) -> str:
 
 def format_size(size: int) -> str:
     """``512 B``, ``3.2 KiB``, ``256.0 MiB``, ``1.5 GiB``."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return _scaled(size, 1024, ("B", "KiB", "MiB", "GiB"), " ")
 
 
 def format_quarantine(reply: p.QuarantineReply) -> str:

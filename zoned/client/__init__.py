@@ -25,6 +25,8 @@ The package, by job:
 :mod:`zoned.client.tarstream`          a zone's tar stream, read without trust
 :mod:`zoned.client.extract`            a tree from a zone written here, atomically,
                                        following nothing the zone made
+:mod:`zoned.client.images`             images: pull and import (with progress),
+                                       list, inspect, remove, prune, sizes
 :mod:`zoned.client.sync`               :class:`SyncClient`, for scripts
 =====================================  ==========================================
 
@@ -87,6 +89,7 @@ from zoned.client.files import (
     DirEntry,
     FileTooLarge,
 )
+from zoned.client.images import ProgressCallback
 from zoned.client.options import (
     CreateOptions,
     ExecOptions,
@@ -118,6 +121,7 @@ __all__ = [
     "OutputChunk",
     "Process",
     "ProcessOptions",
+    "ProgressCallback",
     "ProtocolError",
     "RunExecOptions",
     "RunOptions",

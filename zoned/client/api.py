@@ -2,8 +2,9 @@
 
 :class:`Client` is a :class:`~zoned.client.connection.Connection` (the
 socket and its reply routing) with the requests on top; its file methods
-come from :class:`~zoned.client.files.FileTransfer`. Options of processes and
-zones are the TypedDicts of :mod:`zoned.client.options`.
+come from :class:`~zoned.client.files.FileTransfer`, its image calls from
+:class:`~zoned.client.images.ImageCalls`. Options of processes and zones are
+the TypedDicts of :mod:`zoned.client.options`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from zoned import protocol as p
 from zoned.client.connection import STREAM_BUFFER, Connection, expect
 from zoned.client.files import FileTransfer
+from zoned.client.images import ImageCalls
 from zoned.client.options import wire_request
 from zoned.client.process import ExecResult, Process
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     )
 
 
-class Client(FileTransfer, Connection):
+class Client(FileTransfer, ImageCalls, Connection):
     """A connection to zoned: ``async with Client(path) as client``.
 
     ``path`` defaults to :func:`~zoned.client.default_socket_path`;

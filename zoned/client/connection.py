@@ -252,7 +252,7 @@ class Connection:
         if send is None:
             return  # an abandoned request or stream: drop its replies
         if reply.id in self._streams:
-            final = isinstance(reply, p.StreamEnd | p.ExecExit | p.ErrorReply)
+            final = isinstance(reply, p.StreamEnd | p.ExecExit | p.ImageReply | p.ErrorReply)
         else:
             final = True
         try:

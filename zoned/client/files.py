@@ -47,6 +47,8 @@ DEFAULT_MAX_FILE = 1024 * 1024 * 1024
 DEFAULT_MAX_ENTRIES = 10_000
 #: How much of a failed helper's stderr becomes the error message.
 _MAX_ERROR_BYTES = 4096
+#: Transfers run as root whatever the image's User (as ``docker cp`` does).
+AS_ROOT = "0:0"
 
 # Writes stdin to a temporary name beside the target, then renames it: the
 # file appears whole or not at all. $1 path, $2 octal mode, $3 uid, $4 gid.
@@ -187,7 +189,9 @@ class FileTransfer(ABC):
             str(uid),
             str(gid),
         ]
-        async with self.exec_process(zone, argv, stdin=True, agent_tools=True) as process:
+        async with self.exec_process(
+            zone, argv, stdin=True, agent_tools=True, user=AS_ROOT
+        ) as process:
             sent = await _feed(process, data)
             await _checked(process, f"cannot write {path!r} in zone {zone!r}")
         return sent
@@ -211,7 +215,9 @@ class FileTransfer(ABC):
     async def put_tree(self, zone: str, directory: str, tar_stream: AsyncIterable[bytes]) -> None:
         """Unpack a tar stream into ``directory`` of the zone (created if missing)."""
         argv = ["sh", "-c", 'mkdir -p -- "$1" && exec tar -x -f - -C "$1"', "zoned-put", directory]
-        async with self.exec_process(zone, argv, stdin=True, agent_tools=True) as process:
+        async with self.exec_process(
+            zone, argv, stdin=True, agent_tools=True, user=AS_ROOT
+        ) as process:
             await _feed(process, tar_stream)
             await _checked(process, f"cannot unpack into {directory!r} in zone {zone!r}")
 
@@ -281,7 +287,7 @@ class FileTransfer(ABC):
         errors = bytearray()
         failure = f"cannot list {path!r} in zone {zone!r}"
         argv = ["sh", "-c", _LIST_SCRIPT, "zoned-list", path]
-        async with self.exec_process(zone, argv, agent_tools=True) as process:
+        async with self.exec_process(zone, argv, agent_tools=True, user=AS_ROOT) as process:
             async for chunk in process:
                 if chunk.stream == "stderr":
                     _keep_some(errors, chunk.data)
@@ -294,7 +300,9 @@ class FileTransfer(ABC):
         return parser.listing(complete=True)
 
     async def is_directory(self, zone: str, path: str) -> bool:
-        async with self.exec_process(zone, ["test", "-d", path], agent_tools=True) as process:
+        async with self.exec_process(
+            zone, ["test", "-d", path], agent_tools=True, user=AS_ROOT
+        ) as process:
             result = await process.wait()
         return result.exit.exit_code == 0
 
@@ -303,7 +311,7 @@ class FileTransfer(ABC):
     ) -> AsyncGenerator[bytes, None]:
         received = 0
         errors = bytearray()
-        async with self.exec_process(zone, argv, agent_tools=True) as process:
+        async with self.exec_process(zone, argv, agent_tools=True, user=AS_ROOT) as process:
             async for chunk in process:
                 if chunk.stream == "stderr":
                     _keep_some(errors, chunk.data)

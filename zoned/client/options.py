@@ -6,13 +6,15 @@ too. The client's methods take them as keyword arguments
 (``**options: Unpack[ExecOptions]``), and so does the sync twin:
 
 =================  ==========================================================
-:class:`ExecOptions`     what a process is: ``env``, ``cwd``, ``uid``, ``gid``,
-                         ``memory_limit_mib``, ``pids_limit``, ``no_new_privs``,
-                         ``agent_tools``
+:class:`ExecOptions`     what a process is: ``env``, ``user``, ``workdir``,
+                         ``entrypoint``, ``memory_limit_mib``, ``pids_limit``,
+                         ``no_new_privs``, ``agent_tools`` (and the older
+                         ``cwd``, ``uid``, ``gid``)
 :class:`ProcessOptions`  and how it is connected: ``stdin``, ``tty``, ``rows``,
                          ``cols`` (streamed processes only)
 :class:`ZoneOptions`     what a new zone is: ``vcpus``, ``memory_mib``,
-                         ``profile``, ``placement``, ``labels``, ``machine``
+                         ``profile``, ``placement``, ``labels``, ``machine``,
+                         ``image``, ``writable_layer``, ``writable_layer_mib``
 :class:`CreateOptions`   and ``kernel_args`` (a zone that lives on)
 :class:`RunOptions`      or ``name``, ``timeout_s`` (a zone for one run)
 =================  ==========================================================
@@ -31,7 +33,9 @@ from zoned.errors import InvalidRequest
 __all__ = [
     "CreateOptions",
     "ExecOptions",
+    "ImportOptions",
     "ProcessOptions",
+    "PullOptions",
     "RunExecOptions",
     "RunOptions",
     "RunProcessOptions",
@@ -43,14 +47,22 @@ __all__ = [
 class ExecOptions(TypedDict, total=False):
     """What a process is (``Exec``/``RunZone`` fields).
 
-    ``env`` is its whole environment; ``memory_limit_mib`` and
-    ``pids_limit`` bound it and everything it starts (its own cgroup);
-    ``no_new_privs`` keeps it from ever gaining privileges (setuid programs
-    run as its own user); ``agent_tools`` runs ``argv`` with the agent's own
-    busybox instead of the workload root's programs.
+    The zone's image gives the defaults, as a container runtime does: ``env``
+    is merged over the image's ``Env``; ``workdir`` replaces its
+    ``WorkingDir``, ``user`` (``user[:group]``, by name or number) its
+    ``User``, ``entrypoint`` its ``Entrypoint``. ``cwd``, ``uid`` and ``gid``
+    are the older, numeric forms (counted only when not ``/``, 0, 0).
+    ``memory_limit_mib`` and ``pids_limit`` bound the process and everything
+    it starts (its own cgroup); ``no_new_privs`` keeps it from ever gaining
+    privileges (setuid programs run as its own user); ``agent_tools`` runs
+    ``argv`` with the agent's own busybox instead of the workload root's
+    programs.
     """
 
     env: Mapping[str, str]
+    user: str | None
+    workdir: str | None
+    entrypoint: Sequence[str] | None
     cwd: str
     uid: int
     gid: int
@@ -58,6 +70,29 @@ class ExecOptions(TypedDict, total=False):
     pids_limit: int | None
     no_new_privs: bool
     agent_tools: bool
+
+
+class PullOptions(TypedDict, total=False):
+    """How an image is pulled (``PullImage`` fields): ``platform`` None is the
+    host's; ``tags`` are added to it; credentials are a ``username`` and
+    ``password`` or a bearer ``registry_token``; ``tls_verify=False`` only for
+    a registry on loopback."""
+
+    platform: str | None
+    tags: Sequence[str]
+    username: str | None
+    password: str | None
+    registry_token: str | None
+    tls_verify: bool
+
+
+class ImportOptions(TypedDict, total=False):
+    """How an image is imported (``ImportImage`` fields): ``reference`` picks
+    one image of a layout or archive holding several."""
+
+    reference: str | None
+    platform: str | None
+    tags: Sequence[str]
 
 
 class ProcessOptions(ExecOptions, total=False):
@@ -70,7 +105,13 @@ class ProcessOptions(ExecOptions, total=False):
 
 
 class ZoneOptions(TypedDict, total=False):
-    """What a new zone is (``CreateZone``/``RunZone`` fields); ``machine`` None: the daemon's."""
+    """What a new zone is (``CreateZone``/``RunZone`` fields); ``machine`` None: the daemon's.
+
+    ``image`` is an image of the daemon's store (``""``: its default image,
+    ``"builtin"``: the small built-in root); ``writable_layer`` where the
+    zone's writes go (``"tmpfs"`` in its RAM, ``"disk"`` a scratch disk of
+    its own) and ``writable_layer_mib`` how much (None: the kind's default).
+    """
 
     vcpus: int
     memory_mib: int
@@ -78,6 +119,9 @@ class ZoneOptions(TypedDict, total=False):
     placement: p.Placement
     labels: Mapping[str, str]
     machine: p.Machine | None
+    image: str
+    writable_layer: p.WritableLayer
+    writable_layer_mib: int | None
 
 
 class CreateOptions(ZoneOptions, total=False):
@@ -104,7 +148,7 @@ class RunExecOptions(RunOptions, ExecOptions, total=False):
 # Options a caller may give as any mapping or iterable; the wire wants a
 # dict or a list.
 _AS_DICT = frozenset({"env", "labels"})
-_AS_LIST = frozenset({"kernel_args"})
+_AS_LIST = frozenset({"kernel_args", "entrypoint", "tags"})
 
 _M = TypeVar("_M", bound=p.Request)
 
@@ -120,18 +164,20 @@ def wire_request(
     """The request ``kind`` for ``options`` (a TypedDict above) and the ``fixed`` fields.
 
     :class:`~zoned.errors.InvalidRequest` for what cannot be a request at
-    all (an empty ``argv``, the protocol's own checks); the daemon checks the
-    bounds of every value.
+    all (a string for ``argv``, the protocol's own checks); the daemon checks
+    the bounds of every value. An empty ``argv`` runs the image's command.
     """
     fields: dict[str, Any] = dict(fixed)
     if argv is not None:
-        if isinstance(argv, str) or not argv:
-            raise InvalidRequest("argv must be a non-empty list: the program, then its arguments")
+        if isinstance(argv, str):
+            raise InvalidRequest("argv must be a list: the program, then its arguments")
         fields["argv"] = list(argv)
     for name, value in options.items():
-        if name in _AS_DICT:
+        if value is not None and name in _AS_DICT:
             value = dict(value)
-        elif name in _AS_LIST:
+        elif value is not None and name in _AS_LIST:
+            if isinstance(value, str):
+                raise InvalidRequest(f"{name} must be a list of strings, not a string")
             value = list(value)
         fields[name] = value
     try:

@@ -7,6 +7,7 @@ request, close. It takes the same options as the async method it wraps
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -18,12 +19,19 @@ from zoned.client.api import Client
 from zoned.client.connection import default_socket_path
 from zoned.client.extract import TreeSummary
 from zoned.client.files import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_FILE, DirectoryListing
+from zoned.client.images import ProgressCallback
 from zoned.client.process import ExecResult
 
 if TYPE_CHECKING:
     from typing import Unpack
 
-    from zoned.client.options import CreateOptions, ExecOptions, RunExecOptions
+    from zoned.client.options import (
+        CreateOptions,
+        ExecOptions,
+        ImportOptions,
+        PullOptions,
+        RunExecOptions,
+    )
 
 _T = TypeVar("_T")
 
@@ -120,3 +128,40 @@ class SyncClient:
         self, zone: str, path: str, *, max_entries: int = DEFAULT_MAX_ENTRIES
     ) -> DirectoryListing:
         return self._run(lambda client: client.list_directory(zone, path, max_entries=max_entries))
+
+    # ------------------------------------------------------------ images
+
+    def list_images(self) -> list[p.ImageInfo]:
+        return self._run(lambda client: client.list_images())
+
+    def inspect_image(self, reference: str) -> p.ImageInfo:
+        return self._run(lambda client: client.inspect_image(reference))
+
+    def remove_image(self, reference: str) -> p.ImageRemoveReply:
+        return self._run(lambda client: client.remove_image(reference))
+
+    def prune_images(self) -> p.ImageRemoveReply:
+        return self._run(lambda client: client.prune_images())
+
+    def image_sizes(self) -> p.ImageStoreSizes:
+        return self._run(lambda client: client.image_sizes())
+
+    def pull_image(
+        self,
+        reference: str,
+        *,
+        progress: ProgressCallback | None = None,
+        **options: Unpack[PullOptions],
+    ) -> p.ImageInfo:
+        """See :meth:`Client.pull_image`; ``progress`` is called in this thread."""
+        return self._run(lambda client: client.pull_image(reference, progress=progress, **options))
+
+    def import_image(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+        **options: Unpack[ImportOptions],
+    ) -> p.ImageInfo:
+        """See :meth:`Client.import_image`; ``progress`` is called in this thread."""
+        return self._run(lambda client: client.import_image(path, progress=progress, **options))

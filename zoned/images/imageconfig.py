@@ -24,7 +24,7 @@ The rules, Docker's and runc's:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
 import msgspec
@@ -244,4 +244,37 @@ def process_for(
         uid=identity.uid,
         gid=identity.gid,
         additional_gids=identity.additional_gids,
+    )
+
+
+def request_process(
+    image: str,
+    config: ImageConfig,
+    accounts: Accounts,
+    *,
+    argv: Sequence[str],
+    entrypoint: Sequence[str] | None,
+    env: Mapping[str, str],
+    working_dir: str | None,
+    user: str | None,
+    whole_command: bool,
+) -> ProcessSpec:
+    """The process an exec or run request starts in a zone of ``image``.
+
+    A run (``docker run IMAGE ARGS``): ``argv`` replaces the image's ``Cmd``.
+    An exec with a command (``whole_command``, ``docker exec``): ``argv`` is
+    the whole command line, after ``entrypoint`` when one is given. Either
+    with no ``argv`` runs the image's ``Entrypoint`` + ``Cmd``.
+    """
+    if whole_command and argv and entrypoint is None:
+        entrypoint = ()
+    return process_for(
+        image,
+        config,
+        accounts,
+        args=argv,
+        entrypoint=entrypoint,
+        env=[f"{name}={value}" for name, value in env.items()],
+        working_dir=working_dir,
+        user=user,
     )

@@ -269,6 +269,8 @@ class ImageStore:
         self.scratch_dir = root / "scratch"
         self.locks = root / "locks"
         self.tags_file = root / "tags.json"
+        #: Root file systems hashed already: (dev, ino, size, mtime, ctime) -> (sha256, size).
+        self._verified: dict[tuple[int, int, int, int, int], tuple[str, int]] = {}
         for directory, mode in (
             (root, 0o755),
             (root / "blobs", 0o755),
@@ -435,7 +437,13 @@ class ImageStore:
 
     def verify_rootfs(self, image_id: str) -> Path:
         """The image's root file system, after checking it is root's, 0644, and
-        has the recorded size and sha256 (what a zone start should call)."""
+        has the recorded size and sha256 (what a zone start should call).
+
+        The hash is computed once per version of the file: a file whose
+        device, inode, size, mtime and ctime are those of one already hashed
+        here is not read again (any write, chmod, chown or rename onto it
+        changes its ctime; only root can do either to a root-owned 0644 file).
+        """
         record = self._load_record(image_id)
         if record is None:
             raise ImageNotFound(image_id, "not in the image store")
@@ -450,11 +458,16 @@ class ImageStore:
                 f"{path} is not a root-owned 0644 file (uid {st.st_uid},"
                 f" mode {stat.S_IMODE(st.st_mode):o}): the store was tampered with",
             )
+        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        expected = (record.rootfs.sha256, record.rootfs.size)
+        if self._verified.get(version) == expected:
+            return path
         digest, size = file_sha256(path)
-        if (digest, size) != (record.rootfs.sha256, record.rootfs.size):
+        if (digest, size) != expected:
             raise ImageHostError(
                 image_id, f"{path} does not match its recorded sha256: the store is damaged"
             )
+        self._verified[version] = expected
         return path
 
     def sizes(self) -> StoreSizes:
@@ -763,6 +776,51 @@ class ImageStore:
             self._save_tags(tags)
         return record
 
+    # -- copying from another store ---------------------------------------------
+
+    def copy_from(
+        self, other: ImageStore, reference: str, *, tags: Sequence[str] = ()
+    ) -> ImageInfo:
+        """Image ``reference`` of the store ``other`` in this store too, with the
+        tags it has there and ``tags``: its blobs and root file system hard-linked
+        where both stores share a file system (else copied), each checked
+        against its digest first. A no-op but for the tags when it is here already.
+        """
+        record = other.resolve(reference)
+        image = reference
+        other.verify_rootfs(record.id)
+        new_tags = [parse_reference(t) for t in (*other.inspect(record.id).tags, *tags)]
+        self.cleanup()
+        with (
+            self.operation(image) as op,
+            self.lock(f"convert-{digest_hex(record.id)[:2]}.lock", image=image),
+        ):
+            existing = self._load_record(record.id)
+            copy_files = existing is None or not self.rootfs_file(record.id).is_file()
+            if copy_files:
+                for digest in sorted(_blob_digests(record)):
+                    target = op.path / digest_hex(digest)
+                    _link_or_copy(other.blobs / digest_hex(digest), target)
+                    actual, _ = file_sha256(target)
+                    if actual != digest:
+                        raise ImageHostError(image, f"blob {digest} of {other.root} is damaged")
+                _link_or_copy(other.rootfs_file(record.id), op.path / "rootfs.erofs")
+            with self._store_lock(image):
+                if copy_files:
+                    for digest in _blob_digests(record):
+                        self._publish_blob(op.path / digest_hex(digest), digest)
+                    _fsync_path(self.blobs, directory=True)
+                    os.replace(op.path / "rootfs.erofs", self.rootfs_file(record.id))
+                    _fsync_path(self.roots, directory=True)
+                    self._write_file(self._record_path(record.id), _record_encoder.encode(record))
+                stored = self._load_record(record.id)
+                assert stored is not None
+                current = self._tags()
+                for ref in new_tags:
+                    current[str(ref)] = record.id
+                self._save_tags(current)
+                return self._info(stored, current)
+
     # -- tagging, removing, pruning, cleaning --------------------------------------
 
     def tag(self, reference: str, new_tag: str) -> ImageInfo:
@@ -892,6 +950,19 @@ class ImageStore:
             return True
         finally:
             os.close(fd)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source``, or a copy (0644) across file systems."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        with open(source, "rb") as src, open(target, "xb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.chmod(target, 0o644)
 
 
 def _blob_digests(record: ImageRecord) -> set[str]:

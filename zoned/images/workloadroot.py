@@ -5,8 +5,12 @@ its interpreter, the few modules it imports, and nothing for workloads. What
 workloads run in is this separate, read-only EROFS image, attached to every
 zone as a virtio disk. The agent mounts it under a tmpfs overlay (writes go
 to guest RAM and vanish with the zone) and starts every process in it, in
-its sandbox (:mod:`zoned.agent.sandbox`). A real container image can later
-replace this one without touching the agent: the boundary is the disk.
+its sandbox (:mod:`zoned.agent.sandbox`).
+
+Zones run OCI images now (the default is a Debian image, docs/images.md);
+this root stays as the image a zone can name ``builtin``: a small, fast
+fallback that needs no image store, and the benchmarks' baseline
+(``tools/bench-images``). Its run settings are :data:`BUILTIN_CONFIG`.
 
 Contents (built on the host, once, cached by content):
 
@@ -53,6 +57,7 @@ from zoned.images.hostfiles import (
     shared_libraries,
     stdlib_dir,
 )
+from zoned.images.imageconfig import DEFAULT_PATH, Accounts, ImageConfig, parse_group, parse_passwd
 from zoned.images.integrity import read_recorded_sha256, sha256_of, write_recorded_sha256
 
 #: Bump when the image's layout changes in a way the inputs do not show.
@@ -82,6 +87,17 @@ ETC_FILES = {
     "etc/hosts": "127.0.0.1 localhost\n::1 localhost\n",
     "etc/os-release": 'NAME="zoned workload root"\nID=zoned\n',
 }
+
+
+#: How the built-in root runs when named as an image (``builtin``): busybox's sh.
+BUILTIN_CONFIG = ImageConfig(env=[f"PATH={DEFAULT_PATH}"], cmd=["/bin/sh"], working_dir="/")
+
+
+def builtin_accounts() -> Accounts:
+    """The users and groups of the built-in root (its /etc/passwd and /etc/group)."""
+    return Accounts(
+        users=parse_passwd(ETC_FILES["etc/passwd"]), groups=parse_group(ETC_FILES["etc/group"])
+    )
 
 
 def _stdlib_files(stdlib: Path) -> Iterator[Path]:

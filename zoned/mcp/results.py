@@ -57,6 +57,9 @@ class ZoneSummary(ToolResult, frozen=True):
     vcpus: int
     memory_mib: int
     kernel_release: str = ""
+    # The image the zone runs, and its id.
+    image: str = ""
+    image_id: str = ""
 
 
 class ZoneListResult(ToolResult, frozen=True):
@@ -264,6 +267,8 @@ def summary(zone: p.ZoneInfo, short_name: str) -> ZoneSummary:
         vcpus=zone.vcpus,
         memory_mib=zone.memory_mib,
         kernel_release=zone.kernel_release,
+        image=zone.image,
+        image_id=zone.image_id,
     )
 
 

@@ -55,10 +55,11 @@ _RECEIVE_CHUNK = 64 * 1024
 
 INSTRUCTIONS = """\
 zoned runs code in zones: small virtual machines with their own kernel, no
-network, and a root filesystem with busybox and Python 3 whose writes stay in
-memory. Use run_code for a snippet in a fresh zone, or create_zone and then
-run_command, write_file, read_file and list_files in it. Every zone of this
-session is destroyed when the session ends."""
+network, and a root filesystem from an image (by default Debian bookworm with
+python3) whose writes stay in memory. Use run_code for a snippet in a fresh
+zone, or create_zone and then run_command, write_file, read_file and
+list_files in it. Every zone of this session is destroyed when the session
+ends."""
 
 
 def tool_list(limits: t.Limits) -> list[types.Tool]:

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 #: The anchor of a session zone: it ends when its stdin closes. Its ``$0``
 #: names it for whoever lists the zone's processes.
 ANCHOR_ARGV = ["sh", "-c", "read -r _", "zoned-mcp-session-anchor"]
+#: The anchor runs as root whatever the image's User (it only waits).
+ANCHOR_USER = "0:0"
 #: After SIGKILL, how long a process may take to report its end.
 KILL_GRACE_S = 10.0
 #: After its anchor's stdin closed, how long a zone may take to be destroyed.
@@ -291,8 +293,16 @@ class Session:
     ) -> None:
         """Boot a zone and keep it while its anchor runs (a task of the session's nursery)."""
         memory_mib = args.memory_mib or self.limits.default_memory_mib
+        image = {"image": args.image} if args.image is not None else {}
         async with self._booted(
-            client, ANCHOR_ARGV, stdin=True, name=name, vcpus=args.vcpus, memory_mib=memory_mib
+            client,
+            ANCHOR_ARGV,
+            stdin=True,
+            name=name,
+            vcpus=args.vcpus,
+            memory_mib=memory_mib,
+            user=ANCHOR_USER,
+            **image,
         ) as process:
             assert process.zone is not None
             zone = SessionZone(name, short_name, process.zone, process)
@@ -373,6 +383,10 @@ class Session:
     async def run_code(self, args: t.RunCodeArgs) -> r.CommandResult:
         argv = ["python3" if args.language == "python" else "sh", "-c", args.code]
         timeout_s = args.timeout_s or self.limits.default_timeout_s
+        if args.zone is not None and args.image is not None:
+            raise r.ToolInputError(
+                "image is for a fresh zone: the zone given has its image already"
+            )
         if args.zone is not None:
             return await self.run_command(
                 t.RunCommandArgs(zone=args.zone, argv=argv, timeout_s=timeout_s)
@@ -388,6 +402,9 @@ class Session:
                 name=name,
                 memory_mib=self.limits.default_memory_mib,
                 timeout_s=min(backstop_s, p.MAX_RUN_TIMEOUT_S),
+                # The code is the whole command: no image Entrypoint before it.
+                entrypoint=[],
+                **({"image": args.image} if args.image is not None else {}),
             ) as process:
                 outcome = await self._drive(process, None, timeout_s)
         return self._command_result(name, outcome, timeout_s, fresh_zone=True)

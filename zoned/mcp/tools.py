@@ -168,6 +168,17 @@ OctalMode = Annotated[
     str, Meta(pattern=r"^0?[0-7]{3,4}\Z", description="permission bits in octal, e.g. 644 or 755")
 ]
 Code = Annotated[str, Meta(min_length=1, max_length=p.MAX_ARG_CHARS)]
+ImageName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=p.MAX_IMAGE_REF_CHARS,
+        pattern=r"^[!-~]+\Z",
+        description="the zone's root filesystem: an image of the daemon's store (e.g."
+        " python:3.12); left out: the daemon's default image (Debian bookworm with"
+        f" python3); {p.BUILTIN_IMAGE}: a small busybox root",
+    ),
+]
 
 
 class ToolArguments(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -180,6 +191,7 @@ class CreateZoneArgs(ToolArguments, frozen=True):
     name: ShortName | None = None
     vcpus: Annotated[p.Vcpus, Meta(description="virtual CPUs")] = 1
     memory_mib: Annotated[p.MemoryMib, Meta(description="memory in MiB")] | None = None
+    image: ImageName | None = None
 
 
 class NoArgs(ToolArguments, frozen=True):
@@ -228,6 +240,13 @@ class RunCodeArgs(ToolArguments, frozen=True):
                 description="run in this zone of the session (its files stay); left out: a fresh"
                 " zone, destroyed afterwards"
             ),
+        ]
+        | None
+    ) = None
+    image: (
+        Annotated[
+            ImageName,
+            Meta(description="the fresh zone's image (not with zone); left out: the default"),
         ]
         | None
     ) = None
@@ -288,9 +307,10 @@ TOOLS: tuple[ToolSpec, ...] = (
         "Create a zone",
         "Boot a zone: a small virtual machine with its own kernel, for running untrusted"
         " code. Returns its name, which the other tools take. It is destroyed when this"
-        " session ends (or with destroy_zone). Processes run as root in a root filesystem"
-        " with busybox and Python 3; writes go to memory and vanish with the zone; there"
-        " is no network.",
+        " session ends (or with destroy_zone). Its root filesystem is an image: the"
+        " daemon's default (Debian bookworm with python3, bash and coreutils) unless"
+        " image names another; processes run as the image's user (root in the default);"
+        " writes go to the zone's memory and vanish with it; there is no network.",
         CreateZoneArgs,
         ZoneSummary,
     ),
