@@ -50,7 +50,7 @@ from zoned import cgroups
 from zoned import protocol as p
 from zoned.access import AccessPolicy, Caller
 from zoned.config import Config, load_config
-from zoned.errors import ConfigError, InternalError, InvalidRequest, ZonedError
+from zoned.errors import ConfigError, InternalError, InvalidRequest, PermissionDenied, ZonedError
 from zoned.events import EventHub
 from zoned.hostinfo import host_tsc_khz
 from zoned.hostwatch import CpuEvent, watch_cpu_events
@@ -411,10 +411,22 @@ class Daemon:
                 | p.ImageSizes()
             ):
                 assert self.images is not None
+                if isinstance(request, p.RemoveImage | p.PruneImages):
+                    self._may_remove_images(caller)
                 await self.images.handle(request, send, inputs)
             case _:
                 # The protocol knows it and the daemon does not: our bug.
                 raise InternalError(f"{type(request).__name__} is not handled here")
+
+    def _may_remove_images(self, caller: Caller) -> None:
+        """Images are shared by every user's zones: pulling one is for every
+        member of the socket group, removing one (or pruning) is for root and
+        the administrators' group."""
+        if not self.policy.sees_all(caller):
+            raise PermissionDenied(
+                "removing images is for root and the administrators' group"
+                " (admin_group in zoned.toml): images are shared by every user's zones"
+            )
 
     async def _stream_events(self, request: p.WatchEvents, send: Send, caller: Caller) -> None:
         view = self.policy.event_view(caller)

@@ -27,7 +27,7 @@ from tests.service.test_hostile_agent import fake_agent, sends
 from tests.zone_events import watching
 from zoned.client import Client
 from zoned.daemon import Daemon
-from zoned.errors import ConfigError, Conflict, NotFound
+from zoned.errors import ConfigError, Conflict, NotFound, PermissionDenied
 
 ADMIN_GROUP = "staff"  # any group of the host: membership is what the relay is given
 
@@ -122,6 +122,22 @@ async def test_only_the_owner_and_administrators_see_and_touch_a_zone(daemon: Da
                 await alice.destroy_zone("hers")
                 await bob.destroy_zone("bobs")
             agents.cancel_scope.cancel()
+
+
+async def test_only_administrators_remove_images(daemon: Daemon) -> None:
+    """Images are shared by every user's zones: a member may list them, not remove them."""
+    with users(daemon) as relays:
+        async with (
+            Client(relays.bob, client_name="bob") as bob,
+            Client(relays.carol, client_name="carol") as carol,
+        ):
+            before = await bob.list_images()
+            for attempt in (bob.remove_image("default"), bob.prune_images()):
+                with pytest.raises(PermissionDenied, match="administrators' group"):
+                    await attempt
+            assert await bob.list_images() == before
+            pruned = await carol.prune_images()
+            assert pruned.removed == []
 
 
 async def _read_log(client: Client, name: str) -> bytes:
