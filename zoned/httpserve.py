@@ -23,6 +23,11 @@ Rules:
   a path does not take with ``405`` and ``Allow``; ``HEAD`` is served by a
   path's ``GET`` handler without the body. A handler that raises gets
   ``500`` (logged with its traceback).
+- A response is a whole body (sent with ``Content-Length``) or a stream of
+  chunks (:attr:`HttpResponse.stream`, sent chunked: a server stream such as
+  the E2B endpoint's process output). Each chunk must be written within the
+  send limit; a client that stops reading, or goes away, ends the stream
+  (its generator is closed) and the connection.
 - Listeners: TCP (``host:port``, ``[v6]:port``) or a Unix socket (an
   absolute path, made mode 0660 and given to a group when one is named).
 """
@@ -33,7 +38,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -91,6 +96,8 @@ class HttpResponse:
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: tuple[tuple[str, str], ...] = ()
+    #: Instead of ``body``: chunks sent as they come (chunked transfer coding).
+    stream: AsyncGenerator[bytes, None] | None = None
 
 
 def text_response(status: int, text: str, headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
@@ -276,6 +283,8 @@ class HttpConnection:
 
     async def _send(self, request: HttpRequest, response: HttpResponse, *, close: bool) -> bool:
         """Write the response; whether the connection may carry another request."""
+        if response.stream is not None:
+            return await self._send_stream(request, response, response.stream, close=close)
         body = b"" if request.method == "HEAD" else response.body
         headers = [
             ("content-type", response.content_type),
@@ -295,6 +304,39 @@ class HttpConnection:
         if not await self._write(data):
             return False
         return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+
+    async def _send_stream(
+        self,
+        request: HttpRequest,
+        response: HttpResponse,
+        stream: AsyncGenerator[bytes, None],
+        *,
+        close: bool,
+    ) -> bool:
+        """Write a streamed response, chunk by chunk (h11 frames them)."""
+        headers = [("content-type", response.content_type), *response.headers]
+        if close:
+            headers.append(("connection", "close"))
+        try:
+            try:
+                head = self._conn.send(_response(response.status, headers)) or b""
+            except h11.LocalProtocolError:
+                log.exception("HTTP response to %s could not be framed", request.path[:200])
+                return False
+            if not await self._write(head):
+                return False
+            if request.method != "HEAD":
+                async for chunk in stream:
+                    if chunk and not await self._write(
+                        self._conn.send(h11.Data(data=chunk)) or b""
+                    ):
+                        return False
+            if not await self._write(self._conn.send(h11.EndOfMessage()) or b""):
+                return False
+            return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def _answer_error(self, status: int, message: str) -> bool:
         """Answer a request that cannot be served; whether the answer was written."""
