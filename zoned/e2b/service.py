@@ -358,10 +358,12 @@ class E2bEndpoint:
                 return await self._connect(sandbox_id, holder, body.timeout)
             case "POST", "/refreshes":
                 return await self._refresh(sandbox_id, holder, request.body)
-            case "POST", "/pause" | "/resume" | "/snapshots" | "/fork":
+            case "POST", "/pause" | "/resume":
                 raise api.ApiError(
-                    501, f"{action[1:]} is not supported by zoned: sandboxes run until they end"
+                    501, "pause/resume is not supported by zoned: sandboxes run until they end"
                 )
+            case "POST", "/snapshots" | "/fork":
+                raise api.ApiError(501, f"{action[1:]} is not supported by zoned")
             case "GET", "/metrics" | "/logs":
                 raise api.ApiError(501, f"sandbox {action[1:]} are not served by zoned's endpoint")
         raise api.ApiError(404, f"no such API call: {method} {path[:200]}")
