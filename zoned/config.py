@@ -44,6 +44,9 @@ class E2bTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     vcpus: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     memory_mib: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 512
     profile: str = "strict"
+    # The zone's workload root: "" is the daemon's built-in root. Image names
+    # need the image store, which this daemon does not have yet.
+    image: str = ""
 
 
 def _default_templates() -> dict[str, E2bTemplate]:
@@ -91,6 +94,12 @@ class E2bConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
             raise ValueError("e2b.default_timeout_s is above e2b.max_timeout_s")
         if not self.templates:
             raise ValueError("e2b.templates: at least one template is needed")
+        for name, template in self.templates.items():
+            if template.image:
+                raise ValueError(
+                    f"e2b.templates.{name}.image: this daemon has no image store yet;"
+                    " leave it out (the built-in workload root)"
+                )
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -66,7 +66,13 @@ from zoned.placement import Allocator
 from zoned.protocol import Accelerator
 from zoned.quarantine import quarantine_zone
 from zoned.records import ZONES_SECLABEL
-from zoned.server import Send, StreamInputs, serve_control_socket, socket_group_id
+from zoned.server import (
+    Send,
+    StreamInputs,
+    open_own_connection,
+    serve_control_socket,
+    socket_group_id,
+)
 from zoned.topology import HostTopology, read_host_topology
 from zoned.virt import (
     DomainEvent,
@@ -283,7 +289,10 @@ class Daemon:
                 config.max_frame_bytes,
             )
             if config.e2b.enabled:
-                await nursery.start(E2bEndpoint(config, self.handle, self.policy).run)
+                connect = functools.partial(
+                    open_own_connection, nursery, self.handle, self.policy, config.max_frame_bytes
+                )
+                await nursery.start(E2bEndpoint(config, connect, self.policy.socket_gid).run)
             log.info(
                 "zoned ready: socket %s, accelerator %s, %d zone(s) adopted",
                 config.socket_path,

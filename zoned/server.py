@@ -203,6 +203,31 @@ class Connection:
                 inputs.close()
 
 
+async def open_own_connection(
+    nursery: trio.Nursery, handler: Handler, policy: AccessPolicy, max_frame: int, caller: Caller
+) -> trio.SocketStream:
+    """A control connection of the daemon's own, for ``caller``: the client's end.
+
+    The other end of a socket pair is served in ``nursery`` like any peer of
+    the control socket, with ``caller`` given instead of read from
+    ``SO_PEERCRED`` (the E2B endpoint acts so for each API key's owner);
+    it ends when the client closes its end.
+    """
+    await trio.lowlevel.checkpoint()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server_side = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+    connection = Connection(server_side, handler, policy, max_frame, caller=caller)
+
+    async def serve() -> None:
+        try:
+            await connection.serve()
+        except Exception:
+            log.exception("in-process control connection failed")
+
+    nursery.start_soon(serve)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+
+
 def socket_group_id(group: str) -> int | None:
     """The control socket's group, or None (and a warning) when the host has none."""
     try:

@@ -22,12 +22,14 @@ import datetime
 import re
 import secrets
 import urllib.parse
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from zoned import protocol as p
-from zoned.config import E2bConfig
+
+if TYPE_CHECKING:
+    from zoned.config import E2bConfig
 
 #: The envd version every sandbox reports, and so the SDK features it turns on
 #: (docs/e2b.md): command stdin (0.3.0), the template's default user (0.4.0),

@@ -43,11 +43,10 @@ import os
 import pwd
 import re
 import secrets
-import socket
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ import msgspec
 import trio
 
 from zoned import protocol as p
-from zoned.access import AccessPolicy, Caller
+from zoned.access import Caller
 from zoned.client import Client
 from zoned.client.files import FileTooLarge
 from zoned.config import Config, E2bConfig
@@ -75,8 +74,6 @@ from zoned.httpserve import (
     serve_http,
     unlink_socket,
 )
-from zoned.server import Connection as ControlConnection
-from zoned.server import Handler
 from zoned.store import RecordWriter, ZoneStore
 
 log = logging.getLogger(__name__)
@@ -167,14 +164,21 @@ def _api_error_of(exc: ZonedError) -> api.ApiError:
     return api.ApiError(status, exc.message)
 
 
-class E2bEndpoint:
-    """The endpoint of one daemon: ``handler`` carries out its requests (``Daemon.handle``)."""
+#: Opens a control connection of the daemon's own for a caller (the client's end).
+OpenConnection = Callable[[Caller], Awaitable[trio.SocketStream]]
 
-    def __init__(self, config: Config, handler: Handler, policy: AccessPolicy) -> None:
+
+class E2bEndpoint:
+    """The endpoint of one daemon; ``connect`` is how it reaches the daemon."""
+
+    def __init__(
+        self, config: Config, connect: OpenConnection, socket_gid: int | None = None
+    ) -> None:
         self.config = config
         self.e2b = config.e2b
-        self._handler = handler
-        self._policy = policy
+        self._open_connection = connect
+        #: The group a Unix-socket listener is given (the control socket's).
+        self._socket_gid = socket_gid
         self._keys: dict[str, KeyHolder] = {}
         self._secret = b""
         state = Path(config.state_dir) / "e2b"
@@ -195,7 +199,7 @@ class E2bEndpoint:
         )
         address = parse_listen_address(self.e2b.listen)
         try:
-            listeners = await open_http_listeners(address, socket_gid=self._policy.socket_gid)
+            listeners = await open_http_listeners(address, socket_gid=self._socket_gid)
         except OSError as exc:
             raise ConfigError(f"e2b.listen {self.e2b.listen}: cannot listen: {exc}") from exc
         limits = HttpLimits(
@@ -237,28 +241,12 @@ class E2bEndpoint:
 
     @asynccontextmanager
     async def client(self, caller: Caller | None) -> AsyncIterator[Client]:
-        """A control connection of the daemon's own, as ``caller`` (None: the daemon).
-
-        One end of a socket pair is served like any control-socket peer with
-        the caller given, not read from ``SO_PEERCRED``; the client has the
-        other end.
-        """
-        assert self._nursery is not None
+        """A control connection of the daemon's own, as ``caller`` (None: the daemon)."""
         who = caller or Caller(uid=0, gid=0, groups=frozenset(), pid=0, exe="e2b")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        server_side = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
-        client_side = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        connection = ControlConnection(
-            server_side, self._handler, self._policy, self.config.max_frame_bytes, caller=who
-        )
-        self._nursery.start_soon(_serve_quietly, connection)
-
-        async def connect() -> trio.SocketStream:
-            await trio.lowlevel.checkpoint()
-            return client_side
-
         async with Client(
-            client_name="e2b", max_frame=self.config.max_frame_bytes, connect=connect
+            client_name="e2b",
+            max_frame=self.config.max_frame_bytes,
+            connect=lambda: self._open_connection(who),
         ) as client:
             yield client
 
@@ -920,13 +908,6 @@ async def _relay(receive: trio.MemoryReceiveChannel[bytes]) -> AsyncGenerator[by
     with receive:
         async for chunk in receive:
             yield chunk
-
-
-async def _serve_quietly(connection: ControlConnection) -> None:
-    try:
-        await connection.serve()
-    except Exception:
-        log.exception("E2B in-process control connection failed")
 
 
 def _text(data: bytes) -> str:
