@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import struct
 import tomllib
+from typing import Literal
 
 import msgspec
 import pytest
@@ -93,24 +94,25 @@ def test_the_sdks_start_request_decodes() -> None:
 
 
 def test_the_sdks_selectors_inputs_and_signals_decode() -> None:
-    selector = process_pb.ProcessSelector(selector=Oneof("pid", 42))
+    pid: Literal["pid"] = "pid"
+    selector = process_pb.ProcessSelector(selector=Oneof(pid, 42))
     signal = process_pb.SendSignalRequest(process=selector, signal=process_pb.Signal.SIGKILL)
     decoded = rpc.decode_message(signal.to_json().encode(), envd.SendSignalRequest)
     assert decoded.process == envd.ProcessSelector(pid=42)
     assert envd.signal_number(decoded.signal) == 9
     with pytest.raises(rpc.RpcError, match="unsupported signal"):
         envd.signal_number("SIGNAL_SIGSTOP")
+    stdin: Literal["stdin"] = "stdin"
     given = process_pb.SendInputRequest(
-        process=selector, input=process_pb.ProcessInput(input=Oneof("stdin", b"\x00data"))
+        process=selector, input=process_pb.ProcessInput(input=Oneof(stdin, b"\x00data"))
     )
     request = rpc.decode_message(given.to_json().encode(), envd.SendInputRequest)
     assert request.input is not None
     assert envd.decode_bytes(request.input.stdin, "input") == b"\x00data"
     with pytest.raises(rpc.RpcError, match="not base64"):
         envd.decode_bytes("***", "input")
-    tagged = process_pb.ConnectRequest(
-        process=process_pb.ProcessSelector(selector=Oneof("tag", "t"))
-    )
+    tag: Literal["tag"] = "tag"
+    tagged = process_pb.ConnectRequest(process=process_pb.ProcessSelector(selector=Oneof(tag, "t")))
     assert rpc.decode_message(
         tagged.to_json().encode(), envd.ConnectRequest
     ).process == envd.ProcessSelector(tag="t")
@@ -203,7 +205,8 @@ def test_events_decode_with_the_sdks_classes() -> None:
         "start", process_pb.ProcessEvent.StartEvent(pid=7)
     )
     data = event(envd.data_event("stderr", b"\xffbytes")).event
-    assert data is not None and data.value.output == Oneof("stderr", b"\xffbytes")
+    assert data is not None and isinstance(data.value, process_pb.ProcessEvent.DataEvent)
+    assert data.value.output == Oneof("stderr", b"\xffbytes")
     assert event(envd.KEEPALIVE_EVENT).event is not None
 
 
