@@ -19,6 +19,9 @@ Rules:
 - Malformed HTTP gets h11's own status (``400``, or ``431`` for an
   oversized head) and the connection closes; nothing a client sends raises
   out of here.
+- A *screen* (optional) sees each request's head before its body is read
+  and may answer it at once (an endpoint's authentication): a refused
+  request's body is never read, and the connection closes after the answer.
 - :class:`Router` answers a path it does not know with ``404`` and a method
   a path does not take with ``405`` and ``Allow``; ``HEAD`` is served by a
   path's ``GET`` handler without the body. A handler that raises gets
@@ -105,6 +108,8 @@ def text_response(status: int, text: str, headers: Sequence[tuple[str, str]] = (
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+#: Sees a request's head (``body`` empty) before its body is read; an answer refuses it.
+Screen = Callable[[HttpRequest], HttpResponse | None]
 
 
 @dataclass
@@ -149,6 +154,15 @@ class _ClientError(Exception):
         self.message = message
 
 
+class _Refused(Exception):
+    """The screen answered the request's head: send ``response`` and close."""
+
+    def __init__(self, request: HttpRequest, response: HttpResponse) -> None:
+        super().__init__(response.status)
+        self.request = request
+        self.response = response
+
+
 class _Closed(Exception):
     """The client went away, or stayed silent too long between requests."""
 
@@ -156,10 +170,17 @@ class _Closed(Exception):
 class HttpConnection:
     """One client connection: requests in, responses out, within :class:`HttpLimits`."""
 
-    def __init__(self, stream: trio.abc.Stream, handler: Handler, limits: HttpLimits) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        handler: Handler,
+        limits: HttpLimits,
+        screen: Screen | None = None,
+    ) -> None:
         self._stream = stream
         self._handler = handler
         self._limits = limits
+        self._screen = screen
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
 
     async def serve(self) -> None:
@@ -171,6 +192,10 @@ class HttpConnection:
                 except _ClientError as exc:
                     if await self._answer_error(exc.status, exc.message):
                         await self._linger()
+                    return
+                except _Refused as refused:
+                    await self._send(refused.request, refused.response, close=True)
+                    await self._linger()
                     return
                 served += 1
                 last = served >= self._limits.max_requests_per_connection
@@ -245,6 +270,11 @@ class HttpConnection:
                         raise _ClientError(
                             413, f"request body larger than {limits.max_body_bytes} bytes"
                         )
+                    if self._screen is not None:
+                        bare = _request(event, b"")
+                        refusal = self._screen(bare)
+                        if refusal is not None:
+                            raise _Refused(bare, refusal)
                 elif isinstance(event, h11.Data):
                     body += event.data
                     if len(body) > limits.max_body_bytes:
@@ -260,19 +290,7 @@ class HttpConnection:
                 raise _Closed()
             raise _ClientError(408, f"request not received within {limits.request_timeout_s:g} s")
         assert head is not None
-        target = head.target.decode("ascii", errors="replace")
-        path, _, query = target.partition("?")
-        return HttpRequest(
-            method=head.method.decode("ascii", errors="replace"),
-            target=target,
-            path=path,
-            query=query,
-            headers=tuple(
-                (name.decode("ascii", errors="replace").lower(), value.decode("latin-1"))
-                for name, value in head.headers
-            ),
-            body=bytes(body),
-        )
+        return _request(head, bytes(body))
 
     async def _respond(self, request: HttpRequest) -> HttpResponse:
         try:
@@ -382,6 +400,22 @@ class HttpConnection:
         return not scope.cancelled_caught
 
 
+def _request(head: h11.Request, body: bytes) -> HttpRequest:
+    target = head.target.decode("ascii", errors="replace")
+    path, _, query = target.partition("?")
+    return HttpRequest(
+        method=head.method.decode("ascii", errors="replace"),
+        target=target,
+        path=path,
+        query=query,
+        headers=tuple(
+            (name.decode("ascii", errors="replace").lower(), value.decode("latin-1"))
+            for name, value in head.headers
+        ),
+        body=body,
+    )
+
+
 def _response(status: int, headers: Sequence[tuple[str, str]]) -> h11.Response:
     try:
         reason = HTTPStatus(status).phrase
@@ -486,9 +520,10 @@ async def serve_http(
     handler: Handler,
     limits: HttpLimits = HttpLimits(),
     *,
+    screen: Screen | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``handler`` on ``listeners`` until cancelled."""
+    """Serve ``handler`` on ``listeners`` until cancelled (``screen``: see above)."""
     slots = trio.Semaphore(limits.max_connections)
 
     async def one(stream: trio.SocketStream) -> None:
@@ -497,7 +532,7 @@ async def serve_http(
             return
         async with slots:
             try:
-                await HttpConnection(stream, handler, limits).serve()
+                await HttpConnection(stream, handler, limits, screen).serve()
             except Exception:
                 log.exception("HTTP connection failed")
 
@@ -547,6 +582,7 @@ __all__ = [
     "HttpResponse",
     "ListenAddress",
     "Router",
+    "Screen",
     "open_http_listeners",
     "parse_listen_address",
     "serve_http",

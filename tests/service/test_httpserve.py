@@ -3,6 +3,7 @@ limits, timeouts, bad input; tight limits so that nothing waits long."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -228,3 +229,28 @@ async def test_a_stream_whose_client_stops_reading_is_closed(server: tuple[str, 
             while STREAMED.get("closed") != 1:
                 await trio.sleep(0.05)
     assert STREAMED["given"] < 1_000_000
+
+
+async def test_a_screen_refuses_before_the_body_is_read() -> None:
+    def screen(head: HttpRequest) -> HttpResponse | None:
+        assert head.body == b""
+        return None if head.header("x-key") == "ok" else HttpResponse(401, b"no key\n")
+
+    router = Router()
+    router.add("/echo", echo, ["POST"])
+    listeners = await open_http_listeners(parse_listen_address("127.0.0.1:0"))
+    address = listeners[0].socket.getsockname()[:2]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(serve_http, screen=screen), listeners, router, LIMITS)
+        # The body never comes: the refusal does not wait for it.
+        refused = await exchange(
+            address, b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 50\r\n\r\n"
+        )
+        assert statuses(refused) == [401] and refused.endswith(b"no key\n")
+        allowed = await exchange(
+            address,
+            b"POST /echo HTTP/1.1\r\nHost: h\r\nX-Key: ok\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\nhi",
+        )
+        assert statuses(allowed) == [200] and allowed.endswith(b"POST /echo 2")
+        nursery.cancel_scope.cancel()

@@ -36,6 +36,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -216,7 +217,12 @@ class E2bEndpoint:
                 self.records = await self._writer.load_all()
                 await nursery.start(self._adopt)
                 nursery.start_soon(self._reap_expired)
-                await nursery.start(serve_http, listeners, self.handle, limits)
+                await nursery.start(
+                    functools.partial(serve_http, screen=self.screen),
+                    listeners,
+                    self.handle,
+                    limits,
+                )
                 log.info(
                     "E2B endpoint on %s: %d key(s), %d sandbox(es) adopted",
                     address,
@@ -292,6 +298,27 @@ class E2bEndpoint:
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     # ------------------------------------------------------------ HTTP
+
+    def screen(self, head: HttpRequest) -> HttpResponse | None:
+        """Refuse before the body is read: no key (or token), or a body too large.
+
+        Only ``POST /files`` may carry more than a JSON message.
+        """
+        sandbox_id = head.header("e2b-sandbox-id")
+        if sandbox_id is None:
+            try:
+                self._authenticate(head)
+            except api.ApiError as exc:
+                return _api_error(exc)
+        else:
+            refusal = self._check_token(head, sandbox_id)
+            if refusal is not None:
+                return refusal
+        length = head.header("content-length")
+        too_long = length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES
+        if head.path != "/files" and too_long:
+            return _envd_http_error(413, f"a request body is at most {MAX_JSON_BYTES} bytes")
+        return None
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         sandbox_id = request.header("e2b-sandbox-id")
@@ -377,7 +404,9 @@ class E2bEndpoint:
         owned = sum(1 for r in self.records.values() if r.owner_uid == holder.caller.uid)
         if owned >= self.e2b.max_sandboxes_per_owner:
             raise api.ApiError(
-                429, f"{owned} sandboxes already run for this owner (the most is {owned})"
+                429,
+                f"{owned} sandboxes already run for this owner"
+                f" (e2b.max_sandboxes_per_owner is {self.e2b.max_sandboxes_per_owner})",
             )
         template = self.e2b.templates[body.template_id]
         sandbox_id = api.new_sandbox_id()
@@ -487,7 +516,8 @@ class E2bEndpoint:
                 return holder.caller
         return None
 
-    async def _envd(self, request: HttpRequest, sandbox_id: str) -> HttpResponse:
+    def _check_token(self, request: HttpRequest, sandbox_id: str) -> HttpResponse | None:
+        """The answer for an envd call that may not go on (None: it may)."""
         port = request.header("e2b-sandbox-port") or ENVD_PORT
         record = self.records.get(sandbox_id)
         if record is None:
@@ -499,10 +529,18 @@ class E2bEndpoint:
         token = request.header("x-access-token") or ""
         caller = self._sandbox_caller(record)
         if caller is None or not hmac.compare_digest(token, self.access_token(record)):
-            if request.path.startswith("/process.") or request.path.startswith("/filesystem."):
+            if request.path.startswith(("/process.", "/filesystem.")):
                 error = rpc.RpcError("unauthenticated", "invalid or missing X-Access-Token")
                 return _json(error.http_status, error.body())
             return _envd_http_error(401, "invalid or missing X-Access-Token")
+        return None
+
+    async def _envd(self, request: HttpRequest, sandbox_id: str) -> HttpResponse:
+        refusal = self._check_token(request, sandbox_id)
+        record = self.records.get(sandbox_id)
+        caller = self._sandbox_caller(record) if record is not None else None
+        if refusal is not None or record is None or caller is None:
+            return refusal or _not_found_502(sandbox_id)
         path = request.path
         if path == "/health":
             return HttpResponse(status=204)
