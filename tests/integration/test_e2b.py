@@ -30,6 +30,7 @@ from e2b import (
     FileType,
     InvalidArgumentException,
     NotFoundException,
+    PtySize,
     Sandbox,
     SandboxException,
     SandboxQuery,
@@ -193,6 +194,17 @@ def test_stdin_and_connect_to_a_running_command(sandbox: Sandbox) -> None:
     assert handle.wait().stdout == "got abc\n"
 
 
+def test_a_pty_session(sandbox: Sandbox) -> None:
+    handle = sandbox.pty.create(PtySize(rows=30, cols=100))
+    sandbox.pty.resize(handle.pid, PtySize(rows=40, cols=120))
+    sandbox.pty.send_stdin(handle.pid, b"stty size; echo pty-$((40+2)); exit 0\n")
+    seen: list[bytes] = []
+    result = handle.wait(on_pty=seen.append)
+    assert result.exit_code == 0
+    screen = b"".join(seen)
+    assert b"pty-42" in screen and b"40 120" in screen
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -316,6 +328,8 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(
     with pytest.raises(InvalidArgumentException, match="unknown user"):
         sandbox.commands.run("true", user="nobody-here")
     assert not sandbox.files.exists("/etc/evil")
+    with pytest.raises(SandboxException, match="not supported by zoned"):
+        sandbox.files.watch_dir("/tmp")
 
 
 # ---------------------------------------------------------------- ends
