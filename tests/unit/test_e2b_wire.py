@@ -18,6 +18,7 @@ from e2b.envd.filesystem import filesystem_pb
 from e2b.envd.process import process_pb
 from protobuf import Oneof
 
+from tests.unit.test_mcp_labels import zone as zone_info
 from zoned import protocol as p
 from zoned.config import Config, E2bConfig
 from zoned.e2b import api, envd
@@ -114,7 +115,7 @@ def test_the_sdks_selectors_inputs_and_signals_decode() -> None:
     tag: Literal["tag"] = "tag"
     tagged = process_pb.ConnectRequest(process=process_pb.ProcessSelector(selector=Oneof(tag, "t")))
     assert rpc.decode_message(
-        tagged.to_json().encode(), envd.ConnectRequest
+        tagged.to_json().encode(), envd.SelectorRequest
     ).process == envd.ProcessSelector(tag="t")
 
 
@@ -375,30 +376,8 @@ def test_sandbox_json_is_what_the_sdk_reads() -> None:
         api.ENVD_VERSION,
         "tok",
     )
-    zone = msgspec.json.decode(
-        msgspec.json.encode(
-            {
-                "name": "e2b-x",
-                "uuid": "u",
-                "state": "ready",
-                "vcpus": 2,
-                "memory_mib": 512,
-                "profile": "strict",
-                "machine": "microvm",
-                "accelerator": "tcg",
-                "placement": "shared",
-                "cpus": [],
-                "emulator_cpus": [],
-                "numa_node": None,
-                "labels": {api.SANDBOX_LABEL: "base", api.METADATA_PREFIX + "team": "a"},
-                "created_at": 0.0,
-                "ready_at": None,
-                "guest_boot_s": None,
-                "console_log": "",
-            }
-        ),
-        type=p.ZoneInfo,
-    )
+    labels = {api.SANDBOX_LABEL: "base", api.METADATA_PREFIX + "team": "a"}
+    zone = msgspec.structs.replace(zone_info("e2b-x", labels), vcpus=2, memory_mib=512)
     detail = api.detail(record, zone)
     parsed = SandboxDetail.from_dict(detail)
     assert (parsed.cpu_count, parsed.memory_mb, parsed.metadata) == (2, 512, {"team": "a"})

@@ -67,7 +67,9 @@ class StartRequest(_In, frozen=True):
     stdin: bool | None = None
 
 
-class ConnectRequest(_In, frozen=True):
+class SelectorRequest(_In, frozen=True):
+    """Connect and CloseStdin name a process alone."""
+
     process: ProcessSelector | None = None
 
 
@@ -84,10 +86,6 @@ class SendInputRequest(_In, frozen=True):
 class SendSignalRequest(_In, frozen=True):
     process: ProcessSelector | None = None
     signal: str | int | None = None
-
-
-class CloseStdinRequest(_In, frozen=True):
-    process: ProcessSelector | None = None
 
 
 class PathRequest(_In, frozen=True):

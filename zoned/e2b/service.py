@@ -596,7 +596,7 @@ class E2bEndpoint:
             assert self._nursery is not None
             running, events = await self.processes.start(self._nursery, spec)
         else:
-            selector = rpc.decode_message(payload, envd.ConnectRequest).process
+            selector = rpc.decode_message(payload, envd.SelectorRequest).process
             running = self.processes.find(record.sandbox_id, selector)
             if running.done.is_set():
                 raise rpc.RpcError("not_found", f"process {running.pid} has ended")
@@ -656,7 +656,7 @@ class E2bEndpoint:
                 target = self.processes.find(sandbox_id, signal.process)
                 await target.process.signal(envd.signal_number(signal.signal))
             case "CloseStdin":
-                close = rpc.decode_message(payload, envd.CloseStdinRequest)
+                close = rpc.decode_message(payload, envd.SelectorRequest)
                 target = self.processes.find(sandbox_id, close.process)
                 await target.process.close_stdin()
             case "Update":
