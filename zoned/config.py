@@ -44,9 +44,11 @@ class E2bTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     vcpus: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     memory_mib: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 512
     profile: str = "strict"
-    # The zone's workload root: "" is the daemon's built-in root. Image names
-    # need the image store, which this daemon does not have yet.
-    image: str = ""
+    # The zone's image (docs/images.md): "" the daemon's default_image,
+    # "builtin" the small built-in root, else a tag, name@digest or id of the
+    # image store. Checked when a sandbox is created (an image removed later
+    # makes that template's creates fail, saying so).
+    image: Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[!-~]*\Z")] = ""
 
 
 def _default_templates() -> dict[str, E2bTemplate]:
@@ -94,12 +96,6 @@ class E2bConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
             raise ValueError("e2b.default_timeout_s is above e2b.max_timeout_s")
         if not self.templates:
             raise ValueError("e2b.templates: at least one template is needed")
-        for name, template in self.templates.items():
-            if template.image:
-                raise ValueError(
-                    f"e2b.templates.{name}.image: this daemon has no image store yet;"
-                    " leave it out (the built-in workload root)"
-                )
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

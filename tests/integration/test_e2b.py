@@ -4,8 +4,8 @@ One private zoned serves the module, its endpoint on a loopback port with
 two keys of two owners (``nobody`` and uid 4242, neither root: root would
 see every zone). One sandbox, made by the first key, is shared by the tests
 in file order; the last tests end it (kill) and make one more (its timeout
-passes across a daemon restart). The README's example is run as written, in
-a subprocess. Needs what ``.ci/run`` sets up.
+passes across a daemon restart, made from a second template: the built-in
+root). The README's example is run as written, in a subprocess. Needs what ``.ci/run`` sets up.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def endpoint() -> Iterator[Endpoint]:
 enabled = true
 listen = "127.0.0.1:{port}"
 max_upload_bytes = {MAX_UPLOAD}
+
+[e2b.templates.base]
+
+[e2b.templates.small]
+image = "builtin"
 
 [[e2b.keys]]
 name = "a"
@@ -146,8 +151,9 @@ def test_create_returns_a_ready_sandbox(sandbox: Sandbox, endpoint: Endpoint) ->
     assert info.envd_version == "0.5.7"
     assert sandbox.is_running()
     assert sandbox.sandbox_id in zones_of(endpoint.daemon)
-    # The response came once the zone runs commands: the first one just works.
-    assert sandbox.commands.run("true").exit_code == 0
+    # The response came once the zone runs commands: the first one just works,
+    # in the template's image (base: the daemon's default, Debian bookworm).
+    assert "bookworm" in sandbox.commands.run("cat /etc/os-release").stdout
 
 
 def test_run_streams_output_with_envs_and_cwd(sandbox: Sandbox) -> None:
@@ -173,6 +179,14 @@ def test_failing_command_raises_with_its_exit_code(sandbox: Sandbox) -> None:
     assert raised.value.exit_code == 3
     assert raised.value.stdout == "partial\n"
     assert raised.value.stderr == "broken\n"
+
+
+def test_commands_and_files_as_another_user_of_the_image(sandbox: Sandbox) -> None:
+    assert sandbox.commands.run("id -un", user="nobody").stdout == "nobody\n"
+    sandbox.files.write("/tmp/nobodys.txt", "mine", user="nobody")
+    assert sandbox.commands.run("stat -c %U /tmp/nobodys.txt").stdout == "nobody\n"
+    with pytest.raises(SandboxException, match="Permission denied"):
+        sandbox.files.write("/root/not-for-nobody.txt", "no", user="nobody")
 
 
 def test_background_command_killed(sandbox: Sandbox) -> None:
@@ -325,7 +339,9 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(
         sandbox.files.write("/tmp/../etc/evil", "no")
     with pytest.raises(InvalidArgumentException, match=r"'\.\.' component"):
         sandbox.files.read("../../etc/passwd")
-    with pytest.raises(InvalidArgumentException, match="unknown user"):
+    with pytest.raises(InvalidArgumentException, match="cannot change directory"):
+        sandbox.commands.run("true", cwd="/no/such/dir")
+    with pytest.raises(InvalidArgumentException, match="not in the image's /etc/passwd"):
         sandbox.commands.run("true", user="nobody-here")
     assert not sandbox.files.exists("/etc/evil")
     with pytest.raises(SandboxException, match="not supported by zoned"):
@@ -360,7 +376,9 @@ def test_readme_example_runs_as_written(endpoint: Endpoint) -> None:
 
 
 def test_set_timeout_expiry_survives_a_restart(endpoint: Endpoint) -> None:
-    sbx = Sandbox.create(timeout=900, api_key=KEY_A)
+    sbx = Sandbox.create(template="small", timeout=900, api_key=KEY_A)
+    # The small template is the built-in root: busybox's sh, no bash.
+    assert "busybox" in sbx.commands.run("readlink /bin/sh").stdout
     first_end = sbx.get_info().end_at
     sbx.set_timeout(20)
     assert sbx.get_info().end_at < first_end

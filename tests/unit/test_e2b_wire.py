@@ -135,11 +135,14 @@ def basic(name: str) -> str:
 
 def test_users_come_from_basic_authorization() -> None:
     assert envd.user_from_authorization(None) is envd.DEFAULT_USER
-    assert envd.user_from_authorization(basic("root")).uid == 0
+    assert envd.DEFAULT_USER.spec is None  # the image's own User
+    root = envd.user_from_authorization(basic("root"))
+    assert (root.spec, root.home) == ("root", "/root")
     user = envd.user_from_authorization(basic("user"))
-    assert (user.uid, user.gid, user.home) == (1000, 1000, "/home/user")
-    with pytest.raises(rpc.RpcError, match="unknown user 'mallory'"):
-        envd.user_from_authorization(basic("mallory"))
+    assert (user.spec, user.home) == ("user", "/home/user")
+    assert envd.user_from_authorization(basic("")) is envd.DEFAULT_USER
+    with pytest.raises(rpc.RpcError, match="invalid user name"):
+        envd.user_from_authorization(basic("../x"))
     with pytest.raises(rpc.RpcError, match="Basic"):
         envd.user_from_authorization("Bearer x")
     with pytest.raises(rpc.RpcError, match="not base64"):
@@ -189,8 +192,8 @@ def test_the_sdks_bash_runs_in_sh_where_bash_is_missing() -> None:
 
 
 def test_command_environment_layers() -> None:
-    env = envd.command_env(envd.DEFAULT_USER, {"A": "sandbox", "B": "b"}, {"A": "command"})
-    assert env == {"HOME": "/root", "USER": "root", "LOGNAME": "root", "A": "command", "B": "b"}
+    env = envd.command_env({"A": "sandbox", "B": "b"}, {"A": "command"})
+    assert env == {"A": "command", "B": "b"}
 
 
 # ---------------------------------------------------------------- envd messages out
@@ -399,8 +402,10 @@ def test_the_e2b_configuration_never_serves_without_keys() -> None:
     with pytest.raises(msgspec.ValidationError, match="at least one"):
         msgspec.convert({"e2b": {"enabled": True}}, Config)
     assert msgspec.convert({}, Config).e2b.enabled is False
-    with pytest.raises(msgspec.ValidationError, match="no image store yet"):
-        e2b_config('[e2b.templates.py]\nimage = "python:3.12"\n')
+    python = e2b_config('[e2b.templates.py]\nimage = "python:3.12"\n').templates["py"]
+    assert python.image == "python:3.12"
+    with pytest.raises(msgspec.ValidationError, match="image"):
+        e2b_config('[e2b.templates.py]\nimage = "two words"\n')
     with pytest.raises(msgspec.ValidationError, match=r"e2b\.listen"):
         msgspec.convert({"e2b": {"listen": "nowhere"}}, Config)
     assert set(e2b_config("[e2b.templates.big]\nvcpus = 2\n").templates) == {"big"}

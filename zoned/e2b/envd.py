@@ -8,10 +8,12 @@ accepts (each a Struct: unknown fields are ignored, as protobuf's JSON
 parsers do, wrong types refused) and the ones it sends, plus the
 translations that have a rule of their own:
 
-- **Users** (``Authorization: Basic base64("name:")``): ``root`` (uid 0,
-  home ``/root``) and ``user`` (uid and gid 1000, home ``/home/user``, E2B's
-  default account); no header: ``root``. Any other name is
-  ``invalid_argument``.
+- **Users** (``Authorization: Basic base64("name:")``, or ``username=``
+  on ``/files``): an account of the zone's image by name, resolved by the
+  daemon in the image's ``/etc/passwd`` (a name it lacks is
+  ``invalid_argument``); no header: the image's own ``User`` (E2B's
+  template default user). Relative paths start at ``/root`` for root and
+  the default, ``/home/NAME`` for others.
 - **Paths**: absolute, or relative to the user's home; never with a ``..``
   component, a NUL or more than :data:`~zoned.protocol.MAX_PATH_CHARS`
   characters (``invalid_argument``, nothing done).
@@ -115,21 +117,34 @@ class Empty(_In, frozen=True):
 
 @dataclass(frozen=True)
 class User:
+    """Who a call runs as: an account of the zone's image, by name ("": the
+    image's own ``User``, E2B's "template default user")."""
+
     name: str
-    uid: int
-    gid: int
+    #: Where relative paths start (the image's passwd is not read for it).
     home: str
 
+    @property
+    def spec(self) -> str | None:
+        """The exec request's ``user`` (None: the image's)."""
+        return self.name or None
 
-USERS: Final = {
-    "root": User("root", 0, 0, "/root"),
-    "user": User("user", 1000, 1000, "/home/user"),
-}
-DEFAULT_USER: Final = USERS["root"]
+
+DEFAULT_USER: Final = User("", "/root")
+_USER_NAME: Final = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
+
+
+def user_named(name: str) -> User:
+    """An account of the image by name; its home is assumed ``/root`` or ``/home/NAME``."""
+    if not name:
+        return DEFAULT_USER
+    if not _USER_NAME.fullmatch(name):
+        raise RpcError("invalid_argument", f"invalid user name {name[:64]!r}")
+    return User(name, "/root" if name == "root" else f"/home/{name}")
 
 
 def user_from_authorization(header: str | None) -> User:
-    """The user of ``Authorization: Basic base64("name:")``; root without one."""
+    """The user of ``Authorization: Basic base64("name:")``; the image's without one."""
     if not header:
         return DEFAULT_USER
     scheme, _, value = header.partition(" ")
@@ -139,14 +154,7 @@ def user_from_authorization(header: str | None) -> User:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         raise RpcError("invalid_argument", "the Authorization header is not base64") from None
-    name = decoded.partition(":")[0] or DEFAULT_USER.name
-    user = USERS.get(name)
-    if user is None:
-        raise RpcError(
-            "invalid_argument",
-            f"unknown user {name[:64]!r}: this endpoint runs as {' or '.join(USERS)}",
-        )
-    return user
+    return user_named(decoded.partition(":")[0])
 
 
 def zone_path(path: str, user: User) -> str:
@@ -181,9 +189,10 @@ def command_argv(config: ProcessConfig) -> list[str]:
     return [config.cmd, *config.args]
 
 
-def command_env(user: User, *layers: dict[str, str]) -> dict[str, str]:
-    """A process's whole environment: the user's, then each layer over it."""
-    env = {"HOME": user.home, "USER": user.name, "LOGNAME": user.name}
+def command_env(*layers: dict[str, str]) -> dict[str, str]:
+    """The request's environment: each layer over the one before (the image's
+    ``Env``, ``PATH`` and the user's ``HOME`` come under it, in the daemon)."""
+    env: dict[str, str] = {}
     for layer in layers:
         env.update(layer)
     return env

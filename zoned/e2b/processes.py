@@ -108,7 +108,8 @@ class StartSpec:
     caller: Caller
     argv: list[str]
     env: dict[str, str]
-    cwd: str
+    #: None: the image's WorkingDir.
+    cwd: str | None
     user: envd.User
     stdin: bool
     tag: str | None
@@ -172,9 +173,8 @@ class ProcessTable:
                     spec.sandbox_id,
                     spec.argv,
                     env=spec.env,
-                    cwd=spec.cwd,
-                    uid=spec.user.uid,
-                    gid=spec.user.gid,
+                    workdir=spec.cwd,
+                    user=spec.user.spec,
                     stdin=spec.stdin or spec.pty_size is not None,
                     tty=spec.pty_size is not None,
                     rows=rows,
@@ -182,7 +182,11 @@ class ProcessTable:
                 ) as process:
                     pid = await process.started()
                     if pid is None:
-                        raise rpc.RpcError("internal", "the process ended before it started")
+                        why = bytearray()
+                        async for chunk in process:
+                            why.extend(chunk.data[: max(0, 2000 - len(why))])
+                        text = why.decode("utf-8", "replace").strip()
+                        raise rpc.RpcError("invalid_argument", text or "the process did not start")
                     running = RunningProcess(
                         pid, spec.tag, spec.config, spec.pty_size is not None, process
                     )

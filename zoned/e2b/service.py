@@ -59,7 +59,6 @@ import trio
 from zoned import protocol as p
 from zoned.access import Caller
 from zoned.client import Client
-from zoned.client.files import FileTooLarge
 from zoned.config import Config, E2bConfig
 from zoned.e2b import api, envd
 from zoned.e2b import connectrpc as rpc
@@ -88,6 +87,12 @@ MAX_HELPER_OUTPUT: Final = 4 * 1024 * 1024
 #: Entries ListDir returns at most, over all depths.
 MAX_LIST_ENTRIES: Final = 10_000
 DOWNLOAD_CHUNKS: Final = 8
+#: Writes stdin to ``$1`` (its directories made), whole or not at all: to a
+#: temporary name beside it, then renamed; as the call's user, so the file is theirs.
+_PUT_SCRIPT: Final = (
+    'mkdir -p -- "$(dirname -- "$1")" && tmp="$1.e2b-put.$$" && cat > "$tmp"'
+    ' && mv -f -- "$tmp" "$1" || { rm -f -- "$tmp"; exit 1; }'
+)
 _SANDBOX_PATH = re.compile(r"^(/v2)?/sandboxes/([^/]{1,128})(/[a-z]+)?\Z")
 
 
@@ -417,6 +422,7 @@ class E2bEndpoint:
                 vcpus=template.vcpus,
                 memory_mib=template.memory_mib,
                 profile=template.profile,
+                image=template.image,
                 labels=api.zone_labels(body.template_id, body.metadata),
             )
             now = time.time()
@@ -624,12 +630,12 @@ class E2bEndpoint:
                 raise rpc.RpcError("invalid_argument", "pty.size must be rows and cols") from None
             if not all(1 <= n <= 1000 for n in pty_size):
                 raise rpc.RpcError("invalid_argument", "pty rows and cols must be within 1..1000")
-        cwd = envd.zone_path(config.cwd, user) if config.cwd else user.home
+        cwd = envd.zone_path(config.cwd, user) if config.cwd else None
         return StartSpec(
             sandbox_id=record.sandbox_id,
             caller=caller,
             argv=envd.command_argv(config),
-            env=envd.command_env(user, record.envs, config.envs),
+            env=envd.command_env(record.envs, config.envs),
             cwd=cwd,
             user=user,
             stdin=bool(start.stdin),
@@ -685,13 +691,23 @@ class E2bEndpoint:
     # ------------------------------------------------------------ files
 
     async def _helper(
-        self, client: Client, sandbox_id: str, user: envd.User, argv: list[str]
+        self,
+        client: Client,
+        sandbox_id: str,
+        user: envd.User,
+        argv: list[str],
+        input: bytes | None = None,
     ) -> tuple[int, bytes, bytes]:
-        """Run one of the agent's own tools as ``user``: status, bounded stdout, stderr."""
+        """Run one of the agent's own tools as ``user`` (given ``input``, then EOF):
+        its status, bounded stdout and stderr."""
         out, err = bytearray(), bytearray()
         async with client.exec_process(
-            sandbox_id, argv, agent_tools=True, uid=user.uid, gid=user.gid
+            sandbox_id, argv, agent_tools=True, user=user.spec, stdin=input is not None
         ) as process:
+            if input is not None:
+                # The helpers that take input answer with a line at most.
+                await process.write(input)
+                await process.close_stdin()
             async for chunk in process:
                 target = out if chunk.stream == "stdout" else err
                 target.extend(chunk.data[: max(0, MAX_HELPER_OUTPUT - len(target))])
@@ -817,13 +833,10 @@ class E2bEndpoint:
         fields = urllib.parse.parse_qs(request.query, max_num_fields=20)
         try:
             name = fields.get("username", [""])[0]
-            user = (
-                envd.USERS.get(name)
-                if name
-                else envd.user_from_authorization(request.header("authorization"))
-            )
-            if user is None:
-                raise rpc.RpcError("invalid_argument", f"unknown user {name[:64]!r}")
+            if name:
+                user = envd.user_named(name)
+            else:
+                user = envd.user_from_authorization(request.header("authorization"))
             raw_path = fields.get("path", [""])[0]
             if request.method in ("GET", "HEAD"):
                 return await self._download(record, caller, user, raw_path)
@@ -833,8 +846,6 @@ class E2bEndpoint:
         except rpc.RpcError as exc:
             status = {"not_found": 404, "resource_exhausted": 413}.get(exc.code, exc.http_status)
             return _envd_http_error(status, exc.message)
-        except FileTooLarge as exc:
-            return _envd_http_error(413, exc.message)
         except ZonedError as exc:
             if exc.code == "not_found":
                 return _not_found_502(record.sandbox_id)
@@ -854,26 +865,41 @@ class E2bEndpoint:
             )
         send, receive = trio.open_memory_channel[bytes](DOWNLOAD_CHUNKS)
         assert self._nursery is not None
-        self._nursery.start_soon(self._produce_file, record.sandbox_id, caller, path, send)
+        self._nursery.start_soon(self._produce_file, record.sandbox_id, caller, user, path, send)
         return HttpResponse(
             status=200, content_type="application/octet-stream", stream=_relay(receive)
         )
 
     async def _produce_file(
-        self, zone: str, caller: Caller, path: str, send: trio.MemorySendChannel[bytes]
+        self,
+        zone: str,
+        caller: Caller,
+        user: envd.User,
+        path: str,
+        send: trio.MemorySendChannel[bytes],
     ) -> None:
-        """A file's bytes into ``send``: what the zone's ``cat`` gives, bounded.
+        """A file's bytes into ``send``: what the zone's ``cat`` (as ``user``) gives, bounded.
 
         A failure after the first byte can only cut the response short (the
         status is sent): the client sees a body shorter than the file.
         """
+        sent = 0
         with send:
             try:
-                async with self.client(caller) as client:
-                    async for chunk in client.stream_file(
-                        zone, path, max_bytes=self.e2b.max_download_bytes
-                    ):
-                        await send.send(chunk)
+                async with (
+                    self.client(caller) as client,
+                    client.exec_process(
+                        zone, ["cat", "--", path], agent_tools=True, user=user.spec
+                    ) as process,
+                ):
+                    async for chunk in process:
+                        if chunk.stream != "stdout":
+                            continue
+                        sent += len(chunk.data)
+                        if sent > self.e2b.max_download_bytes:
+                            log.info("E2B download of %r from %s: grew past the limit", path, zone)
+                            return
+                        await send.send(chunk.data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except ZonedError as exc:
@@ -907,17 +933,17 @@ class E2bEndpoint:
         written = []
         async with self.client(caller) as client:
             for path, data in targets:
-                parent = path.rsplit("/", 1)[0] or "/"
-                await self._run_tool(
+                status, _, err = await self._helper(
                     client,
                     record.sandbox_id,
                     user,
-                    ["mkdir", "-p", "--", parent],
-                    f"cannot make {parent!r}",
+                    ["sh", "-c", _PUT_SCRIPT, "e2b-put", path],
+                    data,
                 )
-                await client.put_file(
-                    record.sandbox_id, path, data, mode=0o644, uid=user.uid, gid=user.gid
-                )
+                if status != 0:
+                    raise rpc.RpcError(
+                        "invalid_argument", f"cannot write {path!r}: {_text(err) or status}"
+                    )
                 written.append(envd.write_info(path))
         return _json(200, msgspec.json.encode(written))
 
