@@ -91,6 +91,14 @@ class Process:
                 self._early.append(reply)
         return self.pid
 
+    async def start_failure(self, max_chars: int = 2000) -> str:
+        """After :meth:`started` returned None: why the process did not start
+        (what the agent wrote, cut to ``max_chars``), read to the end."""
+        why = bytearray()
+        async for chunk in self:
+            why.extend(chunk.data[: max(0, max_chars - len(why))])
+        return why.decode("utf-8", "replace").strip()[:max_chars] or "no reason given"
+
     async def _next_reply(self) -> p.Reply:
         """The next reply of the stream; what it says about the process is recorded."""
         reply = await self._connection._receive(self._replies)

@@ -182,11 +182,7 @@ class ProcessTable:
                 ) as process:
                     pid = await process.started()
                     if pid is None:
-                        why = bytearray()
-                        async for chunk in process:
-                            why.extend(chunk.data[: max(0, 2000 - len(why))])
-                        text = why.decode("utf-8", "replace").strip()
-                        raise rpc.RpcError("invalid_argument", text or "the process did not start")
+                        raise rpc.RpcError("invalid_argument", await process.start_failure())
                     running = RunningProcess(
                         pid, spec.tag, spec.config, spec.pty_size is not None, process
                     )
