@@ -80,6 +80,15 @@ is the picture, ``docs/`` one page per topic.
    only importer of the ``mcp`` SDK, an optional extra). They import layer 1
    and trio, never the daemon's modules or libvirt.
 
+   The E2B-compatible endpoint, :mod:`zoned.e2b`, is a client of this kind
+   that the daemon serves: its pure half (:mod:`zoned.e2b.connectrpc`,
+   :mod:`zoned.e2b.envd`, :mod:`zoned.e2b.api`) is layer 1's kind of code;
+   its shell (:mod:`zoned.e2b.processes`, :mod:`zoned.e2b.service`) uses
+   the client, :mod:`zoned.httpserve`, :mod:`zoned.store` and
+   :mod:`zoned.config`, never the daemon's modules: :mod:`zoned.daemon`
+   (its only importer) hands it a function that opens a control connection
+   of the daemon's own for a caller (:func:`zoned.server.open_own_connection`).
+
 6. **Host tools**, outside the daemon: :mod:`zoned.hostsetup`,
    :mod:`zoned.supervisor`, :mod:`zoned.localdaemon` (a private daemon for
    tests and benchmarks), :mod:`zoned.bareboot` (QEMU without libvirt, the

@@ -24,6 +24,80 @@ DEFAULT_CONFIG_PATH = Path("/etc/zoned/zoned.toml")
 MAX_ZONE_UID = 2**31 - 2
 
 
+class E2bKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One API key of the E2B endpoint: who presents it acts as ``owner``."""
+
+    # What the audit trail and the daemon's log call the key.
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")]
+    # The key's sha256 in hex (`printf %s "$KEY" | sha256sum`): the key itself
+    # is never written on the host.
+    key_sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
+    # The host user (a name or a uid) the key's callers act as: the zones
+    # they create are that user's, and they see that user's zones only
+    # (all zones if the user is root or an administrator).
+    owner: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class E2bTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What an E2B template name makes: a zone of this size and kernel profile."""
+
+    vcpus: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 512
+    profile: str = "strict"
+    # The zone's image (docs/images.md): "" the daemon's default_image,
+    # "builtin" the small built-in root, else a tag, name@digest or id of the
+    # image store. Checked when a sandbox is created (an image removed later
+    # makes that template's creates fail, saying so).
+    image: Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[!-~]*\Z")] = ""
+
+
+def _default_templates() -> dict[str, E2bTemplate]:
+    return {"base": E2bTemplate()}
+
+
+class E2bConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The E2B-compatible endpoint (docs/e2b.md): off unless enabled, keys required."""
+
+    enabled: bool = False
+    # A host address ("127.0.0.1:49982", "[::1]:49982") or a Unix socket path.
+    listen: str = "127.0.0.1:49982"
+    keys: list[E2bKey] = msgspec.field(default_factory=list)
+    # Template names callers may ask for; "base" is the SDK's default.
+    templates: dict[
+        Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")],
+        E2bTemplate,
+    ] = msgspec.field(default_factory=_default_templates)
+    # A sandbox's life when the caller names none, and the most it may ask for.
+    default_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=86400 * 30)] = 300
+    max_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=86400 * 30)] = 86400
+    # The largest file upload (POST /files), and the largest file download.
+    max_upload_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**31)] = 32 * 1024 * 1024
+    max_download_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**34)] = 256 * 1024 * 1024
+    # Sandboxes at once per key owner.
+    max_sandboxes_per_owner: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 20
+
+    def __post_init__(self) -> None:
+        try:
+            parse_listen_address(self.listen)
+        except ValueError as exc:
+            raise ValueError(f"e2b.listen: {exc}") from None
+        if self.enabled and not self.keys:
+            raise ValueError(
+                "e2b.enabled needs at least one [[e2b.keys]] entry: the endpoint never"
+                " serves callers without an API key"
+            )
+        names = [key.name for key in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("e2b.keys: two keys have the same name")
+        digests = [key.key_sha256 for key in self.keys]
+        if len(set(digests)) != len(digests):
+            raise ValueError("e2b.keys: the same key is listed twice")
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError("e2b.default_timeout_s is above e2b.max_timeout_s")
+        if not self.templates:
+            raise ValueError("e2b.templates: at least one template is needed")
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Settings of one zoned daemon; every field has a production default."""
 
@@ -136,6 +210,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Evidence bundles of quarantined zones: root's alone (mode 0700), never
     # under runtime_dir (which zones' QEMUs reach).
     evidence_dir: str = "/var/lib/zoned/evidence"
+
+    # -- The E2B-compatible endpoint (docs/e2b.md): a [e2b] table.
+    e2b: E2bConfig = msgspec.field(default_factory=E2bConfig)
 
     def __post_init__(self) -> None:
         last = self.zone_uid_base + self.zone_uid_count - 1

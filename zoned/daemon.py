@@ -6,7 +6,8 @@ image and the built-in workload root; built once and cached), the image
 store (:mod:`zoned.imageservice`), the monitor (audit trail, statistics,
 log retention, the metrics endpoint when enabled: see :mod:`zoned.monitor`),
 the zone manager (which re-adopts running zones), the CPU hotplug watcher,
-the libvirt event pump and connection keeper, and last the control socket.
+the libvirt event pump and connection keeper, the control socket, and last
+the E2B-compatible endpoint when enabled (:mod:`zoned.e2b`).
 Then READY=1 goes to
 systemd. SIGTERM or SIGINT closes the control socket and stops the daemon;
 zones keep running and are re-adopted by the next start.
@@ -50,6 +51,7 @@ from zoned import cgroups
 from zoned import protocol as p
 from zoned.access import AccessPolicy, Caller
 from zoned.config import Config, load_config
+from zoned.e2b.service import E2bEndpoint
 from zoned.errors import ConfigError, InternalError, InvalidRequest, PermissionDenied, ZonedError
 from zoned.events import EventHub
 from zoned.hostinfo import host_tsc_khz
@@ -64,7 +66,13 @@ from zoned.placement import Allocator
 from zoned.protocol import Accelerator
 from zoned.quarantine import quarantine_zone
 from zoned.records import ZONES_SECLABEL
-from zoned.server import Send, StreamInputs, serve_control_socket, socket_group_id
+from zoned.server import (
+    Send,
+    StreamInputs,
+    open_own_connection,
+    serve_control_socket,
+    socket_group_id,
+)
 from zoned.topology import HostTopology, read_host_topology
 from zoned.virt import (
     DomainEvent,
@@ -280,6 +288,11 @@ class Daemon:
                 self.handle,
                 config.max_frame_bytes,
             )
+            if config.e2b.enabled:
+                connect = functools.partial(
+                    open_own_connection, nursery, self.handle, self.policy, config.max_frame_bytes
+                )
+                await nursery.start(E2bEndpoint(config, connect, self.policy.socket_gid).run)
             log.info(
                 "zoned ready: socket %s, accelerator %s, %d zone(s) adopted",
                 config.socket_path,

@@ -235,7 +235,27 @@ def render_default_config() -> str:
         "# uncomment and change what this host needs. Unknown keys are an error.",
         "",
     ]
-    lines += [f"# {name} = {_toml_value(value)}" for name, value in defaults.items()]
+    tables = {name: value for name, value in defaults.items() if isinstance(value, msgspec.Struct)}
+    lines += [
+        f"# {name} = {_toml_value(value)}" for name, value in defaults.items() if name not in tables
+    ]
+    for name, table in tables.items():
+        # A table's header is not commented out: it holds only defaults.
+        fields = msgspec.structs.asdict(table)
+        subtables = {key: value for key, value in fields.items() if isinstance(value, dict)}
+        lines += ["", f"[{name}]"]
+        lines += [
+            f"# {key} = {_toml_value(value)}"
+            for key, value in fields.items()
+            if key not in subtables
+        ]
+        for key, entries in subtables.items():
+            for entry_name, entry in entries.items():
+                lines += ["", f"[{name}.{key}.{entry_name}]"]
+                lines += [
+                    f"# {field} = {_toml_value(value)}"
+                    for field, value in msgspec.structs.asdict(entry).items()
+                ]
     return "\n".join(lines) + "\n"
 
 

@@ -19,10 +19,18 @@ Rules:
 - Malformed HTTP gets h11's own status (``400``, or ``431`` for an
   oversized head) and the connection closes; nothing a client sends raises
   out of here.
+- A *screen* (optional) sees each request's head before its body is read
+  and may answer it at once (an endpoint's authentication): a refused
+  request's body is never read, and the connection closes after the answer.
 - :class:`Router` answers a path it does not know with ``404`` and a method
   a path does not take with ``405`` and ``Allow``; ``HEAD`` is served by a
   path's ``GET`` handler without the body. A handler that raises gets
   ``500`` (logged with its traceback).
+- A response is a whole body (sent with ``Content-Length``) or a stream of
+  chunks (:attr:`HttpResponse.stream`, sent chunked: a server stream such as
+  the E2B endpoint's process output). Each chunk must be written within the
+  send limit; a client that stops reading, or goes away, ends the stream
+  (its generator is closed) and the connection.
 - Listeners: TCP (``host:port``, ``[v6]:port``) or a Unix socket (an
   absolute path, made mode 0660 and given to a group when one is named).
 """
@@ -33,7 +41,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -91,6 +99,8 @@ class HttpResponse:
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: tuple[tuple[str, str], ...] = ()
+    #: Instead of ``body``: chunks sent as they come (chunked transfer coding).
+    stream: AsyncGenerator[bytes, None] | None = None
 
 
 def text_response(status: int, text: str, headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
@@ -98,6 +108,8 @@ def text_response(status: int, text: str, headers: Sequence[tuple[str, str]] = (
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+#: Sees a request's head (``body`` empty) before its body is read; an answer refuses it.
+Screen = Callable[[HttpRequest], HttpResponse | None]
 
 
 @dataclass
@@ -142,6 +154,15 @@ class _ClientError(Exception):
         self.message = message
 
 
+class _Refused(Exception):
+    """The screen answered the request's head: send ``response`` and close."""
+
+    def __init__(self, request: HttpRequest, response: HttpResponse) -> None:
+        super().__init__(response.status)
+        self.request = request
+        self.response = response
+
+
 class _Closed(Exception):
     """The client went away, or stayed silent too long between requests."""
 
@@ -149,10 +170,17 @@ class _Closed(Exception):
 class HttpConnection:
     """One client connection: requests in, responses out, within :class:`HttpLimits`."""
 
-    def __init__(self, stream: trio.abc.Stream, handler: Handler, limits: HttpLimits) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        handler: Handler,
+        limits: HttpLimits,
+        screen: Screen | None = None,
+    ) -> None:
         self._stream = stream
         self._handler = handler
         self._limits = limits
+        self._screen = screen
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
 
     async def serve(self) -> None:
@@ -164,6 +192,10 @@ class HttpConnection:
                 except _ClientError as exc:
                     if await self._answer_error(exc.status, exc.message):
                         await self._linger()
+                    return
+                except _Refused as refused:
+                    await self._send(refused.request, refused.response, close=True)
+                    await self._linger()
                     return
                 served += 1
                 last = served >= self._limits.max_requests_per_connection
@@ -238,6 +270,11 @@ class HttpConnection:
                         raise _ClientError(
                             413, f"request body larger than {limits.max_body_bytes} bytes"
                         )
+                    if self._screen is not None:
+                        bare = _request(event, b"")
+                        refusal = self._screen(bare)
+                        if refusal is not None:
+                            raise _Refused(bare, refusal)
                 elif isinstance(event, h11.Data):
                     body += event.data
                     if len(body) > limits.max_body_bytes:
@@ -253,19 +290,7 @@ class HttpConnection:
                 raise _Closed()
             raise _ClientError(408, f"request not received within {limits.request_timeout_s:g} s")
         assert head is not None
-        target = head.target.decode("ascii", errors="replace")
-        path, _, query = target.partition("?")
-        return HttpRequest(
-            method=head.method.decode("ascii", errors="replace"),
-            target=target,
-            path=path,
-            query=query,
-            headers=tuple(
-                (name.decode("ascii", errors="replace").lower(), value.decode("latin-1"))
-                for name, value in head.headers
-            ),
-            body=bytes(body),
-        )
+        return _request(head, bytes(body))
 
     async def _respond(self, request: HttpRequest) -> HttpResponse:
         try:
@@ -276,6 +301,8 @@ class HttpConnection:
 
     async def _send(self, request: HttpRequest, response: HttpResponse, *, close: bool) -> bool:
         """Write the response; whether the connection may carry another request."""
+        if response.stream is not None:
+            return await self._send_stream(request, response, response.stream, close=close)
         body = b"" if request.method == "HEAD" else response.body
         headers = [
             ("content-type", response.content_type),
@@ -295,6 +322,39 @@ class HttpConnection:
         if not await self._write(data):
             return False
         return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+
+    async def _send_stream(
+        self,
+        request: HttpRequest,
+        response: HttpResponse,
+        stream: AsyncGenerator[bytes, None],
+        *,
+        close: bool,
+    ) -> bool:
+        """Write a streamed response, chunk by chunk (h11 frames them)."""
+        headers = [("content-type", response.content_type), *response.headers]
+        if close:
+            headers.append(("connection", "close"))
+        try:
+            try:
+                head = self._conn.send(_response(response.status, headers)) or b""
+            except h11.LocalProtocolError:
+                log.exception("HTTP response to %s could not be framed", request.path[:200])
+                return False
+            if not await self._write(head):
+                return False
+            if request.method != "HEAD":
+                async for chunk in stream:
+                    if chunk and not await self._write(
+                        self._conn.send(h11.Data(data=chunk)) or b""
+                    ):
+                        return False
+            if not await self._write(self._conn.send(h11.EndOfMessage()) or b""):
+                return False
+            return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def _answer_error(self, status: int, message: str) -> bool:
         """Answer a request that cannot be served; whether the answer was written."""
@@ -338,6 +398,22 @@ class HttpConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return False
         return not scope.cancelled_caught
+
+
+def _request(head: h11.Request, body: bytes) -> HttpRequest:
+    target = head.target.decode("ascii", errors="replace")
+    path, _, query = target.partition("?")
+    return HttpRequest(
+        method=head.method.decode("ascii", errors="replace"),
+        target=target,
+        path=path,
+        query=query,
+        headers=tuple(
+            (name.decode("ascii", errors="replace").lower(), value.decode("latin-1"))
+            for name, value in head.headers
+        ),
+        body=body,
+    )
 
 
 def _response(status: int, headers: Sequence[tuple[str, str]]) -> h11.Response:
@@ -444,9 +520,10 @@ async def serve_http(
     handler: Handler,
     limits: HttpLimits = HttpLimits(),
     *,
+    screen: Screen | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``handler`` on ``listeners`` until cancelled."""
+    """Serve ``handler`` on ``listeners`` until cancelled (``screen``: see above)."""
     slots = trio.Semaphore(limits.max_connections)
 
     async def one(stream: trio.SocketStream) -> None:
@@ -455,7 +532,7 @@ async def serve_http(
             return
         async with slots:
             try:
-                await HttpConnection(stream, handler, limits).serve()
+                await HttpConnection(stream, handler, limits, screen).serve()
             except Exception:
                 log.exception("HTTP connection failed")
 
@@ -505,6 +582,7 @@ __all__ = [
     "HttpResponse",
     "ListenAddress",
     "Router",
+    "Screen",
     "open_http_listeners",
     "parse_listen_address",
     "serve_http",

@@ -88,8 +88,13 @@ class Connection:
         policy: AccessPolicy,
         max_frame: int,
         on_denied: DeniedHook | None = None,
+        *,
+        caller: Caller | None = None,
     ) -> None:
         self._stream = stream
+        # Given: the connection is the daemon's own (the E2B endpoint's, for
+        # an API key's owner), not a peer whose SO_PEERCRED says who it is.
+        self._caller = caller
         self._handler = handler
         self._on_denied = on_denied
         self._policy = policy
@@ -106,12 +111,16 @@ class Connection:
             await self._stream.send_all(frame)
 
     async def serve(self) -> None:
-        pid, uid, gid = peer_credentials(self._stream.socket)
-        groups = await trio.to_thread.run_sync(process_groups, pid)
-        exe = await trio.to_thread.run_sync(peer_executable, pid)
-        caller = Caller(uid=uid, gid=gid, groups=frozenset(groups), pid=pid, exe=exe)
+        caller = self._caller
+        if caller is None:
+            pid, uid, gid = peer_credentials(self._stream.socket)
+            groups = await trio.to_thread.run_sync(process_groups, pid)
+            exe = await trio.to_thread.run_sync(peer_executable, pid)
+            caller = Caller(uid=uid, gid=gid, groups=frozenset(groups), pid=pid, exe=exe)
         conversation = rules.Conversation(
-            authorised=self._policy.may_connect(caller), uid=uid, max_frame=self._max_frame
+            authorised=self._policy.may_connect(caller) or self._caller is not None,
+            uid=caller.uid,
+            max_frame=self._max_frame,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -192,6 +201,31 @@ class Connection:
             if inputs is not None:
                 self._inputs.pop(request.id, None)
                 inputs.close()
+
+
+async def open_own_connection(
+    nursery: trio.Nursery, handler: Handler, policy: AccessPolicy, max_frame: int, caller: Caller
+) -> trio.SocketStream:
+    """A control connection of the daemon's own, for ``caller``: the client's end.
+
+    The other end of a socket pair is served in ``nursery`` like any peer of
+    the control socket, with ``caller`` given instead of read from
+    ``SO_PEERCRED`` (the E2B endpoint acts so for each API key's owner);
+    it ends when the client closes its end.
+    """
+    await trio.lowlevel.checkpoint()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server_side = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+    connection = Connection(server_side, handler, policy, max_frame, caller=caller)
+
+    async def serve() -> None:
+        try:
+            await connection.serve()
+        except Exception:
+            log.exception("in-process control connection failed")
+
+    nursery.start_soon(serve)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(ours))
 
 
 def socket_group_id(group: str) -> int | None:

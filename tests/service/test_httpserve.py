@@ -3,8 +3,9 @@ limits, timeouts, bad input; tight limits so that nothing waits long."""
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,32 @@ async def boom(request: HttpRequest) -> HttpResponse:
     raise RuntimeError("a handler's bug")
 
 
+#: What the streamed handler's generator did: chunks it gave, whether it was closed.
+STREAMED: dict[str, int] = {}
+
+
+async def streamed(request: HttpRequest) -> HttpResponse:
+    count = int(request.query or "3")
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        STREAMED.update(given=0, closed=0)
+        try:
+            for index in range(count):
+                STREAMED["given"] = index + 1
+                yield f"chunk{index}\n".encode() * 1000
+        finally:
+            STREAMED["closed"] = 1
+
+    await trio.lowlevel.checkpoint()
+    return HttpResponse(200, stream=chunks())
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[str, int]]:
     router = Router()
     router.add("/echo", echo, ["GET", "POST"])
     router.add("/boom", boom)
+    router.add("/stream", streamed)
     listeners = await open_http_listeners(parse_listen_address("127.0.0.1:0"))
     host, port = listeners[0].socket.getsockname()[:2]
     async with trio.open_nursery() as nursery:
@@ -184,3 +206,51 @@ async def test_unix_socket_listener(tmp_path: Path) -> None:
 def test_bad_listen_addresses(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_listen_address(text)
+
+
+async def test_a_streamed_response_is_chunked_and_keeps_the_connection(
+    server: tuple[str, int],
+) -> None:
+    data = await exchange(server, b"GET /stream?3 HTTP/1.1\r\nHost: h\r\n\r\n" + REQUEST)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert statuses(data) == [200, 200]
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert rest.count(b"chunk2\n") == 1000 and b"GET /echo?x=1 0" in rest
+    assert STREAMED == {"given": 3, "closed": 1}
+
+
+async def test_a_stream_whose_client_stops_reading_is_closed(server: tuple[str, int]) -> None:
+    # 10**6 chunks of 7 kB: far more than the socket buffers hold; the client
+    # reads nothing, so the write times out and the generator is closed.
+    stream = await trio.open_tcp_stream(*server)
+    async with stream:
+        await stream.send_all(b"GET /stream?1000000 HTTP/1.1\r\nHost: h\r\n\r\n")
+        with trio.fail_after(GUARD_S):
+            while STREAMED.get("closed") != 1:
+                await trio.sleep(0.05)
+    assert STREAMED["given"] < 1_000_000
+
+
+async def test_a_screen_refuses_before_the_body_is_read() -> None:
+    def screen(head: HttpRequest) -> HttpResponse | None:
+        assert head.body == b""
+        return None if head.header("x-key") == "ok" else HttpResponse(401, b"no key\n")
+
+    router = Router()
+    router.add("/echo", echo, ["POST"])
+    listeners = await open_http_listeners(parse_listen_address("127.0.0.1:0"))
+    address = listeners[0].socket.getsockname()[:2]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(serve_http, screen=screen), listeners, router, LIMITS)
+        # The body never comes: the refusal does not wait for it.
+        refused = await exchange(
+            address, b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 50\r\n\r\n"
+        )
+        assert statuses(refused) == [401] and refused.endswith(b"no key\n")
+        allowed = await exchange(
+            address,
+            b"POST /echo HTTP/1.1\r\nHost: h\r\nX-Key: ok\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\nhi",
+        )
+        assert statuses(allowed) == [200] and allowed.endswith(b"POST /echo 2")
+        nursery.cancel_scope.cancel()

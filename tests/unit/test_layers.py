@@ -99,3 +99,14 @@ def test_clients_do_not_import_the_daemon() -> None:
             continue
         bad = {n for n in names if n.startswith(daemon) or n == "libvirt"}
         assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_the_e2b_endpoint_reaches_the_daemon_only_through_its_protocol() -> None:
+    daemon = ("zoned.virt", "zoned.zones", "zoned.daemon", "zoned.server", "zoned.workloads")
+    for module, names in SOURCES.items():
+        if module.startswith("zoned.e2b"):
+            bad = {n for n in names if n.startswith(daemon) or n == "libvirt"}
+            assert not bad, f"{module} imports {sorted(bad)}"
+    assert {m for m in importers_of("zoned.e2b") if not m.startswith("zoned.e2b")} == {
+        "zoned.daemon"
+    }

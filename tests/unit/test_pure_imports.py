@@ -34,6 +34,10 @@ PURE_MODULES = [
     "zoned.net.pins",
     "zoned.net.accounting",
     "zoned.net.wire",
+    "zoned.e2b",
+    "zoned.e2b.connectrpc",
+    "zoned.e2b.envd",
+    "zoned.e2b.api",
 ]
 FORBIDDEN = ("trio", "libvirt", "libvirtmod", "subprocess", "socket", "pyudev", "psutil")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
@@ -106,8 +106,12 @@ class Connection:
         client_name: str = "zonectl",
         *,
         max_frame: int = p.DEFAULT_MAX_FRAME,
+        connect: Callable[[], Awaitable[trio.SocketStream]] | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else default_socket_path()
+        #: Opens the stream instead of connecting to ``path`` (the daemon's own
+        #: in-process connections: one end of a socket pair).
+        self._connect = connect
         self.client_name = client_name
         self.max_frame = max_frame
         #: Set by the handshake.
@@ -133,7 +137,10 @@ class Connection:
             raise RuntimeError("a Client can be entered only once")
         self._entered = True
         try:
-            stream = await trio.open_unix_socket(str(self.path))
+            if self._connect is not None:
+                stream = await self._connect()
+            else:
+                stream = await trio.open_unix_socket(str(self.path))
         except OSError as exc:
             raise DaemonUnavailable(self.path, exc) from exc
         self._stream = stream

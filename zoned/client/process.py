@@ -19,6 +19,9 @@ from zoned.errors import innermost
 if TYPE_CHECKING:
     from zoned.client.connection import Connection
 
+#: Output chunks kept while waiting for a process to start, at most.
+_MAX_EARLY_CHUNKS = 16
+
 #: One piece of a process's stdout or stderr: the wire message itself
 #: (``chunk.stream``, ``chunk.data``).
 OutputChunk: TypeAlias = p.ExecOutput
@@ -60,11 +63,16 @@ class Process:
         self.pid: int | None = None
         self.zone: p.ZoneInfo | None = None
         self.result: ExecResult | None = None
+        # Output that came while started() waited: a process that cannot
+        # start says why on stderr, then ends, with no ExecStarted.
+        self._early: list[OutputChunk] = []
 
     def __aiter__(self) -> Process:
         return self
 
     async def __anext__(self) -> OutputChunk:
+        if self._early:
+            return self._early.pop(0)
         while self.result is None:
             reply = await self._next_reply()
             if isinstance(reply, p.ExecOutput):
@@ -72,11 +80,24 @@ class Process:
         raise StopAsyncIteration
 
     async def started(self) -> int | None:
-        """Wait until the process runs (or ended without output); its pid in the zone."""
+        """Wait until the process runs; its pid in the zone. None: it ended
+        without starting (:attr:`result` says how; iterating gives the
+        output, e.g. why it could not start)."""
         while self.pid is None and self.result is None:
-            if isinstance(await self._next_reply(), p.ExecOutput):
-                raise ProtocolError("output before the process started")
+            reply = await self._next_reply()
+            if isinstance(reply, p.ExecOutput):
+                if len(self._early) >= _MAX_EARLY_CHUNKS:
+                    raise ProtocolError("too much output before the process started")
+                self._early.append(reply)
         return self.pid
+
+    async def start_failure(self, max_chars: int = 2000) -> str:
+        """After :meth:`started` returned None: why the process did not start
+        (what the agent wrote, cut to ``max_chars``), read to the end."""
+        why = bytearray()
+        async for chunk in self:
+            why.extend(chunk.data[: max(0, max_chars - len(why))])
+        return why.decode("utf-8", "replace").strip()[:max_chars] or "no reason given"
 
     async def _next_reply(self) -> p.Reply:
         """The next reply of the stream; what it says about the process is recorded."""

@@ -330,7 +330,10 @@ class Session:
         async with client.run_process(argv, labels=labels, **options) as process:
             try:
                 with trio.fail_after(self.limits.boot_timeout_s):
-                    await process.started()
+                    pid = await process.started()
+                if pid is None:
+                    why = await process.start_failure()
+                    raise r.ToolError(f"the process did not start: {why}")
                 if process.zone is None:
                     raise r.ToolError("zoned-mcp: the daemon reported no zone for the run")
                 yield process
