@@ -23,6 +23,9 @@ is the picture, ``docs/`` one page per topic.
      the range's clashes with the host's accounts (reading them is in the
      same module, as functions).
    - :mod:`zoned.records`: the persisted zone record.
+   - :mod:`zoned.probecache`: the accelerator probe's verdict and the key it
+     holds under (reading the host's part of the key is in the same module,
+     as functions).
    - :mod:`zoned.placement`, :mod:`zoned.topology` (its parsers; reading the
      live host is in the same module, behind lazy imports): CPUs and memory.
    - :mod:`zoned.domain`: libvirt domain XML from typed values.

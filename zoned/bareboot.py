@@ -12,10 +12,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zoned.agent import AGENT_PORT_NAME
 from zoned.domain import EMULATOR
 from zoned.images.hostfiles import busybox_binary
+
+if TYPE_CHECKING:
+    from zoned.agentlink import AgentLink
+    from zoned.protocol import AgentHello
 
 
 def qemu_command(
@@ -30,8 +35,11 @@ def qemu_command(
     vcpus: int = 1,
     agent_socket: Path | None = None,
     disk: Path | None = None,
+    free_page_reporting: bool = False,
+    tcg_tb_cache_mib: int | None = None,
 ) -> list[str]:
-    """The argv of a bare boot matching a zone's devices on ``machine``."""
+    """The argv of a bare boot matching a zone's devices on ``machine``
+    (the balloon and the TCG cache bound as :class:`zoned.domain.DomainSpec` has them)."""
     mmio = machine == "microvm"
     bus = "device" if mmio else "pci"
     machine_arg = "microvm,rtc=on" if mmio else "q35"
@@ -40,7 +48,9 @@ def qemu_command(
         "-M",
         machine_arg,
         "-accel",
-        accelerator,
+        accelerator
+        if accelerator != "tcg" or tcg_tb_cache_mib is None
+        else f"tcg,tb-size={tcg_tb_cache_mib}",
         "-cpu",
         "max" if accelerator == "tcg" else "host",
         "-m",
@@ -75,6 +85,8 @@ def qemu_command(
             "-device",
             f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}",
         ]
+    if free_page_reporting:
+        argv += ["-device", f"virtio-balloon-{bus},free-page-reporting=on"]
     if disk is not None:
         argv += [
             "-drive",
@@ -164,3 +176,58 @@ def busybox_initramfs(init_script: str, dest: Path) -> Path:
         archive.file("init", ("#!/bin/busybox sh\n" + init_script).encode(), mode=0o755)
         archive.finish()
     return dest
+
+
+class BareAgentBoot:
+    """One bare QEMU of a zone's kernel and boot image, with its agent channel.
+
+    For tools that compare with zoned (trio; imported lazily so that the
+    synchronous helpers above stay light). :meth:`boot` spawns QEMU and
+    waits for the agent's hello; :meth:`stop` ends it. ``argv`` comes from
+    :func:`qemu_command` with ``agent_socket=socket``.
+    """
+
+    def __init__(self, argv: list[str], socket: Path) -> None:
+        self.argv = argv
+        self.socket = socket
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.link: AgentLink | None = None
+        self.hello: AgentHello | None = None
+
+    async def boot(self) -> float:
+        """Spawn to the agent's hello, in seconds (the hello is :attr:`hello`)."""
+        import trio
+
+        from zoned.agentlink import AgentLink
+        from zoned.protocol import AgentHello
+
+        self.socket.unlink(missing_ok=True)
+        start = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        with trio.fail_after(120):
+            self.link = await AgentLink.connect(self.socket, "bench")
+            while not isinstance(message := await self.link.receive(), AgentHello):
+                pass
+        self.hello = message
+        return time.monotonic() - start
+
+    async def echo(self, seq: int) -> float:
+        """A heartbeat's round trip on the channel, in seconds."""
+        from zoned.protocol import Heartbeat, HeartbeatReply
+
+        assert self.link is not None
+        start = time.monotonic()
+        await self.link.send(Heartbeat(seq=seq))
+        while True:
+            reply = await self.link.receive()
+            if isinstance(reply, HeartbeatReply) and reply.seq == seq:
+                return time.monotonic() - start
+
+    async def stop(self) -> None:
+        if self.link is not None:
+            await self.link.aclose()
+            self.link = None
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None

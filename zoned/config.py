@@ -157,6 +157,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # (threads count: a 1-vCPU zone runs about 5, more while it does disk IO).
     qemu_memory_overhead_mib: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 512
     qemu_pids_limit: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 256
+    # Memory given back (docs/fast-start.md): a virtio balloon with free page
+    # reporting in every zone (the guest hands free pages back to the host),
+    # and under TCG a bound on QEMU's translation cache in MiB (0: QEMU's
+    # default, 1 GiB; below 32 Python workloads thrash it).
+    free_page_reporting: bool = True
+    tcg_tb_cache_mib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = 64
     # Where the host's cgroup hierarchies are mounted.
     cgroup_root: str = "/sys/fs/cgroup"
     # Workload images (docs/images.md). The image store: OCI images converted

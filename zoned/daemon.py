@@ -47,7 +47,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from zoned import cgroups
+from zoned import cgroups, probecache
 from zoned import protocol as p
 from zoned.access import AccessPolicy, Caller
 from zoned.config import Config, load_config
@@ -73,6 +73,7 @@ from zoned.server import (
     serve_control_socket,
     socket_group_id,
 )
+from zoned.store import write_file_atomically
 from zoned.topology import HostTopology, read_host_topology
 from zoned.virt import (
     DomainEvent,
@@ -305,17 +306,25 @@ class Daemon:
     async def _decide_accelerator(self, hv: Hypervisor) -> Accelerator:
         if self.config.accelerator != "auto":
             return self.config.accelerator
-        cache = trio.Path(self.config.runtime_dir) / "accelerator"
-        if await cache.is_file():
-            match (await cache.read_text()).strip():
-                case "kvm":
-                    return "kvm"
-                case "tcg":
-                    return "tcg"
-        sd_notify("STATUS=probing the accelerator")
         kernel = await trio.to_thread.run_sync(
             find_kernel, Path(self.config.kernel_store), "strict"
         )
+        versions = await hv.version()
+        key = probecache.ProbeKey(
+            host_kernel=probecache.host_kernel(),
+            libvirt=versions.libvirt,
+            qemu=f"{versions.hypervisor_type} {versions.hypervisor}",
+            kvm_device=await trio.to_thread.run_sync(probecache.read_kvm_identity),
+            probe_kernel=str(kernel.directory),
+        )
+        cache = trio.Path(self.config.state_dir) / probecache.CACHE_FILE
+        cached = await cache.read_bytes() if await cache.is_file() else None
+        verdict = probecache.verdict_for(cached, key)
+        if verdict is not None:
+            log.info("accelerator %s: cached verdict for this host (%s)", verdict, cache)
+            return verdict
+        log.info("accelerator probe: %s", "the host changed" if cached else "no cached verdict")
+        sd_notify("STATUS=probing the accelerator")
         workdir = Path(self.config.runtime_dir) / "probe"
         await trio.Path(workdir).mkdir(mode=0o700, parents=True, exist_ok=True)
         # As a zone's QEMU would run: its own uid, no supplementary group.
@@ -328,7 +337,9 @@ class Daemon:
             name=probe_domain_name(self.config.domain_prefix),
             qemu_uid=qemu_id_range(self.config).probe_id,
         )
-        await cache.write_text(result + "\n")
+        await trio.to_thread.run_sync(
+            write_file_atomically, Path(cache), probecache.encode_entry(key, result)
+        )
         log.info("accelerator probe: %s", result)
         if result == "tcg":
             await trio.to_thread.run_sync(_warn_if_kvm_closed_to_zones)

@@ -9,9 +9,19 @@ recognises and re-adopts its zones.
 What a zone's domain is, and why (measured with libvirt 9.0 and QEMU 7.2):
 
 - Direct kernel boot of the project's own kernel and initramfs; no firmware
-  choice, no ``<boot dev>``, no disks, no network, no graphics, no USB, no
-  balloon (a guest-driven channel that moves host memory is not wanted from
-  an untrusted guest). Entropy comes from a virtio RNG fed by ``/dev/urandom``.
+  choice, no ``<boot dev>``, no disks, no network, no graphics, no USB.
+  Entropy comes from a virtio RNG fed by ``/dev/urandom``.
+- A virtio balloon only for free page reporting (``free_page_reporting``):
+  the guest tells QEMU which of its free pages it may drop, and QEMU
+  discards them (the host gets the memory back; a page the guest touches
+  again is a fresh zero page). The guest can only give memory back this
+  way, never take more than its ``<memory>``; the daemon never inflates the
+  balloon and asks for no statistics (``<stats period>``), so nothing the
+  guest says through it is read. Without ``free_page_reporting`` the balloon
+  is ``model='none'``, as before.
+- Under TCG, ``<features><tcg><tb-cache>`` bounds QEMU's translation cache
+  (QEMU 7.2's default is 1 GiB, filled as the guest runs new code: about
+  100 MiB per zone after boot and a few Python starts, docs/fast-start.md).
 - Every guest-initiated exit (poweroff, reboot, crash) destroys the domain:
   a zone never reboots itself; the daemon decides what happens next.
 - ``<features><acpi/>`` on both machines. Without it libvirt passes
@@ -123,6 +133,10 @@ class DomainSpec:
     qemu_uid: int | None = None
     # The zone's scratch disk (its writable layer), attached read-write after it.
     scratch_disk: Path | None = None
+    # The balloon, for free page reporting only (module docstring).
+    free_page_reporting: bool = False
+    # TCG's translation cache in MiB; None leaves QEMU's default. Ignored under KVM.
+    tcg_tb_cache_mib: int | None = None
 
     def __post_init__(self) -> None:
         if not self.domain_name or "/" in self.domain_name:
@@ -150,6 +164,8 @@ class DomainSpec:
             raise InternalError("a pinned vCPU needs at least one host CPU")
         if self.numa_node is not None and self.numa_node < 0:
             raise InternalError(f"negative NUMA node {self.numa_node}")
+        if self.tcg_tb_cache_mib is not None and not 1 <= self.tcg_tb_cache_mib <= 65536:
+            raise InternalError(f"TCG translation cache of {self.tcg_tb_cache_mib} MiB")
         if self.qemu_uid is not None and not 0 < self.qemu_uid < 2**31 - 1:
             raise InternalError(f"QEMU uid {self.qemu_uid} is not a uid a zone may run as")
         for label, path in self._paths():
@@ -239,6 +255,9 @@ def render_domain_xml(spec: DomainSpec) -> str:
     if not microvm:
         # No VMware I/O port backdoor (microvm has none, and libvirt refuses the option there).
         _sub(features, "vmport", state="off")
+    if spec.accelerator == "tcg" and spec.tcg_tb_cache_mib is not None:
+        tcg = _sub(features, "tcg")
+        _sub(tcg, "tb-cache", str(spec.tcg_tb_cache_mib), unit="MiB")
 
     if spec.accelerator == "kvm":
         _sub(domain, "cpu", mode="host-model", check="partial")
@@ -265,7 +284,12 @@ def render_domain_xml(spec: DomainSpec) -> str:
         _disk(devices, spec.rootfs, "vda", IMAGE_DISK_SERIAL, readonly=True, spec=spec)
     if spec.scratch_disk is not None:
         _disk(devices, spec.scratch_disk, "vdb", WRITABLE_DISK_SERIAL, readonly=False, spec=spec)
-    _sub(devices, "memballoon", model="none")
+    if spec.free_page_reporting:
+        balloon = _sub(devices, "memballoon", model="virtio", freePageReporting="on")
+        if microvm:
+            _sub(balloon, "address", type="virtio-mmio")
+    else:
+        _sub(devices, "memballoon", model="none")
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     if microvm:

@@ -63,6 +63,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomically(target: Path, data: bytes) -> None:
+    """Replace ``target`` (mode 0600) with ``data`` atomically and durably.
+
+    A temporary file in the same directory, fsynced, renamed over the old
+    one, and the directory fsynced: a crash leaves the old file or the new.
+    """
+    fd, temp_name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=_TEMP_SUFFIX
+    )
+    try:
+        with os.fdopen(fd, "wb") as temp_file:
+            temp_file.write(data)
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
 class ZoneStore(Generic[RecordT]):
     """Persistent records of type ``RecordT`` (any msgspec-encodable type), keyed by zone name.
 
@@ -85,21 +106,8 @@ class ZoneStore(Generic[RecordT]):
     def save(self, name: str, record: RecordT) -> None:
         """Replace the record of ``name`` atomically and durably."""
         target = self.path(name)
-        data = self._encoder.encode(record)
         self._ensure_directory()
-        fd, temp_name = tempfile.mkstemp(
-            dir=self.directory, prefix=f".{name}.", suffix=_TEMP_SUFFIX
-        )
-        try:
-            with os.fdopen(fd, "wb") as temp_file:
-                temp_file.write(data)
-                temp_file.flush()
-                os.fsync(temp_file.fileno())
-            os.replace(temp_name, target)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.directory)
+        write_file_atomically(target, self._encoder.encode(record))
 
     def load(self, name: str) -> RecordT | None:
         """The record of ``name``, ``None`` if there is none.

@@ -134,7 +134,13 @@ async def test_create_ready_pinned_logged_listed_destroyed(
         others = [c for n, c in threads.items() if not n.startswith("CPU ")]
         assert others and all(parse_cpu_list(c) == emulator for c in others), threads
         # The domain's XML carries the same record as the state directory.
-        assert "zoned" in dom.XMLDesc(0) and zoned.record_path("it-one").exists()
+        live = dom.XMLDesc(0)
+        assert "zoned" in live and zoned.record_path("it-one").exists()
+        # Memory given back (docs/fast-start.md): the running QEMU has the
+        # balloon for free page reporting, and under TCG the bounded cache.
+        assert "<memballoon model='virtio' freePageReporting='on'>" in live, live
+        if host.accelerator == "tcg":
+            assert "<tb-cache unit='KiB'>65536</tb-cache>" in live, live
 
         # Listing, with and without label filters.
         assert [z.name for z in await client.list_zones()] == ["it-one"]

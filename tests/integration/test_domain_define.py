@@ -118,8 +118,13 @@ def test_define_keeps_our_xml_and_metadata(conn: Any, workdir: Path, golden: str
         if spec.machine == "microvm":
             # libvirt must not have swapped our virtio-mmio addresses for PCI ones.
             assert "type='pci'" not in described
-            devices = 3 if spec.rootfs is not None else 2
+            devices = 2 + (spec.rootfs is not None) + (spec.scratch_disk is not None)
+            devices += spec.free_page_reporting
             assert described.count("<address type='virtio-mmio'/>") == devices
+        # libvirt 9.0 keeps the balloon's free page reporting and the TCG cache bound.
+        assert ("freePageReporting='on'" in described) == spec.free_page_reporting
+        if spec.accelerator == "tcg" and spec.tcg_tb_cache_mib is not None:
+            assert f"<tb-cache unit='KiB'>{spec.tcg_tb_cache_mib * 1024}</tb-cache>" in described
     finally:
         dom.undefine()
 

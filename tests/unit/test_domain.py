@@ -71,6 +71,7 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         memory_mib=512,
         machine="q35",
         cmdline="console=ttyS0 panic=-1",
+        free_page_reporting=True,
     ),
     "microvm-tcg-rootfs": _spec(
         "delta",
@@ -78,6 +79,8 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         vcpus=1,
         rootfs=Path("/var/lib/zoned/images/workload-0123456789abcdef.erofs"),
         qemu_uid=2013265921,
+        free_page_reporting=True,
+        tcg_tb_cache_mib=64,
     ),
     "q35-tcg-image-scratch": _spec(
         "epsilon",
@@ -99,6 +102,8 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         emulator_cpus=(1,),
         numa_node=0,
         qemu_uid=2013265999,
+        free_page_reporting=True,
+        tcg_tb_cache_mib=64,
     ),
 }
 
@@ -173,10 +178,35 @@ def test_no_disks_network_graphics_or_balloon() -> None:
             "serial",
         ]
         assert devices.find("memballoon").get("model") == "none"  # type: ignore[union-attr]
+        assert root.find("features/tcg") is None
         assert root.find("os/boot") is None
         assert root.find("os/loader") is None
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             assert root.findtext(event) == "destroy"
+
+
+def test_the_balloon_is_for_free_page_reporting_only() -> None:
+    for machine in ("microvm", "q35"):
+        root = _parse(_spec("a", machine=machine, free_page_reporting=True))
+        balloons = root.findall("devices/memballoon")
+        assert len(balloons) == 1
+        balloon = balloons[0]
+        assert balloon.attrib == {"model": "virtio", "freePageReporting": "on"}
+        # No statistics period: nothing the guest says through it is read.
+        assert balloon.find("stats") is None
+        address = balloon.find("address")
+        assert (address is not None and address.get("type") == "virtio-mmio") == (
+            machine == "microvm"
+        )
+
+
+def test_the_translation_cache_is_bounded_under_tcg_only() -> None:
+    root = _parse(_spec("a", tcg_tb_cache_mib=64))
+    cache = root.find("features/tcg/tb-cache")
+    assert cache is not None and cache.text == "64" and cache.get("unit") == "MiB"
+    assert _parse(_spec("a", accelerator="kvm", tcg_tb_cache_mib=64)).find("features/tcg") is None
+    with pytest.raises(InternalError, match="translation cache"):
+        _spec("a", tcg_tb_cache_mib=0)
 
 
 def test_workload_root_is_one_read_only_virtio_disk() -> None:

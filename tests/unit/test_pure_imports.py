@@ -18,6 +18,7 @@ PURE_MODULES = [
     "zoned.conversation",
     "zoned.access",
     "zoned.zoneids",
+    "zoned.probecache",
     "zoned.records",
     "zoned.placement",
     "zoned.topology",

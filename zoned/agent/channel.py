@@ -187,6 +187,8 @@ class AgentChannel:
             self._execs.settle()
             if self._output:
                 self._write()
+            # After the exits are on their way: the ended processes' cgroups.
+            self._execs.remove_stale_cgroups()
         if not self._started_up and not self._output:
             self._finish_start_up()
 

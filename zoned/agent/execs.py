@@ -405,10 +405,10 @@ class ExecEngine:
         return True
 
     def settle(self) -> None:
-        """After each loop iteration: close drained stdins, send input credits and exits;
-        retry removing the cgroups that were not empty yet."""
+        """After each loop iteration: close drained stdins, send input credits and exits
+        (the ended processes' cgroups are removed by :meth:`remove_stale_cgroups`,
+        which the loop calls once the exits are written)."""
         p = self._protocol
-        self._cgroups.remove_stale()
         for process in list(self._execs.values()):
             if process.stdin_fd >= 0 and process.input_eof and not process.input:
                 self._drop_input(process)
