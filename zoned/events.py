@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 import trio
 
-from zoned.protocol import DEFAULT_EVENT_KINDS, CallerInfo, Event, EventKind, ExecRecord
+from zoned.protocol import (
+    DEFAULT_EVENT_KINDS,
+    CallerInfo,
+    Event,
+    EventKind,
+    ExecRecord,
+    NetRefusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,7 @@ class EventHub:
         exec: ExecRecord | None = None,
         caller: CallerInfo | None = None,
         zone_uuid: str = "",
+        refused: NetRefusal | None = None,
     ) -> Event:
         self._seq += 1
         event = Event(
@@ -85,6 +93,7 @@ class EventHub:
             cpu=cpu,
             exec=exec,
             caller=caller,
+            refused=refused,
         )
         log.info(
             "event %s zone=%s %s->%s %s",
@@ -111,6 +120,7 @@ class EventHub:
                 # Too slow or gone: cut it off; its receiver sees the channel end.
                 watcher.send.close()
                 del self._watchers[key]
+                del self._filters[key]
         return event
 
     @contextmanager
@@ -133,5 +143,6 @@ class EventHub:
             yield receive
         finally:
             self._watchers.pop(key, None)
+            self._filters.pop(key, None)
             send.close()
             receive.close()

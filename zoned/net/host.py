@@ -46,7 +46,7 @@ from typing import Literal, TypeVar
 import msgspec
 import trio
 
-from zoned.errors import Conflict, InternalError, InvalidRequest, NotFound
+from zoned.errors import ConfigError, Conflict, InternalError, InvalidRequest, NotFound
 from zoned.net import nftrules, wire
 from zoned.net.accounting import NetCounters, RefusedEvent
 from zoned.net.addressing import NetPools, ZoneAddressing, validate_pools, zone_addressing
@@ -57,6 +57,7 @@ from zoned.net.policy import (
     NetPolicy,
     Publish,
     RefusedRange,
+    ZoneNetSpec,
     validate_policy,
     validate_publishes,
 )
@@ -285,6 +286,24 @@ def udp_counters(table: str) -> dict[str, tuple[int, int]]:
     return {link: (pair[0], pair[1]) for link, pair in found.items()}
 
 
+def table_owner(table: str) -> str | None:
+    """The owner our table's comment names; None when there is no such table."""
+    proc = subprocess.run(
+        ["nft", "-j", "list", "table", "inet", table],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        return None
+    for item in json.loads(proc.stdout).get("nftables", []):
+        comment = item.get("table", {}).get("comment")
+        if comment is not None:
+            return str(comment).removeprefix("zoned ")
+    return ""
+
+
 def table_exists(table: str) -> bool:
     proc = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, check=False)
     return proc.returncode == 0
@@ -427,16 +446,6 @@ class NetHostConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     python: str = sys.executable
 
 
-class ZoneNetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """What the zone record holds about its network (the daemon persists it)."""
-
-    zone: str
-    slot: int
-    policy: NetPolicy
-    publishes: list[Publish] = []
-    ipv6: bool = True
-
-
 @dataclass(frozen=True)
 class NetEvent:
     zone: str
@@ -512,7 +521,18 @@ class NetHost:
     # -- lifecycle of the manager --------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; helpers are stopped on the way out, links and rules stay."""
+        """Serve until cancelled; helpers are stopped on the way out, links and rules stay.
+
+        A table of our name that another owner made is :class:`ConfigError`
+        before anything changes: two daemons configured with one table would
+        replace each other's rules.
+        """
+        owner = await self._call(lambda: table_owner(self.config.table))
+        if owner is not None and owner != self.config.owner:
+            raise ConfigError(
+                f"nftables table inet {self.config.table} belongs to another zoned"
+                f" ({owner!r}); give each daemon its own net_table"
+            )
         self.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._extra_refused = await self._call(host_networks)
         pools = self.config.pools
@@ -583,23 +603,45 @@ class NetHost:
     # -- operations -------------------------------------------------------
 
     async def create(
-        self, spec: ZoneNetSpec, *, standin_netns: str | None = None
+        self,
+        spec: ZoneNetSpec,
+        *,
+        tap_uid: int | None = None,
+        tap_gid: int | None = None,
+        standin_netns: str | None = None,
     ) -> ZoneAddressing:
         """Rules, link, sockets and helper for a new zone; returns its addressing.
 
-        ``standin_netns``: make a veth into that namespace instead of a tap
-        (a namespace plays the zone).
+        ``tap_uid``/``tap_gid``: the tap's owner, the uid the zone's QEMU runs
+        as (None: the config's). ``standin_netns``: make a veth into that
+        namespace instead of a tap (a namespace plays the zone).
         """
+        owner = (
+            self.config.tap_uid if tap_uid is None else tap_uid,
+            self.config.tap_gid if tap_gid is None else tap_gid,
+        )
         async with self._lock:
-            return await self._bring_up(spec, standin_netns=standin_netns, adopt=False)
+            return await self._bring_up(
+                spec, standin_netns=standin_netns, adopt=False, tap_owner=owner
+            )
 
     async def adopt(self, spec: ZoneNetSpec) -> ZoneAddressing:
         """After a restart: keep the zone's link (its QEMU holds it), redo rules and helper."""
         async with self._lock:
-            return await self._bring_up(spec, standin_netns=None, adopt=True)
+            return await self._bring_up(
+                spec,
+                standin_netns=None,
+                adopt=True,
+                tap_owner=(self.config.tap_uid, self.config.tap_gid),
+            )
 
     async def _bring_up(
-        self, spec: ZoneNetSpec, *, standin_netns: str | None, adopt: bool
+        self,
+        spec: ZoneNetSpec,
+        *,
+        standin_netns: str | None,
+        adopt: bool,
+        tap_owner: tuple[int, int],
     ) -> ZoneAddressing:
         self._require_nursery()
         if spec.zone in self._zones:
@@ -636,7 +678,8 @@ class NetHost:
                 if standin_netns is not None:
                     create_veth_standin(addr, alias=alias, zone_netns=standin_netns, ipv6=spec.ipv6)
                 else:
-                    create_tap(addr, alias=alias, uid=cfg.tap_uid, gid=cfg.tap_gid, ipv6=spec.ipv6)
+                    uid, gid = tap_owner
+                    create_tap(addr, alias=alias, uid=uid, gid=gid, ipv6=spec.ipv6)
 
             await self._call(make_link)
             net.listeners = await self._call(lambda: self._bind_zone_sockets(addr, spec.ipv6))
@@ -718,6 +761,15 @@ class NetHost:
                 fds,
             )
 
+    async def cut(self, zone: str) -> int:
+        """Nothing in or out of a running zone from now on (quarantine): no rule, no
+        publish, every open connection closed (returns how many). Its DNS
+        still gets answers, all refusals. ``update_policy`` opens it again.
+        """
+        closed = await self.update_policy(zone, NetPolicy())
+        await self.update_publishes(zone, [])
+        return closed
+
     async def remove(self, zone: str) -> None:
         """Helper, sockets, link, then the zone's rules. Idempotent for a zone we know."""
         async with self._lock:
@@ -793,7 +845,12 @@ class NetHost:
         return filters
 
     async def _apply_table(self) -> None:
-        script = nftrules.render_table(self.config.table, self.config.owner, self._filters())
+        # No zone, no table: nothing of ours stays on the host.
+        script = (
+            nftrules.render_table(self.config.table, self.config.owner, self._filters())
+            if self._zones
+            else nftrules.render_delete(self.config.table)
+        )
         table = self.config.table
 
         def fold_and_apply() -> dict[str, tuple[int, int]]:
