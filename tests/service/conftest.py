@@ -26,6 +26,7 @@ from zoned.config import Config
 from zoned.daemon import Daemon, ZoneImages
 from zoned.images.integrity import write_recorded_sha256
 from zoned.kernel.store import KernelManifest
+from zoned.localdaemon import private_net_config
 
 
 @pytest.fixture
@@ -102,6 +103,8 @@ def service_config(root: Path, **overrides: object) -> Config:
         "accelerator": "tcg",
         "boot_timeout_s": 1.0,
         "reserved_memory_mib": 0,
+        # Zone networks of their own, never the host's production table or links.
+        **private_net_config(root),
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]
