@@ -307,7 +307,7 @@ def parse_rule(text: str) -> Rule:
         dest, colon, port_text = body.partition(":")
         if colon:
             ports = _parse_ports(port_text, rule)
-    if _looks_like_address(dest):
+    if "/" in dest or _looks_like_address(dest):  # no name has a "/"
         net = _network(dest, rule)
         return validate_rule(CidrRule(network=str(net), ports=ports, protocol=protocol))
     if protocol == "udp":
