@@ -1,0 +1,463 @@
+"""Real zones on the network their creator asked for, against the tests' own internet.
+
+One private zoned, one internet (namespaces joined to the host: web servers
+with a test CA, DNS for their names; tests/integration/networld.py), three
+zones shared by every test, in this order:
+
+- ``zn-quiet``: no network (no NIC at all);
+- ``zn-web``: ``allowed.test:80,443``, ``rebind.test``, ``mixed.test``, and
+  its port 8000 published on the host's loopback;
+- ``zn-open``: ``open`` (the internet, never the host's networks).
+
+Programs in the zones are ordinary ones (Python's urllib and ssl, busybox
+wget); the policy is enforced on the host only. The module ends by killing
+zoned with -9 and restarting it (the policies still hold), crashing a
+zone's QEMU, and destroying everything: no link, table or helper may stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from tests.integration.conftest import domain_name, private_zoned, qemu_pid
+from tests.integration.networld import HostInternet, internet_on_host
+from tests.waiting import wait_until_async
+from zoned import protocol as p
+from zoned.client import Client
+from zoned.errors import InvalidRequest
+from zoned.localdaemon import LocalDaemon
+
+pytestmark = pytest.mark.integration
+
+QUIET, WEB, OPEN = "zn-quiet", "zn-web", "zn-open"
+WEB_POLICY = ["allowed.test:80,443", "rebind.test", "mixed.test"]
+CALL_TIMEOUT_S = 180.0
+ZONECTL = [sys.executable, "-m", "zoned.cli"]
+CA_PATH = "/tmp/test-ca.pem"
+
+
+@dataclass
+class NetWorld:
+    daemon: LocalDaemon
+    internet: HostInternet
+    publish_port: int
+    events: list[p.Event] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict[str, str]:
+        text = self.daemon.config.read_text()
+        pairs = [line.split(" = ", 1) for line in text.splitlines() if " = " in line]
+        return {key: value.strip('"') for key, value in pairs}
+
+    def leftovers(self) -> list[str]:
+        config = self.config
+        found = self.internet.leftovers(config["net_link_prefix"], config["net_table"])
+        net_dir = self.daemon.root / "run" / "net"
+        found += [f"helper pid file {p.name}" for p in net_dir.glob("*.pid")]
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetWorld]:
+    with internet_on_host(tmp_path_factory.mktemp("internet")) as internet:
+        extra = f'net_upstream_dns = ["{internet.dns}"]'
+        with private_zoned("zn-", extra_config=extra) as daemon:
+            net = NetWorld(daemon, internet, free_port())
+            try:
+                trio.run(create_zones, net)
+                yield net
+            finally:
+                trio.run(destroy_zones, net)
+            left = net.leftovers()
+            assert left == [], f"zone networking left behind after destroy: {left}"
+        # The daemon stopped with no zone: nothing of its networks stays.
+        assert net.leftovers() == []
+
+
+async def create_zones(net: NetWorld) -> None:
+    async with Client(net.daemon.socket, client_name="it") as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: client.create_zone(QUIET))
+                nursery.start_soon(
+                    lambda: client.create_zone(
+                        WEB, net=WEB_POLICY, publishes=[f"127.0.0.1:{net.publish_port}:8000"]
+                    )
+                )
+                nursery.start_soon(lambda: client.create_zone(OPEN, net="open"))
+            ca = net.internet.ca.read_bytes()
+            for zone in (WEB, OPEN):
+                await client.put_file(zone, CA_PATH, ca)
+
+
+async def destroy_zones(net: NetWorld) -> None:
+    async with Client(net.daemon.socket, client_name="it") as client:
+        for zone in await client.list_zones():
+            with trio.fail_after(CALL_TIMEOUT_S):
+                await client.destroy_zone(zone.name)
+
+
+@contextlib.asynccontextmanager
+async def connect(net: NetWorld) -> AsyncIterator[Client]:
+    async with Client(net.daemon.socket, client_name="it") as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def refusals(net: NetWorld, zone: str) -> AsyncIterator[list[p.Event]]:
+    """The zone's network events while the block runs."""
+    seen: list[p.Event] = []
+    async with connect(net) as client, trio.open_nursery() as nursery:
+        ready = trio.Event()
+
+        async def collect() -> None:
+            events = client.watch_events([zone], ["net_refused", "net_status"])
+            async with contextlib.aclosing(events) as stream:
+                ready.set()
+                async for event in stream:
+                    seen.append(event)
+
+        nursery.start_soon(collect)
+        await ready.wait()
+        await client.host_info()  # the watch is registered once this answers
+        yield seen
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for_refusal(events: list[p.Event], kind: str, what: str) -> p.NetRefusal:
+    def found() -> p.NetRefusal | None:
+        for event in events:
+            r = event.refused
+            if r is not None and r.kind == kind and what in (r.destination, r.name):
+                return r
+        return None
+
+    await wait_until_async(lambda: found() is not None, f"a {kind} refusal of {what}")
+    refusal = found()
+    assert refusal is not None
+    return refusal
+
+
+async def python(client: Client, zone: str, code: str, *args: str) -> dict[str, object]:
+    """Run ``code`` with python3 in ``zone``; it prints one JSON object."""
+    with trio.fail_after(CALL_TIMEOUT_S):
+        result = await client.exec(zone, ["python3", "-c", code, *args])
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    answer = json.loads(result.stdout)
+    assert isinstance(answer, dict)
+    return answer
+
+
+# Each attempt: "ok <what it got>" or the error's name and text.
+TRY = """
+import json, socket, ssl, sys, urllib.request
+def attempt(fn):
+    try:
+        return "ok " + str(fn())
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+def get(url, timeout=10):
+    ctx = ssl.create_default_context(cafile="/tmp/test-ca.pem")
+    return urllib.request.urlopen(url, timeout=timeout, context=ctx).read().decode().strip()
+def resolve(name):
+    return sorted({i[4][0] for i in socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)})
+def tls(address, name):
+    ctx = ssl.create_default_context(cafile="/tmp/test-ca.pem")
+    ctx.check_hostname = False
+    with socket.create_connection((address, 443), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as conn:
+            conn.sendall(f"GET /sni HTTP/1.1\\r\\nHost: {name}\\r\\n\\r\\n".encode())
+            return conn.recv(200).decode().splitlines()[-1]
+def connect(address, port):
+    socket.create_connection((address, port), timeout=10).close()
+    return "connected"
+def echo(host):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = socket.create_server((host, 0), family=family)
+    with socket.create_connection(server.getsockname()[:2], timeout=5) as client:
+        conn, _ = server.accept()
+        conn.sendall(b"pong")
+        return client.recv(4).decode()
+"""
+
+
+def program(*lines: str) -> str:
+    return TRY + "\nprint(json.dumps({" + ", ".join(lines) + "}))\n"
+
+
+async def test_loopback_in_every_zone_and_no_network_means_nothing(world: NetWorld) -> None:
+    code = program(
+        '"v4": attempt(lambda: echo("127.0.0.1"))',
+        '"v6": attempt(lambda: echo("::1"))',
+        '"links": sorted(n for _, n in socket.if_nameindex())',
+        f'"out": attempt(lambda: connect("{world.internet.web_a}", 80))',
+        '"dns": attempt(lambda: resolve("allowed.test"))',
+    )
+    async with connect(world) as client:
+        quiet = await python(client, QUIET, code)
+        web = await python(client, WEB, code)
+        info = await client.get_zone(QUIET)
+    for answer in (quiet, web):
+        assert (answer["v4"], answer["v6"]) == ("ok pong", "ok pong"), answer
+    assert quiet["links"] == ["lo"], quiet
+    assert str(quiet["out"]).startswith("OSError"), quiet  # no route: there is no NIC
+    assert not str(quiet["dns"]).startswith("ok"), quiet
+    assert (info.net, info.net_address, info.publishes) == (None, "", [])
+    assert web["links"] == ["eth0", "lo"], web
+
+
+async def test_allowed_names_work_through_urllib_pip_like_fetches_and_wget(
+    world: NetWorld,
+) -> None:
+    web_a = world.internet.web_a
+    # pip's way: the index page, then the file it names, over HTTPS.
+    code = program(
+        '"https": attempt(lambda: get("https://allowed.test/simple/pkg/"))',
+        '"wheel": attempt(lambda: len(get("https://allowed.test/bytes/300000")))',
+        '"http": attempt(lambda: get("http://allowed.test/plain"))',
+        '"resolv": open("/etc/resolv.conf").read()',
+        '"v6": open("/proc/net/if_inet6").read()',
+    )
+    async with connect(world) as client:
+        answer = await python(client, WEB, code)
+        zone = await client.get_zone(WEB)
+        wget = await client.exec(WEB, ["wget", "-q", "-O", "-", "http://allowed.test/wget"])
+    assert answer["https"] == f"ok {web_a} allowed.test /simple/pkg/", answer
+    assert answer["wheel"] == "ok 300000", answer
+    assert answer["http"] == f"ok {web_a} allowed.test /plain", answer
+    resolver = zone.net_address.rsplit(".", 1)[0] + "." + str(int(zone.net_address[-1]) - 1)
+    assert str(answer["resolv"]).startswith(f"nameserver {resolver}\n"), answer
+    # The agent gave the zone its IPv6 address.
+    assert zone.net_address6.replace(":", "")[-4:] in str(answer["v6"]).replace(":", ""), answer
+    assert (wget.returncode, wget.stdout.decode()) == (0, f"{web_a} allowed.test /wget\n"), wget
+
+
+async def test_names_off_the_list_fail_and_show_as_refused_events(world: NetWorld) -> None:
+    code = program(
+        '"blocked": attempt(lambda: get("https://blocked.test/"))',
+        '"port": attempt(lambda: connect("allowed.test", 8443))',
+    )
+    async with refusals(world, WEB) as events, connect(world) as client:
+        answer = await python(client, WEB, code)
+        dns = await wait_for_refusal(events, "dns", "blocked.test")
+        port = await wait_for_refusal(events, "connect", world.internet.web_a)
+    # The resolver says the name does not exist: the client fails at once.
+    assert str(answer["blocked"]).startswith("URLError"), answer
+    assert dns.rule == "name-not-allowed", dns
+    assert not str(answer["port"]).startswith("ok"), answer
+    assert (port.port, port.rule) == (8443, "port-not-allowed"), port
+
+
+async def test_another_sni_or_a_direct_address_is_refused(world: NetWorld) -> None:
+    web_a, web_b = world.internet.web_a, world.internet.web_b
+    code = program(
+        '"pinned": attempt(lambda: resolve("allowed.test"))',
+        f'"right": attempt(lambda: tls("{web_a}", "allowed.test"))',
+        f'"other_sni": attempt(lambda: tls("{web_a}", "other.test"))',
+        f'"direct": attempt(lambda: connect("{web_b}", 443))',
+    )
+    async with refusals(world, WEB) as events, connect(world) as client:
+        answer = await python(client, WEB, code)
+        sni = await wait_for_refusal(events, "sni", "other.test")
+        direct = await wait_for_refusal(events, "connect", web_b)
+    assert web_a in str(answer["pinned"]), answer
+    assert answer["right"] == f"ok {web_a} allowed.test /sni", answer
+    assert not str(answer["other_sni"]).startswith("ok"), answer
+    assert not str(answer["direct"]).startswith("ok"), answer
+    assert (sni.destination, sni.port) == (web_a, 443), sni
+    assert direct.port == 443, direct
+
+
+async def test_dns_answers_into_refused_ranges_are_not_passed_on(world: NetWorld) -> None:
+    code = program(
+        '"rebind": attempt(lambda: resolve("rebind.test"))',
+        '"mixed": attempt(lambda: resolve("mixed.test"))',
+    )
+    async with refusals(world, WEB) as events, connect(world) as client:
+        answer = await python(client, WEB, code)
+        rebinding = await wait_for_refusal(events, "rebinding", "rebind.test")
+    assert str(answer["rebind"]).startswith("gaierror"), answer
+    assert answer["mixed"] == f"ok {[world.internet.web_b]}", answer
+    assert rebinding.rule == "rfc1918", rebinding
+
+
+def host_addresses() -> list[str]:
+    """The host's own global addresses (none of them a zone's target)."""
+    found = []
+    for link in json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True).stdout):
+        for info in link.get("addr_info", []):
+            if info.get("scope") == "global" and not link["ifname"].startswith("zt"):
+                found.append(info["local"])
+    return found
+
+
+async def test_the_host_and_other_zones_are_unreachable(world: NetWorld) -> None:
+    async with connect(world) as client:
+        web, open_zone = await client.get_zone(WEB), await client.get_zone(OPEN)
+        host_end = web.net_address.rsplit(".", 1)[0] + "." + str(int(web.net_address[-1]) - 1)
+        targets = [host_end, *host_addresses()[:3], open_zone.net_address]
+        lines = [f'"{t}": attempt(lambda: connect("{t}", 8000))' for t in targets]
+        async with client.exec_process(OPEN, ["python3", "-m", "http.server", "8000"]) as server:
+            loopback = await python(
+                client,
+                OPEN,
+                program('"self": attempt(lambda: get("http://127.0.0.1:8000/", 20)[:15])'),
+            )
+            async with refusals(world, WEB) as events:
+                answer = await python(client, WEB, program(*lines))
+                await wait_for_refusal(events, "connect", open_zone.net_address)
+            back = await python(
+                client, OPEN, program(f'"web": attempt(lambda: connect("{web.net_address}", 22))')
+            )
+            await server.signal(signal.SIGTERM)
+    assert str(loopback["self"]).startswith("ok <!DOCTYPE"), loopback
+    for target in targets:
+        assert not str(answer[target]).startswith("ok"), (target, answer)
+    assert not str(back["web"]).startswith("ok"), back
+
+
+async def test_a_published_port_answers_on_the_host(world: NetWorld) -> None:
+    url = f"http://127.0.0.1:{world.publish_port}/"
+    async with connect(world) as client:
+        argv = ["python3", "-m", "http.server", "8000", "--directory", "/etc"]
+        async with client.exec_process(WEB, argv) as server:
+
+            def fetch() -> str:
+                with urllib.request.urlopen(url, timeout=10) as reply:
+                    return str(reply.read().decode())
+
+            async def answered() -> bool:
+                try:
+                    return "resolv.conf" in await trio.to_thread.run_sync(fetch)
+                except OSError:
+                    return False  # the server in the zone is still starting
+
+            await wait_until_async(answered, f"the zone's port 8000 on {url}")
+            await server.signal(signal.SIGTERM)
+        assert (await client.get_zone(WEB)).publishes == [f"127.0.0.1:{world.publish_port}:8000"]
+
+
+HOLD = """
+import socket, sys
+c = socket.create_connection(("allowed.test", 80), timeout=30)
+c.sendall(b"GET /hold HTTP/1.1\\r\\nHost: allowed.test\\r\\n\\r\\n")
+c.recv(4096)
+print("up", flush=True)
+try:
+    print("closed" if c.recv(1) == b"" else "data", flush=True)
+except OSError as exc:
+    print("closed", exc, flush=True)
+"""
+
+
+async def test_a_policy_change_takes_effect_at_once(world: NetWorld) -> None:
+    code = program(
+        '"allowed": attempt(lambda: get("https://allowed.test/"))',
+        '"blocked": attempt(lambda: get("https://blocked.test/"))',
+    )
+    async with connect(world) as client:
+        async with client.exec_process(WEB, ["python3", "-c", HOLD]) as holder:
+            lines = aiter(holder)
+            first = await anext(lines)
+            assert first.data.strip() == b"up", first
+            zone, closed = await client.set_zone_net(WEB, "blocked.test:443")
+            assert (zone.net, closed) == (["blocked.test:443"], 1)
+            second = await anext(lines)
+            assert second.data.startswith(b"closed"), second
+        changed = await python(client, WEB, code)
+        with pytest.raises(InvalidRequest, match="invalid"):
+            await client.set_zone_net(WEB, "blocked.test:70000")
+        zone, _ = await client.set_zone_net(WEB, WEB_POLICY)
+        restored = await python(client, WEB, code)
+    assert changed["blocked"] == f"ok {world.internet.web_b} blocked.test /", changed
+    assert not str(changed["allowed"]).startswith("ok"), changed
+    assert zone.net == WEB_POLICY
+    assert str(restored["allowed"]).startswith("ok"), restored
+    assert not str(restored["blocked"]).startswith("ok"), restored
+
+
+def zonectl(world: NetWorld, *args: str) -> str:
+    env = {**os.environ, "ZONED_SOCKET": str(world.daemon.socket)}
+    proc = subprocess.run(
+        [*ZONECTL, *args], capture_output=True, text=True, env=env, timeout=CALL_TIMEOUT_S
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+async def test_counters_in_metrics_show_and_top(world: NetWorld) -> None:
+    async with connect(world) as client:
+        metrics = await client.zone_metrics(WEB)
+        quiet = await client.zone_metrics(QUIET)
+    net = metrics.net
+    assert net is not None and net.status == "up"
+    assert net.connections_allowed >= 4 and net.connections_refused >= 2, net
+    assert net.dns_answered >= 3 and net.dns_refused >= 1, net
+    assert net.bytes_in > 300000 and net.bytes_out > 0, net
+    assert quiet.net is None
+    show = await trio.to_thread.run_sync(zonectl, world, "show", WEB)
+    assert "allowed:       allowed.test:80,443, rebind.test, mixed.test" in show, show
+    assert "connections:" in show and "refused" in show, show
+    top = await trio.to_thread.run_sync(zonectl, world, "top", "--once", "--interval", "0.1")
+    assert "NET OUT" in top and "CONN OK/NO" in top, top
+
+
+async def test_kill_9_of_zoned_then_restart_keeps_the_policies(world: NetWorld) -> None:
+    code = program(
+        '"allowed": attempt(lambda: get("https://allowed.test/after"))',
+        '"blocked": attempt(lambda: get("https://blocked.test/"))',
+        f'"direct": attempt(lambda: connect("{world.internet.web_b}", 443))',
+    )
+    world.daemon.kill9()
+    # Its helpers died with it; the rules stay: closed, never open.
+    world.daemon.start()
+    async with connect(world) as client:
+
+        async def ready() -> bool:
+            return (await client.get_zone(WEB)).state == "ready"
+
+        await wait_until_async(ready, f"{WEB} re-adopted")
+        zone = await client.get_zone(WEB)
+        async with refusals(world, WEB) as events:
+            answer = await python(client, WEB, code)
+            await wait_for_refusal(events, "dns", "blocked.test")
+    assert (zone.net, zone.net_status) == (WEB_POLICY, "up")
+    assert answer["allowed"] == f"ok {world.internet.web_a} allowed.test /after", answer
+    assert not str(answer["blocked"]).startswith("ok"), answer
+    assert not str(answer["direct"]).startswith("ok"), answer
+
+
+async def test_a_crashed_zone_leaves_no_network_behind(world: NetWorld) -> None:
+    prefix = world.config["net_link_prefix"]
+    async with connect(world) as client:
+        zone = await client.get_zone(OPEN)
+        before = world.internet.leftovers(prefix, world.config["net_table"])
+        pid = qemu_pid(domain_name(OPEN))
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+
+        async def failed() -> bool:
+            return (await client.get_zone(OPEN)).state == "failed"
+
+        await wait_until_async(failed, f"{OPEN} failed after its QEMU was killed")
+        after = world.internet.leftovers(prefix, world.config["net_table"])
+    assert zone.net == ["open"]
+    assert len(after) == len(before) - 1, (before, after)
