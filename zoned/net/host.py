@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 HELPER_RESTARTS = 5  # in a row without a Ready in between, then the zone is failed
+PIN_SAVE_INTERVAL_S = 1.0
+_PINS_DECODER = msgspec.msgpack.Decoder(list[wire.Pin])
 APPLY_TIMEOUT_S = 10.0
 
 NetStatus = Literal["up", "restarting", "failed"]
@@ -286,10 +288,36 @@ def udp_counters(table: str) -> dict[str, tuple[int, int]]:
     return {link: (pair[0], pair[1]) for link, pair in found.items()}
 
 
+def save_pins(path: Path, pins: Sequence[wire.Pin]) -> None:
+    """A zone's pins, atomically (root's runtime directory; expiries are CLOCK_MONOTONIC,
+    which a restarted daemon shares until the host reboots)."""
+    temporary = path.with_suffix(".pins.tmp")
+    temporary.write_bytes(msgspec.msgpack.encode(list(pins)))
+    os.replace(temporary, path)
+
+
+def load_pins(path: Path) -> list[wire.Pin]:
+    """What :func:`save_pins` wrote; nothing for a missing, oversized or corrupt file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(wire.MAX_MESSAGE * 16 + 1)
+    except OSError:
+        return []
+    if len(data) > wire.MAX_MESSAGE * 16:
+        return []
+    try:
+        return _PINS_DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return []
+
+
 def table_owner(table: str) -> str | None:
-    """The owner our table's comment names; None when there is no such table."""
+    """The owner our table's comment names ("" for none); None when there is no such table.
+
+    From the text listing: nft 1.0.6 leaves table comments out of its JSON.
+    """
     proc = subprocess.run(
-        ["nft", "-j", "list", "table", "inet", table],
+        ["nft", "list", "table", "inet", table],
         capture_output=True,
         text=True,
         check=False,
@@ -297,10 +325,13 @@ def table_owner(table: str) -> str | None:
     )
     if proc.returncode != 0:
         return None
-    for item in json.loads(proc.stdout).get("nftables", []):
-        comment = item.get("table", {}).get("comment")
-        if comment is not None:
-            return str(comment).removeprefix("zoned ")
+    for line in proc.stdout.splitlines()[:3]:
+        words = line.strip().split(" ", 1)
+        if len(words) == 2 and words[0] == "comment":
+            text = words[1]
+            if text.startswith('"') and text.endswith('"'):
+                text = text[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            return text.removeprefix("zoned ")
     return ""
 
 
@@ -479,6 +510,7 @@ class _ZoneNet:
     udp_live: tuple[int, int] = (0, 0)
     # What the helper pinned, to seed its successor (bounded like its own table).
     pins: PinTable = field(default_factory=PinTable)
+    pins_dirty: bool = False
     seq: int = 0
     restarts: int = 0
     supervisor: trio.CancelScope | None = None
@@ -543,6 +575,7 @@ class NetHost:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._keep_pins)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -550,6 +583,34 @@ class NetHost:
             with trio.CancelScope(shield=True):
                 for net in self._zones.values():
                     await self._stop_helper(net)
+
+    # -- pins across restarts of the daemon ------------------------------
+
+    def _pins_path(self, addr: ZoneAddressing) -> Path:
+        return self.runtime / f"{addr.ifname}.pins"
+
+    async def _keep_pins(self) -> None:
+        """Write each zone's new pins to its runtime file now and then, so that a
+        restarted daemon (kill -9 included) seeds the zone's next helper with them."""
+        while True:
+            await trio.sleep(PIN_SAVE_INTERVAL_S)
+            for net in list(self._zones.values()):
+                if net.pins_dirty:
+                    net.pins_dirty = False
+                    entries = [
+                        wire.Pin(str(addr), name, expiry)
+                        for addr, name, expiry in net.pins.entries(time.monotonic())
+                    ]
+                    path = self._pins_path(net.addressing)
+                    await trio.to_thread.run_sync(save_pins, path, entries)
+
+    def _load_pins(self, net: _ZoneNet) -> None:
+        """An adopted zone's pins as the previous daemon last saved them (if any)."""
+        now = time.monotonic()
+        for pin in load_pins(self._pins_path(net.addressing)):
+            with contextlib.suppress(ValueError):
+                if pin.expires > now:
+                    net.pins.record_until(pin.name, ipaddress.ip_address(pin.address), pin.expires)
 
     async def _call(self, fn: Callable[[], T]) -> T:
         netns = self.config.netns
@@ -662,6 +723,8 @@ class NetHost:
             pins=PinTable(max_entries=self.config.limits.pin_entries),
             standin_netns=standin_netns,
         )
+        if adopt:
+            await trio.to_thread.run_sync(self._load_pins, net)
         self._zones[spec.zone] = net
         try:
             await self._apply_table()
@@ -783,6 +846,7 @@ class NetHost:
             sock.close()
         net.listeners, net.publish_sockets = [], []
         await self._call(lambda: delete_link(net.addressing.ifname))
+        self._pins_path(net.addressing).unlink(missing_ok=True)
         self._zones.pop(net.spec.zone, None)
         await self._apply_table()
 
@@ -802,6 +866,10 @@ class NetHost:
                     await self._call(lambda name=name: delete_link(name))  # type: ignore[misc]
                     removed.append(f"link {name} (zone {zone})")
             pid_dir = self.runtime
+            kept = {self._pins_path(net.addressing) for net in self._zones.values()}
+            for pins in sorted(pid_dir.glob("*.pins")) if pid_dir.is_dir() else []:
+                if pins not in kept:
+                    pins.unlink(missing_ok=True)
             live = {net.helper.pidfile for net in self._zones.values() if net.helper is not None}
             for pidfile in sorted(pid_dir.glob("*.pid")) if pid_dir.is_dir() else []:
                 if pidfile in live:
@@ -1040,6 +1108,7 @@ class NetHost:
                     with contextlib.suppress(ValueError):
                         addr = ipaddress.ip_address(pin.address)
                         net.pins.record_until(pin.name, addr, pin.expires)
+                net.pins_dirty = True
             elif isinstance(message, wire.Refused):
                 self._event(NetEvent(net.spec.zone, "refused", refused=message.event))
             elif isinstance(message, wire.Applied):
