@@ -388,6 +388,8 @@ class ZoneManager:
                 f"{self.config.min_memory_mib}..{self.config.max_memory_mib}"
             )
         wanted_net = self._wanted_network(request)
+        if wanted_net is not None:
+            await self.nethost.check_policy(wanted_net[0])
         writable_mib = self._writable_layer_mib(request)
         busy = await trio.to_thread.run_sync(live_process_ids, self.qemu_ids.ids)
         if name in self.zones:  # created by another request while we checked

@@ -773,6 +773,11 @@ class NetHost:
             raise
         return bound
 
+    async def check_policy(self, policy: NetPolicy) -> None:
+        """:class:`InvalidRequest` for a policy this host cannot enforce (before a create)."""
+        validate_policy(policy)
+        await self._call(lambda: check_forwarding(policy))
+
     async def update_policy(self, zone: str, policy: NetPolicy) -> int:
         """A running zone's new policy, in force for new connections when this returns.
 
