@@ -194,18 +194,12 @@ def net_kernel_args(addr: addressing.ZoneAddressing, ipv6: bool) -> list[str]:
 
 
 def net_refusal(event: NetEvent) -> NetRefusal | None:
-    refused = event.refused
-    if refused is None:
+    """The helper's refusal as the wire carries it (the same fields by name, less its time)."""
+    if event.refused is None:
         return None
-    return NetRefusal(
-        kind=refused.kind,
-        destination=refused.destination,
-        port=refused.port,
-        protocol=refused.protocol,
-        name=refused.name,
-        rule=refused.rule,
-        suppressed_before=refused.suppressed_before,
-    )
+    fields = msgspec.structs.asdict(event.refused)
+    del fields["time"]  # the event has its own
+    return NetRefusal(**fields)
 
 
 def qemu_id_range(config: Config) -> IdRange:
