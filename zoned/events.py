@@ -120,7 +120,6 @@ class EventHub:
                 # Too slow or gone: cut it off; its receiver sees the channel end.
                 watcher.send.close()
                 del self._watchers[key]
-                del self._filters[key]
         return event
 
     @contextmanager
@@ -143,6 +142,5 @@ class EventHub:
             yield receive
         finally:
             self._watchers.pop(key, None)
-            self._filters.pop(key, None)
             send.close()
             receive.close()
