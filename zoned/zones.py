@@ -864,8 +864,11 @@ class ZoneManager:
                     await self.hv.suspend(zone.record.domain_name)
                     try:
                         await self.cut_network(name)
-                    except ZonedError as exc:  # paused, it sends nothing meanwhile
+                    except ZonedError as exc:
+                        # Closed, never open: then it has no network at all (its
+                        # record keeps what it had, for the evidence).
                         log.error("could not cut the network of quarantined %s: %s", name, exc)
+                        await self._remove_network(zone)
                     if zone.agent is not None:
                         zone.agent.lose("the zone was quarantined")
                     if zone.supervisor is not None:
@@ -898,6 +901,9 @@ class ZoneManager:
                     f"zone {name!r} was created without a network: its NIC exists only"
                     " from the start (create it with --net)"
                 )
+            if lifecycle.is_quarantined(zone.record.state):
+                # Its network was cut with the freeze; it stays cut until destroyed.
+                raise Conflict(f"zone {name!r} is quarantined: its network stays cut")
             if not lifecycle.runs_domain(zone.record.state) or name not in self.nethost.zones():
                 raise Conflict(f"zone {name!r} is {zone.record.state}: its network does not run")
             policy = parse_policy(request.net) if request.net is not None else network.policy
@@ -922,8 +928,11 @@ class ZoneManager:
     async def cut_network(self, name: str) -> int:
         """Nothing in or out of the zone from now on (quarantine); the connections closed.
 
-        A zone without network: 0. Its record keeps the policy it had (a
-        restarted daemon re-adopts a quarantined zone's network cut).
+        No rule, no publish (their host ports are closed), every open
+        connection closed; its DNS gets refusals only. A zone without network:
+        0. Its record keeps the policy and publishes it had (the evidence of
+        what it was allowed); a restarted daemon re-adopts a quarantined
+        zone's network cut, and :meth:`set_network` refuses to open it again.
         """
         zone = self.zones.get(name)
         if zone is None or name not in self.nethost.zones():

@@ -10,9 +10,11 @@ zones shared by every test, in this order:
 - ``zn-open``: ``open`` (the internet, never the host's networks).
 
 Programs in the zones are ordinary ones (Python's urllib and ssl, busybox
-wget); the policy is enforced on the host only. The module ends by killing
-zoned with -9 and restarting it (the policies still hold), crashing a
-zone's QEMU, and destroying everything: no link, table or helper may stay.
+wget); the policy is enforced on the host only. The module ends by
+quarantining a fourth, networked zone (``zn-frozen``: its network cut, its
+record kept), killing zoned with -9 and restarting it (the policies still
+hold, the quarantined zone still cut), crashing a zone's QEMU, and
+destroying everything: no link, table or helper may stay.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -32,18 +35,19 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import domain_name, private_zoned, qemu_pid
 from tests.integration.networld import HostInternet, internet_on_host
 from tests.waiting import wait_until_async
 from zoned import protocol as p
 from zoned.client import Client
-from zoned.errors import InvalidRequest
-from zoned.localdaemon import LocalDaemon, private_net_config
+from zoned.errors import Conflict, InvalidRequest
+from zoned.localdaemon import LocalDaemon, http_get, private_net_config
 
 pytestmark = pytest.mark.integration
 
-QUIET, WEB, OPEN = "zn-quiet", "zn-web", "zn-open"
+QUIET, WEB, OPEN, FROZEN = "zn-quiet", "zn-web", "zn-open", "zn-frozen"
 WEB_POLICY = ["allowed.test:80,443", "rebind.test", "mixed.test"]
 CALL_TIMEOUT_S = 180.0
 ZONECTL = [sys.executable, "-m", "zoned.cli"]
@@ -55,6 +59,7 @@ class NetWorld:
     daemon: LocalDaemon
     internet: HostInternet
     publish_port: int
+    frozen_port: int
     link_prefix: str = ""
     table: str = ""
 
@@ -87,15 +92,19 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetWorld]:
     with internet_on_host(tmp_path_factory.mktemp("internet")) as internet:
-        # Generous: the host's CPUs are shared, zones run under TCG.
+        root = Path(tempfile.mkdtemp(prefix="zoned-", dir="/tmp"))
         extra = "\n".join(
             [
                 f'net_upstream_dns = ["{internet.dns}"]',
+                # Generous: the host's CPUs are shared, zones run under TCG.
                 "agent_silence_s = 120.0",
+                "metrics_enabled = true",
+                f'metrics_listen = "{root / "metrics.sock"}"',
+                f'evidence_dir = "{root / "evidence"}"',
             ]
         )
-        with private_zoned("zn-", extra_config=extra) as daemon:
-            net = NetWorld(daemon, internet, free_port())
+        with private_zoned("zn-", root, extra_config=extra) as daemon:
+            net = NetWorld(daemon, internet, free_port(), free_port())
             try:
                 trio.run(create_zones, net)
                 yield net
@@ -441,6 +450,26 @@ async def test_counters_in_metrics_show_and_top(world: NetWorld) -> None:
     assert net.dns_answered >= 3 and net.dns_refused >= 1, net
     assert net.bytes_in > 300000 and net.bytes_out > 0, net
     assert quiet.net is None
+    # The same figures on the metrics endpoint (the helper's last report).
+    status, body = await trio.to_thread.run_sync(http_get, world.daemon.root / "metrics.sock")
+    assert status == 200, body
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            key = sample.labels.get("result", "")
+            found.setdefault(sample.name, {})[f"{sample.labels.get('zone')}/{key}"] = sample.value
+    assert found["zoned_zone_network_receive_bytes_total"][f"{WEB}/"] >= net.bytes_in, found
+    assert found["zoned_zone_network_transmit_bytes_total"][f"{WEB}/"] >= net.bytes_out, found
+    connections = found["zoned_zone_network_connections_total"]
+    assert connections[f"{WEB}/allowed"] >= net.connections_allowed, connections
+    assert found["zoned_zone_dns_queries_total"][f"{WEB}/refused"] >= net.dns_refused, found
+    # libvirt's view of the zone's NIC; a zone without network has neither.
+    assert found["zoned_zone_interface_receive_bytes_total"][f"{WEB}/"] > 0, found
+    for name in (
+        "zoned_zone_network_receive_bytes_total",
+        "zoned_zone_interface_receive_bytes_total",
+    ):
+        assert f"{QUIET}/" not in found[name], found[name]
     show = await trio.to_thread.run_sync(zonectl, world, "show", WEB)
     assert "allowed:       allowed.test:80,443, rebind.test, mixed.test" in show, show
     assert "connections:" in show and "refused" in show, show
@@ -477,6 +506,61 @@ async def test_a_killed_helper_is_restored_and_never_fails_open(world: NetWorld)
     assert not str(answer["blocked"]).startswith("ok"), answer
 
 
+def refused_on_host(port: int) -> bool:
+    """Nothing listens on the host's loopback at ``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_quarantine_cuts_a_networked_zones_network_and_keeps_its_record(
+    world: NetWorld,
+) -> None:
+    publish = f"127.0.0.1:{world.frozen_port}:8000"
+    url = f"http://127.0.0.1:{world.frozen_port}/"
+    async with connect(world) as client:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            await client.create_zone(FROZEN, memory_mib=128, net=WEB_POLICY, publishes=[publish])
+        server = ["python3", "-m", "http.server", "8000", "--directory", "/etc"]
+        async with (
+            client.exec_process(FROZEN, server),
+            client.exec_process(FROZEN, ["python3", "-c", HOLD]) as holder,
+        ):
+            first = await anext(aiter(holder))
+            assert first.data.strip() == b"up", first
+
+            def fetch() -> str:
+                with urllib.request.urlopen(url, timeout=10) as reply:
+                    return str(reply.read().decode())
+
+            async def answered() -> bool:
+                try:
+                    return "resolv.conf" in await trio.to_thread.run_sync(fetch)
+                except OSError:
+                    return False  # the server in the zone is still starting
+
+            await wait_until_async(answered, f"{FROZEN}'s port 8000 on {url}")
+            before = await client.zone_metrics(FROZEN)
+            with trio.fail_after(CALL_TIMEOUT_S):
+                reply = await client.quarantine_zone(FROZEN)
+        after = await client.zone_metrics(FROZEN)
+        zone = await client.get_zone(FROZEN)
+        with pytest.raises(Conflict, match="quarantined"):
+            await client.set_zone_net(FROZEN, "open")
+    assert before.net is not None and before.net.connections_active >= 1, before.net
+    assert reply.zone.state == "quarantined"
+    # Cut: the published port is gone from the host, the held connection closed...
+    assert await trio.to_thread.run_sync(refused_on_host, world.frozen_port)
+    assert after.net is not None and after.net.connections_active == 0, after.net
+    assert after.net.connections_allowed >= before.net.connections_allowed
+    # ...and the record, in the daemon and in the evidence, keeps what it had.
+    assert (zone.state, zone.net, zone.publishes) == ("quarantined", WEB_POLICY, [publish])
+    kept = json.loads((Path(reply.bundle.path) / "zone.json").read_text())
+    assert kept["network"]["policy"]["rules"], kept["network"]
+
+
 async def test_kill_9_of_zoned_then_restart_keeps_the_policies(world: NetWorld) -> None:
     web_a = world.internet.web_a
     code = program(
@@ -502,7 +586,13 @@ async def test_kill_9_of_zoned_then_restart_keeps_the_policies(world: NetWorld) 
         async with refusals(world, WEB) as events:
             answer = await python(client, WEB, code)
             await wait_for_refusal(events, "dns", "blocked.test")
+        frozen = await client.get_zone(FROZEN)
+        with pytest.raises(Conflict, match="quarantined"):
+            await client.set_zone_net(FROZEN, "open")
     assert (zone.net, zone.net_status) == (WEB_POLICY, "up")
+    # The quarantined zone was re-adopted cut: still frozen, its port still closed.
+    assert (frozen.state, frozen.net) == ("quarantined", WEB_POLICY), frozen
+    assert await trio.to_thread.run_sync(refused_on_host, world.frozen_port)
     assert answer["cached"] == f"ok {web_a} allowed.test /talk", answer
     assert answer["allowed"] == f"ok {world.internet.web_a} allowed.test /after", answer
     assert not str(answer["blocked"]).startswith("ok"), answer

@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_hostile_agent import fake_agent, sends
+from tests.service.test_observability import http, series
 from zoned.client import Client
 from zoned.daemon import Daemon
 from zoned.errors import Conflict, InvalidRequest, NotFound
@@ -34,6 +37,15 @@ def links(daemon: Daemon) -> dict[str, Any]:
     )
     prefix = daemon.config.net_link_prefix
     return {link["ifname"]: link for link in found if link["ifname"].startswith(prefix)}
+
+
+GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def table_exists(daemon: Daemon) -> bool:
@@ -139,4 +151,77 @@ async def test_a_networked_zone_from_create_to_destroy(daemon: Daemon) -> None:
                 await client.destroy_zone(name)
         agents.cancel_scope.cancel()
     taken.close()
+    assert_nothing_left(daemon)
+
+
+@pytest.fixture
+async def observed(short_tmp: Path) -> AsyncIterator[Daemon]:
+    """A daemon with its metrics endpoint and an evidence directory (quarantine)."""
+    config = service_config(
+        short_tmp,
+        metrics_enabled=True,
+        metrics_listen="127.0.0.1:0",
+        evidence_dir=str(short_tmp / "evidence"),
+    )
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(Daemon(config, zone_images=fake_zone_images).run)
+        yield daemon
+        nursery.cancel_scope.cancel()
+
+
+def bindable(port: int) -> bool:
+    try:
+        socket.create_server(("127.0.0.1", port)).close()
+    except OSError:
+        return False
+    return True
+
+
+async def test_quarantine_cuts_a_networked_zone_and_its_record_keeps_the_network(
+    observed: Daemon,
+) -> None:
+    daemon = observed
+    runtime = Path(daemon.config.runtime_dir) / "zones"
+    port = free_port()
+    publish = f"127.0.0.1:{port}:80"
+    async with trio.open_nursery() as agents:
+        await agents.start(fake_agent, runtime / "web" / "agent.sock", sends(b""))
+        async with Client(daemon.config.socket_path, client_name="test") as client:
+            await client.create_zone("web", net="allowed.test:443", publishes=[publish])
+            assert not bindable(port)  # the zone publishes it
+            status, body = await http(daemon, GET_METRICS)
+            assert status == 200
+            found = series(body)
+            for name in (
+                "zoned_zone_network_transmit_bytes_total",
+                "zoned_zone_network_receive_bytes_total",
+            ):
+                assert [labels["zone"] for labels, _ in found[name]] == ["web"], found[name]
+
+            reply = await client.quarantine_zone("web")
+            assert reply.zone.state == "quarantined"
+            # Cut: no publish (its host port is free again), no rule...
+            assert bindable(port)
+            assert daemon.manager is not None
+            nethost = daemon.manager.nethost
+            spec = nethost.spec("web")
+            assert (spec.policy.rules, spec.policy.open, spec.publishes) == ([], False, [])
+            # ...while the record and the evidence keep what the zone was allowed.
+            zone = await client.get_zone("web")
+            assert (zone.net, zone.publishes) == (["allowed.test:443"], [publish])
+            record = json.loads(Path(daemon.config.state_dir, "zones", "web.json").read_text())
+            assert record["network"]["publishes"] == [
+                {"host_address": "127.0.0.1", "host_port": port, "zone_port": 80}
+            ], record["network"]
+            kept = json.loads((Path(reply.bundle.path) / "zone.json").read_text())
+            assert kept["network"]["policy"] == record["network"]["policy"], kept
+            # It stays cut: nobody opens a quarantined zone's network again.
+            with pytest.raises(Conflict, match="quarantined"):
+                await client.set_zone_net("web", "open")
+            assert nethost.spec("web").policy.rules == []
+            metrics = await client.zone_metrics("web")
+            assert metrics.net is not None and metrics.net.connections_active == 0
+
+            await client.destroy_zone("web")
+        agents.cancel_scope.cancel()
     assert_nothing_left(daemon)
