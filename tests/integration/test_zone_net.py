@@ -371,23 +371,28 @@ async def test_the_host_and_other_zones_are_unreachable(world: NetWorld) -> None
     assert not str(back["web"]).startswith("ok"), back
 
 
+async def wait_until_published(url: str, what: str) -> None:
+    """Until ``url`` on the host serves a zone's /etc (``http.server`` in the zone)."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return str(reply.read().decode())
+
+    async def answered() -> bool:
+        try:
+            return "resolv.conf" in await trio.to_thread.run_sync(fetch)
+        except OSError:
+            return False  # the server in the zone is still starting
+
+    await wait_until_async(answered, f"{what} on {url}")
+
+
 async def test_a_published_port_answers_on_the_host(world: NetWorld) -> None:
     url = f"http://127.0.0.1:{world.publish_port}/"
     async with connect(world) as client:
         argv = ["python3", "-m", "http.server", "8000", "--directory", "/etc"]
         async with client.exec_process(WEB, argv) as server:
-
-            def fetch() -> str:
-                with urllib.request.urlopen(url, timeout=10) as reply:
-                    return str(reply.read().decode())
-
-            async def answered() -> bool:
-                try:
-                    return "resolv.conf" in await trio.to_thread.run_sync(fetch)
-                except OSError:
-                    return False  # the server in the zone is still starting
-
-            await wait_until_async(answered, f"the zone's port 8000 on {url}")
+            await wait_until_published(url, "the zone's port 8000")
             await server.signal(signal.SIGTERM)
         assert (await client.get_zone(WEB)).publishes == [f"127.0.0.1:{world.publish_port}:8000"]
 
@@ -477,6 +482,49 @@ async def test_counters_in_metrics_show_and_top(world: NetWorld) -> None:
     assert "NET OUT" in top and "CONN OK/NO" in top, top
 
 
+FETCH = """
+import sys, urllib.request
+for url in sys.argv[1:]:
+    try:
+        print(urllib.request.urlopen(url, timeout=10).read().decode().strip())
+    except Exception as exc:
+        print("refused", type(exc).__name__)
+"""
+
+
+async def test_zonectl_run_net_and_net_set(world: NetWorld) -> None:
+    web_a = world.internet.web_a
+    urls = ["http://allowed.test/run", "http://blocked.test/run"]
+    # run: a zone of its own with the network asked for, gone afterwards.
+    ran = await trio.to_thread.run_sync(
+        lambda: zonectl(
+            world, "run", "--net", "allowed.test:80", "--", "python3", "-c", FETCH, *urls
+        )
+    )
+    assert ran.splitlines() == [f"{web_a} allowed.test /run", "refused URLError"], ran
+    # net set and net show on a running zone, as a user types them.
+    shown = await trio.to_thread.run_sync(
+        lambda: zonectl(world, "net", "set", WEB, ",".join([*WEB_POLICY, "blocked.test:80"]))
+    )
+    assert "blocked.test:80" in shown, shown
+    async with connect(world) as client:
+        answer = await client.exec(WEB, ["python3", "-c", FETCH, *urls])
+        zone, _ = await client.set_zone_net(WEB, WEB_POLICY)
+    assert answer.stdout.decode().splitlines() == [
+        f"{web_a} allowed.test /run",
+        f"{world.internet.web_b} blocked.test /run",
+    ], answer
+    assert zone.net == WEB_POLICY
+    show = await trio.to_thread.run_sync(lambda: zonectl(world, "net", "show", WEB))
+    assert "connections:" in show and "blocked.test" not in show, show
+    assert {z.name for z in await list_zones(world)} == {QUIET, WEB, OPEN}
+
+
+async def list_zones(world: NetWorld) -> list[p.ZoneInfo]:
+    async with connect(world) as client:
+        return await client.list_zones()
+
+
 async def test_a_killed_helper_is_restored_and_never_fails_open(world: NetWorld) -> None:
     code = program(
         '"allowed": attempt(lambda: get("https://allowed.test/restored"))',
@@ -530,18 +578,7 @@ async def test_quarantine_cuts_a_networked_zones_network_and_keeps_its_record(
         ):
             first = await anext(aiter(holder))
             assert first.data.strip() == b"up", first
-
-            def fetch() -> str:
-                with urllib.request.urlopen(url, timeout=10) as reply:
-                    return str(reply.read().decode())
-
-            async def answered() -> bool:
-                try:
-                    return "resolv.conf" in await trio.to_thread.run_sync(fetch)
-                except OSError:
-                    return False  # the server in the zone is still starting
-
-            await wait_until_async(answered, f"{FROZEN}'s port 8000 on {url}")
+            await wait_until_published(url, f"{FROZEN}'s port 8000")
             before = await client.zone_metrics(FROZEN)
             with trio.fail_after(CALL_TIMEOUT_S):
                 reply = await client.quarantine_zone(FROZEN)

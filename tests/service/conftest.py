@@ -121,6 +121,27 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Daemon]:
 
 
 @pytest.fixture
+async def observed(short_tmp: Path) -> AsyncIterator[Daemon]:
+    """A daemon with its metrics endpoint, small audit files and log retention,
+    and an evidence directory of its own (quarantine)."""
+    config = service_config(
+        short_tmp,
+        metrics_enabled=True,
+        metrics_listen="127.0.0.1:0",
+        metrics_stats_max_age_s=0.0,
+        log_retention_max_bytes=3000,
+        log_retention_interval_s=3600.0,
+        evidence_dir=str(short_tmp / "evidence"),
+        audit_max_bytes=4096,
+        audit_max_files=2,
+    )
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(Daemon(config, zone_images=fake_zone_images).run)
+        yield daemon
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
 def threaded_daemon(short_tmp: Path) -> Iterator[Daemon]:
     """The daemon on its own trio loop in a thread, for synchronous tests
     (hypothesis drives examples synchronously, one daemon for all of them)."""

@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_hostile_agent import fake_agent, sends
 from tests.service.test_observability import http, series
 from zoned.client import Client
@@ -152,21 +150,6 @@ async def test_a_networked_zone_from_create_to_destroy(daemon: Daemon) -> None:
         agents.cancel_scope.cancel()
     taken.close()
     assert_nothing_left(daemon)
-
-
-@pytest.fixture
-async def observed(short_tmp: Path) -> AsyncIterator[Daemon]:
-    """A daemon with its metrics endpoint and an evidence directory (quarantine)."""
-    config = service_config(
-        short_tmp,
-        metrics_enabled=True,
-        metrics_listen="127.0.0.1:0",
-        evidence_dir=str(short_tmp / "evidence"),
-    )
-    async with trio.open_nursery() as nursery:
-        daemon: Daemon = await nursery.start(Daemon(config, zone_images=fake_zone_images).run)
-        yield daemon
-        nursery.cancel_scope.cancel()
 
 
 def bindable(port: int) -> bool:
