@@ -7,7 +7,9 @@ zones shared by every test, in this order:
 - ``zn-quiet``: no network (no NIC at all);
 - ``zn-web``: ``allowed.test:80,443``, ``rebind.test``, ``mixed.test``, and
   its port 8000 published on the host's loopback;
-- ``zn-open``: ``open`` (the internet, never the host's networks).
+- ``zn-open``: ``open`` (the internet, never the host's networks), on the
+  built-in root (busybox + Python); the others run the default image
+  (Debian bookworm with python3).
 
 Programs in the zones are ordinary ones (Python's urllib and ssl, busybox
 wget); the policy is enforced on the host only. The module ends by
@@ -122,7 +124,8 @@ async def create_zones(net: NetWorld) -> None:
             await client.create_zone(QUIET)
             publish = f"127.0.0.1:{net.publish_port}:8000"
             await client.create_zone(WEB, net=WEB_POLICY, publishes=[publish])
-            await client.create_zone(OPEN, net="open")
+            # The built-in root (busybox's wget); the others run the default image.
+            await client.create_zone(OPEN, net="open", image="builtin")
             ca = net.internet.ca.read_bytes()
             for zone in (WEB, OPEN):
                 await client.put_file(zone, CA_PATH, ca)
@@ -274,7 +277,7 @@ async def test_allowed_names_work_through_urllib_pip_like_fetches_and_wget(
     async with connect(world) as client:
         answer = await python(client, WEB, code)
         zone = await client.get_zone(WEB)
-        wget = await client.exec(WEB, ["wget", "-q", "-O", "-", "http://allowed.test/wget"])
+        wget = await client.exec(OPEN, ["wget", "-q", "-O", "-", "http://allowed.test/wget"])
     assert answer["https"] == f"ok {web_a} allowed.test /simple/pkg/", answer
     assert answer["wheel"] == "ok 300000", answer
     assert answer["http"] == f"ok {web_a} allowed.test /plain", answer
