@@ -17,6 +17,8 @@ import msgspec
 from zoned.errors import ConfigError
 from zoned.httpserve import parse_listen_address
 from zoned.kernel.store import DEFAULT_STORE
+from zoned.net.addressing import LINK_PREFIX_PATTERN
+from zoned.net.wire import Limits as NetLimits
 
 DEFAULT_CONFIG_PATH = Path("/etc/zoned/zoned.toml")
 #: The highest uid a zone's QEMU may get: 2^31 - 2 (2^31 - 1 is kept as a
@@ -186,6 +188,24 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     image_helper_socket: str = ""
     # Imports and pulls running at once; more wait their turn.
     max_image_imports: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    # Zone networks (docs/networking.md). Like domain_prefix, each daemon on a
+    # host needs its own table, link prefix and pools: test daemons get theirs
+    # from zoned.localdaemon. Slot n of the pools is the n-th /30 and /64.
+    net_table: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}\Z")] = "zoned"
+    net_pool_v4: str = "100.87.0.0/16"
+    net_pool_v6: str = "fd7a:6f6e:6564::/48"
+    net_link_prefix: Annotated[str, msgspec.Meta(pattern=LINK_PREFIX_PATTERN)] = "zn"
+    # The resolvers the zones' resolvers ask ("address" or "address#port");
+    # empty: the host's /etc/resolv.conf nameservers.
+    net_upstream_dns: list[str] = msgspec.field(default_factory=list)
+    # The helper of slot n runs as uid and gid net_helper_uid_base + n.
+    net_helper_uid_base: Annotated[int, msgspec.Meta(ge=1000, le=MAX_ZONE_UID)] = 0x7A6E0000
+    # Per-zone bounds (connections, rates, pins, timeouts).
+    net_limits: NetLimits = NetLimits()
+    # Networked zones get IPv6 too (their /64 of net_pool_v6, proxied like
+    # IPv4); false on hosts without IPv6 upstream, so that clients do not try
+    # AAAA answers first.
+    net_ipv6: bool = True
 
     # -- Observability (docs/observability.md) --
     # The Prometheus endpoint (GET /metrics): off unless enabled. It listens

@@ -62,6 +62,8 @@ from zoned.images.workloadroot import build_workload_root
 from zoned.imageservice import ImageService
 from zoned.kernel.store import KernelImage, find_kernel, list_kernels
 from zoned.monitor import Monitor
+from zoned.net.addressing import NetPools
+from zoned.net.host import NetHost, NetHostConfig
 from zoned.placement import Allocator
 from zoned.protocol import Accelerator
 from zoned.quarantine import quarantine_zone
@@ -135,6 +137,26 @@ def admin_group_id(group: str) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError(f"admin_group {group!r} does not exist on this host") from None
+
+
+def nethost_config(config: Config) -> NetHostConfig:
+    """The zone networks' settings of ``config`` (the owner: its state directory)."""
+    try:
+        return NetHostConfig(
+            table=config.net_table,
+            owner=str(Path(config.state_dir).resolve()),
+            pools=NetPools(
+                pool_v4=config.net_pool_v4,
+                pool_v6=config.net_pool_v6,
+                link_prefix=config.net_link_prefix,
+            ),
+            runtime_dir=str(Path(config.runtime_dir) / "net"),
+            upstream_dns=list(config.net_upstream_dns),
+            helper_uid_base=config.net_helper_uid_base,
+            limits=config.net_limits,
+        )
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError(f"invalid network settings: {exc}") from None
 
 
 def build_zone_images(config: Config) -> ZoneImages:
@@ -254,6 +276,11 @@ class Daemon:
             )
             await self.images.open()
             tsc = await trio.to_thread.run_sync(host_tsc_khz)
+            try:
+                nethost = NetHost(nethost_config(config))
+            except InvalidRequest as exc:
+                raise ConfigError(f"invalid network pools: {exc.message}") from None
+            await nursery.start(nethost.run)
             manager = ZoneManager(
                 config,
                 hv,
@@ -265,6 +292,7 @@ class Daemon:
                 images=self.images,
                 tsc_khz=tsc,
                 policy=self.policy,
+                nethost=nethost,
                 pids_controller=self.pids_controller,
             )
             self.manager = manager
@@ -438,6 +466,9 @@ class Daemon:
                 if isinstance(request, p.RemoveImage | p.PruneImages):
                     self._may_remove_images(caller)
                 await self.images.handle(request, send, inputs)
+            case p.SetZoneNet():
+                zone, closed = await manager.set_network(request, caller)
+                await send(p.ZoneNetReply(id=request.id, zone=zone, connections_closed=closed))
             case _:
                 # The protocol knows it and the daemon does not: our bug.
                 raise InternalError(f"{type(request).__name__} is not handled here")

@@ -9,7 +9,9 @@ recognises and re-adopts its zones.
 What a zone's domain is, and why (measured with libvirt 9.0 and QEMU 7.2):
 
 - Direct kernel boot of the project's own kernel and initramfs; no firmware
-  choice, no ``<boot dev>``, no disks, no network, no graphics, no USB.
+  choice, no ``<boot dev>``, no disks, no network (unless the zone has
+  one: then one virtio NIC on the tap zoned made, ``<interface type='ethernet'>``
+  with ``managed='no'``, :func:`zoned.net.addressing.interface_element`), no graphics, no USB.
   Entropy comes from a virtio RNG fed by ``/dev/urandom``.
 - A virtio balloon only for free page reporting (``free_page_reporting``):
   the guest tells QEMU which of its free pages it may drop, and QEMU
@@ -76,6 +78,7 @@ from uuid import UUID
 
 from zoned.agent import AGENT_PORT_NAME
 from zoned.errors import HypervisorError, InternalError
+from zoned.net.addressing import ZoneAddressing, interface_element
 from zoned.protocol import Accelerator, Machine
 
 # libvirt's cpuset syntax is the kernel's cpulist syntax ("0-2,5").
@@ -137,6 +140,8 @@ class DomainSpec:
     free_page_reporting: bool = False
     # TCG's translation cache in MiB; None leaves QEMU's default. Ignored under KVM.
     tcg_tb_cache_mib: int | None = None
+    # The zone's network: a virtio NIC on the tap of these addresses (None: no NIC).
+    network: ZoneAddressing | None = None
 
     def __post_init__(self) -> None:
         if not self.domain_name or "/" in self.domain_name:
@@ -284,6 +289,8 @@ def render_domain_xml(spec: DomainSpec) -> str:
         _disk(devices, spec.rootfs, "vda", IMAGE_DISK_SERIAL, readonly=True, spec=spec)
     if spec.scratch_disk is not None:
         _disk(devices, spec.scratch_disk, "vdb", WRITABLE_DISK_SERIAL, readonly=False, spec=spec)
+    if spec.network is not None:
+        devices.append(interface_element(spec.network, mmio=microvm))
     if spec.free_page_reporting:
         balloon = _sub(devices, "memballoon", model="virtio", freePageReporting="on")
         if microvm:

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 import trio
 
-from zoned.protocol import DEFAULT_EVENT_KINDS, CallerInfo, Event, EventKind, ExecRecord
+from zoned.protocol import (
+    DEFAULT_EVENT_KINDS,
+    CallerInfo,
+    Event,
+    EventKind,
+    ExecRecord,
+    NetRefusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,7 @@ class EventHub:
         exec: ExecRecord | None = None,
         caller: CallerInfo | None = None,
         zone_uuid: str = "",
+        refused: NetRefusal | None = None,
     ) -> Event:
         self._seq += 1
         event = Event(
@@ -85,6 +93,7 @@ class EventHub:
             cpu=cpu,
             exec=exec,
             caller=caller,
+            refused=refused,
         )
         log.info(
             "event %s zone=%s %s->%s %s",

@@ -220,6 +220,9 @@ def _toml_value(value: object) -> str:
         return json.dumps(value)  # a TOML basic string for everything JSON escapes
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, msgspec.Struct):  # an inline table
+        items = msgspec.structs.asdict(value).items()
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in items) + " }"
     raise TypeError(f"no TOML rendering for {type(value).__name__}")
 
 

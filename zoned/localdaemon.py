@@ -12,6 +12,7 @@ builds it), so nothing is converted again either.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -43,10 +44,37 @@ PRIVATE_UID_BASE = 0x78010000
 PRIVATE_UID_SLICES = 4096
 
 
+def _root_slot(root: Path) -> int:
+    return int(hashlib.sha256(str(root).encode()).hexdigest(), 16) % PRIVATE_UID_SLICES
+
+
 def private_uid_base(root: Path) -> int:
     """The first QEMU uid of the private daemon in ``root``."""
-    slot = int(hashlib.sha256(str(root).encode()).hexdigest(), 16) % PRIVATE_UID_SLICES
-    return PRIVATE_UID_BASE + PRIVATE_UID_SLICE * slot
+    return PRIVATE_UID_BASE + PRIVATE_UID_SLICE * _root_slot(root)
+
+
+#: Private daemons' zone networks: the n-th /24 of this /12 (64 zones each),
+#: away from the production pool (100.87.0.0/16; all of it inside CGNAT, a
+#: range zones may never reach), a /48 of their own, and helper uids above
+#: the production helpers' (0x7A6E0000 + slot).
+PRIVATE_NET_POOL_V4 = 0x64600000  # 100.96.0.0/12
+PRIVATE_HELPER_UID_BASE = 0x7A6F0000
+
+
+def private_net_config(root: Path) -> dict[str, str | int]:
+    """The network settings of the private daemon in ``root``: a table, link
+    prefix, pools and helper uids no other daemon on the host has (the same
+    slot as its QEMU uids)."""
+    slot = _root_slot(root)
+    first = PRIVATE_NET_POOL_V4 + 256 * slot
+    v4 = f"{first >> 24}.{(first >> 16) & 255}.{(first >> 8) & 255}.0/24"
+    return {
+        "net_table": f"zonedt{slot:03x}",
+        "net_link_prefix": f"zt{slot:03x}",
+        "net_pool_v4": v4,
+        "net_pool_v6": f"fd7a:6f6e:{0xA000 + slot:x}::/48",
+        "net_helper_uid_base": PRIVATE_HELPER_UID_BASE + 64 * slot,
+    }
 
 
 def checkout_domain_prefix() -> str:
@@ -104,6 +132,10 @@ class LocalDaemon:
                     "reserved_memory_mib = 512",
                     f"zone_uid_base = {private_uid_base(root)}",
                     f"zone_uid_count = {PRIVATE_UID_SLICE}",
+                    *(
+                        f"{key} = {json.dumps(value)}"
+                        for key, value in private_net_config(root).items()
+                    ),
                     "boot_timeout_s = 60.0",
                     "heartbeat_interval_s = 1.0",
                     extra_config,

@@ -18,8 +18,10 @@ Rules:
   the difference is worth an alert.
 - A zone's series exist while the zone does: a destroyed zone's disappear
   (its last state, ``stopped``, is seen by a scrape that comes before).
-- Network series come from the zone's network once zones have one
-  (:class:`zoned.net.accounting.NetCounters`); until then they are absent.
+- Network series (``zoned_zone_network_*``) exist for zones with a network:
+  the counters of its helper (:class:`zoned.net.accounting.NetCounters`,
+  at most a second old) plus the UDP our table forwarded; a zone without
+  network has none.
 - libvirt's statistics are sampled for every running zone in one call
   (``virConnectGetAllDomainStats``) on a worker thread behind the daemon's
   libvirt limiter, at most every ``max_age_s``; a scrape waits for a

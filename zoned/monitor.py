@@ -558,8 +558,15 @@ class Monitor:
         stats = await self.stats.current()
         manager = self.manager
         zones = []
+        # The networked zones' counters: the helpers' last reports (at most a
+        # second old), read without waiting (a scrape never waits for a zone).
+        nethost = manager.nethost if manager is not None else None
+        networked = set(nethost.zones()) if nethost is not None else set()
         for zone in list(manager.zones.values()) if manager is not None else []:
             record = zone.record
+            net = None
+            if nethost is not None and record.name in networked:
+                net = nethost.counters(record.name)
             guest = None
             if zone.last_heartbeat is not None and lifecycle.is_ready(record.state):
                 guest = p.guest_metrics(zone.last_heartbeat, zone.last_heartbeat_at)
@@ -586,8 +593,7 @@ class Monitor:
                     heartbeat_at=zone.last_heartbeat_at if zone.last_heartbeat else None,
                     execs_running=len(zone.agent.execs) if zone.agent is not None else 0,
                     counters=self.telemetry.zones.get(record.uuid) or _NO_COUNTS,
-                    # Zone networks are not wired into zones yet: no counters.
-                    net=None,
+                    net=net,
                 )
             )
         allocation = self.allocator.snapshot()

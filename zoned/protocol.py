@@ -245,6 +245,14 @@ MAX_IMAGE_TAGS = 16
 MAX_IMAGE_CHUNK = 1024 * 1024
 MAX_WRITABLE_LAYER_MIB = 1024 * 1024
 MAX_GROUPS = 256
+#: Zone networks: rules and publishes travel in the syntax ``zonectl`` reads
+#: (``zoned.net.policy``: ``pypi.org:443``, ``*.pythonhosted.org``,
+#: ``10.0.0.0/8``, ``udp://203.0.113.5:123``, ``open``; ``127.0.0.1:8080:80``);
+#: the daemon parses them, and a bad one is ``invalid_request`` naming it.
+MAX_NET_RULES = 256
+MAX_NET_RULE_CHARS = 300
+MAX_PUBLISHES = 64
+MAX_PUBLISH_CHARS = 64
 
 _UINT32_MAX = 2**32 - 1
 # msgspec bounds must fit an int64.
@@ -291,6 +299,10 @@ TermSize = Annotated[int, Meta(ge=1, le=4096)]
 OutputStream = Literal["stdout", "stderr"]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+NetRule = Annotated[str, Meta(min_length=1, max_length=MAX_NET_RULE_CHARS, pattern=r"^[!-~]+\Z")]
+NetRules = Annotated[list[NetRule], Meta(max_length=MAX_NET_RULES)]
+PublishSpec = Annotated[str, Meta(min_length=3, max_length=MAX_PUBLISH_CHARS, pattern=r"^[!-~]+\Z")]
+Publishes = Annotated[list[PublishSpec], Meta(max_length=MAX_PUBLISHES)]
 # Figures the guest reports (and the host passes on): finite and in range
 # (ge/le also reject NaN and infinities).
 _Seconds = Annotated[float, Meta(ge=0.0, le=1e10)]
@@ -320,7 +332,14 @@ Machine = Literal["microvm", "q35"]
 Placement = Literal["shared", "exclusive"]
 ZoneState = Literal["creating", "booting", "ready", "stopping", "stopped", "failed", "quarantined"]
 EventKind = Literal[
-    "zone_state", "cpu_online", "cpu_offline", "daemon", "exec_started", "exec_ended"
+    "zone_state",
+    "cpu_online",
+    "cpu_offline",
+    "daemon",
+    "exec_started",
+    "exec_ended",
+    "net_refused",
+    "net_status",
 ]
 #: The kinds a watcher gets when it names none: those of the first version.
 #: Later kinds go only to watchers that ask for them, so that a client never
@@ -331,6 +350,7 @@ MAX_AUDIT_BATCH = 256
 #: Zones and kinds a watch filter may name.
 MAX_WATCH_FILTER = 64
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z"
+NetStatus = Literal["up", "restarting", "failed"]
 
 
 class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -387,6 +407,12 @@ class CreateZone(_Message, tag="create_zone", frozen=True):
     image: Annotated[str, Meta(max_length=MAX_IMAGE_REF_CHARS, pattern=r"^[!-~]*\Z")] = ""
     writable_layer: WritableLayer = "tmpfs"
     writable_layer_mib: WritableLayerMib | None = None
+    # The zone's network. None: none at all (no NIC), unless it publishes a
+    # port; a list: its egress allow-list (empty: nothing beyond its own
+    # resolver, which refuses every name). ``publishes``: its TCP ports on
+    # host addresses, ``[ADDRESS:]HOST_PORT:ZONE_PORT`` (127.0.0.1 default).
+    net: NetRules | None = None
+    publishes: Publishes = []
 
     def __post_init__(self) -> None:
         total = sum(len(arg) + 1 for arg in self.kernel_args)
@@ -421,7 +447,8 @@ class WatchEvents(_Message, tag="watch_events", frozen=True):
 
     ``zones``: only events of these zones (and none of the host's); empty:
     every zone's and the host's. ``kinds``: only these kinds; empty: the
-    kinds of :data:`DEFAULT_EVENT_KINDS` (exec events only to those who ask).
+    kinds of :data:`DEFAULT_EVENT_KINDS` (exec and network events only to
+    those who ask).
     """
 
     id: RequestId
@@ -549,6 +576,8 @@ class RunZone(_ImageProcessFields, tag="run_zone", frozen=True):
     image: Annotated[str, Meta(max_length=MAX_IMAGE_REF_CHARS, pattern=r"^[!-~]*\Z")] = ""
     writable_layer: WritableLayer = "tmpfs"
     writable_layer_mib: WritableLayerMib | None = None
+    net: NetRules | None = None
+    publishes: Publishes = []
 
 
 class ZoneMetrics(_Message, tag="zone_metrics", frozen=True):
@@ -586,6 +615,23 @@ class QuarantineZone(_Message, tag="quarantine_zone", frozen=True):
     id: RequestId
     name: ZoneName
     destroy: bool = False
+
+
+class SetZoneNet(_Message, tag="set_zone_net", frozen=True):
+    """Change a running networked zone's policy and/or publishes without restarting it.
+
+    ``net`` None keeps the policy, ``publishes`` None keeps the publishes.
+    In force for new connections and names when :class:`ZoneNetReply` comes;
+    open connections the new policy no longer allows are closed. A zone
+    created without a network is ``conflict`` (its NIC exists only from the
+    start); bad rules, overlapping publishes or a taken host port change
+    nothing.
+    """
+
+    id: RequestId
+    name: ZoneName
+    net: NetRules | None = None
+    publishes: Publishes | None = None
 
 
 class ExecInput(_Message, tag="exec_input", frozen=True):
@@ -721,6 +767,7 @@ Request: TypeAlias = (
     | RemoveImage
     | PruneImages
     | ImageSizes
+    | SetZoneNet
 )
 #: Requests that feed a running stream rather than start one.
 StreamInput: TypeAlias = ExecInput | ExecSignal | ExecResize | ImageData
@@ -862,6 +909,15 @@ class ZoneInfo(_Record, frozen=True):
     image_id: str = ""
     writable_layer: str = ""
     writable_layer_mib: int | None = None
+    # The zone's network (see CreateZone.net): its policy as rules (None: no
+    # network), its publishes, its addresses, and its helper's state: "up",
+    # "restarting" (nothing flows meanwhile), "failed" (no network: it never
+    # falls open).
+    net: list[str] | None = None
+    publishes: list[str] = []
+    net_address: str = ""
+    net_address6: str = ""
+    net_status: NetStatus | None = None
 
 
 class ImageInfo(_Record, frozen=True):
@@ -934,6 +990,27 @@ class GuestMetrics(_GuestFigures, frozen=True, kw_only=True, omit_defaults=False
     reported_at: float
 
 
+class NetMetrics(_Record, frozen=True, kw_only=True):
+    """A zone's network, counted on the host (zoned's resolver and proxy).
+
+    Bytes are payload through the proxy plus forwarded UDP; refused
+    connections and names are also each an event (``net_refused``) unless
+    the rate limit suppressed them (``events_suppressed``).
+    """
+
+    status: NetStatus
+    bytes_out: NonNegativeInt = 0
+    bytes_in: NonNegativeInt = 0
+    connections_allowed: NonNegativeInt = 0
+    connections_refused: NonNegativeInt = 0
+    connections_active: NonNegativeInt = 0
+    dns_answered: NonNegativeInt = 0
+    dns_refused: NonNegativeInt = 0
+    # Garbage or over the rate limit: not answered at all.
+    dns_dropped: NonNegativeInt = 0
+    events_suppressed: NonNegativeInt = 0
+
+
 class ZoneMetricsData(_Record, frozen=True):
     """One zone's figures at ``sampled_at`` (unix seconds), side by side."""
 
@@ -948,6 +1025,29 @@ class ZoneMetricsData(_Record, frozen=True):
     # Processes the zone runs for clients right now.
     execs_running: NonNegativeInt = 0
     guest: GuestMetrics | None = None
+    # A networked zone's traffic as the host counted it (None: no network).
+    net: NetMetrics | None = None
+
+
+class NetRefusal(_Record, frozen=True, kw_only=True):
+    """A connection or a name a zone's policy refused (``net_refused`` events).
+
+    ``kind``: ``connect`` (destination not allowed), ``dns`` (name not
+    allowed), ``rebinding`` (an allowed name's answer pointed into a refused
+    range), ``sni`` (TLS SNI / HTTP Host not an allowed name pinned to the
+    destination), ``limit`` (a per-zone bound). ``rule``: why, e.g.
+    ``name-not-allowed``, ``rfc1918``, ``sni-mismatch``.
+    ``suppressed_before``: refusals the rate limit kept off the stream since
+    the last event.
+    """
+
+    kind: str
+    destination: str = ""
+    port: NonNegativeInt = 0
+    protocol: str = ""
+    name: str = ""
+    rule: str = ""
+    suppressed_before: NonNegativeInt = 0
 
 
 class CallerInfo(_Record, frozen=True):
@@ -1045,6 +1145,9 @@ class Event(_Record, frozen=True):
     # and who asked for it.
     exec: ExecRecord | None = None
     caller: CallerInfo | None = None
+    # net_refused: what was refused. (net_status: ``state`` is the network's
+    # new status, ``reason`` why.)
+    refused: NetRefusal | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -1131,6 +1234,15 @@ class QuarantineReply(_Message, tag="quarantine_reply", frozen=True):
     id: RequestId
     zone: ZoneInfo
     bundle: EvidenceBundle
+
+
+class ZoneNetReply(_Message, tag="zone_net_reply", frozen=True):
+    """Reply to SetZoneNet: the zone as it is now, and how many open
+    connections the new policy closed."""
+
+    id: RequestId
+    zone: ZoneInfo
+    connections_closed: NonNegativeInt = 0
 
 
 class ZoneMetricsReply(_Message, tag="zone_metrics_reply", frozen=True):
@@ -1261,6 +1373,7 @@ Reply: TypeAlias = (
     | ErrorReply
     | AuditReply
     | QuarantineReply
+    | ZoneNetReply
 )
 
 

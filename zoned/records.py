@@ -16,7 +16,8 @@ from typing import Final
 import msgspec
 
 from zoned.access import ROOT_UID
-from zoned.protocol import Accelerator, Machine, ZoneInfo, ZoneState
+from zoned.net.policy import ZoneNetSpec
+from zoned.protocol import Accelerator, Machine, NetStatus, ZoneInfo, ZoneState
 from zoned.protocol import Placement as PlacementPolicy
 
 
@@ -82,6 +83,13 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     writable_layer: str = ""
     writable_layer_mib: int | None = None
     scratch_disk: str = ""
+    # The zone's network (None: none): slot, policy, publishes; a restarted
+    # daemon re-adopts it from here. Its guest addresses, and its helper's
+    # state as last seen.
+    network: ZoneNetSpec | None = None
+    net_address: str = ""
+    net_address6: str = ""
+    net_status: NetStatus | None = None
 
 
 #: What a record and the client's view share by name and meaning: carried as they are.
@@ -118,6 +126,8 @@ def to_info(record: ZoneRecord) -> ZoneInfo:
         numa_node=placement.numa_node,
         qemu_gid=record.qemu_uid,
         seclabel=seclabel(record.qemu_uid),
+        net=record.network.policy.describe() if record.network is not None else None,
+        publishes=[str(p) for p in record.network.publishes] if record.network else [],
     )
 
 

@@ -149,6 +149,8 @@ async def run_in_fresh_zone(
         image=request.image,
         writable_layer=request.writable_layer,
         writable_layer_mib=request.writable_layer_mib,
+        net=request.net,
+        publishes=request.publishes,
     )
     started = trio.current_time()
     try:

@@ -41,6 +41,13 @@ Rules:
   the domain and removed with the zone, after a failed create, and at
   start-up when no record names it. The guest agent learns which from
   ``zoned.writable=`` on the kernel command line.
+- A zone has no network unless its creator asks for one. A networked zone's
+  tap (owned by its QEMU uid), rules and helper (:mod:`zoned.net.host`) exist
+  before its domain starts and are removed once the domain is gone: on
+  destroy, on failure, and (when a restart finds the domain gone) at
+  adoption; ``reclaim`` after adoption removes whatever no record claims.
+  The policy is enforced on the host, never in the guest, and never falls
+  open: a dead helper leaves the zone without network until it is restored.
 """
 
 from __future__ import annotations
@@ -89,6 +96,16 @@ from zoned.images.integrity import ImageVerifier
 from zoned.imageservice import ImageService, ZoneImage
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.store import KernelImage, find_kernel
+from zoned.net import addressing
+from zoned.net.host import NetEvent, NetHost
+from zoned.net.policy import (
+    NetPolicy,
+    Publish,
+    ZoneNetSpec,
+    parse_policy,
+    parse_publish,
+    validate_publishes,
+)
 from zoned.placement import Allocator, Placement
 from zoned.protocol import (
     BUILTIN_IMAGE,
@@ -98,7 +115,10 @@ from zoned.protocol import (
     CreateZone,
     Exec,
     HeartbeatReply,
+    NetMetrics,
+    NetRefusal,
     RunZone,
+    SetZoneNet,
     ZoneInfo,
     ZoneMetricsData,
     decode_to_agent,
@@ -106,7 +126,7 @@ from zoned.protocol import (
     guest_metrics,
 )
 from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
-from zoned.store import RecordWriter, ZoneStore
+from zoned.store import RecordWriter, Write, ZoneStore
 from zoned.virt import DomainEvent, Hypervisor
 from zoned.zoneids import IdRange, QemuIdAllocator, live_process_ids
 
@@ -159,6 +179,29 @@ def _explained(exc: HypervisorError) -> HypervisorError:
     return exc
 
 
+#: The policy and publishes a create asks for.
+WantedNetwork = tuple[NetPolicy, list[Publish]]
+
+
+def net_kernel_args(addr: addressing.ZoneAddressing, ipv6: bool) -> list[str]:
+    """What a networked zone's kernel command line gets: IPv4 up before init
+    (``ip=``, which callers may not set), and for the agent its IPv6 address
+    and gateway (``zoned.ip6=ADDRESS/PREFIX,GATEWAY``; the kernel ignores it)."""
+    args = [addressing.kernel_ip_argument(addr)]
+    if ipv6:
+        args.append(f"zoned.ip6={addr.guest_v6}/{addr.prefix_v6},{addr.host_v6}")
+    return args
+
+
+def net_refusal(event: NetEvent) -> NetRefusal | None:
+    """The helper's refusal as the wire carries it (the same fields by name, less its time)."""
+    if event.refused is None:
+        return None
+    fields = msgspec.structs.asdict(event.refused)
+    del fields["time"]  # the event has its own
+    return NetRefusal(**fields)
+
+
 def qemu_id_range(config: Config) -> IdRange:
     return IdRange(config.zone_uid_base, config.zone_uid_count)
 
@@ -185,6 +228,7 @@ class ZoneManager:
         tsc_khz: int | None,
         policy: AccessPolicy,
         images: ImageService,
+        nethost: NetHost,
         pids_controller: cgroups.PidsController = "",
     ) -> None:
         self.config = config
@@ -206,6 +250,7 @@ class ZoneManager:
         self.verifier = ImageVerifier()
         self.cgroup_root = Path(config.cgroup_root)
         self.pids_controller = pids_controller
+        self.nethost = nethost
 
     # ------------------------------------------------------------------ queries
 
@@ -281,6 +326,12 @@ class ZoneManager:
 
         self.records.save(record.name, record, then=announce)
 
+    def _update(self, zone: _Zone, **changes: Any) -> Write:
+        """Record facts that are not a state change (persisted, then mirrored)."""
+        zone.record = msgspec.structs.replace(zone.record, **changes)
+        then = functools.partial(self._sync_metadata, zone)
+        return self.records.save(zone.record.name, zone.record, then=then)
+
     def _release(self, zone: _Zone) -> None:
         if zone.holds_placement:
             self.allocator.release(zone.record.name)
@@ -330,6 +381,9 @@ class ZoneManager:
                 f"memory_mib={request.memory_mib} is outside this host's limits "
                 f"{self.config.min_memory_mib}..{self.config.max_memory_mib}"
             )
+        wanted_net = self._wanted_network(request)
+        if wanted_net is not None:
+            await self.nethost.check_policy(wanted_net[0])
         writable_mib = self._writable_layer_mib(request)
         busy = await trio.to_thread.run_sync(live_process_ids, self.qemu_ids.ids)
         if name in self.zones:  # created by another request while we checked
@@ -355,6 +409,21 @@ class ZoneManager:
         # Read by the guest agent (its hostname, its writable layer); the kernel ignores them.
         writable = "disk" if request.writable_layer == "disk" else f"tmpfs:{writable_mib}"
         cmdline = " ".join([*args, f"zoned.zone={name}", f"zoned.writable={writable}"])
+        # From here to the zone's entry in self.zones nothing awaits: the
+        # network's slot is taken for it alone.
+        network, addr = None, None
+        if wanted_net is not None:
+            policy, publishes = wanted_net
+            slot = addressing.lowest_free_slot(self._net_pools(), self._net_slots_in_use())
+            network = ZoneNetSpec(
+                zone=name,
+                slot=slot,
+                policy=policy,
+                publishes=publishes,
+                ipv6=self.config.net_ipv6,
+            )
+            addr = addressing.zone_addressing(self._net_pools(), slot)
+            cmdline = " ".join([cmdline, *net_kernel_args(addr, network.ipv6)])
         zone_dir = self._zone_dir(name)
         zone_uuid = str(uuidlib.uuid4())
         logs = zonelogs.zone_log_dir(Path(self.config.log_dir), name, zone_uuid)
@@ -393,6 +462,10 @@ class ZoneManager:
             boot_image_sha256=self.boot_image_sha256,
             rootfs_sha256=image.sha256,
             kernel_config_sha256=verified.kernel_config_sha256,
+            network=network,
+            net_address=addr.guest_v4 if addr is not None else "",
+            net_address6=addr.guest_v6 if addr is not None and network and network.ipv6 else "",
+            net_status="up" if network is not None else None,
         )
         zone = _Zone(record, holds_placement=True)
         self.zones[name] = zone
@@ -413,6 +486,9 @@ class ZoneManager:
                             writable_mib,
                             self._scratch_owner(record),
                         )
+                    if network is not None:
+                        # Rules, tap and helper before the guest can send a frame.
+                        await self.nethost.create(network, tap_uid=qemu_uid, tap_gid=qemu_uid)
                     xml = render_domain_xml(self._domain_spec(record))
                     # Paused: the limits hold before the guest runs an instruction.
                     started = time.monotonic()
@@ -445,6 +521,26 @@ class ZoneManager:
         if final.state == "failed":
             raise HypervisorError(f"zone {name!r} failed to boot: {final.reason}")
         raise Conflict(f"zone {name!r} was {final.state} before it became ready")
+
+    def _wanted_network(self, request: CreateZone | RunZone) -> WantedNetwork | None:
+        """The policy and publishes a create asks for (None: no network); bad ones refused."""
+        if request.net is None and not request.publishes:
+            return None
+        policy = parse_policy(request.net or [])
+        publishes = validate_publishes([parse_publish(text) for text in request.publishes])
+        return policy, publishes
+
+    def _net_pools(self) -> addressing.NetPools:
+        return self.nethost.config.pools
+
+    def _net_slots_in_use(self) -> set[int]:
+        """Slots of live zones' networks, and of every network the host still has."""
+        used = {self.nethost.spec(zone).slot for zone in self.nethost.zones()}
+        for zone in self.zones.values():
+            network = zone.record.network
+            if network is not None and not lifecycle.is_terminal(zone.record.state):
+                used.add(network.slot)
+        return used
 
     def _verify_images(self, profile: str, image: ZoneImage) -> _Verified:
         """The kernel of ``profile``, after every file the zone boots was checked
@@ -492,6 +588,7 @@ class ZoneManager:
             await self.hv.remove(zone.record.domain_name)
         except ZonedError as cleanup_exc:
             log.error("could not remove domain of %s: %s", name, cleanup_exc)
+        await self._remove_network(zone)
         self._release(zone)
         await trio.to_thread.run_sync(self._clean_host, zone.record)
         self.qemu_ids.release(name)
@@ -626,6 +723,11 @@ class ZoneManager:
             qemu_uid=record.qemu_uid,
             free_page_reporting=self.config.free_page_reporting,
             tcg_tb_cache_mib=self.config.tcg_tb_cache_mib or None,
+            network=(
+                addressing.zone_addressing(self._net_pools(), record.network.slot)
+                if record.network is not None
+                else None
+            ),
         )
 
     # ---------------------------------------------------------- agent supervision
@@ -707,7 +809,8 @@ class ZoneManager:
             except ZonedError as exc:
                 log.error("could not stop domain of failed zone %s: %s", zone.record.name, exc)
             else:
-                # QEMU is gone: its uid and cgroup may serve another zone.
+                # QEMU is gone: its network, uid and cgroup may serve another zone.
+                await self._remove_network(zone)
                 await trio.to_thread.run_sync(self._clean_host, zone.record)
                 self.qemu_ids.release(zone.record.name)
             self._release(zone)
@@ -728,6 +831,7 @@ class ZoneManager:
             with trio.CancelScope(shield=True):
                 self._set(zone, "destroy_requested")  # a no-op when already stopping
                 await self.hv.remove(zone.record.domain_name)
+                await self._remove_network(zone)
                 self._release(zone)
                 await trio.to_thread.run_sync(self._clean_host, zone.record)
                 self.qemu_ids.release(name)
@@ -758,7 +862,13 @@ class ZoneManager:
             with trio.CancelScope(shield=True):
                 if not lifecycle.is_quarantined(state):
                     await self.hv.suspend(zone.record.domain_name)
-                    self._isolate_network(zone)
+                    try:
+                        await self.cut_network(name)
+                    except ZonedError as exc:
+                        # Closed, never open: then it has no network at all (its
+                        # record keeps what it had, for the evidence).
+                        log.error("could not cut the network of quarantined %s: %s", name, exc)
+                        await self._remove_network(zone)
                     if zone.agent is not None:
                         zone.agent.lose("the zone was quarantined")
                     if zone.supervisor is not None:
@@ -767,9 +877,96 @@ class ZoneManager:
                 await self.records.save(name, zone.record).wait()
         return zone.record
 
-    def _isolate_network(self, zone: _Zone) -> None:
-        """Cut a quarantined zone's network. Zones have no network yet (zoned.net
-        is not wired into zones); once they do, this drops its egress here."""
+    # --------------------------------------------------------------- network
+
+    async def _remove_network(self, zone: _Zone) -> None:
+        """The zone's tap, rules and helper (once its QEMU is gone); idempotent."""
+        if zone.record.network is None or zone.record.name not in self.nethost.zones():
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.nethost.remove(zone.record.name)
+            except ZonedError as exc:
+                # reclaim() at the next start removes what is left.
+                log.error("could not remove the network of %s: %s", zone.record.name, exc)
+
+    async def set_network(self, request: SetZoneNet, caller: Caller) -> tuple[ZoneInfo, int]:
+        """A running zone's new policy and/or publishes; returns it and the connections closed."""
+        zone = self.zone_for(request.name, caller)
+        name = request.name
+        async with zone.lock:
+            network = zone.record.network
+            if network is None:
+                raise Conflict(
+                    f"zone {name!r} was created without a network: its NIC exists only"
+                    " from the start (create it with --net)"
+                )
+            if lifecycle.is_quarantined(zone.record.state):
+                # Its network was cut with the freeze; it stays cut until destroyed.
+                raise Conflict(f"zone {name!r} is quarantined: its network stays cut")
+            if not lifecycle.runs_domain(zone.record.state) or name not in self.nethost.zones():
+                raise Conflict(f"zone {name!r} is {zone.record.state}: its network does not run")
+            policy = parse_policy(request.net) if request.net is not None else network.policy
+            publishes = network.publishes
+            if request.publishes is not None:
+                publishes = validate_publishes([parse_publish(t) for t in request.publishes])
+            closed = 0
+            if request.publishes is not None:
+                await self.nethost.update_publishes(name, publishes)
+            if request.net is not None:
+                try:
+                    closed = await self.nethost.update_policy(name, policy)
+                except BaseException:
+                    if request.publishes is not None:
+                        with trio.CancelScope(shield=True):
+                            await self.nethost.update_publishes(name, network.publishes)
+                    raise
+            changed = msgspec.structs.replace(network, policy=policy, publishes=publishes)
+            await self._update(zone, network=changed).wait()
+        return to_info(zone.record), closed
+
+    async def cut_network(self, name: str) -> int:
+        """Nothing in or out of the zone from now on (quarantine); the connections closed.
+
+        No rule, no publish (their host ports are closed), every open
+        connection closed; its DNS gets refusals only. A zone without network:
+        0. Its record keeps the policy and publishes it had (the evidence of
+        what it was allowed); a restarted daemon re-adopts a quarantined
+        zone's network cut, and :meth:`set_network` refuses to open it again.
+        """
+        zone = self.zones.get(name)
+        if zone is None or name not in self.nethost.zones():
+            return 0
+        return await self.nethost.cut(name)
+
+    async def forward_net_events(self) -> None:
+        """The zones' network events onto the event hub (refusals, helper state)."""
+        async for event in self.nethost.events:
+            zone = self.zones.get(event.zone)
+            owner = zone.record.owner_uid if zone is not None else None
+            if event.kind == "refused":
+                self.hub.publish(
+                    "net_refused", zone=event.zone, refused=net_refusal(event), owner_uid=owner
+                )
+                continue
+            status = {"helper_down": "restarting", "helper_restored": "up", "failed": "failed"}[
+                event.kind
+            ]
+            self.hub.publish(
+                "net_status", zone=event.zone, state=status, reason=event.reason, owner_uid=owner
+            )
+            if zone is not None and zone.record.network is not None:
+                self._update(zone, net_status=status)
+
+    async def _net_metrics(self, name: str) -> NetMetrics | None:
+        if name not in self.nethost.zones():
+            return None
+        try:
+            counters = await self.nethost.read_counters(name)
+        except ZonedError as exc:
+            log.info("no network counters for %s: %s", name, exc)
+            counters = self.nethost.counters(name)
+        return NetMetrics(status=self.nethost.status(name), **msgspec.structs.asdict(counters))
 
     # --------------------------------------------------------------- metrics
 
@@ -802,6 +999,7 @@ class ZoneManager:
             host_rss_kib=rss_kib,
             execs_running=len(zone.agent.execs) if zone.agent is not None else 0,
             guest=guest,
+            net=await self._net_metrics(name),
         )
 
     # ------------------------------------------------------------------ exec
@@ -902,6 +1100,7 @@ class ZoneManager:
                 if zone.supervisor is not None:
                     zone.supervisor.cancel()
                 self._set(zone, "domain_vanished", "QEMU domain vanished")
+                await self._remove_network(zone)
                 self._release(zone)
 
     # ------------------------------------------------------------- run / adopt
@@ -912,6 +1111,7 @@ class ZoneManager:
             self._nursery = nursery
             await nursery.start(self.records.run)
             await self._adopt()
+            nursery.start_soon(self.forward_net_events)
             task_status.started()
             await trio.sleep_forever()
 
@@ -963,6 +1163,7 @@ class ZoneManager:
                 except Conflict as exc:
                     # Only hand-edited records get here; the zones still run.
                     log.error("re-adopting %s: %s", zone_name, exc.message)
+            await self._adopt_network(zone)
             if record.state == "stopping":
                 # A destroy was cut short by the restart; finish it.
                 assert self._nursery is not None
@@ -972,6 +1173,35 @@ class ZoneManager:
             if lifecycle.is_quarantined(record.state):
                 continue  # still paused: nothing to hear from
             self._start_supervisor(zone, self.config.boot_timeout_s)
+        # Taps, helpers and the table that no adopted zone claims.
+        for leftover in await self.nethost.reclaim():
+            log.info("removed %s, left by a zone that is gone", leftover)
+
+    async def _adopt_network(self, zone: _Zone) -> None:
+        """A running zone's network again: its tap (QEMU holds it), rules, a new helper.
+
+        A quarantined zone's stays cut: no rule, no publish.
+        """
+        network = zone.record.network
+        if network is None:
+            return
+        if lifecycle.is_quarantined(zone.record.state):
+            network = msgspec.structs.replace(network, policy=NetPolicy(), publishes=[])
+        try:
+            await self.nethost.adopt(network)
+        except ZonedError as exc:
+            # Its rules may be gone: it has no network (closed, never open).
+            log.error("re-adopting the network of %s failed: %s", zone.record.name, exc)
+            self._update(zone, net_status="failed")
+            self.hub.publish(
+                "net_status",
+                zone=zone.record.name,
+                state="failed",
+                reason=f"not re-adopted after a restart: {exc.message}",
+                owner_uid=zone.record.owner_uid,
+            )
+        else:
+            self._update(zone, net_status="up")
 
     def _remove_leftovers(self, known: set[str]) -> None:
         """Runtime directories and pids cgroups of zones that are gone (a crash

@@ -10,11 +10,19 @@ them is touched or reached):
   on 198.51.100.10, .20, 2001:db8:1::10, a DNS server on 198.51.100.53 with
   the records below, a UDP echo on 198.51.100.53:9000.
 - ``<tag>a``, ``<tag>b`` play zones: the far ends of the stand-in veths.
+
+:func:`internet_on_host` builds the same internet for real zones, whose
+taps and helpers must live in the host's own namespace (QEMU runs there):
+only the internet namespace is made, joined to the host by a veth, with
+routes in the host for this checkout's own server addresses (in
+198.18.0.0/15 and 2001:db8::/32, which the host does not use), checked to
+go there before anything is sent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -39,16 +47,21 @@ WEB_A6 = "2001:db8:1::10"
 DNS = "198.51.100.53"
 UDP_ECHO_PORT = 9000
 
-RECORDS: dict[str, list[list[str]]] = {
-    "allowed.test": [["A", WEB_A], ["AAAA", WEB_A6]],
-    "other.test": [["A", WEB_A]],  # same server, a name no policy allows
-    "blocked.test": [["A", WEB_B]],
-    "files.cdn.test": [["A", WEB_B]],
-    "alias.test": [["CNAME", "allowed.test."]],
-    "rebind.test": [["A", "192.168.7.7"]],
-    "mixed.test": [["A", WEB_B], ["A", "10.1.2.3"]],
-    "meta.test": [["A", "169.254.169.254"]],
-}
+
+def records(web_a: str, web_b: str, web_a6: str) -> dict[str, list[list[str]]]:
+    return {
+        "allowed.test": [["A", web_a], ["AAAA", web_a6]],
+        "other.test": [["A", web_a]],  # same server, a name no policy allows
+        "blocked.test": [["A", web_b]],
+        "files.cdn.test": [["A", web_b]],
+        "alias.test": [["CNAME", "allowed.test."]],
+        "rebind.test": [["A", "192.168.7.7"]],
+        "mixed.test": [["A", web_b], ["A", "10.1.2.3"]],
+        "meta.test": [["A", "169.254.169.254"]],
+    }
+
+
+RECORDS = records(WEB_A, WEB_B, WEB_A6)
 
 
 def sh(
@@ -217,6 +230,142 @@ class World:
         return found
 
 
+def _serve(
+    tmp: Path, internet: str, web_a: str, web_b: str, web_a6: str, dns: str
+) -> tuple[Path, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """The internet's addresses, certificates and servers (web, DNS, a UDP echo)."""
+    for address in (web_a, web_b, dns):
+        sh(["ip", "-n", internet, "addr", "add", f"{address}/32", "dev", "lo"])
+    sh(["ip", "-n", internet, "-6", "addr", "add", f"{web_a6}/128", "dev", "lo", "nodad"])
+    ca, cert, key = _make_certs(tmp)
+    config = tmp / "world.json"
+    config.write_text(
+        json.dumps(
+            {
+                "cert": str(cert),
+                "key": str(key),
+                "web": [web_a, web_b, web_a6],
+                "dns": dns,
+                "records": records(web_a, web_b, web_a6),
+            }
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    servers = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            internet,
+            sys.executable,
+            "-m",
+            "tests.integration.networld_servers",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    assert servers.stdout is not None
+    if servers.stdout.readline().strip() != b"serving":
+        servers.kill()
+        servers.wait()
+        raise AssertionError("the world's servers did not start")
+    echo = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            internet,
+            sys.executable,
+            "-c",
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            f"s.bind(('{dns}',{UDP_ECHO_PORT}))\n"
+            "while True:\n d,a=s.recvfrom(2048); s.sendto(d,a)",
+        ],
+    )
+    return ca, servers, echo
+
+
+@dataclass
+class HostInternet:
+    """The tests' internet joined to the host's own namespace (for real zones)."""
+
+    tag: str
+    namespace: str
+    link: str
+    ca: Path
+    web_a: str
+    web_b: str
+    web_a6: str
+    dns: str
+
+    def leftovers(self, link_prefix: str, table: str) -> list[str]:
+        """A daemon's links and table still on the host."""
+        links = json.loads(sh(["ip", "-j", "link", "show"]).stdout or "[]")
+        found = [
+            f"link {link['ifname']}" for link in links if link["ifname"].startswith(link_prefix)
+        ]
+        if sh(["nft", "list", "table", "inet", table], check=False).returncode == 0:
+            found.append(f"nft table inet {table}")
+        return found
+
+
+def _host_slot() -> int:
+    checkout = str(REPO.resolve())
+    return int(hashlib.sha256(checkout.encode()).hexdigest()[:8], 16) % 250 + 1
+
+
+@contextlib.contextmanager
+def internet_on_host(tmp: Path) -> Iterator[HostInternet]:
+    """The internet in a namespace of its own, routed from the host's namespace.
+
+    The addresses are this checkout's (two checkouts never share one); a run
+    left behind by a crash is removed first. Nothing is sent until the host's
+    routes to every server are known to go into the namespace.
+    """
+    require_tools()
+    k = _host_slot()
+    tag = f"zni{k:02x}"
+    namespace, link, peer = f"{tag}i", f"{tag}h", f"{tag}w"
+    web_a, web_b, dns = f"198.18.{k}.10", f"198.18.{k}.20", f"198.18.{k}.53"
+    web_a6 = f"2001:db8:{k:x}::10"
+    transit = (f"198.19.{k}.1", f"198.19.{k}.2")
+    transit6 = (f"2001:db8:ff{k:02x}::1", f"2001:db8:ff{k:02x}::2")
+
+    def remove() -> None:
+        sh(["ip", "link", "del", link], check=False)
+        sh(["ip", "netns", "del", namespace], check=False)
+
+    remove()
+    servers = echo = None
+    try:
+        _netns_add(namespace)
+        sh(["ip", "link", "add", link, "type", "veth", "peer", "name", peer, "netns", namespace])
+        sh(["ip", "addr", "add", f"{transit[0]}/30", "dev", link])
+        sh(["ip", "-6", "addr", "add", f"{transit6[0]}/64", "dev", link, "nodad"])
+        sh(["ip", "link", "set", link, "up"])
+        sh(["ip", "route", "add", f"198.18.{k}.0/24", "via", transit[1], "dev", link])
+        sh(["ip", "-6", "route", "add", f"2001:db8:{k:x}::/48", "via", transit6[1], "dev", link])
+        inside = ["ip", "-n", namespace]
+        sh([*inside, "addr", "add", f"{transit[1]}/30", "dev", peer])
+        sh([*inside, "-6", "addr", "add", f"{transit6[1]}/64", "dev", peer, "nodad"])
+        sh([*inside, "link", "set", peer, "up"])
+        sh([*inside, "route", "add", "default", "via", transit[0]])
+        sh([*inside, "-6", "route", "add", "default", "via", transit6[0]])
+        for address in (web_a, web_b, dns, web_a6):
+            route = json.loads(sh(["ip", "-j", "route", "get", address]).stdout)
+            if route[0].get("dev") != link:
+                raise AssertionError(f"the host routes {address} to {route}, not into {namespace}")
+        ca, servers, echo = _serve(tmp, namespace, web_a, web_b, web_a6, dns)
+        yield HostInternet(tag, namespace, link, ca, web_a, web_b, web_a6, dns)
+    finally:
+        for proc in (servers, echo):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        remove()
+
+
 def _netns_add(name: str) -> None:
     sh(["ip", "netns", "add", name])
     sh(["ip", "-n", name, "link", "set", "lo", "up"])
@@ -265,55 +414,9 @@ def network_world(tmp: Path) -> Iterator[World]:
         sh(["ip", "-n", internet, "addr", "add", "198.18.0.2/30", "dev", "up1"])
         sh(["ip", "-n", internet, "-6", "addr", "add", "2001:db8:ff::2/64", "dev", "up1", "nodad"])
         sh(["ip", "-n", internet, "link", "set", "up1", "up"])
-        for address in (WEB_A, WEB_B, DNS):
-            sh(["ip", "-n", internet, "addr", "add", f"{address}/32", "dev", "lo"])
-        sh(["ip", "-n", internet, "-6", "addr", "add", f"{WEB_A6}/128", "dev", "lo", "nodad"])
         # No route back to the zone pool: proxied traffic comes from the host's
         # own address, forwarded UDP is masqueraded to it.
-        ca, cert, key = _make_certs(tmp)
-        config = tmp / "world.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "cert": str(cert),
-                    "key": str(key),
-                    "web": [WEB_A, WEB_B, WEB_A6],
-                    "dns": DNS,
-                    "records": RECORDS,
-                }
-            )
-        )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        servers = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                internet,
-                sys.executable,
-                "-m",
-                "tests.integration.networld_servers",
-                str(config),
-            ],
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        assert servers.stdout is not None
-        if servers.stdout.readline().strip() != b"serving":
-            raise AssertionError("the world's servers did not start")
-        echo = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                internet,
-                sys.executable,
-                "-c",
-                "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-                f"s.bind(('{DNS}',{UDP_ECHO_PORT}))\n"
-                "while True:\n d,a=s.recvfrom(2048); s.sendto(d,a)",
-            ],
-        )
+        ca, servers, echo = _serve(tmp, internet, WEB_A, WEB_B, WEB_A6, DNS)
         world = World(tag, tmp, ca, servers, echo)
         yield world
     finally:

@@ -119,7 +119,7 @@ def test_define_keeps_our_xml_and_metadata(conn: Any, workdir: Path, golden: str
             # libvirt must not have swapped our virtio-mmio addresses for PCI ones.
             assert "type='pci'" not in described
             devices = 2 + (spec.rootfs is not None) + (spec.scratch_disk is not None)
-            devices += spec.free_page_reporting
+            devices += spec.free_page_reporting + (spec.network is not None)  # and the NIC
             assert described.count("<address type='virtio-mmio'/>") == devices
         # libvirt 9.0 keeps the balloon's free page reporting and the TCG cache bound.
         assert ("freePageReporting='on'" in described) == spec.free_page_reporting

@@ -32,8 +32,8 @@ from tests.integration.networld import (
     wait_tcp,
 )
 from zoned.errors import Conflict, InvalidRequest, NotFound
-from zoned.net.host import NetEvent, NetHost, ZoneNetSpec
-from zoned.net.policy import parse_policy, parse_publish
+from zoned.net.host import NetEvent, NetHost
+from zoned.net.policy import ZoneNetSpec, parse_policy, parse_publish
 
 pytestmark = pytest.mark.integration
 
@@ -558,7 +558,8 @@ async def test_a_zone_tap_for_qemu_and_its_removal(world: World) -> None:
 
 OWNER = """
 import sys, trio
-from zoned.net.host import NetHost, NetHostConfig, ZoneNetSpec
+from zoned.net.host import NetHost, NetHostConfig
+from zoned.net.policy import ZoneNetSpec
 import msgspec
 config = msgspec.json.decode(sys.argv[1].encode(), type=NetHostConfig)
 spec = msgspec.json.decode(sys.argv[2].encode(), type=ZoneNetSpec)

@@ -26,6 +26,7 @@ from zoned.config import Config
 from zoned.daemon import Daemon, ZoneImages
 from zoned.images.integrity import write_recorded_sha256
 from zoned.kernel.store import KernelManifest
+from zoned.localdaemon import private_net_config
 
 
 @pytest.fixture
@@ -102,6 +103,8 @@ def service_config(root: Path, **overrides: object) -> Config:
         "accelerator": "tcg",
         "boot_timeout_s": 1.0,
         "reserved_memory_mib": 0,
+        # Zone networks of their own, never the host's production table or links.
+        **private_net_config(root),
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]
@@ -114,6 +117,27 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Daemon]:
             Daemon(service_config(short_tmp), zone_images=fake_zone_images).run
         )
         yield started
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def observed(short_tmp: Path) -> AsyncIterator[Daemon]:
+    """A daemon with its metrics endpoint, small audit files and log retention,
+    and an evidence directory of its own (quarantine)."""
+    config = service_config(
+        short_tmp,
+        metrics_enabled=True,
+        metrics_listen="127.0.0.1:0",
+        metrics_stats_max_age_s=0.0,
+        log_retention_max_bytes=3000,
+        log_retention_interval_s=3600.0,
+        evidence_dir=str(short_tmp / "evidence"),
+        audit_max_bytes=4096,
+        audit_max_files=2,
+    )
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(Daemon(config, zone_images=fake_zone_images).run)
+        yield daemon
         nursery.cancel_scope.cancel()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,25 +28,6 @@ from zoned.evidence import verify
 
 GUARD_S = 60.0
 ADMIN_GROUP = "staff"  # any group of the host: membership is what the relay is given
-
-
-@pytest.fixture
-async def observed(short_tmp: Path) -> AsyncIterator[Daemon]:
-    config = service_config(
-        short_tmp,
-        metrics_enabled=True,
-        metrics_listen="127.0.0.1:0",
-        metrics_stats_max_age_s=0.0,
-        log_retention_max_bytes=3000,
-        log_retention_interval_s=3600.0,
-        evidence_dir=str(short_tmp / "evidence"),
-        audit_max_bytes=4096,
-        audit_max_files=2,
-    )
-    async with trio.open_nursery() as nursery:
-        daemon: Daemon = await nursery.start(Daemon(config, zone_images=fake_zone_images).run)
-        yield daemon
-        nursery.cancel_scope.cancel()
 
 
 async def http(daemon: Daemon, raw: bytes) -> tuple[int, bytes]:

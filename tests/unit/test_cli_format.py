@@ -263,6 +263,7 @@ def test_format_zone_shows_every_field() -> None:
         f"config sha256: {'cd' * 32}\n"
         f"boot image:    {'ef' * 32}\n"
         f"workload root: {'01' * 32}\n"
+        "network:       none (no NIC)\n"
     )
 
 

@@ -23,6 +23,7 @@ from zoned.domain import (
     render_domain_xml,
 )
 from zoned.errors import HypervisorError, InternalError
+from zoned.net.addressing import NetPools, kernel_ip_argument, zone_addressing
 from zoned.topology import format_cpulist
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
@@ -90,6 +91,15 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
         rootfs=Path("/var/lib/zoned/oci/roots/" + "ab" * 32 + ".erofs"),
         scratch_disk=Path("/var/lib/zoned/scratch/epsilon-7a1b2c3d.ext4"),
         qemu_uid=2013265930,
+    ),
+    "microvm-tcg-net": _spec(
+        "epsilon",
+        uuid="7a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+        vcpus=1,
+        cmdline="console=ttyS0 panic=-1 " + kernel_ip_argument(zone_addressing(NetPools(), 1)),
+        rootfs=Path("/var/lib/zoned/images/workload-0123456789abcdef.erofs"),
+        qemu_uid=2013265922,
+        network=zone_addressing(NetPools(), 1),
     ),
     "microvm-kvm-exclusive": _spec(
         "gamma",
@@ -207,6 +217,18 @@ def test_the_translation_cache_is_bounded_under_tcg_only() -> None:
     assert _parse(_spec("a", accelerator="kvm", tcg_tb_cache_mib=64)).find("features/tcg") is None
     with pytest.raises(InternalError, match="translation cache"):
         _spec("a", tcg_tb_cache_mib=0)
+
+
+def test_a_networked_zone_has_one_virtio_nic_on_its_own_unmanaged_tap() -> None:
+    addr = zone_addressing(NetPools(), 3)
+    for machine, mmio in (("microvm", True), ("q35", False)):
+        root = _parse(_spec("a", machine=machine, network=addr))
+        (nic,) = root.findall("devices/interface")
+        assert nic.get("type") == "ethernet"
+        assert nic.find("target").attrib == {"dev": addr.ifname, "managed": "no"}  # type: ignore[union-attr]
+        assert nic.find("mac").get("address") == addr.mac  # type: ignore[union-attr]
+        assert nic.find("model").get("type") == "virtio"  # type: ignore[union-attr]
+        assert (nic.find("address") is not None) == mmio
 
 
 def test_workload_root_is_one_read_only_virtio_disk() -> None:

@@ -121,7 +121,8 @@ def test_errors_say_what_a_field_wants() -> None:
     assert "this server allows at most 120" in message(
         "run_command", zone="w", argv=["ls"], timeout_s=600
     )
-    assert "unknown field `network`" in message("create_zone", network="none")
+    assert "unknown field `gpus`" in message("create_zone", gpus=1)
+    assert "`$.network`" in message("create_zone", network="pypi.org")
     assert "missing required field `zone`" in message("list_files", path="/")
     assert "`$.argv`" in message("run_command", zone="w", argv=[])
 

@@ -24,6 +24,7 @@ from zoned.net.policy import (
     parse_policy,
     parse_publish,
     parse_rule,
+    split_net_option,
     validate_policy,
     validate_publishes,
 )
@@ -280,3 +281,31 @@ def test_any_text_parses_or_is_invalid_request(text: str) -> None:
 def test_normal_names_are_fixed_points(name: str) -> None:
     assert normalize_name(name) == name
     assert normalize_name(name.upper() + ".") == name
+
+
+@pytest.mark.parametrize(
+    ("typed", "rules"),
+    [
+        (
+            "pypi.org,*.pythonhosted.org,10.0.0.0/8:443/tcp",
+            ["pypi.org", "*.pythonhosted.org", "tcp://10.0.0.0/8:443"],
+        ),
+        ("pypi.org:80,443,files.test", ["pypi.org:80,443", "files.test"]),
+        ("203.0.113.5:123/udp", ["udp://203.0.113.5:123"]),
+        ("10.0.0.0/8/udp", ["udp://10.0.0.0/8"]),
+        ("[2001:db8::/32]:443,8443/tcp", ["tcp://[2001:db8::/32]:443,8443"]),
+        ("open", ["open"]),
+        ("none", ["none"]),
+    ],
+)
+def test_the_net_option_splits_rules_at_commas_and_keeps_ports_together(
+    typed: str, rules: list[str]
+) -> None:
+    assert split_net_option(typed) == rules
+    parse_policy(rules)  # every piece is a rule the parser reads
+
+
+@pytest.mark.parametrize("typed", ["pypi.org,,x.org", ",pypi.org", "pypi.org,"])
+def test_the_net_option_refuses_empty_rules(typed: str) -> None:
+    with pytest.raises(InvalidRequest, match="empty rule"):
+        split_net_option(typed)

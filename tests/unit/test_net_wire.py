@@ -10,7 +10,7 @@ import pytest
 from zoned.net import wire
 from zoned.net.accounting import NetCounters, RefusedEvent
 from zoned.net.addressing import NetPools, zone_addressing
-from zoned.net.host import _add_counters, link_alias, resolv_conf_nameservers
+from zoned.net.host import _add_counters, link_alias, load_pins, resolv_conf_nameservers, save_pins
 from zoned.net.policy import parse_policy, parse_publish
 
 
@@ -78,3 +78,18 @@ def test_upstream_from_resolv_conf(tmp_path: Path) -> None:
     assert resolv_conf_nameservers(conf) == ["192.0.2.53", "fe80::1"]
     assert resolv_conf_nameservers(tmp_path / "missing") == []
     assert link_alias("zoned-", "web") == "zoned:zoned-:web"
+
+
+def test_saved_pins_load_back_and_a_bad_file_is_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "zn0.pins"
+    pins = [
+        wire.Pin("198.51.100.10", "allowed.test", 123.5),
+        wire.Pin("2001:db8::1", "a.test", 9.0),
+    ]
+    save_pins(path, pins)
+    assert load_pins(path) == pins
+    assert load_pins(tmp_path / "missing.pins") == []
+    path.write_bytes(b"\x93garbage")
+    assert load_pins(path) == []
+    path.write_bytes(msgspec.msgpack.encode([["1.2.3.4", "x" * 300, 1.0]]))  # a name too long
+    assert load_pins(path) == []

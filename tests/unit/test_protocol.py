@@ -171,6 +171,17 @@ REQUESTS: list[p.Request] = [
     p.RemoveImage(id=27, reference="app"),
     p.PruneImages(id=28),
     p.ImageSizes(id=29),
+    p.CreateZone(
+        id=15,
+        name="web",
+        net=["pypi.org", "*.pythonhosted.org:443", "udp://203.0.113.5/32:123", "open"],
+        publishes=["127.0.0.1:8080:80", "[::1]:8443:443"],
+    ),
+    p.CreateZone(id=16, name="quiet", net=[]),
+    p.RunZone(id=17, argv=["true"], net=["open"], publishes=["8080:80"]),
+    p.SetZoneNet(id=18, name="web", net=["pypi.org:443"]),
+    p.SetZoneNet(id=19, name="web", publishes=[]),
+    p.WatchEvents(id=20, zones=["web"], kinds=["net_refused", "net_status"]),
 ]
 
 CALLER = p.CallerInfo(uid=1000, gid=995, pid=4242, exe="/usr/bin/python3.11")
@@ -281,6 +292,50 @@ REPLIES: list[p.Reply] = [
     p.ZoneMetricsReply(
         id=15,
         metrics=p.ZoneMetricsData(name="a", state="failed", sampled_at=0.0, vcpus=1, memory_mib=64),
+    ),
+    p.ZoneMetricsReply(
+        id=16,
+        metrics=p.ZoneMetricsData(
+            name="web",
+            state="ready",
+            sampled_at=1.0,
+            vcpus=1,
+            memory_mib=256,
+            net=p.NetMetrics(
+                status="up",
+                bytes_out=1200,
+                bytes_in=64_000,
+                connections_allowed=3,
+                connections_refused=1,
+                dns_answered=4,
+                dns_refused=2,
+            ),
+        ),
+    ),
+    p.ZoneNetReply(id=17, zone=ZONE, connections_closed=2),
+    p.EventReply(
+        id=18,
+        event=p.Event(
+            seq=40,
+            time=3.0,
+            kind="net_refused",
+            zone="web",
+            refused=p.NetRefusal(
+                kind="sni",
+                destination="198.51.100.10",
+                port=443,
+                protocol="tcp",
+                name="other.test",
+                rule="sni-mismatch",
+                suppressed_before=3,
+            ),
+        ),
+    ),
+    p.EventReply(
+        id=19,
+        event=p.Event(
+            seq=41, time=3.5, kind="net_status", zone="web", state="restarting", reason="exited"
+        ),
     ),
     p.ExecStarted(id=10, pid=42),
     p.ExecOutput(id=10, stream="stdout", data=b"4\n"),

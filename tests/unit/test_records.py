@@ -63,6 +63,10 @@ ISOLATION_DEFAULTS = {
     "memory_hard_limit_mib": None,
     "pids_limit": None,
     "pids_cgroup": "",
+    "network": None,
+    "net_address": "",
+    "net_address6": "",
+    "net_status": None,
 }
 
 

@@ -54,6 +54,8 @@ LATE_IMPORTS = (
     "zoned.protocol",
     "zoned.agent.metrics",
     "zoned.agent.execs",
+    "zoned.agent.network",
+    "_socket",
     "traceback",
     "fcntl",
     "termios",

@@ -371,4 +371,8 @@ def workload_root() -> str:
         except BaseException:
             log_exception("workload root set-up failed; processes run in the agent's root")
             _workload_root = ""
+        # A networked zone's IPv6 and resolver, before any workload starts.
+        from zoned.agent.network import set_up_network
+
+        set_up_network(_workload_root)
     return _workload_root

@@ -266,6 +266,7 @@ def zone_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.Ru
     )
     label_option(parser, "repeatable")
     image_options(parser, kind)
+    net_options(parser)
 
 
 def image_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.RunZone]) -> None:
@@ -292,6 +293,30 @@ def image_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.R
         "MIB",
         "the writable layer's size (default: tmpfs half the zone's memory, the most it may"
         " take; disk the daemon's default_scratch_mib)",
+    )
+
+
+def net_options(parser: argparse.ArgumentParser, *, for_change: bool = False) -> None:
+    """``--net`` and ``--publish`` (``create``, ``run``; ``net set`` changes them)."""
+    if not for_change:
+        parser.add_argument(
+            "--net",
+            action="append",
+            default=None,
+            metavar="none|open|RULE,...",
+            help="the zone's network: none (the default: no NIC), open (the internet,"
+            " never the host's networks), or an allow-list: NAME[:PORTS] (*.NAME for"
+            " every name below), CIDR[:PORTS][/tcp|/udp], e.g."
+            " pypi.org,*.pythonhosted.org:443,10.1.0.0/16:5432; repeatable",
+        )
+    parser.add_argument(
+        "--publish",
+        "-p",
+        dest="publishes",
+        action="append",
+        default=None if for_change else [],
+        metavar="[ADDRESS:]HOST_PORT:ZONE_PORT",
+        help="the zone's TCP port on the host (address default 127.0.0.1); repeatable",
     )
 
 
@@ -444,6 +469,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         choices=get_args(p.EventKind),
         help="only events of this kind; repeatable (default: every kind)",
+    )
+
+    net = command("net", "a running zone's network: show it, or change its policy")
+    net_commands = net.add_subparsers(dest="net_command", metavar="ACTION", required=True)
+    net_show = _subcommand(net_commands, "show", "policy, publishes, addresses and counters")
+    net_show.add_argument("name", metavar="ZONE")
+    net_set = _subcommand(
+        net_commands, "set", "a new policy and/or publishes, in force at once (no restart)"
+    )
+    net_set.description = (
+        "A new allow-list (none, open, or RULE,... as for create --net)"
+        " and/or publishes; open connections it no longer allows are closed."
+    )
+    net_set.add_argument("name", metavar="ZONE")
+    net_set.add_argument("rules", nargs="?", default=None, metavar="none|open|RULE,...")
+    net_options(net_set, for_change=True)
+    net_set.add_argument(
+        "--no-publish", action="store_true", help="remove every publish of the zone"
     )
 
     logs = command(
@@ -608,6 +651,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 parser.error(f"label {key!r} given more than once")
             labels[key] = value
         args.labels = labels
+    if args.command == "net" and args.net_command == "set":
+        if args.no_publish:
+            if args.publishes:
+                parser.error("net set: --publish and --no-publish contradict each other")
+            args.publishes = []
+        if args.rules is None and args.publishes is None:
+            parser.error("net set: give the new rules, --publish or --no-publish")
     if hasattr(args, "argv"):
         words = list(args.argv)
         before, command = (

@@ -38,6 +38,8 @@ from zoned.cli.format import (
     format_image_sizes,
     format_image_table,
     format_json,
+    format_net,
+    format_net_counters,
     format_process_json,
     format_progress,
     format_quarantine,
@@ -130,7 +132,13 @@ async def run_command(args: argparse.Namespace, out: Output) -> int:
                 out.record(zones, format_zone_table(zones, time.time(), user_names(zones)))
             case "show":
                 zone = await client.get_zone(args.name)
-                out.record(zone, format_zone(zone, time.time(), user_names([zone])))
+                text = format_zone(zone, time.time(), user_names([zone]))
+                if zone.net is not None and not out.json:
+                    with contextlib.suppress(ZonedError):
+                        text += format_net_counters((await client.zone_metrics(zone.name)).net)
+                out.record(zone, text)
+            case "net":
+                await net_command(client, args, out)
             case "destroy":
                 return await destroy(client, args.names, out)
             case "watch":
@@ -187,10 +195,30 @@ def zone_options(args: argparse.Namespace) -> ZoneOptions:
         "machine": args.machine,
         "writable_layer": args.writable_layer,
         "writable_layer_mib": args.writable_size,
+        "net": ",".join(args.net) if args.net else None,
+        "publishes": args.publishes,
     }
     if args.image is not None:
         options["image"] = args.image
     return options
+
+
+async def net_command(client: Client, args: argparse.Namespace, out: Output) -> None:
+    """``net show ZONE`` and ``net set ZONE [RULES] [--publish ...]``."""
+    if args.net_command == "show":
+        zone = await client.get_zone(args.name)
+        metrics = await client.zone_metrics(args.name)
+        if out.json:
+            out.text(format_json({"zone": zone, "net": metrics.net}) + "\n")
+        else:
+            out.text(format_net(zone) + format_net_counters(metrics.net))
+        return
+    zone, closed = await client.set_zone_net(args.name, args.rules, args.publishes)
+    if out.json:
+        out.text(format_json({"zone": zone, "connections_closed": closed}) + "\n")
+    else:
+        out.text(format_net(zone))
+        out.note(f"open connections closed by the new policy: {closed}")
 
 
 def process_options(args: argparse.Namespace) -> ProcessOptions:

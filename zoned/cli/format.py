@@ -227,6 +227,7 @@ def format_zone(zone: p.ZoneInfo, now: float, user_names: Mapping[int, str] | No
         ("config sha256", clean(zone.kernel_config_sha256) or "-"),
         ("boot image", clean(zone.boot_image_sha256) or "-"),
         ("workload root", clean(zone.rootfs_sha256) or "-"),
+        *_net_pairs(zone),
     ]
     return _block(pairs)
 
@@ -349,6 +350,44 @@ def format_image_sizes(sizes: p.ImageStoreSizes) -> str:
             ("blobs", format_bytes(sizes.blob_bytes)),
             ("scratch", format_bytes(sizes.scratch_bytes)),
             ("total", format_bytes(sizes.total_bytes)),
+        ]
+    )
+
+
+def format_net(zone: p.ZoneInfo) -> str:
+    """The zone's network: policy, publishes, addresses, status."""
+    return _block(_net_pairs(zone))
+
+
+def _net_pairs(zone: p.ZoneInfo) -> list[tuple[str, str]]:
+    if zone.net is None:
+        return [("network", "none (no NIC)")]
+    return [
+        ("network", clean(zone.net_status or "-")),
+        ("allowed", ", ".join(clean(rule) for rule in zone.net) or "nothing"),
+        ("published", ", ".join(clean(p) for p in zone.publishes) or "-"),
+        ("address", " ".join(clean(a) for a in (zone.net_address, zone.net_address6) if a)),
+    ]
+
+
+def format_net_counters(net: p.NetMetrics | None) -> str:
+    """A networked zone's counters, as the host counted them."""
+    if net is None:
+        return ""
+    return _block(
+        [
+            ("net bytes", f"{format_bytes(net.bytes_out)} out, {format_bytes(net.bytes_in)} in"),
+            (
+                "connections",
+                f"{net.connections_allowed} allowed, {net.connections_refused} refused,"
+                f" {net.connections_active} open",
+            ),
+            (
+                "dns",
+                f"{net.dns_answered} answered, {net.dns_refused} refused,"
+                f" {net.dns_dropped} dropped",
+            ),
+            ("events suppressed", str(net.events_suppressed)),
         ]
     )
 
@@ -500,10 +539,23 @@ def format_top(rows: Sequence[tuple[p.ZoneMetricsData, float | None]]) -> str:
                 "-" if guest is None else f"{guest.load1:.2f}",
                 "-" if guest is None else str(guest.processes),
                 str(metrics.execs_running),
+                *_net_columns(metrics.net),
             ]
         )
     header = ["NAME", "STATE", "CPU%", "VCPUS", "HOST RSS", "GUEST MEM", "LOAD", "PROCS", "EXECS"]
+    header += ["NET OUT", "NET IN", "CONN OK/NO", "DNS OK/NO"]
     return format_table(header, lines)
+
+
+def _net_columns(net: p.NetMetrics | None) -> list[str]:
+    if net is None:
+        return ["-", "-", "-", "-"]
+    return [
+        format_bytes(net.bytes_out),
+        format_bytes(net.bytes_in),
+        f"{net.connections_allowed}/{net.connections_refused}",
+        f"{net.dns_answered}/{net.dns_refused}",
+    ]
 
 
 def format_event(event: p.Event) -> str:
@@ -522,6 +574,17 @@ def format_event(event: p.Event) -> str:
         who = f" (uid {event.caller.uid})" if event.caller is not None else ""
         verb = "started" if event.kind == "exec_started" else "ended"
         return f"{head} zone {clean(event.zone)}: process {verb}: {describe_exec(event.exec)}{who}"
+    if event.kind == "net_refused" and event.refused is not None:
+        r = event.refused
+        where = clean(r.destination) + (f":{r.port}" if r.port else "")
+        name = f" as {clean(r.name)}" if r.name and r.name != r.destination else ""
+        gone = f" ({r.suppressed_before} more suppressed before)" if r.suppressed_before else ""
+        return (
+            f"{head} zone {clean(event.zone)}: refused {clean(r.kind)} {where}{name}"
+            f" ({clean(r.protocol) or 'tcp'}): {clean(r.rule)}{gone}"
+        )
+    if event.kind == "net_status":
+        return f"{head} zone {clean(event.zone)}: network {clean(event.state)}{reason}"
     return f"{head} {clean(str(event.kind))}{reason}"
 
 

@@ -9,7 +9,7 @@ the TypedDicts of :mod:`zoned.client.options`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,7 @@ from zoned import protocol as p
 from zoned.client.connection import STREAM_BUFFER, Connection, expect
 from zoned.client.files import FileTransfer
 from zoned.client.images import ImageCalls
-from zoned.client.options import wire_request
+from zoned.client.options import net_rules, wire_request
 from zoned.client.process import ExecResult, Process
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ class Client(FileTransfer, ImageCalls, Connection):
 
         ``zones``: only those zones' events; ``kinds``: only those kinds (by
         default the daemon sends :data:`~zoned.protocol.DEFAULT_EVENT_KINDS`;
-        name ``exec_started``/``exec_ended`` to get process events). An async
+        name ``exec_started``/``exec_ended`` to get process events, ``net_refused``/
+        ``net_status`` to get network events). An async
         generator: close it when you stop early
         (``async with contextlib.aclosing(client.watch_events()) as events``).
         """
@@ -95,6 +96,26 @@ class Client(FileTransfer, ImageCalls, Connection):
             lambda id: p.WatchEvents(id=id, zones=zone_list, kinds=kind_list),
             lambda reply: expect(reply, p.EventReply).event,
         )
+
+    async def set_zone_net(
+        self,
+        name: str,
+        net: str | Iterable[str] | None = None,
+        publishes: Iterable[str] | None = None,
+    ) -> tuple[p.ZoneInfo, int]:
+        """A running networked zone's new policy (``net``, as in
+        :class:`~zoned.client.options.ZoneOptions`; None: kept, ``"none"``:
+        nothing allowed) and/or publishes (None: kept), without a restart.
+
+        Returns the zone and how many open connections the new policy closed.
+        """
+        rules = None if net is None else (net_rules(net) or [])
+        published = None if publishes is None else list(publishes)
+        reply = await self._call(
+            lambda id: p.SetZoneNet(id=id, name=name, net=rules, publishes=published)
+        )
+        answer = expect(reply, p.ZoneNetReply)
+        return answer.zone, answer.connections_closed
 
     def console_log(
         self,

@@ -14,7 +14,8 @@ too. The client's methods take them as keyword arguments
                          ``cols`` (streamed processes only)
 :class:`ZoneOptions`     what a new zone is: ``vcpus``, ``memory_mib``,
                          ``profile``, ``placement``, ``labels``, ``machine``,
-                         ``image``, ``writable_layer``, ``writable_layer_mib``
+                         ``image``, ``writable_layer``, ``writable_layer_mib``,
+                         ``net``, ``publishes``
 :class:`CreateOptions`   and ``kernel_args`` (a zone that lives on)
 :class:`RunOptions`      or ``name``, ``timeout_s`` (a zone for one run)
 =================  ==========================================================
@@ -29,6 +30,7 @@ from typing import Any, TypedDict, TypeVar
 
 from zoned import protocol as p
 from zoned.errors import InvalidRequest
+from zoned.net.policy import split_net_option
 
 __all__ = [
     "CreateOptions",
@@ -111,6 +113,11 @@ class ZoneOptions(TypedDict, total=False):
     ``"builtin"``: the small built-in root); ``writable_layer`` where the
     zone's writes go (``"tmpfs"`` in its RAM, ``"disk"`` a scratch disk of
     its own) and ``writable_layer_mib`` how much (None: the kind's default).
+    ``net``: its egress allow-list, as rules or as one string the way
+    ``zonectl --net`` takes it (``"pypi.org,*.pythonhosted.org:443"``,
+    ``"open"``); None or ``"none"``: no network. ``publishes``: its TCP ports
+    on the host, ``[ADDRESS:]HOST_PORT:ZONE_PORT`` (a zone that publishes has
+    a network, with no egress unless ``net`` says).
     """
 
     vcpus: int
@@ -122,6 +129,8 @@ class ZoneOptions(TypedDict, total=False):
     image: str
     writable_layer: p.WritableLayer
     writable_layer_mib: int | None
+    net: str | Iterable[str] | None
+    publishes: Iterable[str]
 
 
 class CreateOptions(ZoneOptions, total=False):
@@ -148,7 +157,17 @@ class RunExecOptions(RunOptions, ExecOptions, total=False):
 # Options a caller may give as any mapping or iterable; the wire wants a
 # dict or a list.
 _AS_DICT = frozenset({"env", "labels"})
-_AS_LIST = frozenset({"kernel_args", "entrypoint", "tags"})
+_AS_LIST = frozenset({"kernel_args", "entrypoint", "tags", "publishes"})
+
+
+def net_rules(net: str | Iterable[str] | None) -> list[str] | None:
+    """A ``net`` option as the wire's rules: a string is split as ``--net`` is
+    (:func:`~zoned.net.policy.split_net_option`); ``"none"`` alone is None."""
+    if net is None:
+        return None
+    rules = split_net_option(net) if isinstance(net, str) else list(net)
+    return None if rules == ["none"] else rules
+
 
 _M = TypeVar("_M", bound=p.Request)
 
@@ -179,6 +198,8 @@ def wire_request(
             if isinstance(value, str):
                 raise InvalidRequest(f"{name} must be a list of strings, not a string")
             value = list(value)
+        elif name == "net":
+            value = net_rules(value)
         fields[name] = value
     try:
         return kind(id=request_id, **fields)

@@ -8,7 +8,7 @@ request, close. It takes the same options as the async method it wraps
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -80,6 +80,14 @@ class SyncClient:
 
     def zone_metrics(self, name: str) -> p.ZoneMetricsData:
         return self._run(lambda client: client.zone_metrics(name))
+
+    def set_zone_net(
+        self,
+        name: str,
+        net: str | Iterable[str] | None = None,
+        publishes: Iterable[str] | None = None,
+    ) -> tuple[p.ZoneInfo, int]:
+        return self._run(lambda client: client.set_zone_net(name, net, publishes))
 
     def exec(
         self,

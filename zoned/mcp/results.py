@@ -60,6 +60,8 @@ class ZoneSummary(ToolResult, frozen=True):
     # The image the zone runs, and its id.
     image: str = ""
     image_id: str = ""
+    # Its allow-list (None: no network).
+    network: list[str] | None = None
 
 
 class ZoneListResult(ToolResult, frozen=True):
@@ -269,6 +271,7 @@ def summary(zone: p.ZoneInfo, short_name: str) -> ZoneSummary:
         kernel_release=zone.kernel_release,
         image=zone.image,
         image_id=zone.image_id,
+        network=zone.net,
     )
 
 

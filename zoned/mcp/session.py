@@ -303,6 +303,7 @@ class Session:
             memory_mib=memory_mib,
             user=ANCHOR_USER,
             **image,
+            net=args.network,
         ) as process:
             assert process.zone is not None
             zone = SessionZone(name, short_name, process.zone, process)
@@ -391,6 +392,11 @@ class Session:
                 "image is for a fresh zone: the zone given has its image already"
             )
         if args.zone is not None:
+            if args.network is not None:
+                raise r.ToolInputError(
+                    "network is for a fresh zone: a zone of the session keeps the network it"
+                    " was created with"
+                )
             return await self.run_command(
                 t.RunCommandArgs(zone=args.zone, argv=argv, timeout_s=timeout_s)
             )
@@ -408,6 +414,7 @@ class Session:
                 # The code is the whole command: no image Entrypoint before it.
                 entrypoint=[],
                 **({"image": args.image} if args.image is not None else {}),
+                net=args.network,
             ) as process:
                 outcome = await self._drive(process, None, timeout_s)
         return self._command_result(name, outcome, timeout_s, fresh_zone=True)

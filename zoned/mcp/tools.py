@@ -181,6 +181,17 @@ ImageName = Annotated[
 ]
 
 
+Network = Annotated[
+    p.NetRules,
+    Meta(
+        description="the zone's network, enforced on the host: an allow-list of rules such as"
+        ' "pypi.org", "*.pythonhosted.org:443", "203.0.113.0/24:5432", or ["open"] for the'
+        " internet (never the host's own networks); [] allows nothing but loopback; left out:"
+        " no network at all"
+    ),
+]
+
+
 class ToolArguments(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Base of every tool's arguments: strict, unknown fields refused."""
 
@@ -192,6 +203,7 @@ class CreateZoneArgs(ToolArguments, frozen=True):
     vcpus: Annotated[p.Vcpus, Meta(description="virtual CPUs")] = 1
     memory_mib: Annotated[p.MemoryMib, Meta(description="memory in MiB")] | None = None
     image: ImageName | None = None
+    network: Network | None = None
 
 
 class NoArgs(ToolArguments, frozen=True):
@@ -250,6 +262,8 @@ class RunCodeArgs(ToolArguments, frozen=True):
         ]
         | None
     ) = None
+    # For a fresh zone only (a zone of the session keeps the network it was created with).
+    network: Network | None = None
 
 
 class WriteFileArgs(ToolArguments, frozen=True):

@@ -46,7 +46,7 @@ from typing import Literal, TypeVar
 import msgspec
 import trio
 
-from zoned.errors import Conflict, InternalError, InvalidRequest, NotFound
+from zoned.errors import ConfigError, Conflict, InternalError, InvalidRequest, NotFound
 from zoned.net import nftrules, wire
 from zoned.net.accounting import NetCounters, RefusedEvent
 from zoned.net.addressing import NetPools, ZoneAddressing, validate_pools, zone_addressing
@@ -57,6 +57,7 @@ from zoned.net.policy import (
     NetPolicy,
     Publish,
     RefusedRange,
+    ZoneNetSpec,
     validate_policy,
     validate_publishes,
 )
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 HELPER_RESTARTS = 5  # in a row without a Ready in between, then the zone is failed
+PIN_SAVE_INTERVAL_S = 1.0
+_PINS_DECODER = msgspec.msgpack.Decoder(list[wire.Pin])
 APPLY_TIMEOUT_S = 10.0
 
 NetStatus = Literal["up", "restarting", "failed"]
@@ -285,6 +288,53 @@ def udp_counters(table: str) -> dict[str, tuple[int, int]]:
     return {link: (pair[0], pair[1]) for link, pair in found.items()}
 
 
+def save_pins(path: Path, pins: Sequence[wire.Pin]) -> None:
+    """A zone's pins, atomically (root's runtime directory; expiries are CLOCK_MONOTONIC,
+    which a restarted daemon shares until the host reboots)."""
+    temporary = path.with_suffix(".pins.tmp")
+    temporary.write_bytes(msgspec.msgpack.encode(list(pins)))
+    os.replace(temporary, path)
+
+
+def load_pins(path: Path) -> list[wire.Pin]:
+    """What :func:`save_pins` wrote; nothing for a missing, oversized or corrupt file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(wire.MAX_MESSAGE * 16 + 1)
+    except OSError:
+        return []
+    if len(data) > wire.MAX_MESSAGE * 16:
+        return []
+    try:
+        return _PINS_DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return []
+
+
+def table_owner(table: str) -> str | None:
+    """The owner our table's comment names ("" for none); None when there is no such table.
+
+    From the text listing: nft 1.0.6 leaves table comments out of its JSON.
+    """
+    proc = subprocess.run(
+        ["nft", "list", "table", "inet", table],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        return None
+    for line in proc.stdout.splitlines()[:3]:
+        words = line.strip().split(" ", 1)
+        if len(words) == 2 and words[0] == "comment":
+            text = words[1]
+            if text.startswith('"') and text.endswith('"'):
+                text = text[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            return text.removeprefix("zoned ")
+    return ""
+
+
 def table_exists(table: str) -> bool:
     proc = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, check=False)
     return proc.returncode == 0
@@ -427,16 +477,6 @@ class NetHostConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     python: str = sys.executable
 
 
-class ZoneNetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """What the zone record holds about its network (the daemon persists it)."""
-
-    zone: str
-    slot: int
-    policy: NetPolicy
-    publishes: list[Publish] = []
-    ipv6: bool = True
-
-
 @dataclass(frozen=True)
 class NetEvent:
     zone: str
@@ -470,6 +510,7 @@ class _ZoneNet:
     udp_live: tuple[int, int] = (0, 0)
     # What the helper pinned, to seed its successor (bounded like its own table).
     pins: PinTable = field(default_factory=PinTable)
+    pins_dirty: bool = False
     seq: int = 0
     restarts: int = 0
     supervisor: trio.CancelScope | None = None
@@ -512,7 +553,18 @@ class NetHost:
     # -- lifecycle of the manager --------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; helpers are stopped on the way out, links and rules stay."""
+        """Serve until cancelled; helpers are stopped on the way out, links and rules stay.
+
+        A table of our name that another owner made is :class:`ConfigError`
+        before anything changes: two daemons configured with one table would
+        replace each other's rules.
+        """
+        owner = await self._call(lambda: table_owner(self.config.table))
+        if owner is not None and owner != self.config.owner:
+            raise ConfigError(
+                f"nftables table inet {self.config.table} belongs to another zoned"
+                f" ({owner!r}); give each daemon its own net_table"
+            )
         self.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._extra_refused = await self._call(host_networks)
         pools = self.config.pools
@@ -523,6 +575,7 @@ class NetHost:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._keep_pins)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -530,6 +583,34 @@ class NetHost:
             with trio.CancelScope(shield=True):
                 for net in self._zones.values():
                     await self._stop_helper(net)
+
+    # -- pins across restarts of the daemon ------------------------------
+
+    def _pins_path(self, addr: ZoneAddressing) -> Path:
+        return self.runtime / f"{addr.ifname}.pins"
+
+    async def _keep_pins(self) -> None:
+        """Write each zone's new pins to its runtime file now and then, so that a
+        restarted daemon (kill -9 included) seeds the zone's next helper with them."""
+        while True:
+            await trio.sleep(PIN_SAVE_INTERVAL_S)
+            for net in list(self._zones.values()):
+                if net.pins_dirty:
+                    net.pins_dirty = False
+                    entries = [
+                        wire.Pin(str(addr), name, expiry)
+                        for addr, name, expiry in net.pins.entries(time.monotonic())
+                    ]
+                    path = self._pins_path(net.addressing)
+                    await trio.to_thread.run_sync(save_pins, path, entries)
+
+    def _load_pins(self, net: _ZoneNet) -> None:
+        """An adopted zone's pins as the previous daemon last saved them (if any)."""
+        now = time.monotonic()
+        for pin in load_pins(self._pins_path(net.addressing)):
+            with contextlib.suppress(ValueError):
+                if pin.expires > now:
+                    net.pins.record_until(pin.name, ipaddress.ip_address(pin.address), pin.expires)
 
     async def _call(self, fn: Callable[[], T]) -> T:
         netns = self.config.netns
@@ -583,23 +664,45 @@ class NetHost:
     # -- operations -------------------------------------------------------
 
     async def create(
-        self, spec: ZoneNetSpec, *, standin_netns: str | None = None
+        self,
+        spec: ZoneNetSpec,
+        *,
+        tap_uid: int | None = None,
+        tap_gid: int | None = None,
+        standin_netns: str | None = None,
     ) -> ZoneAddressing:
         """Rules, link, sockets and helper for a new zone; returns its addressing.
 
-        ``standin_netns``: make a veth into that namespace instead of a tap
-        (a namespace plays the zone).
+        ``tap_uid``/``tap_gid``: the tap's owner, the uid the zone's QEMU runs
+        as (None: the config's). ``standin_netns``: make a veth into that
+        namespace instead of a tap (a namespace plays the zone).
         """
+        owner = (
+            self.config.tap_uid if tap_uid is None else tap_uid,
+            self.config.tap_gid if tap_gid is None else tap_gid,
+        )
         async with self._lock:
-            return await self._bring_up(spec, standin_netns=standin_netns, adopt=False)
+            return await self._bring_up(
+                spec, standin_netns=standin_netns, adopt=False, tap_owner=owner
+            )
 
     async def adopt(self, spec: ZoneNetSpec) -> ZoneAddressing:
         """After a restart: keep the zone's link (its QEMU holds it), redo rules and helper."""
         async with self._lock:
-            return await self._bring_up(spec, standin_netns=None, adopt=True)
+            return await self._bring_up(
+                spec,
+                standin_netns=None,
+                adopt=True,
+                tap_owner=(self.config.tap_uid, self.config.tap_gid),
+            )
 
     async def _bring_up(
-        self, spec: ZoneNetSpec, *, standin_netns: str | None, adopt: bool
+        self,
+        spec: ZoneNetSpec,
+        *,
+        standin_netns: str | None,
+        adopt: bool,
+        tap_owner: tuple[int, int],
     ) -> ZoneAddressing:
         self._require_nursery()
         if spec.zone in self._zones:
@@ -620,6 +723,8 @@ class NetHost:
             pins=PinTable(max_entries=self.config.limits.pin_entries),
             standin_netns=standin_netns,
         )
+        if adopt:
+            await trio.to_thread.run_sync(self._load_pins, net)
         self._zones[spec.zone] = net
         try:
             await self._apply_table()
@@ -636,7 +741,8 @@ class NetHost:
                 if standin_netns is not None:
                     create_veth_standin(addr, alias=alias, zone_netns=standin_netns, ipv6=spec.ipv6)
                 else:
-                    create_tap(addr, alias=alias, uid=cfg.tap_uid, gid=cfg.tap_gid, ipv6=spec.ipv6)
+                    uid, gid = tap_owner
+                    create_tap(addr, alias=alias, uid=uid, gid=gid, ipv6=spec.ipv6)
 
             await self._call(make_link)
             net.listeners = await self._call(lambda: self._bind_zone_sockets(addr, spec.ipv6))
@@ -666,6 +772,11 @@ class NetHost:
                 sock.close()
             raise
         return bound
+
+    async def check_policy(self, policy: NetPolicy) -> None:
+        """:class:`InvalidRequest` for a policy this host cannot enforce (before a create)."""
+        validate_policy(policy)
+        await self._call(lambda: check_forwarding(policy))
 
     async def update_policy(self, zone: str, policy: NetPolicy) -> int:
         """A running zone's new policy, in force for new connections when this returns.
@@ -718,6 +829,15 @@ class NetHost:
                 fds,
             )
 
+    async def cut(self, zone: str) -> int:
+        """Nothing in or out of a running zone from now on (quarantine): no rule, no
+        publish, every open connection closed (returns how many). Its DNS
+        still gets answers, all refusals. ``update_policy`` opens it again.
+        """
+        closed = await self.update_policy(zone, NetPolicy())
+        await self.update_publishes(zone, [])
+        return closed
+
     async def remove(self, zone: str) -> None:
         """Helper, sockets, link, then the zone's rules. Idempotent for a zone we know."""
         async with self._lock:
@@ -731,6 +851,7 @@ class NetHost:
             sock.close()
         net.listeners, net.publish_sockets = [], []
         await self._call(lambda: delete_link(net.addressing.ifname))
+        self._pins_path(net.addressing).unlink(missing_ok=True)
         self._zones.pop(net.spec.zone, None)
         await self._apply_table()
 
@@ -750,6 +871,10 @@ class NetHost:
                     await self._call(lambda name=name: delete_link(name))  # type: ignore[misc]
                     removed.append(f"link {name} (zone {zone})")
             pid_dir = self.runtime
+            kept = {self._pins_path(net.addressing) for net in self._zones.values()}
+            for pins in sorted(pid_dir.glob("*.pins")) if pid_dir.is_dir() else []:
+                if pins not in kept:
+                    pins.unlink(missing_ok=True)
             live = {net.helper.pidfile for net in self._zones.values() if net.helper is not None}
             for pidfile in sorted(pid_dir.glob("*.pid")) if pid_dir.is_dir() else []:
                 if pidfile in live:
@@ -793,7 +918,12 @@ class NetHost:
         return filters
 
     async def _apply_table(self) -> None:
-        script = nftrules.render_table(self.config.table, self.config.owner, self._filters())
+        # No zone, no table: nothing of ours stays on the host.
+        script = (
+            nftrules.render_table(self.config.table, self.config.owner, self._filters())
+            if self._zones
+            else nftrules.render_delete(self.config.table)
+        )
         table = self.config.table
 
         def fold_and_apply() -> dict[str, tuple[int, int]]:
@@ -983,6 +1113,7 @@ class NetHost:
                     with contextlib.suppress(ValueError):
                         addr = ipaddress.ip_address(pin.address)
                         net.pins.record_until(pin.name, addr, pin.expires)
+                net.pins_dirty = True
             elif isinstance(message, wire.Refused):
                 self._event(NetEvent(net.spec.zone, "refused", refused=message.event))
             elif isinstance(message, wire.Applied):

@@ -136,6 +136,16 @@ class Publish(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
         return f"{shown}:{self.host_port}:{self.zone_port}"
 
 
+class ZoneNetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A zone's network as its record keeps it: slot, policy, publishes."""
+
+    zone: str
+    slot: int
+    policy: NetPolicy
+    publishes: list[Publish] = []
+    ipv6: bool = True
+
+
 def _ports_suffix(ports: Sequence[PortRange]) -> str:
     return ":" + ",".join(str(p) for p in ports) if ports else ""
 
@@ -297,7 +307,7 @@ def parse_rule(text: str) -> Rule:
         dest, colon, port_text = body.partition(":")
         if colon:
             ports = _parse_ports(port_text, rule)
-    if _looks_like_address(dest):
+    if "/" in dest or _looks_like_address(dest):  # no name has a "/"
         net = _network(dest, rule)
         return validate_rule(CidrRule(network=str(net), ports=ports, protocol=protocol))
     if protocol == "udp":
@@ -323,6 +333,42 @@ def validate_rule(rule: Rule) -> Rule:
     if str(net) != rule.network:
         raise InvalidRequest(f"network {rule.network!r} is not in normal form ({net})")
     return rule
+
+
+_PORT_ITEM = re.compile(r"^[0-9]+(-[0-9]+)?\Z")
+_PROTOCOL_SUFFIX = re.compile(r"/(tcp|udp)\Z")
+
+
+def split_net_option(text: str) -> list[str]:
+    """``--net`` as typed: rules separated by commas, into one rule per item.
+
+    A comma also separates ports (``pypi.org:80,443``), so an item that is
+    only a port or a port range continues the rule before it. A rule may end
+    in ``/tcp`` or ``/udp`` (``10.0.0.0/8:443/tcp``, ``203.0.113.5:123/udp``),
+    the same as the ``tcp://``/``udp://`` prefix. ``none`` and ``open`` are
+    items like the rules. What comes out is what :func:`parse_rule` reads.
+    """
+    items: list[str] = []
+    for piece in text.split(","):
+        word = piece.strip()
+        if not word:
+            raise InvalidRequest(f"empty rule in --net {text!r} (two commas, or one at an end)")
+        bare = _PROTOCOL_SUFFIX.sub("", word)
+        if items and _PORT_ITEM.match(bare) and ":" in items[-1].split("]")[-1]:
+            # More ports of the rule before (its protocol suffix goes to the end).
+            previous = items[-1]
+            suffix = _PROTOCOL_SUFFIX.search(previous)
+            head = _PROTOCOL_SUFFIX.sub("", previous)
+            items[-1] = f"{head},{word if suffix is None else bare + suffix.group(0)}"
+            continue
+        items.append(word)
+    rules = []
+    for item in items:
+        suffix = _PROTOCOL_SUFFIX.search(item)
+        if suffix is not None and "://" not in item:
+            item = f"{suffix.group(1)}://{item[: suffix.start()]}"
+        rules.append(item)
+    return rules
 
 
 def parse_policy(items: Iterable[str]) -> NetPolicy:
