@@ -17,6 +17,7 @@ import io
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ def test_define_keeps_our_xml_and_metadata(conn: Any, workdir: Path, golden: str
     spec = dataclasses.replace(
         GOLDEN_SPECS[golden],
         domain_name=domain_name(f"dom-{golden}"),
+        uuid=str(uuid.uuid4()),  # the golden's own uuid is every checkout's
         console_log=workdir / "console.log",
         agent_socket=workdir / "agent.sock",
         metadata=TRICKY_METADATA,
@@ -168,7 +170,9 @@ def test_zone_boots_and_logs_its_console(conn: Any, workdir: Path, machine: Mach
     tsc_khz = host_tsc_khz() if machine == "microvm" else None
     spec = DomainSpec(
         domain_name=domain_name(f"dom-boot-{machine}"),
-        uuid="5d2b8f1e-7c3a-4e9b-a0d4-6f8e2c1b3a57",
+        # A fresh uuid: libvirt refuses one uuid under two names, and other
+        # checkouts sharing this libvirtd run the same test.
+        uuid=str(uuid.uuid4()),
         vcpus=1,
         memory_mib=256,
         machine=machine,
