@@ -115,6 +115,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     runtime_dir: str = "/run/zoned"
     # Per-zone serial console logs.
     log_dir: str = "/var/log/zoned"
+    # Where libvirtd logs each domain's QEMU (<domain>.log): read when a zone
+    # fails, for QEMU's own last words.
+    libvirt_log_dir: str = "/var/log/libvirt/qemu"
     libvirt_uri: str = "qemu:///system"
     # Every zone's libvirt domain is named <domain_prefix><zone>. Daemons that
     # share one libvirtd (tests, benchmarks, several checkouts) use distinct
@@ -130,7 +133,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Limits applied to create requests.
     max_vcpus: int = 64
     max_memory_mib: int = 65536
-    min_memory_mib: int = 64
+    # A floor above zoned.sizes' measured minimum of each profile and machine
+    # (which always holds: smaller zones cannot boot).
+    min_memory_mib: int = 0
     # How long a zone may take from start to its agent's hello.
     boot_timeout_s: float = 60.0
     # How long the agent may stay silent before the zone is failed.

@@ -202,7 +202,10 @@ SUPPORTED_VERSIONS: frozenset[int] = frozenset({PROTOCOL_VERSION})
 ZONE_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}\Z"
 MIN_VCPUS = 1
 MAX_VCPUS = 256
-MIN_MEMORY_MIB = 64
+#: The smallest zone any profile and machine boots in, with a margin
+#: (zoned.sizes, measured by tools/min-memory); the daemon refuses less than
+#: its profile's and machine's own minimum.
+MIN_MEMORY_MIB = 128
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_LABELS = 32
 MAX_LABEL_KEY_CHARS = 128
@@ -265,6 +268,8 @@ ZoneName = Annotated[str, Meta(max_length=63, pattern=ZONE_NAME_PATTERN)]
 ProfileName = Annotated[str, Meta(max_length=63, pattern=ZONE_NAME_PATTERN)]
 Vcpus = Annotated[int, Meta(ge=MIN_VCPUS, le=MAX_VCPUS)]
 MemoryMib = Annotated[int, Meta(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
+# A zone's memory as reported: zones made before a minimum was raised keep theirs.
+ZoneMemoryMib = Annotated[int, Meta(ge=1, le=MAX_MEMORY_MIB)]
 # Printable ASCII without spaces: the kernel splits its command line on
 # whitespace and treats it as bytes; anything else is an argument-smuggling
 # vector, never a real need.
@@ -866,7 +871,7 @@ class ZoneInfo(_Record, frozen=True):
     uuid: str
     state: ZoneState
     vcpus: Vcpus
-    memory_mib: MemoryMib
+    memory_mib: ZoneMemoryMib
     profile: str
     machine: Machine
     accelerator: Accelerator
@@ -918,6 +923,11 @@ class ZoneInfo(_Record, frozen=True):
     net_address: str = ""
     net_address6: str = ""
     net_status: NetStatus | None = None
+    # Why a failed zone failed, as a word ("" otherwise): host_oom, agent_died,
+    # guest_oom, guest_panic, qemu_crashed, guest_stopped, vanished,
+    # agent_silent, agent_misbehaved, boot_timeout (zoned.failures; more may
+    # come). ``reason`` says it in words.
+    failure: str = ""
 
 
 class ImageInfo(_Record, frozen=True):
@@ -1018,7 +1028,7 @@ class ZoneMetricsData(_Record, frozen=True):
     state: ZoneState
     sampled_at: float
     vcpus: Vcpus
-    memory_mib: MemoryMib
+    memory_mib: ZoneMemoryMib
     # Host side, from libvirt; None while QEMU does not run.
     cpu_time_s: float | None = None
     host_rss_kib: int | None = None
