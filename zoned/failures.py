@@ -277,11 +277,12 @@ def _guest_oom_words(evidence: Evidence, before: list[str], panic: str, victims:
     reports = [m for line in before if (m := _AGENT_MEMORY.search(clean(line)))]
     if reports:
         total, _available, tmpfs = (int(x) for x in reports[-1].groups())
-        words += f"; files in tmpfs held {tmpfs} MiB of its {total} MiB of RAM"
+        words += f"; tmpfs held {tmpfs} MiB of its {total} MiB of RAM"
         if total and tmpfs * 3 >= total:
             words += (
-                " (files a workload writes to the zone's root, /tmp or /dev live in its RAM:"
-                " write less, or give the zone more memory)"
+                ", which no OOM kill frees (the files a workload writes to the zone's root,"
+                " /tmp or /dev, and its shared memory, live in RAM: write less there, or give"
+                " the zone more memory)"
             )
             return words
     return words + "; give the zone more memory or make the workload use less"
@@ -289,7 +290,7 @@ def _guest_oom_words(evidence: Evidence, before: list[str], panic: str, victims:
 
 def _qemu_ended(evidence: Evidence) -> Diagnosis | None:
     stop = evidence.stop
-    if not stop and evidence.observed not in ("domain_crashed", "channel_closed"):
+    if not stop and evidence.observed != "domain_crashed":
         return None
     log_lines = console_lines(evidence.qemu_log_tail)
     shutdowns = [line for line in log_lines if "shutting down, reason=" in line]
@@ -319,7 +320,7 @@ def _qemu_ended(evidence: Evidence) -> Diagnosis | None:
             f"the guest shut itself down (libvirt: {clean(words)}) without a kernel panic:"
             f" something in the zone powered it off or rebooted it{tail}",
         )
-    if stop == "vanished" or libvirt_reason == "destroyed" or evidence.observed == "channel_closed":
+    if stop == "vanished" or "destroyed" in stop or libvirt_reason == "destroyed":
         said = f" (libvirt: {libvirt_reason})" if libvirt_reason else ""
         return Diagnosis(
             "vanished",
@@ -332,29 +333,34 @@ def _qemu_ended(evidence: Evidence) -> Diagnosis | None:
 
 
 def _agent_seen(evidence: Evidence) -> Diagnosis:
+    # The zone's reason starts with the lifecycle's meaning ("agent went
+    # silent: ..."): these words carry on from it.
     detail = clean(evidence.detail, 2 * MAX_QUOTE_CHARS)
     if evidence.observed == "agent_misbehaved":
         return Diagnosis(
-            "agent_misbehaved",
-            f"the zone's agent broke the agent protocol ({detail}): its guest is not to be"
-            " trusted any more",
+            "agent_misbehaved", f"{detail}: the zone's guest is not to be trusted any more"
+        )
+    if evidence.observed == "channel_closed":
+        return Diagnosis(
+            "qemu_crashed",
+            f"{detail} while its QEMU still ran: QEMU's end of the agent channel broke,"
+            " the zone is lost",
         )
     last = console_lines(evidence.console_tail)
-    tail = f"; the console's last line: {clean(last[-1])!r}" if last else "; the console is empty"
+    tail = f"the console's last line: {clean(last[-1])!r}" if last else "the console is empty"
     if evidence.observed == "boot_timeout" or not evidence.booted:
         return Diagnosis(
             "boot_timeout",
-            f"the zone's agent did not say hello within {evidence.boot_timeout_s:g} s of the"
-            f" start{tail}: the guest is too slow (a loaded host) or did not boot",
+            f"the agent did not say hello within {evidence.boot_timeout_s:g} s of the start"
+            f" ({tail}): the guest is too slow (a loaded host) or did not boot",
         )
     if evidence.running_state == "paused":
         return Diagnosis(
             "agent_silent",
-            f"the zone's agent stopped answering ({detail}) while its QEMU was paused:"
-            " something outside zoned paused the domain",
+            f"{detail}, and its QEMU was paused: something outside zoned paused the domain",
         )
     return Diagnosis(
         "agent_silent",
-        f"the zone's agent stopped answering ({detail}) while its QEMU still ran: the guest is"
-        f" hung or too loaded to answer within {evidence.silence_limit_s:g} s{tail}",
+        f"{detail} while its QEMU still ran: the guest is hung or too loaded to answer"
+        f" within {evidence.silence_limit_s:g} s ({tail})",
     )

@@ -84,6 +84,7 @@ from zoned.domain import (
 from zoned.errors import (
     AgentFault,
     AgentProtocolError,
+    AgentSilent,
     Conflict,
     HypervisorError,
     InvalidRequest,
@@ -137,6 +138,10 @@ log = logging.getLogger(__name__)
 #: does not show yet why the guest ended (virtlogd writes it a moment later).
 CONSOLE_SETTLE_TRIES = 5
 CONSOLE_SETTLE_S = 0.2
+#: How long a zone whose agent channel broke waits for libvirt to see its
+#: QEMU end, looking this often.
+DOMAIN_END_WAIT_S = 5.0
+DOMAIN_END_POLL_S = 0.1
 
 
 def placement_record(placement: Placement) -> PlacementRecord:
@@ -230,6 +235,22 @@ def check_memory(config: Config, memory_mib: int, profile: str, machine: str) ->
 
 def qemu_id_range(config: Config) -> IdRange:
     return IdRange(config.zone_uid_base, config.zone_uid_count)
+
+
+class _Phases:
+    """How long each step of one create took (logged; tools/bench-load reads it)."""
+
+    def __init__(self) -> None:
+        self._last = trio.current_time()
+        self._took: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = trio.current_time()
+        self._took.append((phase, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self._took)
 
 
 @dataclass(frozen=True)
@@ -416,6 +437,7 @@ class ZoneManager:
                 f"vcpus={request.vcpus} is above this host's limit of {self.config.max_vcpus}"
             )
         check_memory(self.config, request.memory_mib, request.profile, machine)
+        phases = _Phases()
         wanted_net = self._wanted_network(request)
         if wanted_net is not None:
             await self.nethost.check_policy(wanted_net[0])
@@ -430,6 +452,7 @@ class ZoneManager:
         except BaseException:
             self.images.release(name)
             raise
+        phases.mark("checks")
         try:
             placement = self.allocator.allocate(
                 name, request.vcpus, request.memory_mib, request.placement
@@ -512,6 +535,7 @@ class ZoneManager:
             with trio.CancelScope(shield=True):
                 try:
                     await self.records.save(name, record).wait()
+                    phases.mark("record")
                     self.hub.publish(
                         "zone_state", zone=name, state="creating", owner_uid=caller.uid
                     )
@@ -526,6 +550,7 @@ class ZoneManager:
                     if network is not None:
                         # Rules, tap and helper before the guest can send a frame.
                         await self.nethost.create(network, tap_uid=qemu_uid, tap_gid=qemu_uid)
+                    phases.mark("runtime")
                     xml = render_domain_xml(self._domain_spec(record))
                     # Paused: the limits hold before the guest runs an instruction.
                     started = time.monotonic()
@@ -534,9 +559,12 @@ class ZoneManager:
                     except HypervisorError as exc:
                         raise _explained(exc) from exc
                     defined = time.monotonic()
+                    phases.mark("start")
                     limits = await self._limit_qemu(zone)
                     limited = time.monotonic()
+                    phases.mark("limits")
                     await self.hv.resume(record.domain_name)
+                    phases.mark("resume")
                 except BaseException as exc:
                     await self._undo_create(zone, exc)
                     raise
@@ -552,8 +580,10 @@ class ZoneManager:
                 self._start_supervisor(zone, self.config.boot_timeout_s)
                 await self._repin_shared()
         await zone.settled.wait()
+        phases.mark("boot")
         final = zone.record
         if lifecycle.is_ready(final.state):
+            log.info("zone %s create phases: %s", name, phases)
             return to_info(final)
         if final.state == "failed":
             raise HypervisorError(f"zone {name!r} failed to boot: {final.reason}")
@@ -811,12 +841,21 @@ class ZoneManager:
                 # A channel that breaks because QEMU died is QEMU's failure;
                 # say so even if libvirt's event has not arrived yet.
                 stop, running_state = await self._domain_end(zone)
+                if not stop and not isinstance(fault, AgentSilent | AgentProtocolError):
+                    # The channel broke: QEMU is ending and libvirt may not
+                    # know yet. Its event, if it comes first, takes over.
+                    with trio.move_on_after(DOMAIN_END_WAIT_S):
+                        while not stop and not zone.failing:
+                            await trio.sleep(DOMAIN_END_POLL_S)
+                            stop, running_state = await self._domain_end(zone)
                 if not lifecycle.hears_agent(zone.record.state) or not self._claim_failure(zone):
                     return  # the libvirt event won the race and fails the zone
                 event: lifecycle.Input
                 observed: failures.Observed
                 if stop:
                     event, observed = "domain_stopped", "channel_closed"
+                elif not isinstance(fault, AgentSilent | AgentProtocolError):
+                    event, observed = "domain_crashed", "channel_closed"
                 elif isinstance(fault, AgentProtocolError):
                     event, observed = "agent_misbehaved", "agent_misbehaved"
                 elif zone.record.state == "booting":

@@ -129,8 +129,8 @@ def test_a_guest_whose_tmpfs_filled_its_ram_says_so() -> None:
         )
     )
     assert found.cause == "guest_oom"
-    assert "files in tmpfs held 80 MiB of its 109 MiB of RAM" in found.reason
-    assert "root, /tmp or /dev live in its RAM" in found.reason
+    assert "tmpfs held 80 MiB of its 109 MiB of RAM, which no OOM kill frees" in found.reason
+    assert "to the zone's root, /tmp or /dev, and its shared memory, live in RAM" in found.reason
 
 
 def test_a_kernel_panic_that_is_not_about_memory_or_init() -> None:
@@ -233,10 +233,28 @@ def test_a_guest_that_shut_itself_down() -> None:
     assert "without a kernel panic" in found.reason and "hello at 2.691s" in found.reason
 
 
+def test_a_channel_that_qemu_closed_while_libvirt_says_it_runs() -> None:
+    found = diagnose(
+        Evidence(
+            observed="channel_closed",
+            detail="agent channel closed by QEMU",
+            running_state="running",
+            booted=True,
+        )
+    )
+    assert found == Diagnosis(
+        "qemu_crashed",
+        "agent channel closed by QEMU while its QEMU still ran: QEMU's end of the agent"
+        " channel broke, the zone is lost",
+    )
+
+
 def test_a_domain_destroyed_outside_zoned() -> None:
     log = b"2026-12-02 04:50:22.346+0000: shutting down, reason=destroyed\n"
     found = diagnose(Evidence(observed="channel_closed", stop="vanished", qemu_log_tail=log))
     assert found.cause == "vanished" and "(libvirt: destroyed)" in found.reason
+    event = diagnose(Evidence(observed="domain_stopped", stop="stopped: destroyed"))
+    assert event.cause == "vanished"
 
 
 def test_a_silent_agent_with_its_qemu_running_or_paused() -> None:
@@ -262,7 +280,8 @@ def test_a_misbehaving_agent_and_a_boot_timeout() -> None:
     bad = diagnose(
         Evidence(observed="agent_misbehaved", detail="agent sent a bad frame: x", booted=True)
     )
-    assert bad.cause == "agent_misbehaved" and "agent sent a bad frame: x" in bad.reason
+    assert bad.cause == "agent_misbehaved"
+    assert bad.reason == "agent sent a bad frame: x: the zone's guest is not to be trusted any more"
     slow = diagnose(Evidence(observed="boot_timeout", running_state="running", boot_timeout_s=60.0))
     assert slow.cause == "boot_timeout"
     assert "within 60 s" in slow.reason and "the console is empty" in slow.reason

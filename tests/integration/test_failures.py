@@ -1,0 +1,228 @@
+"""Why real zones fail: each failure made real, its cause and words asserted.
+
+One private zoned serves the module (its agents may be silent 3 s); a second
+one gives each QEMU only 64 MiB beyond its guest's RAM, which the host's OOM
+killer enforces during the boot. Every zone is created at the smallest
+memory its profile and machine accept (:mod:`zoned.sizes`), so the module
+also shows that each of those sizes boots and runs Python.
+
+What a workload can do here is what today's workloads can: they run as root
+with every capability, chrooted, in the agent's PID and IPC namespaces. So
+one can reach PID 1's memory through ``/proc/1/mem`` (the agent dies: the
+guest kernel panics), and a SysV shared memory segment outlives the process
+that filled it (nothing the OOM killer can free: the guest panics). Signals
+cannot kill the agent (``test_exec.py``: every signal to PID 1 is dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.integration.conftest import open_libvirt, private_zoned, qemu_pid
+from tests.zone_events import EventLog, watching
+from zoned import protocol as p
+from zoned import sizes
+from zoned.client import Client
+from zoned.errors import HypervisorError, ZonedError
+from zoned.localdaemon import LocalDaemon
+
+pytestmark = pytest.mark.integration
+
+CALL_TIMEOUT_S = 180.0
+#: The host's zones' default machine.
+MACHINE: p.Machine = "microvm"
+
+# Zeroes PID 1's stack through /proc/1/mem: the agent faults and dies.
+KILL_PID_1 = """
+with open("/proc/1/maps") as maps:
+    for line in maps:
+        if line.rstrip().endswith("[stack]"):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+with open("/proc/1/mem", "r+b", buffering=0) as mem:
+    mem.seek(start)
+    mem.write(b"\\0" * (end - start))
+"""
+
+# A SysV shared memory segment as large as the guest's RAM, touched page by
+# page: its toucher is OOM-killed, the segment stays.
+FILL_SHM = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.restype = ctypes.c_int
+libc.shmget.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_int)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+with open("/proc/meminfo") as f:
+    total = int(f.readline().split()[1]) * 1024
+segment = libc.shmget(0, total, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+assert segment >= 0, ctypes.get_errno()
+ctypes.memset(libc.shmat(segment, None, 0), 1, total)
+"""
+
+PROBE = ["python3", "-c", "print(sum(range(10)))"]
+ZONECTL = [sys.executable, "-m", "zoned.cli"]
+
+
+@pytest.fixture(scope="module")
+def zoned() -> Iterator[LocalDaemon]:
+    with private_zoned("fz-", extra_config="agent_silence_s = 3.0") as daemon:
+        yield daemon
+
+
+@contextlib.asynccontextmanager
+async def zone_at_minimum(
+    daemon: LocalDaemon, name: str, profile: str, machine: p.Machine
+) -> AsyncIterator[tuple[Client, EventLog]]:
+    """A zone of the smallest size its profile and machine accept, shown to run
+    Python, with an event log; destroyed after."""
+    async with Client(daemon.socket, client_name="it") as client, watching(client) as events:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            memory = sizes.minimum_memory_mib(profile, machine)
+            zone = await client.create_zone(
+                name,
+                memory_mib=memory,
+                profile=profile,
+                machine=machine,
+            )
+            assert (zone.state, zone.memory_mib) == ("ready", memory), zone
+            ran = await client.exec(name, PROBE)
+            assert (ran.exit.exit_code, ran.stdout) == (0, b"45\n"), ran
+        try:
+            yield client, events
+        finally:
+            with trio.fail_after(CALL_TIMEOUT_S):
+                await client.destroy_zone(name)
+
+
+async def failed(client: Client, events: EventLog, name: str) -> p.ZoneInfo:
+    with trio.fail_after(CALL_TIMEOUT_S):
+        await events.wait_for_state(name, "failed")
+    return await client.get_zone(name)
+
+
+def console(daemon: LocalDaemon, zone: p.ZoneInfo) -> str:
+    return Path(zone.console_log).read_text(errors="replace")[-3000:]
+
+
+async def test_a_full_writable_layer_is_enospc_and_the_zone_lives(zoned: LocalDaemon) -> None:
+    """/ and /tmp filled to the end in the smallest zone: the writer gets ENOSPC,
+    the zone carries on (one tmpfs, half the RAM, holds all a workload writes).
+    At this size the half left is too little for Python while the layer is
+    full; once the files are gone it runs again."""
+    name = "fz-full"
+    async with zone_at_minimum(zoned, name, "strict", MACHINE) as (client, _events):
+        with trio.fail_after(CALL_TIMEOUT_S):
+            filled = await client.exec(
+                name,
+                [
+                    "sh",
+                    "-c",
+                    "cat /dev/zero > /big; echo root=$?; cat /dev/zero > /tmp/big; echo tmp=$?;"
+                    " df -k / /tmp | tail -n 2",
+                ],
+            )
+            await client.exec(name, ["rm", "/big", "/tmp/big"])
+            after = await client.exec(name, PROBE)
+            zone = await client.get_zone(name)
+    lines = filled.stdout.decode().splitlines()
+    assert lines[:2] == ["root=1", "tmp=1"], filled
+    assert filled.stderr.count(b"No space left on device") == 2, filled
+    # Both full, and both the same filesystem's figures: one limit for both.
+    root, tmp = (line.split()[1:4] for line in lines[2:4])
+    assert root == tmp and root[2] == "0", lines
+    assert (after.exit.exit_code, after.stdout) == (0, b"45\n"), after
+    assert zone.state == "ready", zone
+
+
+async def test_the_agent_killed_by_a_workload(zoned: LocalDaemon) -> None:
+    name = "fz-agent"
+    async with zone_at_minimum(zoned, name, "strict", "q35") as (client, events):
+        with pytest.raises(HypervisorError, match="went away"):
+            await client.exec(name, ["python3", "-c", KILL_PID_1])
+        zone = await failed(client, events, name)
+    assert zone.failure == "agent_died", (zone.reason, console(zoned, zone))
+    assert zone.reason.startswith("domain stopped: the zone's agent (its PID 1) was killed by"), (
+        zone.reason
+    )
+    assert "Attempted to kill init!" in zone.reason, zone.reason
+
+
+async def test_a_guest_out_of_memory_panics_and_says_what_held_its_ram(zoned: LocalDaemon) -> None:
+    name = "fz-oom"
+    async with zone_at_minimum(zoned, name, "containers", MACHINE) as (client, events):
+        with trio.fail_after(CALL_TIMEOUT_S):
+            filled = await client.exec(name, ["python3", "-c", FILL_SHM])
+            assert filled.exit.oom_killed, filled
+            # The next process cannot even be started: the guest is out of memory.
+            with contextlib.suppress(ZonedError):
+                await client.exec(name, ["true"])
+        zone = await failed(client, events, name)
+    assert zone.failure == "guest_oom", (zone.reason, console(zoned, zone))
+    memory = sizes.minimum_memory_mib("containers", MACHINE)
+    assert f"the guest ran out of memory ({memory} MiB)" in zone.reason, zone.reason
+    assert "Kernel panic - not syncing:" in zone.reason, zone.reason
+    assert "which no OOM kill frees" in zone.reason, zone.reason
+
+
+async def test_a_qemu_killed_on_the_host(zoned: LocalDaemon) -> None:
+    name = "fz-qemu"
+    async with zone_at_minimum(zoned, name, "containers", "q35") as (client, events):
+        pid = qemu_pid(zoned.domain_name(name))
+        assert pid is not None
+        subprocess.run(["kill", "-KILL", str(pid)], check=True)
+        zone = await failed(client, events, name)
+    assert zone.failure == "qemu_crashed", zone.reason
+    # libvirt says it as its event ("stopped: failed") or its log ("crashed"),
+    # whichever reached the daemon first.
+    assert zone.reason.startswith("domain stopped: the zone's QEMU crashed (libvirt: "), zone.reason
+    assert zone.reason.endswith("): the zone's guest is lost"), zone.reason
+
+
+async def test_an_agent_silent_because_its_qemu_was_paused(zoned: LocalDaemon) -> None:
+    name = "fz-silent"
+    async with zone_at_minimum(zoned, name, "strict", MACHINE) as (client, events):
+
+        def pause() -> None:
+            conn = open_libvirt()
+            try:
+                conn.lookupByName(zoned.domain_name(name)).suspend()
+            finally:
+                conn.close()
+
+        await trio.to_thread.run_sync(pause)
+        zone = await failed(client, events, name)
+    assert zone.failure == "agent_silent", zone.reason
+    assert zone.reason == (
+        "agent went silent: no heartbeat reply within 3 s, and its QEMU was paused:"
+        " something outside zoned paused the domain"
+    ), zone.reason
+
+
+def test_the_host_oom_killer_taking_qemu(tmp_path: Path) -> None:
+    """QEMU may use 64 MiB beyond the guest's RAM; under TCG it needs more while
+    the guest boots (init_on_free touches all of the guest's RAM), and the
+    memory cgroup's OOM killer takes it. ``run`` then leaves nothing behind."""
+    with private_zoned("fo-", extra_config="qemu_memory_overhead_mib = 64") as daemon:
+        done = subprocess.run(
+            [*ZONECTL, "--socket", str(daemon.socket), "run", "--name", "fo-tight", "--", "true"],
+            capture_output=True,
+            timeout=CALL_TIMEOUT_S,
+            check=False,
+        )
+        assert done.returncode == 1, done
+        error = done.stderr.decode()
+        assert "failed to boot: domain stopped: the host's OOM killer killed the zone's QEMU" in (
+            error
+        ), error
+        assert "Memory cgroup out of memory: Killed process" in error, error
+        assert "raise qemu_memory_overhead_mib" in error, error
+        for part in ("state/zones", "run/zones"):
+            assert list((daemon.root / part).glob("*")) == [], part
+        assert "could not destroy" not in daemon.log_text()
