@@ -205,7 +205,7 @@ MAX_VCPUS = 256
 #: The smallest zone any profile and machine boots in, with a margin
 #: (zoned.sizes, measured by tools/min-memory); the daemon refuses less than
 #: its profile's and machine's own minimum.
-MIN_MEMORY_MIB = 128
+MIN_MEMORY_MIB = 96
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_LABELS = 32
 MAX_LABEL_KEY_CHARS = 128
@@ -552,7 +552,9 @@ class Exec(_ImageProcessFields, tag="exec", frozen=True):
     :class:`ExecOutput` pieces, then :class:`ExecExit` (or an error).
 
     While it runs, the client may send :class:`ExecInput` and
-    :class:`ExecSignal` carrying this request's ``id``.
+    :class:`ExecSignal` carrying this request's ``id``. A client that goes
+    away (disconnects, cancels) before the end hangs the process up: its
+    process group gets SIGHUP, and SIGKILL 2 s later if it is still there.
     """
 
     id: RequestId
@@ -563,9 +565,13 @@ class RunZone(_ImageProcessFields, tag="run_zone", frozen=True):
     """Create a zone, run one process in it, destroy the zone.
 
     Replies: :class:`ZoneReply` once the zone is ready, then the same stream as
-    :class:`Exec`. The zone is destroyed whatever happens: the process ends,
-    ``timeout_s`` passes (the process is killed; ``ExecExit.timed_out``), the
-    client disconnects. Its name is generated when ``name`` is empty.
+    :class:`Exec`. ``timeout_s`` is how long the process may run, counted from
+    its start: the boot is not counted (the daemon's boot timeout bounds it;
+    a zone that does not boot fails the request with ``hypervisor``). The
+    zone is destroyed whatever happens: the process ends, ``timeout_s``
+    passes (the process is killed; ``ExecExit.timed_out``), the client
+    disconnects. Its name is generated when ``name`` is empty; a name that
+    is taken fails the request with ``conflict`` (that zone is left alone).
     """
 
     id: RequestId
