@@ -871,7 +871,7 @@ def test_out_of_memory_note_without_a_limit_names_none() -> None:
     )
     timed_out = p.ExecExit(id=1, signal=9, timed_out=True)
     assert exit_note(timed_out, timeout_s=20.0, memory_limit_mib=None) == (
-        "zonectl: the run timed out after 20 s; killed"
+        "zonectl: the command timed out after 20 s of running; killed"
     )
     assert exit_note(p.ExecExit(id=1, exit_code=3), timeout_s=20.0, memory_limit_mib=64) is None
 
