@@ -143,8 +143,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     heartbeat_interval_s: float = 5.0
     # Largest control-socket frame, in bytes.
     max_frame_bytes: int = 4 * 1024 * 1024
-    # Concurrent blocking libvirt calls.
-    libvirt_threads: int = 4
+    # Concurrent blocking libvirt calls (define, start, pin, destroy, stats
+    # of many zones at once); 0: one per host CPU, at least 4, so that
+    # concurrent creates scale with the host. libvirtd itself serves one
+    # connection at most max_client_requests (libvirtd.conf, default 5)
+    # calls at once: on a larger host, raise that too.
+    libvirt_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     log_format: Literal["text", "json"] = "text"
     # Each zone's QEMU runs as a uid and gid of its own (the same number),
     # taken from zone_uid_base .. zone_uid_base + zone_uid_count - 1; the first
@@ -281,3 +285,9 @@ def load_config(path: Path | None) -> Config:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config {path}: {exc}") from exc
+
+
+def libvirt_threads(config: Config, host_cpus: int) -> int:
+    """How many blocking libvirt calls may run at once: ``libvirt_threads``,
+    or (0) one per CPU the daemon may use, at least 4."""
+    return config.libvirt_threads or max(4, host_cpus)
