@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,25 +40,15 @@ def dmesg_messages(name: str) -> list[tuple[float, str]]:
     return found
 
 
+def diagnosed(console: str = "", **fields: Any) -> Diagnosis:
+    """:func:`diagnose` of evidence with the console capture ``console``."""
+    if console:
+        fields["console_tail"] = capture(console)
+    return diagnose(Evidence(**fields))
+
+
 def printable(reason: str) -> bool:
     return re.fullmatch(r"[ -~]*", reason) is not None
-
-
-def test_the_agent_killed_by_a_workload() -> None:
-    found = diagnose(
-        Evidence(
-            observed="channel_closed",
-            stop="vanished",
-            console_tail=capture("agent-killed.console.log"),
-            booted=True,
-            memory_mib=256,
-        )
-    )
-    assert found.cause == "agent_died"
-    assert "was killed by SIGSEGV" in found.reason
-    assert "Attempted to kill init! exitcode=0x0000000b" in found.reason
-    assert "init[1]: segfault at 0" in found.reason
-    assert "[" not in found.reason.split("(")[0]  # no kernel timestamps quoted
 
 
 def test_init_exiting_with_a_status_is_told_apart_from_a_signal() -> None:
@@ -71,66 +62,71 @@ def test_init_exiting_with_a_status_is_told_apart_from_a_signal() -> None:
     assert "exited with status 1" in found.reason
 
 
-def test_a_zone_too_small_to_boot() -> None:
-    found = diagnose(
-        Evidence(
-            observed="domain_stopped",
-            stop="shutdown: guest",
-            console_tail=capture("boot-64mib.console.log"),
-            booted=False,
-            memory_mib=64,
-        )
-    )
-    assert found.cause == "guest_oom"
-    assert found.reason.startswith("the zone's 64 MiB are too small to boot")
-    assert "System is deadlocked on memory" in found.reason
+#: Captures of real failures, what else the daemon knew, and what the
+#: diagnosis must say: (capture, evidence, cause, fragments of the reason).
+CAPTURED: list[tuple[str, dict[str, Any], str, list[str]]] = [
+    (
+        "agent-killed.console.log",
+        {"observed": "channel_closed", "stop": "vanished", "booted": True, "memory_mib": 256},
+        "agent_died",
+        [
+            "was killed by SIGSEGV",
+            "Attempted to kill init! exitcode=0x0000000b",
+            "init[1]: segfault at 0",
+        ],
+    ),
+    (
+        "boot-64mib.console.log",
+        {"observed": "domain_stopped", "stop": "shutdown: guest", "memory_mib": 64},
+        "guest_oom",
+        ["the zone's 64 MiB are too small to boot", "System is deadlocked on memory"],
+    ),
+    (  # the boot image did not fit: a zone too small as well
+        "boot-56mib-q35.console.log",
+        {"observed": "domain_stopped", "stop": "shutdown: guest", "memory_mib": 56},
+        "guest_oom",
+        ["the zone's 56 MiB are too small to boot", "No working init found"],
+    ),
+    (  # the victims the kernel named, once each; "init" (a child not yet
+        # started) is not the agent and is left out
+        "guest-oom-panic.console.log",
+        {"observed": "channel_closed", "stop": "vanished", "booted": True, "memory_mib": 256},
+        "guest_oom",
+        [
+            "the guest ran out of memory (256 MiB)",
+            "the OOM killer had killed: dd, sh;",
+            "give the zone more memory",
+        ],
+    ),
+    (  # the agent's report after the OOM kill says what held the RAM
+        "guest-oom-panic-agent-report.console.log",
+        {
+            "observed": "domain_stopped",
+            "stop": "shutdown: guest",
+            "booted": True,
+            "memory_mib": 128,
+        },
+        "guest_oom",
+        [
+            "tmpfs held 80 MiB of its 109 MiB of RAM, which no OOM kill frees",
+            "to the zone's root, /tmp or /dev, and its shared memory, live in RAM",
+        ],
+    ),
+]
 
 
-def test_a_boot_image_that_did_not_fit_is_a_zone_too_small() -> None:
-    found = diagnose(
-        Evidence(
-            observed="domain_stopped",
-            stop="shutdown: guest",
-            console_tail=capture("boot-56mib-q35.console.log"),
-            memory_mib=56,
-        )
-    )
-    assert found.cause == "guest_oom"
-    assert found.reason.startswith("the zone's 56 MiB are too small to boot")
-    assert "No working init found" in found.reason
-
-
-def test_a_guest_that_ran_out_of_memory() -> None:
-    found = diagnose(
-        Evidence(
-            observed="channel_closed",
-            stop="vanished",
-            console_tail=capture("guest-oom-panic.console.log"),
-            booted=True,
-            memory_mib=256,
-        )
-    )
-    assert found.cause == "guest_oom"
-    assert "the guest ran out of memory (256 MiB)" in found.reason
-    # The victims the kernel named, once each; "init" (a child not yet
-    # started) is not the agent and is left out.
-    assert "the OOM killer had killed: dd, sh;" in found.reason
-    assert "give the zone more memory" in found.reason
-
-
-def test_a_guest_whose_tmpfs_filled_its_ram_says_so() -> None:
-    found = diagnose(
-        Evidence(
-            observed="domain_stopped",
-            stop="shutdown: guest",
-            console_tail=capture("guest-oom-panic-agent-report.console.log"),
-            booted=True,
-            memory_mib=128,
-        )
-    )
-    assert found.cause == "guest_oom"
-    assert "tmpfs held 80 MiB of its 109 MiB of RAM, which no OOM kill frees" in found.reason
-    assert "to the zone's root, /tmp or /dev, and its shared memory, live in RAM" in found.reason
+@pytest.mark.parametrize(("console", "fields", "cause", "fragments"), CAPTURED)
+def test_a_captured_failure_says_why(
+    console: str, fields: dict[str, Any], cause: str, fragments: list[str]
+) -> None:
+    found = diagnosed(console, **fields)
+    assert found.cause == cause, found
+    for fragment in fragments:
+        assert fragment in found.reason, (fragment, found.reason)
+    if cause == "guest_oom" and not fields.get("booted"):
+        # Before the agent's hello, the reason leads with the size.
+        assert found.reason.startswith(fragments[0]), found.reason
+    assert "[" not in found.reason.split("(")[0]  # no kernel timestamps quoted
 
 
 def test_a_kernel_panic_that_is_not_about_memory_or_init() -> None:
@@ -149,16 +145,14 @@ def test_the_host_oom_killer_outranks_what_the_guest_says() -> None:
     assert len(lines) == 2 and lines[0].startswith("oom-kill:"), lines
     # A guest that forged a panic of its own on the console does not change the answer.
     forged = b"[ 1.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009\n"
-    found = diagnose(
-        Evidence(
-            observed="domain_stopped",
-            stop="stopped: failed",
-            console_tail=forged,
-            qemu_log_tail=capture("host-oom.qemu.log"),
-            host_kernel_lines=lines,
-            memory_mib=256,
-            qemu_memory_limit_mib=320,
-        )
+    found = diagnosed(
+        observed="domain_stopped",
+        stop="stopped: failed",
+        console_tail=forged,
+        qemu_log_tail=capture("host-oom.qemu.log"),
+        host_kernel_lines=lines,
+        memory_mib=256,
+        qemu_memory_limit_mib=320,
     )
     assert found.cause == "host_oom"
     assert "Memory cgroup out of memory: Killed process 5583 (qemu-system-x86)" in found.reason
@@ -196,14 +190,12 @@ def test_a_global_host_oom_says_the_host_is_short() -> None:
 
 
 def test_a_qemu_killed_from_outside() -> None:
-    found = diagnose(
-        Evidence(
-            observed="channel_closed",
-            stop="vanished",
-            console_tail=b"[    0.2] PCI: Fatal: No config space access function found\r\n",
-            qemu_log_tail=capture("qemu-killed.qemu.log"),
-            booted=True,
-        )
+    found = diagnosed(
+        observed="channel_closed",
+        stop="vanished",
+        console_tail=b"[    0.2] PCI: Fatal: No config space access function found\r\n",
+        qemu_log_tail=capture("qemu-killed.qemu.log"),
+        booted=True,
     )
     assert found == Diagnosis(
         "qemu_crashed",
@@ -234,13 +226,11 @@ def test_a_guest_that_shut_itself_down() -> None:
 
 
 def test_a_channel_that_qemu_closed_while_libvirt_says_it_runs() -> None:
-    found = diagnose(
-        Evidence(
-            observed="channel_closed",
-            detail="agent channel closed by QEMU",
-            running_state="running",
-            booted=True,
-        )
+    found = diagnosed(
+        observed="channel_closed",
+        detail="agent channel closed by QEMU",
+        running_state="running",
+        booted=True,
     )
     assert found == Diagnosis(
         "qemu_crashed",
@@ -259,14 +249,12 @@ def test_a_domain_destroyed_outside_zoned() -> None:
 
 def test_a_silent_agent_with_its_qemu_running_or_paused() -> None:
     detail = "no heartbeat reply within 3 s"
-    running = diagnose(
-        Evidence(
-            observed="agent_silent",
-            detail=detail,
-            running_state="running",
-            booted=True,
-            silence_limit_s=3.0,
-        )
+    running = diagnosed(
+        observed="agent_silent",
+        detail=detail,
+        running_state="running",
+        booted=True,
+        silence_limit_s=3.0,
     )
     assert running.cause == "agent_silent"
     assert "while its QEMU still ran" in running.reason and detail in running.reason
