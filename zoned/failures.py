@@ -145,8 +145,12 @@ _OOM_PANIC: Final = (
     "Out of memory: system-wide panic_on_oom",
     "Out of memory: compulsory panic_on_oom",
 )
-#: Unpacking the boot image ran out of memory (the kernel's own words).
-_UNPACK_FAILED: Final = "Initramfs unpacking failed: write error"
+#: The boot image did not fit (the kernel's own words): "write error" when
+#: unpacking it ran out of memory; "invalid magic at start of compressed
+#: archive" when the kernel, decompressing itself in too little RAM, wrote
+#: over it (microvm, 48 MiB). zoned checks every boot image's hash, so a
+#: damaged one is not what a zone meets.
+_UNPACK_FAILED: Final = "Initramfs unpacking failed: "
 _OOM_KILLED: Final = re.compile(r"^Out of memory: Killed process \d+ \(([^)]{1,16})\)")
 _OOPS: Final = re.compile(
     r"^(BUG: .*|Oops: .*|general protection fault.*|kernel BUG at .*|"

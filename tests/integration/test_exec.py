@@ -204,18 +204,19 @@ def test_zonectl_exec_passes_output_input_and_exit_status(zoned: LocalDaemon) ->
 
 def run_leftovers(daemon: LocalDaemon) -> dict[str, list[str]]:
     """What run zones left in the daemon's directories: records, runtime
-    directories, console logs (logs of gone zones are the retention's to keep)."""
+    directories, log directories (one per zone: those of gone zones are the
+    retention's to keep)."""
     return {
         "state": sorted(f.name for f in (daemon.root / "state" / "zones").glob("run-*")),
         "runtime": sorted(d.name for d in (daemon.root / "run" / "zones").glob("run-*")),
-        "logs": sorted(f.name for f in (daemon.root / "log").glob("run-*")),
+        "logs": sorted(str(d) for d in (daemon.root / "log" / "zones").glob("run-*/*")),
     }
 
 
 def test_zonectl_runs_leave_nothing_but_their_console_logs(zoned: LocalDaemon) -> None:
     """Runs with a timeout shorter than any boot here: the boot is not counted
     (exit 0), the command is (exit 124). Each run's zone, record and runtime
-    directory are gone after it; only its console log stays, one per run."""
+    directory are gone after it; only its logs stay, one directory per run."""
     before = run_leftovers(zoned)
     done = zonectl(zoned, "run", "--timeout", "1", "--", "python3", "-c", "print(2+2)")
     assert (done.returncode, done.stdout, done.stderr) == (0, b"4\n", b"")

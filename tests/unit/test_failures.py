@@ -87,6 +87,12 @@ CAPTURED: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "guest_oom",
         ["the zone's 56 MiB are too small to boot", "No working init found"],
     ),
+    (  # the boot image, overwritten while the kernel decompressed itself
+        "boot-48mib-microvm.console.log",
+        {"observed": "domain_stopped", "stop": "shutdown: guest", "memory_mib": 48},
+        "guest_oom",
+        ["the zone's 48 MiB are too small to boot", "Unable to mount root fs"],
+    ),
     (  # the victims the kernel named, once each; "init" (a child not yet
         # started) is not the agent and is left out
         "guest-oom-panic.console.log",
