@@ -267,6 +267,18 @@ def test_format_zone_shows_every_field() -> None:
     )
 
 
+def test_format_zone_of_a_failed_zone_says_why_and_its_cause() -> None:
+    failed = zone(
+        state="failed", reason="domain stopped: the guest ran out of memory", failure="guest_oom"
+    )
+    lines = format_zone(failed, now=T0 + 90, user_names={}).splitlines()
+    assert lines[2:5] == [
+        "state:         failed",
+        "reason:        domain stopped: the guest ran out of memory",
+        "failure:       guest_oom",
+    ]
+
+
 def test_format_zone_of_a_zone_from_before_per_zone_uids() -> None:
     old = zone(
         owner_uid=0,
