@@ -285,7 +285,7 @@ def _guest_oom_words(evidence: Evidence, before: list[str], panic: str, victims:
         if total and tmpfs * 3 >= total:
             words += (
                 ", which no OOM kill frees (the files a workload writes to the zone's root,"
-                " /tmp or /dev, and its shared memory, live in RAM: write less there, or give"
+                " /tmp or /dev/shm, and its shared memory, live in RAM: write less there, or give"
                 " the zone more memory)"
             )
             return words

@@ -115,7 +115,7 @@ CAPTURED: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "guest_oom",
         [
             "tmpfs held 80 MiB of its 109 MiB of RAM, which no OOM kill frees",
-            "to the zone's root, /tmp or /dev, and its shared memory, live in RAM",
+            "to the zone's root, /tmp or /dev/shm, and its shared memory, live in RAM",
         ],
     ),
 ]
