@@ -316,7 +316,10 @@ def _qemu_ended(evidence: Evidence) -> Diagnosis | None:
             "qemu_crashed",
             f"the zone's QEMU crashed (libvirt: {clean(how)}){said}: the zone's guest is lost",
         )
-    if "shutdown" in stop or libvirt_reason == "shutdown":
+    # libvirt says "shutdown: host" when QEMU was told to stop from the host
+    # (a destroy sends it SIGTERM first): not the guest's doing.
+    from_host = "shutdown: host" in stop or libvirt_reason == "destroyed"
+    if not from_host and ("shutdown" in stop or libvirt_reason == "shutdown"):
         last = console_lines(evidence.console_tail)
         tail = f"; the console's last line: {clean(last[-1])!r}" if last else ""
         return Diagnosis(
@@ -324,8 +327,9 @@ def _qemu_ended(evidence: Evidence) -> Diagnosis | None:
             f"the guest shut itself down (libvirt: {clean(words)}) without a kernel panic:"
             f" something in the zone powered it off or rebooted it{tail}",
         )
-    if stop == "vanished" or "destroyed" in stop or libvirt_reason == "destroyed":
-        said = f" (libvirt: {libvirt_reason})" if libvirt_reason else ""
+    if from_host or stop == "vanished" or "destroyed" in stop:
+        how = libvirt_reason or (stop if stop != "vanished" else "")
+        said = f" (libvirt: {clean(how)})" if how else ""
         return Diagnosis(
             "vanished",
             f"the zone's QEMU domain disappeared{said} without zoned asking: destroyed"

@@ -251,6 +251,12 @@ def test_a_domain_destroyed_outside_zoned() -> None:
     assert found.cause == "vanished" and "(libvirt: destroyed)" in found.reason
     event = diagnose(Evidence(observed="domain_stopped", stop="stopped: destroyed"))
     assert event.cause == "vanished"
+    # A destroy's first event: QEMU told to stop from the host, not by its guest.
+    first = diagnose(Evidence(observed="domain_stopped", stop="shutdown: host"))
+    assert first.cause == "vanished" and "(libvirt: shutdown: host)" in first.reason, first
+    assert "destroyed outside zoned" in first.reason
+    guest = diagnose(Evidence(observed="domain_stopped", stop="shutdown: guest"))
+    assert guest.cause == "guest_stopped", guest
 
 
 def test_a_silent_agent_with_its_qemu_running_or_paused() -> None:
