@@ -32,6 +32,8 @@ is the picture, ``docs/`` one page per topic.
    - :mod:`zoned.kernel.cmdline`, :mod:`zoned.kernel.kconfig`: the guest
      kernel's command line and config merging.
    - :mod:`zoned.cpio`: the initramfs writer.
+   - :mod:`zoned.sizes`: the smallest zone each profile and machine boots.
+   - :mod:`zoned.failures`: why a zone failed, from what it left behind.
    - :mod:`zoned.credit`: the credit window both ends of the agent channel
      count exec output and input with (standard library only: the agent
      loads it).
@@ -59,7 +61,9 @@ is the picture, ``docs/`` one page per topic.
    (the store of built kernels and the ``zoned-kernel`` build tool),
    :mod:`zoned.images` (the boot image, the workload root, the integrity
    check of every shared image; blocking: called from worker threads),
-   :mod:`zoned.cgroups` (each QEMU's task limit), :mod:`zoned.net.host`
+   :mod:`zoned.cgroups` (each QEMU's task limit), :mod:`zoned.postmortem`
+   (what a failed zone left: console, QEMU's log, the host's kernel log),
+   :mod:`zoned.net.host`
    (taps, our nftables table, the zones' network helpers); for observability
    :mod:`zoned.httpserve` (HTTP/1.1 on trio, the only importer of h11),
    :mod:`zoned.metrics` (the only importer of prometheus-client),

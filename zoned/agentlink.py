@@ -218,6 +218,8 @@ class ExecSession:
     _changed: trio.Event = field(default_factory=trio.Event)
     _input_changed: trio.Event = field(default_factory=trio.Event)
     _input_closed: bool = False
+    # Nobody consumes it any more (its client went away): see abandon().
+    abandoned: bool = False
 
     # -- fed by the mux (from the guest) --
 
@@ -243,6 +245,8 @@ class ExecSession:
                 f"agent sent {size} bytes of output for exec {self.exec_id}"
                 f" with only {credit} bytes of credit"
             )
+        if self.abandoned:
+            return  # dropped; the mux credits it back (AgentMux._dispatch)
         if self._pending and self._pending[-1][0] == message.stream:
             self._pending[-1][1].extend(message.data)
         else:
@@ -271,6 +275,8 @@ class ExecSession:
         elif (message.exit_code is None) == (message.signal is None):
             raise AgentProtocolError(f"agent reported exec {self.exec_id} ended without one status")
         self.ended = message
+        if self.abandoned:
+            self.mux.forget(self.exec_id)
         self._wake()
 
     def on_lost(self, reason: str) -> None:
@@ -304,6 +310,39 @@ class ExecSession:
                 self.mux.forget(self.exec_id)
                 return self.ended
             await self._changed.wait()
+
+    async def wait_ended(self) -> None:
+        """Until the process has ended (its output is not taken meanwhile)."""
+        while self.ended is None:
+            await self._changed.wait()
+
+    async def abandon(self) -> None:
+        """Nobody will consume this process any more: its output is dropped (and
+        credited back, so that the agent can drain its pipes and report the end),
+        and it leaves the table once it ends. Its stdin is closed."""
+        if self.abandoned:
+            await trio.lowlevel.checkpoint()
+            return
+        self.abandoned = True
+        dropped, self._pending, self._pending_bytes = self._pending_bytes, [], 0
+        if self.ended is not None:
+            self.mux.forget(self.exec_id)
+            await trio.lowlevel.checkpoint()
+            return
+        await self.return_credit(dropped)
+        if not self._input_closed:
+            self._input_closed = True
+            await self.mux.send_quietly(AgentExecInput(exec_id=self.exec_id, eof=True))
+
+    async def return_credit(self, count: int) -> None:
+        """Lend ``count`` bytes of output that arrived back to the agent (taken or dropped)."""
+        if count <= 0 or self.ended is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._output.consume(count)
+        await self.mux.send_quietly(
+            AgentExecCredit(exec_id=self.exec_id, bytes=self._output.release())
+        )
 
     async def write_input(self, data: bytes, eof: bool = False) -> None:
         """Send stdin, waiting for the agent's credit; ``eof`` closes stdin after it.
@@ -391,6 +430,11 @@ class AgentMux:
             while True:
                 message = await self.link.receive()
                 self._dispatch(message)
+                if isinstance(message, AgentExecOutput):
+                    session = self.execs.get(message.exec_id)
+                    if session is not None and session.abandoned:
+                        # Nobody reads it: give the credit straight back.
+                        await session.return_credit(len(message.data))
         except AgentFault as exc:
             self.lose(str(exc))
             raise

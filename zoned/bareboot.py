@@ -20,7 +20,7 @@ from zoned.images.hostfiles import busybox_binary
 
 if TYPE_CHECKING:
     from zoned.agentlink import AgentLink
-    from zoned.protocol import AgentHello
+    from zoned.protocol import AgentExecExit, AgentHello
 
 
 def qemu_command(
@@ -231,3 +231,68 @@ class BareAgentBoot:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+@dataclass(frozen=True)
+class ExecBoot:
+    """A bare boot to the agent's hello and one process run through the agent."""
+
+    #: Spawn to the agent's hello, and to the process's end (seconds).
+    hello_s: float
+    done_s: float
+    exit: AgentExecExit
+
+
+class BareBootFailed(Exception):
+    """The bare guest did not reach the agent, or the process was lost; says why."""
+
+
+async def boot_and_exec(argv: list[str], agent_socket: Path, exec_argv: list[str]) -> ExecBoot:
+    """Spawn QEMU (``argv`` with ``agent_socket``), wait for the agent's hello,
+    run ``exec_argv`` through the agent to its end, kill QEMU.
+
+    As a zone's ``run`` does without zoned. The caller bounds it with a cancel
+    scope; :class:`BareBootFailed` if the guest dies or breaks the protocol.
+    """
+    import trio
+
+    from zoned.agentlink import AgentLink, AgentMux, ExecLost
+    from zoned.protocol import AgentExecExit, AgentExecStart, AgentHello
+
+    started = time.monotonic()
+    proc = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        link = await AgentLink.connect(agent_socket, "bare")
+        try:
+            hello = await link.receive()
+            if not isinstance(hello, AgentHello):
+                raise BareBootFailed(f"expected the agent's hello, got {type(hello).__name__}")
+            hello_s = time.monotonic() - started
+            mux = AgentMux(link, "bare")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mux.receive_forever)
+                session = await mux.start_exec(
+                    lambda exec_id: AgentExecStart(exec_id=exec_id, argv=exec_argv)
+                )
+                while True:
+                    event = await session.next_event()
+                    if isinstance(event, ExecLost):
+                        raise BareBootFailed(f"the process was lost: {event.reason}")
+                    if isinstance(event, AgentExecExit):
+                        break
+                nursery.cancel_scope.cancel()
+            return ExecBoot(hello_s, time.monotonic() - started, event)
+        except Exception as exc:
+            if isinstance(exc, BareBootFailed):
+                raise
+            raise BareBootFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await link.aclose()
+    finally:
+        with trio.CancelScope(shield=True):
+            proc.kill()
+            await proc.wait()
+            agent_socket.unlink(missing_ok=True)

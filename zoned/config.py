@@ -115,6 +115,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     runtime_dir: str = "/run/zoned"
     # Per-zone serial console logs.
     log_dir: str = "/var/log/zoned"
+    # Where libvirtd logs each domain's QEMU (<domain>.log): read when a zone
+    # fails, for QEMU's own last words.
+    libvirt_log_dir: str = "/var/log/libvirt/qemu"
     libvirt_uri: str = "qemu:///system"
     # Every zone's libvirt domain is named <domain_prefix><zone>. Daemons that
     # share one libvirtd (tests, benchmarks, several checkouts) use distinct
@@ -130,7 +133,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Limits applied to create requests.
     max_vcpus: int = 64
     max_memory_mib: int = 65536
-    min_memory_mib: int = 64
+    # A floor above zoned.sizes' measured minimum of each profile and machine
+    # (which always holds: smaller zones cannot boot).
+    min_memory_mib: int = 0
     # How long a zone may take from start to its agent's hello.
     boot_timeout_s: float = 60.0
     # How long the agent may stay silent before the zone is failed.
@@ -138,8 +143,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     heartbeat_interval_s: float = 5.0
     # Largest control-socket frame, in bytes.
     max_frame_bytes: int = 4 * 1024 * 1024
-    # Concurrent blocking libvirt calls.
-    libvirt_threads: int = 4
+    # Concurrent blocking libvirt calls (define, start, pin, destroy, stats
+    # of many zones at once); 0: one per host CPU, at least 4, so that
+    # concurrent creates scale with the host. libvirtd itself serves one
+    # connection at most max_client_requests (libvirtd.conf, default 5)
+    # calls at once: on a larger host, raise that too.
+    libvirt_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     log_format: Literal["text", "json"] = "text"
     # Each zone's QEMU runs as a uid and gid of its own (the same number),
     # taken from zone_uid_base .. zone_uid_base + zone_uid_count - 1; the first
@@ -276,3 +285,9 @@ def load_config(path: Path | None) -> Config:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config {path}: {exc}") from exc
+
+
+def libvirt_threads(config: Config, host_cpus: int) -> int:
+    """How many blocking libvirt calls may run at once: ``libvirt_threads``,
+    or (0) one per CPU the daemon may use, at least 4."""
+    return config.libvirt_threads or max(4, host_cpus)

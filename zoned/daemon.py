@@ -50,7 +50,7 @@ import trio
 from zoned import cgroups, probecache
 from zoned import protocol as p
 from zoned.access import AccessPolicy, Caller
-from zoned.config import Config, load_config
+from zoned.config import Config, libvirt_threads, load_config
 from zoned.e2b.service import E2bEndpoint
 from zoned.errors import ConfigError, InternalError, InvalidRequest, PermissionDenied, ZonedError
 from zoned.events import EventHub
@@ -212,7 +212,7 @@ class Daemon:
         self.config = config
         self._zone_images = zone_images
         self.hub = EventHub()
-        self.limiter = trio.CapacityLimiter(config.libvirt_threads)
+        self.limiter = trio.CapacityLimiter(libvirt_threads(config, len(os.sched_getaffinity(0))))
         # Read from /sys when run() starts (blocking: in a worker thread).
         self.topology: HostTopology
         self.allocator: Allocator

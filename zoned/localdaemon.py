@@ -220,8 +220,12 @@ class LocalDaemon:
         """The libvirt domain of this daemon's zone ``zone``."""
         return self.domain_prefix + zone
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""
+    def log_text(self, *, full: bool = False) -> str:
+        """The daemon's log: its end (what a failure message needs), or all of it."""
+        if not self.log.exists():
+            return ""
+        text = self.log.read_text(errors="replace")
+        return text if full else text[-6000:]
 
     def record_path(self, zone: str) -> Path:
         return self.root / "state" / "zones" / f"{zone}.json"

@@ -16,8 +16,8 @@ listens to the event hub. It never changes what a request does.
   reply passes, ``exec_ended`` when it ends (same fields as the audit
   record), for ``exec`` and ``run``.
 - **Counters** (:class:`~zoned.metrics.Telemetry`): requests by type and
-  result, creates and destroys by result, failures by cause (read back from
-  the failed zone's reason), agent protocol violations, per-zone process
+  result, creates and destroys by result, failures by cause (the failed
+  zone's diagnosed ``failure``, :mod:`zoned.failures`), agent protocol violations, per-zone process
   counts (forgotten with the zone).
 - **Gone zones**: a zone that leaves the manager (destroyed, or its create
   undone) has its ``ended.json`` written after its last records (same
@@ -469,7 +469,10 @@ class Monitor:
         if event.kind != "zone_state":
             return
         if event.state == "failed" and event.previous != "failed":
-            cause = lifecycle.input_of_reason(event.reason) or "unknown"
+            # The zone's diagnosed cause (zoned.failures, the record's
+            # ``failure``); a record without one, by the lifecycle input.
+            diagnosed = record.failure if record is not None and record.uuid == uuid else ""
+            cause = diagnosed or lifecycle.input_of_reason(event.reason) or "unknown"
             self.telemetry.failures[cause] += 1
             if cause == "agent_misbehaved":
                 self.telemetry.agent_violations += 1
@@ -494,6 +497,7 @@ class Monitor:
             created_at=record.created_at,
             state=event.state,
             reason=event.reason,
+            failure=record.failure,
             owner_uid=record.owner_uid,
             profile=record.profile,
             labels=dict(record.labels),

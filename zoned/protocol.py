@@ -202,7 +202,10 @@ SUPPORTED_VERSIONS: frozenset[int] = frozenset({PROTOCOL_VERSION})
 ZONE_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}\Z"
 MIN_VCPUS = 1
 MAX_VCPUS = 256
-MIN_MEMORY_MIB = 64
+#: The smallest zone any profile and machine boots in, with a margin
+#: (zoned.sizes, measured by tools/min-memory); the daemon refuses less than
+#: its profile's and machine's own minimum.
+MIN_MEMORY_MIB = 96
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_LABELS = 32
 MAX_LABEL_KEY_CHARS = 128
@@ -265,6 +268,8 @@ ZoneName = Annotated[str, Meta(max_length=63, pattern=ZONE_NAME_PATTERN)]
 ProfileName = Annotated[str, Meta(max_length=63, pattern=ZONE_NAME_PATTERN)]
 Vcpus = Annotated[int, Meta(ge=MIN_VCPUS, le=MAX_VCPUS)]
 MemoryMib = Annotated[int, Meta(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
+# A zone's memory as reported: zones made before a minimum was raised keep theirs.
+ZoneMemoryMib = Annotated[int, Meta(ge=1, le=MAX_MEMORY_MIB)]
 # Printable ASCII without spaces: the kernel splits its command line on
 # whitespace and treats it as bytes; anything else is an argument-smuggling
 # vector, never a real need.
@@ -547,7 +552,9 @@ class Exec(_ImageProcessFields, tag="exec", frozen=True):
     :class:`ExecOutput` pieces, then :class:`ExecExit` (or an error).
 
     While it runs, the client may send :class:`ExecInput` and
-    :class:`ExecSignal` carrying this request's ``id``.
+    :class:`ExecSignal` carrying this request's ``id``. A client that goes
+    away (disconnects, cancels) before the end hangs the process up: its
+    process group gets SIGHUP, and SIGKILL 2 s later if it is still there.
     """
 
     id: RequestId
@@ -558,9 +565,13 @@ class RunZone(_ImageProcessFields, tag="run_zone", frozen=True):
     """Create a zone, run one process in it, destroy the zone.
 
     Replies: :class:`ZoneReply` once the zone is ready, then the same stream as
-    :class:`Exec`. The zone is destroyed whatever happens: the process ends,
-    ``timeout_s`` passes (the process is killed; ``ExecExit.timed_out``), the
-    client disconnects. Its name is generated when ``name`` is empty.
+    :class:`Exec`. ``timeout_s`` is how long the process may run, counted from
+    its start: the boot is not counted (the daemon's boot timeout bounds it;
+    a zone that does not boot fails the request with ``hypervisor``). The
+    zone is destroyed whatever happens: the process ends, ``timeout_s``
+    passes (the process is killed; ``ExecExit.timed_out``), the client
+    disconnects. Its name is generated when ``name`` is empty; a name that
+    is taken fails the request with ``conflict`` (that zone is left alone).
     """
 
     id: RequestId
@@ -866,7 +877,7 @@ class ZoneInfo(_Record, frozen=True):
     uuid: str
     state: ZoneState
     vcpus: Vcpus
-    memory_mib: MemoryMib
+    memory_mib: ZoneMemoryMib
     profile: str
     machine: Machine
     accelerator: Accelerator
@@ -918,6 +929,11 @@ class ZoneInfo(_Record, frozen=True):
     net_address: str = ""
     net_address6: str = ""
     net_status: NetStatus | None = None
+    # Why a failed zone failed, as a word ("" otherwise): host_oom, agent_died,
+    # guest_oom, guest_panic, qemu_crashed, guest_stopped, vanished,
+    # agent_silent, agent_misbehaved, boot_timeout (zoned.failures; more may
+    # come). ``reason`` says it in words.
+    failure: str = ""
 
 
 class ImageInfo(_Record, frozen=True):
@@ -1018,7 +1034,7 @@ class ZoneMetricsData(_Record, frozen=True):
     state: ZoneState
     sampled_at: float
     vcpus: Vcpus
-    memory_mib: MemoryMib
+    memory_mib: ZoneMemoryMib
     # Host side, from libvirt; None while QEMU does not run.
     cpu_time_s: float | None = None
     host_rss_kib: int | None = None

@@ -90,6 +90,8 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     net_address: str = ""
     net_address6: str = ""
     net_status: NetStatus | None = None
+    # Why a failed zone failed (zoned.failures.CAUSES; "" otherwise).
+    failure: str = ""
 
 
 #: What a record and the client's view share by name and meaning: carried as they are.

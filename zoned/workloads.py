@@ -7,10 +7,24 @@ while it runs. Output is taken from the agent only as fast as the client
 reads it (each piece is credited back to the agent after it was sent), so a
 slow client slows the process down instead of filling the daemon's memory.
 
-``run`` is create + exec + destroy in one request. The zone is destroyed
-whatever happens: the process ends, the caller's timeout passes (the
-process group gets SIGKILL and ``exec_exit.timed_out`` is set), the client
-disconnects (its request is cancelled; the destroy runs shielded).
+A plain ``exec`` whose client goes away (disconnects, or cancels the
+request) hangs its process up, as a terminal that closes does: the process
+group gets SIGHUP and, if it has not ended :data:`HANGUP_GRACE_S` later,
+SIGKILL; its output is dropped meanwhile, and the process leaves the zone's
+count of running processes when it ends. There is no detached exec: a
+process that must outlive its client belongs in a ``run`` of its own, or in
+a service the workload starts itself (``setsid``, a double fork: what the
+agent does not follow is not hung up either).
+
+``run`` is create + exec + destroy in one request. Its ``timeout_s`` is
+the time the *process* may run, counted from its start: the zone's boot is
+not counted (the daemon's ``boot_timeout_s`` bounds it, and a zone that
+does not boot fails the run with ``hypervisor``). When it passes, the
+process group gets SIGKILL and ``exec_exit.timed_out`` is set (zonectl
+exits 124). The zone is destroyed whatever happens: the process ends, the
+timeout passes, the client disconnects (its request is cancelled; the
+destroy runs shielded). A run destroys only the zone it created: a name
+that is taken fails the run with ``conflict`` and leaves that zone alone.
 
 A process that cannot start (no such command, no permission) is reported as
 a shell would: a message on its stderr and exit status 127 (not found: the
@@ -28,7 +42,6 @@ import math
 import secrets
 import signal
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 
 import trio
 
@@ -43,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: After a run's timeout killed its process, how long to wait for the exit.
 KILL_GRACE_S = 10.0
+#: After a hang-up (SIGHUP), how long a process has to end before SIGKILL.
+HANGUP_GRACE_S = 2.0
 
 
 def start_error_status(end: p.AgentExecExit) -> int:
@@ -72,13 +87,46 @@ async def stream_exec(
     *,
     timeout_s: float | None = None,
     before_end: Callable[[], Awaitable[None]] | None = None,
+    hang_up: bool = True,
 ) -> None:
     """Forward one process's life to the client until its ``exec_exit``.
 
+    ``timeout_s`` counts from now (the process has been started).
     ``before_end`` runs between the process's end and the ``exec_exit`` that
     reports it (``run`` destroys its zone there: a client that has the result
-    finds the zone gone).
+    finds the zone gone). With ``hang_up``, a process whose client goes away
+    before its end is hung up (see the module's rules).
     """
+    try:
+        end, timed_out = await _follow(request_id, session, send, inputs, timeout_s)
+    except BaseException:
+        if hang_up and session.ended is None:
+            with trio.CancelScope(shield=True):
+                await hang_up_process(session)
+        raise
+    if before_end is not None:
+        await before_end()
+    await _send_end(request_id, end, send, timed_out)
+
+
+async def hang_up_process(session: ExecSession) -> None:
+    """SIGHUP to a process nobody follows any more, SIGKILL if it lingers; it is
+    forgotten once it ends (:meth:`ExecSession.abandon`)."""
+    await session.abandon()
+    await session.signal(signal.SIGHUP)
+    with trio.move_on_after(HANGUP_GRACE_S):
+        await session.wait_ended()
+    await session.signal(signal.SIGKILL)
+
+
+async def _follow(
+    request_id: int,
+    session: ExecSession,
+    send: Send,
+    inputs: StreamInputs,
+    timeout_s: float | None,
+) -> tuple[p.AgentExecExit | ExecLost, bool]:
+    """The process's life up to its end, sent to the client; (the end, timed out)."""
     timed_out = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_pump_input, session, inputs)
@@ -103,9 +151,7 @@ async def stream_exec(
                 end = event
                 break
         nursery.cancel_scope.cancel()  # stop taking input
-    if before_end is not None:
-        await before_end()
-    await _send_end(request_id, end, send, timed_out)
+    return end, timed_out
 
 
 async def _send_end(
@@ -135,7 +181,8 @@ def run_zone_name(request: p.RunZone) -> str:
 async def run_in_fresh_zone(
     manager: ZoneManager, request: p.RunZone, send: Send, inputs: StreamInputs, caller: Caller
 ) -> None:
-    """Create a zone owned by ``caller``, run the process, destroy the zone."""
+    """Create a zone owned by ``caller``, run the process, destroy the zone (the one
+    this run created, never another of the same name)."""
     name = run_zone_name(request)
     create = p.CreateZone(
         id=request.id,
@@ -152,33 +199,31 @@ async def run_in_fresh_zone(
         net=request.net,
         publishes=request.publishes,
     )
-    started = trio.current_time()
+    ours: list[str] = []  # the uuid of the zone this run created, once it exists
+
+    async def destroy() -> None:
+        """Destroy this run's zone if it still exists (shielded; logged, not raised)."""
+        with trio.CancelScope(shield=True):
+            zone = manager.zones.get(name)
+            if zone is None or zone.record.uuid not in ours:
+                return
+            try:
+                await manager.destroy(name, caller)
+            except ZonedError as exc:
+                log.warning("run: could not destroy zone %s: %s", name, exc)
+
     try:
-        deadline = trio.fail_after(request.timeout_s) if request.timeout_s else nullcontext()
-        with deadline:
-            zone = await manager.create(create, caller)
+        zone = await manager.create(create, caller, registered=ours.append)
         await send(p.ZoneReply(id=request.id, zone=zone))
         session = await manager.start_exec(name, request, caller)
-        # The caller's timeout covers the whole run, the boot included.
-        remaining = None
-        if request.timeout_s is not None:
-            remaining = max(0.0, request.timeout_s - (trio.current_time() - started))
-
-        async def destroy() -> None:
-            with trio.CancelScope(shield=True):
-                await manager.destroy(name, caller)
-
         await stream_exec(
-            request.id, session, send, inputs, timeout_s=remaining, before_end=destroy
+            request.id,
+            session,
+            send,
+            inputs,
+            timeout_s=request.timeout_s,
+            before_end=destroy,
+            hang_up=False,  # the zone goes, with everything in it
         )
-    except trio.TooSlowError:
-        raise HypervisorError(
-            f"zone {name!r} was not ready within the run's timeout of {request.timeout_s:g} s"
-        ) from None
     finally:
-        with trio.CancelScope(shield=True):
-            if name in manager.zones:
-                try:
-                    await manager.destroy(name, caller)
-                except ZonedError as exc:
-                    log.warning("run: could not destroy zone %s: %s", name, exc)
+        await destroy()

@@ -67,6 +67,8 @@ class EndedZone(msgspec.Struct, frozen=True, kw_only=True):
     # Its last state before it went ("stopped" for a destroyed zone).
     state: str
     reason: str = ""
+    # Why it failed, if it did (zoned.failures' cause; "" otherwise).
+    failure: str = ""
     owner_uid: int | None = None
     profile: str = ""
     labels: dict[str, str] = {}

@@ -61,6 +61,7 @@ import os
 import shutil
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ from typing import Any
 import msgspec
 import trio
 
-from zoned import cgroups, lifecycle, zonelogs
+from zoned import cgroups, failures, lifecycle, postmortem, sizes, zonelogs
 from zoned.access import DAEMON, AccessPolicy, Caller
 from zoned.agentlink import AgentMux, ExecSession, supervise_agent
 from zoned.config import Config
@@ -83,6 +84,7 @@ from zoned.domain import (
 from zoned.errors import (
     AgentFault,
     AgentProtocolError,
+    AgentSilent,
     Conflict,
     HypervisorError,
     InvalidRequest,
@@ -132,6 +134,15 @@ from zoned.zoneids import IdRange, QemuIdAllocator, live_process_ids
 
 log = logging.getLogger(__name__)
 
+#: How often, and how far apart, a failed zone's console is read again when it
+#: does not show yet why the guest ended (virtlogd writes it a moment later).
+CONSOLE_SETTLE_TRIES = 5
+CONSOLE_SETTLE_S = 0.2
+#: How long a zone whose agent channel broke waits for libvirt to see its
+#: QEMU end, looking this often.
+DOMAIN_END_WAIT_S = 5.0
+DOMAIN_END_POLL_S = 0.1
+
 
 def placement_record(placement: Placement) -> PlacementRecord:
     return PlacementRecord(
@@ -166,6 +177,11 @@ class _Zone:
     last_heartbeat_at: float = 0.0
     # The live agent channel once the agent said hello; None otherwise.
     agent: AgentMux | None = None
+    # Its QEMU's pid while it runs (None: unknown), for the host's kernel log.
+    qemu_pid: int | None = None
+    # Set once a failure of the running zone is being handled: the first
+    # witness (the agent link, a libvirt event, a resync) diagnoses it.
+    failing: bool = False
 
 
 def _explained(exc: HypervisorError) -> HypervisorError:
@@ -202,8 +218,39 @@ def net_refusal(event: NetEvent) -> NetRefusal | None:
     return NetRefusal(**fields)
 
 
+def check_memory(config: Config, memory_mib: int, profile: str, machine: str) -> None:
+    """Refuse a zone too small to boot (:mod:`zoned.sizes`) or beyond the host's limit."""
+    minimum = max(config.min_memory_mib, sizes.minimum_memory_mib(profile, machine))
+    if memory_mib < minimum:
+        raise InvalidRequest(
+            f"memory_mib={memory_mib} is too small: a {profile} zone on {machine} needs at"
+            f" least {minimum} MiB to boot and run (below that its kernel runs out of"
+            " memory while it boots)"
+        )
+    if memory_mib > config.max_memory_mib:
+        raise InvalidRequest(
+            f"memory_mib={memory_mib} is above this host's limit of {config.max_memory_mib} MiB"
+        )
+
+
 def qemu_id_range(config: Config) -> IdRange:
     return IdRange(config.zone_uid_base, config.zone_uid_count)
+
+
+class _Phases:
+    """How long each step of one create took (logged; tools/bench-load reads it)."""
+
+    def __init__(self) -> None:
+        self._last = trio.current_time()
+        self._took: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = trio.current_time()
+        self._took.append((phase, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self._took)
 
 
 @dataclass(frozen=True)
@@ -363,7 +410,20 @@ class ZoneManager:
 
     # -------------------------------------------------------------------- create
 
-    async def create(self, request: CreateZone, caller: Caller) -> ZoneInfo:
+    async def create(
+        self,
+        request: CreateZone,
+        caller: Caller,
+        *,
+        registered: Callable[[str], object] | None = None,
+    ) -> ZoneInfo:
+        """Create the zone and wait until it is ready; its error otherwise.
+
+        ``registered`` is called with the new zone's uuid as soon as it holds
+        its name: from then on the zone exists (also in ``failed``, when the
+        boot fails) until it is destroyed; a request refused earlier never
+        registers anything.
+        """
         name = request.name
         taken = self.zones.get(name)
         if taken is not None:
@@ -376,11 +436,8 @@ class ZoneManager:
             raise InvalidRequest(
                 f"vcpus={request.vcpus} is above this host's limit of {self.config.max_vcpus}"
             )
-        if not self.config.min_memory_mib <= request.memory_mib <= self.config.max_memory_mib:
-            raise InvalidRequest(
-                f"memory_mib={request.memory_mib} is outside this host's limits "
-                f"{self.config.min_memory_mib}..{self.config.max_memory_mib}"
-            )
+        check_memory(self.config, request.memory_mib, request.profile, machine)
+        phases = _Phases()
         wanted_net = self._wanted_network(request)
         if wanted_net is not None:
             await self.nethost.check_policy(wanted_net[0])
@@ -395,6 +452,7 @@ class ZoneManager:
         except BaseException:
             self.images.release(name)
             raise
+        phases.mark("checks")
         try:
             placement = self.allocator.allocate(
                 name, request.vcpus, request.memory_mib, request.placement
@@ -469,12 +527,15 @@ class ZoneManager:
         )
         zone = _Zone(record, holds_placement=True)
         self.zones[name] = zone
+        if registered is not None:
+            registered(record.uuid)
         async with zone.lock:
             # The steps that create host state run shielded: a client that goes
             # away mid-create must not leave half a zone behind.
             with trio.CancelScope(shield=True):
                 try:
                     await self.records.save(name, record).wait()
+                    phases.mark("record")
                     self.hub.publish(
                         "zone_state", zone=name, state="creating", owner_uid=caller.uid
                     )
@@ -489,6 +550,7 @@ class ZoneManager:
                     if network is not None:
                         # Rules, tap and helper before the guest can send a frame.
                         await self.nethost.create(network, tap_uid=qemu_uid, tap_gid=qemu_uid)
+                    phases.mark("runtime")
                     xml = render_domain_xml(self._domain_spec(record))
                     # Paused: the limits hold before the guest runs an instruction.
                     started = time.monotonic()
@@ -497,9 +559,12 @@ class ZoneManager:
                     except HypervisorError as exc:
                         raise _explained(exc) from exc
                     defined = time.monotonic()
-                    limits = await self._limit_qemu(record)
+                    phases.mark("start")
+                    limits = await self._limit_qemu(zone)
                     limited = time.monotonic()
+                    phases.mark("limits")
                     await self.hv.resume(record.domain_name)
+                    phases.mark("resume")
                 except BaseException as exc:
                     await self._undo_create(zone, exc)
                     raise
@@ -515,8 +580,10 @@ class ZoneManager:
                 self._start_supervisor(zone, self.config.boot_timeout_s)
                 await self._repin_shared()
         await zone.settled.wait()
+        phases.mark("boot")
         final = zone.record
         if lifecycle.is_ready(final.state):
+            log.info("zone %s create phases: %s", name, phases)
             return to_info(final)
         if final.state == "failed":
             raise HypervisorError(f"zone {name!r} failed to boot: {final.reason}")
@@ -558,12 +625,13 @@ class ZoneManager:
             config_sha256 = ""
         return _Verified(kernel, config_sha256)
 
-    async def _limit_qemu(self, record: ZoneRecord) -> dict[str, Any]:
+    async def _limit_qemu(self, zone: _Zone) -> dict[str, Any]:
         """Memory and task limits on the (paused) zone's QEMU; the record's changes."""
+        record = zone.record
         memory = record.memory_mib + self.config.qemu_memory_overhead_mib
         await self.hv.set_memory_hard_limit(record.domain_name, memory)
         changes: dict[str, Any] = {"memory_hard_limit_mib": memory}
-        pid = await self.hv.qemu_pid(record.domain_name)
+        pid = zone.qemu_pid = await self.hv.qemu_pid(record.domain_name)
         if pid is None or not self.pids_controller:
             return changes  # no QEMU process (libvirt's test driver), or no controller
         applied = await trio.to_thread.run_sync(
@@ -769,41 +837,105 @@ class ZoneManager:
                 on_heartbeat=on_heartbeat,
                 on_mux=on_mux,
             )
-            reason = fault.message
             if lifecycle.hears_agent(zone.record.state):
                 # A channel that breaks because QEMU died is QEMU's failure;
                 # say so even if libvirt's event has not arrived yet.
-                gone = await self._domain_gone(zone)
-                if not lifecycle.hears_agent(zone.record.state):
-                    return  # the libvirt event won the race and failed the zone
+                stop, running_state = await self._domain_end(zone)
+                if not stop and not isinstance(fault, AgentSilent | AgentProtocolError):
+                    # The channel broke: QEMU is ending and libvirt may not
+                    # know yet. Its event, if it comes first, takes over.
+                    with trio.move_on_after(DOMAIN_END_WAIT_S):
+                        while not stop and not zone.failing:
+                            await trio.sleep(DOMAIN_END_POLL_S)
+                            stop, running_state = await self._domain_end(zone)
+                if not lifecycle.hears_agent(zone.record.state) or not self._claim_failure(zone):
+                    return  # the libvirt event won the race and fails the zone
                 event: lifecycle.Input
-                if gone is not None:
-                    event, reason = "domain_stopped", f"QEMU stopped unexpectedly ({gone})"
+                observed: failures.Observed
+                if stop:
+                    event, observed = "domain_stopped", "channel_closed"
+                elif not isinstance(fault, AgentSilent | AgentProtocolError):
+                    event, observed = "domain_crashed", "channel_closed"
                 elif isinstance(fault, AgentProtocolError):
-                    event = "agent_misbehaved"
+                    event, observed = "agent_misbehaved", "agent_misbehaved"
                 elif zone.record.state == "booting":
-                    event = "boot_timeout"
+                    event, observed = "boot_timeout", "boot_timeout"
                 else:
-                    event = "agent_silent"
-                await self._fail(zone, event, reason)
+                    event, observed = "agent_silent", "agent_silent"
+                await self._fail(
+                    zone, event, observed, fault.message, stop=stop, running_state=running_state
+                )
 
-    async def _domain_gone(self, zone: _Zone) -> str | None:
-        """Why the zone's QEMU is no longer running, or None if it runs."""
+    async def _domain_end(self, zone: _Zone) -> tuple[str, str]:
+        """How the zone's domain ended ("<state>: <reason>", "vanished"; "" while it
+        runs or when libvirt cannot say) and, while it runs, its libvirt state."""
         try:
             state = await self.hv.lookup(zone.record.domain_name)
         except ZonedError:
-            return None  # libvirt unreachable: cannot tell, blame the agent
+            return "", ""  # libvirt unreachable: cannot tell, blame the agent
         if state is None:
-            return "domain vanished"
+            return "vanished", ""
         if state.active:
-            return None
-        return f"{state.state}: {state.reason}" if state.reason else state.state
+            return "", state.state
+        return (f"{state.state}: {state.reason}" if state.reason else state.state), ""
 
-    async def _fail(self, zone: _Zone, event: lifecycle.Input, reason: str) -> None:
-        """A zone that can no longer be trusted to work: stop QEMU, keep the record."""
-        log.warning("zone %s failed: %s", zone.record.name, reason)
-        self._set(zone, event, reason)
+    def _claim_failure(self, zone: _Zone) -> bool:
+        """Whether the caller is the first to see the running zone fail (then it
+        must call :meth:`_fail`); later witnesses of the same end do nothing."""
+        if zone.failing or not lifecycle.runs_domain(zone.record.state):
+            return False
+        zone.failing = True
+        return True
+
+    async def _diagnose(
+        self,
+        zone: _Zone,
+        observed: failures.Observed,
+        detail: str,
+        stop: str,
+        running_state: str,
+    ) -> failures.Diagnosis:
+        """Why the zone failed, from what it left behind (:mod:`zoned.failures`)."""
+        gather = functools.partial(
+            postmortem.gather,
+            zone.record,
+            observed=observed,
+            detail=detail,
+            stop=stop,
+            running_state=running_state,
+            qemu_pid=zone.qemu_pid,
+            qemu_log_dir=Path(self.config.libvirt_log_dir),
+            boot_timeout_s=self.config.boot_timeout_s,
+            silence_limit_s=self.config.agent_silence_s,
+        )
+        diagnosis = failures.diagnose(await trio.to_thread.run_sync(gather))
+        # virtlogd may not have written the guest's last words yet when QEMU's
+        # end reaches us: a guest that "shut down" without a panic is read again.
+        for _ in range(CONSOLE_SETTLE_TRIES):
+            if diagnosis.cause != "guest_stopped":
+                break
+            await trio.sleep(CONSOLE_SETTLE_S)
+            diagnosis = failures.diagnose(await trio.to_thread.run_sync(gather))
+        return diagnosis
+
+    async def _fail(
+        self,
+        zone: _Zone,
+        event: lifecycle.Input,
+        observed: failures.Observed,
+        detail: str,
+        *,
+        stop: str = "",
+        running_state: str = "",
+    ) -> None:
+        """A zone that can no longer be trusted to work: say why, stop QEMU, keep
+        the record. Only the caller that claimed the failure calls it."""
         with trio.CancelScope(shield=True):
+            diagnosis = await self._diagnose(zone, observed, detail, stop, running_state)
+            if not lifecycle.runs_domain(zone.record.state):
+                return  # destroyed while we looked: the destroy cleans up
+            log.warning("zone %s failed: %s", zone.record.name, diagnosis.reason)
+            self._set(zone, event, diagnosis.reason, changes={"failure": diagnosis.cause})
             try:
                 await self.hv.remove(zone.record.domain_name)
             except ZonedError as exc:
@@ -1083,25 +1215,40 @@ class ZoneManager:
         zone = self.zones.get(event.name.removeprefix(self.domain_prefix))
         if zone is None or event.kind not in ("stopped", "crashed", "shutdown"):
             return
-        if lifecycle.runs_domain(zone.record.state):
+        if self._claim_failure(zone):
             if zone.supervisor is not None:
                 zone.supervisor.cancel()
-            kind: lifecycle.Input = (
-                "domain_crashed" if event.kind == "crashed" else "domain_stopped"
+            crashed = event.kind == "crashed"
+            await self._fail(
+                zone,
+                "domain_crashed" if crashed else "domain_stopped",
+                "domain_crashed" if crashed else "domain_stopped",
+                f"{event.kind}: {event.detail}",
+                stop=f"{event.kind}: {event.detail}",
             )
-            reason = f"QEMU stopped unexpectedly ({event.kind}: {event.detail})"
-            await self._fail(zone, kind, reason)
 
     async def resync(self) -> None:
-        """After a (re)connection: zones whose domain is gone are failed."""
-        running = {d.name for d in await self.hv.list_domains(self.domain_prefix)}
+        """After a (re)connection: zones whose domain vanished meanwhile are failed,
+        destroys that libvirt's absence interrupted are finished."""
+        domains = await self.hv.list_domains(self.domain_prefix)
+        running = {d.name for d in domains if d.active}
+        assert self._nursery is not None
         for zone in list(self.zones.values()):
-            if lifecycle.runs_domain(zone.record.state) and zone.record.domain_name not in running:
-                if zone.supervisor is not None:
-                    zone.supervisor.cancel()
-                self._set(zone, "domain_vanished", "QEMU domain vanished")
-                await self._remove_network(zone)
-                self._release(zone)
+            record = zone.record
+            if lifecycle.runs_domain(record.state) and record.domain_name not in running:
+                if self._claim_failure(zone):
+                    if zone.supervisor is not None:
+                        zone.supervisor.cancel()
+                    await self._fail(
+                        zone,
+                        "domain_vanished",
+                        "channel_closed",
+                        "QEMU domain vanished while libvirt was unreachable",
+                        stop="vanished",
+                    )
+            elif record.state == "stopping" and not zone.lock.locked():
+                # Its destroy failed (libvirt was unreachable): finish it now.
+                self._nursery.start_soon(self._finish_destroy, record.name)
 
     # ------------------------------------------------------------- run / adopt
 
@@ -1146,29 +1293,47 @@ class ZoneManager:
             {Path(r.scratch_disk) for r in records.values() if r.scratch_disk},
         )
         for zone_name, record in sorted(records.items()):
+            if record.state == "stopped":
+                # Destroyed; the daemon stopped before the record was removed.
+                await self.records.delete(zone_name).wait()
+                continue
             zone = _Zone(record)
             self.zones[zone_name] = zone
             self.images.adopt(zone_name, record.image_id)
             if lifecycle.is_terminal(record.state):
                 zone.settled.set()
                 continue
-            if record.domain_name not in domains:
-                self._set(zone, "domain_vanished", "domain vanished while zoned was not running")
-                continue
-            self.allocator.adopt(placement_from_record(zone_name, record.placement))
-            zone.holds_placement = True
-            if record.qemu_uid is not None:
-                try:
-                    self.qemu_ids.adopt(zone_name, record.qemu_uid)
-                except Conflict as exc:
-                    # Only hand-edited records get here; the zones still run.
-                    log.error("re-adopting %s: %s", zone_name, exc.message)
-            await self._adopt_network(zone)
+            running = record.domain_name in domains
+            if running:
+                self.allocator.adopt(placement_from_record(zone_name, record.placement))
+                zone.holds_placement = True
+                if record.qemu_uid is not None:
+                    try:
+                        self.qemu_ids.adopt(zone_name, record.qemu_uid)
+                    except Conflict as exc:
+                        # Only hand-edited records get here; the zones still run.
+                        log.error("re-adopting %s: %s", zone_name, exc.message)
+                await self._adopt_network(zone)
             if record.state == "stopping":
-                # A destroy was cut short by the restart; finish it.
+                # A destroy was cut short by the restart (or by libvirt); finish it.
                 assert self._nursery is not None
                 self._nursery.start_soon(self._finish_destroy, zone_name)
                 continue
+            if not running:
+                if self._claim_failure(zone):
+                    await self._fail(
+                        zone,
+                        "domain_vanished",
+                        "channel_closed",
+                        "the domain ended while zoned was not running",
+                        stop="vanished",
+                    )
+                else:
+                    self._set(
+                        zone, "domain_vanished", "domain vanished while zoned was not running"
+                    )
+                continue
+            zone.qemu_pid = await self.hv.qemu_pid(record.domain_name)
             self._set(zone, "resumed_after_restart")
             if lifecycle.is_quarantined(record.state):
                 continue  # still paused: nothing to hear from

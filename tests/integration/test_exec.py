@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -201,15 +202,45 @@ def test_zonectl_exec_passes_output_input_and_exit_status(zoned: LocalDaemon) ->
     assert missing.returncode == 4 and b"no-such-zone" in missing.stderr
 
 
-def test_zonectl_run_boots_runs_and_cleans_up(zoned: LocalDaemon) -> None:
-    done = zonectl(zoned, "run", "--", "python3", "-c", "print(2+2)")
-    assert (done.returncode, done.stdout) == (0, b"4\n"), done.stderr
-    timed_out = zonectl(zoned, "run", "--timeout", "20", "--", "sleep", "600")
+def run_leftovers(daemon: LocalDaemon) -> dict[str, list[str]]:
+    """What run zones left in the daemon's directories: records, runtime
+    directories, log directories (one per zone: those of gone zones are the
+    retention's to keep)."""
+    return {
+        "state": sorted(f.name for f in (daemon.root / "state" / "zones").glob("run-*")),
+        "runtime": sorted(d.name for d in (daemon.root / "run" / "zones").glob("run-*")),
+        "logs": sorted(str(d) for d in (daemon.root / "log" / "zones").glob("run-*/*")),
+    }
+
+
+def test_zonectl_runs_leave_nothing_but_their_console_logs(zoned: LocalDaemon) -> None:
+    """Runs with a timeout shorter than any boot here: the boot is not counted
+    (exit 0), the command is (exit 124). Each run's zone, record and runtime
+    directory are gone after it; only its logs stay, one directory per run."""
+    before = run_leftovers(zoned)
+    done = zonectl(zoned, "run", "--timeout", "2", "--", "echo", "4")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"4\n", b"")
+    timed_out = zonectl(zoned, "run", "--timeout", "1", "--", "sleep", "600")
     assert timed_out.returncode == 124, timed_out.stderr
-    assert b"timed out" in timed_out.stderr
+    assert timed_out.stderr == b"zonectl: the command timed out after 1 s of running; killed\n"
+    failed = zonectl(zoned, "run", "--", "sh", "-c", "exit 3")
+    assert failed.returncode == 3, failed.stderr
     listed = zonectl(zoned, "list", "--json")
     assert listed.returncode == 0
     assert b'"zoned.run"' not in listed.stdout, listed.stdout
+    after = run_leftovers(zoned)
+    assert (after["state"], after["runtime"]) == (before["state"], before["runtime"]), after
+    assert len(after["logs"]) <= len(before["logs"]) + 3, after["logs"]
+    assert "could not destroy" not in zoned.log_text(full=True)
+
+
+def test_a_run_took_longer_to_boot_than_its_timeout(zoned: LocalDaemon) -> None:
+    """What the test above relies on: here every boot takes more than 2 s
+    (the timeout of the run that exits 0)."""
+    boot = zonectl(zoned, "show", "--json", ZONE)
+    assert boot.returncode == 0, boot.stderr
+    zone = msgspec.json.decode(boot.stdout)
+    assert zone["ready_at"] - zone["created_at"] > 2.0, zone
 
 
 async def test_run_is_cleaned_up_when_its_client_vanishes(zoned: LocalDaemon) -> None:
@@ -226,6 +257,48 @@ async def test_run_is_cleaned_up_when_its_client_vanishes(zoned: LocalDaemon) ->
 
         await wait_until_async(gone, f"run zone {name} destroyed", timeout=CALL_TIMEOUT_S)
         assert await client.list_zones({"test": "vanish"}) == []
+
+
+# How many of the zone's processes run ``sleep 600`` or ``sleep 601`` (not
+# every image has ps).
+COUNT_SLEEPS = (
+    "for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c 2>/dev/null; echo; done"
+    " | grep -c '^sleep 60[01] '"
+)
+
+
+async def test_a_process_whose_client_goes_away_is_hung_up(zoned: LocalDaemon) -> None:
+    """The clients of two plain execs (zonectl processes) are killed: their
+    processes get SIGHUP (the one that ignores it SIGKILL after), and leave
+    the zone's running processes."""
+    commands = [["sh", "-c", "trap '' HUP; sleep 600"], ["sleep", "601"]]
+    clients = [
+        subprocess.Popen(
+            [*ZONECTL, "--socket", str(zoned.socket), "exec", ZONE, "--", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for argv in commands
+    ]
+    try:
+        async with connect(zoned) as client:
+
+            async def running(count: int) -> bool:
+                metrics = await client.zone_metrics(ZONE)
+                found = await client.exec(ZONE, ["sh", "-c", COUNT_SLEEPS])
+                return metrics.execs_running == count and found.stdout == f"{count}\n".encode()
+
+            await wait_until_async(lambda: running(2), "both processes running")
+            for process in clients:
+                process.kill()  # gone, with its process running
+                process.wait()
+            await wait_until_async(lambda: running(0), "both processes killed and forgotten")
+    finally:
+        for process in clients:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 async def test_metrics_show_the_host_and_the_guest_side_by_side(zoned: LocalDaemon) -> None:
@@ -541,8 +614,15 @@ async def test_input_into_a_process_whose_zone_dies_fails_with_the_reason(
                         nursery.start_soon(trio.to_thread.run_sync, kill_qemu)
                         with pytest.raises(HypervisorError) as raised:
                             await process.communicate(b"x" * (64 * 1024 * 1024))
+
+                async def failed() -> bool:
+                    return (await client.get_zone(name)).state == "failed"
+
+                # The channel broke first; the zone fails once libvirt says why.
+                await wait_until_async(failed, "the zone failed")
                 zone = await client.get_zone(name)
             finally:
                 await client.destroy_zone(name)
     assert "the process's zone went away" in raised.value.message, raised.value.message
-    assert zone.state == "failed" and "QEMU stopped" in zone.reason, zone
+    assert (zone.state, zone.failure) == ("failed", "vanished"), zone
+    assert "destroyed outside zoned" in zone.reason, zone

@@ -285,7 +285,7 @@ async def test_run_timeout_is_reported(short_tmp: Path) -> None:
     async with scripted_daemon(short_tmp, script) as daemon:
         status, _, err = await run_zonectl(daemon, "run", "--timeout", "5", "--", "sleep", "9")
         request = await expect_request(daemon, p.RunZone)
-    assert (status, err) == (124, b"zonectl: the run timed out after 5 s; killed\n")
+    assert (status, err) == (124, b"zonectl: the command timed out after 5 s of running; killed\n")
     assert isinstance(request, p.RunZone) and request.timeout_s == 5.0
 
 

@@ -11,6 +11,7 @@ import os
 import pwd
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -143,7 +144,11 @@ async def test_audit_records_changes_and_denials_and_reads_them_back(observed: D
     assert len(zone_dirs) == 1
     lines = (zone_dirs[0] / "audit.jsonl").read_bytes().splitlines()
     assert len(lines) == 2  # its create and its destroy (the refused destroy names no uuid)
-    assert (zone_dirs[0] / "ended.json").exists()
+    ended = msgspec.json.decode(
+        (zone_dirs[0] / zonelogs.ENDED).read_bytes(), type=zonelogs.EndedZone
+    )
+    # Its last state, and why it had failed (the record's cause).
+    assert (ended.state, ended.failure) == ("stopped", "boot_timeout"), ended
     assert b"creating" in (zone_dirs[0] / "events.jsonl").read_bytes()
 
 

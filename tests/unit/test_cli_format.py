@@ -267,6 +267,18 @@ def test_format_zone_shows_every_field() -> None:
     )
 
 
+def test_format_zone_of_a_failed_zone_says_why_and_its_cause() -> None:
+    failed = zone(
+        state="failed", reason="domain stopped: the guest ran out of memory", failure="guest_oom"
+    )
+    lines = format_zone(failed, now=T0 + 90, user_names={}).splitlines()
+    assert lines[2:5] == [
+        "state:         failed",
+        "reason:        domain stopped: the guest ran out of memory",
+        "failure:       guest_oom",
+    ]
+
+
 def test_format_zone_of_a_zone_from_before_per_zone_uids() -> None:
     old = zone(
         owner_uid=0,
@@ -871,7 +883,7 @@ def test_out_of_memory_note_without_a_limit_names_none() -> None:
     )
     timed_out = p.ExecExit(id=1, signal=9, timed_out=True)
     assert exit_note(timed_out, timeout_s=20.0, memory_limit_mib=None) == (
-        "zonectl: the run timed out after 20 s; killed"
+        "zonectl: the command timed out after 20 s of running; killed"
     )
     assert exit_note(p.ExecExit(id=1, exit_code=3), timeout_s=20.0, memory_limit_mib=64) is None
 

@@ -514,7 +514,7 @@ def test_create_zone_defaults() -> None:
 
 def test_boundary_values_are_accepted() -> None:
     for fields in (
-        {"vcpus": 1, "memory_mib": 64},
+        {"vcpus": 1, "memory_mib": p.MIN_MEMORY_MIB},
         {"vcpus": 256, "memory_mib": 1024 * 1024},
         {"name": "a" + "-" * 62},
         {"kernel_args": ["x" * 256] * 3},
@@ -550,7 +550,11 @@ REQUEST_REJECTIONS: list[tuple[str, object, str]] = [
     ("path in profile", _create(profile="../../tmp"), "$.profile"),
     ("zero vcpus", _create(vcpus=0), "`int` >= 1 - at `$.vcpus`"),
     ("too many vcpus", _create(vcpus=257), "`int` <= 256 - at `$.vcpus`"),
-    ("too little memory", _create(memory_mib=63), "`int` >= 64 - at `$.memory_mib`"),
+    (
+        "too little memory",
+        _create(memory_mib=p.MIN_MEMORY_MIB - 1),
+        f"`int` >= {p.MIN_MEMORY_MIB} - at `$.memory_mib`",
+    ),
     ("too much memory", _create(memory_mib=2**20 + 1), "- at `$.memory_mib`"),
     ("float vcpus", _create(vcpus=1.5), "Expected `int`, got `float` - at `$.vcpus`"),
     ("string id", {"type": "host_info", "id": "1"}, "Expected `int`, got `str` - at `$.id`"),
@@ -1006,7 +1010,7 @@ zone_infos = st.builds(
     state=_one_of_literal(p.ZoneState),
     reason=text,
     vcpus=st.integers(1, 256),
-    memory_mib=st.integers(64, 2**20),
+    memory_mib=st.integers(p.MIN_MEMORY_MIB, 2**20),
     profile=text,
     machine=_one_of_literal(p.Machine),
     accelerator=_one_of_literal(p.Accelerator),
@@ -1084,7 +1088,7 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
         id=ids,
         name=names,
         vcpus=st.integers(1, 256),
-        memory_mib=st.integers(64, 2**20),
+        memory_mib=st.integers(p.MIN_MEMORY_MIB, 2**20),
         profile=names,
         kernel_args=kernel_args,
         placement=_one_of_literal(p.Placement),

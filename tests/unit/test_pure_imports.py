@@ -27,6 +27,8 @@ PURE_MODULES = [
     "zoned.kernel.kconfig",
     "zoned.cpio",
     "zoned.credit",
+    "zoned.sizes",
+    "zoned.failures",
     "zoned.net",
     "zoned.net.policy",
     "zoned.net.sniff",

@@ -68,6 +68,8 @@ ISOLATION_DEFAULTS = {
     "net_address6": "",
     "net_status": None,
 }
+#: Fields added after those, with their defaults.
+LATER_DEFAULTS = {"failure": ""}
 
 
 def test_an_old_record_file_loads_and_writes_back_the_same_json() -> None:
@@ -75,7 +77,11 @@ def test_an_old_record_file_loads_and_writes_back_the_same_json() -> None:
     record = decode_record(text)
     assert (record.state, record.machine, record.accelerator) == ("ready", "microvm", "tcg")
     assert record.placement.policy == "exclusive"
-    assert json.loads(encode_record(record)) == {**OLD_RECORD, **ISOLATION_DEFAULTS}
+    assert json.loads(encode_record(record)) == {
+        **OLD_RECORD,
+        **ISOLATION_DEFAULTS,
+        **LATER_DEFAULTS,
+    }
 
 
 def test_a_zone_from_before_owners_is_roots_and_says_its_qemu_is_shared() -> None:
@@ -155,4 +161,4 @@ def test_every_info_field_is_filled_from_the_record() -> None:
     record_fields = set(ZoneRecord.__struct_fields__)
     for name in ZoneInfo.__struct_fields__:
         if name in record_fields and name != "placement":
-            assert info[name] == {**OLD_RECORD, **ISOLATION_DEFAULTS}[name], name
+            assert info[name] == {**OLD_RECORD, **ISOLATION_DEFAULTS, **LATER_DEFAULTS}[name], name

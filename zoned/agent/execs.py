@@ -418,6 +418,10 @@ class ExecEngine:
                 self._flush_input_credit(process)
                 cgroup, process.cgroup = process.cgroup, ""
                 oom_killed, cpu_time_s, memory_peak_kib = self._cgroups.finish(cgroup)
+                if oom_killed:
+                    from zoned.agent.metrics import memory_report
+
+                    self._log(memory_report(f"exec {process.exec_id}"))
                 status = process.status
                 signaled = os.WIFSIGNALED(status)
                 message = p.AgentExecExit(

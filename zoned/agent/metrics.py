@@ -23,17 +23,30 @@ def load1() -> float:
         return float(f.read().split()[0])
 
 
-def meminfo_kib() -> tuple[int, int]:
-    """(MemTotal, MemAvailable) in KiB."""
-    total = available = 0
+def meminfo_kib(keys: tuple[bytes, ...] = (b"MemTotal", b"MemAvailable")) -> tuple[int, ...]:
+    """The /proc/meminfo figures named by ``keys``, in KiB (0 for one that is absent)."""
+    found = dict.fromkeys(keys, 0)
     with open("/proc/meminfo", "rb") as f:
         for line in f:
             key, _, rest = line.partition(b":")
-            if key == b"MemTotal":
-                total = int(rest.split()[0])
-            elif key == b"MemAvailable":
-                available = int(rest.split()[0])
-    return total, available
+            if key in found:
+                found[key] = int(rest.split()[0])
+    return tuple(found[key] for key in keys)
+
+
+def memory_report(what: str) -> str:
+    """The console line for an OOM kill: what was killed and where the guest's RAM
+    went; tmpfs (``Shmem``) holds the files written to the workload root and /tmp.
+    The host reads it after a guest that ran out of memory panicked
+    (zoned.failures); keep its shape."""
+    try:
+        total, available, shmem = meminfo_kib((b"MemTotal", b"MemAvailable", b"Shmem"))
+    except (OSError, ValueError, IndexError):
+        return f"out of memory: {what} was killed"
+    return (
+        f"out of memory: {what} was killed; guest RAM {total // 1024} MiB,"
+        f" {available // 1024} MiB available, {shmem // 1024} MiB in tmpfs"
+    )
 
 
 def process_count() -> int:

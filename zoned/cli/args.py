@@ -551,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.RunZone,
         "timeout_s",
         "SECONDS",
-        "kill the command (exit 124) when the whole run takes longer",
+        "kill the command (exit 124) when it runs longer (from its start: the zone's"
+        " boot is not counted, the daemon's boot timeout bounds it)",
     )
     process_options(run)
     command_line(

@@ -110,7 +110,7 @@ def exit_note(
     """The line zonectl adds on stderr when a process did not simply end; None if it did."""
     if exit.timed_out:
         after = "" if timeout_s is None else f" after {timeout_s:g} s"
-        return f"{PROG}: the run timed out{after}; killed"
+        return f"{PROG}: the command timed out{after} of running; killed"
     if exit.oom_killed:
         if memory_limit_mib is None:
             return f"{PROG}: killed: out of memory (no limit was set: the zone ran out)"

@@ -192,6 +192,8 @@ def format_zone(zone: p.ZoneInfo, now: float, user_names: Mapping[int, str] | No
     ]
     if zone.reason:
         pairs.append(("reason", one_line(zone.reason)))
+    if zone.failure:
+        pairs.append(("failure", clean(zone.failure)))
     pairs += [
         ("vcpus", str(zone.vcpus)),
         ("memory", format_mib(zone.memory_mib)),

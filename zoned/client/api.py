@@ -192,10 +192,10 @@ class Client(FileTransfer, ImageCalls, Connection):
     ) -> AbstractAsyncContextManager[Process]:
         """Like :meth:`exec_process`, in a fresh zone the daemon destroys afterwards.
 
-        :attr:`Process.zone` is the zone once it is ready. ``timeout_s`` covers
-        the whole run; when it passes the process is killed
-        (``result.exit.timed_out``). The zone is destroyed even if this
-        client goes away.
+        :attr:`Process.zone` is the zone once it is ready. ``timeout_s`` is how
+        long the process may run, from its start (the boot is not counted);
+        when it passes the process is killed (``result.exit.timed_out``). The
+        zone is destroyed even if this client goes away.
         """
         return self._process(lambda id: wire_request(p.RunZone, id, options, argv=argv))
 
