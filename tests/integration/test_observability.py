@@ -169,7 +169,11 @@ async def test_metrics_list_a_running_zone_and_agree_with_show(zoned: LocalDaemo
 async def test_an_oom_killed_exec_is_counted_and_every_exec_is_audited_and_watched(
     zoned: LocalDaemon,
 ) -> None:
-    argv = ["python3", "-c", "chunks = []\nwhile True: chunks.append(bytearray(2**20))"]
+    # One allocation well past the limit: the kernel finds nothing left to
+    # reclaim and kills at once. (Growing by 1 MiB steps from the interpreter
+    # loop lets the memory cgroup evict and refault the interpreter's own
+    # pages for minutes under TCG before it gives up.)
+    argv = ["python3", "-c", "data = b'x' * (96 << 20)"]
     async with connect(zoned) as client, connect(zoned) as watcher:
         oom_before = one(await scrape(zoned), "zoned_zone_execs_oom_killed_total", BUSY)
         started_before = one(await scrape(zoned), "zoned_zone_execs_started_total", BUSY)
