@@ -21,32 +21,13 @@ import msgspec
 import pytest
 
 from tests.waiting import wait_until
+from zoned import protocol as p
 from zoned.agent import AGENT_PORT_NAME
 from zoned.domain import EMULATOR
 from zoned.hostinfo import host_tsc_khz
 from zoned.images.bootimage import build_boot_image
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.store import DEFAULT_STORE
-from zoned.protocol import (
-    AGENT_MAX_FRAME,
-    AgentExecCredit,
-    AgentExecExit,
-    AgentExecInput,
-    AgentExecInputCredit,
-    AgentExecOutput,
-    AgentExecResize,
-    AgentExecSignal,
-    AgentExecStart,
-    AgentExecStarted,
-    AgentHello,
-    AgentToHost,
-    FrameDecoder,
-    Heartbeat,
-    HeartbeatReply,
-    HostToAgent,
-    decode_from_agent,
-    encode_frame,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +41,7 @@ REPLY_TIMEOUT_S = 30.0
 
 @dataclass
 class BootResult:
-    hello: AgentHello
+    hello: p.AgentHello
     #: Host spawn of QEMU -> AgentHello received.
     spawn_to_hello_s: float
     console_log: str
@@ -71,14 +52,14 @@ class AgentConnection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.decoder = FrameDecoder(AGENT_MAX_FRAME)
+        self.decoder = p.FrameDecoder(p.AGENT_MAX_FRAME)
         #: AgentHello messages received.
         self.hellos = 0
 
-    def send(self, message: HostToAgent) -> None:
-        self.sock.sendall(encode_frame(message, AGENT_MAX_FRAME))
+    def send(self, message: p.HostToAgent) -> None:
+        self.sock.sendall(p.encode_frame(message, p.AGENT_MAX_FRAME))
 
-    def receive(self, deadline: float) -> AgentToHost:
+    def receive(self, deadline: float) -> p.AgentToHost:
         while (payload := self.decoder.next_frame()) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -88,8 +69,8 @@ class AgentConnection:
             if not data:
                 raise ConnectionError("the agent channel closed (QEMU exited?)")
             self.decoder.feed(data)
-        message = decode_from_agent(payload)
-        if isinstance(message, AgentHello):
+        message = p.decode_from_agent(payload)
+        if isinstance(message, p.AgentHello):
             self.hellos += 1
         return message
 
@@ -98,7 +79,7 @@ class AgentConnection:
 class ExecResult:
     stdout: bytes
     stderr: bytes
-    exit: AgentExecExit
+    exit: p.AgentExecExit
     #: AgentExecStarted received -> AgentExecExit received.
     seconds: float
 
@@ -109,38 +90,38 @@ def run_exec(
     argv: list[str],
     deadline: float,
     *,
-    after_output: Callable[[bytes], list[HostToAgent]] | None = None,
+    after_output: Callable[[bytes], list[p.HostToAgent]] | None = None,
     **fields: Any,
 ) -> ExecResult:
     """Run one process through the agent, crediting its output as it arrives.
 
     ``after_output(stdout so far)`` returns the messages to send after each output.
     """
-    agent.send(AgentExecStart(exec_id=exec_id, argv=argv, **fields))
+    agent.send(p.AgentExecStart(exec_id=exec_id, argv=argv, **fields))
     out = {"stdout": bytearray(), "stderr": bytearray()}
     started = None
     while True:
         message = agent.receive(deadline)
-        if isinstance(message, AgentHello | HeartbeatReply):
+        if isinstance(message, p.AgentHello | p.HeartbeatReply):
             continue
         assert message.exec_id == exec_id, message
-        if isinstance(message, AgentExecStarted):
+        if isinstance(message, p.AgentExecStarted):
             started = time.monotonic()
-        elif isinstance(message, AgentExecOutput):
+        elif isinstance(message, p.AgentExecOutput):
             assert started is not None, "output before AgentExecStarted"
             out[message.stream] += message.data
-            agent.send(AgentExecCredit(exec_id=exec_id, bytes=len(message.data)))
+            agent.send(p.AgentExecCredit(exec_id=exec_id, bytes=len(message.data)))
             if after_output is not None:
                 for reply in after_output(bytes(out["stdout"])):
                     agent.send(reply)
-        elif isinstance(message, AgentExecExit):
+        elif isinstance(message, p.AgentExecExit):
             assert started is not None, message
             return ExecResult(
                 bytes(out["stdout"]), bytes(out["stderr"]), message, time.monotonic() - started
             )
 
 
-def without_usage(exit: AgentExecExit) -> AgentExecExit:
+def without_usage(exit: p.AgentExecExit) -> p.AgentExecExit:
     """``exit`` without its usage figures (which vary), for comparisons."""
     assert exit.cpu_time_s is not None and exit.memory_peak_kib is not None, exit
     return msgspec.structs.replace(exit, cpu_time_s=None, memory_peak_kib=None)
@@ -260,21 +241,21 @@ def boot_and_greet(
                 agent = AgentConnection(sock)
                 hello = agent.receive(spawned + BOOT_TIMEOUT_S)
                 hello_at = time.monotonic()
-                assert isinstance(hello, AgentHello), hello
+                assert isinstance(hello, p.AgentHello), hello
 
-                agent.send(Heartbeat(seq=7))
+                agent.send(p.Heartbeat(seq=7))
                 reply = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                assert isinstance(reply, HeartbeatReply), reply
+                assert isinstance(reply, p.HeartbeatReply), reply
                 assert reply.seq == 7
                 assert reply.mem_total_kib > 0
                 assert reply.uptime_s >= hello.boot_s
 
                 # seq 0 asks the agent to introduce itself again, then answer.
-                agent.send(Heartbeat(seq=0))
+                agent.send(p.Heartbeat(seq=0))
                 again = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                assert isinstance(again, AgentHello), again
+                assert isinstance(again, p.AgentHello), again
                 reply = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                assert isinstance(reply, HeartbeatReply), reply
+                assert isinstance(reply, p.HeartbeatReply), reply
                 assert reply.seq == 0
         except (AssertionError, OSError, TimeoutError) as exc:
             pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(workdir)}", pytrace=False)
@@ -303,7 +284,7 @@ def greeted_agent(boot_image: Path, workdir: Path) -> Iterator[AgentConnection]:
             with connect(agent_sock, process, deadline) as sock:
                 agent = AgentConnection(sock)
                 hello = agent.receive(deadline)
-                assert isinstance(hello, AgentHello), hello
+                assert isinstance(hello, p.AgentHello), hello
                 yield agent
         except (AssertionError, OSError, TimeoutError) as exc:
             pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(workdir)}", pytrace=False)
@@ -371,12 +352,12 @@ def test_agent_greets_a_host_that_connects_late_and_again_after_reconnecting(
                 with connect(agent_sock, process, deadline) as sock:
                     agent = AgentConnection(sock)
                     # seq 0 guarantees a hello even if the agent missed the reconnection.
-                    agent.send(Heartbeat(seq=0))
+                    agent.send(p.Heartbeat(seq=0))
                     first = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                    assert isinstance(first, AgentHello), first
+                    assert isinstance(first, p.AgentHello), first
                     message = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                    while not isinstance(message, HeartbeatReply):
-                        assert isinstance(message, AgentHello), message
+                    while not isinstance(message, p.HeartbeatReply):
+                        assert isinstance(message, p.AgentHello), message
                         message = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
                     assert message.seq == 0
                 # The agent notices the host going away before it comes back.
@@ -398,25 +379,25 @@ def test_agent_runs_processes_in_the_zone(
         deadline = time.monotonic() + 600.0
 
         result = run_exec(agent, 1, ["python3", "-c", "print(2+2)"], deadline)
-        assert without_usage(result.exit) == AgentExecExit(exec_id=1, exit_code=0), result
+        assert without_usage(result.exit) == p.AgentExecExit(exec_id=1, exit_code=0), result
         assert (result.stdout, result.stderr) == (b"4\n", b"")
 
         result = run_exec(agent, 2, ["sh", "-c", "echo err >&2; exit 7"], deadline)
-        assert without_usage(result.exit) == AgentExecExit(exec_id=2, exit_code=7), result
+        assert without_usage(result.exit) == p.AgentExecExit(exec_id=2, exit_code=7), result
         assert (result.stdout, result.stderr) == (b"", b"err\n")
 
         generate = f"head -c {size} /dev/urandom | tee /tmp/blob"
         big = run_exec(agent, 3, ["sh", "-c", generate], deadline)
-        assert without_usage(big.exit) == AgentExecExit(exec_id=3, exit_code=0), big.exit
+        assert without_usage(big.exit) == p.AgentExecExit(exec_id=3, exit_code=0), big.exit
         assert big.stderr == b""
         assert len(big.stdout) == size
 
         replay = run_exec(agent, 4, ["cat", "/tmp/blob"], deadline)
-        assert without_usage(replay.exit) == AgentExecExit(exec_id=4, exit_code=0), replay.exit
+        assert without_usage(replay.exit) == p.AgentExecExit(exec_id=4, exit_code=0), replay.exit
         assert replay.stdout == big.stdout
 
         checksum = run_exec(agent, 5, ["sha256sum", "/tmp/blob"], deadline)
-        assert without_usage(checksum.exit) == AgentExecExit(exec_id=5, exit_code=0), checksum
+        assert without_usage(checksum.exit) == p.AgentExecExit(exec_id=5, exit_code=0), checksum
         digest = hashlib.sha256(big.stdout).hexdigest()
         assert checksum.stdout == f"{digest}  /tmp/blob\n".encode()
     generate_mb_s = size / big.seconds / 1e6
@@ -449,13 +430,13 @@ print("started", started)
 """
 
 
-def _heartbeat(agent: AgentConnection, seq: int, deadline: float) -> HeartbeatReply:
-    agent.send(Heartbeat(seq=seq))
+def _heartbeat(agent: AgentConnection, seq: int, deadline: float) -> p.HeartbeatReply:
+    agent.send(p.Heartbeat(seq=seq))
     while True:
         message = agent.receive(deadline)
-        if isinstance(message, HeartbeatReply) and message.seq == seq:
+        if isinstance(message, p.HeartbeatReply) and message.seq == seq:
             return message
-        assert isinstance(message, AgentHello | HeartbeatReply), message
+        assert isinstance(message, p.AgentHello | p.HeartbeatReply), message
 
 
 def test_agent_limits_measures_and_gives_terminals_to_processes(
@@ -499,7 +480,7 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
         # forks get refused, the agent keeps answering, and killing the leader
         # kills the whole swarm with the cgroup.
         agent.send(
-            AgentExecStart(
+            p.AgentExecStart(
                 exec_id=4,
                 argv=[
                     "sh",
@@ -510,7 +491,7 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
             )
         )
         started = agent.receive(deadline)
-        assert isinstance(started, AgentExecStarted) and started.exec_id == 4, started
+        assert isinstance(started, p.AgentExecStarted) and started.exec_id == 4, started
 
         def forks_refused() -> int:
             events = run_exec(agent, 7, ["cat", "/sys/fs/cgroup/exec-4/pids.events"], deadline)
@@ -520,9 +501,9 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
         wait_until(forks_refused, "the bomb reaches its pids limit")
         refused = forks_refused()
         _heartbeat(agent, 10, deadline)
-        agent.send(AgentExecSignal(exec_id=4, signal=9))
-        while not isinstance(bomb := agent.receive(deadline), AgentExecExit):
-            assert isinstance(bomb, AgentHello | HeartbeatReply), bomb
+        agent.send(p.AgentExecSignal(exec_id=4, signal=9))
+        while not isinstance(bomb := agent.receive(deadline), p.AgentExecExit):
+            assert isinstance(bomb, p.AgentHello | p.HeartbeatReply), bomb
         assert bomb.exec_id == 4 and bomb.signal == 9, bomb
         _heartbeat(agent, 11, deadline)
         # The bomb's cgroup (and the sleeps' of exec 3) go away.
@@ -545,13 +526,13 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
         # comes after the read: a trapped signal interrupts ash's read builtin.)
         sent: list[str] = []
 
-        def converse(stdout: bytes) -> list[HostToAgent]:
+        def converse(stdout: bytes) -> list[p.HostToAgent]:
             if b"33 77" in stdout and "input" not in sent:
                 sent.append("input")
-                return [AgentExecInput(exec_id=6, data=b"hello\n")]
+                return [p.AgentExecInput(exec_id=6, data=b"hello\n")]
             if b"ready" in stdout and "resize" not in sent:
                 sent.append("resize")
-                return [AgentExecResize(exec_id=6, rows=50, cols=132)]
+                return [p.AgentExecResize(exec_id=6, rows=50, cols=132)]
             return []
 
         script = (
@@ -594,25 +575,25 @@ def test_agent_survives_the_signals_a_workload_sends_it(boot_image: Path, tmp_pa
 
         # The bystander waits for its input while PID 1 is being signalled.
         agent.send(
-            AgentExecStart(
+            p.AgentExecStart(
                 exec_id=1, argv=["sh", "-c", "read line; echo survived:$line"], stdin=True
             )
         )
         started = agent.receive(deadline)
-        assert isinstance(started, AgentExecStarted) and started.exec_id == 1, started
+        assert isinstance(started, p.AgentExecStarted) and started.exec_id == 1, started
 
         signaller = run_exec(agent, 2, ["sh", "-c", _SIGNAL_PID_1], deadline)
         assert signaller.exit.exit_code == 0, signaller
         assert signaller.stdout == b"sent\n", signaller
 
-        agent.send(AgentExecInput(exec_id=1, data=b"yes\n", eof=True))
+        agent.send(p.AgentExecInput(exec_id=1, data=b"yes\n", eof=True))
         output = bytearray()
-        while not isinstance(end := agent.receive(deadline), AgentExecExit):
-            if isinstance(end, AgentExecOutput):
+        while not isinstance(end := agent.receive(deadline), p.AgentExecExit):
+            if isinstance(end, p.AgentExecOutput):
                 output += end.data
-                agent.send(AgentExecCredit(exec_id=1, bytes=len(end.data)))
+                agent.send(p.AgentExecCredit(exec_id=1, bytes=len(end.data)))
             else:
-                assert isinstance(end, HeartbeatReply | AgentExecInputCredit), end
+                assert isinstance(end, p.HeartbeatReply | p.AgentExecInputCredit), end
         assert end.exec_id == 1 and end.exit_code == 0, end
         assert bytes(output) == b"survived:yes\n"
 
