@@ -21,9 +21,8 @@ import msgspec
 import pytest
 
 from tests.waiting import wait_until
+from zoned import bareboot
 from zoned import protocol as p
-from zoned.agent import AGENT_PORT_NAME
-from zoned.domain import EMULATOR
 from zoned.hostinfo import host_tsc_khz
 from zoned.images.bootimage import build_boot_image
 from zoned.kernel.cmdline import hardened_cmdline
@@ -33,7 +32,6 @@ pytestmark = pytest.mark.integration
 
 KERNEL_STORE = Path(os.environ.get("ZONED_KERNEL_STORE", DEFAULT_STORE))
 PROFILE = "strict"
-QEMU = EMULATOR
 # Generous: TCG on a loaded 2-CPU host; a healthy boot takes a few seconds.
 BOOT_TIMEOUT_S = 120.0
 REPLY_TIMEOUT_S = 30.0
@@ -139,48 +137,24 @@ def kernel_image() -> Path:
     return image
 
 
-def kernel_cmdline(machine: str) -> str:
+def kernel_cmdline(machine: str) -> list[str]:
     args = hardened_cmdline(PROFILE, machine, host_tsc_khz())
     if "console=ttyS0" not in args:
         args.append("console=ttyS0")
-    return " ".join(args)
+    return args
 
 
-def qemu_command(
-    machine: str, kernel: Path, initrd: Path, cmdline: str, console_log: Path, agent_sock: Path
-) -> list[str]:
-    serial_bus = "virtio-serial-device" if machine == "microvm" else "virtio-serial-pci"
-    return [
-        QEMU,
-        "-accel",
-        "tcg",
-        "-M",
-        machine,
-        "-m",
-        "256",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-monitor",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        str(kernel),
-        "-initrd",
-        str(initrd),
-        "-append",
-        cmdline,
-        "-serial",
-        f"file:{console_log}",
-        "-device",
-        serial_bus,
-        "-chardev",
-        f"socket,id=agent,path={agent_sock},server=on,wait=off",
-        "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-    ]
+def qemu_command(machine: str, kernel: Path, initrd: Path, workdir: Path) -> list[str]:
+    """A bare boot of ``machine`` (zoned.bareboot) with its console in ``workdir/console.log``
+    and the agent channel listening at ``workdir/agent.sock``."""
+    return bareboot.qemu_command(
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=kernel_cmdline(machine),
+        machine=machine,
+        serial_log=workdir / "console.log",
+        agent_socket=workdir / "agent.sock",
+    )
 
 
 @contextlib.contextmanager
@@ -225,14 +199,12 @@ def _diagnostics(workdir: Path) -> str:
     return "\n".join(parts)
 
 
-def boot_and_greet(
-    machine: str, kernel: Path, initrd: Path, cmdline: str, workdir: Path
-) -> BootResult:
+def boot_and_greet(machine: str, kernel: Path, initrd: Path, workdir: Path) -> BootResult:
     """Boot, receive the hello, exchange heartbeats (both kinds), return what was seen."""
     workdir.mkdir(parents=True, exist_ok=True)
     console_log = workdir / "console.log"
     agent_sock = workdir / "agent.sock"
-    command = qemu_command(machine, kernel, initrd, cmdline, console_log, agent_sock)
+    command = qemu_command(machine, kernel, initrd, workdir)
     spawned = time.monotonic()
     with running_qemu(command, workdir / "qemu.log") as process:
         try:
@@ -273,11 +245,8 @@ def greeted_agent(boot_image: Path, workdir: Path) -> Iterator[AgentConnection]:
     An assertion or IO failure inside fails the test with the console and QEMU logs.
     """
     machine = "microvm"
-    console_log = workdir / "console.log"
     agent_sock = workdir / "agent.sock"
-    command = qemu_command(
-        machine, kernel_image(), boot_image, kernel_cmdline(machine), console_log, agent_sock
-    )
+    command = qemu_command(machine, kernel_image(), boot_image, workdir)
     deadline = time.monotonic() + BOOT_TIMEOUT_S
     with running_qemu(command, workdir / "qemu.log") as process:
         try:
@@ -300,7 +269,7 @@ def test_agent_says_hello_and_answers_heartbeats(
     machine: str, boot_image: Path, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     kernel = kernel_image()
-    result = boot_and_greet(machine, kernel, boot_image, kernel_cmdline(machine), tmp_path)
+    result = boot_and_greet(machine, kernel, boot_image, tmp_path)
 
     assert result.hello.pid == 1
     assert result.hello.agent.startswith("zoned-agent/")
@@ -340,9 +309,7 @@ def test_agent_greets_a_host_that_connects_late_and_again_after_reconnecting(
     kernel = kernel_image()
     console_log = tmp_path / "console.log"
     agent_sock = tmp_path / "agent.sock"
-    command = qemu_command(
-        machine, kernel, boot_image, kernel_cmdline(machine), console_log, agent_sock
-    )
+    command = qemu_command(machine, kernel, boot_image, tmp_path)
     deadline = time.monotonic() + BOOT_TIMEOUT_S
     with running_qemu(command, tmp_path / "qemu.log") as process:
         try:
