@@ -21,38 +21,17 @@ import msgspec
 import pytest
 
 from tests.waiting import wait_until
-from zoned.agent import AGENT_PORT_NAME
-from zoned.domain import EMULATOR
+from zoned import bareboot
+from zoned import protocol as p
 from zoned.hostinfo import host_tsc_khz
 from zoned.images.bootimage import build_boot_image
 from zoned.kernel.cmdline import hardened_cmdline
 from zoned.kernel.store import DEFAULT_STORE
-from zoned.protocol import (
-    AGENT_MAX_FRAME,
-    AgentExecCredit,
-    AgentExecExit,
-    AgentExecInput,
-    AgentExecInputCredit,
-    AgentExecOutput,
-    AgentExecResize,
-    AgentExecSignal,
-    AgentExecStart,
-    AgentExecStarted,
-    AgentHello,
-    AgentToHost,
-    FrameDecoder,
-    Heartbeat,
-    HeartbeatReply,
-    HostToAgent,
-    decode_from_agent,
-    encode_frame,
-)
 
 pytestmark = pytest.mark.integration
 
 KERNEL_STORE = Path(os.environ.get("ZONED_KERNEL_STORE", DEFAULT_STORE))
 PROFILE = "strict"
-QEMU = EMULATOR
 # Generous: TCG on a loaded 2-CPU host; a healthy boot takes a few seconds.
 BOOT_TIMEOUT_S = 120.0
 REPLY_TIMEOUT_S = 30.0
@@ -60,7 +39,7 @@ REPLY_TIMEOUT_S = 30.0
 
 @dataclass
 class BootResult:
-    hello: AgentHello
+    hello: p.AgentHello
     #: Host spawn of QEMU -> AgentHello received.
     spawn_to_hello_s: float
     console_log: str
@@ -71,14 +50,14 @@ class AgentConnection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.decoder = FrameDecoder(AGENT_MAX_FRAME)
+        self.decoder = p.FrameDecoder(p.AGENT_MAX_FRAME)
         #: AgentHello messages received.
         self.hellos = 0
 
-    def send(self, message: HostToAgent) -> None:
-        self.sock.sendall(encode_frame(message, AGENT_MAX_FRAME))
+    def send(self, message: p.HostToAgent) -> None:
+        self.sock.sendall(p.encode_frame(message, p.AGENT_MAX_FRAME))
 
-    def receive(self, deadline: float) -> AgentToHost:
+    def receive(self, deadline: float) -> p.AgentToHost:
         while (payload := self.decoder.next_frame()) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -88,8 +67,8 @@ class AgentConnection:
             if not data:
                 raise ConnectionError("the agent channel closed (QEMU exited?)")
             self.decoder.feed(data)
-        message = decode_from_agent(payload)
-        if isinstance(message, AgentHello):
+        message = p.decode_from_agent(payload)
+        if isinstance(message, p.AgentHello):
             self.hellos += 1
         return message
 
@@ -98,7 +77,7 @@ class AgentConnection:
 class ExecResult:
     stdout: bytes
     stderr: bytes
-    exit: AgentExecExit
+    exit: p.AgentExecExit
     #: AgentExecStarted received -> AgentExecExit received.
     seconds: float
 
@@ -109,38 +88,38 @@ def run_exec(
     argv: list[str],
     deadline: float,
     *,
-    after_output: Callable[[bytes], list[HostToAgent]] | None = None,
+    after_output: Callable[[bytes], list[p.HostToAgent]] | None = None,
     **fields: Any,
 ) -> ExecResult:
     """Run one process through the agent, crediting its output as it arrives.
 
     ``after_output(stdout so far)`` returns the messages to send after each output.
     """
-    agent.send(AgentExecStart(exec_id=exec_id, argv=argv, **fields))
+    agent.send(p.AgentExecStart(exec_id=exec_id, argv=argv, **fields))
     out = {"stdout": bytearray(), "stderr": bytearray()}
     started = None
     while True:
         message = agent.receive(deadline)
-        if isinstance(message, AgentHello | HeartbeatReply):
+        if isinstance(message, p.AgentHello | p.HeartbeatReply):
             continue
         assert message.exec_id == exec_id, message
-        if isinstance(message, AgentExecStarted):
+        if isinstance(message, p.AgentExecStarted):
             started = time.monotonic()
-        elif isinstance(message, AgentExecOutput):
+        elif isinstance(message, p.AgentExecOutput):
             assert started is not None, "output before AgentExecStarted"
             out[message.stream] += message.data
-            agent.send(AgentExecCredit(exec_id=exec_id, bytes=len(message.data)))
+            agent.send(p.AgentExecCredit(exec_id=exec_id, bytes=len(message.data)))
             if after_output is not None:
                 for reply in after_output(bytes(out["stdout"])):
                     agent.send(reply)
-        elif isinstance(message, AgentExecExit):
+        elif isinstance(message, p.AgentExecExit):
             assert started is not None, message
             return ExecResult(
                 bytes(out["stdout"]), bytes(out["stderr"]), message, time.monotonic() - started
             )
 
 
-def without_usage(exit: AgentExecExit) -> AgentExecExit:
+def without_usage(exit: p.AgentExecExit) -> p.AgentExecExit:
     """``exit`` without its usage figures (which vary), for comparisons."""
     assert exit.cpu_time_s is not None and exit.memory_peak_kib is not None, exit
     return msgspec.structs.replace(exit, cpu_time_s=None, memory_peak_kib=None)
@@ -158,48 +137,24 @@ def kernel_image() -> Path:
     return image
 
 
-def kernel_cmdline(machine: str) -> str:
+def kernel_cmdline(machine: str) -> list[str]:
     args = hardened_cmdline(PROFILE, machine, host_tsc_khz())
     if "console=ttyS0" not in args:
         args.append("console=ttyS0")
-    return " ".join(args)
+    return args
 
 
-def qemu_command(
-    machine: str, kernel: Path, initrd: Path, cmdline: str, console_log: Path, agent_sock: Path
-) -> list[str]:
-    serial_bus = "virtio-serial-device" if machine == "microvm" else "virtio-serial-pci"
-    return [
-        QEMU,
-        "-accel",
-        "tcg",
-        "-M",
-        machine,
-        "-m",
-        "256",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-monitor",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        str(kernel),
-        "-initrd",
-        str(initrd),
-        "-append",
-        cmdline,
-        "-serial",
-        f"file:{console_log}",
-        "-device",
-        serial_bus,
-        "-chardev",
-        f"socket,id=agent,path={agent_sock},server=on,wait=off",
-        "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-    ]
+def qemu_command(machine: str, kernel: Path, initrd: Path, workdir: Path) -> list[str]:
+    """A bare boot of ``machine`` (zoned.bareboot) with its console in ``workdir/console.log``
+    and the agent channel listening at ``workdir/agent.sock``."""
+    return bareboot.qemu_command(
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=kernel_cmdline(machine),
+        machine=machine,
+        serial_log=workdir / "console.log",
+        agent_socket=workdir / "agent.sock",
+    )
 
 
 @contextlib.contextmanager
@@ -244,14 +199,12 @@ def _diagnostics(workdir: Path) -> str:
     return "\n".join(parts)
 
 
-def boot_and_greet(
-    machine: str, kernel: Path, initrd: Path, cmdline: str, workdir: Path
-) -> BootResult:
+def boot_and_greet(machine: str, kernel: Path, initrd: Path, workdir: Path) -> BootResult:
     """Boot, receive the hello, exchange heartbeats (both kinds), return what was seen."""
     workdir.mkdir(parents=True, exist_ok=True)
     console_log = workdir / "console.log"
     agent_sock = workdir / "agent.sock"
-    command = qemu_command(machine, kernel, initrd, cmdline, console_log, agent_sock)
+    command = qemu_command(machine, kernel, initrd, workdir)
     spawned = time.monotonic()
     with running_qemu(command, workdir / "qemu.log") as process:
         try:
@@ -260,21 +213,21 @@ def boot_and_greet(
                 agent = AgentConnection(sock)
                 hello = agent.receive(spawned + BOOT_TIMEOUT_S)
                 hello_at = time.monotonic()
-                assert isinstance(hello, AgentHello), hello
+                assert isinstance(hello, p.AgentHello), hello
 
-                agent.send(Heartbeat(seq=7))
+                agent.send(p.Heartbeat(seq=7))
                 reply = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                assert isinstance(reply, HeartbeatReply), reply
+                assert isinstance(reply, p.HeartbeatReply), reply
                 assert reply.seq == 7
                 assert reply.mem_total_kib > 0
                 assert reply.uptime_s >= hello.boot_s
 
                 # seq 0 asks the agent to introduce itself again, then answer.
-                agent.send(Heartbeat(seq=0))
+                agent.send(p.Heartbeat(seq=0))
                 again = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                assert isinstance(again, AgentHello), again
+                assert isinstance(again, p.AgentHello), again
                 reply = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                assert isinstance(reply, HeartbeatReply), reply
+                assert isinstance(reply, p.HeartbeatReply), reply
                 assert reply.seq == 0
         except (AssertionError, OSError, TimeoutError) as exc:
             pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(workdir)}", pytrace=False)
@@ -292,18 +245,15 @@ def greeted_agent(boot_image: Path, workdir: Path) -> Iterator[AgentConnection]:
     An assertion or IO failure inside fails the test with the console and QEMU logs.
     """
     machine = "microvm"
-    console_log = workdir / "console.log"
     agent_sock = workdir / "agent.sock"
-    command = qemu_command(
-        machine, kernel_image(), boot_image, kernel_cmdline(machine), console_log, agent_sock
-    )
+    command = qemu_command(machine, kernel_image(), boot_image, workdir)
     deadline = time.monotonic() + BOOT_TIMEOUT_S
     with running_qemu(command, workdir / "qemu.log") as process:
         try:
             with connect(agent_sock, process, deadline) as sock:
                 agent = AgentConnection(sock)
                 hello = agent.receive(deadline)
-                assert isinstance(hello, AgentHello), hello
+                assert isinstance(hello, p.AgentHello), hello
                 yield agent
         except (AssertionError, OSError, TimeoutError) as exc:
             pytest.fail(f"{machine}: {exc!r}\n{_diagnostics(workdir)}", pytrace=False)
@@ -319,7 +269,7 @@ def test_agent_says_hello_and_answers_heartbeats(
     machine: str, boot_image: Path, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     kernel = kernel_image()
-    result = boot_and_greet(machine, kernel, boot_image, kernel_cmdline(machine), tmp_path)
+    result = boot_and_greet(machine, kernel, boot_image, tmp_path)
 
     assert result.hello.pid == 1
     assert result.hello.agent.startswith("zoned-agent/")
@@ -359,9 +309,7 @@ def test_agent_greets_a_host_that_connects_late_and_again_after_reconnecting(
     kernel = kernel_image()
     console_log = tmp_path / "console.log"
     agent_sock = tmp_path / "agent.sock"
-    command = qemu_command(
-        machine, kernel, boot_image, kernel_cmdline(machine), console_log, agent_sock
-    )
+    command = qemu_command(machine, kernel, boot_image, tmp_path)
     deadline = time.monotonic() + BOOT_TIMEOUT_S
     with running_qemu(command, tmp_path / "qemu.log") as process:
         try:
@@ -371,12 +319,12 @@ def test_agent_greets_a_host_that_connects_late_and_again_after_reconnecting(
                 with connect(agent_sock, process, deadline) as sock:
                     agent = AgentConnection(sock)
                     # seq 0 guarantees a hello even if the agent missed the reconnection.
-                    agent.send(Heartbeat(seq=0))
+                    agent.send(p.Heartbeat(seq=0))
                     first = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                    assert isinstance(first, AgentHello), first
+                    assert isinstance(first, p.AgentHello), first
                     message = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
-                    while not isinstance(message, HeartbeatReply):
-                        assert isinstance(message, AgentHello), message
+                    while not isinstance(message, p.HeartbeatReply):
+                        assert isinstance(message, p.AgentHello), message
                         message = agent.receive(time.monotonic() + REPLY_TIMEOUT_S)
                     assert message.seq == 0
                 # The agent notices the host going away before it comes back.
@@ -398,25 +346,25 @@ def test_agent_runs_processes_in_the_zone(
         deadline = time.monotonic() + 600.0
 
         result = run_exec(agent, 1, ["python3", "-c", "print(2+2)"], deadline)
-        assert without_usage(result.exit) == AgentExecExit(exec_id=1, exit_code=0), result
+        assert without_usage(result.exit) == p.AgentExecExit(exec_id=1, exit_code=0), result
         assert (result.stdout, result.stderr) == (b"4\n", b"")
 
         result = run_exec(agent, 2, ["sh", "-c", "echo err >&2; exit 7"], deadline)
-        assert without_usage(result.exit) == AgentExecExit(exec_id=2, exit_code=7), result
+        assert without_usage(result.exit) == p.AgentExecExit(exec_id=2, exit_code=7), result
         assert (result.stdout, result.stderr) == (b"", b"err\n")
 
         generate = f"head -c {size} /dev/urandom | tee /tmp/blob"
         big = run_exec(agent, 3, ["sh", "-c", generate], deadline)
-        assert without_usage(big.exit) == AgentExecExit(exec_id=3, exit_code=0), big.exit
+        assert without_usage(big.exit) == p.AgentExecExit(exec_id=3, exit_code=0), big.exit
         assert big.stderr == b""
         assert len(big.stdout) == size
 
         replay = run_exec(agent, 4, ["cat", "/tmp/blob"], deadline)
-        assert without_usage(replay.exit) == AgentExecExit(exec_id=4, exit_code=0), replay.exit
+        assert without_usage(replay.exit) == p.AgentExecExit(exec_id=4, exit_code=0), replay.exit
         assert replay.stdout == big.stdout
 
         checksum = run_exec(agent, 5, ["sha256sum", "/tmp/blob"], deadline)
-        assert without_usage(checksum.exit) == AgentExecExit(exec_id=5, exit_code=0), checksum
+        assert without_usage(checksum.exit) == p.AgentExecExit(exec_id=5, exit_code=0), checksum
         digest = hashlib.sha256(big.stdout).hexdigest()
         assert checksum.stdout == f"{digest}  /tmp/blob\n".encode()
     generate_mb_s = size / big.seconds / 1e6
@@ -449,13 +397,13 @@ print("started", started)
 """
 
 
-def _heartbeat(agent: AgentConnection, seq: int, deadline: float) -> HeartbeatReply:
-    agent.send(Heartbeat(seq=seq))
+def _heartbeat(agent: AgentConnection, seq: int, deadline: float) -> p.HeartbeatReply:
+    agent.send(p.Heartbeat(seq=seq))
     while True:
         message = agent.receive(deadline)
-        if isinstance(message, HeartbeatReply) and message.seq == seq:
+        if isinstance(message, p.HeartbeatReply) and message.seq == seq:
             return message
-        assert isinstance(message, AgentHello | HeartbeatReply), message
+        assert isinstance(message, p.AgentHello | p.HeartbeatReply), message
 
 
 def test_agent_limits_measures_and_gives_terminals_to_processes(
@@ -499,7 +447,7 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
         # forks get refused, the agent keeps answering, and killing the leader
         # kills the whole swarm with the cgroup.
         agent.send(
-            AgentExecStart(
+            p.AgentExecStart(
                 exec_id=4,
                 argv=[
                     "sh",
@@ -510,7 +458,7 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
             )
         )
         started = agent.receive(deadline)
-        assert isinstance(started, AgentExecStarted) and started.exec_id == 4, started
+        assert isinstance(started, p.AgentExecStarted) and started.exec_id == 4, started
 
         def forks_refused() -> int:
             events = run_exec(agent, 7, ["cat", "/sys/fs/cgroup/exec-4/pids.events"], deadline)
@@ -520,9 +468,9 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
         wait_until(forks_refused, "the bomb reaches its pids limit")
         refused = forks_refused()
         _heartbeat(agent, 10, deadline)
-        agent.send(AgentExecSignal(exec_id=4, signal=9))
-        while not isinstance(bomb := agent.receive(deadline), AgentExecExit):
-            assert isinstance(bomb, AgentHello | HeartbeatReply), bomb
+        agent.send(p.AgentExecSignal(exec_id=4, signal=9))
+        while not isinstance(bomb := agent.receive(deadline), p.AgentExecExit):
+            assert isinstance(bomb, p.AgentHello | p.HeartbeatReply), bomb
         assert bomb.exec_id == 4 and bomb.signal == 9, bomb
         _heartbeat(agent, 11, deadline)
         # The bomb's cgroup (and the sleeps' of exec 3) go away.
@@ -545,13 +493,13 @@ def test_agent_limits_measures_and_gives_terminals_to_processes(
         # comes after the read: a trapped signal interrupts ash's read builtin.)
         sent: list[str] = []
 
-        def converse(stdout: bytes) -> list[HostToAgent]:
+        def converse(stdout: bytes) -> list[p.HostToAgent]:
             if b"33 77" in stdout and "input" not in sent:
                 sent.append("input")
-                return [AgentExecInput(exec_id=6, data=b"hello\n")]
+                return [p.AgentExecInput(exec_id=6, data=b"hello\n")]
             if b"ready" in stdout and "resize" not in sent:
                 sent.append("resize")
-                return [AgentExecResize(exec_id=6, rows=50, cols=132)]
+                return [p.AgentExecResize(exec_id=6, rows=50, cols=132)]
             return []
 
         script = (
@@ -594,25 +542,25 @@ def test_agent_survives_the_signals_a_workload_sends_it(boot_image: Path, tmp_pa
 
         # The bystander waits for its input while PID 1 is being signalled.
         agent.send(
-            AgentExecStart(
+            p.AgentExecStart(
                 exec_id=1, argv=["sh", "-c", "read line; echo survived:$line"], stdin=True
             )
         )
         started = agent.receive(deadline)
-        assert isinstance(started, AgentExecStarted) and started.exec_id == 1, started
+        assert isinstance(started, p.AgentExecStarted) and started.exec_id == 1, started
 
         signaller = run_exec(agent, 2, ["sh", "-c", _SIGNAL_PID_1], deadline)
         assert signaller.exit.exit_code == 0, signaller
         assert signaller.stdout == b"sent\n", signaller
 
-        agent.send(AgentExecInput(exec_id=1, data=b"yes\n", eof=True))
+        agent.send(p.AgentExecInput(exec_id=1, data=b"yes\n", eof=True))
         output = bytearray()
-        while not isinstance(end := agent.receive(deadline), AgentExecExit):
-            if isinstance(end, AgentExecOutput):
+        while not isinstance(end := agent.receive(deadline), p.AgentExecExit):
+            if isinstance(end, p.AgentExecOutput):
                 output += end.data
-                agent.send(AgentExecCredit(exec_id=1, bytes=len(end.data)))
+                agent.send(p.AgentExecCredit(exec_id=1, bytes=len(end.data)))
             else:
-                assert isinstance(end, HeartbeatReply | AgentExecInputCredit), end
+                assert isinstance(end, p.HeartbeatReply | p.AgentExecInputCredit), end
         assert end.exec_id == 1 and end.exit_code == 0, end
         assert bytes(output) == b"survived:yes\n"
 

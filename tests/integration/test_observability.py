@@ -24,8 +24,8 @@ import libvirt
 import msgspec
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.exposition import Series, series
 from tests.integration.conftest import domain_name, open_libvirt, private_zoned
 from tests.integration.test_exec import connect
 from tests.peers import hello_as_nobody
@@ -83,17 +83,10 @@ def zonectl(daemon: LocalDaemon, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-Series = dict[str, list[tuple[dict[str, str], float]]]
-
-
 async def scrape(daemon: LocalDaemon) -> Series:
     status, body = await trio.to_thread.run_sync(http_get, daemon.root / "metrics.sock")
     assert status == 200, body
-    found: Series = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return found
+    return series(body)
 
 
 def of_zone(found: Series, name: str, zone: str, **labels: str) -> list[float]:

@@ -15,8 +15,8 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.exposition import series
 from tests.peers import hello_as_nobody, relay_as, unused_uids
 from tests.service.conftest import fake_zone_images, service_config
 from tests.zone_events import watching
@@ -48,14 +48,6 @@ async def http(daemon: Daemon, raw: bytes) -> tuple[int, bytes]:
 
 def get(path: str, extra: bytes = b"") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode() + extra + b"\r\n"
-
-
-def series(text: bytes) -> dict[str, list[tuple[dict[str, str], float]]]:
-    found: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return found
 
 
 async def failed_zone(client: Client, name: str) -> p.ZoneInfo:

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import trio
 
+from tests.exposition import series
 from tests.service.test_hostile_agent import fake_agent, sends
-from tests.service.test_observability import http, series
+from tests.service.test_observability import http
 from zoned.client import Client
 from zoned.daemon import Daemon
 from zoned.errors import Conflict, InvalidRequest, NotFound

@@ -28,34 +28,11 @@ from pathlib import Path
 import pytest
 
 from tests.waiting import wait_until
+from zoned import protocol as p
 from zoned.agent.cgroups import NO_CGROUPS_ERROR
 from zoned.agent.execs import DEFAULT_PATH
 from zoned.agent.sandbox import DEFAULT_CAPABILITY_MASK
 from zoned.agent.seccomp import DENIED
-from zoned.protocol import (
-    AGENT_MAX_FRAME,
-    EXEC_INPUT_WINDOW,
-    EXEC_OUTPUT_WINDOW,
-    MAX_EXEC_CHUNK,
-    MAX_EXECS_PER_ZONE,
-    AgentExecCredit,
-    AgentExecExit,
-    AgentExecInput,
-    AgentExecInputCredit,
-    AgentExecOutput,
-    AgentExecResize,
-    AgentExecSignal,
-    AgentExecStart,
-    AgentExecStarted,
-    AgentHello,
-    AgentToHost,
-    FrameDecoder,
-    Heartbeat,
-    HeartbeatReply,
-    HostToAgent,
-    decode_from_agent,
-    encode_frame,
-)
 
 #: Generous: the host has 2 CPUs that other work shares. Not a timing assertion.
 DEADLINE_S = 60.0
@@ -72,7 +49,7 @@ class ExecRecord:
     pid: int | None = None
     stdout: bytearray = field(default_factory=bytearray)
     stderr: bytearray = field(default_factory=bytearray)
-    exit: AgentExecExit | None = None
+    exit: p.AgentExecExit | None = None
     #: Output bytes received, and credit granted beyond the initial window.
     output_bytes: int = 0
     granted: int = 0
@@ -87,7 +64,7 @@ class Host:
     def __init__(self, sock: socket.socket, console: Path) -> None:
         self.sock = sock
         self.console = console
-        self.decoder = FrameDecoder(AGENT_MAX_FRAME)
+        self.decoder = p.FrameDecoder(p.AGENT_MAX_FRAME)
         self.records: dict[int, ExecRecord] = {}
         self.auto_credit = True
         self.pids: list[int] = []
@@ -95,15 +72,15 @@ class Host:
         #: The highest heartbeat seq answered.
         self.beats = 0
 
-    def send(self, message: HostToAgent) -> None:
-        self.sock.sendall(encode_frame(message, AGENT_MAX_FRAME))
+    def send(self, message: p.HostToAgent) -> None:
+        self.sock.sendall(p.encode_frame(message, p.AGENT_MAX_FRAME))
 
     def start(self, exec_id: int, argv: list[str], **fields: object) -> ExecRecord:
         record = self.records[exec_id] = ExecRecord()
-        self.send(AgentExecStart(exec_id=exec_id, argv=argv, **fields))  # type: ignore[arg-type]
+        self.send(p.AgentExecStart(exec_id=exec_id, argv=argv, **fields))  # type: ignore[arg-type]
         return record
 
-    def receive(self, deadline: float) -> AgentToHost | None:
+    def receive(self, deadline: float) -> p.AgentToHost | None:
         """One message, or None when ``deadline`` passed first."""
         while (payload := self.decoder.next_frame()) is None:
             remaining = deadline - time.monotonic()
@@ -117,43 +94,43 @@ class Host:
             if not data:
                 raise ConnectionError(f"the agent closed the channel\n{self.console_text()}")
             self.decoder.feed(data)
-        message = decode_from_agent(payload)
+        message = p.decode_from_agent(payload)
         self._observe(message)
         return message
 
-    def _observe(self, message: AgentToHost) -> None:
-        if isinstance(message, AgentHello):
+    def _observe(self, message: p.AgentToHost) -> None:
+        if isinstance(message, p.AgentHello):
             self.hellos += 1
             return
-        if isinstance(message, HeartbeatReply):
+        if isinstance(message, p.HeartbeatReply):
             self.beats = max(self.beats, message.seq)
             return
         record = self.records[message.exec_id]
         assert record.exit is None, f"{message!r} after the exit of exec {message.exec_id}"
         record.kinds.append(type(message).__name__)
-        if isinstance(message, AgentExecStarted):
+        if isinstance(message, p.AgentExecStarted):
             assert record.pid is None
             record.pid = message.pid
             self.pids.append(message.pid)
-        elif isinstance(message, AgentExecOutput):
+        elif isinstance(message, p.AgentExecOutput):
             assert record.pid is not None, "output before AgentExecStarted"
             (record.stdout if message.stream == "stdout" else record.stderr).extend(message.data)
             record.output_bytes += len(message.data)
-            assert record.output_bytes <= EXEC_OUTPUT_WINDOW + record.granted, (
+            assert record.output_bytes <= p.EXEC_OUTPUT_WINDOW + record.granted, (
                 f"the agent sent {record.output_bytes} bytes of output,"
-                f" only {EXEC_OUTPUT_WINDOW + record.granted} were credited"
+                f" only {p.EXEC_OUTPUT_WINDOW + record.granted} were credited"
             )
             if self.auto_credit:
                 self.credit(message.exec_id, len(message.data))
-        elif isinstance(message, AgentExecInputCredit):
+        elif isinstance(message, p.AgentExecInputCredit):
             record.input_credit += message.bytes
-        elif isinstance(message, AgentExecExit):
+        elif isinstance(message, p.AgentExecExit):
             assert re.fullmatch(r"[ -~]*", message.error)
             record.exit = message
 
     def credit(self, exec_id: int, n: int) -> None:
         self.records[exec_id].granted += n
-        self.send(AgentExecCredit(exec_id=exec_id, bytes=n))
+        self.send(p.AgentExecCredit(exec_id=exec_id, bytes=n))
 
     def pump_until(self, done: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + DEADLINE_S
@@ -161,7 +138,7 @@ class Host:
             if self.receive(deadline) is None:
                 pytest.fail(f"timed out waiting for {what}\n{self.console_text()}", pytrace=False)
 
-    def wait_exit(self, exec_id: int) -> AgentExecExit:
+    def wait_exit(self, exec_id: int) -> p.AgentExecExit:
         record = self.records[exec_id]
         self.pump_until(lambda: record.exit is not None, f"the exit of exec {exec_id}")
         assert record.exit is not None
@@ -187,16 +164,16 @@ class Host:
         deadline = time.monotonic() + DEADLINE_S
         while sent < len(data):
             outstanding = sent - record.input_credit
-            chunk = data[sent : sent + min(MAX_EXEC_CHUNK, EXEC_INPUT_WINDOW - outstanding)]
+            chunk = data[sent : sent + min(p.MAX_EXEC_CHUNK, p.EXEC_INPUT_WINDOW - outstanding)]
             if chunk:
-                self.send(AgentExecInput(exec_id=exec_id, data=chunk))
+                self.send(p.AgentExecInput(exec_id=exec_id, data=chunk))
                 sent += len(chunk)
                 continue
             assert record.exit is None, "the process ended before reading its input"
             if self.receive(deadline) is None:
                 pytest.fail(f"input stalled at {sent} bytes\n{self.console_text()}", pytrace=False)
         if eof:
-            self.send(AgentExecInput(exec_id=exec_id, eof=True))
+            self.send(p.AgentExecInput(exec_id=exec_id, eof=True))
 
     def console_text(self) -> str:
         text = self.console.read_text(errors="replace") if self.console.exists() else ""
@@ -252,7 +229,7 @@ def _running_agent(
     host = Host(host_sock, console)
     try:
         message = host.receive(time.monotonic() + DEADLINE_S)
-        assert isinstance(message, AgentHello), f"{message!r}\n{host.console_text()}"
+        assert isinstance(message, p.AgentHello), f"{message!r}\n{host.console_text()}"
         yield host, process
     finally:
         host_sock.close()
@@ -270,7 +247,7 @@ def test_output_on_both_streams_and_the_exit_code(agent: tuple[Host, object]) ->
     record = host.run(1, ["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert bytes(record.stdout) == b"out\n"
     assert bytes(record.stderr) == b"err\n"
-    assert record.exit == AgentExecExit(exec_id=1, exit_code=3)
+    assert record.exit == p.AgentExecExit(exec_id=1, exit_code=3)
     assert record.kinds[0] == "AgentExecStarted"
     assert record.kinds[-1] == "AgentExecExit"
     assert record.pid is not None and not _alive(record.pid)
@@ -283,7 +260,7 @@ def test_a_command_that_cannot_start_is_an_error_exit_and_nothing_else(
     record = host.run(1, ["zoned-no-such-command"])
     assert record.kinds == ["AgentExecExit"]
     # The error number says what failed, for the host's exit status (127 here).
-    assert record.exit == AgentExecExit(
+    assert record.exit == p.AgentExecExit(
         exec_id=1,
         error="cannot run 'zoned-no-such-command': No such file or directory",
         errno=errno.ENOENT,
@@ -313,15 +290,15 @@ def test_a_command_that_cannot_start_is_an_error_exit_and_nothing_else(
     assert len(record.exit.error) == 1024
 
     # The agent survives all that.
-    assert host.run(5, ["true"]).exit == AgentExecExit(exec_id=5, exit_code=0)
+    assert host.run(5, ["true"]).exit == p.AgentExecExit(exec_id=5, exit_code=0)
 
 
 def test_a_signal_ends_the_process_group(agent: tuple[Host, object]) -> None:
     host, _ = agent
     host.start(1, ["sh", "-c", "sleep 100; echo never"])
     host.wait_started(1)
-    host.send(AgentExecSignal(exec_id=1, signal=15))
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=15)
+    host.send(p.AgentExecSignal(exec_id=1, signal=15))
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, signal=15)
     assert bytes(host.records[1].stdout) == b""
 
 
@@ -347,8 +324,8 @@ def test_the_process_is_set_up_as_promised(agent: tuple[Host, object]) -> None:
     assert os.getsid(pid) == pid and os.getpgid(pid) == pid
     status = Path(f"/proc/{pid}/status").read_text()
     assert re.search(r"^SigIgn:\s+0+$", status, re.M), status
-    host.send(AgentExecSignal(exec_id=1, signal=9))
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=9)
+    host.send(p.AgentExecSignal(exec_id=1, signal=9))
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, signal=9)
 
     record = host.run(2, ["env"], env={"ZONED_A": "1 2"})
     assert sorted(bytes(record.stdout).decode().splitlines()) == [
@@ -360,7 +337,7 @@ def test_the_process_is_set_up_as_promised(agent: tuple[Host, object]) -> None:
     record = host.run(3, ["env"], env={"PATH": "/usr/bin:/bin", "HOME": "/h"})
     assert sorted(bytes(record.stdout).split()) == [b"HOME=/h", b"PATH=/usr/bin:/bin"]
     record = host.run(4, ["sh", "-c", "exec true"], env={"PATH": "/zoned-nowhere"})
-    assert record.exit == AgentExecExit(
+    assert record.exit == p.AgentExecExit(
         exec_id=4, error="cannot run 'sh': No such file or directory", errno=errno.ENOENT
     )
 
@@ -434,7 +411,7 @@ def test_agent_tools_run_the_agents_busybox_not_the_path(agent: tuple[Host, obje
     # No PATH at all: busybox's applets, and its shell prefers them.
     script = "tar --help 2>&1 | head -1; echo x | cat"
     record = host.run(1, ["sh", "-c", script], env={"PATH": "/zoned-nowhere"}, agent_tools=True)
-    assert record.exit == AgentExecExit(exec_id=1, exit_code=0), record.exit
+    assert record.exit == p.AgentExecExit(exec_id=1, exit_code=0), record.exit
     assert bytes(record.stdout).startswith(b"BusyBox v"), bytes(record.stdout)
     assert bytes(record.stdout).endswith(b"\nx\n")
 
@@ -446,13 +423,13 @@ def test_stdin_round_trip_with_binary_data(agent: tuple[Host, object]) -> None:
     host.wait_started(1)
     host.write_input(1, data)
     record = host.records[1]
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=0)
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, exit_code=0)
     assert bytes(record.stdout) == data
     assert record.input_credit == len(data)
 
     # Without stdin=True the process reads /dev/null.
     record = host.run(2, ["cat"])
-    assert record.exit == AgentExecExit(exec_id=2, exit_code=0)
+    assert record.exit == p.AgentExecExit(exec_id=2, exit_code=0)
     assert bytes(record.stdout) == b""
 
 
@@ -461,12 +438,12 @@ def test_input_to_a_closed_stdin_is_discarded_but_credited(agent: tuple[Host, ob
     # The process closes its stdin and keeps running: the agent's writes fail with EPIPE.
     host.start(1, ["sh", "-c", "exec 0<&- && exec sleep 100"], stdin=True)
     host.wait_started(1)
-    data = b"z" * (3 * EXEC_INPUT_WINDOW)
+    data = b"z" * (3 * p.EXEC_INPUT_WINDOW)
     host.write_input(1, data)  # stalls unless the discarded input is credited
     record = host.records[1]
     host.pump_until(lambda: record.input_credit == len(data), "credit for all the input")
-    host.send(AgentExecSignal(exec_id=1, signal=15))
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=15)
+    host.send(p.AgentExecSignal(exec_id=1, signal=15))
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, signal=15)
 
 
 def test_output_never_exceeds_the_credit_and_arrives_whole(agent: tuple[Host, object]) -> None:
@@ -480,15 +457,15 @@ def test_output_never_exceeds_the_credit_and_arrives_whole(agent: tuple[Host, ob
     deadline = time.monotonic() + DEADLINE_S * 2
     while record.exit is None:
         # Credit only once the agent has used all it had (Host checks every message).
-        if record.output_bytes == EXEC_OUTPUT_WINDOW + record.granted:
+        if record.output_bytes == p.EXEC_OUTPUT_WINDOW + record.granted:
             host.credit(1, 128 * 1024)
             grants += 1
         if host.receive(deadline) is None:
             pytest.fail(f"stalled at {record.output_bytes} bytes\n{host.console_text()}")
-    assert record.exit == AgentExecExit(exec_id=1, exit_code=0)
+    assert record.exit == p.AgentExecExit(exec_id=1, exit_code=0)
     assert len(record.stdout) == size
     assert hashlib.sha256(record.stdout).hexdigest() == expected
-    assert grants >= (size - EXEC_OUTPUT_WINDOW) // (128 * 1024)
+    assert grants >= (size - p.EXEC_OUTPUT_WINDOW) // (128 * 1024)
 
 
 def test_a_background_grandchild_holding_stdout_does_not_delay_the_exit(
@@ -497,7 +474,7 @@ def test_a_background_grandchild_holding_stdout_does_not_delay_the_exit(
     host, _ = agent
     # DEADLINE_S (60 s) is longer than the sleep: keep the sleep longer still.
     record = host.run(1, ["sh", "-c", "sleep 300 & echo done"])
-    assert record.exit == AgentExecExit(exec_id=1, exit_code=0)
+    assert record.exit == p.AgentExecExit(exec_id=1, exit_code=0)
     assert bytes(record.stdout) == b"done\n"
 
 
@@ -511,34 +488,34 @@ def test_concurrent_processes_each_get_their_own_output(agent: tuple[Host, objec
         host.wait_exit(n)
     for n in range(1, count + 1):
         record = host.records[n]
-        assert record.exit == AgentExecExit(exec_id=n, exit_code=0)
+        assert record.exit == p.AgentExecExit(exec_id=n, exit_code=0)
         assert bytes(record.stdout) == "".join(f"p{n} {i}\n" for i in range(3000)).encode()
         assert bytes(record.stderr) == "".join(f"p{n} e{i}\n" for i in range(3000)).encode()
 
 
 def test_duplicate_ids_and_too_many_processes_are_refused(agent: tuple[Host, object]) -> None:
     host, _ = agent
-    for n in range(1, MAX_EXECS_PER_ZONE + 1):
+    for n in range(1, p.MAX_EXECS_PER_ZONE + 1):
         host.start(n, ["sleep", "100"])
-    for n in range(1, MAX_EXECS_PER_ZONE + 1):
+    for n in range(1, p.MAX_EXECS_PER_ZONE + 1):
         host.wait_started(n)
-    extra = MAX_EXECS_PER_ZONE + 1
+    extra = p.MAX_EXECS_PER_ZONE + 1
     record = host.run(extra, ["true"])
     assert record.exit is not None
-    assert record.exit.error == f"too many processes: {MAX_EXECS_PER_ZONE} are running already"
+    assert record.exit.error == f"too many processes: {p.MAX_EXECS_PER_ZONE} are running already"
 
     first = host.records[1]
     host.records[1] = ExecRecord(pid=first.pid)
-    host.send(AgentExecStart(exec_id=1, argv=["true"]))
+    host.send(p.AgentExecStart(exec_id=1, argv=["true"]))
     refusal = host.wait_exit(1)
     assert refusal.error == "exec id 1 is already in use"
 
     # The original exec 1 is untouched and still ends normally.
     host.records[1] = first
-    host.send(AgentExecSignal(exec_id=1, signal=15))
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=15)
+    host.send(p.AgentExecSignal(exec_id=1, signal=15))
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, signal=15)
     # A heartbeat still gets its answer in between.
-    host.send(Heartbeat(seq=4))
+    host.send(p.Heartbeat(seq=4))
     record = host.run(extra + 1, ["echo", "room again"])
     assert bytes(record.stdout) == b"room again\n"
 
@@ -588,7 +565,7 @@ def test_a_terminal_of_the_asked_size_carries_input_and_output(agent: tuple[Host
     )
     _wait_output(host, 1, b"40 100\r\n")
     host.write_input(1, b"hello\n", eof=False)
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=0)
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, exit_code=0)
     out = bytes(record.stdout)
     assert re.match(rb"/dev/pts/\d+\r\n40 100\r\n", out), out
     # The terminal echoes the input and maps newlines to CR LF; there is no stderr.
@@ -600,7 +577,7 @@ def test_a_terminal_of_the_asked_size_carries_input_and_output(agent: tuple[Host
     # (tcgetpgrp works on the controlling terminal only.)
     check = "import os; print(os.getsid(0) == os.getpid(), os.tcgetpgrp(0) == os.getpgrp())"
     record = host.run(2, [sys.executable, "-c", check], tty=True)
-    assert record.exit == AgentExecExit(exec_id=2, exit_code=0)
+    assert record.exit == p.AgentExecExit(exec_id=2, exit_code=0)
     assert bytes(record.stdout) == b"True True\r\n"
 
 
@@ -609,12 +586,12 @@ def test_a_resize_reaches_the_process(agent: tuple[Host, object]) -> None:
     script = 'trap "stty size" WINCH; echo ready; while :; do sleep 0.1; done'
     record = host.start(1, ["sh", "-c", script], tty=True)
     _wait_output(host, 1, b"ready")
-    host.send(AgentExecResize(exec_id=1, rows=50, cols=132))
+    host.send(p.AgentExecResize(exec_id=1, rows=50, cols=132))
     _wait_output(host, 1, b"50 132")
-    host.send(AgentExecResize(exec_id=1, rows=7, cols=9))
+    host.send(p.AgentExecResize(exec_id=1, rows=7, cols=9))
     _wait_output(host, 1, b"7 9")
-    host.send(AgentExecSignal(exec_id=1, signal=9))
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=9)
+    host.send(p.AgentExecSignal(exec_id=1, signal=9))
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, signal=9)
     assert bytes(record.stderr) == b""
 
 
@@ -623,7 +600,7 @@ def test_terminal_eof_ends_cat_and_is_not_credited(agent: tuple[Host, object]) -
     record = host.start(1, ["cat"], tty=True)
     host.wait_started(1)
     host.write_input(1, b"abc\n", eof=True)
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=0)
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, exit_code=0)
     # Echoed once by the terminal, once by cat.
     assert bytes(record.stdout) == b"abc\r\nabc\r\n"
     assert record.input_credit == 4
@@ -634,7 +611,7 @@ def test_terminal_eof_ends_cat_and_is_not_credited(agent: tuple[Host, object]) -
     host.write_input(2, b"", eof=True)
     _wait_output(host, 2, b"after")
     host.write_input(2, b"zz\n", eof=False)
-    assert host.wait_exit(2) == AgentExecExit(exec_id=2, exit_code=0)
+    assert host.wait_exit(2) == p.AgentExecExit(exec_id=2, exit_code=0)
     assert bytes(record.stdout).endswith(b"y=zz\r\n"), bytes(record.stdout)
     assert record.input_credit == 3
 
@@ -654,7 +631,7 @@ def test_a_leader_that_closed_its_terminal_is_not_hung_up_before_it_exits(
     wait_until(closed.exists, "the process to close its terminal")
     # Two heartbeat round trips: the agent has polled the master's hang-up since.
     for seq in (1, 2):
-        host.send(Heartbeat(seq=seq))
+        host.send(p.Heartbeat(seq=seq))
         host.pump_until(
             lambda seq=seq: host.records[1].exit is not None or host.beats >= seq,  # type: ignore[misc]
             f"heartbeat {seq}",
@@ -664,7 +641,7 @@ def test_a_leader_that_closed_its_terminal_is_not_hung_up_before_it_exits(
     fifo = os.open(go, os.O_WRONLY | os.O_NONBLOCK)
     os.write(fifo, b"go\n")
     os.close(fifo)
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, exit_code=7)
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, exit_code=7)
 
 
 def test_a_background_process_holding_the_terminal_does_not_delay_the_exit(
@@ -673,7 +650,7 @@ def test_a_background_process_holding_the_terminal_does_not_delay_the_exit(
     host, _ = agent
     # nohup-like: the background sleep ignores the SIGHUP of the session's end.
     record = host.run(1, ["sh", "-c", "trap '' HUP; sleep 300 & echo done"], tty=True)
-    assert record.exit == AgentExecExit(exec_id=1, exit_code=0)
+    assert record.exit == p.AgentExecExit(exec_id=1, exit_code=0)
     assert bytes(record.stdout) == b"done\r\n"
 
 
@@ -683,10 +660,10 @@ def test_resizing_a_process_without_a_terminal_is_ignored_and_logged_once(
     host, _ = agent
     host.start(1, ["sleep", "100"])
     host.wait_started(1)
-    host.send(AgentExecResize(exec_id=1, rows=10, cols=10))
-    host.send(AgentExecResize(exec_id=99, rows=10, cols=10))
-    host.send(AgentExecSignal(exec_id=1, signal=15))
-    assert host.wait_exit(1) == AgentExecExit(exec_id=1, signal=15)
+    host.send(p.AgentExecResize(exec_id=1, rows=10, cols=10))
+    host.send(p.AgentExecResize(exec_id=99, rows=10, cols=10))
+    host.send(p.AgentExecSignal(exec_id=1, signal=15))
+    assert host.wait_exit(1) == p.AgentExecExit(exec_id=1, signal=15)
     assert host.console.read_text().count("resize ignored") == 1, host.console_text()
 
 
@@ -694,12 +671,12 @@ def test_limits_are_refused_without_cgroups(agent: tuple[Host, object]) -> None:
     host, _ = agent
     record = host.run(1, ["true"], memory_limit_mib=32)
     assert record.kinds == ["AgentExecExit"]
-    assert record.exit == AgentExecExit(exec_id=1, error=NO_CGROUPS_ERROR)
+    assert record.exit == p.AgentExecExit(exec_id=1, error=NO_CGROUPS_ERROR)
     record = host.run(2, ["true"], pids_limit=8)
-    assert record.exit == AgentExecExit(exec_id=2, error=NO_CGROUPS_ERROR)
+    assert record.exit == p.AgentExecExit(exec_id=2, error=NO_CGROUPS_ERROR)
     # No cgroups: no usage figures either.
     record = host.run(3, ["true"])
-    assert record.exit == AgentExecExit(exec_id=3, exit_code=0)
+    assert record.exit == p.AgentExecExit(exec_id=3, exit_code=0)
 
 
 # -- cgroups on this host -----------------------------------------------------------
@@ -788,7 +765,7 @@ def test_each_process_runs_in_a_cgroup_of_its_own_that_ends_with_it(
 
         # Even a process that left the session dies with its cgroup.
         record = host.run(2, [sys.executable, "-c", _ESCAPE])
-        assert record.exit == AgentExecExit(
+        assert record.exit == p.AgentExecExit(
             exec_id=2,
             exit_code=0,
             cpu_time_s=record.exit.cpu_time_s if record.exit else None,
@@ -812,7 +789,7 @@ def test_each_process_runs_in_a_cgroup_of_its_own_that_ends_with_it(
             if controller in controllers:
                 continue
             record = host.run(4, ["true"], **limit)
-            assert record.exit == AgentExecExit(
+            assert record.exit == p.AgentExecExit(
                 exec_id=4,
                 error=f"{controller} limits need the cgroup {controller} controller,"
                 " which this agent does not have",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.chroot import chroot
 from zoned.images.bootimage import AGENT_LIB_DIR, build_boot_image, cache_key
 from zoned.images.hostfiles import (
     BUSYBOX,
@@ -203,43 +203,26 @@ def test_the_images_interpreter_runs_the_agent_in_a_chroot(image: Path, tmp_path
         "print(sorted(m for m in sys.modules if m.startswith(('zoned', 'msgspec'))))\n"
         "print(agent.__spec__.origin)\n"
     )
-    result = subprocess.run(
-        [
-            shutil.which("chroot") or "/usr/sbin/chroot",
-            str(root),
-            "/usr/bin/python3",
-            "-S",
-            "-c",
-            probe,
-        ],
-        env={"HOME": "/", "TERM": "linux"},
-        capture_output=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr.decode()
-    modules, origin = result.stdout.decode().splitlines()
+    result = chroot(root, "/usr/bin/python3", "-S", "-c", probe, env={"HOME": "/", "TERM": "linux"})
+    assert result.returncode == 0, result.stderr
+    modules, origin = result.stdout.splitlines()
     assert "'zoned.protocol'" in modules
     assert "'zoned.agent.execs'" in modules
     assert "'msgspec'" in modules
     assert origin == f"{AGENT_LIB_DIR}/zoned/agent/init.pyc"
 
     # The workload's root: busybox's shell and tools, and python3 with its site module.
-    workload = subprocess.run(
-        [
-            shutil.which("chroot") or "/usr/sbin/chroot",
-            str(root),
-            "/usr/bin/env",
-            "-i",
-            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-            "sh",
-            "-c",
-            "echo $((6 * 7)); printf abc | sha256sum; python3 -c 'print(2 + 2)'",
-        ],
-        capture_output=True,
-        check=False,
+    workload = chroot(
+        root,
+        "/usr/bin/env",
+        "-i",
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        "sh",
+        "-c",
+        "echo $((6 * 7)); printf abc | sha256sum; python3 -c 'print(2 + 2)'",
     )
-    assert workload.returncode == 0, workload.stderr.decode()
-    assert workload.stdout.decode().splitlines() == [
+    assert workload.returncode == 0, workload.stderr
+    assert workload.stdout.splitlines() == [
         "42",
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  -",
         "4",

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
+from tests.samples import minimal_zone
 from zoned import protocol as p
 from zoned.cli.args import parse_args, parse_since, parse_uuid
 from zoned.cli.format import describe_exec, format_audit_table, format_event, format_quarantine
@@ -109,25 +110,7 @@ def test_processes_audit_lines_and_bundles_read_plainly() -> None:
         files=[p.EvidenceFile(name="zone.json", size_bytes=10, sha256="0" * 64)],
         errors=["memory.elf: No space left on device"],
     )
-    zone = p.ZoneInfo(
-        name="web",
-        uuid="u",
-        state="quarantined",
-        vcpus=1,
-        memory_mib=256,
-        profile="strict",
-        machine="microvm",
-        accelerator="tcg",
-        placement="shared",
-        cpus=[],
-        emulator_cpus=[],
-        numa_node=None,
-        labels={},
-        created_at=NOW,
-        ready_at=None,
-        guest_boot_s=None,
-        console_log="",
-    )
+    zone = minimal_zone("web", state="quarantined", created_at=NOW)
     text = format_quarantine(p.QuarantineReply(id=1, zone=zone, bundle=bundle))
     assert text.splitlines() == [
         "zone web: quarantined (paused)",

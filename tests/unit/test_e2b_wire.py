@@ -18,7 +18,7 @@ from e2b.envd.filesystem import filesystem_pb
 from e2b.envd.process import process_pb
 from protobuf import Oneof
 
-from tests.unit.test_mcp_labels import zone as zone_info
+from tests.samples import minimal_zone
 from zoned import protocol as p
 from zoned.config import Config, E2bConfig
 from zoned.e2b import api, envd
@@ -380,7 +380,7 @@ def test_sandbox_json_is_what_the_sdk_reads() -> None:
         "tok",
     )
     labels = {api.SANDBOX_LABEL: "base", api.METADATA_PREFIX + "team": "a"}
-    zone = msgspec.structs.replace(zone_info("e2b-x", labels), vcpus=2, memory_mib=512)
+    zone = msgspec.structs.replace(minimal_zone("e2b-x", labels=labels), vcpus=2, memory_mib=512)
     detail = api.detail(record, zone)
     parsed = SandboxDetail.from_dict(detail)
     assert (parsed.cpu_count, parsed.memory_mb, parsed.metadata) == (2, 512, {"team": "a"})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
+from tests.samples import minimal_zone
 from zoned import protocol as p
 from zoned.mcp import labels as lb
 
@@ -14,26 +14,7 @@ UID = 1000
 
 
 def zone(name: str, labels: dict[str, str], state: p.ZoneState = "ready") -> p.ZoneInfo:
-    fields: dict[str, Any] = {
-        "name": name,
-        "uuid": "u",
-        "state": state,
-        "vcpus": 1,
-        "memory_mib": 256,
-        "profile": "strict",
-        "machine": "microvm",
-        "accelerator": "tcg",
-        "placement": "shared",
-        "cpus": [],
-        "emulator_cpus": [],
-        "numa_node": None,
-        "labels": labels,
-        "created_at": 0.0,
-        "ready_at": None,
-        "guest_boot_s": None,
-        "console_log": "",
-    }
-    return p.ZoneInfo(**fields)
+    return minimal_zone(name, state=state, labels=labels)
 
 
 def test_session_labels_round_trip() -> None:

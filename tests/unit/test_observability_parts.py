@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.exposition import Series, series
 from zoned import audit, journal, zonelogs
 from zoned import protocol as p
 from zoned.evidence import Bundle, verify
@@ -279,15 +279,7 @@ HOST = HostSample(
 )
 
 
-def parse(text: bytes) -> dict[str, list[tuple[dict[str, str], float]]]:
-    found: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return found
-
-
-def value(found: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+def value(found: Series, name: str, **labels: str) -> float:
     matches = [v for ls, v in found[name] if all(ls.get(k) == w for k, w in labels.items())]
     assert len(matches) == 1, (name, labels, found.get(name))
     return matches[0]
@@ -309,7 +301,7 @@ def test_metrics_render_host_and_guest_views_apart() -> None:
     text = render(
         Snapshot(now=110.0, host=HOST, zones=[sample_zone(), stopped], telemetry=telemetry)
     )
-    found = parse(text)
+    found = series(text)
     web = {"zone": "web", "profile": "strict", "owner_uid": "1000"}
     assert value(found, "zoned_zone_cpu_seconds_total", **web) == 2.5
     assert value(found, "zoned_zone_host_resident_memory_bytes", **web) == 300_000 * 1024

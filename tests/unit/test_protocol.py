@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.samples import minimal_zone
 from zoned import protocol as p
 from zoned.errors import Conflict, ErrorCode, InvalidRequest, NotFound, UnsupportedVersion
 
@@ -230,24 +231,8 @@ REPLIES: list[p.Reply] = [
     p.ZoneReply(id=2, zone=ZONE),
     p.ZoneReply(
         id=3,
-        zone=p.ZoneInfo(
-            name="b",
-            uuid="u",
-            state="creating",
-            vcpus=1,
-            memory_mib=256,
-            profile="strict",
-            machine="q35",
-            accelerator="kvm",
-            placement="shared",
-            cpus=[],
-            emulator_cpus=[],
-            numa_node=None,
-            labels={},
-            created_at=0.0,
-            ready_at=None,
-            guest_boot_s=None,
-            console_log="",
+        zone=msgspec.structs.replace(
+            minimal_zone("b", state="creating"), machine="q35", accelerator="kvm"
         ),
     ),
     p.ZoneListReply(id=4, zones=[ZONE, ZONE]),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chroot import chroot
 from zoned.images import workloadroot
 from zoned.images.hostfiles import base_interpreter
 
@@ -21,17 +22,6 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root.mkdir()
     workloadroot._stage(root, base_interpreter())
     return root
-
-
-def chroot(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["/usr/sbin/chroot", str(root), *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/root"},
-    )
 
 
 def test_python_with_its_standard_library_runs_in_the_root(staged: Path) -> None:
