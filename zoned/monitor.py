@@ -78,7 +78,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Requests that change or run something: each gets an audit record.
-AUDITED: Final = frozenset({"create_zone", "destroy_zone", "exec", "run_zone", "quarantine_zone"})
+AUDITED: Final = frozenset(
+    {
+        "create_zone",
+        "destroy_zone",
+        "exec",
+        "run_zone",
+        "quarantine_zone",
+        "set_pool",
+        "remove_pool",
+    }
+)
 #: A process's stderr that the daemon itself wrote, kept as its start error.
 _MAX_ERROR_CHARS: Final = 1024
 

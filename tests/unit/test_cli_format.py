@@ -252,6 +252,7 @@ def test_format_zone_shows_every_field() -> None:
         "kernel:        6.12.117\n"
         "machine:       microvm (tcg)\n"
         "labels:        app=web,team=a\n"
+        "started:       booted for it\n"
         "created:       2024-05-01T12:00:00.000Z (90s ago)\n"
         "ready:         2024-05-01T12:00:01.250Z (boot 1.2s, guest kernel to agent 0.9s)\n"
         "console log:   /var/log/zoned/web.console.log\n"

@@ -67,6 +67,8 @@ ISOLATION_DEFAULTS = {
     "net_address": "",
     "net_address6": "",
     "net_status": None,
+    "pool": "",
+    "from_pool": "",
 }
 #: Fields added after those, with their defaults.
 LATER_DEFAULTS = {"failure": ""}
