@@ -27,8 +27,7 @@ def test_a_request_matches_only_exactly_what_the_pool_holds() -> None:
     assert pooling.matches(SPEC, request(), LIMITS)
     # "" is the default image, and the default machine is None or its name.
     assert pooling.matches(SPEC, request(image="zoned/default:latest", machine="microvm"), LIMITS)
-    different: dict[str, object]
-    for different in (
+    differences: list[dict[str, object]] = [
         {"image": "python:3.12"},
         {"profile": "containers"},
         {"vcpus": 2},
@@ -41,7 +40,8 @@ def test_a_request_matches_only_exactly_what_the_pool_holds() -> None:
         {"net": []},
         {"net": ["pypi.org:443"]},
         {"publishes": ["8080:80"]},
-    ):
+    ]
+    for different in differences:
         assert not pooling.matches(SPEC, request(**different), LIMITS), different
 
 
