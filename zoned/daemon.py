@@ -311,6 +311,7 @@ class Daemon:
             await nursery.start(manager.run)
             self.pools = PoolKeeper(config, manager, self.images, self.policy)
             await nursery.start(self.pools.run)
+            self.monitor.pool_infos = self.pools.infos
             nursery.start_soon(self._pump_domain_events, receive_events, manager)
             nursery.start_soon(hv.keep_connected, self._connection_lost, self._reconnected)
             nursery.start_soon(self._watch_cpus)

@@ -77,6 +77,10 @@ class PoolKeeper:
         self._saved = _Saved()
         self._path = Path(config.state_dir) / POOLS_FILE
         self._wake = trio.Event()
+        manager.pool_changed = self._wake_up
+
+    def _wake_up(self) -> None:
+        self._wake.set()
 
     # ------------------------------------------------------------ queries
 

@@ -299,6 +299,8 @@ class ZoneManager:
         self.verifier = ImageVerifier()
         self.cgroup_root = Path(config.cgroup_root)
         self.pids_controller = pids_controller
+        #: Called when a pool zone changes state or goes (zoned.pools refills then).
+        self.pool_changed: Callable[[], None] = _nothing
         self.nethost = nethost
 
     # ------------------------------------------------------------------ queries
@@ -384,6 +386,8 @@ class ZoneManager:
                 )
             if lifecycle.is_settled(record.state):
                 zone.settled.set()
+            if record.pool:
+                self.pool_changed()
 
         self.records.save(record.name, record, then=announce)
 
@@ -1061,6 +1065,7 @@ class ZoneManager:
             return
         with contextlib.suppress(NotFound):  # acquired or destroyed meanwhile
             await self._destroy(name, zone)
+        self.pool_changed()
 
     async def _destroy(self, name: str, zone: _Zone) -> ZoneInfo:
         if not lifecycle.is_settled(zone.record.state) and zone.supervisor is not None:
@@ -1380,7 +1385,7 @@ class ZoneManager:
             for d in await self.hv.list_domains(self.domain_prefix, metadata_uri=METADATA_NS)
             if d.state in ("running", "blocked", "paused")
         }
-        records, dropped = _one_record_per_domain(records)
+        records, dropped = one_record_per_domain(records)
         for name in dropped:
             log.warning("zone record %s dropped: its domain was acquired under another name", name)
             await self.records.delete(name).wait()
@@ -1510,7 +1515,11 @@ class ZoneManager:
             log.error("finishing destroy of %s failed: %s", name, exc)
 
 
-def _one_record_per_domain(
+def _nothing() -> None:
+    pass
+
+
+def one_record_per_domain(
     records: dict[str, ZoneRecord],
 ) -> tuple[dict[str, ZoneRecord], list[str]]:
     """One record per domain, and the names of those dropped: a restart between

@@ -16,11 +16,13 @@ import msgspec
 import pytest
 import trio
 
+from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_hostile_agent import fake_agent
 from zoned import protocol as p
 from zoned.client import Client
 from zoned.daemon import Daemon
 from zoned.errors import InvalidRequest, NotFound
+from zoned.topology import read_host_topology
 
 SMALL = p.PoolSpec(image="builtin", memory_mib=128, size=2)
 
@@ -157,3 +159,32 @@ async def test_a_pool_that_cannot_boot_backs_off_and_says_why(daemon: Daemon) ->
         assert pool.misses == 1
         await client.destroy_zone("miss")
         await client.remove_pool("broken")
+
+
+async def test_an_explicit_create_evicts_a_pool_zone_when_the_host_is_full(
+    short_tmp: Path,
+) -> None:
+    topology = read_host_topology()
+    # Room for exactly two zones of 128 MiB.
+    config = service_config(short_tmp, reserved_memory_mib=topology.memory_total_mib - 300)
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(Daemon(config, zone_images=fake_zone_images).run)
+        async with (
+            agent_farm(daemon, lambda name: True),
+            Client(config.socket_path) as client,
+        ):
+            with pytest.raises(InvalidRequest, match="more than the 300 MiB"):
+                await client.set_pool("small", msgspec.structs.replace(SMALL, size=3))
+            await client.set_pool("small", SMALL)
+            with trio.fail_after(20):
+                await wait_for_pool(client, "small", lambda p: p.ready == 2)
+            # Not the pool's spec: it boots cold, in the room of a pool zone.
+            zone = await client.create_zone("mine", image="builtin", memory_mib=100)
+            assert zone.from_pool == ""
+            with trio.fail_after(20):
+                pool = await wait_for_pool(client, "small", lambda p: p.refill_failures >= 1)
+            assert pool.ready == 1
+            assert "needs 128 MiB" in pool.last_failure, pool.last_failure
+            await client.destroy_zone("mine")
+            await client.remove_pool("small")
+        nursery.cancel_scope.cancel()
