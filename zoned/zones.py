@@ -698,8 +698,18 @@ class ZoneManager:
         keeps the acquired one.
         """
         zone = self.zones[name]
-        record = zone.record
         with trio.CancelScope(shield=True):
+            # Its logs (console, audit records, events) are the new name's:
+            # zonectl logs and the retention find them under it.
+            logs = zonelogs.zone_log_dir(Path(self.config.log_dir), name, old.uuid)
+            try:
+                await trio.to_thread.run_sync(_move_log_dir, Path(old.console_log).parent, logs)
+            except OSError as exc:
+                log.error("zone %s: its logs stay under %s: %s", name, old.name, exc)
+            else:
+                console_log = str(logs / zonelogs.CONSOLE_LOG)
+                zone.record = msgspec.structs.replace(zone.record, console_log=console_log)
+            record = zone.record
             await self.records.save(name, record).wait()
             await self.records.delete(old.name).wait()
         self._sync_metadata(zone)
@@ -1513,6 +1523,15 @@ class ZoneManager:
             await self.destroy(name, DAEMON)
         except ZonedError as exc:
             log.error("finishing destroy of %s failed: %s", name, exc)
+
+
+def _move_log_dir(old: Path, new: Path) -> None:
+    """Rename a zone's log directory (one file system: virtlogd's open console
+    log follows). Blocking: run in a worker thread."""
+    new.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    os.rename(old, new)
+    with contextlib.suppress(OSError):
+        old.parent.rmdir()  # the old name's directory, if no other zone of it left logs
 
 
 def _nothing() -> None:

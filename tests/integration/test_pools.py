@@ -95,6 +95,9 @@ async def test_a_pool_fills_and_serves_each_zone_once(zoned: LocalDaemon) -> Non
         assert len(outputs) == 2
         for zone in (a, b):
             await client.destroy_zone(zone.name)
+        # Its console log (the boot, under the pool's name) is kept under its own.
+        kept = b"".join([chunk async for chunk in client.console_log(a.name, uuid=a.uuid)])
+        assert b"zoned-agent: starting at" in kept, kept[-2000:]
 
         # The pool refills; a run takes one, prints, and its zone is gone after.
         await wait_for_pool(client, lambda pool: pool.ready == 2)

@@ -117,6 +117,9 @@ async def test_a_pool_fills_hands_out_each_zone_once_and_empties_at_size_0(
         for name, zone in zones.items():
             assert (zone.name, zone.labels, zone.state) == (name, {"task": name}, "ready")
             assert zone.owner_uid == 0
+            # Its logs are under its own name now.
+            assert f"/zones/{name}/{zone.uuid}/console.log" in zone.console_log
+            assert Path(zone.console_log).parent.is_dir()
         listed = {z.name: z for z in await client.list_zones()}
         assert set(listed) == {"one", "two"}
         assert listed["one"].from_pool == "small"
