@@ -1596,6 +1596,15 @@ class AgentExecResize(_Message, tag="agent_exec_resize", frozen=True):
     cols: TermSize
 
 
+class AgentSetHostname(_Message, tag="agent_set_hostname", frozen=True):
+    """Host -> agent: the zone's hostname is now ``hostname`` (a pool zone was
+    acquired under that name): the agent's and the workloads' (their UTS
+    namespace), before any process the host starts after it. Not answered;
+    the agent reports a failure on its console."""
+
+    hostname: ZoneName
+
+
 class AgentExecStarted(_Message, tag="agent_exec_started", frozen=True):
     exec_id: ExecId
     pid: Annotated[int, Meta(ge=1, le=2**31 - 1)]
@@ -1644,6 +1653,7 @@ HostToAgent: TypeAlias = (
     | AgentExecCredit
     | AgentExecSignal
     | AgentExecResize
+    | AgentSetHostname
 )
 
 Message: TypeAlias = Request | Reply | AgentToHost | HostToAgent

@@ -116,6 +116,7 @@ from zoned.protocol import (
     Accelerator,
     AgentExecStart,
     AgentHello,
+    AgentSetHostname,
     CreateZone,
     Exec,
     HeartbeatReply,
@@ -710,6 +711,9 @@ class ZoneManager:
                 console_log = str(logs / zonelogs.CONSOLE_LOG)
                 zone.record = msgspec.structs.replace(zone.record, console_log=console_log)
             record = zone.record
+            if zone.agent is not None:
+                # Before the reply: the caller's first process sees the new name.
+                await zone.agent.send_quietly(AgentSetHostname(hostname=name))
             await self.records.save(name, record).wait()
             await self.records.delete(old.name).wait()
         self._sync_metadata(zone)

@@ -93,6 +93,10 @@ async def test_a_pool_fills_and_serves_each_zone_once(zoned: LocalDaemon) -> Non
             assert result.exit.exit_code == 0, result
             outputs.add(result.stdout)
         assert len(outputs) == 2
+        # The workloads' hostname is the name the zone was acquired under.
+        for zone in (a, b):
+            result = await client.exec(zone.name, ["hostname"])
+            assert result.stdout == f"{zone.name}\n".encode(), result
         for zone in (a, b):
             await client.destroy_zone(zone.name)
         # Its console log (the boot, under the pool's name) is kept under its own.
@@ -102,11 +106,13 @@ async def test_a_pool_fills_and_serves_each_zone_once(zoned: LocalDaemon) -> Non
         # The pool refills; a run takes one, prints, and its zone is gone after.
         await wait_for_pool(client, lambda pool: pool.ready == 2)
         before = set(pool_domains())
-        async with client.run_process(["sh", "-c", "echo pooled"], memory_mib=256) as process:
+        async with client.run_process(
+            ["sh", "-c", "echo pooled; hostname"], memory_mib=256
+        ) as process:
             result = await process.communicate()
             assert process.zone is not None and process.zone.from_pool == "it"
             name = process.zone.name
-        assert (result.exit.exit_code, result.stdout) == (0, b"pooled\n")
+        assert (result.exit.exit_code, result.stdout) == (0, f"pooled\n{name}\n".encode())
         with pytest.raises(NotFound):
             await client.get_zone(name)
         assert len(before - set(pool_domains())) == 1  # the one it took is gone

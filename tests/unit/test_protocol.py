@@ -447,6 +447,7 @@ TO_AGENT: list[p.HostToAgent] = [
     p.AgentExecSignal(exec_id=1, signal=2),
     p.AgentExecResize(exec_id=1, rows=24, cols=80),
     p.AgentExecStart(exec_id=2, argv=["sh"], tty=True, memory_limit_mib=16, pids_limit=8),
+    p.AgentSetHostname(hostname="web-1"),
 ]
 
 ALL_MESSAGES: list[p.Message] = [*REQUESTS, *REPLIES, *FROM_AGENT, *TO_AGENT]
