@@ -253,6 +253,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     pools: Annotated[dict[PoolName, PoolSpec], msgspec.Meta(max_length=MAX_POOLS)] = {}
     # After failed refills in a row a pool waits 2, 4, 8 ... s, at most this.
     pool_backoff_max_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 300.0
+    # After a zone was taken from a pool, its refill waits this long: a boot
+    # beside the caller's first commands slows them where cores are few.
+    pool_refill_delay_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 0.0
 
     # -- The E2B-compatible endpoint (docs/e2b.md): a [e2b] table.
     e2b: E2bConfig = msgspec.field(default_factory=E2bConfig)

@@ -77,6 +77,8 @@ class PoolKeeper:
         self._saved = _Saved()
         self._path = Path(config.state_dir) / POOLS_FILE
         self._wake = trio.Event()
+        # When the last zone was taken (trio clock): refills wait pool_refill_delay_s after it.
+        self._last_hit = -math.inf
         manager.pool_changed = self._wake_up
 
     def _wake_up(self) -> None:
@@ -199,6 +201,7 @@ class PoolKeeper:
             return await self.manager.create(request, caller, registered=registered)
         if registered is not None:
             registered(old.uuid)
+        self._last_hit = trio.current_time()
         zone = await self.manager.persist_acquired(request.name, old)
         self.state(pool).acquired(time.monotonic() - started)
         log.info("zone %s: taken from pool %s (was %s)", request.name, pool, old.name)
@@ -213,6 +216,7 @@ class PoolKeeper:
         while True:
             self._wake = trio.Event()
             await self._trim()
+            await trio.sleep_until(self._last_hit + self.config.pool_refill_delay_s)
             now = time.time()
             target = self._next_to_fill(now)
             if target is not None:
