@@ -29,8 +29,6 @@ class HostLimits:
     """What one zone may ask for on this host, and the memory all zones share."""
 
     max_vcpus: int
-    min_memory_mib: int
-    max_memory_mib: int
     zone_memory_mib: int
     default_image: str
     default_machine: str
@@ -67,15 +65,11 @@ def pool_for(pools: Mapping[str, PoolSpec], request: CreateZone, limits: HostLim
 def check_fits(
     name: str, spec: PoolSpec, others: Mapping[str, PoolSpec], limits: HostLimits
 ) -> None:
-    """InvalidRequest unless the pool ``name`` fits the host beside ``others``."""
+    """InvalidRequest unless the pool ``name`` fits the host beside ``others``
+    (a zone's own memory bounds are :func:`zoned.zones.check_memory`'s)."""
     if spec.vcpus > limits.max_vcpus:
         raise InvalidRequest(
             f"pool {name!r}: vcpus={spec.vcpus} is above this host's limit of {limits.max_vcpus}"
-        )
-    if not limits.min_memory_mib <= spec.memory_mib <= limits.max_memory_mib:
-        raise InvalidRequest(
-            f"pool {name!r}: memory_mib={spec.memory_mib} is outside this host's limits"
-            f" {limits.min_memory_mib}..{limits.max_memory_mib}"
         )
     total = sum(s.size * s.memory_mib for n, s in others.items() if n != name)
     total += spec.size * spec.memory_mib

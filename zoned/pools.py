@@ -48,7 +48,7 @@ from zoned.imageservice import ImageService
 from zoned.kernel.store import find_kernel
 from zoned.protocol import MAX_POOLS, CreateZone, PoolInfo, PoolSpec, ZoneInfo
 from zoned.store import write_file_atomically
-from zoned.zones import ZoneManager
+from zoned.zones import ZoneManager, check_memory
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,6 @@ class PoolKeeper:
         topology = self.manager.allocator.topology
         return pooling.HostLimits(
             max_vcpus=self.config.max_vcpus,
-            min_memory_mib=self.config.min_memory_mib,
-            max_memory_mib=self.config.max_memory_mib,
             zone_memory_mib=topology.memory_total_mib - self.config.reserved_memory_mib,
             default_image=self.config.default_image,
             default_machine=self.config.machine,
@@ -117,6 +115,12 @@ class PoolKeeper:
         if name not in self.templates and len(self.templates) >= MAX_POOLS:
             raise InvalidRequest(f"there are {MAX_POOLS} pools already, the most this host keeps")
         pooling.check_fits(name, spec, self.templates, self.limits())
+        try:
+            check_memory(
+                self.config, spec.memory_mib, spec.profile, spec.machine or self.config.machine
+            )
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"pool {name!r}: {exc.message}") from None
         request = pooling.create_request("pool-check", spec)
         self.manager.writable_layer_mib(request)
         try:

@@ -75,6 +75,8 @@ async def test_bad_templates_are_refused_and_change_nothing(daemon: Daemon) -> N
             (p.PoolSpec(profile="nosuch"), "unknown profile"),
             (p.PoolSpec(vcpus=daemon.config.max_vcpus + 1), "vcpus="),
             (p.PoolSpec(memory_mib=64 * 1024, size=64), "more than"),
+            (p.PoolSpec(memory_mib=100, size=0), "too small"),
+            (p.PoolSpec(memory_mib=daemon.config.max_memory_mib + 1, size=0), "above this host"),
             (p.PoolSpec(size=-1), "size"),
             (p.PoolSpec(size=p.MAX_POOL_SIZE + 1), "size"),
             (p.PoolSpec(memory_mib=128, writable_layer_mib=100), "half"),
@@ -182,7 +184,7 @@ async def test_an_explicit_create_evicts_a_pool_zone_when_the_host_is_full(
             with trio.fail_after(20):
                 await wait_for_pool(client, "small", lambda p: p.ready == 2)
             # Not the pool's spec: it boots cold, in the room of a pool zone.
-            zone = await client.create_zone("mine", image="builtin", memory_mib=100)
+            zone = await client.create_zone("mine", image="builtin", memory_mib=120)
             assert zone.from_pool == ""
             with trio.fail_after(20):
                 pool = await wait_for_pool(client, "small", lambda p: p.refill_failures >= 1)
