@@ -8,6 +8,8 @@ whose image cannot boot would.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -193,3 +195,34 @@ async def test_an_explicit_create_evicts_a_pool_zone_when_the_host_is_full(
             await client.destroy_zone("mine")
             await client.remove_pool("small")
         nursery.cancel_scope.cancel()
+
+
+async def test_zonectl_pool_set_list_rm(daemon: Daemon) -> None:
+    """The command line end to end: what it sets is what the daemon keeps, and says."""
+
+    async def zonectl(*args: str) -> tuple[int, str, str]:
+        result = await trio.run_process(
+            [sys.executable, "-m", "zoned.cli", "--socket", daemon.config.socket_path, *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+    status, out, _ = await zonectl(
+        "pool", "set", "py", "--size", "0", "--memory", "512", "--image", "builtin",
+        "--writable-layer", "disk", "--writable-size", "64",
+    )  # fmt: skip
+    assert status == 0 and out.startswith("POOL"), out
+    async with Client(daemon.config.socket_path) as client:
+        (pool,) = await client.list_pools()
+    assert pool.spec == p.PoolSpec(
+        image="builtin", memory_mib=512, writable_layer="disk", writable_layer_mib=64, size=0
+    )
+    status, out, _ = await zonectl("--json", "pool", "list")
+    assert status == 0 and '"name":"py"' in out.replace(" ", ""), out
+    status, _, err = await zonectl("pool", "set", "bad", "--profile", "nosuch")
+    assert status != 0 and "unknown profile" in err, err
+    status, out, _ = await zonectl("pool", "rm", "py")
+    assert status == 0 and "py" in out
+    assert not json.loads((Path(daemon.config.state_dir) / "pools.json").read_bytes())["pools"]
