@@ -21,6 +21,7 @@ from zoned import protocol as p
 from zoned.client import Client
 from zoned.errors import NotFound
 from zoned.localdaemon import LocalDaemon
+from zoned.topology import read_host_topology
 
 #: The pool "it": its zones are pool-it-<hex>, and this module names its own pool-it-*.
 PREFIX = "pool-it"
@@ -149,3 +150,31 @@ async def test_kill9_with_a_full_pool_readopts_it_and_size_0_leaves_nothing(
         assert list((zoned.root / directory).iterdir()) == [], directory
     for pid in running.values():
         assert pid is not None and not Path(f"/proc/{pid}").exists()
+
+
+async def test_an_explicit_create_evicts_a_pool_zone_when_the_host_is_full() -> None:
+    """A daemon of its own whose host has room for two 256 MiB zones and a bit."""
+    room = 2 * SPEC.memory_mib + 200
+    reserved = read_host_topology().memory_total_mib - room
+    with private_zoned("pool-ev", extra_config=f"reserved_memory_mib = {reserved}") as daemon:
+        async with connect(daemon) as client:
+            await client.set_pool("ev", SPEC)
+            await wait_for_pool(client, lambda pool: pool.ready == 2)
+            # Not the pool's template (more memory): it boots cold, in a pool zone's room.
+            mine = await client.create_zone("pool-ev-mine", memory_mib=300)
+            assert (mine.state, mine.from_pool) == ("ready", "")
+            pool = await wait_for_pool(client, lambda pool: pool.refill_failures >= 1)
+            assert pool.ready == 1, pool
+            assert "needs 256 MiB" in pool.last_failure, pool.last_failure
+            assert pool.backoff_until is not None
+            await client.destroy_zone("pool-ev-mine")
+            # Room again: the pool fills once its wait is over.
+            await wait_for_pool(client, lambda pool: pool.ready == 2)
+            await client.remove_pool("ev")
+            await wait_for_pool_gone(client)
+
+
+async def wait_for_pool_gone(client: Client) -> None:
+    with trio.fail_after(FILL_TIMEOUT_S):
+        while (await client.host_info()).zone_count:
+            await trio.sleep(0.2)
