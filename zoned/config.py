@@ -19,6 +19,7 @@ from zoned.httpserve import parse_listen_address
 from zoned.kernel.store import DEFAULT_STORE
 from zoned.net.addressing import LINK_PREFIX_PATTERN
 from zoned.net.wire import Limits as NetLimits
+from zoned.protocol import MAX_POOLS, PoolName, PoolSpec
 
 DEFAULT_CONFIG_PATH = Path("/etc/zoned/zoned.toml")
 #: The highest uid a zone's QEMU may get: 2^31 - 2 (2^31 - 1 is kept as a
@@ -245,6 +246,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Evidence bundles of quarantined zones: root's alone (mode 0700), never
     # under runtime_dir (which zones' QEMUs reach).
     evidence_dir: str = "/var/lib/zoned/evidence"
+
+    # -- Warm pools (docs/fast-start.md): [pools.<name>] tables of PoolSpec's
+    # fields. `zonectl pool set|rm` changes them at runtime; those changes
+    # are kept in state_dir/pools.json and win over this table's entries.
+    pools: Annotated[dict[PoolName, PoolSpec], msgspec.Meta(max_length=MAX_POOLS)] = {}
+    # After failed refills in a row a pool waits 2, 4, 8 ... s, at most this.
+    pool_backoff_max_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 300.0
+    # After a zone was taken from a pool, its refill waits this long: a boot
+    # beside the caller's first commands slows them where cores are few.
+    pool_refill_delay_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 0.0
 
     # -- The E2B-compatible endpoint (docs/e2b.md): a [e2b] table.
     e2b: E2bConfig = msgspec.field(default_factory=E2bConfig)

@@ -65,6 +65,7 @@ from zoned.monitor import Monitor
 from zoned.net.addressing import NetPools
 from zoned.net.host import NetHost, NetHostConfig
 from zoned.placement import Allocator
+from zoned.pools import PoolKeeper
 from zoned.protocol import Accelerator
 from zoned.quarantine import quarantine_zone
 from zoned.records import ZONES_SECLABEL
@@ -217,6 +218,7 @@ class Daemon:
         self.topology: HostTopology
         self.allocator: Allocator
         self.manager: ZoneManager | None = None
+        self.pools: PoolKeeper | None = None
         self.monitor: Monitor | None = None
         self.images: ImageService | None = None
         self.accelerator: Accelerator = "tcg"
@@ -307,6 +309,9 @@ class Daemon:
             )
             await nursery.start(self.monitor.run, manager)
             await nursery.start(manager.run)
+            self.pools = PoolKeeper(config, manager, self.images, self.policy)
+            await nursery.start(self.pools.run)
+            self.monitor.pool_infos = self.pools.infos
             nursery.start_soon(self._pump_domain_events, receive_events, manager)
             nursery.start_soon(hv.keep_connected, self._connection_lost, self._reconnected)
             nursery.start_soon(self._watch_cpus)
@@ -422,14 +427,22 @@ class Daemon:
     async def _dispatch(
         self, request: p.Request, send: Send, inputs: StreamInputs, caller: Caller
     ) -> None:
-        manager, monitor = self.manager, self.monitor
-        assert manager is not None and monitor is not None
+        manager, monitor, pools = self.manager, self.monitor, self.pools
+        assert manager is not None and monitor is not None and pools is not None
         match request:
             case p.HostInfo():
                 await send(p.HostInfoReply(id=request.id, host=await self.host_info(caller)))
             case p.CreateZone():
-                zone = await manager.create(request, caller)
+                zone = await pools.create(request, caller)
                 await send(p.ZoneReply(id=request.id, zone=zone))
+            case p.SetPool():
+                pool = await pools.set(request.name, request.spec, caller)
+                await send(p.PoolReply(id=request.id, pool=pool))
+            case p.ListPools():
+                await send(p.PoolListReply(id=request.id, pools=pools.infos()))
+            case p.RemovePool():
+                pool = await pools.remove(request.name, caller)
+                await send(p.PoolReply(id=request.id, pool=pool))
             case p.GetZone():
                 await send(p.ZoneReply(id=request.id, zone=manager.get(request.name, caller)))
             case p.ListZones():
@@ -448,7 +461,7 @@ class Daemon:
             case p.Exec():
                 await exec_in_zone(manager, request, send, inputs, caller)
             case p.RunZone():
-                await run_in_fresh_zone(manager, request, send, inputs, caller)
+                await run_in_fresh_zone(manager, pools.create, request, send, inputs, caller)
             case p.AuditQuery():
                 await monitor.stream_audit(request, send, caller)
             case p.QuarantineZone():

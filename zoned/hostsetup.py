@@ -239,9 +239,16 @@ def render_default_config() -> str:
         "",
     ]
     tables = {name: value for name, value in defaults.items() if isinstance(value, msgspec.Struct)}
+    # Tables of named entries, empty by default (pools): said in a comment.
+    named = {name for name, value in defaults.items() if isinstance(value, dict)}
     lines += [
-        f"# {name} = {_toml_value(value)}" for name, value in defaults.items() if name not in tables
+        f"# {name} = {_toml_value(value)}"
+        for name, value in defaults.items()
+        if name not in tables and name not in named
     ]
+    for name in sorted(named):
+        # Its header is not commented out: the table is empty.
+        lines += ["", f"[{name}]", f"# [{name}.NAME] tables: none by default (docs/fast-start.md)"]
     for name, table in tables.items():
         # A table's header is not commented out: it holds only defaults.
         fields = msgspec.structs.asdict(table)

@@ -211,6 +211,15 @@ class ImageService:
             accounts=record.accounts,
         )
 
+    async def check(self, reference: str) -> None:
+        """ImageNotFound (or InvalidRequest) unless ``reference`` names an image
+        a zone could boot now; nothing is leased."""
+        wanted = reference or self.config.default_image
+        if wanted == p.BUILTIN_IMAGE:
+            self.builtin(wanted)
+            return
+        await trio.to_thread.run_sync(self.store.resolve, wanted)
+
     def adopt(self, zone: str, image_id: str) -> None:
         """A zone found running at start-up keeps its image."""
         if image_id and image_id != p.BUILTIN_IMAGE:
@@ -218,6 +227,11 @@ class ImageService:
 
     def release(self, zone: str) -> None:
         self.leases.pop(zone, None)
+
+    def rename(self, zone: str, new_name: str) -> None:
+        """``zone``'s lease is ``new_name``'s now (a pool zone acquired)."""
+        if zone in self.leases:
+            self.leases[new_name] = self.leases.pop(zone)
 
     def in_use(self) -> set[str]:
         return set(self.leases.values())

@@ -129,7 +129,12 @@ class LocalDaemon:
                     f'scratch_dir = "{self.scratch_dir}"',
                     f'libvirt_uri = "{libvirt_uri}"',
                     f'domain_prefix = "{self.domain_prefix}"',
-                    "reserved_memory_mib = 512",
+                    # extra_config may set its own (a host made small on purpose).
+                    *(
+                        ["reserved_memory_mib = 512"]
+                        if "reserved_memory_mib" not in extra_config
+                        else []
+                    ),
                     f"zone_uid_base = {private_uid_base(root)}",
                     f"zone_uid_count = {PRIVATE_UID_SLICE}",
                     *(

@@ -18,6 +18,10 @@ Rules:
   the difference is worth an alert.
 - A zone's series exist while the zone does: a destroyed zone's disappear
   (its last state, ``stopped``, is seen by a scrape that comes before).
+- Warm pools (``zoned_pool_*``, label ``pool``): each pool's target size,
+  its zones by state (ready, booting), hits, misses, refill failures and
+  the time an acquire took (a summary: count and sum). A zone's ``pool``
+  label is the pool it waits in or was taken from.
 - Network series (``zoned_zone_network_*``) exist for zones with a network:
   the counters of its helper (:class:`zoned.net.accounting.NetCounters`,
   at most a second old) plus the UDP our table forwarded; a zone without
@@ -41,11 +45,16 @@ from typing import Final, get_args
 
 import trio
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 
 from zoned import __version__
 from zoned.net.accounting import NetCounters
-from zoned.protocol import GuestMetrics, ZoneState
+from zoned.protocol import GuestMetrics, PoolInfo, ZoneState
 from zoned.virt import BulkDomainStats
 
 log = logging.getLogger(__name__)
@@ -165,6 +174,7 @@ class Snapshot:
     host: HostSample
     zones: Sequence[ZoneSample]
     telemetry: Telemetry
+    pools: Sequence[PoolInfo] = ()
 
 
 # --------------------------------------------------------------------------
@@ -521,6 +531,30 @@ def _host_families(snapshot: Snapshot) -> Iterator[Metric]:
         yield refresh
 
 
+def _pool_families(pools: Sequence[PoolInfo]) -> Iterator[Metric]:
+    size = _gauge("zoned_pool_size", "A warm pool's target of ready zones", ["pool"])
+    zones = _gauge("zoned_pool_zones", "A warm pool's zones by state", ["pool", "state"])
+    hits = _counter("zoned_pool_hits", "Creates and runs that took a pool's ready zone", ["pool"])
+    misses = _counter(
+        "zoned_pool_misses", "Creates and runs that matched a pool with no ready zone", ["pool"]
+    )
+    failures = _counter("zoned_pool_refill_failures", "A pool's refills that failed", ["pool"])
+    acquire = SummaryMetricFamily(
+        "zoned_pool_acquire_seconds", "Taking a pool's ready zone for a request", labels=["pool"]
+    )
+    for pool in pools:
+        labels = [pool.name]
+        size.add_metric(labels, pool.spec.size)
+        zones.add_metric([pool.name, "ready"], pool.ready)
+        zones.add_metric([pool.name, "booting"], pool.booting)
+        hits.add_metric(labels, pool.hits)
+        misses.add_metric(labels, pool.misses)
+        failures.add_metric(labels, pool.refill_failures)
+        mean = pool.acquire_mean_s or 0.0
+        acquire.add_metric(labels, count_value=pool.hits, sum_value=mean * pool.hits)
+    yield from (size, zones, hits, misses, failures, acquire)
+
+
 def _counted(name: str, doc: str, label: str, values: Counter[str]) -> CounterMetricFamily:
     family = _counter(name, doc, [label])
     for key, value in sorted(values.items()):
@@ -534,6 +568,7 @@ class _SnapshotCollector:
 
     def collect(self) -> Iterable[Metric]:
         yield from _host_families(self.snapshot)
+        yield from _pool_families(self.snapshot.pools)
         per_zone = _PerZone()
         for zone in sorted(self.snapshot.zones, key=lambda zone: zone.name):
             per_zone.add(zone, self.snapshot.now)

@@ -78,7 +78,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Requests that change or run something: each gets an audit record.
-AUDITED: Final = frozenset({"create_zone", "destroy_zone", "exec", "run_zone", "quarantine_zone"})
+AUDITED: Final = frozenset(
+    {
+        "create_zone",
+        "destroy_zone",
+        "exec",
+        "run_zone",
+        "quarantine_zone",
+        "set_pool",
+        "remove_pool",
+    }
+)
 #: A process's stderr that the daemon itself wrote, kept as its start error.
 _MAX_ERROR_CHARS: Final = 1024
 
@@ -207,6 +217,8 @@ class Monitor:
             max_zones=config.log_retention_max_zones,
         )
         self.manager: ZoneManager | None = None
+        #: The warm pools' figures (zoned.pools.PoolKeeper.infos), once they run.
+        self.pool_infos: Callable[[], list[p.PoolInfo]] = list
         # The last uuid and record of each zone name seen in an event: a zone's
         # last events are published after it left the manager.
         self._last: dict[str, ZoneRecord] = {}
@@ -588,6 +600,7 @@ class Monitor:
                     created_at=record.created_at,
                     owner_uid=record.owner_uid,
                     image=record.image,
+                    pool=record.pool or record.from_pool,
                     kernel_release=record.kernel_release,
                     ready_at=record.ready_at,
                     guest_boot_s=record.guest_boot_s,
@@ -621,7 +634,13 @@ class Monitor:
             stats_failures=self.stats.failures,
             stats_refresh_seconds=self.stats.last_refresh_s,
         )
-        return Snapshot(now=time.time(), host=host, zones=zones, telemetry=self.telemetry)
+        return Snapshot(
+            now=time.time(),
+            host=host,
+            zones=zones,
+            telemetry=self.telemetry,
+            pools=self.pool_infos(),
+        )
 
 
 _NO_COUNTS: Final = ZoneCounters()

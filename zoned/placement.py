@@ -242,6 +242,15 @@ class Allocator:
         if self._zones.pop(zone, None) is None:
             raise NotFound(f"zone {zone!r} has no placement to release")
 
+    def rename(self, zone: str, new_name: str) -> None:
+        """The placement of ``zone`` is ``new_name``'s now (a pool zone acquired)."""
+        if new_name in self._zones:
+            raise Conflict(f"zone {new_name!r} already has a placement")
+        record = self._zones.pop(zone, None)
+        if record is None:
+            raise NotFound(f"zone {zone!r} has no placement to rename")
+        self._zones[new_name] = replace(record, name=new_name)
+
     def adopt(self, placement: Placement) -> None:
         """Record the placement of a zone found running; never refused for capacity."""
         if placement.zone in self._zones:

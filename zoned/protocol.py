@@ -256,6 +256,10 @@ MAX_NET_RULES = 256
 MAX_NET_RULE_CHARS = 300
 MAX_PUBLISHES = 64
 MAX_PUBLISH_CHARS = 64
+#: Warm pools (docs/fast-start.md): at most this many templates, each with at
+#: most this many booted, never-used zones.
+MAX_POOLS = 32
+MAX_POOL_SIZE = 64
 
 _UINT32_MAX = 2**32 - 1
 # msgspec bounds must fit an int64.
@@ -263,6 +267,7 @@ _INT64_MAX = 2**63 - 1
 
 RequestId = Annotated[int, Meta(ge=0, le=_UINT32_MAX)]
 ZoneName = Annotated[str, Meta(max_length=63, pattern=ZONE_NAME_PATTERN)]
+PoolName = Annotated[str, Meta(max_length=32, pattern=r"^[a-z][a-z0-9-]{0,31}\Z")]
 # A profile names a directory in the kernel store: the zone-name rules keep it
 # a plain path component.
 ProfileName = Annotated[str, Meta(max_length=63, pattern=ZONE_NAME_PATTERN)]
@@ -753,6 +758,52 @@ class ImageSizes(_Message, tag="image_sizes", frozen=True):
     id: RequestId
 
 
+class PoolSpec(_Record, frozen=True, kw_only=True):
+    """A warm pool's template: what its zones are, and how many to keep booted.
+
+    A ``create_zone`` or ``run_zone`` matches it when it asks for the same
+    image (as written; "" and the daemon's default image are one), profile,
+    vCPUs, memory, machine (None: the daemon's default), writable layer and
+    its size, shared placement, no extra kernel arguments and no network
+    (``net`` None, no ``publishes``: pool zones have none).
+    """
+
+    image: Annotated[str, Meta(max_length=MAX_IMAGE_REF_CHARS, pattern=r"^[!-~]*\Z")] = ""
+    profile: ProfileName = "strict"
+    vcpus: Vcpus = 1
+    memory_mib: MemoryMib = 256
+    machine: Machine | None = None
+    writable_layer: WritableLayer = "tmpfs"
+    writable_layer_mib: WritableLayerMib | None = None
+    # Booted, never-used zones to keep ready; 0 keeps the template, no zones.
+    size: Annotated[int, Meta(ge=0, le=MAX_POOL_SIZE)] = 1
+
+
+class SetPool(_Message, tag="set_pool", frozen=True):
+    """Create or change the pool ``name`` (root and administrators only).
+
+    Refused, changing nothing, when the template names an unknown image or
+    profile, is beyond the host's limits, or when all pools together would
+    hold more memory than the host has for zones. The reply comes at once;
+    the pool fills (or shrinks) in the background.
+    """
+
+    id: RequestId
+    name: PoolName
+    spec: PoolSpec
+
+
+class ListPools(_Message, tag="list_pools", frozen=True):
+    id: RequestId
+
+
+class RemovePool(_Message, tag="remove_pool", frozen=True):
+    """Remove the pool ``name``; its unused zones are destroyed."""
+
+    id: RequestId
+    name: PoolName
+
+
 Request: TypeAlias = (
     Hello
     | HostInfo
@@ -779,6 +830,9 @@ Request: TypeAlias = (
     | PruneImages
     | ImageSizes
     | SetZoneNet
+    | SetPool
+    | ListPools
+    | RemovePool
 )
 #: Requests that feed a running stream rather than start one.
 StreamInput: TypeAlias = ExecInput | ExecSignal | ExecResize | ImageData
@@ -934,6 +988,30 @@ class ZoneInfo(_Record, frozen=True):
     # agent_silent, agent_misbehaved, boot_timeout (zoned.failures; more may
     # come). ``reason`` says it in words.
     failure: str = ""
+    # The warm pool the zone was taken from ("" when it was booted for its
+    # request): the reply to create_zone and run_zone says which.
+    from_pool: str = ""
+
+
+class PoolInfo(_Record, frozen=True, kw_only=True):
+    """One warm pool: its template and how it is doing."""
+
+    name: str
+    spec: PoolSpec
+    # Zones booted and never used, and zones booting for it now.
+    ready: int = 0
+    booting: int = 0
+    # Matching requests that took a ready zone, and those that found none.
+    hits: int = 0
+    misses: int = 0
+    # Refills that failed since the daemon started; the last one's reason;
+    # until when (Unix time) refilling waits after failures in a row.
+    refill_failures: int = 0
+    last_failure: str = ""
+    backoff_until: float | None = None
+    # Taking a ready zone (identity and record written), in seconds.
+    acquire_last_s: float | None = None
+    acquire_mean_s: float | None = None
 
 
 class ImageInfo(_Record, frozen=True):
@@ -1361,6 +1439,18 @@ class ImageSizesReply(_Message, tag="image_sizes_reply", frozen=True):
 # and zoned.errors.error_from_code() turns a received code back into it.
 
 
+class PoolReply(_Message, tag="pool_reply", frozen=True):
+    """Reply to SetPool and RemovePool: the pool as it is now."""
+
+    id: RequestId
+    pool: PoolInfo
+
+
+class PoolListReply(_Message, tag="pool_list_reply", frozen=True):
+    id: RequestId
+    pools: list[PoolInfo]
+
+
 class ErrorReply(_Message, tag="error_reply", frozen=True):
     """Request ``id`` failed; ends any stream it had started."""
 
@@ -1390,6 +1480,8 @@ Reply: TypeAlias = (
     | AuditReply
     | QuarantineReply
     | ZoneNetReply
+    | PoolReply
+    | PoolListReply
 )
 
 
@@ -1504,6 +1596,15 @@ class AgentExecResize(_Message, tag="agent_exec_resize", frozen=True):
     cols: TermSize
 
 
+class AgentSetHostname(_Message, tag="agent_set_hostname", frozen=True):
+    """Host -> agent: the zone's hostname is now ``hostname`` (a pool zone was
+    acquired under that name): the agent's and the workloads' (their UTS
+    namespace), before any process the host starts after it. Not answered;
+    the agent reports a failure on its console."""
+
+    hostname: ZoneName
+
+
 class AgentExecStarted(_Message, tag="agent_exec_started", frozen=True):
     exec_id: ExecId
     pid: Annotated[int, Meta(ge=1, le=2**31 - 1)]
@@ -1552,6 +1653,7 @@ HostToAgent: TypeAlias = (
     | AgentExecCredit
     | AgentExecSignal
     | AgentExecResize
+    | AgentSetHostname
 )
 
 Message: TypeAlias = Request | Reply | AgentToHost | HostToAgent

@@ -92,6 +92,12 @@ class ZoneRecord(msgspec.Struct, frozen=True, kw_only=True):
     net_status: NetStatus | None = None
     # Why a failed zone failed (zoned.failures.CAUSES; "" otherwise).
     failure: str = ""
+    # Warm pools (zoned.pools): the pool a booted, never-used zone waits in
+    # ("" for a zone somebody asked for), and the pool an acquired zone came
+    # from. A pool zone keeps its first name as ``domain_name`` and in its
+    # host paths when it is renamed at acquire.
+    pool: str = ""
+    from_pool: str = ""
 
 
 #: What a record and the client's view share by name and meaning: carried as they are.

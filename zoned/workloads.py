@@ -42,6 +42,7 @@ import math
 import secrets
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -178,11 +179,29 @@ def run_zone_name(request: p.RunZone) -> str:
     return request.name or f"run-{secrets.token_hex(4)}"
 
 
+class CreateZone(Protocol):
+    """How ``run`` gets its zone: a warm pool's or a cold boot (zoned.pools.PoolKeeper.create)."""
+
+    async def __call__(
+        self,
+        request: p.CreateZone,
+        caller: Caller,
+        *,
+        registered: Callable[[str], object] | None = None,
+    ) -> p.ZoneInfo: ...
+
+
 async def run_in_fresh_zone(
-    manager: ZoneManager, request: p.RunZone, send: Send, inputs: StreamInputs, caller: Caller
+    manager: ZoneManager,
+    create_zone: CreateZone,
+    request: p.RunZone,
+    send: Send,
+    inputs: StreamInputs,
+    caller: Caller,
 ) -> None:
-    """Create a zone owned by ``caller``, run the process, destroy the zone (the one
-    this run created, never another of the same name)."""
+    """Have a zone owned by ``caller`` (booted for it, or never used from a
+    pool), run the process, destroy the zone (the one this run got, never
+    another of the same name)."""
     name = run_zone_name(request)
     create = p.CreateZone(
         id=request.id,
@@ -213,7 +232,7 @@ async def run_in_fresh_zone(
                 log.warning("run: could not destroy zone %s: %s", name, exc)
 
     try:
-        zone = await manager.create(create, caller, registered=ours.append)
+        zone = await create_zone(create, caller, registered=ours.append)
         await send(p.ZoneReply(id=request.id, zone=zone))
         session = await manager.start_exec(name, request, caller)
         await stream_exec(

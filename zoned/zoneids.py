@@ -142,6 +142,15 @@ class QemuIdAllocator:
         self._by_zone[zone] = uid
         self._by_id[uid] = zone
 
+    def rename(self, zone: str, new_name: str) -> None:
+        """The id ``zone`` holds is ``new_name``'s now (a pool zone acquired)."""
+        if new_name in self._by_zone:
+            raise Conflict(f"zone {new_name!r} already has QEMU id {self._by_zone[new_name]}")
+        uid = self._by_zone.pop(zone, None)
+        if uid is not None:
+            self._by_zone[new_name] = uid
+            self._by_id[uid] = new_name
+
     def release(self, zone: str) -> None:
         uid = self._by_zone.pop(zone, None)
         if uid is not None:

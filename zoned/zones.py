@@ -52,6 +52,7 @@ Rules:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import hashlib
@@ -88,6 +89,7 @@ from zoned.errors import (
     Conflict,
     HypervisorError,
     InvalidRequest,
+    NoCapacity,
     NotFound,
     ZonedError,
 )
@@ -114,6 +116,7 @@ from zoned.protocol import (
     Accelerator,
     AgentExecStart,
     AgentHello,
+    AgentSetHostname,
     CreateZone,
     Exec,
     HeartbeatReply,
@@ -297,6 +300,8 @@ class ZoneManager:
         self.verifier = ImageVerifier()
         self.cgroup_root = Path(config.cgroup_root)
         self.pids_controller = pids_controller
+        #: Called when a pool zone changes state or goes (zoned.pools refills then).
+        self.pool_changed: Callable[[], None] = _nothing
         self.nethost = nethost
 
     # ------------------------------------------------------------------ queries
@@ -309,26 +314,38 @@ class ZoneManager:
             to_info(zone.record)
             for name, zone in sorted(self.zones.items())
             if all(zone.record.labels.get(k) == v for k, v in labels.items())
-            and self.policy.may_act_on(caller, zone.record.owner_uid)
+            and self._visible(zone, caller)
         ]
+
+    def _visible(self, zone: _Zone, caller: Caller) -> bool:
+        # A pool zone is nobody's zone until it is acquired (zonectl pool list counts them).
+        return not zone.record.pool and self.policy.may_act_on(caller, zone.record.owner_uid)
+
+    def pool_zones(self, pool: str) -> builtins.list[_Zone]:
+        """The zones waiting in (or booting for) ``pool``, oldest first."""
+        found = [zone for zone in self.zones.values() if zone.record.pool == pool]
+        return sorted(found, key=lambda zone: zone.record.created_at)
+
+    def pool_names(self) -> set[str]:
+        """Every pool some zone waits in."""
+        return {zone.record.pool for zone in self.zones.values() if zone.record.pool}
 
     def console_log_path(self, name: str, caller: Caller) -> Path:
         return Path(self.zone_for(name, caller).record.console_log)
 
     def visible_names(self, caller: Caller) -> set[str]:
         """The zones ``caller`` may know of."""
-        return {
-            name
-            for name, zone in self.zones.items()
-            if self.policy.may_act_on(caller, zone.record.owner_uid)
-        }
+        return {name for name, zone in self.zones.items() if self._visible(zone, caller)}
 
     def zone_for(self, name: str, caller: Caller) -> _Zone:
         """The zone ``name`` if ``caller`` may act on it; to anyone else it does not exist."""
         zone = self.zones.get(name)
-        if zone is None or not self.policy.may_act_on(caller, zone.record.owner_uid):
+        if zone is None or not self._visible(zone, caller):
             raise NotFound(f"no zone named {name!r}")
         return zone
+
+    def _by_domain(self, domain_name: str) -> _Zone | None:
+        return next((z for z in self.zones.values() if z.record.domain_name == domain_name), None)
 
     # --------------------------------------------------------------- state changes
 
@@ -370,6 +387,8 @@ class ZoneManager:
                 )
             if lifecycle.is_settled(record.state):
                 zone.settled.set()
+            if record.pool:
+                self.pool_changed()
 
         self.records.save(record.name, record, then=announce)
 
@@ -410,14 +429,24 @@ class ZoneManager:
 
     # -------------------------------------------------------------------- create
 
+    def _check_name_free(self, name: str, caller: Caller) -> None:
+        taken = self.zones.get(name)
+        if taken is not None:
+            if self._visible(taken, caller):
+                raise Conflict(f"a zone named {name!r} already exists")
+            # Zone names are one namespace for the host; say no more than that.
+            raise Conflict(f"the zone name {name!r} is taken (names are shared by all users)")
+
     async def create(
         self,
         request: CreateZone,
         caller: Caller,
         *,
+        pool: str = "",
         registered: Callable[[str], object] | None = None,
     ) -> ZoneInfo:
-        """Create the zone and wait until it is ready; its error otherwise.
+        """Create the zone and wait until it is ready; its error otherwise. With
+        ``pool``, a zone that waits in that pool (zoned.pools).
 
         ``registered`` is called with the new zone's uuid as soon as it holds
         its name: from then on the zone exists (also in ``failed``, when the
@@ -425,12 +454,7 @@ class ZoneManager:
         registers anything.
         """
         name = request.name
-        taken = self.zones.get(name)
-        if taken is not None:
-            if self.policy.may_act_on(caller, taken.record.owner_uid):
-                raise Conflict(f"a zone named {name!r} already exists")
-            # Zone names are one namespace for the host; say no more than that.
-            raise Conflict(f"the zone name {name!r} is taken (names are shared by all users)")
+        self._check_name_free(name, caller)
         machine = request.machine or self.config.machine
         if request.vcpus > self.config.max_vcpus:
             raise InvalidRequest(
@@ -441,7 +465,7 @@ class ZoneManager:
         wanted_net = self._wanted_network(request)
         if wanted_net is not None:
             await self.nethost.check_policy(wanted_net[0])
-        writable_mib = self._writable_layer_mib(request)
+        writable_mib = self.writable_layer_mib(request)
         busy = await trio.to_thread.run_sync(live_process_ids, self.qemu_ids.ids)
         if name in self.zones:  # created by another request while we checked
             raise Conflict(f"the zone name {name!r} is taken")
@@ -454,9 +478,7 @@ class ZoneManager:
             raise
         phases.mark("checks")
         try:
-            placement = self.allocator.allocate(
-                name, request.vcpus, request.memory_mib, request.placement
-            )
+            placement = await self._allocate(name, request, evict=not pool)
         except BaseException:
             self.qemu_ids.release(name)
             self.images.release(name)
@@ -510,6 +532,7 @@ class ZoneManager:
             writable_layer=request.writable_layer,
             writable_layer_mib=writable_mib,
             scratch_disk=scratch_disk,
+            pool=pool,
             owner=self.owner,
             cmdline=cmdline,
             console_log=str(logs / zonelogs.CONSOLE_LOG),
@@ -609,6 +632,101 @@ class ZoneManager:
                 used.add(network.slot)
         return used
 
+    async def _allocate(self, name: str, request: CreateZone, *, evict: bool) -> Placement:
+        """The zone's placement; with ``evict``, unused pool zones make room
+        (oldest first) when the host is full."""
+        while True:
+            try:
+                return self.allocator.allocate(
+                    name, request.vcpus, request.memory_mib, request.placement
+                )
+            except NoCapacity:
+                victim = next(
+                    (
+                        zone
+                        for zone in sorted(self.zones.values(), key=lambda z: z.record.created_at)
+                        if zone.record.pool and zone.holds_placement and not zone.lock.locked()
+                    ),
+                    None,
+                )
+                if not evict or victim is None:
+                    raise
+            log.info("evicting pool zone %s to make room for %s", victim.record.name, name)
+            await self.destroy_pool_zone(victim.record.name)
+
+    # ------------------------------------------------------------- pool acquire
+
+    def take_pool_zone(
+        self, pool: str, name: str, labels: dict[str, str], caller: Caller
+    ) -> ZoneRecord | None:
+        """Give the oldest ready zone of ``pool`` its identity: ``name``, ``labels``,
+        ``caller`` as owner. None when the pool has no ready zone.
+
+        Synchronous, so that no other task runs between finding the zone and
+        taking it: a pool zone is never handed out twice. Its domain, runtime
+        directory, logs and QEMU uid keep their first name (``domain_name``).
+        The caller persists the change with :meth:`persist_acquired`.
+        """
+        self._check_name_free(name, caller)
+        zone = next(
+            (
+                z
+                for z in self.pool_zones(pool)
+                if lifecycle.is_ready(z.record.state)
+                and z.agent is not None
+                and not z.lock.locked()
+            ),
+            None,
+        )
+        if zone is None:
+            return None
+        old = zone.record
+        del self.zones[old.name]
+        self.zones[name] = zone
+        if zone.holds_placement:
+            self.allocator.rename(old.name, name)
+        self.qemu_ids.rename(old.name, name)
+        self.images.rename(old.name, name)
+        zone.record = msgspec.structs.replace(
+            old, name=name, pool="", from_pool=pool, labels=dict(labels), owner_uid=caller.uid
+        )
+        return old
+
+    async def persist_acquired(self, name: str, old: ZoneRecord) -> ZoneInfo:
+        """Write the acquired zone's record under its new name, then drop the old one.
+
+        A restart between the two finds both for one domain; :meth:`_adopt`
+        keeps the acquired one.
+        """
+        zone = self.zones[name]
+        with trio.CancelScope(shield=True):
+            # Its logs (console, audit records, events) are the new name's:
+            # zonectl logs and the retention find them under it.
+            logs = zonelogs.zone_log_dir(Path(self.config.log_dir), name, old.uuid)
+            try:
+                await trio.to_thread.run_sync(_move_log_dir, Path(old.console_log).parent, logs)
+            except OSError as exc:
+                log.error("zone %s: its logs stay under %s: %s", name, old.name, exc)
+            else:
+                console_log = str(logs / zonelogs.CONSOLE_LOG)
+                zone.record = msgspec.structs.replace(zone.record, console_log=console_log)
+            record = zone.record
+            if zone.agent is not None:
+                # Before the reply: the caller's first process sees the new name.
+                await zone.agent.send_quietly(AgentSetHostname(hostname=name))
+            await self.records.save(name, record).wait()
+            await self.records.delete(old.name).wait()
+        self._sync_metadata(zone)
+        self.hub.publish(
+            "zone_state",
+            zone=name,
+            state=record.state,
+            previous=record.state,
+            reason=f"taken from pool {record.from_pool!r}",
+            owner_uid=record.owner_uid,
+        )
+        return to_info(record)
+
     def _verify_images(self, profile: str, image: ZoneImage) -> _Verified:
         """The kernel of ``profile``, after every file the zone boots was checked
         against its recorded hash (an image of the store was, by
@@ -678,7 +796,8 @@ class ZoneManager:
     def _clean_host(self, record: ZoneRecord) -> None:
         """Remove what the zone had on the host besides its domain: its runtime
         directory and its pids cgroup. Blocking: run in a worker thread."""
-        shutil.rmtree(self._zone_dir(record.name), ignore_errors=True)
+        # The agent socket's directory, named after the zone's first name.
+        shutil.rmtree(Path(record.agent_socket).parent, ignore_errors=True)
         pids_cgroup = self._pids_cgroup(record)
         if pids_cgroup is not None:
             cgroups.remove_cgroup(pids_cgroup)
@@ -688,7 +807,7 @@ class ZoneManager:
         ours = self.cgroup_root / "pids" / cgroups.V1_PARENT / record.domain_name
         return ours if record.pids_cgroup == str(ours) else None
 
-    def _writable_layer_mib(self, request: CreateZone) -> int:
+    def writable_layer_mib(self, request: CreateZone) -> int:
         """The size of the zone's writable layer; InvalidRequest beyond the kind's limit."""
         size = request.writable_layer_mib
         if request.writable_layer == "tmpfs":
@@ -951,7 +1070,18 @@ class ZoneManager:
     # ------------------------------------------------------------------- destroy
 
     async def destroy(self, name: str, caller: Caller) -> ZoneInfo:
-        zone = self.zone_for(name, caller)
+        return await self._destroy(name, self.zone_for(name, caller))
+
+    async def destroy_pool_zone(self, name: str) -> None:
+        """Destroy ``name`` if it still waits in a pool (it may have been taken)."""
+        zone = self.zones.get(name)
+        if zone is None or not zone.record.pool:
+            return
+        with contextlib.suppress(NotFound):  # acquired or destroyed meanwhile
+            await self._destroy(name, zone)
+        self.pool_changed()
+
+    async def _destroy(self, name: str, zone: _Zone) -> ZoneInfo:
         if not lifecycle.is_settled(zone.record.state) and zone.supervisor is not None:
             # Destroy during boot: stop waiting for the agent at once.
             zone.supervisor.cancel()
@@ -1212,7 +1342,7 @@ class ZoneManager:
     async def handle_domain_event(self, event: DomainEvent) -> None:
         if not event.name.startswith(self.domain_prefix):
             return
-        zone = self.zones.get(event.name.removeprefix(self.domain_prefix))
+        zone = self._by_domain(event.name)
         if zone is None or event.kind not in ("stopped", "crashed", "shutdown"):
             return
         if self._claim_failure(zone):
@@ -1269,10 +1399,14 @@ class ZoneManager:
             for d in await self.hv.list_domains(self.domain_prefix, metadata_uri=METADATA_NS)
             if d.state in ("running", "blocked", "paused")
         }
+        records, dropped = one_record_per_domain(records)
+        for name in dropped:
+            log.warning("zone record %s dropped: its domain was acquired under another name", name)
+            await self.records.delete(name).wait()
         # Domains whose record was lost: rebuild it from the domain's metadata.
+        recorded = {record.domain_name for record in records.values()}
         for summary in domains.values():
-            zone_name = summary.name.removeprefix(self.domain_prefix)
-            if zone_name in records:
+            if summary.name in recorded:
                 continue
             try:
                 text = read_metadata(await self.hv.xml(summary.name))
@@ -1283,11 +1417,11 @@ class ZoneManager:
                 if found.owner != self.owner:
                     log.info("domain %s belongs to another zoned (%s)", summary.name, found.owner)
                     continue
-                records[zone_name] = found
-                log.warning("zone %s re-created from its domain metadata", zone_name)
+                records[found.name] = found
+                log.warning("zone %s re-created from its domain metadata", found.name)
             except (msgspec.DecodeError, ZonedError) as exc:
                 log.error("domain %s carries no usable zone record: %s", summary.name, exc)
-        await trio.to_thread.run_sync(self._remove_leftovers, set(records))
+        await trio.to_thread.run_sync(self._remove_leftovers, list(records.values()))
         await trio.to_thread.run_sync(
             self._remove_stale_scratch_disks,
             {Path(r.scratch_disk) for r in records.values() if r.scratch_disk},
@@ -1368,16 +1502,17 @@ class ZoneManager:
         else:
             self._update(zone, net_status="up")
 
-    def _remove_leftovers(self, known: set[str]) -> None:
+    def _remove_leftovers(self, known: builtins.list[ZoneRecord]) -> None:
         """Runtime directories and pids cgroups of zones that are gone (a crash
         between a domain's end and its cleanup). Blocking: run in a worker thread."""
         zones = Path(self.config.runtime_dir) / "zones"
+        dirs = {Path(record.agent_socket).parent.name for record in known}
         if zones.is_dir():
             for entry in zones.iterdir():
-                if entry.name not in known:
+                if entry.name not in dirs:
                     log.info("removing %s, left by a zone that is gone", entry)
                     shutil.rmtree(entry, ignore_errors=True)
-        keep = {self.domain_prefix + name for name in known}
+        keep = {record.domain_name for record in known}
         for name in cgroups.remove_stale_cgroups(self.cgroup_root, self.domain_prefix, keep):
             log.info("removed the pids cgroup of %s, a zone that is gone", name)
 
@@ -1392,3 +1527,31 @@ class ZoneManager:
             await self.destroy(name, DAEMON)
         except ZonedError as exc:
             log.error("finishing destroy of %s failed: %s", name, exc)
+
+
+def _move_log_dir(old: Path, new: Path) -> None:
+    """Rename a zone's log directory (one file system: virtlogd's open console
+    log follows). Blocking: run in a worker thread."""
+    new.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    os.rename(old, new)
+    with contextlib.suppress(OSError):
+        old.parent.rmdir()  # the old name's directory, if no other zone of it left logs
+
+
+def _nothing() -> None:
+    pass
+
+
+def one_record_per_domain(
+    records: dict[str, ZoneRecord],
+) -> tuple[dict[str, ZoneRecord], list[str]]:
+    """One record per domain, and the names of those dropped: a restart between
+    an acquire's two writes leaves the pool zone's record beside the acquired
+    one; the acquired one wins."""
+    by_domain: dict[str, ZoneRecord] = {}
+    for record in records.values():
+        other = by_domain.get(record.domain_name)
+        if other is None or (other.pool and not record.pool):
+            by_domain[record.domain_name] = record
+    kept = {record.name: record for record in by_domain.values()}
+    return kept, sorted(set(records) - set(kept))

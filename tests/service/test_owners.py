@@ -25,6 +25,7 @@ from tests.peers import relay_as, unused_uids
 from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_hostile_agent import fake_agent, sends
 from tests.zone_events import watching
+from zoned import protocol as p
 from zoned.client import Client
 from zoned.daemon import Daemon
 from zoned.errors import ConfigError, Conflict, NotFound, PermissionDenied
@@ -191,3 +192,18 @@ async def test_a_bad_isolation_config_stops_the_daemon_before_it_changes_anythin
     for directory in (config.state_dir, config.runtime_dir, config.log_dir):
         assert not os.path.exists(directory), directory
     assert not os.path.exists(config.socket_path)
+
+
+async def test_pools_are_changed_by_root_and_administrators_only(daemon: Daemon) -> None:
+    """Pool zones take every user's capacity: a user may list pools, not set or remove them."""
+    with users(daemon) as relays:
+        async with Client(relays.alice, client_name="alice") as alice:
+            with pytest.raises(PermissionDenied, match="administrators"):
+                await alice.set_pool("mine", p.PoolSpec(image="builtin", size=0))
+            assert await alice.list_pools() == []
+        async with Client(daemon.config.socket_path) as root:
+            await root.set_pool("shared", p.PoolSpec(image="builtin", size=0))
+        async with Client(relays.alice, client_name="alice") as alice:
+            assert [pool.name for pool in await alice.list_pools()] == ["shared"]
+            with pytest.raises(PermissionDenied):
+                await alice.remove_pool("shared")

@@ -28,6 +28,7 @@ from zoned.cli.exits import (
     process_exit_status,
 )
 from zoned.cli.format import (
+    POOL_TABLE_HEADER,
     format_age,
     format_bytes,
     format_cpu_list,
@@ -37,6 +38,7 @@ from zoned.cli.format import (
     format_image_table,
     format_json,
     format_mib,
+    format_pool_table,
     format_process_json,
     format_progress,
     format_removal,
@@ -252,6 +254,7 @@ def test_format_zone_shows_every_field() -> None:
         "kernel:        6.12.117\n"
         "machine:       microvm (tcg)\n"
         "labels:        app=web,team=a\n"
+        "started:       booted for it\n"
         "created:       2024-05-01T12:00:00.000Z (90s ago)\n"
         "ready:         2024-05-01T12:00:01.250Z (boot 1.2s, guest kernel to agent 0.9s)\n"
         "console log:   /var/log/zoned/web.console.log\n"
@@ -916,3 +919,47 @@ def test_a_field_added_to_exec_exit_reaches_the_json_with_no_edit() -> None:
     exit = ExecExitOfTomorrow(id=7, exit_code=0, io_wait_s=1.5)
     fields = msgspec.json.decode(format_process_json("web", 42, exit, b"", b""))
     assert fields["io_wait_s"] == 1.5 and fields["exit_code"] == 0
+
+
+def test_pool_table_says_how_each_pool_is_doing() -> None:
+    pools = [
+        p.PoolInfo(
+            name="py",
+            spec=p.PoolSpec(image="python:3.12", memory_mib=512, size=4),
+            ready=3,
+            booting=1,
+            hits=7,
+            misses=2,
+            acquire_mean_s=0.0105,
+        ),
+        p.PoolInfo(
+            name="broken",
+            spec=p.PoolSpec(writable_layer="disk", writable_layer_mib=64, size=1),
+            refill_failures=3,
+            last_failure="zone 'pool-broken-1' failed to boot: no hello\nin 60 s",
+            backoff_until=T0 + 8,
+        ),
+    ]
+    lines = format_pool_table(pools, now=T0).splitlines()
+    assert lines[0].split() == list(POOL_TABLE_HEADER)
+    assert lines[1].split()[:13] == (
+        [
+            "py",
+            "python:3.12",
+            "strict",
+            "1",
+            "512MiB",
+            "tmpfs",
+            "4",
+            "3",
+            "1",
+            "7",
+            "2",
+            "0",
+            "10.5",
+        ]
+    )
+    assert lines[2].endswith(
+        "waiting 8s after: zone 'pool-broken-1' failed to boot: no hello in 60 s"
+    )
+    assert "disk:64" in lines[2] and "(default)" in lines[2]

@@ -325,6 +325,33 @@ def test_metrics_render_host_and_guest_views_apart() -> None:
     assert {ls["image"] for ls, _ in found["zoned_zone_info"]} == {""}
 
 
+def test_metrics_render_each_pool() -> None:
+    pool = p.PoolInfo(
+        name="py",
+        spec=p.PoolSpec(size=3),
+        ready=2,
+        booting=1,
+        hits=4,
+        misses=1,
+        refill_failures=2,
+        acquire_mean_s=0.005,
+    )
+    taken = sample_zone(pool="py")
+    text = render(
+        Snapshot(now=110.0, host=HOST, zones=[taken], telemetry=Telemetry(), pools=[pool])
+    )
+    found = parse(text)
+    assert value(found, "zoned_pool_size", pool="py") == 3
+    assert value(found, "zoned_pool_zones", pool="py", state="ready") == 2
+    assert value(found, "zoned_pool_zones", pool="py", state="booting") == 1
+    assert value(found, "zoned_pool_hits_total", pool="py") == 4
+    assert value(found, "zoned_pool_misses_total", pool="py") == 1
+    assert value(found, "zoned_pool_refill_failures_total", pool="py") == 2
+    assert value(found, "zoned_pool_acquire_seconds_count", pool="py") == 4
+    assert value(found, "zoned_pool_acquire_seconds_sum", pool="py") == 0.02
+    assert {ls["pool"] for ls, _ in found["zoned_zone_info"]} == {"py"}
+
+
 # --------------------------------------------------------------------------
 # Evidence bundles
 # --------------------------------------------------------------------------

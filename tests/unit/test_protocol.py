@@ -183,6 +183,10 @@ REQUESTS: list[p.Request] = [
     p.SetZoneNet(id=18, name="web", net=["pypi.org:443"]),
     p.SetZoneNet(id=19, name="web", publishes=[]),
     p.WatchEvents(id=20, zones=["web"], kinds=["net_refused", "net_status"]),
+    p.SetPool(id=30, name="py", spec=p.PoolSpec(image="python:3.12", memory_mib=512, size=4)),
+    p.SetPool(id=30, name="empty", spec=p.PoolSpec(size=0, machine="q35", writable_layer="disk")),
+    p.ListPools(id=31),
+    p.RemovePool(id=32, name="py"),
 ]
 
 CALLER = p.CallerInfo(uid=1000, gid=995, pid=4242, exe="/usr/bin/python3.11")
@@ -380,6 +384,25 @@ REPLIES: list[p.Reply] = [
             total_bytes=3,
         ),
     ),
+    p.PoolReply(id=30, pool=p.PoolInfo(name="py", spec=p.PoolSpec())),
+    p.PoolListReply(
+        id=31,
+        pools=[
+            p.PoolInfo(
+                name="py",
+                spec=p.PoolSpec(size=2),
+                ready=1,
+                booting=1,
+                hits=3,
+                misses=1,
+                refill_failures=2,
+                last_failure="zone 'pool-py-0a' failed to boot: boot timeout",
+                backoff_until=1e9,
+                acquire_last_s=0.004,
+                acquire_mean_s=0.005,
+            )
+        ],
+    ),
 ]
 
 FROM_AGENT: list[p.AgentToHost] = [
@@ -409,6 +432,7 @@ TO_AGENT: list[p.HostToAgent] = [
     p.AgentExecSignal(exec_id=1, signal=2),
     p.AgentExecResize(exec_id=1, rows=24, cols=80),
     p.AgentExecStart(exec_id=2, argv=["sh"], tty=True, memory_limit_mib=16, pids_limit=8),
+    p.AgentSetHostname(hostname="web-1"),
 ]
 
 ALL_MESSAGES: list[p.Message] = [*REQUESTS, *REPLIES, *FROM_AGENT, *TO_AGENT]

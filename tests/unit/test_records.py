@@ -9,6 +9,7 @@ import pytest
 
 from zoned.protocol import ZoneInfo
 from zoned.records import PlacementRecord, ZoneRecord, decode_record, encode_record, to_info
+from zoned.zones import one_record_per_domain
 
 # A record as the daemon wrote it before records were typed (state, machine,
 # accelerator and placement policy were plain strings then, as they are in JSON).
@@ -67,6 +68,8 @@ ISOLATION_DEFAULTS = {
     "net_address": "",
     "net_address6": "",
     "net_status": None,
+    "pool": "",
+    "from_pool": "",
 }
 #: Fields added after those, with their defaults.
 LATER_DEFAULTS = {"failure": ""}
@@ -162,3 +165,17 @@ def test_every_info_field_is_filled_from_the_record() -> None:
     for name in ZoneInfo.__struct_fields__:
         if name in record_fields and name != "placement":
             assert info[name] == {**OLD_RECORD, **ISOLATION_DEFAULTS, **LATER_DEFAULTS}[name], name
+
+
+def test_an_acquire_cut_short_leaves_one_record_per_domain_the_acquired_one() -> None:
+    """A restart between an acquire's two writes finds the pool zone's record
+    and the acquired one for one domain: the acquired one is kept."""
+    pooled = msgspec.structs.replace(
+        decode_record(json.dumps(OLD_RECORD)), name="pool-py-0a0b0c0d", pool="py"
+    )
+    acquired = msgspec.structs.replace(pooled, name="web", pool="", from_pool="py")
+    other = msgspec.structs.replace(pooled, name="pool-py-1", domain_name="zoned-pool-py-1")
+    for order in ([pooled, acquired, other], [acquired, pooled, other]):
+        kept, dropped = one_record_per_domain({r.name: r for r in order})
+        assert kept == {"web": acquired, "pool-py-1": other}
+        assert dropped == ["pool-py-0a0b0c0d"]

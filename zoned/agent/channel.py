@@ -298,6 +298,7 @@ class AgentChannel:
             AgentExecResize,
             AgentExecSignal,
             AgentExecStart,
+            AgentSetHostname,
             FrameDecoder,
             FrameError,
             Heartbeat,
@@ -328,9 +329,23 @@ class AgentChannel:
                     | AgentExecResize,
                 ):
                     self.execs().handle(message)
+                elif isinstance(message, AgentSetHostname):
+                    self._set_hostname(message.hostname.encode())
         except FrameError as exc:
             console(f"broken frame from the host, decoder reset: {exc.message}")
             self._decoder = None
+
+    def _set_hostname(self, name: bytes) -> None:
+        """The zone's new name: the agent's hostname and the workloads'."""
+        from zoned.agent.system import apply_hostname
+
+        apply_hostname(name)
+        if self._sandbox is not None:
+            try:
+                self._sandbox.set_hostname(name)
+            except OSError as exc:
+                console(f"cannot set the workloads' hostname: {exc}")
+        console(f"hostname set to {name.decode()}")
 
     def _write(self) -> None:
         # A virtio-serial port takes at most 32 KiB per write: write until it would block.

@@ -83,6 +83,7 @@ from zoned.agent.system import (
     MS_NOEXEC,
     MS_NOSUID,
     MS_RDONLY,
+    libc,
     log_exception,
     mount,
     reap_children,
@@ -336,6 +337,28 @@ class WorkloadSandbox:
             linux.SYS_SETNS, self._init_pidfd, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC
         )
         self._log(f"workload sandbox ready: init pid {pid}")
+
+    def set_hostname(self, name: bytes) -> None:
+        """The workloads' hostname (the init's UTS namespace), set by a forked
+        child that joins it; OSError if that failed. Without an init there is
+        nothing to do: a new one copies the agent's hostname."""
+        if self._init_pidfd < 0 or _exited(self._init_pidfd):
+            return
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                linux.setns(self._init_pidfd, CLONE_NEWUTS)
+                if libc().sethostname(name, len(name)) == 0:
+                    code = 0
+            finally:
+                os._exit(code)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return  # the agent's reaper took it first: it cannot tell
+        if status != 0:
+            raise OSError(0, f"the child that joins the workloads' UTS namespace ended {status}")
 
     def _forget(self) -> None:
         for fd in (self._init_pidfd, self._pts_fd):

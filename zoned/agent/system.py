@@ -228,8 +228,15 @@ def set_hostname(cmdline_path: str = "/proc/cmdline") -> None:
     names = [w.split(b"=", 1)[1] for w in words if w.startswith(b"zoned.zone=")]
     if not names or not names[-1] or len(names[-1]) > 63:
         return
-    if libc().sethostname(names[-1], len(names[-1])) != 0:
+    apply_hostname(names[-1])
+
+
+def apply_hostname(name: bytes) -> bool:
+    """Set the agent's own hostname; False (said on the console) if that failed."""
+    if libc().sethostname(name, len(name)) != 0:
         console(f"cannot set the hostname: errno {ctypes.get_errno()}")
+        return False
+    return True
 
 
 def bring_up_loopback() -> None:

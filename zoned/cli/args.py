@@ -269,7 +269,9 @@ def zone_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.Ru
     net_options(parser)
 
 
-def image_options(parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.RunZone]) -> None:
+def image_options(
+    parser: argparse.ArgumentParser, kind: type[p.CreateZone | p.RunZone | p.PoolSpec]
+) -> None:
     """The new zone's workload root: its image and its writable layer."""
     parser.add_argument(
         "--image",
@@ -626,6 +628,27 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("references", metavar="IMAGE", nargs="+")
     action("prune", "remove every image no zone uses (the default image stays)")
     action("sizes", "disk use of the image store, per image")
+
+    pool = command("pool", "warm pools: booted, never-used zones that run and create take")
+    pools = pool.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
+    pool_set = _subcommand(pools, "set", "create or change a pool (root and administrators)")
+    pool_set.add_argument("name", metavar="NAME")
+    wire_option(pool_set, "--size", p.PoolSpec, "size", "N", "zones to keep ready")
+    wire_option(pool_set, "--vcpus", p.PoolSpec, "vcpus", "N")
+    wire_option(pool_set, "--memory", p.PoolSpec, "memory_mib", "MIB")
+    pool_set.add_argument(
+        "--profile",
+        default=wire_default(p.PoolSpec, "profile"),
+        metavar="P",
+        help="guest kernel profile",
+    )
+    pool_set.add_argument(
+        "--machine", choices=get_args(p.Machine), default=None, help="default: the daemon's"
+    )
+    image_options(pool_set, p.PoolSpec)
+    _subcommand(pools, "list", "list the pools: ready zones, hits, misses, refill failures")
+    pool_rm = _subcommand(pools, "rm", "remove pools; their unused zones are destroyed")
+    pool_rm.add_argument("names", metavar="NAME", nargs="+")
 
     top = command("top", "live CPU and memory of every zone: the host's view and the guest's")
     top.add_argument("--once", action="store_true", help="one sample, then exit")

@@ -40,6 +40,7 @@ from zoned.cli.format import (
     format_json,
     format_net,
     format_net_counters,
+    format_pool_table,
     format_process_json,
     format_progress,
     format_quarantine,
@@ -170,6 +171,8 @@ async def run_command(args: argparse.Namespace, out: Output) -> int:
                     out.text(copied + "\n")
             case "image":
                 return await image_command(client, args, out)
+            case "pool":
+                return await pool_command(client, args, out)
             case _:  # pragma: no cover - argparse only accepts the commands above
                 raise AssertionError(args.command)
     return EXIT_OK
@@ -391,6 +394,33 @@ async def image_command(client: Client, args: argparse.Namespace, out: Output) -
             out.record(sizes, format_image_sizes(sizes))
         case _:  # pragma: no cover - argparse only accepts the actions above
             raise AssertionError(args.image_command)
+    return EXIT_OK
+
+
+async def pool_command(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """``pool set|list|rm``."""
+    match args.pool_command:
+        case "set":
+            spec = p.PoolSpec(
+                image=args.image or "",
+                profile=args.profile,
+                vcpus=args.vcpus,
+                memory_mib=args.memory,
+                machine=args.machine,
+                writable_layer=args.writable_layer,
+                writable_layer_mib=args.writable_size,
+                size=args.size,
+            )
+            pool = await client.set_pool(args.name, spec)
+            out.record(pool, format_pool_table([pool], time.time()))
+        case "list":
+            pools = await client.list_pools()
+            out.record(pools, format_pool_table(pools, time.time()))
+        case "rm":
+            removed = [await client.remove_pool(name) for name in args.names]
+            out.record(removed, format_pool_table(removed, time.time()))
+        case _:  # pragma: no cover - argparse only accepts the actions above
+            raise AssertionError(args.pool_command)
     return EXIT_OK
 
 

@@ -207,6 +207,7 @@ def format_zone(zone: p.ZoneInfo, now: float, user_names: Mapping[int, str] | No
         ("kernel", clean(zone.kernel_release) or "-"),
         ("machine", f"{zone.machine} ({zone.accelerator})"),
         ("labels", format_labels(zone.labels)),
+        ("started", f"from pool {zone.from_pool}" if zone.from_pool else "booted for it"),
         ("created", f"{format_time(zone.created_at)} ({format_age(now - zone.created_at)} ago)"),
     ]
     if zone.ready_at is None:
@@ -715,3 +716,59 @@ def format_process_json(
 def format_top_json(rows: Sequence[tuple[p.ZoneMetricsData, float | None]]) -> str:
     """``top --json``: every field of each zone's metrics, and its CPU use."""
     return format_json([{**to_plain(metrics), "cpu_percent": cpu} for metrics, cpu in rows])
+
+
+POOL_TABLE_HEADER = (
+    "POOL",
+    "IMAGE",
+    "PROFILE",
+    "VCPUS",
+    "MEMORY",
+    "WRITABLE",
+    "SIZE",
+    "READY",
+    "BOOTING",
+    "HITS",
+    "MISSES",
+    "FAILURES",
+    "ACQUIRE",
+    "STATUS",
+)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f} ms"
+
+
+def _pool_status(pool: p.PoolInfo, now: float) -> str:
+    if pool.backoff_until is not None and pool.backoff_until > now:
+        wait = format_age(pool.backoff_until - now)
+        return f"waiting {wait} after: {one_line(pool.last_failure)}"
+    if pool.last_failure:
+        return f"ok (last failure: {one_line(pool.last_failure)})"
+    return "ok"
+
+
+def format_pool_table(pools: Sequence[p.PoolInfo], now: float) -> str:
+    """The ``pool list`` table; ACQUIRE is the mean time to take a ready zone."""
+    rows = [
+        (
+            pool.name,
+            clean(pool.spec.image or "(default)"),
+            clean(pool.spec.profile),
+            str(pool.spec.vcpus),
+            format_mib(pool.spec.memory_mib),
+            pool.spec.writable_layer
+            + (f":{pool.spec.writable_layer_mib}" if pool.spec.writable_layer_mib else ""),
+            str(pool.spec.size),
+            str(pool.ready),
+            str(pool.booting),
+            str(pool.hits),
+            str(pool.misses),
+            str(pool.refill_failures),
+            _seconds(pool.acquire_mean_s),
+            _pool_status(pool, now),
+        )
+        for pool in pools
+    ]
+    return format_table(POOL_TABLE_HEADER, rows)

@@ -79,6 +79,24 @@ class Client(FileTransfer, ImageCalls, Connection):
         reply = await self._call(lambda id: p.DestroyZone(id=id, name=name))
         return expect(reply, p.ZoneReply).zone
 
+    # ------------------------------------------------------------ pools
+
+    async def set_pool(self, name: str, spec: p.PoolSpec) -> p.PoolInfo:
+        """Create or change a warm pool (root and administrators); it fills in the
+        background. A template the host cannot serve is InvalidRequest."""
+        reply = await self._call(lambda id: p.SetPool(id=id, name=name, spec=spec))
+        return expect(reply, p.PoolReply).pool
+
+    async def list_pools(self) -> list[p.PoolInfo]:
+        """Every warm pool: its template, ready and booting zones, hits, misses, failures."""
+        reply = await self._call(lambda id: p.ListPools(id=id))
+        return expect(reply, p.PoolListReply).pools
+
+    async def remove_pool(self, name: str) -> p.PoolInfo:
+        """Remove a warm pool; its unused zones are destroyed in the background."""
+        reply = await self._call(lambda id: p.RemovePool(id=id, name=name))
+        return expect(reply, p.PoolReply).pool
+
     def watch_events(
         self, zones: Sequence[str] = (), kinds: Sequence[p.EventKind] = ()
     ) -> AsyncGenerator[p.Event, None]:

@@ -137,6 +137,17 @@ class SyncClient:
     ) -> DirectoryListing:
         return self._run(lambda client: client.list_directory(zone, path, max_entries=max_entries))
 
+    # ------------------------------------------------------------ pools
+
+    def set_pool(self, name: str, spec: p.PoolSpec) -> p.PoolInfo:
+        return self._run(lambda client: client.set_pool(name, spec))
+
+    def list_pools(self) -> list[p.PoolInfo]:
+        return self._run(lambda client: client.list_pools())
+
+    def remove_pool(self, name: str) -> p.PoolInfo:
+        return self._run(lambda client: client.remove_pool(name))
+
     # ------------------------------------------------------------ images
 
     def list_images(self) -> list[p.ImageInfo]:
