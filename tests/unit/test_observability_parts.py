@@ -340,7 +340,7 @@ def test_metrics_render_each_pool() -> None:
     text = render(
         Snapshot(now=110.0, host=HOST, zones=[taken], telemetry=Telemetry(), pools=[pool])
     )
-    found = parse(text)
+    found = series(text)
     assert value(found, "zoned_pool_size", pool="py") == 3
     assert value(found, "zoned_pool_zones", pool="py", state="ready") == 2
     assert value(found, "zoned_pool_zones", pool="py", state="booting") == 1
