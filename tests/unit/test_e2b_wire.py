@@ -339,7 +339,6 @@ def test_the_sdks_new_sandbox_body_decodes() -> None:
     [
         ({"templateID": "gpu"}, 404, "template 'gpu' not found (this host has: base)"),
         ({"templateID": "base", "autoPause": True}, 400, "pause/resume is not supported"),
-        ({"templateID": "base", "allow_internet_access": True}, 400, "network"),
         ({"templateID": "base", "mcp": {"x": {}}}, 400, "MCP"),
         ({"templateID": "base", "volumeMounts": [{"name": "v"}]}, 400, "volumes"),
         ({"templateID": "base", "timeout": 0}, 400, "timeout must be within"),
