@@ -180,14 +180,16 @@ def test_get_info_reports_the_zones_network_as_the_sdk_reads_it() -> None:
         end_at=2.0,
     )
     zone = zone_info("e2b-x", {api.SANDBOX_LABEL: "t"})
-    cases = [
+    cases: list[tuple[list[str] | None, bool, dict[str, list[str]] | None]] = [
         (None, False, None),
-        (["allowed.test:443"], True, {"allow_out": ["allowed.test:443"], "deny_out": [ALL_TRAFFIC]}),
+        (
+            ["allowed.test:443"],
+            True,
+            {"allow_out": ["allowed.test:443"], "deny_out": [ALL_TRAFFIC]},
+        ),
         (["open"], True, {"allow_out": []}),
     ]
     for net, access, info in cases:
-        detail = SandboxDetail.from_dict(
-            api.detail(record, msgspec.structs.replace(zone, net=net))
-        )
+        detail = SandboxDetail.from_dict(api.detail(record, msgspec.structs.replace(zone, net=net)))
         assert detail.allow_internet_access is access
         assert from_client_network_config(detail.network) == info

@@ -212,4 +212,3 @@ def sandbox_policy(
     if len(narrowed) > MAX_RULES:
         raise ApiError(400, f"network.allowOut makes more than {MAX_RULES} rules")
     return NetPolicy(rules=narrowed)
-

@@ -392,6 +392,12 @@ class E2bEndpoint:
                 raise api.ApiError(
                     501, "pause/resume is not supported by zoned: sandboxes run until they end"
                 )
+            case "PUT", "/network":
+                raise api.ApiError(
+                    501,
+                    "update_network is not supported by zoned's E2B endpoint: a sandbox"
+                    " keeps the network it was created with",
+                )
             case "POST", "/snapshots" | "/fork":
                 raise api.ApiError(501, f"{action[1:]} is not supported by zoned")
             case "GET", "/metrics" | "/logs":
