@@ -12,7 +12,6 @@ template are refused with the SDK's exception and create nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from e2b.sandbox.network import ALL_TRAFFIC
 
 from tests.integration.conftest import private_zoned
 from tests.integration.networld import HostInternet, internet_on_host
-from tests.integration.test_e2b import KEY_A, _free_port, _sha, zones_of
+from tests.integration.test_e2b import KEY_A, _free_port, _sha, sdk_pointed_at, zones_of
 from zoned.localdaemon import LocalDaemon
 
 pytestmark = pytest.mark.integration
@@ -74,18 +73,11 @@ name = "a"
 key_sha256 = "{_sha(KEY_A)}"
 owner = "nobody"
 """
-        url = f"http://127.0.0.1:{port}"
-        saved = {name: os.environ.get(name) for name in ("E2B_API_URL", "E2B_SANDBOX_URL")}
-        os.environ.update(E2B_API_URL=url, E2B_SANDBOX_URL=url)
-        try:
-            with private_zoned("e2bn-", root, extra_config=extra) as daemon:
-                yield NetEndpoint(daemon, internet)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        with (
+            sdk_pointed_at(f"http://127.0.0.1:{port}"),
+            private_zoned("e2bn-", root, extra_config=extra) as daemon,
+        ):
+            yield NetEndpoint(daemon, internet)
 
 
 @pytest.fixture(scope="module")

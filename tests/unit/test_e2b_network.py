@@ -14,6 +14,7 @@ from e2b.api.client.models import SandboxDetail
 from e2b.sandbox.network import ALL_TRAFFIC
 from e2b.sandbox.sandbox_api import build_network_config, from_client_network_config
 
+from tests.unit.test_e2b_wire import SANDBOX_RECORD
 from tests.unit.test_mcp_labels import zone as zone_info
 from zoned.config import E2bTemplate
 from zoned.e2b import api, network
@@ -170,16 +171,8 @@ def test_a_bad_template_net_is_a_config_error() -> None:
 
 
 def test_get_info_reports_the_zones_network_as_the_sdk_reads_it() -> None:
-    record = api.SandboxRecord(
-        sandbox_id="e2b-x",
-        zone_uuid="u",
-        template="t",
-        owner_uid=0,
-        key_name="k",
-        started_at=1.0,
-        end_at=2.0,
-    )
-    zone = zone_info("e2b-x", {api.SANDBOX_LABEL: "t"})
+    record = SANDBOX_RECORD
+    zone = zone_info("e2b-x", {api.SANDBOX_LABEL: "base"})
     cases: list[tuple[list[str] | None, bool, dict[str, list[str]] | None]] = [
         (None, False, None),
         (
