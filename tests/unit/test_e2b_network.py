@@ -104,7 +104,10 @@ def test_allow_out_with_all_traffic_denied_narrows_the_template() -> None:
 
 def test_allow_out_without_a_deny_is_the_template_and_must_still_lie_inside_it() -> None:
     assert policy_of(LIST, network={"allow_out": ["allowed.test"]}) == LIST
-    assert policy_of(LIST, network={"dns_servers": ["1.1.1.1"]}) == LIST
+    # Without allow_out and deny_out, allow_internet_access alone decides.
+    assert policy_of(LIST, network={"dns_servers": ["1.1.1.1"]}) is None
+    assert policy_of(LIST, allow_internet_access=True, network={"dns_servers": []}) == LIST
+    assert policy_of(LIST, network={"allow_public_traffic": False}) is None
     refused(LIST, "outside what template 't' allows", network={"allow_out": ["blocked.test"]})
     refused(None, "allows no network", network={"allow_out": ["allowed.test"]})
 

@@ -14,8 +14,9 @@ network policy (docs/networking.md): an allow-list, ``open``, or nothing
   lie inside the template's policy, else nothing is created: an entry never
   widens it (an entry without ports, as E2B writes them, gets the ports the
   template allows it). Other ``denyOut`` entries cannot be said in an allow-list and
-  are refused. ``dnsServers`` change nothing (every DNS query of a zone goes
-  to its own resolver on the host).
+  are refused. Without ``allowOut`` and ``denyOut``, ``allow_internet_access``
+  alone decides. ``dnsServers`` change nothing (every DNS query of a zone
+  goes to its own resolver on the host).
 
 The refused ranges stay refused: a caller's CIDR entry that lies inside one
 (which as a rule of its own would open it) is accepted only when a template
@@ -144,6 +145,15 @@ def _entry_rule(entry: object) -> Rule:
         raise ApiError(400, f"network.allowOut entry {entry[:260]!r}: {exc.message}") from None
 
 
+def _refuse_unsupported(network: dict[str, Any]) -> None:
+    for key, value in network.items():
+        if key in _KNOWN or value is None:
+            continue
+        if key in _INBOUND and not value:
+            continue
+        raise ApiError(400, f"network.{key[:64]} is not supported by zoned's E2B endpoint")
+
+
 def sandbox_policy(
     template_name: str,
     template: NetPolicy | None,
@@ -157,7 +167,12 @@ def sandbox_policy(
     networks, the zone pool) beside :data:`ALWAYS_REFUSED`.
     """
     refused = (*ALWAYS_REFUSED, *extra_refused)
-    if network is None or not any(v is not None for v in network.values()):
+    egress = network is not None and any(
+        network.get(key) is not None for key in ("allowOut", "denyOut")
+    )
+    if network is not None:
+        _refuse_unsupported(network)
+    if network is None or not egress:
         if not allow_internet_access:
             return None
         if template is None:
@@ -167,12 +182,6 @@ def sandbox_policy(
                 " (the host's [e2b.templates] net setting)",
             )
         return template
-    for key, value in network.items():
-        if key in _KNOWN or value is None:
-            continue
-        if key in _INBOUND and not value:
-            continue
-        raise ApiError(400, f"network.{key[:64]} is not supported by zoned's E2B endpoint")
     try:
         request = msgspec.convert(network, NetworkRequest)
     except msgspec.ValidationError as exc:
