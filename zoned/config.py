@@ -14,10 +14,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from zoned.errors import ConfigError
+from zoned.errors import ConfigError, InvalidRequest
 from zoned.httpserve import parse_listen_address
 from zoned.kernel.store import DEFAULT_STORE
 from zoned.net.addressing import LINK_PREFIX_PATTERN
+from zoned.net.policy import parse_policy
 from zoned.net.wire import Limits as NetLimits
 from zoned.protocol import MAX_POOLS, PoolName, PoolSpec
 
@@ -52,6 +53,18 @@ class E2bTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # image store. Checked when a sandbox is created (an image removed later
     # makes that template's creates fail, saying so).
     image: Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[!-~]*\Z")] = ""
+    # The most network a sandbox of this template may have (docs/e2b.md): a
+    # zoned policy (docs/networking.md: rules, or ["open"]); absent, none.
+    # The SDK's allow_internet_access=True gets all of it, its network
+    # option narrows it, nothing widens it.
+    net: Annotated[list[str], msgspec.Meta(max_length=256)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.net is not None:
+            try:
+                parse_policy(self.net)
+            except InvalidRequest as exc:
+                raise ValueError(f"e2b template net: {exc.message}") from None
 
 
 def _default_templates() -> dict[str, E2bTemplate]:

@@ -263,7 +263,8 @@ def render_default_config() -> str:
             for entry_name, entry in entries.items():
                 lines += ["", f"[{name}.{key}.{entry_name}]"]
                 lines += [
-                    f"# {field} = {_toml_value(value)}"
+                    # TOML has no null: a field unset by default is named only.
+                    f"# {field} (not set)" if value is None else f"# {field} = {_toml_value(value)}"
                     for field, value in msgspec.structs.asdict(entry).items()
                 ]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ root). The README's example is run as written, in a subprocess. Needs what ``.ci
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -91,11 +92,17 @@ key_sha256 = "{_sha(KEY_B)}"
 owner = "4242"
 """
     url = f"http://127.0.0.1:{port}"
+    with sdk_pointed_at(url), private_zoned("e2b-", extra_config=extra) as daemon:
+        yield Endpoint(url, daemon)
+
+
+@contextlib.contextmanager
+def sdk_pointed_at(url: str) -> Iterator[None]:
+    """E2B_API_URL and E2B_SANDBOX_URL set to ``url`` (as a user sets them), then restored."""
     saved = {name: os.environ.get(name) for name in ("E2B_API_URL", "E2B_SANDBOX_URL")}
     os.environ.update(E2B_API_URL=url, E2B_SANDBOX_URL=url)
     try:
-        with private_zoned("e2b-", extra_config=extra) as daemon:
-            yield Endpoint(url, daemon)
+        yield
     finally:
         for name, value in saved.items():
             if value is None:

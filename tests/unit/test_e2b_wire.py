@@ -339,7 +339,6 @@ def test_the_sdks_new_sandbox_body_decodes() -> None:
     [
         ({"templateID": "gpu"}, 404, "template 'gpu' not found (this host has: base)"),
         ({"templateID": "base", "autoPause": True}, 400, "pause/resume is not supported"),
-        ({"templateID": "base", "allow_internet_access": True}, 400, "network"),
         ({"templateID": "base", "mcp": {"x": {}}}, 400, "MCP"),
         ({"templateID": "base", "volumeMounts": [{"name": "v"}]}, 400, "volumes"),
         ({"templateID": "base", "timeout": 0}, 400, "timeout must be within"),
@@ -360,19 +359,22 @@ def test_what_zoned_does_not_do_is_refused(
     assert msgspec.json.decode(raised.value.body())["code"] == status
 
 
+SANDBOX_RECORD = api.SandboxRecord(
+    sandbox_id="e2b-x",
+    zone_uuid="u",
+    template="base",
+    owner_uid=0,
+    key_name="k",
+    started_at=1_700_000_000.5,
+    end_at=1_700_000_300.0,
+)
+
+
 def test_sandbox_json_is_what_the_sdk_reads() -> None:
     from e2b.api.client.models import ListedSandbox, SandboxDetail
     from e2b.api.client.models import Sandbox as SandboxModel
 
-    record = api.SandboxRecord(
-        sandbox_id="e2b-x",
-        zone_uuid="u",
-        template="base",
-        owner_uid=0,
-        key_name="k",
-        started_at=1_700_000_000.5,
-        end_at=1_700_000_300.0,
-    )
+    record = SANDBOX_RECORD
     created = SandboxModel.from_dict(msgspec.json.decode(api.sandbox_json(record, "tok")))
     assert (created.sandbox_id, created.envd_version, created.envd_access_token) == (
         "e2b-x",

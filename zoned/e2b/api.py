@@ -115,10 +115,6 @@ def check_new_sandbox(body: NewSandbox, config: E2bConfig) -> None:
         raise ApiError(
             400, "pause/resume is not supported by zoned: sandboxes end at their timeout"
         )
-    if body.allow_internet_access or body.network:
-        raise ApiError(
-            400, "network access is not supported by zoned's E2B endpoint yet: sandboxes have none"
-        )
     if body.mcp:
         raise ApiError(400, "the MCP gateway is not supported by zoned's E2B endpoint")
     if body.volume_mounts:
@@ -190,7 +186,18 @@ def detail(record: SandboxRecord, zone: p.ZoneInfo) -> dict[str, Any]:
         "diskSizeMB": 0,
         "state": "running",
         "metadata": metadata_of(zone),
+        **network_info(zone.net),
     }
+
+
+def network_info(net: list[str] | None) -> dict[str, Any]:
+    """``allowInternetAccess`` and ``network`` (E2B's shape) from the zone's own rules."""
+    if net is None:
+        return {"allowInternetAccess": False}
+    rules = [rule for rule in net if rule != "open"]
+    if "open" in net:
+        return {"allowInternetAccess": True, "network": {"allowOut": rules}}
+    return {"allowInternetAccess": True, "network": {"allowOut": rules, "denyOut": ["0.0.0.0/0"]}}
 
 
 class ListQuery(msgspec.Struct, frozen=True):

@@ -60,7 +60,7 @@ from zoned import protocol as p
 from zoned.access import Caller
 from zoned.client import Client
 from zoned.config import Config, E2bConfig
-from zoned.e2b import api, envd
+from zoned.e2b import api, envd, network
 from zoned.e2b import connectrpc as rpc
 from zoned.e2b.processes import ProcessTable, StartSpec, event_stream, keepalive_interval
 from zoned.e2b.processes import zoned_error as rpc_error_of
@@ -74,6 +74,8 @@ from zoned.httpserve import (
     serve_http,
     unlink_socket,
 )
+from zoned.net.host import host_networks
+from zoned.net.policy import RefusedRange
 from zoned.store import RecordWriter, ZoneStore
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,9 @@ class E2bEndpoint:
         self._nursery: trio.Nursery | None = None
         self._deadline_changed = trio.Event()
         self.processes = ProcessTable(self.client)
+        #: What the host refuses beside the fixed ranges (its own addresses and
+        #: networks, the zone pool): an allowOut entry inside one is refused.
+        self._host_refused: list[RefusedRange] = []
 
     # ------------------------------------------------------------ running
 
@@ -203,6 +208,11 @@ class E2bEndpoint:
         self._secret = await trio.to_thread.run_sync(
             _read_or_make_secret, self._state_dir / "secret"
         )
+        self._host_refused = [
+            *await trio.to_thread.run_sync(host_networks),
+            RefusedRange(self.config.net_pool_v4, "zone-pool"),
+            RefusedRange(self.config.net_pool_v6, "zone-pool"),
+        ]
         address = parse_listen_address(self.e2b.listen)
         try:
             listeners = await open_http_listeners(address, socket_gid=self._socket_gid)
@@ -382,6 +392,12 @@ class E2bEndpoint:
                 raise api.ApiError(
                     501, "pause/resume is not supported by zoned: sandboxes run until they end"
                 )
+            case "PUT", "/network":
+                raise api.ApiError(
+                    501,
+                    "update_network is not supported by zoned's E2B endpoint: a sandbox"
+                    " keeps the network it was created with",
+                )
             case "POST", "/snapshots" | "/fork":
                 raise api.ApiError(501, f"{action[1:]} is not supported by zoned")
             case "GET", "/metrics" | "/logs":
@@ -414,6 +430,13 @@ class E2bEndpoint:
                 f" (e2b.max_sandboxes_per_owner is {self.e2b.max_sandboxes_per_owner})",
             )
         template = self.e2b.templates[body.template_id]
+        policy = network.sandbox_policy(
+            body.template_id,
+            network.template_policy(template.net),
+            body.allow_internet_access,
+            body.network,
+            self._host_refused,
+        )
         sandbox_id = api.new_sandbox_id()
         timeout = body.timeout or self.e2b.default_timeout_s
         async with self.client(holder.caller) as client:
@@ -424,6 +447,7 @@ class E2bEndpoint:
                 profile=template.profile,
                 image=template.image,
                 labels=api.zone_labels(body.template_id, body.metadata),
+                net=None if policy is None else policy.describe(),
             )
             now = time.time()
             record = api.SandboxRecord(
