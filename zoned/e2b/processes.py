@@ -234,9 +234,9 @@ async def event_stream(
     Ends at the process's end, or at ``deadline`` (``deadline_exceeded``; the
     process goes on). Waits hold no nursery or scope across a ``yield``.
     """
-    yield rpc.envelope(envd.start_event(running.pid))
     error: rpc.RpcError | None = None
     with events:
+        yield rpc.envelope(envd.start_event(running.pid))
         while True:
             if trio.current_time() >= deadline:
                 error = rpc.RpcError("deadline_exceeded", "the stream's timeout passed")
