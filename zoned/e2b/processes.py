@@ -56,8 +56,7 @@ class RunningProcess:
     pty: bool
     process: Process
     streams: list[trio.MemorySendChannel[bytes]] = field(default_factory=list)
-    #: The end event once the process ended; the error if its stream failed.
-    end: bytes | None = None
+    #: The error if its stream failed.
     error: rpc.RpcError | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -218,8 +217,7 @@ class ProcessTable:
             await running.publish(envd.data_event(stream, chunk.data))
         result = running.process.result
         assert result is not None
-        running.end = envd.end_event(result.exit)
-        await running.publish(running.end)
+        await running.publish(envd.end_event(result.exit))
 
 
 async def event_stream(
