@@ -407,6 +407,14 @@ def test_sandbox_json_is_what_the_sdk_reads() -> None:
     assert ListedSandbox.from_dict(detail).state.value == "running"
 
 
+def test_a_sandbox_is_its_own_zone_while_it_runs() -> None:
+    zone = minimal_zone("e2b-x")
+    assert api.is_its_zone(SANDBOX_RECORD, zone)
+    assert not api.is_its_zone(SANDBOX_RECORD, None)
+    assert not api.is_its_zone(SANDBOX_RECORD, msgspec.structs.replace(zone, uuid="later"))
+    assert not api.is_its_zone(SANDBOX_RECORD, minimal_zone("e2b-x", state="stopped"))
+
+
 def test_the_list_query_is_read_as_the_sdk_writes_it() -> None:
     query = api.list_query("metadata=team%3Da%26x%3D%252F&state=running,paused&limit=5")
     assert query.metadata == {"team": "a", "x": "/"}
