@@ -30,7 +30,8 @@ Rules:
   chunks (:attr:`HttpResponse.stream`, sent chunked: a server stream such as
   the E2B endpoint's process output). Each chunk must be written within the
   send limit; a client that stops reading, or goes away, ends the stream
-  (its generator is closed) and the connection.
+  (its generator is closed) and the connection. The generator is started
+  before the head is sent, so that closing it always runs its ``finally``.
 - Listeners: TCP (``host:port``, ``[v6]:port``) or a Unix socket (an
   absolute path, made mode 0660 and given to a group when one is named).
 """
@@ -331,11 +332,17 @@ class HttpConnection:
         *,
         close: bool,
     ) -> bool:
-        """Write a streamed response, chunk by chunk (h11 frames them)."""
+        """Write a streamed response, chunk by chunk (h11 frames them).
+
+        The generator is started before the head is written: one never started
+        would not run its ``finally`` on ``aclose`` (a HEAD request, a client
+        gone before the head), so what it holds would never be let go.
+        """
         headers = [("content-type", response.content_type), *response.headers]
         if close:
             headers.append(("connection", "close"))
         try:
+            first = await anext(stream, b"")
             try:
                 head = self._conn.send(_response(response.status, headers)) or b""
             except h11.LocalProtocolError:
@@ -344,6 +351,8 @@ class HttpConnection:
             if not await self._write(head):
                 return False
             if request.method != "HEAD":
+                if first and not await self._write(self._conn.send(h11.Data(data=first)) or b""):
+                    return False
                 async for chunk in stream:
                     if chunk and not await self._write(
                         self._conn.send(h11.Data(data=chunk)) or b""

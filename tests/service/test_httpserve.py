@@ -231,6 +231,17 @@ async def test_a_stream_whose_client_stops_reading_is_closed(server: tuple[str, 
     assert STREAMED["given"] < 1_000_000
 
 
+async def test_a_stream_never_sent_is_closed_too(server: tuple[str, int]) -> None:
+    # HEAD sends no chunk, yet the generator is closed: one never started
+    # could not run its finally (and let go of what it holds).
+    STREAMED.clear()
+    data = await exchange(
+        server, b"HEAD /stream?3 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    )
+    assert statuses(data) == [200] and b"chunk0" not in data
+    assert STREAMED == {"given": 1, "closed": 1}
+
+
 async def test_a_screen_refuses_before_the_body_is_read() -> None:
     def screen(head: HttpRequest) -> HttpResponse | None:
         assert head.body == b""

@@ -8,21 +8,25 @@ here, and what the endpoint sends is decoded by them.
 from __future__ import annotations
 
 import base64
+import math
 import struct
 import tomllib
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 import pytest
+import trio
 from e2b.envd.filesystem import filesystem_pb
 from e2b.envd.process import process_pb
 from protobuf import Oneof
 
 from tests.samples import minimal_zone
 from zoned import protocol as p
+from zoned.client import Process
 from zoned.config import Config, E2bConfig
-from zoned.e2b import api, envd
+from zoned.e2b import api, envd, processes
 from zoned.e2b import connectrpc as rpc
+from zoned.e2b.processes import RunningProcess, event_stream
 
 # ---------------------------------------------------------------- Connect
 
@@ -214,6 +218,19 @@ def test_events_decode_with_the_sdks_classes() -> None:
     assert event(envd.KEEPALIVE_EVENT).event is not None
 
 
+async def test_a_stream_closed_at_its_start_event_lets_go_of_the_process() -> None:
+    # A client gone before the first event was written: the stream's
+    # subscription is closed, so the process's output does not wait for it.
+    running = RunningProcess(7, None, envd.ProcessConfig(cmd="x"), False, cast(Process, None))
+    stream = event_stream(running, running.subscribe(), deadline=math.inf, keepalive_s=50.0)
+    assert await anext(stream) == rpc.envelope(envd.start_event(7))
+    await stream.aclose()
+    with trio.fail_after(5):
+        for _ in range(processes.STREAM_BUFFER + 1):
+            await running.publish(envd.KEEPALIVE_EVENT)
+    assert running.streams == []
+
+
 def test_how_a_process_ended_reads_as_envds() -> None:
     def end(exit: p.ExecExit) -> dict[str, object]:
         decoded: dict[str, dict[str, dict[str, object]]] = msgspec.json.decode(envd.end_event(exit))
@@ -388,6 +405,14 @@ def test_sandbox_json_is_what_the_sdk_reads() -> None:
     assert (parsed.cpu_count, parsed.memory_mb, parsed.metadata) == (2, 512, {"team": "a"})
     assert parsed.end_at.timestamp() == 1_700_000_300.0
     assert ListedSandbox.from_dict(detail).state.value == "running"
+
+
+def test_a_sandbox_is_its_own_zone_while_it_runs() -> None:
+    zone = minimal_zone("e2b-x")
+    assert api.is_its_zone(SANDBOX_RECORD, zone)
+    assert not api.is_its_zone(SANDBOX_RECORD, None)
+    assert not api.is_its_zone(SANDBOX_RECORD, msgspec.structs.replace(zone, uuid="later"))
+    assert not api.is_its_zone(SANDBOX_RECORD, minimal_zone("e2b-x", state="stopped"))
 
 
 def test_the_list_query_is_read_as_the_sdk_writes_it() -> None:

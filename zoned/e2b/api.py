@@ -95,6 +95,11 @@ class SandboxRecord(msgspec.Struct, frozen=True, kw_only=True):
     end_at: float
 
 
+def is_its_zone(record: SandboxRecord, zone: p.ZoneInfo | None) -> bool:
+    """Whether ``zone`` is the sandbox's, still there (not a later zone of its name)."""
+    return zone is not None and zone.uuid == record.zone_uuid and zone.state != "stopped"
+
+
 def decode_body(body: bytes, kind: type[Any]) -> Any:
     try:
         return msgspec.json.decode(body or b"{}", type=kind)

@@ -56,8 +56,7 @@ class RunningProcess:
     pty: bool
     process: Process
     streams: list[trio.MemorySendChannel[bytes]] = field(default_factory=list)
-    #: The end event once the process ended; the error if its stream failed.
-    end: bytes | None = None
+    #: The error if its stream failed.
     error: rpc.RpcError | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -218,8 +217,7 @@ class ProcessTable:
             await running.publish(envd.data_event(stream, chunk.data))
         result = running.process.result
         assert result is not None
-        running.end = envd.end_event(result.exit)
-        await running.publish(running.end)
+        await running.publish(envd.end_event(result.exit))
 
 
 async def event_stream(
@@ -234,9 +232,9 @@ async def event_stream(
     Ends at the process's end, or at ``deadline`` (``deadline_exceeded``; the
     process goes on). Waits hold no nursery or scope across a ``yield``.
     """
-    yield rpc.envelope(envd.start_event(running.pid))
     error: rpc.RpcError | None = None
     with events:
+        yield rpc.envelope(envd.start_event(running.pid))
         while True:
             if trio.current_time() >= deadline:
                 error = rpc.RpcError("deadline_exceeded", "the stream's timeout passed")

@@ -254,8 +254,7 @@ class E2bEndpoint:
         async with self.client(None) as client:
             zones = {zone.name: zone for zone in await client.list_zones({})}
         for sandbox_id, record in list(self.records.items()):
-            zone = zones.get(sandbox_id)
-            if zone is None or zone.uuid != record.zone_uuid or zone.state == "stopped":
+            if not api.is_its_zone(record, zones.get(sandbox_id)):
                 log.info("E2B sandbox %s: its zone is gone; forgetting it", sandbox_id)
                 await self._forget(sandbox_id)
         self._deadline_changed.set()
@@ -415,7 +414,7 @@ class E2bEndpoint:
             zone = await client.get_zone(sandbox_id)
         except NotFound:
             raise api.ApiError(404, f"sandbox {sandbox_id[:128]} not found") from None
-        if zone.uuid != record.zone_uuid or zone.state == "stopped":
+        if not api.is_its_zone(record, zone):
             raise api.ApiError(404, f"sandbox {sandbox_id[:128]} not found")
         return record, zone
 
@@ -481,9 +480,7 @@ class E2bEndpoint:
         found = [
             api.detail(record, zones[sandbox_id])
             for sandbox_id, record in sorted(self.records.items(), key=lambda i: i[1].started_at)
-            if sandbox_id in zones
-            and zones[sandbox_id].uuid == record.zone_uuid
-            and zones[sandbox_id].state != "stopped"
+            if api.is_its_zone(record, zones.get(sandbox_id))
             and api.matches(query, record, zones[sandbox_id])
         ]
         page = found[query.offset :]
