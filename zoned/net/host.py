@@ -882,12 +882,9 @@ class NetHost:
                 owner = self.config.owner
                 if await trio.to_thread.run_sync(kill_recorded_helper, pidfile, owner):
                     removed.append(f"helper {pidfile.stem}")
-            if not self._zones:
-                if await self._call(lambda: table_exists(self.config.table)):
-                    removed.append(f"table inet {self.config.table}")
-                await self._call(lambda: nft_apply(nftrules.render_delete(self.config.table)))
-            else:
-                await self._apply_table()
+            if not self._zones and await self._call(lambda: table_exists(self.config.table)):
+                removed.append(f"table inet {self.config.table}")
+            await self._apply_table()  # with no zone left, it deletes the table
         return removed
 
     async def shutdown(self) -> None:
