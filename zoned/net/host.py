@@ -603,6 +603,10 @@ class NetHost:
                     ]
                     path = self._pins_path(net.addressing)
                     await trio.to_thread.run_sync(save_pins, path, entries)
+                    if self._zones.get(net.spec.zone) is not net:
+                        # Removed meanwhile (its teardown unlinked the file first):
+                        # the next zone of its link must not be seeded with them.
+                        path.unlink(missing_ok=True)
 
     def _load_pins(self, net: _ZoneNet) -> None:
         """An adopted zone's pins as the previous daemon last saved them (if any)."""
