@@ -246,7 +246,7 @@ class ExecSession:
                 f" with only {credit} bytes of credit"
             )
         if self.abandoned:
-            return  # dropped; the mux credits it back (AgentMux._dispatch)
+            return  # dropped; the mux credits it back (AgentMux.receive_forever)
         if self._pending and self._pending[-1][0] == message.stream:
             self._pending[-1][1].extend(message.data)
         else:

@@ -128,11 +128,12 @@ def clean(text: str, limit: int = MAX_QUOTE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def console_lines(tail: bytes) -> list[str]:
-    """The console's lines, decoded without trusting them (a cut first line is dropped)."""
+def console_lines(tail: bytes, read_bytes: int = CONSOLE_TAIL_BYTES) -> list[str]:
+    """The lines of a log's tail of at most ``read_bytes``, decoded without trusting
+    them (a cut first line is dropped)."""
     text = tail.decode("utf-8", errors="replace")
     lines = text.replace("\r", "\n").split("\n")
-    if len(tail) >= CONSOLE_TAIL_BYTES and lines:
+    if len(tail) >= read_bytes and lines:
         lines = lines[1:]  # the read began mid-line
     return [line for line in lines if line.strip()]
 
@@ -296,7 +297,7 @@ def _qemu_ended(evidence: Evidence) -> Diagnosis | None:
     stop = evidence.stop
     if not stop and evidence.observed != "domain_crashed":
         return None
-    log_lines = console_lines(evidence.qemu_log_tail)
+    log_lines = console_lines(evidence.qemu_log_tail, QEMU_LOG_TAIL_BYTES)
     shutdowns = [line for line in log_lines if "shutting down, reason=" in line]
     libvirt_reason = shutdowns[-1].rsplit("reason=", 1)[1].strip() if shutdowns else ""
     words = stop.replace("_", " ") if stop else evidence.detail

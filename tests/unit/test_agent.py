@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import zoned
 import zoned.agent
+import zoned.agent.channel
+import zoned.agent.system
 from zoned import protocol
 from zoned.agent import AGENT_NAME, hello
 from zoned.agent.channel import MAX_PENDING_OUTPUT, AgentChannel
@@ -29,6 +32,7 @@ from zoned.protocol import (
     AgentExecExit,
     AgentExecOutput,
     AgentHello,
+    AgentSetHostname,
     AgentToHost,
     FrameDecoder,
     Heartbeat,
@@ -119,6 +123,19 @@ def test_exec_messages_are_never_dropped_but_heartbeat_replies_are() -> None:
     messages = _messages(channel.pending_output())
     assert all(m == big for m in messages)
     assert len(messages) == MAX_PENDING_OUTPUT // MAX_EXEC_CHUNK + 2
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_new_hostname_is_reported_set_only_when_it_was(
+    monkeypatch: pytest.MonkeyPatch, applied: bool
+) -> None:
+    said: list[str] = []
+    monkeypatch.setattr(zoned.agent.channel, "console", said.append)
+    monkeypatch.setattr(zoned.agent.system, "apply_hostname", lambda name: applied)
+    channel = _channel()
+    channel.handle_bytes(encode_frame(Heartbeat(seq=1), AGENT_MAX_FRAME))  # the protocol
+    channel.handle_bytes(encode_frame(AgentSetHostname(hostname="web-1"), AGENT_MAX_FRAME))
+    assert ("hostname set to web-1" in said) == applied
 
 
 def test_error_text_is_sanitised_for_the_protocol() -> None:

@@ -14,6 +14,7 @@ from zoned.failures import (
     CAUSES,
     CONSOLE_TAIL_BYTES,
     MAX_QUOTE_CHARS,
+    QEMU_LOG_TAIL_BYTES,
     Diagnosis,
     Evidence,
     clean,
@@ -220,6 +221,22 @@ def test_a_qemu_that_failed_says_its_last_words() -> None:
     )
     assert found.cause == "qemu_crashed"
     assert "crashed: unknown" in found.reason and "Assertion `x' failed." in found.reason
+
+
+def test_a_full_qemu_log_tail_drops_its_cut_first_line() -> None:
+    # The tail began inside libvirt's logged command line, at "qemu-system...":
+    # that piece is not QEMU's last words.
+    end = b"2026-12-02 04:50:22.346+0000: shutting down, reason=crashed\n"
+    cut = b"qemu-system-x86_64 -name guest=zone " + b"x" * QEMU_LOG_TAIL_BYTES
+    log = cut[: QEMU_LOG_TAIL_BYTES - len(end) - 1] + b"\n" + end
+    assert len(log) == QEMU_LOG_TAIL_BYTES
+    found = diagnose(
+        Evidence(observed="domain_crashed", stop="crashed: unknown", qemu_log_tail=log)
+    )
+    assert found == Diagnosis(
+        "qemu_crashed",
+        "the zone's QEMU crashed (libvirt: crashed: unknown): the zone's guest is lost",
+    )
 
 
 def test_a_guest_that_shut_itself_down() -> None:

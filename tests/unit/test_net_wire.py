@@ -6,12 +6,13 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import trio
 
-from zoned.net import wire
+from zoned.net import host, wire
 from zoned.net.accounting import NetCounters, RefusedEvent
 from zoned.net.addressing import NetPools, zone_addressing
 from zoned.net.host import _add_counters, link_alias, load_pins, resolv_conf_nameservers, save_pins
-from zoned.net.policy import parse_policy, parse_publish
+from zoned.net.policy import NetPolicy, ZoneNetSpec, parse_policy, parse_publish
 
 
 def test_messages_round_trip() -> None:
@@ -93,3 +94,30 @@ def test_saved_pins_load_back_and_a_bad_file_is_nothing(tmp_path: Path) -> None:
     assert load_pins(path) == []
     path.write_bytes(msgspec.msgpack.encode([["1.2.3.4", "x" * 300, 1.0]]))  # a name too long
     assert load_pins(path) == []
+
+
+async def test_a_zone_removed_while_pins_were_saved_leaves_no_pins_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nethost = host.NetHost(host.NetHostConfig(runtime_dir=str(tmp_path)))
+    nets = []
+    for slot, zone in enumerate(("a", "b")):
+        spec = ZoneNetSpec(zone=zone, slot=slot, policy=NetPolicy())
+        net = host._ZoneNet(spec, zone_addressing(nethost.config.pools, slot), [], [])
+        net.pins_dirty = True
+        nethost._zones[zone] = net
+        nets.append(net)
+    saved = []
+
+    def save(path: Path, pins: list[wire.Pin]) -> None:
+        saved.append(path)
+        if len(saved) == 1:  # b's teardown runs meanwhile: its file is unlinked, it leaves
+            nethost._zones.pop("b")
+        save_pins(path, pins)
+
+    monkeypatch.setattr(host, "PIN_SAVE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(host, "save_pins", save)
+    with trio.move_on_after(0.5):
+        await nethost._keep_pins()
+    a, b = (nethost._pins_path(net.addressing) for net in nets)
+    assert saved[:2] == [a, b] and a.exists() and not b.exists()

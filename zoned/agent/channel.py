@@ -339,13 +339,15 @@ class AgentChannel:
         """The zone's new name: the agent's hostname and the workloads'."""
         from zoned.agent.system import apply_hostname
 
-        apply_hostname(name)
+        done = apply_hostname(name)
         if self._sandbox is not None:
             try:
                 self._sandbox.set_hostname(name)
             except OSError as exc:
                 console(f"cannot set the workloads' hostname: {exc}")
-        console(f"hostname set to {name.decode()}")
+                done = False
+        if done:
+            console(f"hostname set to {name.decode()}")
 
     def _write(self) -> None:
         # A virtio-serial port takes at most 32 KiB per write: write until it would block.

@@ -603,6 +603,10 @@ class NetHost:
                     ]
                     path = self._pins_path(net.addressing)
                     await trio.to_thread.run_sync(save_pins, path, entries)
+                    if self._zones.get(net.spec.zone) is not net:
+                        # Removed meanwhile (its teardown unlinked the file first):
+                        # the next zone of its link must not be seeded with them.
+                        path.unlink(missing_ok=True)
 
     def _load_pins(self, net: _ZoneNet) -> None:
         """An adopted zone's pins as the previous daemon last saved them (if any)."""
@@ -882,12 +886,9 @@ class NetHost:
                 owner = self.config.owner
                 if await trio.to_thread.run_sync(kill_recorded_helper, pidfile, owner):
                     removed.append(f"helper {pidfile.stem}")
-            if not self._zones:
-                if await self._call(lambda: table_exists(self.config.table)):
-                    removed.append(f"table inet {self.config.table}")
-                await self._call(lambda: nft_apply(nftrules.render_delete(self.config.table)))
-            else:
-                await self._apply_table()
+            if not self._zones and await self._call(lambda: table_exists(self.config.table)):
+                removed.append(f"table inet {self.config.table}")
+            await self._apply_table()  # with no zone left, it deletes the table
         return removed
 
     async def shutdown(self) -> None:
