@@ -198,12 +198,15 @@ class RecordWriter(Generic[RecordT]):
     when it failed: the failure is logged, and the zone's record stays in
     memory for its next save), so announcing there keeps "written before
     announced". :meth:`run` is the writer task; when it is cancelled it
-    still finishes every write already queued.
+    still finishes every write already queued, and a write asked for after it
+    ended (by a shielded clean-up while the daemon stops) is done at once on
+    the trio thread: no write is ever left waiting.
     """
 
     def __init__(self, store: ZoneStore[RecordT]) -> None:
         self.store = store
         self._send, self._receive = trio.open_memory_channel[Write](float("inf"))
+        self._ended = False
 
     def save(self, name: str, record: RecordT, then: Callable[[], None] | None = None) -> Write:
         return self._queue(Write(lambda: self.store.save(name, record), then))
@@ -216,7 +219,15 @@ class RecordWriter(Generic[RecordT]):
         return await trio.to_thread.run_sync(self.store.load_all)
 
     def _queue(self, write: Write) -> Write:
-        self._send.send_nowait(write)
+        if self._ended:
+            # The writer task is gone (the daemon is stopping): write now, in order.
+            try:
+                write.run()
+            except Exception as exc:
+                self._failed(write, exc)
+            self._finish(write)
+        else:
+            self._send.send_nowait(write)
         return write
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -232,17 +243,26 @@ class RecordWriter(Generic[RecordT]):
                     except trio.WouldBlock:
                         break
                     await self._perform(write)
+                self._ended = True  # no checkpoint since the queue was found empty
 
     async def _perform(self, write: Write) -> None:
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(write.run)
             except Exception as exc:
-                log.exception("writing a zone record failed")
-                write.error = exc
-            write.done.set()
-            if write.then is not None:
-                try:
-                    write.then()
-                except Exception:
-                    log.exception("announcing a written zone record failed")
+                self._failed(write, exc)
+            self._finish(write)
+
+    @staticmethod
+    def _failed(write: Write, exc: Exception) -> None:
+        log.error("writing a zone record failed", exc_info=exc)
+        write.error = exc
+
+    @staticmethod
+    def _finish(write: Write) -> None:
+        write.done.set()
+        if write.then is not None:
+            try:
+                write.then()
+            except Exception:
+                log.exception("announcing a written zone record failed")

@@ -204,3 +204,22 @@ async def test_a_cancelled_writer_finishes_what_was_queued(tmp_path: Path) -> No
         nursery.cancel_scope.cancel()
     assert all(write.done.is_set() for write in writes)
     assert sorted(ZoneStore(tmp_path, Record).load_all()) == [f"z{i}" for i in range(5)]
+
+
+async def test_a_write_asked_for_after_the_writer_ended_is_done_at_once(tmp_path: Path) -> None:
+    """A shielded clean-up that outlives the writer task (a pool zone destroyed
+    while the daemon stops) still gets its write, and its wait returns."""
+    writer = RecordWriter(ZoneStore(tmp_path, Record))
+    announced: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await writer.save("gamma", Record("gamma", 1)).wait()
+        nursery.cancel_scope.cancel()
+    late = writer.delete("gamma", then=lambda: announced.append("deleted"))
+    with trio.fail_after(5):
+        await late.wait()
+    assert announced == ["deleted"]
+    assert ZoneStore(tmp_path, Record).load_all() == {}
+    bad = writer.save("Not A Name", Record("x", 1))
+    with pytest.raises(InvalidRequest):
+        await bad.wait()
