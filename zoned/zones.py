@@ -477,9 +477,15 @@ class ZoneManager:
             self.images.release(name)
             raise
         phases.mark("checks")
+        placement: Placement | None = None
         try:
             placement = await self._allocate(name, request, evict=not pool)
+            # From here to the zone's entry in self.zones nothing awaits: the
+            # network's slot is taken for it alone.
+            network, addr = self._new_network(name, wanted_net)
         except BaseException:
+            if placement is not None:
+                self.allocator.release(name)
             self.qemu_ids.release(name)
             self.images.release(name)
             raise
@@ -489,20 +495,7 @@ class ZoneManager:
         # Read by the guest agent (its hostname, its writable layer); the kernel ignores them.
         writable = "disk" if request.writable_layer == "disk" else f"tmpfs:{writable_mib}"
         cmdline = " ".join([*args, f"zoned.zone={name}", f"zoned.writable={writable}"])
-        # From here to the zone's entry in self.zones nothing awaits: the
-        # network's slot is taken for it alone.
-        network, addr = None, None
-        if wanted_net is not None:
-            policy, publishes = wanted_net
-            slot = addressing.lowest_free_slot(self._net_pools(), self._net_slots_in_use())
-            network = ZoneNetSpec(
-                zone=name,
-                slot=slot,
-                policy=policy,
-                publishes=publishes,
-                ipv6=self.config.net_ipv6,
-            )
-            addr = addressing.zone_addressing(self._net_pools(), slot)
+        if network is not None and addr is not None:
             cmdline = " ".join([cmdline, *net_kernel_args(addr, network.ipv6)])
         zone_dir = self._zone_dir(name)
         zone_uuid = str(uuidlib.uuid4())
@@ -619,6 +612,21 @@ class ZoneManager:
         policy = parse_policy(request.net or [])
         publishes = validate_publishes([parse_publish(text) for text in request.publishes])
         return policy, publishes
+
+    def _new_network(
+        self, name: str, wanted: WantedNetwork | None
+    ) -> tuple[ZoneNetSpec | None, addressing.ZoneAddressing | None]:
+        """The new zone's network on the lowest free slot (None, None: none);
+        InvalidRequest when every slot is taken. Takes the slot only if the
+        caller enters the zone in self.zones before it next awaits."""
+        if wanted is None:
+            return None, None
+        policy, publishes = wanted
+        slot = addressing.lowest_free_slot(self._net_pools(), self._net_slots_in_use())
+        network = ZoneNetSpec(
+            zone=name, slot=slot, policy=policy, publishes=publishes, ipv6=self.config.net_ipv6
+        )
+        return network, addressing.zone_addressing(self._net_pools(), slot)
 
     def _net_pools(self) -> addressing.NetPools:
         return self.nethost.config.pools
