@@ -252,6 +252,10 @@ class _Phases:
         self._took.append((phase, now - self._last))
         self._last = now
 
+    def took(self, phase: str) -> float:
+        """How long ``phase`` took (its last mark)."""
+        return next(seconds for name, seconds in reversed(self._took) if name == phase)
+
     def __str__(self) -> str:
         return ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self._took)
 
@@ -569,15 +573,12 @@ class ZoneManager:
                     phases.mark("runtime")
                     xml = render_domain_xml(self._domain_spec(record))
                     # Paused: the limits hold before the guest runs an instruction.
-                    started = time.monotonic()
                     try:
                         await self.hv.create_transient(xml, paused=True)
                     except HypervisorError as exc:
                         raise _explained(exc) from exc
-                    defined = time.monotonic()
                     phases.mark("start")
                     limits = await self._limit_qemu(zone)
-                    limited = time.monotonic()
                     phases.mark("limits")
                     await self.hv.resume(record.domain_name)
                     phases.mark("resume")
@@ -588,9 +589,9 @@ class ZoneManager:
                 log.info(
                     "zone %s: domain created in %.3f s, limited in %.3f s, resumed in %.3f s",
                     name,
-                    defined - started,
-                    limited - defined,
-                    time.monotonic() - limited,
+                    phases.took("start"),
+                    phases.took("limits"),
+                    phases.took("resume"),
                 )
                 self._set(zone, "started", changes=limits)
                 self._start_supervisor(zone, self.config.boot_timeout_s)
