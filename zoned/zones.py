@@ -299,6 +299,8 @@ class ZoneManager:
         self.tsc_khz = tsc_khz
         self.records = RecordWriter(ZoneStore(Path(config.state_dir), ZoneRecord))
         self.zones: dict[str, _Zone] = {}
+        # Names whose create is past its checks and not yet in self.zones: taken.
+        self._creating: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self.qemu_ids = QemuIdAllocator(qemu_id_range(config))
         self.verifier = ImageVerifier()
@@ -440,6 +442,8 @@ class ZoneManager:
                 raise Conflict(f"a zone named {name!r} already exists")
             # Zone names are one namespace for the host; say no more than that.
             raise Conflict(f"the zone name {name!r} is taken (names are shared by all users)")
+        if name in self._creating:
+            raise Conflict(f"the zone name {name!r} is taken")
 
     async def create(
         self,
@@ -470,15 +474,24 @@ class ZoneManager:
         if wanted_net is not None:
             await self.nethost.check_policy(wanted_net[0])
         writable_mib = self.writable_layer_mib(request)
+        tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
+        args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
         busy = await trio.to_thread.run_sync(live_process_ids, self.qemu_ids.ids)
-        if name in self.zones:  # created by another request while we checked
-            raise Conflict(f"the zone name {name!r} is taken")
-        image = await self.images.acquire(name, request.image)
+        # Created by another request while we checked (or being created): from
+        # here the name is this create's, until its zone is in self.zones.
+        self._check_name_free(name, caller)
+        self._creating.add(name)
+        try:
+            image = await self.images.acquire(name, request.image)
+        except BaseException:
+            self._creating.discard(name)
+            raise
         try:
             verified = await trio.to_thread.run_sync(self._verify_images, request.profile, image)
             qemu_uid = self.qemu_ids.allocate(name, busy)
         except BaseException:
             self.images.release(name)
+            self._creating.discard(name)
             raise
         phases.mark("checks")
         placement: Placement | None = None
@@ -492,10 +505,9 @@ class ZoneManager:
                 self.allocator.release(name)
             self.qemu_ids.release(name)
             self.images.release(name)
+            self._creating.discard(name)
             raise
         kernel = verified.kernel
-        tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
-        args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
         # Read by the guest agent (its hostname, its writable layer); the kernel ignores them.
         writable = "disk" if request.writable_layer == "disk" else f"tmpfs:{writable_mib}"
         cmdline = " ".join([*args, f"zoned.zone={name}", f"zoned.writable={writable}"])
@@ -547,6 +559,7 @@ class ZoneManager:
         )
         zone = _Zone(record, holds_placement=True)
         self.zones[name] = zone
+        self._creating.discard(name)
         if registered is not None:
             registered(record.uuid)
         async with zone.lock:
