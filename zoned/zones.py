@@ -252,6 +252,10 @@ class _Phases:
         self._took.append((phase, now - self._last))
         self._last = now
 
+    def took(self, phase: str) -> float:
+        """How long ``phase`` took (its last mark)."""
+        return next(seconds for name, seconds in reversed(self._took) if name == phase)
+
     def __str__(self) -> str:
         return ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self._took)
 
@@ -295,6 +299,8 @@ class ZoneManager:
         self.tsc_khz = tsc_khz
         self.records = RecordWriter(ZoneStore(Path(config.state_dir), ZoneRecord))
         self.zones: dict[str, _Zone] = {}
+        # Names whose create is past its checks and not yet in self.zones: taken.
+        self._creating: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self.qemu_ids = QemuIdAllocator(qemu_id_range(config))
         self.verifier = ImageVerifier()
@@ -436,6 +442,8 @@ class ZoneManager:
                 raise Conflict(f"a zone named {name!r} already exists")
             # Zone names are one namespace for the host; say no more than that.
             raise Conflict(f"the zone name {name!r} is taken (names are shared by all users)")
+        if name in self._creating:
+            raise Conflict(f"the zone name {name!r} is taken")
 
     async def create(
         self,
@@ -466,43 +474,44 @@ class ZoneManager:
         if wanted_net is not None:
             await self.nethost.check_policy(wanted_net[0])
         writable_mib = self.writable_layer_mib(request)
+        tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
+        args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
         busy = await trio.to_thread.run_sync(live_process_ids, self.qemu_ids.ids)
-        if name in self.zones:  # created by another request while we checked
-            raise Conflict(f"the zone name {name!r} is taken")
-        image = await self.images.acquire(name, request.image)
+        # Created by another request while we checked (or being created): from
+        # here the name is this create's, until its zone is in self.zones.
+        self._check_name_free(name, caller)
+        self._creating.add(name)
+        try:
+            image = await self.images.acquire(name, request.image)
+        except BaseException:
+            self._creating.discard(name)
+            raise
         try:
             verified = await trio.to_thread.run_sync(self._verify_images, request.profile, image)
             qemu_uid = self.qemu_ids.allocate(name, busy)
         except BaseException:
             self.images.release(name)
+            self._creating.discard(name)
             raise
         phases.mark("checks")
+        placement: Placement | None = None
         try:
             placement = await self._allocate(name, request, evict=not pool)
+            # From here to the zone's entry in self.zones nothing awaits: the
+            # network's slot is taken for it alone.
+            network, addr = self._new_network(name, wanted_net)
         except BaseException:
+            if placement is not None:
+                self.allocator.release(name)
             self.qemu_ids.release(name)
             self.images.release(name)
+            self._creating.discard(name)
             raise
         kernel = verified.kernel
-        tsc = self.tsc_khz if (self.accelerator == "tcg" and machine == "microvm") else None
-        args = hardened_cmdline(request.profile, machine, tsc, request.kernel_args)
         # Read by the guest agent (its hostname, its writable layer); the kernel ignores them.
         writable = "disk" if request.writable_layer == "disk" else f"tmpfs:{writable_mib}"
         cmdline = " ".join([*args, f"zoned.zone={name}", f"zoned.writable={writable}"])
-        # From here to the zone's entry in self.zones nothing awaits: the
-        # network's slot is taken for it alone.
-        network, addr = None, None
-        if wanted_net is not None:
-            policy, publishes = wanted_net
-            slot = addressing.lowest_free_slot(self._net_pools(), self._net_slots_in_use())
-            network = ZoneNetSpec(
-                zone=name,
-                slot=slot,
-                policy=policy,
-                publishes=publishes,
-                ipv6=self.config.net_ipv6,
-            )
-            addr = addressing.zone_addressing(self._net_pools(), slot)
+        if network is not None and addr is not None:
             cmdline = " ".join([cmdline, *net_kernel_args(addr, network.ipv6)])
         zone_dir = self._zone_dir(name)
         zone_uuid = str(uuidlib.uuid4())
@@ -550,6 +559,7 @@ class ZoneManager:
         )
         zone = _Zone(record, holds_placement=True)
         self.zones[name] = zone
+        self._creating.discard(name)
         if registered is not None:
             registered(record.uuid)
         async with zone.lock:
@@ -576,15 +586,12 @@ class ZoneManager:
                     phases.mark("runtime")
                     xml = render_domain_xml(self._domain_spec(record))
                     # Paused: the limits hold before the guest runs an instruction.
-                    started = time.monotonic()
                     try:
                         await self.hv.create_transient(xml, paused=True)
                     except HypervisorError as exc:
                         raise _explained(exc) from exc
-                    defined = time.monotonic()
                     phases.mark("start")
                     limits = await self._limit_qemu(zone)
-                    limited = time.monotonic()
                     phases.mark("limits")
                     await self.hv.resume(record.domain_name)
                     phases.mark("resume")
@@ -595,9 +602,9 @@ class ZoneManager:
                 log.info(
                     "zone %s: domain created in %.3f s, limited in %.3f s, resumed in %.3f s",
                     name,
-                    defined - started,
-                    limited - defined,
-                    time.monotonic() - limited,
+                    phases.took("start"),
+                    phases.took("limits"),
+                    phases.took("resume"),
                 )
                 self._set(zone, "started", changes=limits)
                 self._start_supervisor(zone, self.config.boot_timeout_s)
@@ -619,6 +626,21 @@ class ZoneManager:
         policy = parse_policy(request.net or [])
         publishes = validate_publishes([parse_publish(text) for text in request.publishes])
         return policy, publishes
+
+    def _new_network(
+        self, name: str, wanted: WantedNetwork | None
+    ) -> tuple[ZoneNetSpec | None, addressing.ZoneAddressing | None]:
+        """The new zone's network on the lowest free slot (None, None: none);
+        InvalidRequest when every slot is taken. Takes the slot only if the
+        caller enters the zone in self.zones before it next awaits."""
+        if wanted is None:
+            return None, None
+        policy, publishes = wanted
+        slot = addressing.lowest_free_slot(self._net_pools(), self._net_slots_in_use())
+        network = ZoneNetSpec(
+            zone=name, slot=slot, policy=policy, publishes=publishes, ipv6=self.config.net_ipv6
+        )
+        return network, addressing.zone_addressing(self._net_pools(), slot)
 
     def _net_pools(self) -> addressing.NetPools:
         return self.nethost.config.pools

@@ -23,7 +23,7 @@ from tests.service.test_hostile_agent import fake_agent
 from zoned import protocol as p
 from zoned.client import Client
 from zoned.daemon import Daemon
-from zoned.errors import InvalidRequest, NotFound
+from zoned.errors import Conflict, InvalidRequest, NotFound
 from zoned.topology import read_host_topology
 
 SMALL = p.PoolSpec(image="builtin", memory_mib=128, size=2)
@@ -226,3 +226,45 @@ async def test_zonectl_pool_set_list_rm(daemon: Daemon) -> None:
     status, out, _ = await zonectl("pool", "rm", "py")
     assert status == 0 and "py" in out
     assert not json.loads((Path(daemon.config.state_dir) / "pools.json").read_bytes())["pools"]
+
+
+async def test_a_name_being_created_is_not_handed_a_pool_zone(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold create holds its name from its checks on: a matching request of the
+    same name meanwhile is a conflict and takes no pool zone."""
+    assert daemon.images is not None
+    images = daemon.images
+    acquire = images.acquire
+    entered, go = trio.Event(), trio.Event()
+
+    async def slow_acquire(zone: str, reference: str) -> object:
+        if zone == "x":
+            entered.set()
+            await go.wait()
+        return await acquire(zone, reference)
+
+    async with (
+        agent_farm(daemon, lambda name: True),
+        Client(daemon.config.socket_path) as client,
+    ):
+        await client.set_pool("small", SMALL)
+        with trio.fail_after(20):
+            await wait_for_pool(client, "small", lambda p: p.ready == 2)
+        monkeypatch.setattr(images, "acquire", slow_acquire)
+        cold: list[p.ZoneInfo] = []
+
+        async def create_cold() -> None:
+            cold.append(await client.create_zone("x", image="builtin", memory_mib=256))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create_cold)
+            await entered.wait()
+            with pytest.raises(Conflict, match="'x' is taken"):
+                await client.create_zone("x", image="builtin", memory_mib=128)
+            go.set()
+        assert (cold[0].name, cold[0].from_pool, cold[0].state) == ("x", "", "ready")
+        pool = next(p for p in await client.list_pools() if p.name == "small")
+        assert (pool.ready, pool.hits) == (2, 0)
+        await client.destroy_zone("x")
+        await client.remove_pool("small")

@@ -20,11 +20,13 @@ import pytest
 import trio
 
 from tests.exposition import series
+from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_hostile_agent import fake_agent, sends
 from tests.service.test_observability import http
 from zoned.client import Client
 from zoned.daemon import Daemon
 from zoned.errors import Conflict, InvalidRequest, NotFound
+from zoned.localdaemon import private_net_config
 
 
 def links(daemon: Daemon) -> dict[str, Any]:
@@ -209,3 +211,29 @@ async def test_quarantine_cuts_a_networked_zone_and_its_record_keeps_the_network
             await client.destroy_zone("web")
         agents.cancel_scope.cancel()
     assert_nothing_left(daemon)
+
+
+async def test_a_create_refused_for_want_of_a_network_slot_holds_nothing(
+    short_tmp: Path,
+) -> None:
+    # One slot: the private /24 cut to a /30.
+    pool_v4 = str(private_net_config(short_tmp)["net_pool_v4"]).replace("/24", "/30")
+    config = service_config(short_tmp, net_pool_v4=pool_v4)
+    runtime = Path(config.runtime_dir) / "zones"
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(Daemon(config, zone_images=fake_zone_images).run)
+        async with trio.open_nursery() as agents:
+            for name in ("web", "late"):
+                await agents.start(fake_agent, runtime / name / "agent.sock", sends(b""))
+            async with Client(config.socket_path, client_name="test") as client:
+                await client.create_zone("web", net="open")
+                with pytest.raises(InvalidRequest, match="no free zone network slot"):
+                    await client.create_zone("late", net="open")
+                # Its placement, QEMU uid and image went with it: the name is free.
+                late = await client.create_zone("late")
+                assert late.state == "ready"
+                for name in ("web", "late"):
+                    await client.destroy_zone(name)
+            agents.cancel_scope.cancel()
+        assert_nothing_left(daemon)
+        nursery.cancel_scope.cancel()
