@@ -483,83 +483,83 @@ class ZoneManager:
         self._creating.add(name)
         try:
             image = await self.images.acquire(name, request.image)
-        except BaseException:
-            self._creating.discard(name)
-            raise
-        try:
-            verified = await trio.to_thread.run_sync(self._verify_images, request.profile, image)
-            qemu_uid = self.qemu_ids.allocate(name, busy)
-        except BaseException:
-            self.images.release(name)
-            self._creating.discard(name)
-            raise
-        phases.mark("checks")
-        placement: Placement | None = None
-        try:
-            placement = await self._allocate(name, request, evict=not pool)
-            # From here to the zone's entry in self.zones nothing awaits: the
-            # network's slot is taken for it alone.
-            network, addr = self._new_network(name, wanted_net)
-        except BaseException:
-            if placement is not None:
-                self.allocator.release(name)
-            self.qemu_ids.release(name)
-            self.images.release(name)
-            self._creating.discard(name)
-            raise
-        kernel = verified.kernel
-        # Read by the guest agent (its hostname, its writable layer); the kernel ignores them.
-        writable = "disk" if request.writable_layer == "disk" else f"tmpfs:{writable_mib}"
-        cmdline = " ".join([*args, f"zoned.zone={name}", f"zoned.writable={writable}"])
-        if network is not None and addr is not None:
-            cmdline = " ".join([cmdline, *net_kernel_args(addr, network.ipv6)])
-        zone_dir = self._zone_dir(name)
-        zone_uuid = str(uuidlib.uuid4())
-        logs = zonelogs.zone_log_dir(Path(self.config.log_dir), name, zone_uuid)
-        scratch_disk = ""
-        if request.writable_layer == "disk":
-            scratch_disk = str(scratch.scratch_path(Path(self.config.scratch_dir), name, zone_uuid))
-        record = ZoneRecord(
-            name=name,
-            uuid=zone_uuid,
-            domain_name=self.domain_prefix + name,
-            state="creating",
-            vcpus=request.vcpus,
-            memory_mib=request.memory_mib,
-            profile=request.profile,
-            machine=machine,
-            accelerator=self.accelerator,
-            placement=placement_record(placement),
-            labels=dict(request.labels),
-            kernel_args=list(request.kernel_args),
-            kernel_image=str(kernel.image),
-            kernel_sha256=kernel.manifest.image_sha256,
-            boot_image=str(self.boot_image),
-            rootfs=str(image.rootfs),
-            image=image.reference,
-            image_id=image.id,
-            writable_layer=request.writable_layer,
-            writable_layer_mib=writable_mib,
-            scratch_disk=scratch_disk,
-            pool=pool,
-            owner=self.owner,
-            cmdline=cmdline,
-            console_log=str(logs / zonelogs.CONSOLE_LOG),
-            agent_socket=str(zone_dir / "agent.sock"),
-            created_at=time.time(),
-            owner_uid=caller.uid,
-            qemu_uid=qemu_uid,
-            boot_image_sha256=self.boot_image_sha256,
-            rootfs_sha256=image.sha256,
-            kernel_config_sha256=verified.kernel_config_sha256,
-            network=network,
-            net_address=addr.guest_v4 if addr is not None else "",
-            net_address6=addr.guest_v6 if addr is not None and network and network.ipv6 else "",
-            net_status="up" if network is not None else None,
-        )
-        zone = _Zone(record, holds_placement=True)
-        self.zones[name] = zone
-        self._creating.discard(name)
+            try:
+                verified = await trio.to_thread.run_sync(
+                    self._verify_images, request.profile, image
+                )
+                qemu_uid = self.qemu_ids.allocate(name, busy)
+            except BaseException:
+                self.images.release(name)
+                raise
+            phases.mark("checks")
+            placement: Placement | None = None
+            try:
+                placement = await self._allocate(name, request, evict=not pool)
+                # From here to the zone's entry in self.zones nothing awaits: the
+                # network's slot is taken for it alone.
+                network, addr = self._new_network(name, wanted_net)
+            except BaseException:
+                if placement is not None:
+                    self.allocator.release(name)
+                self.qemu_ids.release(name)
+                self.images.release(name)
+                raise
+            kernel = verified.kernel
+            # Read by the guest agent (its hostname, its writable layer); the kernel ignores them.
+            writable = "disk" if request.writable_layer == "disk" else f"tmpfs:{writable_mib}"
+            cmdline = " ".join([*args, f"zoned.zone={name}", f"zoned.writable={writable}"])
+            if network is not None and addr is not None:
+                cmdline = " ".join([cmdline, *net_kernel_args(addr, network.ipv6)])
+            zone_dir = self._zone_dir(name)
+            zone_uuid = str(uuidlib.uuid4())
+            logs = zonelogs.zone_log_dir(Path(self.config.log_dir), name, zone_uuid)
+            scratch_disk = ""
+            if request.writable_layer == "disk":
+                scratch_disk = str(
+                    scratch.scratch_path(Path(self.config.scratch_dir), name, zone_uuid)
+                )
+            record = ZoneRecord(
+                name=name,
+                uuid=zone_uuid,
+                domain_name=self.domain_prefix + name,
+                state="creating",
+                vcpus=request.vcpus,
+                memory_mib=request.memory_mib,
+                profile=request.profile,
+                machine=machine,
+                accelerator=self.accelerator,
+                placement=placement_record(placement),
+                labels=dict(request.labels),
+                kernel_args=list(request.kernel_args),
+                kernel_image=str(kernel.image),
+                kernel_sha256=kernel.manifest.image_sha256,
+                boot_image=str(self.boot_image),
+                rootfs=str(image.rootfs),
+                image=image.reference,
+                image_id=image.id,
+                writable_layer=request.writable_layer,
+                writable_layer_mib=writable_mib,
+                scratch_disk=scratch_disk,
+                pool=pool,
+                owner=self.owner,
+                cmdline=cmdline,
+                console_log=str(logs / zonelogs.CONSOLE_LOG),
+                agent_socket=str(zone_dir / "agent.sock"),
+                created_at=time.time(),
+                owner_uid=caller.uid,
+                qemu_uid=qemu_uid,
+                boot_image_sha256=self.boot_image_sha256,
+                rootfs_sha256=image.sha256,
+                kernel_config_sha256=verified.kernel_config_sha256,
+                network=network,
+                net_address=addr.guest_v4 if addr is not None else "",
+                net_address6=addr.guest_v6 if addr is not None and network and network.ipv6 else "",
+                net_status="up" if network is not None else None,
+            )
+            zone = _Zone(record, holds_placement=True)
+            self.zones[name] = zone
+        finally:
+            self._creating.discard(name)  # in self.zones now, or given up
         if registered is not None:
             registered(record.uuid)
         async with zone.lock:
