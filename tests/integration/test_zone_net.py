@@ -191,7 +191,7 @@ async def python(client: Client, zone: str, code: str, *args: str) -> dict[str, 
 
 # Each attempt: "ok <what it got>" or the error's name and text.
 TRY = """
-import json, socket, ssl, sys, urllib.request
+import json, socket, ssl, sys, time, urllib.error, urllib.request
 def attempt(fn):
     try:
         return "ok " + str(fn())
@@ -200,6 +200,16 @@ def attempt(fn):
 def get(url, timeout=10):
     ctx = ssl.create_default_context(cafile="/tmp/test-ca.pem")
     return urllib.request.urlopen(url, timeout=timeout, context=ctx).read().decode().strip()
+def get_once_up(url, tries=60):
+    # A server just started in the zone: refused until it listens (bounded).
+    for _ in range(tries - 1):
+        try:
+            return get(url)
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError):
+                raise
+            time.sleep(0.5)
+    return get(url)
 def resolve(name):
     return sorted({i[4][0] for i in socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)})
 def read_all(conn):
@@ -359,7 +369,7 @@ async def test_the_host_and_other_zones_are_unreachable(world: NetWorld) -> None
             loopback = await python(
                 client,
                 OPEN,
-                program('"self": attempt(lambda: get("http://127.0.0.1:8000/", 20)[:15])'),
+                program('"self": attempt(lambda: get_once_up("http://127.0.0.1:8000/")[:15])'),
             )
             async with refusals(world, WEB) as events:
                 answer = await python(client, WEB, program(*lines))
