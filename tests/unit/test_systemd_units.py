@@ -41,6 +41,11 @@ def _tool(name: str) -> str:
     return path
 
 
+def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """systemd's ``tool`` run on ``args``, its output kept as text; its status is the caller's."""
+    return subprocess.run([_tool(tool), *args], capture_output=True, text=True, check=False)
+
+
 def _unit_settings(path: Path) -> dict[str, list[str]]:
     """Key -> values of a unit file (keys may repeat), ignoring sections."""
     settings: dict[str, list[str]] = {}
@@ -75,12 +80,7 @@ def runnable_copy(unit: Path, directory: Path, exec_start: str) -> Path:
 
 
 def assert_verify_is_clean(*units: Path) -> None:
-    result = subprocess.run(
-        [_tool("systemd-analyze"), "verify", *map(str, units)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _run("systemd-analyze", "verify", *map(str, units))
     # verify exits 0 on unknown keys and unparsable values: warnings count too.
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
@@ -88,12 +88,7 @@ def assert_verify_is_clean(*units: Path) -> None:
 
 def exposure(unit: Path) -> float:
     """``systemd-analyze security``'s overall exposure level of ``unit``."""
-    result = subprocess.run(
-        [_tool("systemd-analyze"), "security", "--offline=yes", str(unit)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _run("systemd-analyze", "security", "--offline=yes", str(unit))
     assert result.returncode == 0, result.stderr
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match is not None, result.stdout
@@ -149,30 +144,22 @@ def test_unit_directory_modes_match_host_setup() -> None:
     assert int(settings["LogsDirectoryMode"][0], 8) == modes[Path(config.log_dir)]
 
 
+def create_users(root: Path) -> None:
+    """What systemd-sysusers makes of our sysusers.conf, in ``root``/etc."""
+    (root / "etc").mkdir()
+    result = _run("systemd-sysusers", f"--root={root}", str(SYSUSERS))
+    assert result.returncode == 0, result.stderr
+
+
 def test_sysusers_creates_the_socket_group(tmp_path: Path) -> None:
-    (tmp_path / "etc").mkdir()
-    subprocess.run(
-        [_tool("systemd-sysusers"), f"--root={tmp_path}", str(SYSUSERS)],
-        capture_output=True,
-        check=True,
-    )
+    create_users(tmp_path)
     groups = [line.split(":")[0] for line in (tmp_path / "etc/group").read_text().splitlines()]
     assert groups == [Config().socket_group]
 
 
 def test_tmpfiles_creates_directories_as_host_setup_does(tmp_path: Path) -> None:
-    (tmp_path / "etc").mkdir()
-    subprocess.run(
-        [_tool("systemd-sysusers"), f"--root={tmp_path}", str(SYSUSERS)],
-        capture_output=True,
-        check=True,
-    )
-    result = subprocess.run(
-        [_tool("systemd-tmpfiles"), f"--root={tmp_path}", "--create", str(TMPFILES)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    create_users(tmp_path)
+    result = _run("systemd-tmpfiles", f"--root={tmp_path}", "--create", str(TMPFILES))
     assert result.returncode == 0, result.stderr
     group_ids = {
         fields[0]: int(fields[2])
