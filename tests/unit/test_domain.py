@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from tests.goldenfiles import assert_matches_golden
 from zoned.agent import AGENT_PORT_NAME
 from zoned.domain import (
     METADATA_NS,
@@ -25,8 +25,6 @@ from zoned.domain import (
 from zoned.errors import HypervisorError, InternalError
 from zoned.net.addressing import NetPools, kernel_ip_argument, zone_addressing
 from zoned.topology import format_cpulist
-
-GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 
 _RECORD = {
     "name": "alpha",
@@ -121,11 +119,7 @@ GOLDEN_SPECS: dict[str, DomainSpec] = {
 @pytest.mark.parametrize("name", sorted(GOLDEN_SPECS))
 def test_golden(name: str) -> None:
     rendered = render_domain_xml(GOLDEN_SPECS[name])
-    golden = GOLDEN_DIR / f"{name}.xml"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        golden.write_text(rendered)
-    assert golden.exists(), f"{golden} is missing; run with UPDATE_GOLDEN=1 to create it"
-    assert rendered == golden.read_text()
+    assert_matches_golden(rendered, f"{name}.xml")
 
 
 def test_rendering_is_deterministic() -> None:

@@ -3,12 +3,11 @@ in tests/integration/test_net_rules_apply.py."""
 
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
+from tests.goldenfiles import assert_matches_golden
 from zoned.errors import InvalidRequest
 from zoned.net.addressing import (
     NetPools,
@@ -22,8 +21,6 @@ from zoned.net.addressing import (
 )
 from zoned.net.nftrules import ZoneFilter, render_delete, render_table
 from zoned.net.policy import CompiledPolicy, parse_policy
-
-GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 
 
 def two_zones() -> list[ZoneFilter]:
@@ -55,11 +52,7 @@ def two_zones() -> list[ZoneFilter]:
 @pytest.mark.parametrize(("name", "zones"), [("net-empty", []), ("net-two-zones", two_zones())])
 def test_golden_tables(name: str, zones: list[ZoneFilter]) -> None:
     rendered = render_table("zoned", "zoned-", zones)
-    golden = GOLDEN_DIR / f"{name}.nft"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        golden.write_text(rendered)
-    assert golden.exists(), f"{golden} is missing; run with UPDATE_GOLDEN=1 to create it"
-    assert rendered == golden.read_text()
+    assert_matches_golden(rendered, f"{name}.nft")
 
 
 def test_render_is_deterministic_and_ordered_by_slot() -> None:
