@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.procfs import each_process
 from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_control_socket import RawClient
 from tests.service.test_hostile_agent import fake_agent
@@ -208,18 +209,13 @@ async def test_the_agent_gets_the_images_settings_under_the_requests(daemon: Dae
 def helpers_of(store: str) -> list[int]:
     """Pids of image helpers (and the tools they run) working on ``store``."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, raw in each_process("cmdline"):
+        cmdline = raw.split(b"\0")
         ours = any(store.encode() in arg for arg in cmdline)
         helper = b"zoned.images.helper" in cmdline
         skopeo = os.path.basename(cmdline[0]) in (b"skopeo", b"setpriv")
         if ours and (helper or skopeo):
-            found.append(int(entry))
+            found.append(pid)
     return found
 
 

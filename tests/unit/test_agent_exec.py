@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.procfs import each_process
 from tests.waiting import wait_until
 from zoned import protocol as p
 from zoned.agent.cgroups import NO_CGROUPS_ERROR
@@ -192,15 +193,10 @@ def _alive(pid: int) -> bool:
 def _group_members(pgid: int) -> list[int]:
     """Live processes of process group ``pgid``."""
     members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry))
+    for pid, stat in each_process("stat"):
+        fields = stat.rpartition(b")")[2].split()
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(pid)
     return members
 
 
