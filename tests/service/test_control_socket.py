@@ -12,16 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.peers import hello_as_nobody
+from tests.rawframes import FrameStream
 from zoned import protocol as p
 from zoned.daemon import Daemon
 
 
-class RawClient:
+class RawClient(FrameStream[p.Request, p.Reply]):
     """Speaks frames directly, so that tests can also send what a client must not."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.decoder = p.FrameDecoder(p.DEFAULT_MAX_FRAME)
+        super().__init__(stream, p.DEFAULT_MAX_FRAME, p.decode_reply)
 
     @classmethod
     async def open(cls, daemon: Daemon, hello: bool = True) -> RawClient:
@@ -31,20 +31,6 @@ class RawClient:
             reply = await client.receive()
             assert isinstance(reply, p.HelloReply), reply
         return client
-
-    async def send(self, message: p.Request) -> None:
-        await self.stream.send_all(p.encode_frame(message))
-
-    async def send_raw(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def receive(self) -> p.Reply:
-        while (frame := self.decoder.next_frame()) is None:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError("server closed the connection")
-            self.decoder.feed(data)
-        return p.decode_reply(frame)
 
     async def closed_by_server(self) -> bool:
         with trio.fail_after(5):

@@ -18,6 +18,7 @@ import msgspec
 import pytest
 import trio
 
+from tests.rawframes import FrameStream
 from tests.waiting import wait_until_async
 from zoned import protocol as p
 from zoned.agentlink import (
@@ -36,26 +37,11 @@ ENDS = (p.AgentExecExit, ExecLost)
 HELLO = p.AgentHello(version=1, agent="fake-agent/1", kernel_release="6.12.0", boot_s=1.0, pid=1)
 
 
-class FakeAgent:
+class FakeAgent(FrameStream[p.AgentToHost, p.HostToAgent]):
     """The guest end of one connection: frames in and out."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.decoder = p.FrameDecoder(p.AGENT_MAX_FRAME)
-
-    async def send(self, message: p.AgentToHost) -> None:
-        await self.stream.send_all(p.encode_frame(message, p.AGENT_MAX_FRAME))
-
-    async def send_raw(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def receive(self) -> p.HostToAgent:
-        while (frame := self.decoder.next_frame()) is None:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError
-            self.decoder.feed(data)
-        return p.decode_to_agent(frame)
+        super().__init__(stream, p.AGENT_MAX_FRAME, p.decode_to_agent)
 
     async def answer_heartbeats_until(self, kind: type[p.HostToAgent]) -> p.HostToAgent:
         """Answer heartbeats (hello on seq 0) until a message of ``kind`` arrives."""
