@@ -32,6 +32,12 @@ class RawClient(FrameStream[p.Request, p.Reply]):
             assert isinstance(reply, p.HelloReply), reply
         return client
 
+    async def receive_error(self) -> p.ErrorReply:
+        """The next reply, which must be an error."""
+        reply = await self.receive()
+        assert isinstance(reply, p.ErrorReply), reply
+        return reply
+
     async def closed_by_server(self) -> bool:
         with trio.fail_after(5):
             try:
@@ -52,16 +58,14 @@ async def test_hello_negotiates_version(daemon: Daemon) -> None:
 async def test_unsupported_version_is_refused(daemon: Daemon) -> None:
     client = await RawClient.open(daemon, hello=False)
     await client.send(p.Hello(id=3, versions=[99]))
-    reply = await client.receive()
-    assert isinstance(reply, p.ErrorReply) and reply.code == "unsupported_version"
-    assert reply.id == 3
+    reply = await client.receive_error()
+    assert (reply.id, reply.code) == (3, "unsupported_version")
 
 
 async def test_request_before_hello_is_refused(daemon: Daemon) -> None:
     client = await RawClient.open(daemon, hello=False)
     await client.send(p.ListZones(id=5))
-    reply = await client.receive()
-    assert isinstance(reply, p.ErrorReply)
+    reply = await client.receive_error()
     assert (reply.id, reply.code) == (5, "invalid_request")
     assert "first request must be hello" in reply.message
 
@@ -69,8 +73,7 @@ async def test_request_before_hello_is_refused(daemon: Daemon) -> None:
 async def test_get_unknown_zone_is_not_found(daemon: Daemon) -> None:
     client = await RawClient.open(daemon)
     await client.send(p.GetZone(id=2, name="nope"))
-    reply = await client.receive()
-    assert isinstance(reply, p.ErrorReply)
+    reply = await client.receive_error()
     assert (reply.id, reply.code) == (2, "not_found")
     await client.send(p.ListZones(id=3))
     assert await client.receive() == p.ZoneListReply(id=3, zones=[])
@@ -97,8 +100,8 @@ async def test_garbage_payload_gets_error_and_connection_survives(daemon: Daemon
     client = await RawClient.open(daemon)
     payload = b"\xc1not msgpack"
     await client.send_raw(struct.pack(">I", len(payload)) + payload)
-    reply = await client.receive()
-    assert isinstance(reply, p.ErrorReply) and reply.code == "invalid_request"
+    reply = await client.receive_error()
+    assert reply.code == "invalid_request"
     await client.send(p.ListZones(id=9))
     assert await client.receive() == p.ZoneListReply(id=9, zones=[])
 
@@ -109,8 +112,7 @@ async def test_unknown_field_keeps_its_request_id(daemon: Daemon) -> None:
 
     payload = msgspec.msgpack.encode({"type": "list_zones", "id": 44, "bogus": 1})
     await client.send_raw(struct.pack(">I", len(payload)) + payload)
-    reply = await client.receive()
-    assert isinstance(reply, p.ErrorReply)
+    reply = await client.receive_error()
     assert (reply.id, reply.code) == (44, "invalid_request")
     assert "bogus" in reply.message
 
@@ -119,8 +121,8 @@ async def test_oversize_frame_closes_only_that_connection(daemon: Daemon) -> Non
     bystander = await RawClient.open(daemon)
     offender = await RawClient.open(daemon)
     await offender.send_raw(struct.pack(">I", p.DEFAULT_MAX_FRAME + 1) + b"x" * 100)
-    reply = await offender.receive()
-    assert isinstance(reply, p.ErrorReply) and reply.code == "invalid_request"
+    reply = await offender.receive_error()
+    assert reply.code == "invalid_request"
     assert await offender.closed_by_server()
     await bystander.send(p.ListZones(id=4))
     assert await bystander.receive() == p.ZoneListReply(id=4, zones=[])
@@ -140,8 +142,7 @@ async def test_many_concurrent_clients(daemon: Daemon) -> None:
     async def one(i: int) -> None:
         client = await RawClient.open(daemon)
         await client.send(p.GetZone(id=i + 10, name=f"z{i}"))
-        reply = await client.receive()
-        assert isinstance(reply, p.ErrorReply)
+        reply = await client.receive_error()
         assert (reply.id, reply.code) == (i + 10, "not_found")
 
     async with trio.open_nursery() as nursery:
@@ -201,8 +202,7 @@ async def test_create_refusals_change_nothing(daemon: Daemon) -> None:
     ]
     for request, code in cases:
         await client.send(request)
-        reply = await client.receive()
-        assert isinstance(reply, p.ErrorReply), reply
+        reply = await client.receive_error()
         assert (reply.id, reply.code) == (request.id, code), reply.message
     await client.send(p.ListZones(id=9))
     assert await client.receive() == p.ZoneListReply(id=9, zones=[])
