@@ -79,45 +79,38 @@ def test_only_our_qemu_conf_counts_as_managed() -> None:
 
 
 @pytest.mark.parametrize(
-    ("changed", "supervised", "answers", "expected"),
+    ("systemd_pid1", "changed", "supervised", "answers", "expected"),
     [
-        (False, False, True, LibvirtAction.NOTHING),
-        (False, False, False, LibvirtAction.START_SUPERVISOR),
-        (True, False, True, LibvirtAction.START_SUPERVISOR),
-        (True, False, False, LibvirtAction.START_SUPERVISOR),
-        (False, True, True, LibvirtAction.NOTHING),
-        (False, True, False, LibvirtAction.WAIT),
-        (True, True, True, LibvirtAction.RESTART_SUPERVISED),
-        (True, True, False, LibvirtAction.RESTART_SUPERVISED),
+        # Without systemd: (changed, supervised, answers) decide.
+        (False, False, False, True, LibvirtAction.NOTHING),
+        (False, False, False, False, LibvirtAction.START_SUPERVISOR),
+        (False, True, False, True, LibvirtAction.START_SUPERVISOR),
+        (False, True, False, False, LibvirtAction.START_SUPERVISOR),
+        (False, False, True, True, LibvirtAction.NOTHING),
+        (False, False, True, False, LibvirtAction.WAIT),
+        (False, True, True, True, LibvirtAction.RESTART_SUPERVISED),
+        (False, True, True, False, LibvirtAction.RESTART_SUPERVISED),
+        # Under systemd it is left to systemd, whatever runs or answers.
+        *[
+            (True, changed, supervised, answers, expected)
+            for changed, expected in [
+                (False, LibvirtAction.SYSTEMD_ENABLE),
+                (True, LibvirtAction.SYSTEMD_RESTART),
+            ]
+            for supervised, answers in itertools.product([False, True], repeat=2)
+        ],
     ],
 )
-def test_libvirt_action_without_systemd(
-    changed: bool, supervised: bool, answers: bool, expected: LibvirtAction
+def test_libvirt_action(
+    systemd_pid1: bool, changed: bool, supervised: bool, answers: bool, expected: LibvirtAction
 ) -> None:
     action = decide_libvirt_action(
-        systemd_pid1=False,
+        systemd_pid1=systemd_pid1,
         qemu_conf_changed=changed,
         supervisor_alive=supervised,
         libvirt_answers=answers,
     )
     assert action is expected
-
-
-@pytest.mark.parametrize(
-    ("supervised", "answers"), list(itertools.product([False, True], repeat=2))
-)
-def test_libvirt_action_under_systemd_is_left_to_systemd(supervised: bool, answers: bool) -> None:
-    for changed, expected in [
-        (False, LibvirtAction.SYSTEMD_ENABLE),
-        (True, LibvirtAction.SYSTEMD_RESTART),
-    ]:
-        action = decide_libvirt_action(
-            systemd_pid1=True,
-            qemu_conf_changed=changed,
-            supervisor_alive=supervised,
-            libvirt_answers=answers,
-        )
-        assert action is expected
 
 
 def test_directories_qemu_opens_files_under_are_traversable_but_not_listable() -> None:
