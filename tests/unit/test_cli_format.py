@@ -332,6 +332,11 @@ def test_free_text_cannot_drive_the_terminal() -> None:
 # --------------------------------------------------------------------------- host
 
 
+def host_lines(**changes: object) -> list[str]:
+    """format_host's lines for host() with ``changes``."""
+    return format_host(msgspec.structs.replace(host(), **changes)).splitlines()
+
+
 def test_format_host() -> None:
     assert format_host(host()) == (
         "accelerator:    tcg\n"
@@ -353,8 +358,7 @@ def test_format_host() -> None:
 
 
 def test_format_host_says_what_isolates_zones() -> None:
-    info = msgspec.structs.replace(host(), isolation=isolation())
-    lines = format_host(info).splitlines()
+    lines = host_lines(isolation=isolation())
     assert lines[9:16] == [
         "qemu uids:      2013265920-2013331455 (2 in use; 2013265920 is the accelerator probe's)",
         "seclabel:       dac static +<zone uid>:+<zone gid>, relabel no",
@@ -364,8 +368,7 @@ def test_format_host_says_what_isolates_zones() -> None:
         f"shared images:  kernel strict: /k/bzImage (sha256 {'ab' * 6})",
         f"                boot image: /i/agent.cpio (sha256 {'cd' * 6})",
     ]
-    other = msgspec.structs.replace(
-        host(),
+    lines = host_lines(
         isolation=isolation(admin_group="ops", caller_sees_all=True, pids_controller=""),
         kernels=[
             p.KernelInfo(
@@ -376,7 +379,6 @@ def test_format_host_says_what_isolates_zones() -> None:
             )
         ],
     )
-    lines = format_host(other).splitlines()
     assert "kernels:        strict: 6.12.117 (sha256 abababababab, config 121212121212)" in lines
     assert (
         "qemu limits:    zone memory + 512MiB, no task limit (no pids cgroup controller)" in lines
@@ -386,8 +388,7 @@ def test_format_host_says_what_isolates_zones() -> None:
 
 
 def test_format_host_lists_each_numa_node_and_kernel() -> None:
-    info = msgspec.structs.replace(
-        host(),
+    lines = host_lines(
         numa_nodes=[
             p.NumaNode(id=1, cpus=[2, 3], memory_mib=4096),
             p.NumaNode(id=0, cpus=[0, 1], memory_mib=4096),
@@ -397,15 +398,13 @@ def test_format_host_lists_each_numa_node_and_kernel() -> None:
             p.KernelInfo(profile="containers", kernel_release="6.12.117", image_sha256="ef" * 32),
         ],
     )
-    lines = format_host(info).splitlines()
     assert lines[7:11] == [
         "numa nodes:     node 0: cpus 0-1, 4096 MiB",
         "                node 1: cpus 2-3, 4096 MiB",
         "kernels:        containers: 6.12.117 (sha256 efefefefefef)",
         "                strict: 6.12.117 (sha256 cdcdcdcdcdcd)",
     ]
-    empty = msgspec.structs.replace(host(), kernels=[], numa_nodes=[])
-    assert "kernels:        none" in format_host(empty).splitlines()
+    assert "kernels:        none" in host_lines(kernels=[], numa_nodes=[])
 
 
 # --------------------------------------------------------------------------- events
