@@ -17,8 +17,11 @@ The IO shell is :mod:`zoned.pools`. Rules:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import msgspec
 
 from zoned.errors import InvalidRequest
 from zoned.protocol import CreateZone, PoolInfo, PoolSpec
@@ -82,18 +85,11 @@ def check_fits(
 
 
 def create_request(name: str, spec: PoolSpec) -> CreateZone:
-    """The create that boots one zone of ``spec`` under the internal ``name``."""
-    return CreateZone(
-        id=0,
-        name=name,
-        vcpus=spec.vcpus,
-        memory_mib=spec.memory_mib,
-        profile=spec.profile,
-        machine=spec.machine,
-        image=spec.image,
-        writable_layer=spec.writable_layer,
-        writable_layer_mib=spec.writable_layer_mib,
-    )
+    """The create that boots one zone of ``spec`` under the internal ``name``:
+    the template's fields, all but its ``size``, are CreateZone's own."""
+    zone = msgspec.structs.asdict(spec)
+    del zone["size"]
+    return msgspec.convert({**zone, "id": 0, "name": name}, CreateZone)
 
 
 def backoff_s(failures_in_a_row: int, maximum: float) -> float:
@@ -135,16 +131,21 @@ class PoolState:
         return self.backoff_until is not None and now < self.backoff_until
 
     def info(self, name: str, spec: PoolSpec, *, ready: int, booting: int) -> PoolInfo:
-        return PoolInfo(
-            name=name,
-            spec=spec,
-            ready=ready,
-            booting=booting,
-            hits=self.hits,
-            misses=self.misses,
-            refill_failures=self.refill_failures,
-            last_failure=self.last_failure,
-            backoff_until=self.backoff_until,
-            acquire_last_s=self.acquire_last_s,
-            acquire_mean_s=self.acquire_total_s / self.hits if self.hits else None,
+        """The pool as ``list_pools`` shows it: its template, its zones and these
+        counters (PoolInfo's fields of the same names), all but the shell's
+        bookkeeping (failures in a row, shown as the back-off; the acquire
+        total, shown as its mean)."""
+        counters = dataclasses.asdict(self)
+        del counters["failures_in_a_row"], counters["acquire_total_s"]
+        mean = self.acquire_total_s / self.hits if self.hits else None
+        return msgspec.convert(
+            {
+                **counters,
+                "name": name,
+                "spec": spec,
+                "ready": ready,
+                "booting": booting,
+                "acquire_mean_s": mean,
+            },
+            PoolInfo,
         )

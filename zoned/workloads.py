@@ -44,6 +44,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import msgspec
 import trio
 
 from zoned import protocol as p
@@ -203,21 +204,13 @@ async def run_in_fresh_zone(
     pool), run the process, destroy the zone (the one this run got, never
     another of the same name)."""
     name = run_zone_name(request)
-    create = p.CreateZone(
-        id=request.id,
-        name=name,
-        vcpus=request.vcpus,
-        memory_mib=request.memory_mib,
-        profile=request.profile,
-        placement=request.placement,
-        labels={**request.labels, "zoned.run": "1"},
-        machine=request.machine,
-        image=request.image,
-        writable_layer=request.writable_layer,
-        writable_layer_mib=request.writable_layer_mib,
-        net=request.net,
-        publishes=request.publishes,
+    # The zone's fields are RunZone's own, by name (the process's are not CreateZone's).
+    create = msgspec.convert(
+        msgspec.structs.replace(request, name=name), p.CreateZone, from_attributes=True
     )
+    # The run's label goes on after the conversion, which checks how many labels there
+    # are: the request may carry the most already.
+    create = msgspec.structs.replace(create, labels={**request.labels, "zoned.run": "1"})
     ours: list[str] = []  # the uuid of the zone this run created, once it exists
 
     async def destroy() -> None:

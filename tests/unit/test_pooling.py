@@ -43,6 +43,17 @@ def test_a_request_matches_only_exactly_what_the_pool_holds() -> None:
         assert not pooling.matches(SPEC, request(**different), LIMITS), different
 
 
+def test_a_pool_boots_zones_that_match_it() -> None:
+    for spec in (
+        SPEC,
+        p.PoolSpec(image="python:3.12", profile="containers", vcpus=2, memory_mib=512, size=3),
+        p.PoolSpec(machine="q35", writable_layer="disk", writable_layer_mib=64),
+    ):
+        create = pooling.create_request("pool-py-1", spec)
+        assert (create.id, create.name) == (0, "pool-py-1")
+        assert pooling.matches(spec, create, LIMITS), spec
+
+
 def test_the_first_matching_pool_by_name_is_taken() -> None:
     pools = {"b": SPEC, "a": SPEC, "c": p.PoolSpec(memory_mib=512)}
     assert pooling.pool_for(pools, request(), LIMITS) == "a"

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
 from zoned.images.errors import ImageHostError
-from zoned.images.progress import Cancel
-from zoned.images.tools import run_tool
+from zoned.images.tools import ToolRun
 
 MKFS_EROFS: Final = "mkfs.erofs"
 #: Holes (bytes) in the tree above which the image is built chunk-based.
@@ -48,25 +46,13 @@ def build_erofs(
     *,
     image_id: str,
     hole_bytes: int,
-    cancel: Cancel,
-    scratch: Path,
-    pass_fds: Sequence[int] = (),
-    max_seconds: float,
-    poll: Callable[[], None] | None = None,
+    tools: ToolRun,
 ) -> bool:
     """Write the EROFS image of ``tree`` to ``output`` (which must not exist);
     whether it was built chunk-based."""
     chunked = hole_bytes > CHUNKED_ABOVE_HOLE_BYTES
     argv = mkfs_argv(tree, output, image_id=image_id, chunked=chunked)
-    result = run_tool(
-        image,
-        argv,
-        cancel=cancel,
-        scratch=scratch,
-        pass_fds=pass_fds,
-        max_seconds=max_seconds,
-        poll=poll,
-    )
+    result = tools.run(image, argv)
     if result.returncode != 0:
         raise ImageHostError(image, f"mkfs.erofs failed: {result.stderr or result.returncode}")
     return chunked

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -60,9 +59,8 @@ from zoned.images.oci import (
     parse_manifest,
     select_manifest,
 )
-from zoned.images.progress import Cancel
 from zoned.images.reference import Platform, Reference, digest_hex, parse_reference
-from zoned.images.tools import run_tool
+from zoned.images.tools import ToolRun
 
 REF_NAME_ANNOTATION: Final = "org.opencontainers.image.ref.name"
 #: What the OCI layout's ``ref.name`` may hold (its grammar, bounded).
@@ -330,11 +328,7 @@ def fetch(
     destination: Path,
     platform: Platform,
     *,
-    cancel: Cancel,
-    scratch: Path,
-    pass_fds: Sequence[int],
-    max_seconds: float,
-    poll: Callable[[], None] | None = None,
+    tools: ToolRun,
 ) -> str | None:
     """Copy ``source`` into ``destination`` (a ``dir:`` directory) with skopeo.
 
@@ -350,18 +344,9 @@ def fetch(
             raise ImageNotFound(image, "no such archive")
         if not path.is_file():
             raise InvalidImage(image, "not a docker save archive (not a regular file)")
-    authfile = write_authfile(source, scratch) if isinstance(source, RegistrySource) else None
+    authfile = write_authfile(source, tools.scratch) if isinstance(source, RegistrySource) else None
     argv = skopeo_argv(source, destination, platform, authfile)
-    result = run_tool(
-        image,
-        argv,
-        cancel=cancel,
-        scratch=scratch,
-        pass_fds=pass_fds,
-        max_seconds=max_seconds,
-        poll=poll,
-        env={**os.environ, "TMPDIR": str(scratch)},
-    )
+    result = tools.run(image, argv, env={**os.environ, "TMPDIR": str(tools.scratch)})
     if result.returncode != 0:
         raise classify_skopeo_failure(image, skopeo_message(result.stderr))
     return expected

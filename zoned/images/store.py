@@ -58,7 +58,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -107,6 +107,7 @@ from zoned.images.sources import (
     read_fetched,
     registry_reference,
 )
+from zoned.images.tools import ToolRun
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,16 @@ class _Operation:
 
     path: Path
     fd: int
+
+    def tools(self, cancel: Cancel, max_seconds: float, poll: Callable[[], None]) -> ToolRun:
+        """How a tool of this operation runs: in its scratch directory, holding its lock."""
+        return ToolRun(
+            cancel=cancel,
+            scratch=self.path,
+            max_seconds=max_seconds,
+            pass_fds=(self.fd,),
+            poll=poll,
+        )
 
 
 class ImageStore:
@@ -555,11 +566,7 @@ class ImageStore:
                 source,
                 fetched_dir,
                 wanted,
-                cancel=cancel,
-                scratch=op.path,
-                pass_fds=(op.fd,),
-                max_seconds=self.limits.fetch_seconds,
-                poll=fetch_progress,
+                tools=op.tools(cancel, self.limits.fetch_seconds, fetch_progress),
             )
             timings["fetch"] = time.monotonic() - started
             started = time.monotonic()
@@ -671,11 +678,7 @@ class ImageStore:
             output,
             image_id=fetched.manifest.config.digest,
             hole_bytes=stats.hole_bytes,
-            cancel=cancel,
-            scratch=op.path,
-            pass_fds=(op.fd,),
-            max_seconds=self.limits.build_seconds,
-            poll=build_progress,
+            tools=op.tools(cancel, self.limits.build_seconds, build_progress),
         )
         remove_tree_at(op.fd, "root")  # free the space before the copy is published
         os.chmod(output, 0o644)

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final, NamedTuple
 
@@ -138,6 +139,33 @@ def run_tool(
             _kill(proc)
             raise
         return ToolResult(code, _tail(stderr))
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """How one operation's tools run (:func:`run_tool`'s arguments that stay the same
+    from tool to tool): its cancel token, scratch directory, deadline, the
+    descriptors passed on (the scratch lock) and its progress poll."""
+
+    cancel: Cancel
+    scratch: Path
+    max_seconds: float
+    pass_fds: Sequence[int] = ()
+    poll: Callable[[], None] | None = None
+
+    def run(
+        self, image: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> ToolResult:
+        return run_tool(
+            image,
+            argv,
+            cancel=self.cancel,
+            scratch=self.scratch,
+            max_seconds=self.max_seconds,
+            pass_fds=self.pass_fds,
+            env=env,
+            poll=self.poll,
+        )
 
 
 @contextlib.contextmanager
