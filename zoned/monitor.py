@@ -351,14 +351,12 @@ class Monitor:
     ) -> None:
         uuid = progress.zone_uuid or self._visible_uuid(progress)
         if exit is not None:
+            # The record keeps how it ended as the exit says it (ExecRecord's
+            # fields of the same names); the request's id it has already.
+            ended_as = msgspec.structs.asdict(exit)
+            del ended_as["id"]
             ended = progress.finish_exec(
-                exit_code=exit.exit_code,
-                signal=exit.signal,
-                timed_out=exit.timed_out,
-                oom_killed=exit.oom_killed,
-                cpu_time_s=exit.cpu_time_s,
-                memory_peak_kib=exit.memory_peak_kib,
-                error="" if progress.exec_started else progress.start_error,
+                **ended_as, error="" if progress.exec_started else progress.start_error
             )
         else:
             ended = progress.finish_exec(error=error.message if error else "cancelled")
