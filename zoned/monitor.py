@@ -500,17 +500,12 @@ class Monitor:
     def _zone_gone(self, record: ZoneRecord, event: p.Event) -> None:
         del self._last[record.name]
         self.telemetry.forget_zone(record.uuid)
-        ended = zonelogs.EndedZone(
-            name=record.name,
-            uuid=record.uuid,
-            ended_at=event.time,
-            created_at=record.created_at,
-            state=event.state,
-            reason=event.reason,
-            failure=record.failure,
-            owner_uid=record.owner_uid,
-            profile=record.profile,
-            labels=dict(record.labels),
+        # What EndedZone keeps of the record (its fields of the same names, the
+        # labels copied), and the end itself as the event says it.
+        ended = msgspec.convert(
+            msgspec.structs.asdict(record)
+            | {"ended_at": event.time, "state": event.state, "reason": event.reason},
+            zonelogs.EndedZone,
         )
         log_dir = self.log_dir
         console = Path(record.console_log)
