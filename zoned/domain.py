@@ -92,7 +92,7 @@ METADATA_PREFIX: Final = "zoned"
 #: Local name of the element that holds the zone record (JSON text).
 METADATA_ELEMENT: Final = "zone"
 
-#: Name of the virtio-serial port the guest agent talks on.
+#: The QEMU binary every zone's domain runs (``<emulator>``).
 EMULATOR: Final = "/usr/bin/qemu-system-x86_64"
 #: Serial numbers of the zone's disks, as the guest agent looks for them in
 #: ``/sys/block/vd*/serial`` (virtio-blk carries at most 20 bytes).

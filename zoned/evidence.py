@@ -28,7 +28,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,14 +115,18 @@ class Bundle:
             EvidenceFile(name=name, size_bytes=target.stat().st_size, sha256=sha256_of(target))
         )
 
-    def add_bytes(self, name: str, data: bytes) -> bool:
+    def _made(self, name: str, make: Callable[[Path], None]) -> bool:
+        """``make`` the file ``name`` at its path and list it; a failure is noted."""
         try:
-            _write_out(self.path / name, [data])
+            make(self.path / name)
             self._listed(name)
             return True
         except OSError as exc:
             self._failed(name, exc)
             return False
+
+    def add_bytes(self, name: str, data: bytes) -> bool:
+        return self._made(name, lambda target: _write_out(target, [data]))
 
     def add_copy(self, name: str, source: Path) -> bool:
         """Copy a regular file in (links are not followed); a missing source is noted."""
@@ -161,13 +165,7 @@ class Bundle:
 
     def adopt(self, name: str) -> bool:
         """List a file someone else wrote into the bundle (libvirtd's memory dump)."""
-        try:
-            os.chmod(self.path / name, 0o600)
-            self._listed(name)
-            return True
-        except OSError as exc:
-            self._failed(name, exc)
-            return False
+        return self._made(name, lambda target: os.chmod(target, 0o600))
 
     def fail(self, name: str, reason: str) -> None:
         """A step that failed elsewhere (a libvirt call): note it, remove its leftovers."""

@@ -351,14 +351,12 @@ class Monitor:
     ) -> None:
         uuid = progress.zone_uuid or self._visible_uuid(progress)
         if exit is not None:
+            # The record keeps how it ended as the exit says it (ExecRecord's
+            # fields of the same names); the request's id it has already.
+            ended_as = msgspec.structs.asdict(exit)
+            del ended_as["id"]
             ended = progress.finish_exec(
-                exit_code=exit.exit_code,
-                signal=exit.signal,
-                timed_out=exit.timed_out,
-                oom_killed=exit.oom_killed,
-                cpu_time_s=exit.cpu_time_s,
-                memory_peak_kib=exit.memory_peak_kib,
-                error="" if progress.exec_started else progress.start_error,
+                **ended_as, error="" if progress.exec_started else progress.start_error
             )
         else:
             ended = progress.finish_exec(error=error.message if error else "cancelled")
@@ -502,17 +500,12 @@ class Monitor:
     def _zone_gone(self, record: ZoneRecord, event: p.Event) -> None:
         del self._last[record.name]
         self.telemetry.forget_zone(record.uuid)
-        ended = zonelogs.EndedZone(
-            name=record.name,
-            uuid=record.uuid,
-            ended_at=event.time,
-            created_at=record.created_at,
-            state=event.state,
-            reason=event.reason,
-            failure=record.failure,
-            owner_uid=record.owner_uid,
-            profile=record.profile,
-            labels=dict(record.labels),
+        # What EndedZone keeps of the record (its fields of the same names, the
+        # labels copied), and the end itself as the event says it.
+        ended = msgspec.convert(
+            msgspec.structs.asdict(record)
+            | {"ended_at": event.time, "state": event.state, "reason": event.reason},
+            zonelogs.EndedZone,
         )
         log_dir = self.log_dir
         console = Path(record.console_log)

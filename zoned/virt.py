@@ -377,16 +377,7 @@ def _summary_of(dom: Any, metadata_uri: str | None) -> DomainSummary:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
                 raise
-    return DomainSummary(
-        name=state.name,
-        uuid=state.uuid,
-        state=state.state,
-        reason=state.reason,
-        active=state.active,
-        persistent=state.persistent,
-        id=state.id,
-        metadata=metadata,
-    )
+    return DomainSummary(**msgspec.structs.asdict(state), metadata=metadata)
 
 
 def _list_domains(conn: Any, prefix: str, metadata_uri: str | None) -> list[DomainSummary]:

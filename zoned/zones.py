@@ -147,25 +147,16 @@ DOMAIN_END_WAIT_S = 5.0
 DOMAIN_END_POLL_S = 0.1
 
 
+# A placement and its record hold the same fields, as tuples and as lists; the
+# record leaves out the zone (the zone record's name). Converted, not copied.
+
+
 def placement_record(placement: Placement) -> PlacementRecord:
-    return PlacementRecord(
-        policy=placement.policy,
-        vcpu_cpus=[list(cpus) for cpus in placement.vcpu_cpus],
-        emulator_cpus=list(placement.emulator_cpus),
-        numa_node=placement.numa_node,
-        memory_mib=placement.memory_mib,
-    )
+    return msgspec.convert(placement, PlacementRecord, from_attributes=True)
 
 
 def placement_from_record(zone: str, record: PlacementRecord) -> Placement:
-    return Placement(
-        zone=zone,
-        policy=record.policy,
-        vcpu_cpus=tuple(tuple(cpus) for cpus in record.vcpu_cpus),
-        emulator_cpus=tuple(record.emulator_cpus),
-        numa_node=record.numa_node,
-        memory_mib=record.memory_mib,
-    )
+    return msgspec.convert({"zone": zone, **msgspec.structs.asdict(record)}, Placement)
 
 
 @dataclass

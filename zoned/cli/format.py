@@ -602,23 +602,19 @@ def describe_exec(exec_: p.ExecRecord) -> str:
         parts.append(f"as {exec_.user}")
     elif exec_.uid or exec_.gid:
         parts.append(f"as {exec_.uid}:{exec_.gid}")
-    if exec_.tty:
-        parts.append("tty")
-    if exec_.exit_code is not None:
-        parts.append(f"exit {exec_.exit_code}")
-    if exec_.signal is not None:
-        parts.append(f"signal {exec_.signal}")
-    if exec_.oom_killed:
-        parts.append("OOM-killed")
-    if exec_.timed_out:
-        parts.append("timed out")
-    if exec_.cpu_time_s is not None:
-        parts.append(f"cpu {exec_.cpu_time_s:.2f}s")
-    if exec_.memory_peak_kib is not None:
-        parts.append(f"peak {format_mib(exec_.memory_peak_kib // 1024)}")
-    if exec_.error:
-        parts.append(f"error: {one_line(exec_.error)}")
-    return ", ".join(parts)
+    cpu, peak = exec_.cpu_time_s, exec_.memory_peak_kib
+    # What is known of how it ran and ended, each fact only when it is.
+    facts = (
+        "tty" if exec_.tty else "",
+        f"exit {exec_.exit_code}" if exec_.exit_code is not None else "",
+        f"signal {exec_.signal}" if exec_.signal is not None else "",
+        "OOM-killed" if exec_.oom_killed else "",
+        "timed out" if exec_.timed_out else "",
+        f"cpu {cpu:.2f}s" if cpu is not None else "",
+        f"peak {format_mib(peak // 1024)}" if peak is not None else "",
+        f"error: {one_line(exec_.error)}" if exec_.error else "",
+    )
+    return ", ".join([*parts, *filter(None, facts)])
 
 
 AUDIT_TABLE_HEADER = ("TIME", "UID", "PID", "EXE", "OP", "ZONE", "OUTCOME", "DETAIL")

@@ -70,14 +70,18 @@ class PortRange(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_l
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
-class NameRule(
+class _RuleBase(
     msgspec.Struct,
     frozen=True,
     forbid_unknown_fields=True,
     omit_defaults=True,
-    tag="name",
     tag_field="kind",
 ):
+    """What every kind of rule is on the wire: an object tagged by its ``kind``
+    (subclasses inherit this config and give their own tag)."""
+
+
+class NameRule(_RuleBase, frozen=True, tag="name"):
     """TCP to the addresses the zone's resolver answered for a matching name."""
 
     # Lowercase A-labels without the trailing dot; "*." first for a wildcard.
@@ -88,14 +92,7 @@ class NameRule(
         return self.pattern + _ports_suffix(self.ports)
 
 
-class CidrRule(
-    msgspec.Struct,
-    frozen=True,
-    forbid_unknown_fields=True,
-    omit_defaults=True,
-    tag="cidr",
-    tag_field="kind",
-):
+class CidrRule(_RuleBase, frozen=True, tag="cidr"):
     """Connections to a network, TCP (proxied) or UDP (forwarded)."""
 
     network: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
