@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 import select
 import signal
@@ -34,30 +35,36 @@ ZONE = "ex-shared"
 CALL_TIMEOUT_S = 180.0
 ZONECTL = [sys.executable, "-m", "zoned.cli"]
 
-# Writes SIZE deterministic bytes to stdout in 64 KiB blocks; the host
-# computes the same stream's sha256 with expected_digest().
-GENERATOR = """
-import hashlib, sys
-out = sys.stdout.buffer
-size = int(sys.argv[1])
-i = 0
-while size > 0:
-    block = hashlib.sha256(str(i).encode()).digest() * 2048
-    out.write(block[:size])
-    size -= len(block)
-    i += 1
-out.flush()
-"""
+
+def stream_blocks(size: int) -> Iterator[bytes]:
+    """SIZE deterministic bytes in blocks of 64 KiB (the last one cut short)."""
+    i = 0
+    while size > 0:
+        block = hashlib.sha256(str(i).encode()).digest() * 2048
+        yield block[:size]
+        size -= len(block)
+        i += 1
+
+
+# Writes SIZE deterministic bytes to stdout: stream_blocks' own source, run in
+# the zone; the host computes the same stream's sha256 with expected_digest().
+GENERATOR = "\n".join(
+    [
+        "from __future__ import annotations",
+        "import hashlib, sys",
+        inspect.getsource(stream_blocks),
+        "out = sys.stdout.buffer",
+        "for block in stream_blocks(int(sys.argv[1])):",
+        "    out.write(block)",
+        "out.flush()",
+    ]
+)
 
 
 def expected_digest(size: int) -> str:
     digest = hashlib.sha256()
-    i = 0
-    while size > 0:
-        block = hashlib.sha256(str(i).encode()).digest() * 2048
-        digest.update(block[:size])
-        size -= len(block)
-        i += 1
+    for block in stream_blocks(size):
+        digest.update(block)
     return digest.hexdigest()
 
 
