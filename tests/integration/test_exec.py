@@ -14,7 +14,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import trio
 
 from tests.integration.conftest import domain_name, open_libvirt, private_zoned_with_zone
 from tests.waiting import wait_until_async
+from tests.zonectl_run import zonectl, zonectl_argv
 from zoned.client import Client, SyncClient
 from zoned.errors import HypervisorError, InvalidRequest
 from zoned.localdaemon import LocalDaemon
@@ -33,7 +33,6 @@ pytestmark = pytest.mark.integration
 
 ZONE = "ex-shared"
 CALL_TIMEOUT_S = 180.0
-ZONECTL = [sys.executable, "-m", "zoned.cli"]
 
 
 def stream_blocks(size: int) -> Iterator[bytes]:
@@ -79,18 +78,6 @@ def zoned() -> Iterator[LocalDaemon]:
 async def connect(daemon: LocalDaemon) -> AsyncIterator[Client]:
     async with Client(daemon.socket, client_name="it") as client:
         yield client
-
-
-def zonectl(
-    daemon: LocalDaemon, *args: str, input: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*ZONECTL, "--socket", str(daemon.socket), *args],
-        input=input,
-        capture_output=True,
-        timeout=CALL_TIMEOUT_S,
-        check=False,
-    )
 
 
 async def test_python_runs_in_the_zone(zoned: LocalDaemon) -> None:
@@ -283,7 +270,7 @@ async def test_a_process_whose_client_goes_away_is_hung_up(zoned: LocalDaemon) -
     commands = [["sh", "-c", "trap '' HUP; sleep 600"], ["sleep", "601"]]
     clients = [
         subprocess.Popen(
-            [*ZONECTL, "--socket", str(zoned.socket), "exec", ZONE, "--", *argv],
+            zonectl_argv(zoned, "exec", ZONE, "--", *argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -489,7 +476,7 @@ def test_zonectl_exec_it_is_an_interactive_terminal(zoned: LocalDaemon) -> None:
     master, slave = os.openpty()
     script = "echo tty-$(tty); read line; echo got-$line; sleep 600; echo not-interrupted"
     proc = subprocess.Popen(
-        [*ZONECTL, "--socket", str(zoned.socket), "exec", "-it", ZONE, "--", "sh", "-c", script],
+        zonectl_argv(zoned, "exec", "-it", ZONE, "--", "sh", "-c", script),
         stdin=slave,
         stdout=slave,
         stderr=slave,
@@ -546,7 +533,7 @@ async def test_zonectl_ends_on_ctrl_c_twice_or_sigterm_while_the_daemon_is_froze
         ([signal.SIGTERM], 128 + signal.SIGTERM),
     ):
         zonectl_process = await trio.lowlevel.open_process(
-            [*ZONECTL, "--socket", str(zoned.socket), "exec", ZONE, "--", "sh", "-c", script],
+            zonectl_argv(zoned, "exec", ZONE, "--", "sh", "-c", script),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
