@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ import libvirt
 import pytest
 
 from tests.integration.conftest import domain_name
+from tests.tmpdirs import short_tmp_dir
 from tests.unit.test_domain import GOLDEN_SPECS
 from zoned.config import Config
 from zoned.cpio import CpioWriter
@@ -75,12 +74,9 @@ def conn() -> Iterator[Any]:
 def workdir() -> Iterator[Path]:
     # QEMU runs as libvirt-qemu and must reach the initramfs: pytest's own
     # tmp_path sits below a mode 0700 directory, so use one it can traverse.
-    path = Path(tempfile.mkdtemp(prefix="zt-dom-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
+    with short_tmp_dir("zt-dom-") as path:
+        path.chmod(0o755)
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove(conn: Any, name: str) -> None:

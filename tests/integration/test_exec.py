@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +24,7 @@ import trio
 
 from tests.integration.conftest import domain_name, open_libvirt, private_zoned_with_zone
 from tests.waiting import wait_until_async
+from tests.zonectl_run import zonectl, zonectl_argv
 from zoned.client import Client, SyncClient
 from zoned.errors import HypervisorError, InvalidRequest
 from zoned.localdaemon import LocalDaemon
@@ -32,32 +33,37 @@ pytestmark = pytest.mark.integration
 
 ZONE = "ex-shared"
 CALL_TIMEOUT_S = 180.0
-ZONECTL = [sys.executable, "-m", "zoned.cli"]
 
-# Writes SIZE deterministic bytes to stdout in 64 KiB blocks; the host
-# computes the same stream's sha256 with expected_digest().
-GENERATOR = """
-import hashlib, sys
-out = sys.stdout.buffer
-size = int(sys.argv[1])
-i = 0
-while size > 0:
-    block = hashlib.sha256(str(i).encode()).digest() * 2048
-    out.write(block[:size])
-    size -= len(block)
-    i += 1
-out.flush()
-"""
+
+def stream_blocks(size: int) -> Iterator[bytes]:
+    """SIZE deterministic bytes in blocks of 64 KiB (the last one cut short)."""
+    i = 0
+    while size > 0:
+        block = hashlib.sha256(str(i).encode()).digest() * 2048
+        yield block[:size]
+        size -= len(block)
+        i += 1
+
+
+# Writes SIZE deterministic bytes to stdout: stream_blocks' own source, run in
+# the zone; the host computes the same stream's sha256 with expected_digest().
+GENERATOR = "\n".join(
+    [
+        "from __future__ import annotations",
+        "import hashlib, sys",
+        inspect.getsource(stream_blocks),
+        "out = sys.stdout.buffer",
+        "for block in stream_blocks(int(sys.argv[1])):",
+        "    out.write(block)",
+        "out.flush()",
+    ]
+)
 
 
 def expected_digest(size: int) -> str:
     digest = hashlib.sha256()
-    i = 0
-    while size > 0:
-        block = hashlib.sha256(str(i).encode()).digest() * 2048
-        digest.update(block[:size])
-        size -= len(block)
-        i += 1
+    for block in stream_blocks(size):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -72,18 +78,6 @@ def zoned() -> Iterator[LocalDaemon]:
 async def connect(daemon: LocalDaemon) -> AsyncIterator[Client]:
     async with Client(daemon.socket, client_name="it") as client:
         yield client
-
-
-def zonectl(
-    daemon: LocalDaemon, *args: str, input: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*ZONECTL, "--socket", str(daemon.socket), *args],
-        input=input,
-        capture_output=True,
-        timeout=CALL_TIMEOUT_S,
-        check=False,
-    )
 
 
 async def test_python_runs_in_the_zone(zoned: LocalDaemon) -> None:
@@ -276,7 +270,7 @@ async def test_a_process_whose_client_goes_away_is_hung_up(zoned: LocalDaemon) -
     commands = [["sh", "-c", "trap '' HUP; sleep 600"], ["sleep", "601"]]
     clients = [
         subprocess.Popen(
-            [*ZONECTL, "--socket", str(zoned.socket), "exec", ZONE, "--", *argv],
+            zonectl_argv(zoned, "exec", ZONE, "--", *argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -482,7 +476,7 @@ def test_zonectl_exec_it_is_an_interactive_terminal(zoned: LocalDaemon) -> None:
     master, slave = os.openpty()
     script = "echo tty-$(tty); read line; echo got-$line; sleep 600; echo not-interrupted"
     proc = subprocess.Popen(
-        [*ZONECTL, "--socket", str(zoned.socket), "exec", "-it", ZONE, "--", "sh", "-c", script],
+        zonectl_argv(zoned, "exec", "-it", ZONE, "--", "sh", "-c", script),
         stdin=slave,
         stdout=slave,
         stderr=slave,
@@ -539,7 +533,7 @@ async def test_zonectl_ends_on_ctrl_c_twice_or_sigterm_while_the_daemon_is_froze
         ([signal.SIGTERM], 128 + signal.SIGTERM),
     ):
         zonectl_process = await trio.lowlevel.open_process(
-            [*ZONECTL, "--socket", str(zoned.socket), "exec", ZONE, "--", "sh", "-c", script],
+            zonectl_argv(zoned, "exec", ZONE, "--", "sh", "-c", script),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -23,7 +23,7 @@ import pytest
 
 from tests.integration.conftest import open_libvirt, private_zoned, qemu_pid
 from tests.integration.imagetools import Layout, registry, require_tools, skopeo_copy, write_tar
-from tests.integration.test_exec import zonectl
+from tests.zonectl_run import zonectl
 from zoned import protocol as p
 from zoned.client import SyncClient
 from zoned.errors import Conflict, InvalidRequest

@@ -21,12 +21,12 @@ import re
 import shutil
 import struct
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.tmpdirs import short_tmp_dir
 from zoned.bareboot import busybox_initramfs, qemu_command, wait_exit
 from zoned.hostinfo import host_tsc_khz
 from zoned.images.hostfiles import busybox_binary
@@ -167,11 +167,8 @@ echo ZT-END
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="zt-kboot-", dir="/tmp"))
-    try:
+    with short_tmp_dir("zt-kboot-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def posix_acl(entries: list[tuple[int, int, int]]) -> bytes:

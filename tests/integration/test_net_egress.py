@@ -8,11 +8,12 @@ test_net_qemu.py runs a real guest kernel on a real tap.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
@@ -93,14 +94,24 @@ async def settle(nethost: NetHost) -> None:
         await nethost.read_counters(zone)
 
 
-def serve_http(namespace: str, port: int, bind: str = "") -> subprocess.Popen[bytes]:
-    """Python's http.server in ``namespace`` (on every address unless ``bind``)."""
+@contextlib.asynccontextmanager
+async def http_server(namespace: str, port: int, reach: str, bind: str = "") -> AsyncIterator[None]:
+    """Python's http.server in ``namespace`` on ``port`` (on every address unless
+    ``bind``), entered once it accepts on ``reach``; killed on leaving."""
     argv = ["ip", "netns", "exec", namespace, sys.executable, "-m", "http.server", str(port)]
-    return subprocess.Popen(
+    server = subprocess.Popen(
         argv + (["--bind", bind] if bind else []),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    try:
+        await trio.to_thread.run_sync(
+            lambda: wait_tcp(["ip", "netns", "exec", namespace], reach, port)
+        )
+        yield
+    finally:
+        server.kill()
+        server.wait()
 
 
 URLLIB = (
@@ -218,15 +229,10 @@ async def test_host_and_other_zones_are_unreachable(world: World) -> None:
         b = nethost.addressing("z1")
         a = nethost.addressing("z0")
         # Something listening in zone b and on the host, on every address.
-        listener = serve_http(zone_b, 8000)
-        host_listener = serve_http(world.host, 8001)
-        try:
-            await trio.to_thread.run_sync(
-                lambda: wait_tcp(["ip", "netns", "exec", zone_b], b.guest_v4, 8000)
-            )
-            await trio.to_thread.run_sync(
-                lambda: wait_tcp(["ip", "netns", "exec", world.host], "198.18.0.1", 8001)
-            )
+        async with (
+            http_server(zone_b, 8000, b.guest_v4),
+            http_server(world.host, 8001, "198.18.0.1"),
+        ):
             # open reaches the internet...
             assert (await curl(world, zone_a, "https://other.test/")).returncode == 0
             # ...but not the other zone, the host's addresses or its own gateway.
@@ -251,10 +257,6 @@ async def test_host_and_other_zones_are_unreachable(world: World) -> None:
             events = refused(drain(nethost))
             assert ("connect", b.guest_v4, "cgnat") in events
             assert ("connect", "198.18.0.1", "host-network") in events
-        finally:
-            for proc in (listener, host_listener):
-                proc.kill()
-                proc.wait()
 
 
 async def test_policy_changes_take_effect_at_once(world: World) -> None:
@@ -357,12 +359,8 @@ async def test_published_port_answers_on_host_loopback(world: World) -> None:
     async with running_nethost(world) as nethost:
         zone = await create(world, nethost, 0, publishes=("127.0.0.1:18080:8000",))
         addr = nethost.addressing("z0")
-        server = serve_http(zone, 8000, addr.guest_v4)
-        try:
+        async with http_server(zone, 8000, addr.guest_v4, bind=addr.guest_v4):
             host = ["ip", "netns", "exec", world.host]
-            await trio.to_thread.run_sync(
-                lambda: wait_tcp(["ip", "netns", "exec", zone], addr.guest_v4, 8000)
-            )
             got = host_http_status(world, 18080)
             assert got.stdout == "200", got.stderr
             # The same host port again: a clear conflict, nothing changed.
@@ -379,9 +377,6 @@ async def test_published_port_answers_on_host_loopback(world: World) -> None:
                 [*host, "curl", "-sS", "--max-time", "3", "http://127.0.0.1:18080/"], check=False
             )
             assert got.returncode == 7  # nothing listens there any more
-        finally:
-            server.kill()
-            server.wait()
 
 
 async def test_helper_death_fails_closed_and_is_restored(world: World) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import pwd
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from tests.integration.conftest import domain_name, open_libvirt, private_zoned
 from tests.integration.test_exec import connect
 from tests.peers import hello_as_nobody
 from tests.zone_events import watching
+from tests.zonectl_run import zonectl, zonectl_text
 from zoned.client import Client
 from zoned.errors import Conflict, HypervisorError, NotFound
 from zoned.evidence import verify
@@ -39,7 +39,6 @@ pytestmark = pytest.mark.integration
 
 BUSY, TWO = "ob-busy", "ob-two"
 CALL_TIMEOUT_S = 180.0
-ZONECTL = [sys.executable, "-m", "zoned.cli"]
 #: The gone zones' logs may take this much in all (the last test fills it with runs).
 RETENTION_BYTES = 100_000
 #: A busy loop that holds a marker only its own computation makes (argv, the audit
@@ -71,16 +70,6 @@ def zoned() -> Iterator[LocalDaemon]:
     with private_zoned("ob-", root, extra) as daemon:
         trio.run(create, daemon)
         yield daemon
-
-
-def zonectl(daemon: LocalDaemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*ZONECTL, "--socket", str(daemon.socket), *args],
-        capture_output=True,
-        text=True,
-        timeout=CALL_TIMEOUT_S,
-        check=False,
-    )
 
 
 async def scrape(daemon: LocalDaemon) -> Series:
@@ -132,7 +121,7 @@ async def test_metrics_list_a_running_zone_and_agree_with_show(zoned: LocalDaemo
         before = await client.zone_metrics(BUSY)
         found = await scrape(zoned)
         after = await client.zone_metrics(BUSY)
-    shown = json.loads(zonectl(zoned, "show", BUSY, "--json").stdout)
+    shown = json.loads(zonectl_text(zoned, "show", BUSY, "--json").stdout)
     cpu = one(found, "zoned_zone_cpu_seconds_total", BUSY)
     assert before.cpu_time_s is not None and after.cpu_time_s is not None
     assert 0 < before.cpu_time_s <= cpu <= after.cpu_time_s
@@ -218,12 +207,12 @@ def test_a_caller_outside_the_group_is_refused_and_audited(zoned: LocalDaemon) -
     zoned.socket.chmod(0o666)  # let SO_PEERCRED decide, not the file mode
     nobody = pwd.getpwnam("nobody")
     assert "permission_denied" in hello_as_nobody(zoned.socket)
-    lines = zonectl(zoned, "audit", "--json").stdout.splitlines()
+    lines = zonectl_text(zoned, "audit", "--json").stdout.splitlines()
     denied = [r for r in map(json.loads, lines) if r["outcome"] == "denied"]
     assert denied[-1]["caller"]["uid"] == nobody.pw_uid
     assert denied[-1]["error_code"] == "permission_denied"
     assert denied[-1]["caller"]["exe"].startswith("/usr/bin/python3")
-    bad = zonectl(zoned, "audit", "--since", "yesterday-ish")
+    bad = zonectl_text(zoned, "audit", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "--since: expected a time" in bad.stderr
 
 
@@ -248,7 +237,7 @@ async def test_a_full_disk_makes_a_partial_bundle_and_harms_nothing_else(
 ) -> None:
     evidence = zoned.root / "evidence"
     with full_disk(evidence):
-        result = zonectl(zoned, "quarantine", TWO, "--destroy", "--json")
+        result = zonectl_text(zoned, "quarantine", TWO, "--destroy", "--json")
         assert result.returncode == 0, result.stderr
         reply = msgspec.json.decode(result.stdout, type=dict)
         bundle = reply["bundle"]
@@ -290,7 +279,7 @@ async def test_quarantine_freezes_a_busy_loop_and_collects_its_evidence(
             first = await trio.to_thread.run_sync(libvirt_cpu_ns, domain)
             while await trio.to_thread.run_sync(libvirt_cpu_ns, domain) < first + 500_000_000:
                 await trio.sleep(0.2)
-            result = await trio.to_thread.run_sync(lambda: zonectl(zoned, "quarantine", BUSY))
+            result = await trio.to_thread.run_sync(lambda: zonectl_text(zoned, "quarantine", BUSY))
         assert result.returncode == 0, result.stderr
         assert "evidence: " in result.stdout and "PARTIAL" not in result.stdout
         frozen = await trio.to_thread.run_sync(libvirt_vcpu_ns, domain)
@@ -346,50 +335,30 @@ def contains(path: Path, needle: bytes) -> bool:
 
 
 async def test_destroy_is_audited_series_go_and_logs_stay(zoned: LocalDaemon) -> None:
-    shown = json.loads(zonectl(zoned, "show", BUSY, "--json").stdout)
-    destroyed = zonectl(zoned, "destroy", BUSY)
+    shown = json.loads(zonectl_text(zoned, "show", BUSY, "--json").stdout)
+    destroyed = zonectl_text(zoned, "destroy", BUSY)
     assert destroyed.returncode == 0, destroyed.stderr
     found = await scrape(zoned)
     assert of_zone(found, "zoned_zone_state", BUSY) == []
     assert of_zone(found, "zoned_zone_cpu_seconds_total", BUSY) == []
-    logs = subprocess.run(
-        [*ZONECTL, "--socket", str(zoned.socket), "logs", BUSY],
-        capture_output=True,
-        timeout=CALL_TIMEOUT_S,
-        check=False,
-    )
+    logs = zonectl(zoned, "logs", BUSY)
     assert logs.returncode == 0 and b"zoned-agent: starting" in logs.stdout
-    by_uuid = subprocess.run(
-        [
-            *ZONECTL,
-            "--socket",
-            str(zoned.socket),
-            "logs",
-            BUSY,
-            "--uuid",
-            shown["uuid"],
-            "--tail",
-            "100",
-        ],
-        capture_output=True,
-        timeout=CALL_TIMEOUT_S,
-        check=False,
-    )
+    by_uuid = zonectl(zoned, "logs", BUSY, "--uuid", shown["uuid"], "--tail", "100")
     assert by_uuid.returncode == 0 and by_uuid.stdout == logs.stdout[-100:]
-    missing = zonectl(zoned, "logs", "ob-never")
+    missing = zonectl_text(zoned, "logs", "ob-never")
     assert missing.returncode == 4 and "no kept logs" in missing.stderr
     records = [
         json.loads(line)
-        for line in zonectl(zoned, "audit", "--zone", BUSY, "--json").stdout.splitlines()
+        for line in zonectl_text(zoned, "audit", "--zone", BUSY, "--json").stdout.splitlines()
     ]
     ops = [(r["op"], r["outcome"]) for r in records]
     assert ops[0] == ("create_zone", "ok") and ops[-1] == ("destroy_zone", "ok")
     assert ("quarantine_zone", "ok") in ops and ("exec", "ok") in ops
     assert {r["caller"]["uid"] for r in records} == {os.getuid()}
     assert {r["zone_uuid"] for r in records} == {shown["uuid"]}
-    text = zonectl(zoned, "audit", "--zone", BUSY)
+    text = zonectl_text(zoned, "audit", "--zone", BUSY)
     assert text.returncode == 0 and "destroy_zone" in text.stdout
-    again = zonectl(zoned, "quarantine", BUSY)
+    again = zonectl_text(zoned, "quarantine", BUSY)
     assert again.returncode == 4 and "no zone named" in again.stderr
 
 

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from tests.integration.conftest import DOMAIN_PREFIX, domain_name, qemu_pid
+from tests.virt_env import Env, connected
 from zoned import virt
 from zoned.config import Config
 from zoned.errors import HypervisorError, NotFound
@@ -57,23 +58,10 @@ async def next_event(
 OWN_PREFIXES = (domain_name("probe-"), domain_name("virt-"), domain_name("lost"))
 
 
-class Env:
-    def __init__(self, hv: Hypervisor, events: trio.MemoryReceiveChannel[DomainEvent]) -> None:
-        self.hv = hv
-        self.events = events
-
-
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    send, receive = virt.open_event_channel()
-    async with await Hypervisor.connect(URI, trio.CapacityLimiter(4), send) as hv:
-        try:
-            yield Env(hv, receive)
-        finally:
-            with trio.CancelScope(shield=True):
-                for summary in await hv.list_domains(DOMAIN_PREFIX):
-                    if summary.name.startswith(OWN_PREFIXES):
-                        await hv.remove(summary.name)
+    async with connected(URI, DOMAIN_PREFIX, OWN_PREFIXES) as (hv, events):
+        yield Env(hv, events)
 
 
 async def test_version_and_capabilities(env: Env) -> None:

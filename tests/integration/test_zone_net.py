@@ -300,15 +300,25 @@ async def test_allowed_names_work_through_urllib_pip_like_fetches_and_wget(
     assert (wget.returncode, wget.stdout.decode()) == (0, f"{web_a} allowed.test /wget\n"), wget
 
 
+async def refused_in_web(
+    world: NetWorld, code: str, *expected: tuple[str, str]
+) -> tuple[dict[str, object], list[p.NetRefusal]]:
+    """Runs ``code`` (a program()) in the web zone; its answer and, waited for,
+    the refusals it causes: one for each (kind, what) of ``expected``."""
+    async with refusals(world, WEB) as events, connect(world) as client:
+        answer = await python(client, WEB, code)
+        found = [await wait_for_refusal(events, kind, what) for kind, what in expected]
+    return answer, found
+
+
 async def test_names_off_the_list_fail_and_show_as_refused_events(world: NetWorld) -> None:
     code = program(
         '"blocked": attempt(lambda: get("https://blocked.test/"))',
         '"port": attempt(lambda: connect("allowed.test", 8443))',
     )
-    async with refusals(world, WEB) as events, connect(world) as client:
-        answer = await python(client, WEB, code)
-        dns = await wait_for_refusal(events, "dns", "blocked.test")
-        port = await wait_for_refusal(events, "connect", world.internet.web_a)
+    answer, (dns, port) = await refused_in_web(
+        world, code, ("dns", "blocked.test"), ("connect", world.internet.web_a)
+    )
     # The resolver says the name does not exist: the client fails at once.
     assert str(answer["blocked"]).startswith("URLError"), answer
     assert dns.rule == "name-not-allowed", dns
@@ -324,10 +334,9 @@ async def test_another_sni_or_a_direct_address_is_refused(world: NetWorld) -> No
         f'"other_sni": attempt(lambda: tls("{web_a}", "other.test"))',
         f'"direct": attempt(lambda: connect("{web_b}", 443))',
     )
-    async with refusals(world, WEB) as events, connect(world) as client:
-        answer = await python(client, WEB, code)
-        sni = await wait_for_refusal(events, "sni", "other.test")
-        direct = await wait_for_refusal(events, "connect", web_b)
+    answer, (sni, direct) = await refused_in_web(
+        world, code, ("sni", "other.test"), ("connect", web_b)
+    )
     assert web_a in str(answer["pinned"]), answer
     assert answer["right"] == f"ok {web_a} allowed.test /talk", answer
     assert not str(answer["other_sni"]).startswith("ok"), answer
@@ -341,9 +350,7 @@ async def test_dns_answers_into_refused_ranges_are_not_passed_on(world: NetWorld
         '"rebind": attempt(lambda: resolve("rebind.test"))',
         '"mixed": attempt(lambda: resolve("mixed.test"))',
     )
-    async with refusals(world, WEB) as events, connect(world) as client:
-        answer = await python(client, WEB, code)
-        rebinding = await wait_for_refusal(events, "rebinding", "rebind.test")
+    answer, (rebinding,) = await refused_in_web(world, code, ("rebinding", "rebind.test"))
     assert str(answer["rebind"]).startswith("gaierror"), answer
     assert answer["mixed"] == f"ok {[world.internet.web_b]}", answer
     assert rebinding.rule == "rfc1918", rebinding

@@ -11,8 +11,6 @@ writes tiny files (the test driver never reads them).
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import msgspec
 import pytest
 import trio
 
+from tests.tmpdirs import short_tmp_dir
 from zoned.config import Config
 from zoned.daemon import Daemon, ZoneImages
 from zoned.images.integrity import write_recorded_sha256
@@ -32,11 +31,8 @@ from zoned.localdaemon import private_net_config
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short directory: unix socket paths are limited to 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="zt-", dir="/tmp"))
-    try:
+    with short_tmp_dir("zt-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 FAKE_PROFILES = ("strict", "containers")

@@ -19,6 +19,7 @@ import libvirt
 import pytest
 import trio
 
+from tests import virt_env
 from zoned import virt
 from zoned.errors import Conflict, HypervisorError, NotFound
 from zoned.virt import DomainEvent, Hypervisor
@@ -40,11 +41,7 @@ def domain_xml(name: str, *, vcpus: int = 2, metadata: str | None = None) -> str
     )
 
 
-class Env:
-    def __init__(self, hv: Hypervisor, events: trio.MemoryReceiveChannel[DomainEvent]) -> None:
-        self.hv = hv
-        self.events = events
-
+class Env(virt_env.Env):
     async def next_event(self, name: str) -> DomainEvent:
         """The next event of domain ``name`` (others are skipped)."""
         with trio.fail_after(HANG_GUARD_S):
@@ -56,13 +53,8 @@ class Env:
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    send, receive = virt.open_event_channel()
-    async with await Hypervisor.connect(TEST_URI, trio.CapacityLimiter(4), send) as hv:
-        try:
-            yield Env(hv, receive)
-        finally:
-            for summary in await hv.list_domains("zt-"):
-                await hv.remove(summary.name)
+    async with virt_env.connected(TEST_URI, "zt-", ("zt-",)) as (hv, events):
+        yield Env(hv, events)
 
 
 # ---- pure parts ----
