@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import trio
 
 from tests.integration.conftest import open_libvirt, private_zoned, qemu_pid
 from tests.zone_events import EventLog, watching
+from tests.zonectl_run import zonectl
 from zoned import protocol as p
 from zoned import sizes
 from zoned.bareboot import qemu_command, wait_exit
@@ -80,7 +80,6 @@ ctypes.memset(libc.shmat(segment, None, 0), 1, total)
 """
 
 PROBE = ["python3", "-c", "print(sum(range(10)))"]
-ZONECTL = [sys.executable, "-m", "zoned.cli"]
 # A run of the profile whose boot touches all of the guest's RAM (init_on_free).
 TIGHT_RUN = ["--name", "fo-tight", "--profile", "containers", "--", "true"]
 
@@ -263,12 +262,7 @@ def test_the_host_oom_killer_taking_qemu(tmp_path: Path) -> None:
     and the memory cgroup's OOM killer takes it. ``run`` then leaves nothing
     behind."""
     with private_zoned("fo-", extra_config="qemu_memory_overhead_mib = 64") as daemon:
-        done = subprocess.run(
-            [*ZONECTL, "--socket", str(daemon.socket), "run", *TIGHT_RUN],
-            capture_output=True,
-            timeout=CALL_TIMEOUT_S,
-            check=False,
-        )
+        done = zonectl(daemon, "run", *TIGHT_RUN)
         assert done.returncode == 1, done
         error = done.stderr.decode()
         assert "failed to boot: domain stopped: the host's OOM killer killed the zone's QEMU" in (
