@@ -28,7 +28,6 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, NoReturn, Self, TypeVar
 
 import libvirt
@@ -793,12 +792,7 @@ class Hypervisor:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         with trio.CancelScope(shield=True):
             await self.close()
 

@@ -13,7 +13,6 @@ import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from types import TracebackType
 from typing import Self, TypeVar
 
 import trio
@@ -168,12 +167,7 @@ class Connection:
         self.version = hello.version
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self._shutdown()
 
     async def aclose(self) -> None:
