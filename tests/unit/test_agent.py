@@ -7,6 +7,7 @@ The exec engine runs real processes: see test_agent_exec.py.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,39 @@ def test_every_agent_module_is_in_the_boot_image(tmp_path: Path) -> None:
         "zoned.agent.__init__"
     }
     assert modules | {"zoned.agent", "zoned.credit", "zoned.protocol"} <= traced
+
+
+def test_a_hang_up_drops_the_old_hosts_bytes_and_never_a_new_hosts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hang-up poll() reported can be over by the time the port is read: what a
+    new host sent as it connected is kept. The old host's unanswered bytes are
+    dropped once, before the console says it left (a host that reconnects on
+    that line keeps all it sends)."""
+    agent_end, host_end = socket.socketpair()
+    with agent_end, host_end:
+        agent_end.setblocking(False)
+
+        def unread() -> bytes:
+            try:
+                return agent_end.recv(1024, socket.MSG_PEEK)
+            except BlockingIOError:
+                return b""
+
+        said: list[tuple[str, bytes]] = []
+        monkeypatch.setattr(zoned.agent.channel, "console", lambda m: said.append((m, unread())))
+        channel = AgentChannel(agent_end.fileno())
+
+        host_end.sendall(b"the new host's first frame")
+        channel._disconnected()  # never connected: a stale hang-up
+        assert unread() == b"the new host's first frame"
+        assert said == []
+
+        channel.connected = True
+        host_end.sendall(b" and more")
+        channel._disconnected()
+        assert not channel.connected
+        assert unread() == b""
+        assert said == [("host disconnected from the agent port", b"")]
+        channel._disconnected()  # reported again while no host is there
+        assert len(said) == 1

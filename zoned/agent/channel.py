@@ -236,8 +236,15 @@ class AgentChannel:
         console(f"host connected, hello at {time.monotonic():.3f}s")
 
     def _disconnected(self) -> None:
-        if self.connected:
-            console("host disconnected from the agent port")
+        """The host went away: forget its connection, once.
+
+        While no host was connected there is nothing of one to forget; and
+        what can be read then is a new host's (the hang-up poll() reported can
+        be over by the time the port is read: a host that sends as it connects),
+        so it is kept for that host.
+        """
+        if not self.connected:
+            return
         self.connected = False
         self._reset()
         # The processes' clients left with the old connection.
@@ -249,6 +256,9 @@ class AgentChannel:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        # Said once its bytes are gone: a host that reconnects on seeing this
+        # line (as the boot tests do) keeps everything it sends.
+        console("host disconnected from the agent port")
 
     def _reset(self) -> None:
         self._decoder = None
