@@ -13,7 +13,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
-LOCKS = {name: REPO / "requirements" / f"{name}.txt" for name in ("runtime", "dev", "build")}
+LOCKS = {name: REPO / "requirements" / f"{name}.txt" for name in ("runtime", "mcp", "dev", "build")}
+LOCK_TOOL = REPO / "requirements" / "lock-tool.txt"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)")
 
 
@@ -45,10 +46,16 @@ def hashed_pins(lock: Path) -> set[str]:
 
 
 def project() -> dict[str, list[str]]:
-    """The runtime dependencies, and what the dev lock adds: every extra (--all-extras)."""
+    """What each lock must hold: the runtime dependencies; those and the mcp
+    extra; those and every extra (--all-extras)."""
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    extras = [req for reqs in data["optional-dependencies"].values() for req in reqs]
-    return {"runtime": data["dependencies"], "dev": extras}
+    extras = data["optional-dependencies"]
+    runtime = data["dependencies"]
+    return {
+        "runtime": runtime,
+        "mcp": runtime + extras["mcp"],
+        "dev": runtime + [req for reqs in extras.values() for req in reqs],
+    }
 
 
 def test_every_lock_carries_the_stamp_of_pyproject() -> None:
@@ -61,12 +68,8 @@ def test_every_lock_carries_the_stamp_of_pyproject() -> None:
 
 
 def test_every_dependency_is_pinned_within_its_range() -> None:
-    runtime, dev = pins(LOCKS["runtime"]), pins(LOCKS["dev"])
-    wanted = {"runtime": runtime, "dev": dev}
-    for requirements, (kind, lock) in (
-        (project()["runtime"], ("runtime", runtime)),
-        (project()["runtime"] + project()["dev"], ("dev", dev)),
-    ):
+    for kind, requirements in project().items():
+        lock = pins(LOCKS[kind])
         for text in requirements:
             requirement = Requirement(text)
             name = canonicalize_name(requirement.name)
@@ -74,14 +77,23 @@ def test_every_dependency_is_pinned_within_its_range() -> None:
             assert requirement.specifier.contains(lock[name], prereleases=True), (
                 f"requirements/{kind}.txt pins {name}=={lock[name]}, outside {requirement}"
             )
-    # The dev lock is the runtime lock plus more, never other versions of it.
-    for package, version in wanted["runtime"].items():
-        assert wanted["dev"].get(package) == version, f"{package}: runtime and dev locks disagree"
-    assert pins(LOCKS["build"]).items() <= dev.items()
+
+
+def test_every_lock_is_the_dev_lock_s_versions() -> None:
+    # What a host installs (runtime, mcp) is what the tests ran on, never other versions.
+    dev = pins(LOCKS["dev"])
+    for kind in ("runtime", "mcp", "build"):
+        differ = {
+            name: (version, dev.get(name))
+            for name, version in pins(LOCKS[kind]).items()
+            if dev.get(name) != version
+        }
+        assert not differ, f"requirements/{kind}.txt and dev.txt disagree: {differ}"
+    assert pins(LOCKS["runtime"]).items() <= pins(LOCKS["mcp"]).items()
 
 
 def test_every_pin_has_hashes() -> None:
-    for name, lock in LOCKS.items():
+    for name, lock in {**LOCKS, "lock-tool": LOCK_TOOL}.items():
         unhashed = set(pins(lock)) - hashed_pins(lock)
         assert not unhashed, f"requirements/{name}.txt pins without hashes: {sorted(unhashed)}"
 

@@ -16,7 +16,8 @@ no zone logic of its own. By job:
                                        trio; signals and the session's end
 =====================================  ==========================================
 
-The ``mcp`` SDK is an optional dependency (``pip install 'zoned[mcp]'``):
+The ``mcp`` SDK is an optional dependency (the ``mcp`` extra, locked in
+``requirements/mcp.txt``: ``tools/install-locked VENV mcp``):
 only :mod:`zoned.mcp.server` imports it.
 """
 
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(
             f"{PROG}: the MCP SDK is missing ({exc}): install zoned with its mcp extra,"
-            " e.g. pip install 'zoned[mcp]'",
+            " from the lock: bash tools/install-locked VENV mcp (docs/host-setup.md)",
             file=sys.stderr,
         )
         return EXIT_USAGE
