@@ -82,8 +82,13 @@ def test_a_host_install_is_the_lock_and_nothing_else(
         )
         assert usage.returncode == 0 and "usage:" in usage.stdout, usage
 
+    # Again with the locks unchanged: pip is not asked for them, but zoned's copy
+    # is made anew from the checkout (which may have moved on at the same version).
+    copy = Path(where.stdout.strip()).parent / "cli" / "__init__.py"
+    copy.write_text("raise SystemExit('the old copy')\n")
     again = install(venv, lock)
     assert again.returncode == 0 and "is up to date" in again.stdout, again
+    assert copy.read_text() == (REPO / "zoned" / "cli" / "__init__.py").read_text()
 
 
 def test_a_lock_it_does_not_know_is_refused_and_nothing_is_made(tmp_path: Path) -> None:
