@@ -169,6 +169,12 @@ class _Progress:
         return self.exec
 
 
+#: How an exec ended, as its record keeps it (the exit's fields the record has).
+_EXIT_IN_RECORD: Final = tuple(
+    field for field in p.ExecExit.__struct_fields__ if field in p.ExecRecord.__struct_fields__
+)
+
+
 class Monitor:
     """Audit, events, counters, retention and the metrics endpoint of one daemon."""
 
@@ -352,11 +358,10 @@ class Monitor:
         uuid = progress.zone_uuid or self._visible_uuid(progress)
         if exit is not None:
             # The record keeps how it ended as the exit says it (ExecRecord's
-            # fields of the same names); the request's id it has already.
-            ended_as = msgspec.structs.asdict(exit)
-            del ended_as["id"]
+            # fields of the same names).
             ended = progress.finish_exec(
-                **ended_as, error="" if progress.exec_started else progress.start_error
+                **{field: getattr(exit, field) for field in _EXIT_IN_RECORD},
+                error="" if progress.exec_started else progress.start_error,
             )
         else:
             ended = progress.finish_exec(error=error.message if error else "cancelled")

@@ -20,8 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import msgspec
+from typing import Final
 
 from zoned.errors import InvalidRequest
 from zoned.protocol import CreateZone, PoolInfo, PoolSpec
@@ -84,12 +83,17 @@ def check_fits(
         )
 
 
+#: A template's fields that are a create's own (all but its ``size``).
+_TEMPLATE_IN_CREATE: Final = tuple(
+    name for name in PoolSpec.__struct_fields__ if name in CreateZone.__struct_fields__
+)
+
+
 def create_request(name: str, spec: PoolSpec) -> CreateZone:
-    """The create that boots one zone of ``spec`` under the internal ``name``:
-    the template's fields, all but its ``size``, are CreateZone's own."""
-    zone = msgspec.structs.asdict(spec)
-    del zone["size"]
-    return msgspec.convert({**zone, "id": 0, "name": name}, CreateZone)
+    """The create that boots one zone of ``spec`` under the internal ``name``."""
+    return CreateZone(
+        id=0, name=name, **{field: getattr(spec, field) for field in _TEMPLATE_IN_CREATE}
+    )
 
 
 def backoff_s(failures_in_a_row: int, maximum: float) -> float:
@@ -131,21 +135,23 @@ class PoolState:
         return self.backoff_until is not None and now < self.backoff_until
 
     def info(self, name: str, spec: PoolSpec, *, ready: int, booting: int) -> PoolInfo:
-        """The pool as ``list_pools`` shows it: its template, its zones and these
-        counters (PoolInfo's fields of the same names), all but the shell's
-        bookkeeping (failures in a row, shown as the back-off; the acquire
-        total, shown as its mean)."""
-        counters = dataclasses.asdict(self)
-        del counters["failures_in_a_row"], counters["acquire_total_s"]
-        mean = self.acquire_total_s / self.hits if self.hits else None
-        return msgspec.convert(
-            {
-                **counters,
-                "name": name,
-                "spec": spec,
-                "ready": ready,
-                "booting": booting,
-                "acquire_mean_s": mean,
-            },
-            PoolInfo,
+        """The pool as ``list_pools`` shows it: its template, its zones and the
+        counters PoolInfo shows by the same names; the shell's bookkeeping
+        (failures in a row, shown as the back-off; the acquire total, shown as
+        its mean) is not."""
+        return PoolInfo(
+            name=name,
+            spec=spec,
+            ready=ready,
+            booting=booting,
+            acquire_mean_s=self.acquire_total_s / self.hits if self.hits else None,
+            **{field: getattr(self, field) for field in _STATE_IN_INFO},
         )
+
+
+#: The counters of a pool's state that PoolInfo shows as they are.
+_STATE_IN_INFO: Final = tuple(
+    field.name
+    for field in dataclasses.fields(PoolState)
+    if field.name in PoolInfo.__struct_fields__
+)

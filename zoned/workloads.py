@@ -42,9 +42,8 @@ import math
 import secrets
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Final, Protocol
 
-import msgspec
 import trio
 
 from zoned import protocol as p
@@ -192,6 +191,14 @@ class CreateZone(Protocol):
     ) -> p.ZoneInfo: ...
 
 
+#: A run's fields that are its zone's (the process's are not CreateZone's).
+_ZONE_OF_RUN: Final = tuple(
+    field
+    for field in p.RunZone.__struct_fields__
+    if field in p.CreateZone.__struct_fields__ and field not in ("name", "labels")
+)
+
+
 async def run_in_fresh_zone(
     manager: ZoneManager,
     create_zone: CreateZone,
@@ -204,13 +211,11 @@ async def run_in_fresh_zone(
     pool), run the process, destroy the zone (the one this run got, never
     another of the same name)."""
     name = run_zone_name(request)
-    # The zone's fields are RunZone's own, by name (the process's are not CreateZone's).
-    create = msgspec.convert(
-        msgspec.structs.replace(request, name=name), p.CreateZone, from_attributes=True
+    create = p.CreateZone(
+        **{field: getattr(request, field) for field in _ZONE_OF_RUN},
+        name=name,
+        labels={**request.labels, "zoned.run": "1"},
     )
-    # The run's label goes on after the conversion, which checks how many labels there
-    # are: the request may carry the most already.
-    create = msgspec.structs.replace(create, labels={**request.labels, "zoned.run": "1"})
     ours: list[str] = []  # the uuid of the zone this run created, once it exists
 
     async def destroy() -> None:
