@@ -336,7 +336,8 @@ class HttpConnection:
 
         The generator is started before the head is written: one never started
         would not run its ``finally`` on ``aclose`` (a HEAD request, a client
-        gone before the head), so what it holds would never be let go.
+        gone before the head), so what it holds would never be let go. So the
+        head goes out with the first chunk, once the generator has one.
         """
         headers = [("content-type", response.content_type), *response.headers]
         if close:

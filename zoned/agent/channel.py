@@ -238,10 +238,12 @@ class AgentChannel:
     def _disconnected(self) -> None:
         """The host went away: forget its connection, once.
 
-        While no host was connected there is nothing of one to forget; and
-        what can be read then is a new host's (the hang-up poll() reported can
-        be over by the time the port is read: a host that sends as it connects),
-        so it is kept for that host.
+        While no host was connected nothing is drained: the hang-up poll()
+        reported can be over by the time the port is read, and what is there
+        then is the new host's, sent as it connected (zoned's link sends
+        ``Heartbeat(seq=0)`` at once). The price: a host that connects, sends
+        and leaves between two polls (20 ms) leaves its bytes to the next
+        host, whose connection gets them as its own.
         """
         if not self.connected:
             return
