@@ -6,6 +6,7 @@ The exec engine runs real processes: see test_agent_exec.py.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -146,9 +147,21 @@ def test_error_text_is_sanitised_for_the_protocol() -> None:
     decode_from_agent(encode_frame(AgentExecExit(exec_id=1, error=sanitize("\u2603" * 3000)))[4:])
 
 
+def _every_signal_at_its_default() -> None:
+    # As the kernel starts init, whatever this test run ignores (a background
+    # job ignores SIGINT and SIGQUIT).
+    for signum in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, signal.SIG_DFL)
+
+
 def _fresh_interpreter(script: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-S", "-c", script], capture_output=True, text=True, check=True
+        [sys.executable, "-S", "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=_every_signal_at_its_default,
     )
     return result.stdout
 

@@ -7,8 +7,9 @@ as the leader of a new session and process group, with exactly ``env``, in
 stdout and stderr are two pipes; with ``tty`` all three are a new
 pseudo-terminal of ``rows`` x ``cols`` (of the workload's devpts when there
 is a sandbox), the process's controlling terminal. Every other descriptor is
-closed; SIGPIPE and SIGXFSZ are back to their defaults (Python ignores them,
-and ignored signals survive ``exec``). In the child, in order: join its
+closed; every signal is back to its default (ignored signals survive
+``exec``: Python ignores SIGPIPE and SIGXFSZ, and an agent run on a host may
+have inherited more, as a background job does SIGINT and SIGQUIT). In the child, in order: join its
 cgroup (if any), enter the workload sandbox (if any: its namespaces, a
 mount and cgroup namespace of its own, see :mod:`zoned.agent.sandbox`), new
 session, stdio, controlling terminal, ``chdir``, the confinement
@@ -45,9 +46,6 @@ if TYPE_CHECKING:
 
 #: Exit status of a child that failed before ``exec`` (it is never reported as such).
 _CHILD_FAILED = 127
-# Python sets these to SIG_IGN at start-up; ignored signals survive exec.
-_SIGPIPE = 13
-_SIGXFSZ = 25
 
 
 class StartError(Exception):
@@ -240,8 +238,12 @@ def _child(
             step = ""
             import _signal  # type: ignore[import-not-found]  # built in: no import cost
 
-            _signal.signal(_SIGPIPE, _signal.SIG_DFL)
-            _signal.signal(_SIGXFSZ, _signal.SIG_DFL)
+            for signum in range(1, _signal.NSIG):
+                # Not contextlib.suppress: nothing more is imported in the child.
+                try:  # noqa: SIM105
+                    _signal.signal(signum, _signal.SIG_DFL)
+                except (OSError, ValueError):
+                    pass  # SIGKILL, SIGSTOP and the numbers with no signal
             if tools >= 0:
                 os.execve(tools, argv, env)
             elif request.agent_tools:
