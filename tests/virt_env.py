@@ -20,11 +20,13 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def connected(
-    uri: str, prefix: str, own: tuple[str, ...]
+    uri: str, prefix: str, own: tuple[str, ...] = ()
 ) -> AsyncIterator[tuple[Hypervisor, trio.MemoryReceiveChannel[DomainEvent]]]:
     """A connection to ``uri`` and its event channel. On leaving, the domains
     that ``list_domains(prefix)`` finds and whose names start with one of
-    ``own`` are removed, shielded (a cancelled test cleans up too)."""
+    ``own`` (default: ``prefix``) are removed, shielded (a cancelled test
+    cleans up too)."""
+    own = own or (prefix,)
     send, receive = virt.open_event_channel()
     async with await Hypervisor.connect(uri, trio.CapacityLimiter(4), send) as hv:
         try:

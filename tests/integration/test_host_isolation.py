@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import trio
 
 from tests.integration.conftest import destroy_domains, domain_name, private_zoned, qemu_pid
 from tests.peers import SYSTEM_PYTHON, Attempt, probe_as, relay_as, unused_uids
+from tests.tmpdirs import short_tmp_dir
 from tests.zone_events import watching
 from zoned import cgroups
 from zoned import protocol as p
@@ -287,13 +287,12 @@ def test_a_second_user_cannot_see_or_touch_the_first_users_zone(zoned: LocalDaem
 @pytest.fixture
 def private_images() -> Iterator[tuple[Path, Path]]:
     """A kernel store and an image cache of this test's own (copies of the host's)."""
-    root = Path(tempfile.mkdtemp(prefix="zt-images-", dir="/tmp"))
-    root.chmod(0o755)
-    shared_cache = Path(Config().image_cache)
-    store, cache = root / "kernels", root / "images"
-    store.mkdir()
-    cache.mkdir()
-    try:
+    with short_tmp_dir("zt-images-") as root:
+        root.chmod(0o755)
+        shared_cache = Path(Config().image_cache)
+        store, cache = root / "kernels", root / "images"
+        store.mkdir()
+        cache.mkdir()
         kernel = find_kernel(DEFAULT_STORE, "strict")
         shutil.copytree(kernel.directory, store / kernel.directory.name)
         (store / "strict").symlink_to(kernel.directory.name)
@@ -302,8 +301,6 @@ def private_images() -> Iterator[tuple[Path, Path]]:
                 if path.exists():
                     shutil.copy2(path, cache / path.name)
         yield store, cache
-    finally:
-        shutil.rmtree(root)
 
 
 def test_a_changed_shared_image_is_refused_at_the_next_start(

@@ -28,7 +28,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import domain_name, private_zoned, qemu_pid
 from tests.integration.networld import HostInternet, internet_on_host
 from tests.waiting import wait_until_async
+from tests.zonectl_run import ZONECTL
 from zoned import protocol as p
 from zoned.client import Client
 from zoned.errors import Conflict, InvalidRequest
@@ -52,7 +52,6 @@ pytestmark = pytest.mark.integration
 QUIET, WEB, OPEN, FROZEN = "zn-quiet", "zn-web", "zn-open", "zn-frozen"
 WEB_POLICY = ["allowed.test:80,443", "rebind.test", "mixed.test"]
 CALL_TIMEOUT_S = 180.0
-ZONECTL = [sys.executable, "-m", "zoned.cli"]
 CA_PATH = "/tmp/test-ca.pem"
 
 

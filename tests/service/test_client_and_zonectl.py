@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,12 +21,12 @@ import pytest
 import trio
 import trio.testing
 
+from tests.zonectl_run import ZONECTL
 from zoned import protocol as p
 from zoned.cli.exits import EXIT_INTERRUPTED, EXIT_TERMINATED
 from zoned.client import Client, ConnectionLost
 from zoned.errors import InvalidRequest
 
-ZONECTL = [sys.executable, "-m", "zoned.cli"]
 #: A guard against a hang, never an assertion: the tests wait on events.
 HANG_GUARD_S = 60.0
 EOF_SEEN = "eof"

@@ -9,7 +9,6 @@ whose image cannot boot would.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ import trio
 
 from tests.service.conftest import fake_zone_images, service_config
 from tests.service.test_hostile_agent import fake_agent
+from tests.zonectl_run import ZONECTL
 from zoned import protocol as p
 from zoned.client import Client
 from zoned.daemon import Daemon
@@ -202,7 +202,7 @@ async def test_zonectl_pool_set_list_rm(daemon: Daemon) -> None:
 
     async def zonectl(*args: str) -> tuple[int, str, str]:
         result = await trio.run_process(
-            [sys.executable, "-m", "zoned.cli", "--socket", daemon.config.socket_path, *args],
+            [*ZONECTL, "--socket", daemon.config.socket_path, *args],
             capture_stdout=True,
             capture_stderr=True,
             check=False,

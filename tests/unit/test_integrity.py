@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.tmpdirs import short_tmp_dir
 from zoned.errors import IntegrityError
 from zoned.images.integrity import (
     ImageVerifier,
@@ -30,15 +29,12 @@ OTHER_UID = 2013265999
 
 @pytest.fixture
 def image() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="zt-images-", dir="/tmp"))
-    directory.chmod(0o755)
-    path = directory / "bzImage"
-    path.write_bytes(DATA)
-    path.chmod(0o644)
-    try:
+    with short_tmp_dir("zt-images-") as directory:
+        directory.chmod(0o755)
+        path = directory / "bzImage"
+        path.write_bytes(DATA)
+        path.chmod(0o644)
         yield path
-    finally:
-        shutil.rmtree(directory)
 
 
 def test_an_intact_image_passes_and_is_hashed_once(image: Path) -> None:
@@ -111,16 +107,13 @@ def test_sticky_world_writable_directories_are_fine_and_links_are_followed(image
     link = image.with_name("current")
     link.symlink_to(image.name)
     ImageVerifier().check(link, DIGEST, "kernel")
-    unsafe = Path(tempfile.mkdtemp(prefix="zt-unsafe-", dir="/tmp"))
-    try:
+    with short_tmp_dir("zt-unsafe-") as unsafe:
         unsafe.chmod(0o777)
         (unsafe / "bzImage").write_bytes(DATA)
         image.unlink()
         image.symlink_to(unsafe / "bzImage")
         with pytest.raises(IntegrityError, match="is writable by others"):
             ImageVerifier().check(image, DIGEST, "kernel")
-    finally:
-        shutil.rmtree(unsafe)
 
 
 def test_missing_files_and_directories_instead_of_files_are_refused(image: Path) -> None:

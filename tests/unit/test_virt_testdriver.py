@@ -53,7 +53,7 @@ class Env(virt_env.Env):
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    async with virt_env.connected(TEST_URI, "zt-", ("zt-",)) as (hv, events):
+    async with virt_env.connected(TEST_URI, "zt-") as (hv, events):
         yield Env(hv, events)
 
 
