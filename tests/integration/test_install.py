@@ -46,6 +46,21 @@ def installed(venv: Path) -> dict[str, str]:
     return found
 
 
+def run_outside(venv: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``venv``'s ``command`` run away from the checkout (another directory, no
+    PYTHONPATH), so that only what is installed in the venv can be imported."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(
+        [venv / "bin" / command, *args],
+        capture_output=True,
+        text=True,
+        cwd=venv.parent,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(("lock", "command"), [("runtime", "zoned"), ("mcp", "zoned-mcp")])
 def test_a_host_install_is_the_lock_and_nothing_else(
     tmp_path: Path, lock: str, command: str
@@ -59,27 +74,12 @@ def test_a_host_install_is_the_lock_and_nothing_else(
     assert got == expected
 
     # The installed copy, not the checkout, is what runs.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    where = subprocess.run(
-        [venv / "bin" / "python", "-c", "import zoned.daemon, zoned.cli; print(zoned.__file__)"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=60,
-        check=True,
+    where = run_outside(
+        venv, "python", "-c", "import zoned.daemon, zoned.cli; print(zoned.__file__)"
     )
-    assert where.stdout.startswith(str(venv)), where.stdout
+    assert where.returncode == 0 and where.stdout.startswith(str(venv)), where
     for name in (command, "zonectl"):
-        usage = subprocess.run(
-            [venv / "bin" / name, "--help"],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=60,
-            check=False,
-        )
+        usage = run_outside(venv, name, "--help")
         assert usage.returncode == 0 and "usage:" in usage.stdout, usage
 
     # Again with the locks unchanged: pip is not asked for them, but zoned's copy
